@@ -1,0 +1,113 @@
+"""Per-architecture knowledge, as data.
+
+Everything the importance estimator and the pruner need to know about a decoder family lives in one
+`ArchitectureSpec`: which submodules are the attention and MLP projections, whether they are fused, which norms
+feed attention and the MLP, which norms sit on the residual stream. Adding an architecture means adding one entry
+to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`.
+"""
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where the prunable structures of one decoder family live.
+
+    Args:
+        q_proj, k_proj, v_proj (`str` or `None`):
+            Names of the separate query/key/value projections inside the attention module, or `None` when fused.
+        qkv_proj (`str` or `None`):
+            Name of a fused projection whose output rows are `[q (heads * head_dim), k, v (kv_heads * head_dim)]`.
+        o_proj (`str`):
+            Output projection of attention. Its *input* carries the per-head activations used for head importance.
+        gate_proj, up_proj (`str` or `None`):
+            MLP input projections. `gate_proj` is `None` for non-gated MLPs (Nemotron).
+        gate_up_proj (`str` or `None`):
+            A fused `[gate (intermediate), up (intermediate)]` projection (Phi-3).
+        down_proj (`str`):
+            MLP output projection. Its *input* carries the neuron activations used for neuron importance.
+        attn_input_norm, mlp_input_norm (`str`):
+            The norms whose outputs feed attention and the MLP: their outputs give embedding-channel importance
+            (paper 1, §2.2).
+        residual_norms (`tuple[str, ...]`):
+            Every per-layer norm over the hidden size (all are sliced when hidden channels are pruned).
+    """
+
+    q_proj: str | None = "q_proj"
+    k_proj: str | None = "k_proj"
+    v_proj: str | None = "v_proj"
+    qkv_proj: str | None = None
+    o_proj: str = "o_proj"
+    gate_proj: str | None = "gate_proj"
+    up_proj: str | None = "up_proj"
+    gate_up_proj: str | None = None
+    down_proj: str = "down_proj"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    attn_input_norm: str = "input_layernorm"
+    mlp_input_norm: str = "post_attention_layernorm"
+    residual_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
+    notes: str = field(default="", compare=False)
+
+
+_LLAMA_LIKE = ArchitectureSpec()
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": ArchitectureSpec(notes="q/k/v biases are sliced with their rows"),
+    "qwen3": ArchitectureSpec(notes="q_norm/k_norm act over head_dim and are kept as they are"),
+    "gemma": ArchitectureSpec(notes="tied embeddings; embeddings are scaled by sqrt(hidden_size)"),
+    "gemma2": ArchitectureSpec(
+        mlp_input_norm="pre_feedforward_layernorm",
+        residual_norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+        notes="sandwich norms; per-layer layer_types (sliding/full attention)",
+    ),
+    "nemotron": ArchitectureSpec(gate_proj=None, notes="LayerNorm1P with bias; squared-ReLU MLP without a gate"),
+    "phi3": ArchitectureSpec(
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="qkv_proj",
+        gate_proj=None,
+        up_proj=None,
+        gate_up_proj="gate_up_proj",
+        notes="fused qkv_proj and gate_up_proj",
+    ),
+}
+
+
+def get_architecture(config) -> ArchitectureSpec:
+    """Returns the spec for `config.model_type`, or raises a `ValueError` listing the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"Unsupported architecture: model_type={model_type!r}. hf-minitron supports "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add one, describe its modules with an `ArchitectureSpec` in "
+            "`hf_minitron/architectures.py`."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The `ModuleList` of decoder layers of a `*ForCausalLM` (or of its base model)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"Could not find the decoder layers of {type(model).__name__}: expected `model.{model.base_model_prefix}"
+            ".layers` to be an nn.ModuleList. Pass an unwrapped transformers `*ForCausalLM` model."
+        )
+    return layers
+
+
+def get_base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", "model"), model)

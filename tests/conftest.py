@@ -1,0 +1,66 @@
+import os
+
+# Tests never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+
+ARCHITECTURE_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "nemotron", "phi3"]
+VOCAB_SIZE = 96
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    """A tiny random config of `model_type`: hidden 32, 4 layers, 4 heads / 2 KV heads of dim 8, MLP 64."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if model_type == "gemma2":
+        kwargs.update(sliding_window=8, query_pre_attn_scalar=8)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
+    # Random init leaves norms at 1 and biases at 0: perturb every parameter so that index bugs change outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def random_samples(n: int = 8, seq_length: int = 16, seed: int = 0, vocab_size: int = VOCAB_SIZE, ragged: bool = True):
+    """Tokenized samples with varied lengths (right padding is added by the collator)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        length = seq_length - (i % 4) * 2 if ragged else seq_length
+        ids = torch.randint(3, vocab_size, (length,), generator=g)
+        samples.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long)})
+    return samples
+
+
+@pytest.fixture(params=ARCHITECTURE_NAMES)
+def model_type(request):
+    return request.param
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
