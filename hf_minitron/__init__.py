@@ -7,12 +7,21 @@ Papers: "Compact Language Models via Pruning and Knowledge Distillation" (https:
 __version__ = "0.1.0.dev0"
 
 from .architectures import ARCHITECTURES, ArchitectureSpec, get_architecture
+from .importance import ImportanceScores, estimate_importance, magnitude_importance, random_importance
+from .pruning import PruningRecord, load_pruning_record, prune_model
 from .pruning_config import PrunedConfig
 
 
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureSpec",
+    "ImportanceScores",
     "PrunedConfig",
+    "PruningRecord",
+    "estimate_importance",
     "get_architecture",
+    "load_pruning_record",
+    "magnitude_importance",
+    "prune_model",
+    "random_importance",
 ]

@@ -33,6 +33,8 @@ class ArchitectureSpec:
             (paper 1, §2.2).
         residual_norms (`tuple[str, ...]`):
             Every per-layer norm over the hidden size (all are sliced when hidden channels are pruned).
+        embedding_scale_sqrt_hidden (`bool`):
+            The embedding module multiplies by `sqrt(hidden_size)` (Gemma): it is reset after hidden pruning.
     """
 
     q_proj: str | None = "q_proj"
@@ -49,6 +51,7 @@ class ArchitectureSpec:
     attn_input_norm: str = "input_layernorm"
     mlp_input_norm: str = "post_attention_layernorm"
     residual_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    embedding_scale_sqrt_hidden: bool = False
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -60,9 +63,12 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": ArchitectureSpec(notes="q/k/v biases are sliced with their rows"),
     "qwen3": ArchitectureSpec(notes="q_norm/k_norm act over head_dim and are kept as they are"),
-    "gemma": ArchitectureSpec(notes="tied embeddings; embeddings are scaled by sqrt(hidden_size)"),
+    "gemma": ArchitectureSpec(
+        embedding_scale_sqrt_hidden=True, notes="tied embeddings; embeddings are scaled by sqrt(hidden_size)"
+    ),
     "gemma2": ArchitectureSpec(
         mlp_input_norm="pre_feedforward_layernorm",
+        embedding_scale_sqrt_hidden=True,
         residual_norms=(
             "input_layernorm",
             "post_attention_layernorm",

@@ -38,7 +38,9 @@ def pack_texts(texts: Iterable[str], tokenizer, seq_length: int, max_samples: in
         raise ValueError(f"seq_length={seq_length} is invalid: use at least 2 tokens per sample.")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("The tokenizer has no eos_token_id, which packing uses as a separator: set tokenizer.eos_token.")
+        raise ValueError(
+            "The tokenizer has no eos_token_id, which packing uses as a separator: set tokenizer.eos_token."
+        )
     blocks: list[list[int]] = []
     buffer: list[int] = []
     for text in texts:
@@ -102,7 +104,9 @@ def iter_samples(data) -> Iterator[dict]:
         elif row["input_ids"].dim() == 1:
             yield row
         else:
-            raise ValueError(f"input_ids must be 1-D (a sample) or 2-D (a batch), got shape {tuple(row['input_ids'].shape)}.")
+            raise ValueError(
+                f"input_ids must be 1-D (a sample) or 2-D (a batch), got shape {tuple(row['input_ids'].shape)}."
+            )
 
 
 def take_samples(data, num_samples: int) -> list[dict]:

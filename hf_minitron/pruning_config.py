@@ -15,7 +15,13 @@ SEQUENCE_AGGREGATIONS = ("mean", "l2", "var")
 BATCH_AGGREGATIONS = ("l2", "mean", "var")
 DEPTH_METHODS = ("contiguous", "block_influence", "lm_loss", "explicit")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
-_TARGET_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+_TARGET_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 
 
 @dataclass
@@ -137,7 +143,9 @@ class PrunedConfig:
                 "or choose depth_method 'contiguous', 'block_influence' or 'lm_loss'."
             )
         if self.layers_to_drop is not None and len(set(self.layers_to_drop)) != len(self.layers_to_drop):
-            raise ValueError(f"PrunedConfig.layers_to_drop={self.layers_to_drop} has duplicates: list each layer once.")
+            raise ValueError(
+                f"PrunedConfig.layers_to_drop={self.layers_to_drop} has duplicates: list each layer once."
+            )
         if (
             self.num_attention_heads is not None
             and self.num_key_value_heads is not None
