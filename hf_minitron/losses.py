@@ -179,7 +179,7 @@ def _softcap(logits, cap):
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k):
+def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k, need_grad=True):
     """Per-token KD loss `[n]` and its gradient w.r.t. the (soft-capped) student logits `[n, vocab]`, in fp32.
 
     With `s = z / T`, `q = softmax(s)`, `p = softmax(z_t / T)` and `L = T**2 D(p, q)`, `dL/dz = T dD/ds`, where:
@@ -198,7 +198,7 @@ def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k):
     p = log_p.exp()
     if loss_type == "forward_kl":
         loss = (p * (log_p - log_q)).sum(-1)
-        grad = q - p
+        grad = (q - p) if need_grad else None
     else:
         if loss_type == "reverse_kl":
             g = log_q - log_p
@@ -212,12 +212,74 @@ def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k):
             loss = 0.5 * (p - q).abs().sum(-1)
         else:
             raise ValueError(f"loss_type={loss_type!r} is not supported: choose one of {list(KD_LOSSES)}.")
-        grad = q * (g - (q * g).sum(-1, keepdim=True))
+        grad = q * (g - (q * g).sum(-1, keepdim=True)) if need_grad else None
     loss = loss * temperature**2
+    if not need_grad:
+        return loss, None
     grad = grad * temperature
     if index is not None:
         grad = torch.zeros_like(s_logits).scatter_(-1, index, grad)
     return loss, grad
+
+
+def _fused_kd_forward(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    labels,
+    options,
+    need_grads,
+):
+    """The chunk loop: KD and CE sums, and (when `need_grads`) the fp32 gradients of their weighted sum."""
+    (loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
+    vocab = student_weight.shape[0]
+    teacher_weight = teacher_weight[:vocab]  # a teacher vocab padded beyond the student's: same tokens, extra rows
+    teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
+    need_weight_grad = need_grads and student_weight.requires_grad
+    need_bias_grad = need_grads and student_bias is not None and student_bias.requires_grad
+    device = student_hidden.device
+    grad_hidden = torch.empty_like(student_hidden, dtype=torch.float32) if need_grads else None
+    grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight_grad else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias_grad else None
+    kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+    ce_sum = torch.zeros_like(kd_sum)
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        h = student_hidden[start : start + chunk_size]
+        # Matmuls in the model dtype (fast bf16 kernels), everything after them in fp32.
+        z = F.linear(h, student_weight, student_bias).float()
+        zt = _softcap(
+            F.linear(teacher_hidden[start : start + chunk_size], teacher_weight, teacher_bias).float(), t_cap
+        )
+        tanh = None
+        if s_cap is not None:
+            tanh = torch.tanh(z / s_cap)
+            z = s_cap * tanh
+        kd_tok, grad = _kd_value_and_grad(z, zt, loss_type, temperature, beta, top_k, need_grads)
+        kd_sum += kd_tok.sum()
+        # CE from the same chunk logits (at T = 1): the ground-truth LM loss, always computed for logging.
+        target = labels[start : start + chunk_size]
+        log_probs = F.log_softmax(z, dim=-1)
+        ce_sum -= log_probs.gather(-1, target[:, None]).sum()
+        if not need_grads:
+            continue
+        grad.mul_(kd_weight)
+        if ce_weight:
+            probs = log_probs.exp_()
+            probs[torch.arange(len(target), device=device), target] -= 1
+            grad.add_(probs, alpha=ce_weight)
+        del log_probs
+        if tanh is not None:
+            grad.mul_(1 - tanh.pow(2))  # d(cap * tanh(x / cap)) / dx
+        g = grad.to(h.dtype)
+        grad_hidden[start : start + chunk_size] = g @ student_weight
+        if need_weight_grad:
+            grad_weight.add_(g.t() @ h)
+        if need_bias_grad:
+            grad_bias.add_(grad.sum(0))
+    return kd_sum, ce_sum, (grad_hidden, grad_weight, grad_bias)
 
 
 class _FusedKDLoss(torch.autograd.Function):
@@ -235,54 +297,15 @@ class _FusedKDLoss(torch.autograd.Function):
         labels,
         options,
     ):
-        (loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
-        vocab = student_weight.shape[0]
-        teacher_weight = teacher_weight[:vocab]  # a teacher vocab padded beyond the student's: same tokens, extra rows
-        teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
-        need_weight_grad = student_weight.requires_grad
-        need_bias_grad = student_bias is not None and student_bias.requires_grad
-        grad_hidden = torch.empty_like(student_hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight_grad else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=student_hidden.device) if need_bias_grad else None
-        kd_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        ce_sum = torch.zeros_like(kd_sum)
-        for start in range(0, student_hidden.shape[0], chunk_size):
-            h = student_hidden[start : start + chunk_size]
-            # Matmuls in the model dtype (fast bf16 kernels), everything after them in fp32.
-            z = F.linear(h, student_weight, student_bias).float()
-            with torch.no_grad():
-                zt = _softcap(
-                    F.linear(teacher_hidden[start : start + chunk_size], teacher_weight, teacher_bias), t_cap
-                )
-            tanh = None
-            if s_cap is not None:
-                tanh = torch.tanh(z / s_cap)
-                z = s_cap * tanh
-            kd_tok, grad = _kd_value_and_grad(z, zt.float(), loss_type, temperature, beta, top_k)
-            kd_sum += kd_tok.sum()
-            grad.mul_(kd_weight)
-            # CE from the same chunk logits (at T = 1): the ground-truth LM loss, always computed for logging.
-            target = labels[start : start + chunk_size]
-            log_probs = F.log_softmax(z, dim=-1)
-            ce_sum -= log_probs.gather(-1, target[:, None]).sum()
-            if ce_weight:
-                probs = log_probs.exp_()
-                probs[torch.arange(len(target), device=probs.device), target] -= 1
-                grad.add_(probs, alpha=ce_weight)
-            del log_probs
-            if tanh is not None:
-                grad.mul_(1 - tanh.pow(2))  # d(cap * tanh(x / cap)) / dx
-            g = grad.to(h.dtype)
-            grad_hidden[start : start + chunk_size] = g @ student_weight
-            if need_weight_grad:
-                grad_weight.add_(g.t() @ h)
-            if need_bias_grad:
-                grad_bias.add_(grad.sum(0))
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        kd_sum, ce_sum, grads = _fused_kd_forward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+            options, need_grads=True,
+        )  # fmt: skip
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.mark_non_differentiable(kd_sum, ce_sum)
-        loss = kd_weight * kd_sum + ce_weight * ce_sum
-        return loss, kd_sum, ce_sum
+        kd_weight, ce_weight = options[4], options[5]
+        return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
@@ -353,7 +376,17 @@ def fused_kd_loss(
         student_softcap,
         teacher_softcap,
     )
-    return _FusedKDLoss.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), labels, options,
-    )  # fmt: skip
+    teacher = (
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
+    if not needs_grad:  # evaluation: values only, no gradient buffers
+        kd_sum, ce_sum, _ = _fused_kd_forward(
+            student_hidden, student_weight, student_bias, *teacher, labels, options, False
+        )
+        return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
+    return _FusedKDLoss.apply(student_hidden, student_weight, student_bias, *teacher, labels, options)

@@ -1,0 +1,431 @@
+"""`DistillationTrainer`: Minitron knowledge distillation as a `transformers.Trainer`.
+
+The student is trained to match a frozen teacher's next-token distributions (paper 1 §2.4,
+https://arxiv.org/abs/2407.14679), optionally with a cross-entropy term and an intermediate-state loss. With the fused
+loss (the default), neither model runs its `lm_head` on the whole batch: a forward pre-hook on each `lm_head` takes the
+final (post-norm) hidden states and hands the `lm_head` an empty slice, and [`fused_kd_loss`] computes the loss chunk
+by chunk from the hidden states and the `lm_head` weights. The hook runs inside each model's forward, so the weights it
+sees are gathered under FSDP2 / ZeRO-3 and the gradients flow through the ordinary parameters.
+"""
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, Trainer
+from transformers.utils import logging
+
+from .architectures import get_base_model, get_decoder_layers
+from .distillation_config import DistillationConfig
+from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
+
+
+logger = logging.get_logger(__name__)
+
+# Name of the student submodule holding the intermediate-state projection: kept in checkpoints (so that
+# `resume_from_checkpoint` restores it) and dropped from the final `save_model` output.
+PROJECTION_NAME = "minitron_projection"
+
+
+@dataclass
+class DataCollatorForDistillation:
+    """Right-pads `input_ids` / `attention_mask` and builds causal-LM `labels` (padding -> `-100`) when absent.
+
+    Unlike `DataCollatorForLanguageModeling`, it masks by `attention_mask`, not by token id, so EOS separators inside
+    packed samples stay targets even when `pad_token_id == eos_token_id`.
+    """
+
+    pad_token_id: int = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        masks = [
+            torch.as_tensor(f["attention_mask"], dtype=torch.long) if "attention_mask" in f else torch.ones_like(i)
+            for i, f in zip(ids, features)
+        ]
+        length = max(len(i) for i in ids)
+        batch = {
+            "input_ids": torch.full((len(ids), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(ids), length), dtype=torch.long),
+            "labels": torch.full((len(ids), length), -100, dtype=torch.long),
+        }
+        for row, (i, m, f) in enumerate(zip(ids, masks, features)):
+            batch["input_ids"][row, : len(i)] = i
+            batch["attention_mask"][row, : len(i)] = m
+            labels = torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else i.masked_fill(m == 0, -100)
+            batch["labels"][row, : len(i)] = labels
+        return batch
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    """A parameter owned by FSDP2 (a DTensor outside forward) or by DeepSpeed ZeRO-3 (partitioned)."""
+    return type(param).__name__ == "DTensor" or hasattr(param, "ds_id")
+
+
+class _HeadCapture:
+    """Forward hooks that expose a causal LM's final hidden states and (normed) intermediate layer outputs.
+
+    Inside the model's forward, a pre-hook on the `lm_head` calls `on_head(head, hidden, states)` with the post-norm
+    final hidden states `[batch, seq, hidden]` and `{layer: final_norm(layer_output)}`; with `skip_head=True` it then
+    hands the `lm_head` an empty sequence slice, so the full logits are never computed.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int], on_head, skip_head: bool):
+        self.model, self.layers, self.on_head, self.skip_head = model, layers, on_head, skip_head
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def __enter__(self):
+        decoder_layers = get_decoder_layers(self.model)
+        for index in self.layers:
+            self.handles.append(decoder_layers[index].register_forward_hook(self._layer_hook(index)))
+        self.handles.append(self.model.get_output_embeddings().register_forward_pre_hook(self._head_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.outputs.clear()
+
+    def _layer_hook(self, index):
+        def hook(module, args, output):
+            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _head_hook(self, head, args):
+        hidden = args[0]
+        # Paper 1 §2.4 compares intermediate states after the model's final norm (applied here, inside the forward,
+        # where sharded norm weights are gathered).
+        norm = get_base_model(self.model).norm
+        states = {index: norm(self.outputs[index]) for index in self.layers}
+        self.on_head(head, hidden, states)
+        if self.skip_head:
+            return (hidden[:, :0],) + tuple(args[1:])
+        return None
+
+
+class DistillationTrainer(Trainer):
+    """Trainer for Minitron knowledge distillation of a (pruned) student from a frozen teacher.
+
+    Args:
+        model (`PreTrainedModel`, `PeftModel` or `str`):
+            The student (a model, or a checkpoint path loaded with `AutoModelForCausalLM.from_pretrained`).
+        teacher_model (`PreTrainedModel` or `str`, *optional*):
+            The teacher, or its checkpoint path; defaults to `args.teacher_model_name_or_path`. It is frozen, kept in
+            `eval()` mode, run under `no_grad`, and prepared by the accelerator for evaluation: replicated under
+            DDP, sharded under FSDP / DeepSpeed ZeRO-3.
+        args ([`DistillationConfig`]): Training and distillation arguments.
+        data_collator (*optional*): Defaults to [`DataCollatorForDistillation`], which builds causal-LM labels.
+        train_dataset, eval_dataset, processing_class, callbacks, optimizers, compute_metrics:
+            As in [`~transformers.Trainer`]. `processing_class` (the tokenizer) is also used to check that a teacher
+            with a larger (padded) vocabulary shares the student's tokenizer.
+
+    Logged metrics: `loss` (the objective, per target token), `kd_loss`, `ce_loss`, `is_loss` and
+    `is_loss_weight` (alpha); at evaluation `eval_loss` is the student's cross-entropy on the held-out data,
+    with `eval_perplexity` and `eval_kd_loss`.
+    """
+
+    _tag_names = ["hf-minitron", "distillation"]
+    # compute_loss divides by the token count of the whole accumulated batch itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        teacher_model: nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        compute_metrics=None,
+    ):
+        if args is None:
+            args = DistillationConfig(output_dir="distillation_output")
+        elif not isinstance(args, DistillationConfig):
+            raise ValueError(
+                f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}: build the arguments "
+                "with `DistillationConfig(...)` (it accepts every TrainingArguments field)."
+            )
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "DistillationTrainer has no teacher: pass `teacher_model=` (a model or a checkpoint path) or set "
+                "DistillationConfig.teacher_model_name_or_path."
+            )
+        if isinstance(teacher_model, str):
+            teacher_model = self._load_teacher(teacher_model, args)
+        elif args.teacher_model_init_kwargs:
+            raise ValueError(
+                "DistillationConfig.teacher_model_init_kwargs is set but the teacher is already a model: pass its "
+                "path as `teacher_model` (or teacher_model_name_or_path) to use the kwargs, or drop them."
+            )
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
+
+        self._check_compatibility(model, teacher_model, args, processing_class)
+        student_hidden = _unwrap_peft(model).config.get_text_config().hidden_size
+        teacher_hidden = teacher_model.config.get_text_config().hidden_size
+        if args.intermediate_layer_mapping and student_hidden != teacher_hidden:
+            # One projection shared by all layer pairs (paper 1 §2.4), trained with the student: as a submodule it is
+            # wrapped by DDP/FSDP with the student, optimised with it and stored in its checkpoints.
+            weight = next(model.parameters())
+            projection = nn.Linear(student_hidden, teacher_hidden, bias=False).to(weight.device, weight.dtype)
+            model.add_module(PROJECTION_NAME, projection)
+
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            data_collator = DataCollatorForDistillation(pad_token_id=pad if pad is not None else 0)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            compute_metrics=compute_metrics,
+        )
+        # The base Trainer counts target tokens over the accumulated (and, with average_tokens_across_devices,
+        # all-device) batch only for models that take loss kwargs; our compute_loss consumes that count.
+        self.model_accepts_loss_kwargs = True
+        self.teacher_model = self._prepare_teacher(teacher_model)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._final_save = False
+
+    # ------------------------------------------------------------------------------------------------ setup
+    @staticmethod
+    def _load_teacher(name_or_path: str, args: DistillationConfig) -> nn.Module:
+        from .embedded import resolve_model_path
+
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        kwargs.setdefault("use_safetensors", True)
+        dtype = kwargs.get("dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            kwargs["dtype"] = getattr(torch, dtype)
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+
+    @staticmethod
+    def _check_compatibility(student, teacher, args, tokenizer):
+        student_base = _unwrap_peft(student)
+        student_vocab = student_base.get_output_embeddings().weight.shape[0]
+        teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+        if teacher_vocab != student_vocab:
+            same_tokenizer = (
+                tokenizer is not None and teacher_vocab > student_vocab and len(tokenizer) <= student_vocab
+            )
+            if not same_tokenizer:
+                raise ValueError(
+                    f"The teacher's vocabulary ({teacher_vocab} rows) differs from the student's ({student_vocab}) "
+                    f"and the tokenizer ({'none given' if tokenizer is None else f'{len(tokenizer)} tokens'}) does not "
+                    "show it is mere padding. Logit distillation needs a shared tokenizer: distil from a teacher with "
+                    "the student's tokenizer, or pass `processing_class=` when the teacher's extra rows are padding."
+                )
+            logger.info(f"Teacher vocab padded to {teacher_vocab}: its logits are sliced to {student_vocab} tokens.")
+        if args.intermediate_layer_mapping:
+            student_layers = len(get_decoder_layers(student_base))
+            teacher_layers = len(get_decoder_layers(teacher))
+            for s, t in args.intermediate_layer_mapping:
+                if s >= student_layers or t >= teacher_layers:
+                    raise ValueError(
+                        f"DistillationConfig.intermediate_layer_mapping pair ({s}, {t}) is out of range: the student "
+                        f"has {student_layers} layers (0..{student_layers - 1}) and the teacher {teacher_layers} "
+                        f"(0..{teacher_layers - 1})."
+                    )
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(teacher, self.accelerator)  # ZeRO-3 partitions it like the student
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            # Shard layer by layer, then the root, so a forward gathers one decoder layer at a time (trl#2580: TRL's
+            # GKD trainer kept a full teacher copy per rank under FSDP).
+            plugin = self.accelerator.state.fsdp_plugin
+            kwargs = {
+                "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+                "reshard_after_forward": True,
+            }
+            teacher.to(self.accelerator.device)
+            for layer in get_decoder_layers(teacher):
+                fully_shard(layer, **kwargs)
+            fully_shard(teacher, **kwargs)
+            return teacher.eval()
+        if self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True).eval()
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Weighted sum of the KD, CE and intermediate-state losses, divided by the number of target tokens.
+
+        `num_items_in_batch` (target tokens of the whole accumulated, all-device batch, counted by the Trainer) makes
+        gradient accumulation and data parallelism exact; without it the loss is the per-token mean of this batch.
+        """
+        args = self.args
+        mode = "train" if model.training else "eval"
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
+        # Position t predicts token t + 1: shift once, keep the sequence length (the last position has no target).
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        mask = targets.ne(-100)
+        inputs["use_cache"] = False
+
+        wrapper = self.accelerator.unwrap_model(model)
+        student = _unwrap_peft(wrapper)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        mapping = args.intermediate_layer_mapping or []
+        fused = args.use_fused_kd_loss and isinstance(student.get_output_embeddings(), nn.Linear)
+        # A teacher whose lm_head weight is sharded must hand over a gathered copy from inside its forward.
+        teacher_head = teacher.get_output_embeddings()
+        copy_teacher_weight = _is_sharded(teacher_head.weight)
+        captured: dict[str, Any] = {}
+
+        def on_teacher_head(head, hidden, states):
+            weight = head.weight.detach()
+            captured["teacher"] = (hidden, weight.clone() if copy_teacher_weight else weight, head.bias, states)
+
+        with torch.no_grad(), _HeadCapture(teacher, [t for _, t in mapping], on_teacher_head, skip_head=fused):
+            teacher_outputs = self.teacher_model(**inputs)
+        teacher_hidden, teacher_weight, teacher_bias, teacher_states = captured.pop("teacher")
+
+        def on_student_head(head, hidden, states):
+            if fused:
+                captured["logit"] = fused_kd_loss(
+                    hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                    teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, targets,
+                    args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k,
+                    args.kd_loss_weight, args.ce_loss_weight, args.kd_chunk_size,
+                    student_bias=head.bias, teacher_bias=teacher_bias,
+                    student_softcap=getattr(student.config, "final_logit_softcapping", None),
+                    teacher_softcap=getattr(teacher.config, "final_logit_softcapping", None),
+                )  # fmt: skip
+            if mapping:
+                projection = getattr(wrapper, PROJECTION_NAME, None)
+                is_sum = hidden.new_zeros((), dtype=torch.float32)
+                for s, t in mapping:
+                    state = states[s] if projection is None else projection(states[s])
+                    is_sum = is_sum + intermediate_state_loss(
+                        state.reshape(-1, state.shape[-1])[mask],
+                        teacher_states[t].reshape(-1, teacher_states[t].shape[-1])[mask],
+                        args.intermediate_loss,
+                    )
+                captured["is"] = is_sum
+
+        with _HeadCapture(student, [s for s, _ in mapping], on_student_head, skip_head=fused):
+            outputs = model(**inputs)
+
+        if fused:
+            logit_loss, kd_sum, ce_sum = captured["logit"]
+        else:
+            vocab = outputs.logits.shape[-1]
+            logits = outputs.logits.reshape(-1, vocab)
+            teacher_logits = teacher_outputs.logits.reshape(-1, teacher_outputs.logits.shape[-1])[:, :vocab]
+            kd = kd_loss(
+                logits, teacher_logits, targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
+            )
+            ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+            logit_loss = args.kd_loss_weight * kd + args.ce_loss_weight * ce
+            kd_sum, ce_sum = kd.detach(), ce.detach()
+        loss = logit_loss
+        metrics = {"kd_loss": kd_sum, "ce_loss": ce_sum}
+        if mapping:
+            is_sum = captured["is"]
+            if args.intermediate_loss_weight == "dynamic":
+                # alpha = L_logits / L_is, detached: L_is contributes as much as the logit loss (paper 1 §2.4).
+                alpha = logit_loss.detach() / is_sum.detach().clamp_min(1e-8)
+            else:
+                alpha = torch.tensor(args.intermediate_loss_weight, device=is_sum.device)
+            loss = loss + alpha * is_sum
+            metrics.update(is_loss=is_sum.detach(), is_loss_weight=alpha * mask.sum())
+
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            if args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # the count spans all ranks; DDP averages gradients
+        else:
+            loss = loss / mask.sum().clamp_min(1)
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
+
+        # Per-token sums and the token count, averaged over the logging interval in `log`.
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value.detach().float())
+        self._metrics[mode]["tokens"].append(mask.sum().float())
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss only (per-token metrics are accumulated by `compute_loss` and reported by `log`)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        metrics = self._metrics[mode]
+        if metrics["tokens"]:
+            keys = [key for key in metrics if key != "tokens"]
+            sums = torch.stack([torch.stack(metrics[key]).sum() for key in [*keys, "tokens"]])
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            tokens = max(sums[-1].item(), 1.0)
+            prefix = "eval_" if mode == "eval" else ""
+            for key, value in zip(keys, sums[:-1].tolist()):
+                logs[prefix + key] = value / tokens
+            if mode == "eval":
+                # Held-out LM quality of the student: token-weighted CE over the whole evaluation set.
+                logs["eval_loss"] = logs["eval_ce_loss"]
+                logs["eval_perplexity"] = math.exp(min(logs["eval_ce_loss"], 50.0))
+            metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Checkpoints (internal calls) keep the projection so resuming restores it; the final model stays stock.
+        self._final_save = not _internal_call
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._final_save = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self._final_save and hasattr(self.accelerator.unwrap_model(self.model), PROJECTION_NAME):
+            if state_dict is None:
+                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTION_NAME + ".")}
+            with _detached_projection(self.accelerator.unwrap_model(self.model)):
+                return super()._save(output_dir, state_dict)
+        return super()._save(output_dir, state_dict)
+
+
+@contextlib.contextmanager
+def _detached_projection(model: nn.Module):
+    """Temporarily removes the projection submodule so `save_pretrained` sees a stock model."""
+    projection = model._modules.pop(PROJECTION_NAME)
+    try:
+        yield
+    finally:
+        model._modules[PROJECTION_NAME] = projection
