@@ -306,7 +306,12 @@ def prune_model(
     if scores is not None:
         scores.check_compatible(model.config)
     num_to_drop = source["num_hidden_layers"] - target["num_hidden_layers"]
-    needs_samples = num_to_drop > 0 and config.depth_method in ("lm_loss", "contiguous") and depth_scorer is None
+    needs_samples = (
+        num_to_drop > 0
+        and config.depth_method in ("lm_loss", "contiguous")
+        and config.importance == "activation"
+        and depth_scorer is None
+    )
     if (
         needs_samples
         and calibration_data is None
@@ -316,7 +321,12 @@ def prune_model(
             f"depth_method={config.depth_method!r} scores layer removals by LM loss and needs calibration_data: pass "
             "it, pass depth_scorer=..., or use depth_method='block_influence' with precomputed scores."
         )
-    if scores is None:
+    width_axes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    needs_width = any(target[name] < source[name] for name in width_axes)
+    needs_layer_scores = num_to_drop > 0 and (
+        config.depth_method == "block_influence" or config.importance != "activation"
+    )
+    if scores is None and (needs_width or needs_layer_scores):
         scores = compute_scores(model, config, calibration_data, show_progress)
 
     # 1. Depth: choose layers on the full model (all axes were scored in one pass, paper 1 §2.2).
@@ -351,7 +361,9 @@ def prune_model(
         target_shape={**source, **target},
         kept_layers=kept_layers,
         dropped_layers=dropped,
-        importance={
+        importance={}
+        if scores is None
+        else {
             "method": scores.method,
             "sequence_aggregation": scores.sequence_aggregation,
             "batch_aggregation": agg,
