@@ -1,0 +1,52 @@
+"""Runs a short distillation on the tiny test models and saves the student's final weights.
+
+Used by the distributed test: `torchrun --nproc_per_node 2 tests/distill_worker.py OUT PER_DEVICE_BATCH GA`, and the
+same script with one process, must end at the same weights for the same global batch.
+"""
+
+import os
+import sys
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from conftest import random_samples, tiny_model  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from hf_minitron import DistillationConfig, DistillationTrainer  # noqa: E402
+
+
+def main(output_dir: str, batch_size: int, accumulation: int) -> None:
+    torch.set_num_threads(1)
+    teacher = tiny_model("llama", seed=0)
+    student = tiny_model("llama", seed=1, num_hidden_layers=2)
+    data = Dataset.from_list([{k: v.tolist() for k, v in s.items()} for s in random_samples(8, seq_length=12)])
+    args = DistillationConfig(
+        output_dir=output_dir,
+        max_steps=2,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        ce_loss_weight=0.5,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        ddp_backend="gloo",
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        state = {
+            k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+        }
+        torch.save({"state": state, "logs": trainer.state.log_history}, os.path.join(output_dir, "result.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
