@@ -35,7 +35,7 @@ def main(output_dir: str, batch_size: int, accumulation: int) -> None:
         save_strategy="no",
         logging_steps=1,
         use_cpu=True,
-        ddp_backend="gloo",
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         dataloader_drop_last=True,
         disable_tqdm=True,
     )
