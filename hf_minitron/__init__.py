@@ -7,7 +7,10 @@ Papers: "Compact Language Models via Pruning and Knowledge Distillation" (https:
 __version__ = "0.1.0.dev0"
 
 from .architectures import ARCHITECTURES, ArchitectureSpec, get_architecture
+from .distillation_config import DistillationConfig
+from .distillation_trainer import DistillationTrainer
 from .importance import ImportanceScores, estimate_importance, magnitude_importance, random_importance
+from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
 from .pruning import PruningRecord, load_pruning_record, prune_model
 from .pruning_config import PrunedConfig
 
@@ -15,11 +18,16 @@ from .pruning_config import PrunedConfig
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureSpec",
+    "DistillationConfig",
+    "DistillationTrainer",
     "ImportanceScores",
     "PrunedConfig",
     "PruningRecord",
     "estimate_importance",
+    "fused_kd_loss",
     "get_architecture",
+    "intermediate_state_loss",
+    "kd_loss",
     "load_pruning_record",
     "magnitude_importance",
     "prune_model",
