@@ -13,6 +13,7 @@ from .importance import ImportanceScores, estimate_importance, magnitude_importa
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
 from .pruning import PruningRecord, load_pruning_record, prune_model
 from .pruning_config import PrunedConfig
+from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "ImportanceScores",
     "PrunedConfig",
     "PruningRecord",
+    "TeacherCorrectionConfig",
+    "correct_teacher",
     "estimate_importance",
     "fused_kd_loss",
     "get_architecture",
