@@ -180,26 +180,28 @@ def _softcap(logits, cap):
 
 
 def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k, need_grad=True):
-    """Per-token KD loss `[n]` and its gradient w.r.t. the (soft-capped) student logits `[n, vocab]`, in fp32.
+    """Per-token KD loss `[n]`, its gradient w.r.t. the (soft-capped) student logits `[n, vocab]` (fp32), and the
+    student log-probabilities at `T = 1` when they were computed anyway (reused for CE), else `None`.
 
     With `s = z / T`, `q = softmax(s)`, `p = softmax(z_t / T)` and `L = T**2 D(p, q)`, `dL/dz = T dD/ds`, where:
     forward KL `q - p`; every other divergence `q * (g - sum(q * g))` with `g = dD/dq`: reverse KL
     `g = log q - log p (+1)`, JSD `g = (1 - beta) log(q / m)`, TVD `g = sign(q - p) / 2`.
     """
     index = None
-    s = s_logits / temperature
-    t = t_logits / temperature
+    # At T = 1 (the Minitron default) skip the divisions: every [n, vocab] pass counts on the hot path.
+    s = s_logits if temperature == 1 else s_logits / temperature
+    t = t_logits if temperature == 1 else t_logits / temperature
     if top_k is not None:
         index = t.topk(min(top_k, t.shape[-1]), dim=-1).indices
         s, t = s.gather(-1, index), t.gather(-1, index)
     log_q = F.log_softmax(s, dim=-1)
     log_p = F.log_softmax(t, dim=-1)
-    q = log_q.exp()
     p = log_p.exp()
     if loss_type == "forward_kl":
         loss = (p * (log_p - log_q)).sum(-1)
-        grad = (q - p) if need_grad else None
+        grad = log_q.exp().sub_(p) if need_grad else None
     else:
+        q = log_q.exp()
         if loss_type == "reverse_kl":
             g = log_q - log_p
             loss = (q * g).sum(-1)
@@ -213,13 +215,14 @@ def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k, 
         else:
             raise ValueError(f"loss_type={loss_type!r} is not supported: choose one of {list(KD_LOSSES)}.")
         grad = q * (g - (q * g).sum(-1, keepdim=True)) if need_grad else None
-    loss = loss * temperature**2
-    if not need_grad:
-        return loss, None
-    grad = grad * temperature
-    if index is not None:
+    reusable = log_q if temperature == 1 and index is None else None
+    if temperature != 1:
+        loss = loss * temperature**2
+        if grad is not None:
+            grad = grad * temperature
+    if grad is not None and index is not None:
         grad = torch.zeros_like(s_logits).scatter_(-1, index, grad)
-    return loss, grad
+    return loss, grad, reusable
 
 
 def _fused_kd_forward(
@@ -257,17 +260,19 @@ def _fused_kd_forward(
         if s_cap is not None:
             tanh = torch.tanh(z / s_cap)
             z = s_cap * tanh
-        kd_tok, grad = _kd_value_and_grad(z, zt, loss_type, temperature, beta, top_k, need_grads)
+        kd_tok, grad, log_probs = _kd_value_and_grad(z, zt, loss_type, temperature, beta, top_k, need_grads)
         kd_sum += kd_tok.sum()
         # CE from the same chunk logits (at T = 1): the ground-truth LM loss, always computed for logging.
         target = labels[start : start + chunk_size]
-        log_probs = F.log_softmax(z, dim=-1)
+        if log_probs is None:
+            log_probs = F.log_softmax(z, dim=-1)
         ce_sum -= log_probs.gather(-1, target[:, None]).sum()
         if not need_grads:
             continue
-        grad.mul_(kd_weight)
+        if kd_weight != 1:
+            grad.mul_(kd_weight)
         if ce_weight:
-            probs = log_probs.exp_()
+            probs = log_probs.exp()
             probs[torch.arange(len(target), device=device), target] -= 1
             grad.add_(probs, alpha=ce_weight)
         del log_probs
