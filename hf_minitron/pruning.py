@@ -258,6 +258,31 @@ def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
         record.save(save_directory)
 
 
+def check_target_loads(model_config, target: dict) -> None:
+    """Builds the target config with the installed transformers, so a shape that stock `from_pretrained` would
+    reject (e.g. transformers 5's `LlamaConfig` wants `hidden_size % num_attention_heads == 0`) fails before any
+    expensive work, with the nearest valid sizes."""
+    data = model_config.to_dict()
+    num_layers = model_config.num_hidden_layers
+    for key, value in list(data.items()):
+        if isinstance(value, list) and len(value) == num_layers and key != "architectures":
+            data[key] = value[: target["num_hidden_layers"]]
+    data.update(target)
+    data["head_dim"] = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    try:
+        type(model_config).from_dict(data)
+    except Exception as error:  # the config classes raise several error types
+        heads = target["num_attention_heads"]
+        hidden = target["hidden_size"]
+        reason = str(error).strip().splitlines()[-1].strip()
+        lower, upper = hidden - hidden % heads, hidden - hidden % heads + heads
+        raise ValueError(
+            f"The pruned shape would not load with stock transformers: {type(model_config).__name__} rejects "
+            f"hidden_size={hidden} with num_attention_heads={heads} ({reason}). "
+            f"Fix PrunedConfig: e.g. hidden_size={lower} or {upper} (multiples of {heads}), or another head count."
+        ) from None
+
+
 def compute_scores(model, config: PrunedConfig, calibration_data=None, show_progress: bool = True) -> ImportanceScores:
     """Importance scores with `config.importance`: Minitron activations, or the magnitude / random baselines."""
     if config.importance == "activation":
@@ -302,6 +327,7 @@ def prune_model(
         raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
     spec = get_architecture(model.config)
     target = config.resolve(model.config)  # every ValueError before any forward pass
+    check_target_loads(model.config, target)
     source = model_shape(model.config)
     if scores is not None:
         scores.check_compatible(model.config)

@@ -234,3 +234,18 @@ def test_baselines_prune_without_data(importance):
     model = prune_model(tiny_model("llama"), PrunedConfig(hidden_size=16, num_hidden_layers=2, importance=importance))
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 2
     assert torch.isfinite(logits(model)).all()
+
+
+def test_shape_that_stock_transformers_rejects_fails_before_any_work():
+    model = tiny_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3)
+    calls = []
+    data = [dict(s) for s in random_samples(4)]
+
+    class Spy(list):
+        def __iter__(self):
+            calls.append(1)
+            return super().__iter__()
+
+    with pytest.raises(ValueError, match=r"would not load with stock transformers.*hidden_size=40 .*num_attention_heads=3.*hidden_size=39 or 42"):
+        prune_model(model, PrunedConfig(hidden_size=40, num_attention_heads=3), Spy(data))
+    assert not calls  # the calibration data was never read
