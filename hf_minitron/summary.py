@@ -1,0 +1,68 @@
+"""Parameter breakdowns and before/after tables of a model's shape."""
+
+from torch import nn
+
+from .architectures import get_architecture, get_decoder_layers
+
+
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Parameters per axis: embeddings (+ untied LM head), attention, MLP, norms, and the unique total."""
+    spec = get_architecture(model.config)
+    counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0}
+    seen = set()
+
+    def add(key, module):
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                counts[key] += p.numel()
+
+    add("embeddings", model.get_input_embeddings())
+    if model.get_output_embeddings() is not None:
+        add("embeddings", model.get_output_embeddings())
+    for layer in get_decoder_layers(model):
+        add("attention", getattr(layer, spec.attention))
+        add("mlp", getattr(layer, spec.mlp))
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            counts["norms"] += p.numel()
+    counts["total"] = sum(counts.values())
+    counts["non_embedding"] = counts["total"] - counts["embeddings"]
+    return counts
+
+
+def shape_summary(model: nn.Module) -> dict:
+    """Shape fields and parameter counts of `model`, as plain data (for tables, cards and JSON)."""
+    config = model.config
+    return {
+        **{name: getattr(config, name) for name in SHAPE_FIELDS},
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "parameters": parameter_breakdown(model),
+    }
+
+
+def comparison_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    """`(quantity, before, after, ratio)` rows comparing two `shape_summary` results."""
+    rows = []
+    for name in (*SHAPE_FIELDS, "head_dim"):
+        rows.append((name, str(before[name]), str(after[name]), f"{after[name] / before[name]:.2f}"))
+    for name, value in before["parameters"].items():
+        new = after["parameters"][name]
+        rows.append((f"params: {name}", f"{value:,}", f"{new:,}", f"{new / value:.2f}" if value else "-"))
+    return rows
+
+
+def print_comparison(before: dict, after: dict, title: str = "Pruning summary") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("", "before", "after", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    for row in comparison_rows(before, after):
+        table.add_row(*row)
+    Console().print(table)
