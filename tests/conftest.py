@@ -65,3 +65,28 @@ def model_type(request):
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer trained offline on the embedded corpus (pad=0, bos=1, eos=2), matching tiny_config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_minitron.data import load_embedded_corpus
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(load_embedded_corpus()["train"][:5], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()

@@ -1,0 +1,267 @@
+"""Pruning benchmark on SmolLM2-135M and the offline corpus (issue: pruning core, section 6).
+
+    python benchmarks/prune_quality.py                       # defaults: ~10 minutes on a 2-core CPU
+    python benchmarks/prune_quality.py --calibration-samples 256 --validation-samples 64
+
+Measures, in one run and on the same data:
+1. held-out LM loss right after pruning (no retraining) with Minitron activation importance vs weight magnitude vs
+   random selection, for a width-only and a depth-only target of about the same parameter count; plus the residual
+   head merge on/off for the width target;
+2. importance-estimation time / plain forward time over the same calibration data (target <= 1.10);
+3. pruning peak RSS / model size (target <= 1.1), in a fresh subprocess.
+
+Writes benchmarks/results/prune_quality.json and .png and prints a table.
+"""
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+RESULTS = Path(__file__).parent / "results"
+WIDTH = dict(hidden_size=456, intermediate_size=1024, num_attention_heads=6)
+DEPTH = dict(num_hidden_layers=16)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the process RSS every millisecond in a thread; `.peak` is the maximum seen."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_bytes(), False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def memory_probe(calibration_samples: int, seq_length: int) -> dict:
+    """Run in a fresh process: RSS attributable to the model during pruning, relative to the model's size."""
+    from hf_minitron import PrunedConfig, prune_model
+    from hf_minitron.data import embedded_datasets
+    from hf_minitron.embedded import default_teacher_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_teacher_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calibration = embedded_datasets(tokenizer, seq_length)["train"].select(range(calibration_samples))
+    baseline = _rss_bytes()  # interpreter + libraries, before the model exists
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = PrunedConfig(
+        calibration_samples=calibration_samples,
+        calibration_batch_size=8,
+        **WIDTH,
+        num_hidden_layers=24,
+        depth_method="block_influence",
+    )
+    with PeakRSS() as peak:
+        prune_model(model, config, calibration, show_progress=False)
+    return {
+        "model_bytes": model_bytes,
+        "baseline_rss": baseline,
+        "peak_rss": peak.peak,
+        "ratio": (peak.peak - baseline) / model_bytes,
+    }
+
+
+@torch.no_grad()
+def time_importance_vs_forward(model, calibration, config) -> dict:
+    from hf_minitron import estimate_importance
+    from hf_minitron.data import shard_batches, take_samples
+
+    batches = shard_batches(take_samples(calibration, config.calibration_samples), config.calibration_batch_size)
+    model(**batches[0])  # warm-up
+    timings = {"forward": [], "base_forward": [], "importance": []}
+    for _ in range(2):  # interleaved repeats, min taken: robust to other load on the machine
+        start = time.perf_counter()
+        for b in batches:
+            model(**b, use_cache=False)
+        timings["forward"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for b in batches:
+            model.model(**b, use_cache=False)
+        timings["base_forward"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scores = estimate_importance(model, calibration, config, show_progress=False)
+        timings["importance"].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in timings.items()}
+    return {
+        **best,
+        "importance_over_forward": best["importance"] / best["forward"],
+        "importance_over_base_forward": best["importance"] / best["base_forward"],
+        "scores": scores,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--validation-samples", type=int, default=32)
+    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--depth-samples", type=int, default=8)
+    parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.calibration_samples, args.seq_length)))
+        return
+
+    from hf_minitron import PrunedConfig, prune_model
+    from hf_minitron.data import embedded_datasets
+    from hf_minitron.depth import lm_loss
+    from hf_minitron.embedded import load_default_teacher
+
+    torch.manual_seed(0)
+    teacher, tokenizer = load_default_teacher()
+    data = embedded_datasets(tokenizer, args.seq_length)
+    calibration = data["train"].select(range(min(args.calibration_samples, len(data["train"]))))
+    validation = [
+        {"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.tensor(r["attention_mask"])}
+        for r in data["validation"].select(range(min(args.validation_samples, len(data["validation"]))))
+    ]
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    base_config = PrunedConfig(calibration_samples=len(calibration), depth_calibration_samples=args.depth_samples)
+
+    print("Timing importance estimation against plain forward passes ...", flush=True)
+    timing = time_importance_vs_forward(teacher, calibration, base_config)
+    scores = timing.pop("scores")
+
+    results = {
+        "setup": {**vars(args), "teacher": "SmolLM2-135M-Instruct", "teacher_parameters": n_params(teacher)},
+        "teacher_loss": lm_loss(teacher, validation),
+        "losses": {},
+        "timing": timing,
+    }
+    for target_name, target in (("width", WIDTH), ("depth", DEPTH)):
+        for method in ("activation", "magnitude", "random"):
+            seeds = range(args.random_seeds) if method == "random" else [0]
+            losses = []
+            for seed in seeds:
+                config = PrunedConfig(
+                    importance=method,
+                    seed=seed,
+                    calibration_samples=len(calibration),
+                    depth_calibration_samples=args.depth_samples,
+                    **target,
+                )
+                pruned = prune_model(
+                    copy.deepcopy(teacher),
+                    config,
+                    calibration,
+                    scores=scores if method == "activation" else None,
+                    show_progress=False,
+                )
+                losses.append(lm_loss(pruned, validation))
+            results["losses"][f"{target_name}/{method}"] = {
+                "loss": sum(losses) / len(losses),
+                "all": losses,
+                "parameters": n_params(pruned),
+                "dropped_layers": pruned.pruning_record.dropped_layers,
+            }
+            print(
+                f"{target_name:>5} {method:<10} loss {results['losses'][f'{target_name}/{method}']['loss']:.3f}",
+                flush=True,
+            )
+    merged = prune_model(copy.deepcopy(teacher), PrunedConfig(head_merge=True, **WIDTH), scores=scores)
+    results["losses"]["width/activation+head_merge"] = {
+        "loss": lm_loss(merged, validation),
+        "parameters": n_params(merged),
+    }
+    heads_only = dict(num_attention_heads=6)
+    for merge in (False, True):
+        pruned = prune_model(copy.deepcopy(teacher), PrunedConfig(head_merge=merge, **heads_only), scores=scores)
+        results["losses"][f"heads_only/activation{'+head_merge' if merge else ''}"] = {
+            "loss": lm_loss(pruned, validation),
+            "parameters": n_params(pruned),
+        }
+
+    print("Measuring pruning peak RSS in a fresh process ...", flush=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            "--calibration-samples",
+            "16",
+            "--seq-length",
+            str(args.seq_length),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    results["memory"] = json.loads(probe.stdout.strip().splitlines()[-1])
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "prune_quality.json").write_text(json.dumps(results, indent=2))
+    _plot(results, RESULTS / "prune_quality.png")
+    print(render_markdown(results))
+
+
+def render_markdown(results: dict) -> str:
+    t = results["timing"]
+    m = results["memory"]
+    lines = [
+        f"Teacher held-out loss: {results['teacher_loss']:.3f} ({results['setup']['teacher_parameters']:,} params)",
+        "",
+        "| target | selection | parameters | held-out loss |",
+        "|---|---|---|---|",
+    ]
+    for key, value in results["losses"].items():
+        target, method = key.split("/")
+        lines.append(f"| {target} | {method} | {value['parameters']:,} | {value['loss']:.3f} |")
+    lines += [
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| importance time / full-model forward time | {t['importance_over_forward']:.3f} | <= 1.10 |",
+        f"| importance time / base-model (no LM head) forward time | {t['importance_over_base_forward']:.3f} | - |",
+        f"| pruning peak RSS above baseline / model size | {m['ratio']:.3f} | <= 1.1 |",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = {"activation": "tab:green", "magnitude": "tab:orange", "random": "tab:red"}
+    for ax, target in zip(axes, ("width", "depth")):
+        methods = ["activation", "magnitude", "random"]
+        values = [results["losses"][f"{target}/{m}"]["loss"] for m in methods]
+        ax.bar(methods, values, color=[colors[m] for m in methods])
+        ax.axhline(results["teacher_loss"], color="k", ls="--", label="teacher")
+        ax.set_title(f"{target} pruning to ~60% params (no retraining)")
+        ax.set_ylabel("held-out LM loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

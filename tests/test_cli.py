@@ -1,0 +1,102 @@
+import json
+
+import pytest
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_minitron.cli import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer):
+    path = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    from hf_minitron.data import load_embedded_corpus
+
+    path = tmp_path / "calibration.jsonl"
+    with open(path, "w") as f:
+        for doc in load_embedded_corpus()["train"][:10]:
+            f.write(json.dumps({"content": doc}) + "\n")
+    return path
+
+
+def test_prune_command_end_to_end(checkpoint, text_file, tmp_path, capsys):
+    config = tmp_path / "pruned.yaml"
+    config.write_text(
+        "hidden_size: 24\nintermediate_size: 48\nnum_hidden_layers: 3\ncalibration_samples: 8\ncalibration_seq_length: 32\n"
+    )
+    output = tmp_path / "out"
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(checkpoint),
+            "--config",
+            str(config),
+            "--calibration_data",
+            str(text_file),
+            "--text_column",
+            "content",
+            "--output",
+            str(output),
+            "--intermediate_size",
+            "40",
+        ]  # CLI overrides the file
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "hidden_size" in printed and "params: total" in printed and "24" in printed
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_hidden_layers) == (24, 40, 3)
+    assert (output / "pruned_config.json").is_file() and (output / "importance" / "importance.json").is_file()
+    assert (output / "tokenizer.json").is_file()
+    summary = json.loads((output / "pruning_summary.json").read_text())
+    assert summary["after"]["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_bad_values_fail_before_loading_weights(checkpoint, tmp_path, capsys):
+    assert main(["prune", "--model", str(checkpoint), "--hidden_size", "64", "--output", str(tmp_path / "o")]) == 2
+    assert "hidden_size=64 is larger than the source model's hidden_size=32" in capsys.readouterr().err
+    config = tmp_path / "typo.yaml"
+    config.write_text("hiden_size: 24\n")
+    assert main(["prune", "--model", str(checkpoint), "--config", str(config)]) == 2
+    assert "Unknown option(s) ['hiden_size']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_overwritten_without_flag(checkpoint, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "precious.txt").write_text("keep me")
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(checkpoint),
+            "--hidden_size",
+            "16",
+            "--importance",
+            "magnitude",
+            "--output",
+            str(output),
+        ]
+    )
+    assert code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (output / "precious.txt").read_text() == "keep me"
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for name in ("--hidden_size", "--sequence_aggregation", "--calibration_data", "--head_merge", "--depth_method"):
+        assert name in out
+    assert main([]) == 0 and "prune" in capsys.readouterr().out
+    assert main(["nope"]) == 2
