@@ -1,0 +1,182 @@
+"""Upload of a pruned and distilled checkpoint, its model card and plots to the Hugging Face Hub.
+
+`push_to_hub` checks everything it can before the first byte is hashed (main process, token, endpoint, folder), then
+runs the ordinary `huggingface_hub` client: `HfApi.create_repo(exist_ok=True)` and one `upload_folder` commit.
+The card is uploaded as the folder's plain `README.md` file rather than with `ModelCard.push_to_hub`, which validates
+its YAML against a fixed host and so ignores a custom endpoint.
+
+The token is only ever handed to `HfApi`: it is not printed, logged, written to a file, or kept in an error message.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload model pruned and distilled with hf-minitron"
+
+
+class HubUploadError(RuntimeError):
+    """The Hub refused or could not be reached during `push_to_hub`."""
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The token to push with: `token`, else `$HF_TOKEN`, else the one saved by `hf auth login`.
+
+    Raises:
+        `ValueError`: when none is found, before any request is made.
+    """
+    from huggingface_hub import get_token
+
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ValueError(
+            "push_to_hub got an empty or non-string token: pass a Hugging Face access token string with write access, "
+            "or leave token=None to use $HF_TOKEN or the token saved by `hf auth login`."
+        )
+    # get_token() reads $HF_TOKEN at call time (and the token file), so a variable set after import is honoured.
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "push_to_hub needs a Hugging Face access token with write access and found none: pass token=..., set the "
+            "HF_TOKEN environment variable, or run `hf auth login`."
+        )
+    return token.strip()
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str:
+    """`endpoint`, else `$HF_ENDPOINT` read now, else huggingface_hub's default.
+
+    `huggingface_hub.constants.ENDPOINT` is read once at import, so a variable set later would otherwise be ignored.
+    """
+    from huggingface_hub import constants
+
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(
+            f"push_to_hub endpoint={endpoint!r} is not an HTTP(S) URL: pass e.g. 'https://huggingface.co', or leave "
+            "it unset to use $HF_ENDPOINT or the default Hub."
+        )
+    return endpoint.rstrip("/")
+
+
+def _hub_error(err: Exception, endpoint: str, action: str) -> HubUploadError:
+    """A `HubUploadError` that explains `err` without its request (whose headers carry the token)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status == 401:
+            return HubUploadError(
+                f"The Hub at {endpoint} rejected the token while trying to {action} (HTTP 401): check that it is a "
+                "valid access token (https://huggingface.co/settings/tokens), or log in again with "
+                "`hf auth login --force`."
+            )
+        if status == 403:
+            return HubUploadError(
+                f"The token is not allowed to {action} on {endpoint} (HTTP 403): use a token with write access to "
+                "the repository's namespace."
+            )
+        server_message = getattr(err, "server_message", None) or err.response.reason_phrase
+        return HubUploadError(f"The Hub at {endpoint} failed to {action} (HTTP {status}): {server_message}")
+    # huggingface_hub>=2 uses `httpx2`, 1.x `httpx`: match the transport error (connect, timeout, proxy) of either.
+    if any(cls.__name__ == "TransportError" for cls in type(err).__mro__):
+        return HubUploadError(
+            f"Could not reach the Hub at {endpoint} to {action} ({type(err).__name__}: {err}): check the network, "
+            "the endpoint (HF_ENDPOINT) and any proxy settings."
+        )
+    return HubUploadError(f"Failed to {action} on {endpoint}: {type(err).__name__}: {err}")
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    ignore_patterns: list[str] | None = None,
+) -> str | None:
+    """Uploads a checkpoint folder (weights, config, tokenizer, `README.md` card, plots) to a Hub model repository.
+
+    Runs on the main process only; other processes return `None` at once.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder to upload, e.g. the final checkpoint with `README.md` written by
+            `hf_minitron.model_card.save_model_card`.
+        repo_id (`str`):
+            `"namespace/name"` (or `"name"` under the token's user). Created if missing.
+        private (`bool`, *optional*, defaults to `False`):
+            Create the repository as private (an existing repository keeps its visibility).
+        token (`str`, *optional*):
+            An access token with write access; defaults to `$HF_TOKEN`, then the token saved by `hf auth login`.
+        commit_message (`str`, *optional*):
+            Message of the upload commit.
+        endpoint (`str`, *optional*):
+            The Hub URL; defaults to `$HF_ENDPOINT` (read at call time), then `https://huggingface.co`.
+        revision (`str`, *optional*):
+            Branch to commit to; defaults to `main`.
+        ignore_patterns (`list[str]`, *optional*):
+            Glob patterns of files not to upload (e.g. `["checkpoint-*/*"]`).
+
+    Returns:
+        `str` or `None`: the URL of the commit on the main process, `None` elsewhere.
+
+    Raises:
+        `ValueError`: a missing token, an invalid `repo_id`, folder or endpoint (before any request).
+        `HubUploadError`: the Hub cannot be reached, rejects the token (401/403) or fails the upload.
+    """
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return None
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from . import __version__
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"push_to_hub folder={str(folder)!r} is not a directory: pass the saved checkpoint folder.")
+    if not any(p.is_file() for p in folder.rglob("*")):
+        raise ValueError(f"push_to_hub folder={str(folder)!r} holds no file: save the model there first.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"push_to_hub repo_id={repo_id!r} is invalid: {err} Use 'namespace/name'.") from None
+    if constants.is_offline_mode():
+        raise ValueError("push_to_hub cannot run with HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE to upload.")
+    token = resolve_token(token)
+    endpoint = resolve_endpoint(endpoint)
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="hf-minitron", library_version=__version__)
+    # whoami fails fast on a bad token or an unreachable endpoint, before any file is hashed.
+    try:
+        user = api.whoami()["name"]
+    except Exception as err:
+        raise _hub_error(err, endpoint, "check the token") from None
+    if "/" not in repo_id:
+        repo_id = f"{user}/{repo_id}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    except Exception as err:
+        raise _hub_error(err, endpoint, f"create the repository {repo_id}") from None
+    try:
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            ignore_patterns=ignore_patterns,
+            repo_type="model",
+        )
+    except ValueError:
+        raise  # e.g. invalid README.md metadata, reported by the Hub's YAML validation
+    except Exception as err:
+        raise _hub_error(err, endpoint, f"upload {folder} to {repo_id}") from None
+    logger.info("Uploaded %s to %s", folder, commit.commit_url)
+    return commit.commit_url
