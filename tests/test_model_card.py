@@ -1,0 +1,198 @@
+import re
+
+import pytest
+import yaml
+from conftest import tiny_model
+
+from hf_minitron.model_card import (
+    TEMPLATE_PATH,
+    PipelineSummary,
+    plot_loss_curves,
+    render_model_card,
+    save_model_card,
+)
+
+
+TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
+STUDENT = "someone/smollm2-minitron-90m"
+
+
+def comparison():
+    def model(name, params, acc, ppl):
+        result = {"metrics": {"acc": acc, "acc_norm": acc - 0.01}, "stderr": {}, "primary_metric": "acc"}
+        result.update(num_fewshot=5, num_samples=143)
+        return {
+            "name": name,
+            "num_parameters": params,
+            "results": {"pydoc_topics": result},
+            "heldout": {"loss": 2.0, "perplexity": ppl, "num_tokens": 4096},
+        }
+
+    return {
+        "tasks": {"pydoc_topics": {"metric": "acc", "num_fewshot": 5, "num_samples": 143}},
+        "models": {
+            "teacher": model(TEACHER, 134515008, 0.4126, 12.345),
+            "student": model(STUDENT, 90123456, 0.3776, 15.5),
+        },
+    }
+
+
+def full_summary():
+    return PipelineSummary(
+        model_name=STUDENT,
+        teacher_id=TEACHER,
+        license="apache-2.0",
+        datasets=["HuggingFaceFW/fineweb-edu"],
+        teacher_config={
+            "num_hidden_layers": 30,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+        },
+        student_config={
+            "num_hidden_layers": 26,
+            "hidden_size": 512,
+            "intermediate_size": 1024,
+            "num_attention_heads": 6,
+        },
+        pruned_config={
+            "importance": "activation",
+            "sequence_aggregation": "mean",
+            "batch_aggregation": "l2",
+            "calibration_samples": 1024,
+            "calibration_seq_length": 512,
+            "depth_method": "contiguous",
+        },
+        teacher_parameters=134515008,
+        student_parameters=90123456,
+        layer_importance=[0.5 + 0.1 * i for i in range(30)],
+        dropped_layers=[21, 22, 23, 24],
+        teacher_correction={"dataset": "fineweb-edu", "tokens": 12345678},
+        distillation={"loss": "forward_kl", "temperature": 1.0, "tokens": 987654321, "max_steps": 321},
+        log_history=[{"step": s, "loss": 3.0 / s, "kd_loss": 2.0 / s} for s in range(1, 6)]
+        + [{"step": 5, "train_loss": 1.0}],
+        evaluation=comparison(),
+        alignment={"method": "sft", "dataset": "HuggingFaceTB/smoltalk"},
+    )
+
+
+def front_matter(text):
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert match, "the card must start with YAML front matter"
+    return yaml.safe_load(match[1]), text[match.end() :]
+
+
+def test_packaged_template_matches_user_facing_copy():
+    from pathlib import Path
+
+    user_facing = Path(__file__).parents[1] / "model_cards" / "minitron_card.md.j2"
+    assert TEMPLATE_PATH.read_text() == user_facing.read_text()
+
+
+def test_full_card(tmp_path):
+    path = save_model_card(full_summary(), tmp_path / "final")
+    text = path.read_text()
+    meta, body = front_matter(text)
+    assert meta["base_model"] == TEACHER
+    assert meta["library_name"] == "transformers"
+    assert meta["license"] == "apache-2.0"
+    assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu"]
+    assert set(meta["tags"]) >= {"minitron", "pruning", "distillation", "hf-minitron"}
+    (index,) = meta["model-index"]
+    assert index["name"] == STUDENT
+    task_result, ppl_result = index["results"]
+    assert task_result["dataset"]["name"] == "pydoc_topics"
+    assert task_result["dataset"]["args"] == {"num_few_shot": 5}
+    assert task_result["metrics"][0]["type"] == "acc" and task_result["metrics"][0]["value"] == 0.3776
+    assert ppl_result["metrics"][0] == {"type": "perplexity", "value": 15.5}
+
+    # Pruning table: every axis with before/after, and parameter counts.
+    assert "| Layers (depth) | 30 | 26 | 87% |" in body
+    assert "| Hidden size (embedding) | 576 | 512 | 89% |" in body
+    assert "| MLP intermediate size | 1,536 | 1,024 | 67% |" in body
+    assert "| Attention heads | 9 | 6 | 67% |" in body
+    assert "| Parameters | 134,515,008 | 90,123,456 | 67.0% |" in body
+    assert "| Aggregation (sequence, batch) | mean, l2 |" in body
+    assert "| Calibration | 1,024 samples × 512 tokens |" in body
+    assert "removed layers 21, 22, 23, 24 (0-based)" in body and "contiguous block" in body
+    # Teacher correction, distillation and alignment settings.
+    assert "| tokens | 12,345,678 |" in body
+    assert "| loss | forward_kl |" in body and "| tokens | 987,654,321 |" in body and "| max_steps | 321 |" in body
+    assert "### Alignment" in body and "| dataset | HuggingFaceTB/smoltalk |" in body
+    # Evaluation table, teacher vs student.
+    assert "| pydoc_topics (n=143) | acc | 5 | 0.4126 | 0.3776 | -0.0350 |" in body
+    assert "| held-out (n=4096 tokens) | perplexity ↓ | - | 12.345 | 15.500 | +3.155 |" in body
+    # Plots next to the card, referenced by relative path.
+    for name in ("layer_importance.png", "loss_curves.png"):
+        assert (path.parent / name).read_bytes().startswith(b"\x89PNG")
+        assert f"]({name})" in body
+    assert f'model_id = "{STUDENT}"' in body and "AutoModelForCausalLM.from_pretrained(model_id)" in body
+    assert "@article{muralidharan2024compact" in body and "arXiv:2407.14679" in body
+    assert "@article{sreenivas2024llm" in body and "arXiv:2408.11796" in body
+    assert "\n\n\n" not in text
+    assert sorted(p.name for p in path.parent.iterdir()) == ["README.md", "layer_importance.png", "loss_curves.png"]
+
+
+def test_empty_summary_renders_only_the_basics(tmp_path):
+    path = save_model_card(PipelineSummary(), tmp_path)
+    meta, body = front_matter(path.read_text())
+    assert meta["library_name"] == "transformers" and "minitron" in meta["tags"]
+    for key in ("base_model", "license", "datasets", "model-index"):
+        assert key not in meta
+    for section in (
+        "## How it was made",
+        "### Teacher correction",
+        "### Pruning",
+        "### Distillation",
+        "### Alignment",
+        "## Evaluation",
+        "![",
+    ):
+        assert section not in body
+    assert "## Quick start" in body and "## Citation" in body
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+@pytest.mark.parametrize(
+    "given, present, absent",
+    [
+        ({"distillation": {"loss": "forward_kl"}}, ["### Distillation"], ["### Pruning", "## Evaluation", "!["]),
+        ({"layer_importance": [1.0, 2.0]}, ["### Pruning", "![Layer importance]"], ["### Distillation"]),
+        ({"log_history": [{"step": 1, "loss": 1.0}]}, ["### Distillation", "![Training losses]"], ["### Pruning"]),
+        ({"evaluation": comparison()}, ["## Evaluation"], ["### Pruning", "### Distillation"]),
+    ],
+)
+def test_sections_follow_the_data(tmp_path, given, present, absent):
+    body = front_matter(save_model_card(PipelineSummary(**given), tmp_path).read_text())[1]
+    for text in present:
+        assert text in body
+    for text in absent:
+        assert text not in body
+
+
+def test_summary_accepts_config_objects():
+    from hf_minitron import PrunedConfig
+
+    model = tiny_model("llama")
+    summary = PipelineSummary(
+        teacher_config=model.config, student_config=model.config, pruned_config=PrunedConfig(num_hidden_layers=2)
+    )
+    assert summary.teacher_config["hidden_size"] == 32
+    assert summary.pruned_config["num_hidden_layers"] == 2
+    body = str(render_model_card(summary))
+    assert "| Hidden size (embedding) | 32 | 32 | 100% |" in body
+    with pytest.raises(ValueError, match="layer_importance"):
+        PipelineSummary(layer_importance=[])
+
+
+def test_loss_plot_needs_a_loss(tmp_path):
+    assert not plot_loss_curves([{"step": 1, "learning_rate": 1e-4}], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_card_only_on_main_process(tmp_path, monkeypatch):
+    from accelerate import PartialState
+
+    monkeypatch.setattr(PartialState, "is_main_process", property(lambda self: False))
+    assert save_model_card(full_summary(), tmp_path / "card") is None
+    assert not (tmp_path / "card").exists()
