@@ -9,8 +9,18 @@ __version__ = "0.1.0.dev0"
 from .architectures import ARCHITECTURES, ArchitectureSpec, get_architecture
 from .distillation_config import DistillationConfig
 from .distillation_trainer import DistillationTrainer
+from .evaluation import (
+    compare_models,
+    evaluate_model,
+    format_comparison,
+    heldout_perplexity,
+    make_lm_eval_scorer,
+    make_perplexity_scorer,
+)
+from .hub import push_to_hub
 from .importance import ImportanceScores, estimate_importance, magnitude_importance, random_importance
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
+from .model_card import PipelineSummary, render_model_card, save_model_card
 from .pruning import PruningRecord, load_pruning_record, prune_model
 from .pruning_config import PrunedConfig
 from .teacher_correction import TeacherCorrectionConfig, correct_teacher
@@ -22,17 +32,27 @@ __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
     "ImportanceScores",
+    "PipelineSummary",
     "PrunedConfig",
     "PruningRecord",
     "TeacherCorrectionConfig",
+    "compare_models",
     "correct_teacher",
     "estimate_importance",
+    "evaluate_model",
+    "format_comparison",
     "fused_kd_loss",
     "get_architecture",
+    "heldout_perplexity",
     "intermediate_state_loss",
     "kd_loss",
     "load_pruning_record",
     "magnitude_importance",
+    "make_lm_eval_scorer",
+    "make_perplexity_scorer",
     "prune_model",
+    "push_to_hub",
     "random_importance",
+    "render_model_card",
+    "save_model_card",
 ]
