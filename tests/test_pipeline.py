@@ -83,11 +83,13 @@ def test_unknown_keys_are_named(tmp_path):
         build_pipeline_config({"teachr": "x"})
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/minitron.yaml")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/minitron*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_pipeline_recipe_validates(path):
-    args, pruning, distillation, correction = load_pipeline_config(path)
-    assert args.output_dir and distillation.output_dir.startswith(args.output_dir)
     data = yaml.safe_load(path.read_text())
+    # GPU recipes train in bf16, which TrainingArguments refuses on this CPU-only machine: validate everything else.
+    overrides = {f"{s}.bf16": False for s in ("distillation", "teacher_correction") if (data.get(s) or {}).get("bf16")}
+    args, pruning, distillation, correction = load_pipeline_config(path, overrides)
+    assert args.output_dir and distillation.output_dir.startswith(args.output_dir)
     for key, value in data["pruning"].items():
         assert getattr(pruning, key) == value
 
@@ -112,3 +114,14 @@ def test_recipe_script_runs_with_overrides(teacher_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.hidden_size == 16
+
+
+def test_prune_recipe_validates():
+    from hf_minitron.checkpoint_pruning import PruneArguments
+    from hf_minitron.cli import parse_dataclasses
+    from hf_minitron.pruning_config import PrunedConfig
+
+    path = RECIPES / "smollm2-135m" / "prune.yaml"
+    args, config = parse_dataclasses((PruneArguments, PrunedConfig), ["--config", str(path)], "test")
+    data = yaml.safe_load(path.read_text())
+    assert args.model == data["model"] and config.hidden_size == data["hidden_size"]
