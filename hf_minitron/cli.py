@@ -2,6 +2,7 @@
 
     hf-minitron prune --model embedded --config recipes/smollm2-135m/prune.yaml --output outputs/pruned
     hf-minitron prune --model ./teacher --hidden_size 448 --num_attention_heads 8 --calibration_data data.jsonl ...
+    hf-minitron run recipes/smollm2-135m/minitron.yaml --distillation.max_steps 20
     hf-minitron demo
 
 Every dataclass field is an option (`--help` lists them with their help text); `--config` reads a YAML/JSON file
@@ -65,6 +66,20 @@ def _prune(argv):
     prune_checkpoint(args, config)
 
 
+def _run(argv):
+    """Runs (or resumes) the whole Minitron chain from a pipeline recipe: `hf-minitron run RECIPE.yaml [--k v]`."""
+    from .pipeline import load_pipeline_config, parse_overrides, run_pipeline
+
+    if not argv or argv[0] in ("-h", "--help"):
+        from .pipeline import __doc__ as pipeline_doc
+
+        print("usage: hf-minitron run RECIPE.yaml [--key value] [--section.key value] ...\n" + pipeline_doc)
+        return
+    config_path, overrides = parse_overrides(["--config", *argv] if not argv[0].startswith("--") else argv)
+    summary = run_pipeline(*load_pipeline_config(config_path, overrides))
+    print(f"Final checkpoint and model card: {summary['final_dir']}")
+
+
 def _demo(argv):
     """Prunes the embedded SmolLM2 teacher with the default recipe and compares held-out loss."""
     from .demo import run_demo
@@ -77,6 +92,7 @@ def _demo(argv):
 
 
 COMMANDS = {
+    "run": (_run, "Run (or resume) the whole chain from a recipe: correct -> prune -> distill -> evaluate -> card."),
     "prune": (_prune, "Estimate Minitron importance and prune a checkpoint (depth and width)."),
     "demo": (_demo, "Prune the embedded SmolLM2-135M teacher on the offline corpus and report held-out loss."),
 }
