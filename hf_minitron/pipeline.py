@@ -1,7 +1,9 @@
 """The whole Minitron chain, stage by stage, resumable:
 
-    correct teacher (optional) -> estimate importance -> prune -> distill -> align (optional SFT, DPO)
-    -> evaluate teacher and student -> model card -> push (optional)
+    correct teacher (optional) -> estimate importance -> prune -> distill -> evaluate teacher and student
+    -> model card -> push (optional)
+
+Alignment (SFT, DPO/RPO) runs on the final checkpoint with `recipes/sft.py` and `recipes/dpo.py`.
 
 Every stage writes one directory under `output_dir` atomically; a stage whose directory exists is finished and is
 reused, not recomputed, so rerunning the same command after an interruption continues at the first unfinished stage.
@@ -156,7 +158,18 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
     teacher_path = resolve_model_path(args.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     train, validation = _datasets(args, tokenizer)
-    summary: dict = {"teacher": args.teacher, "stages": {}}
+    summary: dict = {
+        "teacher": args.teacher,
+        # The card's base_model: a Hub id, or the embedded teacher's upstream id.
+        "teacher_hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"
+        if args.teacher in ("embedded", "smollm2")
+        else (None if Path(args.teacher).exists() else args.teacher),
+        "datasets": None
+        if args.dataset == EMBEDDED_CORPUS or Path(args.dataset.split(",")[0]).exists()
+        else [args.dataset],
+        "hub_model_id": args.hub_model_id,
+        "stages": {},
+    }
 
     # 1. Teacher correction (paper 2): fine-tune the teacher on the distillation data before pruning.
     if args.correct_teacher:
@@ -293,25 +306,32 @@ def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:
 
 
 def _write_card(directory: Path, summary: dict, pruned_dir: Path) -> None:
-    from .model_card import write_model_card_from_summary
+    """Model card + plots from what the stages recorded (layer importance from the saved scores)."""
+    from .importance import ImportanceScores
+    from .model_card import PipelineSummary, save_model_card
 
-    write_model_card_from_summary(directory, summary, importance_dir=pruned_dir / "importance")
-
-
-def parse_overrides(argv: list[str]) -> tuple[str, dict]:
-    """`--config FILE` plus `--key value` / `--section.key value` pairs; values are parsed as YAML scalars."""
-    import yaml
-
-    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
-        raise ValueError("Pass the recipe with --config FILE (e.g. recipes/smollm2-135m/minitron.yaml).")
-    argv = list(argv)
-    index = argv.index("--config")
-    config_path = argv[index + 1]
-    del argv[index : index + 2]
-    overrides = {}
-    while argv:
-        key = argv.pop(0)
-        if not key.startswith("--") or not argv:
-            raise ValueError(f"Expected `--key value` pairs after --config, got {key!r}.")
-        overrides[key[2:]] = yaml.safe_load(argv.pop(0))
-    return config_path, overrides
+    pruning = summary["stages"]["pruning"]
+    layer_importance = None
+    if (pruned_dir / "importance" / "importance.json").is_file():
+        scores = ImportanceScores.load(pruned_dir / "importance")
+        if scores.block_influence is not None:
+            layer_importance = scores.block_influence.tolist()
+    record = json.loads((pruned_dir / "pruning_record.json").read_text())
+    distillation = {k: v for k, v in summary["stages"]["distillation"].items() if k != "log_history"}
+    card = PipelineSummary(
+        model_name=directory.name if summary.get("hub_model_id") is None else summary["hub_model_id"],
+        teacher_id=summary.get("teacher_hub_id"),
+        datasets=summary.get("datasets"),
+        teacher_config={k: v for k, v in pruning["before"].items() if k != "parameters"},
+        student_config={k: v for k, v in pruning["after"].items() if k != "parameters"},
+        pruned_config=pruning["pruned_config"],
+        teacher_parameters=pruning["before"]["parameters"]["total"],
+        student_parameters=pruning["after"]["parameters"]["total"],
+        layer_importance=layer_importance,
+        dropped_layers=record.get("dropped_layers") or None,
+        teacher_correction=summary["stages"].get("teacher_correction"),
+        distillation=distillation,
+        log_history=summary["stages"]["distillation"]["log_history"],
+        evaluation=summary.get("evaluation"),
+    )
+    save_model_card(card, directory)

@@ -53,7 +53,9 @@ def _tiny_recipe(teacher_dir, output_dir, **top):
 
 def test_minitron_chain_end_to_end_and_resume(teacher_dir, tmp_path):
     out = tmp_path / "run"
-    recipe = _tiny_recipe(teacher_dir, out, correct_teacher=True, eval_tasks="pydoc_topics", eval_limit=4)
+    recipe = _tiny_recipe(
+        teacher_dir, out, correct_teacher=True, eval_tasks="pydoc_topics", eval_limit=4, write_model_card=True
+    )
     summary = run_pipeline(*build_pipeline_config(recipe), show_progress=False)
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.hidden_size == 24 and final.config.intermediate_size == 48
@@ -69,6 +71,9 @@ def test_minitron_chain_end_to_end_and_resume(teacher_dir, tmp_path):
     assert evaluation["tasks"]["pydoc_topics"]["num_samples"] == 4
     assert evaluation["models"]["student"]["heldout"]["perplexity"] > 1
     assert (out / "teacher_correction" / "config.json").is_file()
+    card = (out / "final" / "README.md").read_text()
+    assert card.startswith("---") and "pydoc_topics" in card and "2407.14679" in card
+    assert "24" in card and (out / "final" / "loss_curves.png").is_file()
 
     # Rerun: every stage is reused, nothing recomputed (the stage folders keep their modification times).
     stamps = {p: p.stat().st_mtime_ns for p in (out / "pruned", out / "distilled", out / "final")}
