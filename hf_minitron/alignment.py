@@ -267,14 +267,14 @@ class RPOConfig(DPOConfig):
 
 
 # ------------------------------------------------------------------------------------------------------ the trainers
-def _load(model, tokenizer):
+def _load(model, tokenizer, args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(model, str):
         from .embedded import resolve_model_path
 
         path = resolve_model_path(model)
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, **(args.model_init_kwargs or {}))
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer is None:
@@ -325,12 +325,14 @@ def _save_final(trainer, tokenizer, final_model_dir: str, merge: bool) -> nn.Mod
     from .io import atomic_directory
 
     accelerator = trainer.accelerator
+    # keep_fp32_wrapper=False: TRL configs default to bf16, and the returned model must not keep accelerate's
+    # autocast-wrapped forward (its logits would differ from the saved checkpoint's).
     if merge:
         # The adapter update is folded into the base weights: the result loads with AutoModelForCausalLM, no PEFT.
-        model = accelerator.unwrap_model(trainer.model).merge_and_unload()
+        model = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).merge_and_unload()
         state_dict = None
     else:
-        model = accelerator.unwrap_model(trainer.model)
+        model = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         # A collective: every process takes part in gathering FSDP / ZeRO-3 shards (a plain state_dict otherwise).
         state_dict = accelerator.get_state_dict(trainer.model)
     if accelerator.is_main_process:
@@ -356,7 +358,8 @@ def run_sft(
     """Supervised fine-tuning with [`~trl.SFTTrainer`]; writes a stock checkpoint (paper 2, §4).
 
     Args:
-        model (`PreTrainedModel` or `str`): The distilled student, or its checkpoint path (`"embedded"` works).
+        model (`PreTrainedModel` or `str`): The distilled student, or its checkpoint path (`"embedded"` works), loaded
+            with `args.model_init_kwargs`.
         tokenizer (`PreTrainedTokenizerBase`, *optional* when `model` is a path): Formats the chats; saved with the
             result (with the chat template used). Its `chat_template` / `pad_token` may be set in place.
         train_dataset (`datasets.Dataset`): Any dataset TRL's SFT accepts: conversational (`messages`, or `prompt` /
@@ -377,7 +380,7 @@ def run_sft(
     """
     from trl import SFTTrainer
 
-    model, tokenizer = _load(model, tokenizer)
+    model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("messages", "text", "prompt", "input_ids"), "SFT")
     _prepare_chat_template(tokenizer, train_dataset, chat_template, "SFT")
     if args.assistant_only_loss:
@@ -445,7 +448,7 @@ def run_dpo(
     """
     from trl import DPOTrainer
 
-    model, tokenizer = _load(model, tokenizer)
+    model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("chosen",), "DPO")
     if "rejected" not in (train_dataset.column_names or ()):
         raise ValueError(
