@@ -335,3 +335,22 @@ def _write_card(directory: Path, summary: dict, pruned_dir: Path) -> None:
         evaluation=summary.get("evaluation"),
     )
     save_model_card(card, directory)
+
+
+def parse_overrides(argv: list[str]) -> tuple[str, dict]:
+    """`--config FILE` plus `--key value` / `--section.key value` pairs; values are parsed as YAML scalars."""
+    import yaml
+
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        raise ValueError("Pass the recipe with --config FILE (e.g. recipes/smollm2-135m/minitron.yaml).")
+    argv = list(argv)
+    index = argv.index("--config")
+    config_path = argv[index + 1]
+    del argv[index : index + 2]
+    overrides = {}
+    while argv:
+        key = argv.pop(0)
+        if not key.startswith("--") or not argv:
+            raise ValueError(f"Expected `--key value` pairs after --config, got {key!r}.")
+        overrides[key[2:]] = yaml.safe_load(argv.pop(0))
+    return config_path, overrides
