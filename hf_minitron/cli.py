@@ -3,6 +3,9 @@
     hf-minitron prune --model embedded --config recipes/smollm2-135m/prune.yaml --output outputs/pruned
     hf-minitron prune --model ./teacher --hidden_size 448 --num_attention_heads 8 --calibration_data data.jsonl ...
     hf-minitron run recipes/smollm2-135m/minitron.yaml --distillation.max_steps 20
+    hf-minitron distill --student outputs/pruned --teacher embedded --config recipes/smollm2-135m/distill.yaml
+    hf-minitron evaluate --model outputs/distilled/final --teacher embedded --limit 50
+    hf-minitron push --folder outputs/distilled/final --repo_id me/smollm2-minitron
     hf-minitron demo
 
 Every dataclass field is an option (`--help` lists them with their help text); `--config` reads a YAML/JSON file
@@ -12,6 +15,7 @@ whose keys are those field names, and options given on the command line override
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -91,9 +95,241 @@ def _demo(argv):
     run_demo(ns.output, quick=ns.quick)
 
 
+def _distill(argv):
+    from .distillation_config import DistillationConfig
+    from .distillation_job import DistillArguments, distill_checkpoint
+
+    args, config = parse_dataclasses((DistillArguments, DistillationConfig), argv, "hf-minitron distill")
+    distill_checkpoint(args, config)
+
+
+@dataclass
+class CorrectTeacherArguments:
+    """The teacher and the data of teacher correction (paper 2, §2).
+
+    Args:
+        model (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, or `embedded`.
+        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded`, local text/jsonl/parquet/csv files, or a Hub
+            dataset name (the distillation data).
+        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
+        seq_length (`int`, *optional*, defaults to `512`): packed sample length in tokens.
+        max_train_samples (`int`, *optional*): cap on packed training samples.
+    """
+
+    model: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
+    dataset: str = field(
+        default="embedded", metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files, or a Hub dataset."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    seq_length: int = field(default=512, metadata={"help": "Packed sample length in tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
+
+
+def _correct_teacher(argv):
+    from transformers import AutoTokenizer
+
+    from .distillation_job import DistillArguments, load_distillation_data
+    from .embedded import resolve_model_path
+    from .teacher_correction import TeacherCorrectionConfig, correct_teacher
+
+    args, config = parse_dataclasses(
+        (CorrectTeacherArguments, TeacherCorrectionConfig), argv, "hf-minitron correct-teacher"
+    )
+    model_path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = load_distillation_data(
+        DistillArguments(
+            dataset=args.dataset,
+            text_column=args.text_column,
+            seq_length=args.seq_length,
+            max_train_samples=args.max_train_samples,
+        ),
+        tokenizer,
+    )
+    eval_dataset = data.get("validation") if config.eval_strategy != "no" else None
+    correct_teacher(model_path, config, data["train"], eval_dataset=eval_dataset, processing_class=tokenizer)
+    print(f"Corrected teacher: {config.corrected_model_dir}")
+
+
+@dataclass
+class AlignmentArguments:
+    """The data of an alignment stage and where the result goes (the model and LoRA are `trl.ModelConfig` fields).
+
+    Args:
+        dataset_name (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline toy chat / preference
+            set of `hf_minitron.alignment`) or a `datasets.load_dataset` name / path.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`): training split.
+        dataset_test_split (`str`, *optional*): evaluation split.
+        max_train_samples (`int`, *optional*): cap on training examples.
+        chat_template (`str`, *optional*): Jinja string, `.jinja` path or `"chatml"`; defaults to the tokenizer's.
+        final_model_dir (`str`, *optional*): output checkpoint; defaults to `{output_dir}/final`.
+    """
+
+    dataset_name: str = field(default="embedded", metadata={"help": "'embedded' or a dataset name / path."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
+    chat_template: str | None = field(default=None, metadata={"help": "Jinja string, .jinja path or 'chatml'."})
+    final_model_dir: str | None = field(
+        default=None, metadata={"help": "Output checkpoint (default: output_dir/final)."}
+    )
+
+
+def _alignment_data(args: AlignmentArguments, build):
+    if args.dataset_name == "embedded":
+        test = build(args.dataset_test_split) if args.dataset_test_split else None
+        return build(args.dataset_train_split, args.max_train_samples), test
+    from datasets import load_dataset
+
+    raw = load_dataset(args.dataset_name)
+    train = raw[args.dataset_train_split]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    return train, raw[args.dataset_test_split] if args.dataset_test_split else None
+
+
+def _align(argv, stage: str):
+    from trl import ModelConfig, SFTConfig, get_peft_config
+
+    from .alignment import RPOConfig, build_preference_dataset, build_sft_dataset, run_dpo, run_sft
+
+    config_class, build, run = {
+        "sft": (SFTConfig, build_sft_dataset, run_sft),
+        "dpo": (RPOConfig, build_preference_dataset, run_dpo),
+    }[stage]
+    args, config, model_args = parse_dataclasses(
+        (AlignmentArguments, config_class, ModelConfig), argv, f"hf-minitron {stage}"
+    )
+    if model_args.model_name_or_path is None:
+        raise ValueError(f"hf-minitron {stage} needs --model_name_or_path (a checkpoint, or 'embedded').")
+    train, evaluation = _alignment_data(args, build)
+    run(
+        model_args.model_name_or_path,
+        None,  # the tokenizer is loaded from the model path
+        train,
+        config,
+        peft_config=get_peft_config(model_args),
+        eval_dataset=evaluation,
+        chat_template=args.chat_template,
+        final_model_dir=args.final_model_dir,
+    )
+    print(f"Aligned model: {args.final_model_dir or Path(config.output_dir) / 'final'}")
+
+
+@dataclass
+class EvaluateArguments:
+    """Which checkpoints to evaluate, on what, and where the result goes.
+
+    Args:
+        model (`str`): the checkpoint to evaluate (the student), or `embedded`.
+        teacher (`str`, *optional*): a second checkpoint to compare with (the teacher); both must share a tokenizer.
+        tasks (`str`, *optional*, defaults to `"pydoc_topics"`): comma-separated lm-eval tasks (`pydoc_topics` runs
+            offline; the papers' benchmarks are downloaded by lm-eval).
+        num_fewshot (`int`, *optional*): shots for every task; each task's default when unset.
+        limit (`float`, *optional*): documents per task (a value in (0, 1) is a fraction); for quick checks.
+        batch_size (`int`, *optional*, defaults to `8`): requests per forward pass.
+        output_file (`str`, *optional*, defaults to `"outputs/evaluation.json"`): where the JSON result is written.
+        dtype (`str`, *optional*, defaults to `"float32"`): dtype to load the models in.
+    """
+
+    model: str = field(default="embedded", metadata={"help": "Checkpoint to evaluate (the student) or 'embedded'."})
+    teacher: str | None = field(default=None, metadata={"help": "Optional second checkpoint to compare with."})
+    tasks: str = field(default="pydoc_topics", metadata={"help": "Comma-separated lm-eval task names."})
+    num_fewshot: int | None = field(default=None, metadata={"help": "Shots for every task (default: per task)."})
+    limit: float | None = field(default=None, metadata={"help": "Documents per task (<1: a fraction), quick checks."})
+    batch_size: int = field(default=8, metadata={"help": "Requests per forward pass."})
+    output_file: str = field(default="outputs/evaluation.json", metadata={"help": "Where the JSON result goes."})
+    dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16 or float16."})
+
+
+def _evaluate(argv):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .embedded import resolve_model_path
+    from .evaluation import compare_models, evaluate_model, print_comparison, save_json
+
+    (args,) = parse_dataclasses((EvaluateArguments,), argv, "hf-minitron evaluate")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={args.dtype!r} is not supported: use float32, bfloat16 or float16.")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+
+    def load(name):
+        path = resolve_model_path(name)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)), path
+
+    student, student_path = load(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    options = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": limit, "batch_size": args.batch_size}
+    if args.teacher is None:
+        results = evaluate_model(student, tokenizer, **options)
+        save_json({"model": args.model, "results": results}, args.output_file)
+        for task, result in results.items():
+            print(f"{task}: {result['primary_metric']} = {result['metrics'][result['primary_metric']]:.4f}")
+    else:
+        teacher, _ = load(args.teacher)
+        comparison = compare_models(
+            teacher,
+            student,
+            tokenizer,
+            teacher_name=args.teacher,
+            student_name=args.model,
+            output_file=args.output_file,
+            **options,
+        )
+        print_comparison(comparison)
+    print(f"Results: {args.output_file}")
+
+
+@dataclass
+class PushArguments:
+    """What to upload and where.
+
+    Args:
+        folder (`str`): the checkpoint folder (weights, tokenizer, `README.md` card).
+        repo_id (`str`): `namespace/name` of the Hub model repository (created if missing).
+        private (`bool`, *optional*, defaults to `False`): create the repository as private.
+        endpoint (`str`, *optional*): the Hub URL; defaults to `$HF_ENDPOINT`, then https://huggingface.co.
+        commit_message (`str`, *optional*): message of the upload commit.
+
+    The token comes from `$HF_TOKEN` or `hf auth login`; it is never an option (it would land in shell history).
+    """
+
+    folder: str = field(metadata={"help": "Checkpoint folder to upload."})
+    repo_id: str = field(metadata={"help": "Hub repository, 'namespace/name' (created if missing)."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    endpoint: str | None = field(default=None, metadata={"help": "Hub URL (default: $HF_ENDPOINT or huggingface.co)."})
+    commit_message: str | None = field(default=None, metadata={"help": "Message of the upload commit."})
+
+
+def _push(argv):
+    from .hub import DEFAULT_COMMIT_MESSAGE, HubUploadError, push_to_hub
+
+    (args,) = parse_dataclasses((PushArguments,), argv, "hf-minitron push")
+    try:
+        url = push_to_hub(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            endpoint=args.endpoint,
+            commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
+        )
+    except HubUploadError as error:
+        raise ValueError(str(error)) from None
+    if url:
+        print(f"Uploaded: {url}")
+
+
 COMMANDS = {
     "run": (_run, "Run (or resume) the whole chain from a recipe: correct -> prune -> distill -> evaluate -> card."),
     "prune": (_prune, "Estimate Minitron importance and prune a checkpoint (depth and width)."),
+    "distill": (_distill, "Distill a (pruned) student from a teacher with the Minitron KD loss."),
+    "correct-teacher": (_correct_teacher, "Fine-tune the teacher on the distillation data before pruning."),
+    "sft": (lambda argv: _align(argv, "sft"), "Supervised fine-tuning of the distilled student (TRL SFTTrainer)."),
+    "dpo": (lambda argv: _align(argv, "dpo"), "DPO / RPO preference optimisation (TRL DPOTrainer)."),
+    "evaluate": (_evaluate, "Evaluate a checkpoint (or compare student and teacher) with lm-eval; writes JSON."),
+    "push": (_push, "Upload a checkpoint folder with its model card to the Hugging Face Hub."),
     "demo": (_demo, "Prune the embedded SmolLM2-135M teacher on the offline corpus and report held-out loss."),
 }
 
@@ -101,7 +337,7 @@ COMMANDS = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: hf-minitron <command> [options]\n\ncommands:\n" + "\n".join(lines))
         print("\nRun `hf-minitron <command> --help` for the options of a command.")
         if argv and argv[0] not in ("-h", "--help"):

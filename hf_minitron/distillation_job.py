@@ -1,0 +1,88 @@
+"""Distill a checkpoint on disk from a teacher on disk: what `hf-minitron distill` and `recipes/distill.py` run.
+
+Minitron retrains the pruned student with logit distillation from the (corrected) teacher
+([paper 1](https://arxiv.org/abs/2407.14679) §2.4, [paper 2](https://arxiv.org/abs/2408.11796) §2); this module
+loads both checkpoints and the data, runs [`DistillationTrainer`] and writes a stock checkpoint.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from .data import EMBEDDED_CORPUS, embedded_datasets, load_texts, pack_texts
+from .distillation_config import DistillationConfig
+
+
+@dataclass
+class DistillArguments:
+    """The student, the teacher and the data.
+
+    Args:
+        student (`str`): the (pruned) student checkpoint, or `embedded` (SmolLM2-135M-Instruct).
+        teacher (`str`, *optional*): the teacher checkpoint or `embedded`; defaults to
+            `DistillationConfig.teacher_model_name_or_path`.
+        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline corpus, with a validation
+            split), local text/jsonl/parquet/csv files (comma separated), or a Hub dataset name.
+        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
+        seq_length (`int`, *optional*, defaults to `512`): packed sample length in tokens.
+        max_train_samples (`int`, *optional*): cap on the number of packed training samples.
+        final_model_dir (`str`, *optional*): where the distilled checkpoint is written; defaults to
+            `{output_dir}/final`.
+    """
+
+    student: str = field(default="embedded", metadata={"help": "Student checkpoint (e.g. the pruned model)."})
+    teacher: str | None = field(
+        default=None, metadata={"help": "Teacher checkpoint or 'embedded' (default: teacher_model_name_or_path)."}
+    )
+    dataset: str = field(
+        default=EMBEDDED_CORPUS,
+        metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    seq_length: int = field(default=512, metadata={"help": "Packed sample length in tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
+    final_model_dir: str | None = field(
+        default=None, metadata={"help": "Output checkpoint (default: output_dir/final)."}
+    )
+
+
+def load_distillation_data(args: DistillArguments, tokenizer) -> dict:
+    """Packed `{"train": ..., "validation": ...}` datasets (`validation` only for the embedded corpus)."""
+    if args.max_train_samples is not None and args.max_train_samples <= 0:
+        raise ValueError(f"max_train_samples={args.max_train_samples} is invalid: use a positive integer or None.")
+    if args.dataset == EMBEDDED_CORPUS:
+        return embedded_datasets(tokenizer, args.seq_length, args.max_train_samples)
+    texts = load_texts(args.dataset, "train", args.text_column)
+    return {"train": pack_texts(texts, tokenizer, args.seq_length, args.max_train_samples)}
+
+
+def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
+    """Distills `args.student` from `args.teacher` and saves the result to `args.final_model_dir`.
+
+    Returns:
+        `DistillationTrainer`: the trainer after training (its `state.log_history` holds the losses).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .distillation_trainer import DistillationTrainer
+    from .embedded import resolve_model_path
+
+    teacher = args.teacher or config.teacher_model_name_or_path
+    if teacher is None:
+        raise ValueError("No teacher: pass --teacher PATH (or set teacher_model_name_or_path).")
+    student_path = resolve_model_path(args.student)
+    if not os.path.exists(student_path) and args.student != "embedded" and os.sep in args.student:
+        raise FileNotFoundError(f"student={args.student!r} does not exist.")
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    data = load_distillation_data(args, tokenizer)
+    trainer = DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student_path),
+        teacher_model=teacher,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation") if config.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only.
+    trainer.save_model(args.final_model_dir or os.path.join(config.output_dir, "final"))
+    return trainer

@@ -1,0 +1,32 @@
+"""Knowledge distillation (paper 1 §2.4, paper 2 §2): retrain the pruned student from the (corrected) teacher.
+
+Usage (a student pruned from the embedded SmolLM2-135M teacher, on the embedded corpus, one process):
+
+    accelerate launch --config_file recipes/accelerate_configs/single_process.yaml \
+        recipes/distill.py --config recipes/smollm2-135m/distill.yaml
+
+Make the student first with `hf-minitron prune --config recipes/smollm2-135m/prune.yaml --output outputs/pruned`.
+Any field can be overridden on the command line, e.g. `--max_steps 50 --kd_loss reverse_kl`. Multi-GPU: swap in
+`recipes/accelerate_configs/{ddp,fsdp,deepspeed_zero3}.yaml`. The same run is `hf-minitron distill --config ...`.
+"""
+
+from trl import TrlParser
+
+from hf_minitron.distillation_config import DistillationConfig
+from hf_minitron.distillation_job import DistillArguments, distill_checkpoint
+
+
+def main(script_args: DistillArguments, training_args: DistillationConfig):
+    # 1. Load the student, the frozen teacher and the packed data; 2. distill with the Minitron KD loss;
+    # 3. write a stock checkpoint (with the tokenizer) to final_model_dir. All three live in the package.
+    trainer = distill_checkpoint(script_args, training_args)
+
+    # 4. Report where the result is and the last logged loss.
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if trainer.is_world_process_zero() and losses:
+        print(f"Final training loss: {losses[-1]:.4f}")
+
+
+if __name__ == "__main__":
+    parser = TrlParser((DistillArguments, DistillationConfig))
+    main(*parser.parse_args_and_config())

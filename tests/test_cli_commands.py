@@ -1,0 +1,184 @@
+"""The `hf-minitron` subcommands that wrap the recipes: distill, correct-teacher, sft, evaluate, push, --help."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_minitron.cli import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer):
+    path = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def student(tmp_path, tokenizer):
+    path = tmp_path / "student"
+    tiny_model("llama", seed=1, num_hidden_layers=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    from hf_minitron.data import load_embedded_corpus
+
+    path = tmp_path / "data.jsonl"
+    with open(path, "w") as f:
+        for doc in load_embedded_corpus()["train"][:10]:
+            f.write(json.dumps({"content": doc}) + "\n")
+    return path
+
+
+TRAIN_OPTIONS = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none"]
+
+
+def test_distill_end_to_end(checkpoint, student, text_file, tmp_path):
+    output = tmp_path / "distilled"
+    config = tmp_path / "distill.yaml"
+    config.write_text("seq_length: 16\nmax_train_samples: 8\nmax_steps: 2\nlearning_rate: 0.01\nsave_strategy: 'no'\n")
+    code = main(
+        ["distill", "--config", str(config), "--student", str(student), "--teacher", str(checkpoint)]
+        + ["--dataset", str(text_file), "--text_column", "content", "--output_dir", str(tmp_path / "run")]
+        + ["--final_model_dir", str(output), *TRAIN_OPTIONS]
+    )
+    assert code == 0
+    distilled = AutoModelForCausalLM.from_pretrained(output)
+    before = AutoModelForCausalLM.from_pretrained(student)
+    changed = [name for name, p in distilled.state_dict().items() if not torch.equal(p, before.state_dict()[name])]
+    assert changed
+    assert (output / "tokenizer.json").is_file()
+
+
+def test_distill_bad_value_names_the_field(checkpoint, student, tmp_path, capsys):
+    code = main(
+        ["distill", "--student", str(student), "--teacher", str(checkpoint), "--output_dir", str(tmp_path / "run")]
+        + ["--jsd_beta", "2", "--report_to", "none"]
+    )
+    assert code == 2
+    assert "jsd_beta" in capsys.readouterr().err
+
+
+def test_evaluate_writes_both_models(checkpoint, student, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    code = main(
+        ["evaluate", "--model", str(student), "--teacher", str(checkpoint), "--tasks", "pydoc_topics"]
+        + ["--limit", "4", "--batch_size", "4", "--output_file", str(output)]
+    )
+    assert code == 0
+    result = json.loads(output.read_text())
+    assert set(result["models"]) == {"teacher", "student"}
+    assert result["models"]["student"]["results"]["pydoc_topics"]["num_samples"] == 4
+    assert "Teacher vs student" in capsys.readouterr().out
+
+
+def test_evaluate_bad_dtype_exits_2(checkpoint, capsys):
+    assert main(["evaluate", "--model", str(checkpoint), "--dtype", "int8"]) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [
+        ("distill", ["--student", "--teacher", "--dataset", "--text_column", "--seq_length", "--max_train_samples"]),
+        ("distill", ["--kd_loss", "--kd_temperature", "--intermediate_layer_mapping", "--output_dir"]),
+        ("correct-teacher", ["--model", "--dataset", "--seq_length", "--use_lora", "--corrected_model_dir"]),
+        ("sft", ["--dataset_name", "--chat_template", "--final_model_dir", "--model_name_or_path", "--use_peft"]),
+        ("dpo", ["--dataset_name", "--rpo_alpha", "--beta", "--model_name_or_path"]),
+        ("evaluate", ["--model", "--teacher", "--tasks", "--num_fewshot", "--limit", "--output_file"]),
+        ("push", ["--folder", "--repo_id", "--private", "--endpoint", "--commit_message"]),
+    ],
+)
+def test_help_lists_fields(command, fields, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"hf-minitron {command}" in printed
+    for name in fields:
+        assert name in printed, name
+
+
+def test_top_level_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    for command in ("distill", "correct-teacher", "sft", "dpo", "evaluate", "push"):
+        assert command in printed
+
+
+def test_push_without_token_fails_clearly(checkpoint, monkeypatch, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    code = main(["push", "--folder", str(checkpoint), "--repo_id", "me/tiny", "--endpoint", "http://127.0.0.1:9"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "HF_TOKEN" in err and "hf auth login" in err
+
+
+def test_push_offline_fails_clearly(checkpoint, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", "--folder", str(checkpoint), "--repo_id", "me/tiny"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_correct_teacher_smoke(checkpoint, text_file, tmp_path):
+    output = tmp_path / "corrected"
+    code = main(
+        ["correct-teacher", "--model", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
+        + ["--seq_length", "16", "--max_train_samples", "4", "--max_steps", "1", "--save_strategy", "no"]
+        + ["--output_dir", str(tmp_path / "run"), "--corrected_model_dir", str(output), *TRAIN_OPTIONS]
+    )
+    assert code == 0
+    assert AutoModelForCausalLM.from_pretrained(output).config.num_hidden_layers == 4
+
+
+def test_distill_recipe_yaml_parses():
+    from pathlib import Path
+
+    import yaml
+    from transformers import HfArgumentParser
+
+    from hf_minitron.distillation_config import DistillationConfig
+    from hf_minitron.distillation_job import DistillArguments
+
+    path = Path(__file__).parents[1] / "recipes" / "smollm2-135m" / "distill.yaml"
+    parser = HfArgumentParser((DistillArguments, DistillationConfig))
+    args, config = parser.parse_dict(yaml.safe_load(path.read_text()), allow_extra_keys=False)
+    assert args.teacher == "embedded" and config.kd_loss == "forward_kl" and config.report_to == []
+
+
+def test_sft_smoke(checkpoint, tmp_path):
+    output = tmp_path / "sft"
+    code = main(
+        ["sft", "--model_name_or_path", str(checkpoint), "--chat_template", "chatml", "--max_train_samples", "4"]
+        + [
+            "--max_steps",
+            "1",
+            "--max_length",
+            "32",
+            "--bf16",
+            "false",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+        + ["--final_model_dir", str(output), *TRAIN_OPTIONS]
+    )
+    assert code == 0
+    assert AutoModelForCausalLM.from_pretrained(output).config.num_hidden_layers == 4
