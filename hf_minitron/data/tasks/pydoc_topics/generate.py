@@ -4,7 +4,7 @@ Each item is a prose paragraph of the Python language reference (`pydoc_data.top
 section titles; the model must pick the section the paragraph comes from. The opening paragraph of a section, which
 usually restates its title, is skipped, so the answer has to be inferred from the content.
 
-The build is deterministic (sorted topics, a seeded RNG for distractors and answer positions). `pydoc_data` changes
+The build is deterministic (sorted topics, a seeded RNG for distractors, answer positions and item order). `pydoc_data` changes
 between Python versions, so the committed jsonl is the reference; regenerate it only on purpose:
 
     python hf_minitron/data/tasks/pydoc_topics/generate.py
@@ -66,8 +66,10 @@ def build_items() -> list[dict]:
             distractors = rng.sample([t for t in titles if t != title], NUM_CHOICES - 1)
             label = rng.randrange(NUM_CHOICES)
             choices = distractors[:label] + [title] + distractors[label:]
-            items.append({"id": len(items), "passage": passage, "choices": choices, "label": label})
-    return items
+            items.append({"passage": passage, "choices": choices, "label": label})
+    # Shuffled so that the first documents, which lm-eval's `limit` keeps, sample every section.
+    rng.shuffle(items)
+    return [{"id": i, **item} for i, item in enumerate(items)]
 
 
 def main() -> None:
