@@ -6,6 +6,14 @@ Papers: "Compact Language Models via Pruning and Knowledge Distillation" (https:
 
 __version__ = "0.1.0.dev0"
 
+from .alignment import (
+    CHATML_TEMPLATE,
+    RPOConfig,
+    build_preference_dataset,
+    build_sft_dataset,
+    run_dpo,
+    run_sft,
+)
 from .architectures import ARCHITECTURES, ArchitectureSpec, get_architecture
 from .distillation_config import DistillationConfig
 from .distillation_trainer import DistillationTrainer
@@ -29,13 +37,17 @@ from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureSpec",
+    "CHATML_TEMPLATE",
     "DistillationConfig",
     "DistillationTrainer",
     "ImportanceScores",
     "PipelineSummary",
     "PrunedConfig",
     "PruningRecord",
+    "RPOConfig",
     "TeacherCorrectionConfig",
+    "build_preference_dataset",
+    "build_sft_dataset",
     "compare_models",
     "correct_teacher",
     "estimate_importance",
@@ -54,5 +66,7 @@ __all__ = [
     "push_to_hub",
     "random_importance",
     "render_model_card",
+    "run_dpo",
+    "run_sft",
     "save_model_card",
 ]

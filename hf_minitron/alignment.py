@@ -227,14 +227,14 @@ class RPOConfig(DPOConfig):
     `loss_weights=[..., rpo_alpha]`; this config does that mapping, so recipes keep the familiar field.
 
     Paper 2 aligns with NeMo-Aligner's *reward-aware* preference optimisation (Nemotron-4 340B,
-    https://arxiv.org/abs/2406.11704), which regresses the implicit reward gap onto reward-model scores. Without a reward
-    model (none is available offline), the NLL-regularised DPO above is the usual stand-in: it too keeps the chosen
-    answers likely while pushing the rejected ones down.
+    https://arxiv.org/abs/2406.11704), which regresses the implicit reward gap onto reward-model scores. Without a
+    reward model (none is available offline), the NLL-regularised DPO above is the usual stand-in: it too keeps the
+    chosen answers likely while pushing the rejected ones down.
 
     Args:
         rpo_alpha (`float`, *optional*):
-            Weight of the NLL term on the chosen completions. `None` (default) is plain DPO; paper 1 of Pang et al.
-            uses `1.0`.
+            Weight of the NLL term on the chosen completions. `None` (default) is plain DPO; Pang et al. use
+            `1.0`.
     """
 
     rpo_alpha: float | None = field(
@@ -250,16 +250,17 @@ class RPOConfig(DPOConfig):
             return
         if not 0 <= self.rpo_alpha < math.inf:
             raise ValueError(
-                f"RPOConfig.rpo_alpha={self.rpo_alpha!r} is invalid: use a non-negative weight (e.g. 1.0), or None for "
-                "plain DPO."
+                f"RPOConfig.rpo_alpha={self.rpo_alpha!r} is invalid: use a non-negative weight (e.g. 1.0), or None "
+                "for plain DPO."
             )
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_type)
         if "sft" in self.loss_type:
             # Re-running __post_init__ (e.g. RPOConfig(**config.to_dict())) finds the term this mapping added.
-            if weights[self.loss_type.index("sft")] != self.rpo_alpha:
+            weight = weights[self.loss_type.index("sft")]
+            if weight != self.rpo_alpha:
                 raise ValueError(
-                    f"RPOConfig.rpo_alpha={self.rpo_alpha!r} conflicts with loss_type={self.loss_type!r}, which already "
-                    f"has an 'sft' term of weight {weights[self.loss_type.index('sft')]}: set one or the other."
+                    f"RPOConfig.rpo_alpha={self.rpo_alpha!r} conflicts with loss_type={self.loss_type!r}, which "
+                    f"already has an 'sft' term of weight {weight}: set one or the other."
                 )
             return
         self.loss_type = [*self.loss_type, "sft"]
