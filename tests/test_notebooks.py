@@ -18,7 +18,7 @@ TINY = {
         'OUTPUT_DIR = "outputs/quickstart"\n'
     ),
     "importance_analysis.ipynb": (
-        "CALIBRATION_SAMPLES = 4; SEQ_LENGTH = 32; DEPTH_SAMPLES = 2; BLOCK_LENGTHS = [2]; BATCH_SIZE = 2\n"
+        "CALIBRATION_SAMPLES = 2; SEQ_LENGTH = 16; DEPTH_SAMPLES = 1; BLOCK_LENGTHS = [24]; BATCH_SIZE = 2\n"
     ),
 }
 
@@ -65,4 +65,4 @@ def test_notebook_runs(name, tmp_path):
         assert (tmp_path / "outputs" / "quickstart" / "student" / "config.json").is_file()
     else:
         assert len(figures) >= 4
-        assert "n=2: drop layers" in text and "full model loss:" in text
+        assert "n=24: drop layers" in text and "full model loss:" in text
