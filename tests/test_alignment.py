@@ -277,3 +277,24 @@ def test_recipe_yaml_parses_into_the_dataclasses(name, config_class):
     assert args.max_steps == 3 and args.report_to in ([], "none", ["none"])
     if name == "dpo":
         assert args.rpo_alpha is not None and "sft" in args.loss_type
+
+
+# ------------------------------------------------------------------------------------------------- real SmolLM2 (slow)
+@pytest.mark.slow
+def test_smollm2_sft_then_rpo_keeps_its_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hf_minitron.embedded import resolve_model_path
+
+    small = dict(COMMON, max_steps=1, per_device_train_batch_size=1, learning_rate=1e-5, bf16=False)
+    run_sft("embedded", None, build_sft_dataset(max_samples=2), SFTConfig(str(tmp_path / "sft"), **small))
+    sft_dir = tmp_path / "sft" / "final"
+    pairs = build_preference_dataset(max_samples=2)
+    aligned = run_dpo(str(sft_dir), None, pairs, RPOConfig(str(tmp_path / "dpo"), rpo_alpha=1.0, **small))
+    original = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dpo" / "final")
+    assert tokenizer.chat_template == original.chat_template  # SmolLM2's own ChatML, untouched
+    prompt = tokenizer.apply_chat_template(pairs[0]["prompt"], add_generation_prompt=True, return_tensors="pt")
+    ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    out = aligned.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
