@@ -136,12 +136,12 @@ def correct_teacher(
 
     if args.use_lora:
         # The merge needs the full weights: gather them (a no-op without sharding) into the unwrapped model.
-        model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).merge_and_unload()
         if trainer.accelerator.is_main_process:
             _atomic_save(args.corrected_model_dir, lambda tmp: _save_pretrained(model, processing_class, tmp))
     else:
         # Trainer.save_model gathers FSDP / ZeRO-3 shards; only the main process writes.
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         tmp = _temporary_sibling(args.corrected_model_dir) if trainer.accelerator.is_main_process else None
         tmp = trainer.accelerator.gather_for_metrics([tmp], use_gather_object=True)[0]
         trainer.save_model(tmp)
