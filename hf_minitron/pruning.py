@@ -268,7 +268,9 @@ def check_target_loads(model_config, target: dict) -> None:
         if isinstance(value, list) and len(value) == num_layers and key != "architectures":
             data[key] = value[: target["num_hidden_layers"]]
     data.update(target)
-    data["head_dim"] = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    data["head_dim"] = (
+        getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    )
     try:
         type(model_config).from_dict(data)
     except Exception as error:  # the config classes raise several error types

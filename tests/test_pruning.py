@@ -246,6 +246,9 @@ def test_shape_that_stock_transformers_rejects_fails_before_any_work():
             calls.append(1)
             return super().__iter__()
 
-    with pytest.raises(ValueError, match=r"would not load with stock transformers.*hidden_size=40 .*num_attention_heads=3.*hidden_size=39 or 42"):
+    with pytest.raises(
+        ValueError,
+        match=r"would not load with stock transformers.*hidden_size=40 .*num_attention_heads=3.*hidden_size=39 or 42",
+    ):
         prune_model(model, PrunedConfig(hidden_size=40, num_attention_heads=3), Spy(data))
     assert not calls  # the calibration data was never read
