@@ -58,10 +58,11 @@ class PeakRSS:
 
 def memory_probe(calibration_samples: int, seq_length: int) -> dict:
     """Run in a fresh process: RSS attributable to the model during pruning, relative to the model's size."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from hf_minitron import PrunedConfig, prune_model
     from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded import default_teacher_path
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_teacher_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

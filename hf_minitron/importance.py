@@ -398,7 +398,7 @@ def magnitude_importance(model) -> ImportanceScores:
     """Weight-magnitude baseline: each structure scored by the L2 norm of every weight that reads or writes it."""
     spec = get_architecture(model.config)
     shape = model_shape(model.config)
-    head_dim, heads, kv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim, heads = shape["head_dim"], shape["num_attention_heads"]
     inter = shape["intermediate_size"]
     head_scores, neuron_scores, hidden_scores, layer_scores = [], [], [], []
     for layer in get_decoder_layers(model):
