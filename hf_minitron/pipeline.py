@@ -274,13 +274,14 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
 
         with atomic_directory(final_dir, overwrite=True) as tmp:
             for item in distilled_dir.iterdir():
-                if item.name != "log_history.json":
+                # training_args.bin is a pickle: the published folder holds safetensors and JSON only.
+                if item.name not in ("log_history.json", "training_args.bin"):
                     shutil.copy2(item, tmp / item.name)
             for name in ("pruned_config.json", "pruning_record.json"):
                 if (pruned_dir / name).is_file():
                     shutil.copy2(pruned_dir / name, tmp / name)
             if args.write_model_card:
-                _write_card(tmp, summary, pruned_dir)
+                _write_card(tmp, summary, pruned_dir, name=final_dir.parent.name)
     state.wait_for_everyone()
     summary["final_dir"] = str(final_dir)
 
@@ -305,7 +306,7 @@ def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:
     )
 
 
-def _write_card(directory: Path, summary: dict, pruned_dir: Path) -> None:
+def _write_card(directory: Path, summary: dict, pruned_dir: Path, name: str) -> None:
     """Model card + plots from what the stages recorded (layer importance from the saved scores)."""
     from .importance import ImportanceScores
     from .model_card import PipelineSummary, save_model_card
@@ -319,7 +320,7 @@ def _write_card(directory: Path, summary: dict, pruned_dir: Path) -> None:
     record = json.loads((pruned_dir / "pruning_record.json").read_text())
     distillation = {k: v for k, v in summary["stages"]["distillation"].items() if k != "log_history"}
     card = PipelineSummary(
-        model_name=directory.name if summary.get("hub_model_id") is None else summary["hub_model_id"],
+        model_name=summary.get("hub_model_id") or name,
         teacher_id=summary.get("teacher_hub_id"),
         datasets=summary.get("datasets"),
         teacher_config={k: v for k, v in pruning["before"].items() if k != "parameters"},

@@ -73,6 +73,8 @@ def test_minitron_chain_end_to_end_and_resume(teacher_dir, tmp_path):
     assert (out / "teacher_correction" / "config.json").is_file()
     card = (out / "final" / "README.md").read_text()
     assert card.startswith("---") and "pydoc_topics" in card and "2407.14679" in card
+    assert "# run\n" in card and ".tmp" not in card  # named after the run folder, not the temporary one
+    assert not (out / "final" / "training_args.bin").exists()  # no pickle in the published folder
     assert "24" in card and (out / "final" / "loss_curves.png").is_file()
 
     # Rerun: every stage is reused, nothing recomputed (the stage folders keep their modification times).
