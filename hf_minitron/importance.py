@@ -284,6 +284,20 @@ class _Collector:
         self.handles = []
 
 
+def return_large_buffers_to_os() -> None:
+    """Makes glibc serve allocations of 1 MiB and more with mmap, so activation and weight buffers go back to the OS
+    when freed. With glibc's default (a threshold that grows after the first large free), the activations of the
+    calibration passes stay cached in the heap and the process's peak grows by ~40% of the model. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value also turns off the dynamic adjustment
+    except (OSError, AttributeError):
+        pass
+
+
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -330,8 +344,8 @@ def estimate_importance(
     the statistics are summed across processes, so the result equals a single process over all the data.
     """
     config = config or PrunedConfig()
-    spec = get_architecture(model.config)  # fails fast for unsupported architectures
-    del spec
+    get_architecture(model.config)  # fails fast for unsupported architectures
+    return_large_buffers_to_os()
     samples = take_samples(calibration_data, config.calibration_samples)
     rank, world_size = _dist_info()
     batches = shard_batches(samples, config.calibration_batch_size, rank, world_size)

@@ -15,7 +15,14 @@ from torch import nn
 from .architectures import ArchitectureSpec, get_architecture, get_base_model, get_decoder_layers
 from .data import take_samples
 from .depth import select_layers_to_drop
-from .importance import ImportanceScores, estimate_importance, magnitude_importance, model_shape, random_importance
+from .importance import (
+    ImportanceScores,
+    estimate_importance,
+    magnitude_importance,
+    model_shape,
+    random_importance,
+    return_large_buffers_to_os,
+)
 from .pruning_config import PRUNED_CONFIG_NAME, PrunedConfig
 
 
@@ -354,6 +361,7 @@ def prune_model(
     needs_layer_scores = num_to_drop > 0 and (
         config.depth_method == "block_influence" or config.importance != "activation"
     )
+    return_large_buffers_to_os()  # weights freed while slicing go back to the OS at once
     if scores is None and (needs_width or needs_layer_scores):
         scores = compute_scores(model, config, calibration_data, show_progress)
 
