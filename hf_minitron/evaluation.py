@@ -286,21 +286,24 @@ def compare_models(
         output) and, with `heldout_dataset`, `heldout` (the `heldout_perplexity` output). `format_comparison` renders
         it as a table; `hf_minitron.model_card` puts it in the card.
     """
-    task_list = _as_task_list(tasks)
-    task_manager = evaluate_kwargs.pop("task_manager", None) or get_task_manager(task_list)
+    # No tasks is allowed when held-out data is given: the comparison is then held-out perplexity only.
+    task_list = _as_task_list(tasks) if (tasks or heldout_dataset is None) else []
+    task_manager = evaluate_kwargs.pop("task_manager", None) or (get_task_manager(task_list) if task_list else None)
     comparison = {"tasks": {}, "models": {}}
     for role, model, name in (("teacher", teacher, teacher_name), ("student", student, student_name)):
-        results = evaluate_model(
-            model,
-            tokenizer,
-            tasks=task_list,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            batch_size=batch_size,
-            task_manager=task_manager,
-            **evaluate_kwargs,
-        )
-        results.pop("raw", None)
+        results = {}
+        if task_list:
+            results = evaluate_model(
+                model,
+                tokenizer,
+                tasks=task_list,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=batch_size,
+                task_manager=task_manager,
+                **evaluate_kwargs,
+            )
+            results.pop("raw", None)
         entry = {"name": name, "num_parameters": _num_parameters(model), "results": results}
         if heldout_dataset is not None:
             entry["heldout"] = heldout_perplexity(model, heldout_dataset, batch_size=batch_size)

@@ -149,7 +149,7 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
     from .checkpoint_pruning import PruneArguments, prune_checkpoint
     from .distillation_trainer import DistillationTrainer
     from .embedded import resolve_model_path
-    from .evaluation import compare_models, heldout_perplexity
+    from .evaluation import compare_models
     from .io import atomic_directory
 
     state = PartialState()
@@ -235,35 +235,17 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
     if not eval_path.is_file():
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
         student = AutoModelForCausalLM.from_pretrained(distilled_dir, dtype=torch.float32)
-        tasks = [t for t in args.eval_tasks.split(",") if t]
-        if tasks:
-            comparison = compare_models(
-                teacher,
-                student,
-                tokenizer,
-                tasks=tasks,
-                limit=args.eval_limit,
-                heldout_dataset=validation,
-                teacher_name=args.teacher,
-                student_name=f"{args.teacher} (Minitron-pruned + distilled)",
-            )
-        else:  # held-out loss only
-            comparison = {
-                "tasks": {},
-                "models": {
-                    role: {
-                        "name": role,
-                        "num_parameters": sum(p.numel() for p in m.parameters()),
-                        "results": {},
-                        "heldout": heldout_perplexity(m, validation),
-                    }
-                    for role, m in (("teacher", teacher), ("student", student))
-                },
-            }
-        if state.is_main_process:
-            tmp = eval_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(comparison, indent=2, default=str))
-            os.replace(tmp, eval_path)
+        compare_models(
+            teacher,
+            student,
+            tokenizer,
+            tasks=[t for t in args.eval_tasks.split(",") if t],
+            limit=args.eval_limit,
+            heldout_dataset=validation,
+            teacher_name=args.teacher,
+            student_name=f"{args.teacher} (Minitron-pruned + distilled)",
+            output_file=eval_path,  # written atomically, main process only
+        )
         state.wait_for_everyone()
     summary["evaluation"] = json.loads(eval_path.read_text())
 

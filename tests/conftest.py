@@ -90,3 +90,26 @@ def tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer):
+    """A tiny Llama teacher saved with the offline tokenizer: a local checkpoint for CLI and recipe tests."""
+    path = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A local jsonl corpus (text in the `content` column) of 10 documents of the embedded corpus."""
+    import json
+
+    from hf_minitron.data import load_embedded_corpus
+
+    path = tmp_path / "calibration.jsonl"
+    with open(path, "w") as f:
+        for doc in load_embedded_corpus()["train"][:10]:
+            f.write(json.dumps({"content": doc}) + "\n")
+    return path

@@ -1,29 +1,9 @@
 import json
 
 import pytest
-from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron.cli import main
-
-
-@pytest.fixture
-def checkpoint(tmp_path, tokenizer):
-    path = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    from hf_minitron.data import load_embedded_corpus
-
-    path = tmp_path / "calibration.jsonl"
-    with open(path, "w") as f:
-        for doc in load_embedded_corpus()["train"][:10]:
-            f.write(json.dumps({"content": doc}) + "\n")
-    return path
 
 
 def test_prune_command_end_to_end(checkpoint, text_file, tmp_path, capsys):

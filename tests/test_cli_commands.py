@@ -11,29 +11,10 @@ from hf_minitron.cli import main
 
 
 @pytest.fixture
-def checkpoint(tmp_path, tokenizer):
-    path = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def student(tmp_path, tokenizer):
     path = tmp_path / "student"
     tiny_model("llama", seed=1, num_hidden_layers=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    from hf_minitron.data import load_embedded_corpus
-
-    path = tmp_path / "data.jsonl"
-    with open(path, "w") as f:
-        for doc in load_embedded_corpus()["train"][:10]:
-            f.write(json.dumps({"content": doc}) + "\n")
     return path
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron.pipeline import build_pipeline_config, load_pipeline_config, run_pipeline
@@ -14,17 +13,9 @@ from hf_minitron.pipeline import build_pipeline_config, load_pipeline_config, ru
 RECIPES = Path(__file__).parent.parent / "recipes"
 
 
-@pytest.fixture
-def teacher_dir(tmp_path, tokenizer):
-    path = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _tiny_recipe(teacher_dir, output_dir, **top):
+def _tiny_recipe(checkpoint, output_dir, **top):
     return {
-        "teacher": str(teacher_dir),
+        "teacher": str(checkpoint),
         "output_dir": str(output_dir),
         "seq_length": 32,
         "max_train_samples": 16,
@@ -51,10 +42,10 @@ def _tiny_recipe(teacher_dir, output_dir, **top):
     }
 
 
-def test_minitron_chain_end_to_end_and_resume(teacher_dir, tmp_path):
+def test_minitron_chain_end_to_end_and_resume(checkpoint, tmp_path):
     out = tmp_path / "run"
     recipe = _tiny_recipe(
-        teacher_dir, out, correct_teacher=True, eval_tasks="pydoc_topics", eval_limit=4, write_model_card=True
+        checkpoint, out, correct_teacher=True, eval_tasks="pydoc_topics", eval_limit=4, write_model_card=True
     )
     summary = run_pipeline(*build_pipeline_config(recipe), show_progress=False)
     final = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -101,9 +92,9 @@ def test_every_pipeline_recipe_validates(path):
         assert getattr(pruning, key) == value
 
 
-def test_recipe_script_runs_with_overrides(teacher_dir, tmp_path):
+def test_recipe_script_runs_with_overrides(checkpoint, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(_tiny_recipe(teacher_dir, tmp_path / "run")))
+    recipe.write_text(yaml.safe_dump(_tiny_recipe(checkpoint, tmp_path / "run")))
     result = subprocess.run(
         [
             sys.executable,
