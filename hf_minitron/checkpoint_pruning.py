@@ -5,9 +5,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .architectures import get_architecture
 from .data import EMBEDDED_CORPUS, load_texts, pack_texts
 from .io import atomic_directory, check_output_dir
-from .pruning import check_target_loads, prune_model
+from .pruning import check_target_loads, compute_scores, prune_model
 from .pruning_config import PrunedConfig
 from .summary import print_comparison, shape_summary
 
@@ -62,8 +63,6 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     check_output_dir(args.output, args.overwrite)
     model_path = resolve_model_path(args.model)
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    from .architectures import get_architecture
-
     get_architecture(model_config)
     target = config.resolve(model_config)
     check_target_loads(model_config, target)
@@ -87,8 +86,6 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
         model_path, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
     )
     before = shape_summary(model)
-    from .pruning import compute_scores
-
     scores = compute_scores(model, config, calibration, show_progress) if needs_data else None
     prune_model(model, config, calibration, scores=scores, show_progress=show_progress)
     after = shape_summary(model)

@@ -6,13 +6,11 @@
     hf-minitron distill --student outputs/pruned --teacher embedded --config recipes/smollm2-135m/distill.yaml
     hf-minitron evaluate --model outputs/distilled/final --teacher embedded --limit 50
     hf-minitron push --folder outputs/distilled/final --repo_id me/smollm2-minitron
-    hf-minitron demo
 
 Every dataclass field is an option (`--help` lists them with their help text); `--config` reads a YAML/JSON file
 whose keys are those field names, and options given on the command line override it.
 """
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -82,17 +80,6 @@ def _run(argv):
     config_path, overrides = parse_overrides(["--config", *argv] if not argv[0].startswith("--") else argv)
     summary = run_pipeline(*load_pipeline_config(config_path, overrides))
     print(f"Final checkpoint and model card: {summary['final_dir']}")
-
-
-def _demo(argv):
-    """Prunes the embedded SmolLM2 teacher with the default recipe and compares held-out loss."""
-    from .demo import run_demo
-
-    parser = argparse.ArgumentParser(prog="hf-minitron demo", description=_demo.__doc__)
-    parser.add_argument("--output", default="outputs/demo", help="Output directory.")
-    parser.add_argument("--quick", action="store_true", help="Tiny settings (for tests).")
-    ns = parser.parse_args(argv)
-    run_demo(ns.output, quick=ns.quick)
 
 
 def _distill(argv):
@@ -330,7 +317,6 @@ COMMANDS = {
     "dpo": (lambda argv: _align(argv, "dpo"), "DPO / RPO preference optimisation (TRL DPOTrainer)."),
     "evaluate": (_evaluate, "Evaluate a checkpoint (or compare student and teacher) with lm-eval; writes JSON."),
     "push": (_push, "Upload a checkpoint folder with its model card to the Hugging Face Hub."),
-    "demo": (_demo, "Prune the embedded SmolLM2-135M teacher on the offline corpus and report held-out loss."),
 }
 
 

@@ -368,7 +368,6 @@ def estimate_importance(
         model.train(was_training)
 
     shape = model_shape(model.config)
-    num_layers = shape["num_hidden_layers"]
 
     def stacked(per_layer: list[dict], width: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -392,7 +391,6 @@ def estimate_importance(
         )
         cos = _all_reduce_(cos, device)
         block_influence = 1 - cos / max(total_tokens, 1)
-    del num_layers
     return ImportanceScores(
         method="activation",
         sequence_aggregation=config.sequence_aggregation,
