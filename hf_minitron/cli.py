@@ -138,47 +138,18 @@ def _correct_teacher(argv):
     print(f"Corrected teacher: {config.corrected_model_dir}")
 
 
-@dataclass
-class AlignmentArguments:
-    """The data of an alignment stage and where the result goes (the model and LoRA are `trl.ModelConfig` fields).
-
-    Args:
-        dataset_name (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline toy chat / preference
-            set of `hf_minitron.alignment`) or a `datasets.load_dataset` name / path.
-        dataset_train_split (`str`, *optional*, defaults to `"train"`): training split.
-        dataset_test_split (`str`, *optional*): evaluation split.
-        max_train_samples (`int`, *optional*): cap on training examples.
-        chat_template (`str`, *optional*): Jinja string, `.jinja` path or `"chatml"`; defaults to the tokenizer's.
-        final_model_dir (`str`, *optional*): output checkpoint; defaults to `{output_dir}/final`.
-    """
-
-    dataset_name: str = field(default="embedded", metadata={"help": "'embedded' or a dataset name / path."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
-    chat_template: str | None = field(default=None, metadata={"help": "Jinja string, .jinja path or 'chatml'."})
-    final_model_dir: str | None = field(
-        default=None, metadata={"help": "Output checkpoint (default: output_dir/final)."}
-    )
-
-
-def _alignment_data(args: AlignmentArguments, build):
-    if args.dataset_name == "embedded":
-        test = build(args.dataset_test_split) if args.dataset_test_split else None
-        return build(args.dataset_train_split, args.max_train_samples), test
-    from datasets import load_dataset
-
-    raw = load_dataset(args.dataset_name)
-    train = raw[args.dataset_train_split]
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    return train, raw[args.dataset_test_split] if args.dataset_test_split else None
-
-
 def _align(argv, stage: str):
     from trl import ModelConfig, SFTConfig, get_peft_config
 
-    from .alignment import RPOConfig, build_preference_dataset, build_sft_dataset, run_dpo, run_sft
+    from .alignment import (
+        AlignmentArguments,
+        RPOConfig,
+        build_preference_dataset,
+        build_sft_dataset,
+        load_alignment_data,
+        run_dpo,
+        run_sft,
+    )
 
     config_class, build, run = {
         "sft": (SFTConfig, build_sft_dataset, run_sft),
@@ -189,7 +160,7 @@ def _align(argv, stage: str):
     )
     if model_args.model_name_or_path is None:
         raise ValueError(f"hf-minitron {stage} needs --model_name_or_path (a checkpoint, or 'embedded').")
-    train, evaluation = _alignment_data(args, build)
+    train, evaluation = load_alignment_data(args, build)
     run(
         model_args.model_name_or_path,
         None,  # the tokenizer is loaded from the model path

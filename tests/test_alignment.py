@@ -270,7 +270,7 @@ def test_recipe_yaml_parses_into_the_dataclasses(name, config_class):
         module = __import__(name)
     finally:
         sys.path.remove(RECIPES)
-    parser = TrlParser((module.ScriptArguments, config_class, ModelConfig))
+    parser = TrlParser((module.AlignmentArguments, config_class, ModelConfig))
     config = os.path.join(RECIPES, "smollm2-135m", f"{name}.yaml")
     script_args, args, model_args = parser.parse_args_and_config(["--config", config, "--max_steps", "3"])
     assert model_args.model_name_or_path and script_args.dataset_name == "embedded"
