@@ -182,6 +182,14 @@ class PrunedConfig:
             raise ValueError(
                 f"PrunedConfig.num_key_value_heads={kv} exceeds num_attention_heads={heads}: prune KV heads too."
             )
+        source_per_group = source["num_attention_heads"] // source["num_key_value_heads"]
+        if heads // kv > source_per_group:
+            # Pruning removes whole KV groups and heads inside groups; it never moves heads between groups.
+            raise ValueError(
+                f"PrunedConfig keeps {heads // kv} query heads per KV group (num_attention_heads={heads}, "
+                f"num_key_value_heads={kv}), but the source model's groups hold {source_per_group}: use "
+                f"num_attention_heads <= {kv * source_per_group}, or keep more KV heads."
+            )
         layers = source["num_hidden_layers"]
         if self.layers_to_drop is not None:
             bad = [i for i in self.layers_to_drop if not 0 <= i < layers]

@@ -38,6 +38,7 @@ def test_standalone_validation(kwargs, match):
         ({"num_key_value_heads": 4}, r"num_key_value_heads=4 is larger"),
         ({"layers_to_drop": [0, 7]}, r"layers_to_drop contains \[7\], out of range .* 4 layers"),
         ({"layers_to_drop": [0, 1, 2, 3]}, r"removes all 4 layers"),
+        ({"num_key_value_heads": 1}, r"keeps 4 query heads per KV group .* groups hold 2"),
         ({"layers_to_drop": [0], "num_hidden_layers": 2}, r"contradicts layers_to_drop"),
     ],
 )
