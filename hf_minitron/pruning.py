@@ -21,6 +21,7 @@ from .importance import (
     magnitude_importance,
     model_shape,
     random_importance,
+    release_freed_memory,
     return_large_buffers_to_os,
 )
 from .pruning_config import PRUNED_CONFIG_NAME, PrunedConfig
@@ -186,20 +187,8 @@ def _prune_mlp(mlp, spec: ArchitectureSpec, shape: dict, kept: torch.Tensor) -> 
 
 
 def _prune_hidden(model, spec: ArchitectureSpec, kept: torch.Tensor) -> None:
-    embed = model.get_input_embeddings()
-    lm_head = model.get_output_embeddings()
-    tied = lm_head is not None and lm_head.weight is embed.weight
-    _replace_parameter(embed, "weight", embed.weight.data.index_select(1, kept.to(embed.weight.device)))
-    embed.embedding_dim = kept.numel()
-    if spec.embedding_scale_sqrt_hidden:
-        # Gemma scales embeddings by sqrt(hidden_size) from the config: match what a reload will compute.
-        scale = kept.numel() ** 0.5
-        embed.scalar_embed_scale = scale
-        embed.embed_scale.fill_(scale)
-    if tied:
-        lm_head.weight = embed.weight
-    elif lm_head is not None:
-        slice_linear(lm_head, in_index=kept)
+    # Decoder layers first, and their freed weights handed back, so that the embedding's new copy (the largest
+    # single tensor) reuses that memory instead of adding to the peak.
     for layer in get_decoder_layers(model):
         attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
         for name in spec.residual_norms:
@@ -213,6 +202,23 @@ def _prune_hidden(model, spec: ArchitectureSpec, kept: torch.Tensor) -> None:
                 slice_linear(getattr(mlp, name), in_index=kept)
         slice_linear(getattr(mlp, spec.down_proj), out_index=kept)
     slice_norm(get_base_model(model).norm, kept)
+    release_freed_memory()
+
+    embed = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    tied = lm_head is not None and lm_head.weight is embed.weight
+    _replace_parameter(embed, "weight", embed.weight.data.index_select(1, kept.to(embed.weight.device)))
+    embed.embedding_dim = kept.numel()
+    if spec.embedding_scale_sqrt_hidden:
+        # Gemma scales embeddings by sqrt(hidden_size) from the config: match what a reload will compute.
+        scale = kept.numel() ** 0.5
+        embed.scalar_embed_scale = scale
+        embed.embed_scale.fill_(scale)
+    if tied:
+        lm_head.weight = embed.weight
+    elif lm_head is not None:
+        release_freed_memory()
+        slice_linear(lm_head, in_index=kept)
 
 
 def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
@@ -388,6 +394,7 @@ def prune_model(
     else:
         dropped = []
     kept_layers = drop_layers(model, dropped) if dropped else list(range(source["num_hidden_layers"]))
+    release_freed_memory()
 
     # 2. Width: one index set per axis, from the scores of the layers that remain.
     agg = config.batch_aggregation
@@ -427,12 +434,14 @@ def prune_model(
             _prune_attention(attn, spec, source, kept_heads, kept_groups)
             record.heads[new_idx] = kept_heads.tolist()
             record.kv_heads[new_idx] = kept_groups.tolist()
+    release_freed_memory()
     if target["intermediate_size"] < source["intermediate_size"]:
         neuron_scores = scores.neuron_scores(agg)
         for new_idx, src_idx in enumerate(kept_layers):
             kept = _topk_sorted(neuron_scores[src_idx], target["intermediate_size"])
             _prune_mlp(getattr(layers[new_idx], spec.mlp), spec, source, kept)
             record.neurons[new_idx] = kept.tolist()
+    release_freed_memory()
     if target["hidden_size"] < source["hidden_size"]:
         kept = _topk_sorted(scores.hidden_scores(agg, layers=kept_layers), target["hidden_size"])
         _prune_hidden(model, spec, kept)
