@@ -115,7 +115,7 @@ class CorrectTeacherArguments:
 def _correct_teacher(argv):
     from transformers import AutoTokenizer
 
-    from .distillation_job import DistillArguments, load_distillation_data
+    from .data import load_text_datasets
     from .embedded import resolve_model_path
     from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
@@ -124,14 +124,8 @@ def _correct_teacher(argv):
     )
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = load_distillation_data(
-        DistillArguments(
-            dataset=args.dataset,
-            text_column=args.text_column,
-            seq_length=args.seq_length,
-            max_train_samples=args.max_train_samples,
-        ),
-        tokenizer,
+    data = load_text_datasets(
+        args.dataset, tokenizer, args.seq_length, args.text_column, max_train_samples=args.max_train_samples
     )
     eval_dataset = data.get("validation") if config.eval_strategy != "no" else None
     correct_teacher(model_path, config, data["train"], eval_dataset=eval_dataset, processing_class=tokenizer)
@@ -174,105 +168,20 @@ def _align(argv, stage: str):
     print(f"Aligned model: {args.final_model_dir or Path(config.output_dir) / 'final'}")
 
 
-@dataclass
-class EvaluateArguments:
-    """Which checkpoints to evaluate, on what, and where the result goes.
-
-    Args:
-        model (`str`): the checkpoint to evaluate (the student), or `embedded`.
-        teacher (`str`, *optional*): a second checkpoint to compare with (the teacher); both must share a tokenizer.
-        tasks (`str`, *optional*, defaults to `"pydoc_topics"`): comma-separated lm-eval tasks (`pydoc_topics` runs
-            offline; the papers' benchmarks are downloaded by lm-eval).
-        num_fewshot (`int`, *optional*): shots for every task; each task's default when unset.
-        limit (`float`, *optional*): documents per task (a value in (0, 1) is a fraction); for quick checks.
-        batch_size (`int`, *optional*, defaults to `8`): requests per forward pass.
-        output_file (`str`, *optional*, defaults to `"outputs/evaluation.json"`): where the JSON result is written.
-        dtype (`str`, *optional*, defaults to `"float32"`): dtype to load the models in.
-    """
-
-    model: str = field(default="embedded", metadata={"help": "Checkpoint to evaluate (the student) or 'embedded'."})
-    teacher: str | None = field(default=None, metadata={"help": "Optional second checkpoint to compare with."})
-    tasks: str = field(default="pydoc_topics", metadata={"help": "Comma-separated lm-eval task names."})
-    num_fewshot: int | None = field(default=None, metadata={"help": "Shots for every task (default: per task)."})
-    limit: float | None = field(default=None, metadata={"help": "Documents per task (<1: a fraction), quick checks."})
-    batch_size: int = field(default=8, metadata={"help": "Requests per forward pass."})
-    output_file: str = field(default="outputs/evaluation.json", metadata={"help": "Where the JSON result goes."})
-    dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16 or float16."})
-
-
 def _evaluate(argv):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .embedded import resolve_model_path
-    from .evaluation import compare_models, evaluate_model, print_comparison, save_json
+    from .checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
 
     (args,) = parse_dataclasses((EvaluateArguments,), argv, "hf-minitron evaluate")
-    if args.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={args.dtype!r} is not supported: use float32, bfloat16 or float16.")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-
-    def load(name):
-        path = resolve_model_path(name)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)), path
-
-    student, student_path = load(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    options = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": limit, "batch_size": args.batch_size}
-    if args.teacher is None:
-        results = evaluate_model(student, tokenizer, **options)
-        save_json({"model": args.model, "results": results}, args.output_file)
-        for task, result in results.items():
-            print(f"{task}: {result['primary_metric']} = {result['metrics'][result['primary_metric']]:.4f}")
-    else:
-        teacher, _ = load(args.teacher)
-        comparison = compare_models(
-            teacher,
-            student,
-            tokenizer,
-            teacher_name=args.teacher,
-            student_name=args.model,
-            output_file=args.output_file,
-            **options,
-        )
-        print_comparison(comparison)
+    evaluate_checkpoints(args)
     print(f"Results: {args.output_file}")
 
 
-@dataclass
-class PushArguments:
-    """What to upload and where.
-
-    Args:
-        folder (`str`): the checkpoint folder (weights, tokenizer, `README.md` card).
-        repo_id (`str`): `namespace/name` of the Hub model repository (created if missing).
-        private (`bool`, *optional*, defaults to `False`): create the repository as private.
-        endpoint (`str`, *optional*): the Hub URL; defaults to `$HF_ENDPOINT`, then https://huggingface.co.
-        commit_message (`str`, *optional*): message of the upload commit.
-
-    The token comes from `$HF_TOKEN` or `hf auth login`; it is never an option (it would land in shell history).
-    """
-
-    folder: str = field(metadata={"help": "Checkpoint folder to upload."})
-    repo_id: str = field(metadata={"help": "Hub repository, 'namespace/name' (created if missing)."})
-    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
-    endpoint: str | None = field(default=None, metadata={"help": "Hub URL (default: $HF_ENDPOINT or huggingface.co)."})
-    commit_message: str | None = field(default=None, metadata={"help": "Message of the upload commit."})
-
-
 def _push(argv):
-    from .hub import DEFAULT_COMMIT_MESSAGE, HubUploadError, push_to_hub
+    from .hub import HubUploadError, PushArguments, push_folder
 
     (args,) = parse_dataclasses((PushArguments,), argv, "hf-minitron push")
     try:
-        url = push_to_hub(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            endpoint=args.endpoint,
-            commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
-        )
+        url = push_folder(args)
     except HubUploadError as error:
         raise ValueError(str(error)) from None
     if url:

@@ -4,10 +4,14 @@ The embedded corpus is the reference documentation that ships with CPython (`pyd
 technical prose, available on every machine without a download.
 """
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 
 import torch
+
+
+logger = logging.getLogger(__name__)
 
 
 def load_embedded_corpus(validation_fraction: float = 0.1) -> dict[str, list[str]]:
@@ -170,3 +174,53 @@ def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column:
             "holds the text with --text-column."
         )
     return [t for t in dataset[text_column] if isinstance(t, str) and t.strip()]
+
+
+def load_text_datasets(
+    source: str,
+    tokenizer,
+    seq_length: int,
+    text_column: str = "text",
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> dict:
+    """Packed `{"train": ..., "validation": ...}` datasets from any text source: the one loader of every training stage.
+
+    The embedded corpus keeps its own validation split. Other sources (local files, or the `train` split of a Hub
+    dataset) hold out their first 5% of documents (at least one), so every run and every process sees the same split
+    and no validation document is trained on.
+
+    Args:
+        source (`str`): `"embedded"`, local text/jsonl/parquet/csv files (comma separated), or a Hub dataset name.
+        tokenizer (`PreTrainedTokenizerBase`): Tokenizes the text; its EOS token separates documents.
+        seq_length (`int`): Tokens per packed sample.
+        text_column (`str`, *optional*, defaults to `"text"`): Column holding the text.
+        max_train_samples (`int`, *optional*): Cap on packed training samples.
+        max_eval_samples (`int`, *optional*): Cap on packed validation samples.
+
+    Returns:
+        `dict[str, datasets.Dataset]`: `train`, and `validation` unless the source has a single document or its
+        held-out documents are shorter than `seq_length` tokens (logged).
+    """
+    for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} is invalid: use a positive integer, or None for no cap.")
+    if source == EMBEDDED_CORPUS:
+        train_texts, eval_texts = load_texts(source, "train"), load_texts(source, "validation")
+    else:
+        texts = load_texts(source, "train", text_column)
+        cut = max(1, len(texts) // 20) if len(texts) > 1 else 0
+        train_texts, eval_texts = texts[cut:], texts[:cut]
+    data = {"train": pack_texts(train_texts, tokenizer, seq_length, max_train_samples)}
+    if eval_texts:
+        try:
+            data["validation"] = pack_texts(eval_texts, tokenizer, seq_length, max_eval_samples)
+        except ValueError:
+            # A held-out split is a bonus (evaluation during training, held-out loss), not a reason to stop.
+            logger.warning(
+                "The %d held-out document(s) of %r hold fewer than seq_length=%d tokens: no validation split.",
+                len(eval_texts),
+                source,
+                seq_length,
+            )
+    return data

@@ -8,7 +8,7 @@ loads both checkpoints and the data, runs [`DistillationTrainer`] and writes a s
 import os
 from dataclasses import dataclass, field
 
-from .data import EMBEDDED_CORPUS, embedded_datasets, load_texts, pack_texts
+from .data import EMBEDDED_CORPUS, load_text_datasets
 from .distillation_config import DistillationConfig
 
 
@@ -20,8 +20,9 @@ class DistillArguments:
         student (`str`): the (pruned) student checkpoint, or `embedded` (SmolLM2-135M-Instruct).
         teacher (`str`, *optional*): the teacher checkpoint or `embedded`; defaults to
             `DistillationConfig.teacher_model_name_or_path`.
-        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline corpus, with a validation
-            split), local text/jsonl/parquet/csv files (comma separated), or a Hub dataset name.
+        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline corpus), local
+            text/jsonl/parquet/csv files (comma separated), or a Hub dataset name; split into train and validation
+            by [`~hf_minitron.data.load_text_datasets`].
         text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
         seq_length (`int`, *optional*, defaults to `512`): packed sample length in tokens.
         max_train_samples (`int`, *optional*): cap on the number of packed training samples.
@@ -45,16 +46,6 @@ class DistillArguments:
     )
 
 
-def load_distillation_data(args: DistillArguments, tokenizer) -> dict:
-    """Packed `{"train": ..., "validation": ...}` datasets (`validation` only for the embedded corpus)."""
-    if args.max_train_samples is not None and args.max_train_samples <= 0:
-        raise ValueError(f"max_train_samples={args.max_train_samples} is invalid: use a positive integer or None.")
-    if args.dataset == EMBEDDED_CORPUS:
-        return embedded_datasets(tokenizer, args.seq_length, args.max_train_samples)
-    texts = load_texts(args.dataset, "train", args.text_column)
-    return {"train": pack_texts(texts, tokenizer, args.seq_length, args.max_train_samples)}
-
-
 def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     """Distills `args.student` from `args.teacher` and saves the result to `args.final_model_dir`.
 
@@ -73,7 +64,9 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     if not os.path.exists(student_path) and args.student != "embedded" and os.sep in args.student:
         raise FileNotFoundError(f"student={args.student!r} does not exist.")
     tokenizer = AutoTokenizer.from_pretrained(student_path)
-    data = load_distillation_data(args, tokenizer)
+    data = load_text_datasets(
+        args.dataset, tokenizer, args.seq_length, args.text_column, max_train_samples=args.max_train_samples
+    )
     trainer = DistillationTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_path),
         teacher_model=teacher,

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .data import EMBEDDED_CORPUS, load_texts, pack_texts
+from .data import EMBEDDED_CORPUS, load_text_datasets
 from .pruning_config import PrunedConfig
 
 
@@ -129,15 +129,15 @@ def _done(directory: Path) -> bool:
 
 
 def _datasets(args: MinitronArguments, tokenizer):
-    if args.dataset == EMBEDDED_CORPUS:
-        train_texts, eval_texts = load_texts(EMBEDDED_CORPUS, "train"), load_texts(EMBEDDED_CORPUS, "validation")
-    else:
-        texts = load_texts(args.dataset, "train", args.text_column)
-        cut = max(1, len(texts) // 20)  # deterministic 95/5 split by document
-        train_texts, eval_texts = texts[cut:], texts[:cut]
-    train = pack_texts(train_texts, tokenizer, args.seq_length, args.max_train_samples)
-    validation = pack_texts(eval_texts, tokenizer, args.seq_length, args.max_eval_samples)
-    return train, validation
+    data = load_text_datasets(
+        args.dataset,
+        tokenizer,
+        args.seq_length,
+        args.text_column,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
+    return data["train"], data.get("validation")
 
 
 def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, correction, show_progress=True) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer
 from trl import TrlParser
 
-from hf_minitron.data import embedded_datasets
+from hf_minitron.data import load_text_datasets
 from hf_minitron.embedded import resolve_model_path
 from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
 
@@ -27,43 +27,39 @@ class ScriptArguments:
         model_name_or_path (`str`, *optional*, defaults to `"embedded"`):
             Teacher checkpoint; `"embedded"` is the bundled SmolLM2-135M-Instruct.
         dataset_name (`str`, *optional*, defaults to `"embedded"`):
-            `"embedded"` (the offline corpus) or a `datasets.load_dataset` name / path with a `text` column.
+            `"embedded"` (the offline corpus), local text/jsonl/parquet/csv files (comma separated), or a Hub dataset.
+        text_column (`str`, *optional*, defaults to `"text"`): Column holding the text.
         seq_length (`int`, *optional*, defaults to `512`): Packed sample length in tokens.
         max_train_samples (`int`, *optional*): Cap on the number of packed training samples.
     """
 
     model_name_or_path: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
-    dataset_name: str = field(default="embedded", metadata={"help": "'embedded' or a dataset with a 'text' column."})
+    dataset_name: str = field(
+        default="embedded", metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files, or a Hub dataset."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     seq_length: int = field(default=512, metadata={"help": "Packed sample length in tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
-
-
-def load_data(script_args: ScriptArguments, tokenizer):
-    if script_args.dataset_name == "embedded":
-        return embedded_datasets(tokenizer, script_args.seq_length, script_args.max_train_samples)
-    from datasets import load_dataset
-
-    from hf_minitron.data import pack_texts
-
-    raw = load_dataset(script_args.dataset_name)
-    return {
-        split: pack_texts(raw[split]["text"], tokenizer, script_args.seq_length, script_args.max_train_samples)
-        for split in raw
-    }
 
 
 def main(script_args: ScriptArguments, training_args: TeacherCorrectionConfig):
     # 1. Tokenizer and data (the distillation data the pruned student will later be trained on).
     model_path = resolve_model_path(script_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = load_data(script_args, tokenizer)
+    data = load_text_datasets(
+        script_args.dataset_name,
+        tokenizer,
+        script_args.seq_length,
+        script_args.text_column,
+        max_train_samples=script_args.max_train_samples,
+    )
 
     # 2. Fine-tune the teacher (full or LoRA) and write a standard checkpoint to corrected_model_dir.
     correct_teacher(
         model_path,
         training_args,
         train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
+        eval_dataset=data.get("validation") if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
     )
 

@@ -1,0 +1,38 @@
+import json
+
+import pytest
+
+from hf_minitron.data import load_embedded_corpus, load_text_datasets
+
+
+def test_embedded_source_keeps_its_own_validation_split(tokenizer):
+    data = load_text_datasets("embedded", tokenizer, seq_length=32, max_train_samples=5, max_eval_samples=3)
+    assert len(data["train"]) == 5 and len(data["validation"]) == 3
+    corpus = load_embedded_corpus()
+    first_validation = tokenizer(corpus["validation"][0], add_special_tokens=False)["input_ids"][:32]
+    assert data["validation"][0]["input_ids"] == first_validation
+
+
+def test_local_files_hold_out_documents_deterministically(tokenizer, text_file):
+    first = load_text_datasets(str(text_file), tokenizer, seq_length=16, text_column="content")
+    again = load_text_datasets(str(text_file), tokenizer, seq_length=16, text_column="content")
+    assert first["train"]["input_ids"] == again["train"]["input_ids"]
+    assert first["validation"]["input_ids"] == again["validation"]["input_ids"]
+    # 10 documents: the first one is held out, so no validation block appears in the training stream.
+    held_out = json.loads(text_file.read_text().splitlines()[0])["content"]
+    assert first["validation"][0]["input_ids"] == tokenizer(held_out, add_special_tokens=False)["input_ids"][:16]
+    train_blocks = {tuple(ids) for ids in first["train"]["input_ids"]}
+    assert not train_blocks & {tuple(ids) for ids in first["validation"]["input_ids"]}
+
+
+def test_single_document_gives_no_validation(tokenizer, tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text(load_embedded_corpus()["train"][0].replace("\n", " "))
+    data = load_text_datasets(str(path), tokenizer, seq_length=16)
+    assert set(data) == {"train"} and len(data["train"]) > 0
+
+
+@pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
+def test_non_positive_caps_are_refused(tokenizer, name):
+    with pytest.raises(ValueError, match=name):
+        load_text_datasets("embedded", tokenizer, seq_length=16, **{name: 0})
