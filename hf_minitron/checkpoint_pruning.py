@@ -7,10 +7,11 @@ from pathlib import Path
 
 from .architectures import get_architecture
 from .data import EMBEDDED_CORPUS, load_texts, pack_texts
-from .io import atomic_directory, check_output_dir
-from .pruning import check_target_loads, compute_scores, prune_model
+from .io import atomic_directory, check_free_space, check_output_dir
+from .pruning import check_not_offloaded, check_target_loads, compute_scores, prune_model
 from .pruning_config import PrunedConfig
 from .summary import print_comparison, shape_summary
+from .validation import check_sequence_length, load_model_config
 
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ class PruneArguments:
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty output directory.
         save_scores (`bool`, *optional*, defaults to `True`): also write the importance scores (`importance/`).
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow custom modeling code from the Hub.
+        device_map (`str`, *optional*): `from_pretrained`'s device map, e.g. `"auto"` to spread a large model over
+            the GPUs (importance runs where each layer is; pruning slices in place). Offloading to CPU/disk is refused
+            before any work: pruning needs every weight in memory (see README, "Scale").
     """
 
     model: str = field(default="embedded", metadata={"help": "Local checkpoint, Hub id, or 'embedded' (SmolLM2)."})
@@ -45,6 +49,9 @@ class PruneArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
     save_scores: bool = field(default=True, metadata={"help": "Write the importance scores next to the model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+    device_map: str | None = field(
+        default=None, metadata={"help": "from_pretrained device map, e.g. 'auto' to spread the model over GPUs."}
+    )
 
 
 def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: bool = True) -> dict:
@@ -54,7 +61,7 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     """
     import torch
     from accelerate import PartialState
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .embedded import resolve_model_path
 
@@ -62,10 +69,14 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
         raise ValueError(f"dtype={args.dtype!r} is not supported: use float32, bfloat16 or float16.")
     check_output_dir(args.output, args.overwrite)
     model_path = resolve_model_path(args.model)
-    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    model_config = load_model_config(model_path, trust_remote_code=args.trust_remote_code)
     get_architecture(model_config)
     target = config.resolve(model_config)
-    check_target_loads(model_config, target)
+    dtype = getattr(torch, args.dtype)
+    expected_bytes = _checkpoint_bytes(check_target_loads(model_config, target), dtype)
+    check_free_space(args.output, expected_bytes)
+    if config.importance == "activation":
+        check_sequence_length(model_config, config.calibration_seq_length, "PrunedConfig.calibration_seq_length")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     needs_data = config.importance == "activation"
@@ -83,15 +94,20 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
                 config.calibration_samples,
             )
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
+        model_path,
+        dtype=dtype,
+        device_map=args.device_map,
+        use_safetensors=True,
+        trust_remote_code=args.trust_remote_code,
     )
+    check_not_offloaded(model)
     before = shape_summary(model)
     scores = compute_scores(model, config, calibration, show_progress) if needs_data else None
     prune_model(model, config, calibration, scores=scores, show_progress=show_progress)
     after = shape_summary(model)
     state = PartialState()
     if state.is_main_process:
-        with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+        with atomic_directory(args.output, overwrite=args.overwrite, expected_bytes=expected_bytes) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if scores is not None and args.save_scores:
@@ -103,3 +119,13 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
             print_comparison(before, after, title=f"Pruned {args.model} -> {args.output}")
     state.wait_for_everyone()
     return {"before": before, "after": after, "output": str(args.output)}
+
+
+def _checkpoint_bytes(target_config, dtype) -> int:
+    """Size of the pruned checkpoint's weights: the target model built on the `meta` device (no memory), counted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(target_config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize

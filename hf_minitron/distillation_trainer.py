@@ -10,6 +10,7 @@ sees are gathered under FSDP2 / ZeRO-3 and the gradients flow through the ordina
 
 import contextlib
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ logger = logging.get_logger(__name__)
 # Name of the student submodule holding the intermediate-state projection: kept in checkpoints (so that
 # `resume_from_checkpoint` restores it) and dropped from the final `save_model` output.
 PROJECTION_NAME = "minitron_projection"
+# A PEFT checkpoint holds the adapter only: the projection trained with it is saved next to it in this file.
+PROJECTION_WEIGHTS_NAME = "minitron_projection.safetensors"
 
 
 @dataclass
@@ -412,13 +415,62 @@ class DistillationTrainer(Trainer):
             self._final_save = False
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self._final_save and hasattr(self.accelerator.unwrap_model(self.model), PROJECTION_NAME):
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, PROJECTION_NAME):
+            return super()._save(output_dir, state_dict)
+        if self._final_save:
             if state_dict is None:
-                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+                state_dict = model.state_dict()
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTION_NAME + ".")}
-            with _detached_projection(self.accelerator.unwrap_model(self.model)):
+            with _detached_projection(model):
                 return super()._save(output_dir, state_dict)
-        return super()._save(output_dir, state_dict)
+        super()._save(output_dir, state_dict)
+        if _is_peft(model) and self.args.should_save:
+            # Written before `trainer_state.json`, so a checkpoint that has one also has this file.
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            _save_projection(model, state_dict, os.path.join(output_dir, PROJECTION_WEIGHTS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # A full student's checkpoint restored the projection with the weights; a PEFT one holds the adapter only.
+        student = self.accelerator.unwrap_model(self.model)
+        if not (_is_peft(student) and hasattr(student, PROJECTION_NAME)):
+            return
+        path = os.path.join(resume_from_checkpoint, PROJECTION_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint!r} has no {PROJECTION_WEIGHTS_NAME}: the intermediate-state projection of "
+                "this LoRA student cannot be restored (the checkpoint predates it being saved), and a fresh one would "
+                "not continue the run. Resume from a checkpoint written with it, or start a new run (new output_dir)."
+            )
+        _load_projection(getattr(student, PROJECTION_NAME), path)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _save_projection(model: nn.Module, state_dict: dict | None, path: str) -> None:
+    from safetensors.torch import save_file
+
+    prefix = PROJECTION_NAME + "."
+    if state_dict is None or not any(k.startswith(prefix) for k in state_dict):
+        state_dict = getattr(model, PROJECTION_NAME).state_dict(prefix=prefix)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _load_projection(projection: nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+
+    prefix = PROJECTION_NAME + "."
+    tensors = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    if any(_is_sharded(p) for p in projection.parameters()):
+        raise NotImplementedError(
+            "Restoring the projection of a LoRA student into FSDP / ZeRO-3 sharded parameters is not supported: "
+            "resume this run on one process, or use a full (non-LoRA) student."
+        )
+    projection.load_state_dict(tensors)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .architectures import get_architecture, get_decoder_layers
 from .data import shard_batches, take_samples
 from .pruning_config import BATCH_AGGREGATIONS, PrunedConfig
+from .validation import check_sequence_length
 
 
 SCORES_WEIGHTS_NAME = "importance.safetensors"
@@ -173,13 +174,21 @@ class ImportanceScores:
         )
 
     def check_compatible(self, model_config) -> None:
-        """Raises if these scores were computed on a model of another shape."""
+        """Raises if these scores were computed on a model of another shape, or hold inf/NaN."""
         shape = model_shape(model_config)
         if shape != self.model_shape:
+            differ = {k: (self.model_shape.get(k), v) for k, v in shape.items() if self.model_shape.get(k) != v}
             raise ValueError(
-                f"The importance scores were computed on a model of shape {self.model_shape}, not {shape}: estimate "
-                "them again on this model."
+                "The importance scores were computed on a different model: "
+                + ", ".join(f"{k}={theirs} in the scores vs {mine} in this model" for k, (theirs, mine) in differ.items())
+                + ". Estimate them again on this model (estimate_importance), or pass the scores saved with it."
             )
+        for axis, stats in self._tensors().items():
+            if not bool(torch.isfinite(stats).all()):
+                raise ValueError(
+                    f"The importance scores hold inf/NaN ({axis}): they were estimated on an overflowing model. "
+                    "Estimate them again with the model in bfloat16 or float32."
+                )
 
 
 def model_shape(config) -> dict:
@@ -283,6 +292,27 @@ class _Collector:
             handle.remove()
         self.handles = []
 
+    def check_finite(self, batch_index: int, dtype: torch.dtype) -> None:
+        """Raises at the first site (in forward order) whose statistics hold inf/NaN: one overflowing activation
+        (typically float16) would otherwise turn every score that depends on it into NaN, silently."""
+        spec = self.spec
+        for i in range(len(self.layers)):
+            sites = (
+                (self.stats["hidden"][i][0], f"output of {spec.attn_input_norm}"),
+                (self.stats["heads"][i], f"input of {spec.attention}.{spec.o_proj}"),
+                (self.stats["hidden"][i][1], f"output of {spec.mlp_input_norm}"),
+                (self.stats["neurons"][i], f"input of {spec.mlp}.{spec.down_proj}"),
+                ({"sum": self.cos_sum[i]} if self.cos_sum[i] is not None else {}, "layer output (block influence)"),
+            )
+            for store, site in sites:
+                if store and not bool(torch.isfinite(store["sum"]).all()):
+                    raise ValueError(
+                        f"Non-finite activations (inf/NaN) in decoder layer {i}, {site}, during importance estimation "
+                        f"(calibration batch {batch_index}): the model overflows in {str(dtype).replace('torch.', '')}"
+                        " or its weights hold inf/NaN, and every score would be NaN. Load the model in bfloat16 or "
+                        "float32 (from_pretrained(..., dtype=torch.bfloat16), or --dtype bfloat16) and estimate again."
+                    )
+
 
 def return_large_buffers_to_os() -> None:
     """Makes glibc serve allocations of 1 MiB and more with mmap, so activation and weight buffers go back to the OS
@@ -330,7 +360,15 @@ def _all_reduce_(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the input ids go. Under accelerate's dispatch/offload hooks (device_map="auto", cpu_offload,
+    disk_offload) the embedding weight may sit on `meta` or the CPU; its hook knows the device it runs on."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return embed.weight.device
 
 
 @torch.no_grad()
@@ -361,6 +399,8 @@ def estimate_importance(
     get_architecture(model.config)  # fails fast for unsupported architectures
     return_large_buffers_to_os()
     samples = take_samples(calibration_data, config.calibration_samples)
+    longest = max(sample["input_ids"].shape[-1] for sample in samples)
+    check_sequence_length(model.config, longest, "calibration sample length")
     rank, world_size = _dist_info()
     batches = shard_batches(samples, config.calibration_batch_size, rank, world_size)
     device = _input_device(model)
@@ -370,14 +410,15 @@ def estimate_importance(
     num_tokens = 0
     try:
         with _Collector(model, config.sequence_aggregation, depth) as collector:
-            for batch in tqdm(
-                batches, desc="Importance estimation", disable=not show_progress or rank != 0, unit="batch"
+            for batch_index, batch in enumerate(
+                tqdm(batches, desc="Importance estimation", disable=not show_progress or rank != 0, unit="batch")
             ):
                 mask = batch["attention_mask"].to(device)
                 collector.mask = mask.float()
                 num_tokens += int(mask.sum())
                 # The base model only: importance needs no logits, and the LM head is a large share of the compute.
                 base(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+                collector.check_finite(batch_index, model.dtype)
     finally:
         model.train(was_training)
         release_freed_memory()  # the activations' heap blocks would otherwise add to the pruning step's peak

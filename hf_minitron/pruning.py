@@ -271,8 +271,8 @@ def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
         record.save(save_directory)
 
 
-def check_target_loads(model_config, target: dict) -> None:
-    """Builds the target config with the installed transformers, so a shape that stock `from_pretrained` would
+def check_target_loads(model_config, target: dict):
+    """Returns the target config, built with the installed transformers, so a shape that stock `from_pretrained` would
     reject (e.g. transformers 5's `LlamaConfig` wants `hidden_size % num_attention_heads == 0`) fails before any
     expensive work, with the nearest valid sizes."""
     data = model_config.to_dict()
@@ -285,7 +285,7 @@ def check_target_loads(model_config, target: dict) -> None:
         getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     )
     try:
-        type(model_config).from_dict(data)
+        return type(model_config).from_dict(data)
     except Exception as error:  # the config classes raise several error types
         heads = target["num_attention_heads"]
         hidden = target["hidden_size"]
@@ -296,6 +296,20 @@ def check_target_loads(model_config, target: dict) -> None:
             f"hidden_size={hidden} with num_attention_heads={heads} ({reason}). "
             f"Fix PrunedConfig: e.g. hidden_size={lower} or {upper} (multiples of {heads}), or another head count."
         ) from None
+
+
+def check_not_offloaded(model) -> None:
+    """Slicing needs every weight in memory. accelerate's offload (a `device_map` with "cpu"/"disk" next to GPUs,
+    `cpu_offload`, `disk_offload`) leaves `meta` placeholders in the model and the real weights in its hooks."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"prune_model cannot slice offloaded weights: {len(offloaded)} parameters (e.g. {offloaded[0]}) are "
+            "placeholders on the 'meta' device, their values held by accelerate's offload hooks. Importance works on "
+            "an offloaded model: `scores = estimate_importance(model, data, config)`. Then load the model without "
+            "offload for the pruning step (device_map=None, or a device_map whose GPUs hold every weight) and call "
+            "`prune_model(model, config, scores=scores)`."
+        )
 
 
 def compute_scores(model, config: PrunedConfig, calibration_data=None, show_progress: bool = True) -> ImportanceScores:
@@ -340,6 +354,7 @@ def prune_model(
     """
     if not isinstance(config, PrunedConfig):
         raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
+    check_not_offloaded(model)
     spec = get_architecture(model.config)
     target = config.resolve(model.config)  # every ValueError before any forward pass
     check_target_loads(model.config, target)

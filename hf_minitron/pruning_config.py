@@ -104,7 +104,15 @@ class PrunedConfig:
 
     def __post_init__(self):
         if self.layers_to_drop is not None:
-            self.layers_to_drop = sorted(int(i) for i in self.layers_to_drop)
+            # A string would iterate by character ("12" -> [1, 2]) and int() would truncate 1.5: both are typos.
+            if not isinstance(self.layers_to_drop, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers_to_drop
+            ):
+                raise ValueError(
+                    f"PrunedConfig.layers_to_drop={self.layers_to_drop!r} is invalid: expected a list of 0-based layer "
+                    "indices, e.g. [12, 13, 14] (in YAML: `layers_to_drop: [12, 13, 14]`)."
+                )
+            self.layers_to_drop = sorted(self.layers_to_drop)
             if self.depth_method != "explicit":
                 self.depth_method = "explicit"
         self._validate_standalone()
@@ -128,6 +136,8 @@ class PrunedConfig:
                 raise ValueError(
                     f"PrunedConfig.{name}={getattr(self, name)!r} is not supported: choose one of {list(choices)}."
                 )
+        if not isinstance(self.head_merge, bool):
+            raise ValueError(f"PrunedConfig.head_merge={self.head_merge!r} is invalid: expected true or false.")
         for name in ("calibration_samples", "calibration_batch_size", "calibration_seq_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -6,22 +6,22 @@ from hf_minitron.io import atomic_directory
 def test_interrupted_write_keeps_the_previous_output(tmp_path):
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:
-        (tmp / "weights").write_text("v1")
+        (tmp / "config.json").write_text("v1")
     with pytest.raises(RuntimeError):
         with atomic_directory(target, overwrite=True) as tmp:
-            (tmp / "weights").write_text("half")
+            (tmp / "config.json").write_text("half")
             raise RuntimeError("killed mid-save")
-    assert (target / "weights").read_text() == "v1"
+    assert (target / "config.json").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_successful_overwrite_replaces_whole_directory(tmp_path):
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:
-        (tmp / "old_only").write_text("x")
+        (tmp / "config.json").write_text("x")
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "new").write_text("y")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == ["new"]  # config.json of the old output is gone
 
 
 def test_non_empty_directory_is_refused_without_overwrite(tmp_path):

@@ -1,0 +1,216 @@
+"""Early checks of user input: checkpoints on disk, config values read from YAML/JSON, sequence lengths, tokenizers.
+
+Each check is cheap (file headers, configs, vocabularies) and runs before weights are loaded or data is packed, so
+bad input fails in seconds with an error naming the cause and the fix, instead of deep inside transformers,
+safetensors or a training loop.
+"""
+
+import json
+import os
+import struct
+import types
+import typing
+from pathlib import Path
+
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints on disk
+def _looks_like_local_path(name: str) -> bool:
+    """A Hub id is `name` or `namespace/name`; `/x`, `./x`, `~/x`, `a/b/c` and `dir/x` with an existing `dir` are
+    meant as local paths."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Reads only the header of a `.safetensors` file and checks that the file holds every tensor it declares.
+
+    Raises:
+        `ValueError`: the file is truncated or its header is not a safetensors header.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "re-download the checkpoint, or save it again with save_pretrained"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file ({size} bytes, too short for its header): {fix}."
+            )
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} has a corrupt safetensors header: {fix}.") from None
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + header_size + max(ends, default=0)
+    if size < expected:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes on disk, {expected} expected from its header (an interrupted download "
+            f"or copy): {fix}."
+        )
+
+
+def check_checkpoint(name_or_path: str) -> None:
+    """Checks a local checkpoint directory before anything is loaded from it: `config.json` and safetensors weights
+    (every shard present and complete). Hub ids are left to `from_pretrained`; a path that does not exist fails here.
+
+    Raises:
+        `FileNotFoundError`: the path, its `config.json` or its weights are missing.
+        `ValueError`: the weights are pickle files only, or a safetensors file is truncated or corrupt.
+    """
+    path = Path(os.path.expanduser(name_or_path))
+    if not path.exists():
+        if _looks_like_local_path(str(name_or_path)):
+            raise FileNotFoundError(
+                f"Model checkpoint {str(name_or_path)!r} does not exist: pass an existing directory written by "
+                "save_pretrained (config.json + model.safetensors), a Hub id such as 'HuggingFaceTB/SmolLM2-135M', or "
+                "'embedded'."
+            )
+        return  # a Hub id
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Model checkpoint {str(path)!r} is a file: pass the directory that holds config.json and the weights."
+        )
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"Model checkpoint {str(path)!r} holds no {CONFIG_NAME}, so it is not a transformers checkpoint: pass the "
+            "directory written by save_pretrained (config.json + model.safetensors)."
+        )
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Model checkpoint {str(path)!r} is incomplete: {len(missing)} of the {len(shards)} shards listed in "
+                f"{SAFE_WEIGHTS_INDEX_NAME} are missing ({missing[:3]}): download or copy the whole checkpoint."
+            )
+        files = [path / s for s in shards]
+    elif (path / SAFE_WEIGHTS_NAME).is_file():
+        files = [path / SAFE_WEIGHTS_NAME]
+    elif any((path / name).is_file() for name in _PICKLE_WEIGHTS):
+        raise ValueError(
+            f"Model checkpoint {str(path)!r} holds only pickle weights (pytorch_model.bin), and hf-minitron loads "
+            "safetensors only (unpickling a file can run code). Convert it once where you trust it: "
+            "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)` writes model.safetensors."
+        )
+    else:
+        raise FileNotFoundError(
+            f"Model checkpoint {str(path)!r} holds no weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}): "
+            "copy the weights next to config.json, or pass the directory written by save_pretrained."
+        )
+    for file in files:
+        check_safetensors_file(file)
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False):
+    """`AutoConfig.from_pretrained` after `check_checkpoint`, with Hub/network failures explained."""
+    from transformers import AutoConfig
+
+    check_checkpoint(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise OSError(
+            f"Could not load the config of model {name_or_path!r}: it is not a local directory, and as a Hub id it "
+            f"failed ({reason}). Pass a local checkpoint directory, a Hub id reachable from here (HF_HUB_OFFLINE "
+            "unset, logged in for gated models), or 'embedded'."
+        ) from None
+
+
+def check_sequence_length(model_config, length: int, field_name: str) -> None:
+    """Refuses samples longer than the positions the model was trained on (`max_position_embeddings`)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"{field_name}={length} is longer than the model's max_position_embeddings={limit}: positions beyond "
+            f"{limit} were never trained, so importance and losses there are meaningless. Use {field_name} <= "
+            f"{limit}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+    """Logit distillation compares distributions over token ids: both models must map ids to the same tokens."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    differ = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
+    example = differ[0] if differ else None
+    raise ValueError(
+        f"The student's tokenizer ({student_name}, {len(student_vocab)} tokens) and the teacher's ({teacher_name}, "
+        f"{len(teacher_vocab)} tokens) differ (e.g. token {example[0]!r} -> id {example[1]}). Logit distillation "
+        "compares next-token distributions id by id, so both must share one tokenizer: distil from the teacher the "
+        "student was pruned from, or give the student the teacher's tokenizer."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- config values
+def _accepts(value, annotation) -> tuple[bool, object]:
+    """Whether `value` fits `annotation` (simple types, unions, lists, dicts), and the value to use.
+
+    YAML 1.1 reads `1e-4` as a string: a numeric string is accepted (and converted) for a numeric field.
+    """
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            ok, converted = _accepts(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return False, value
+            if annotation is int and not number.is_integer():
+                return False, value
+            return True, annotation(number)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        if annotation is int and not float(value).is_integer():
+            return False, value
+        return True, annotation(value)
+    if annotation is str:
+        return isinstance(value, str), value
+    if annotation in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple)), value
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict), value
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation), value
+    return True, value  # enums, nested configs, Any: left to the dataclass itself
+
+
+def check_field_types(cls, values: dict, where: str) -> dict:
+    """Checks `values` (read from YAML/JSON) against the field types of dataclass `cls`; returns them converted.
+
+    Raises:
+        `ValueError`: naming the section, the field, the value, and the type expected.
+    """
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for name, value in values.items():
+        annotation = hints.get(name)
+        ok, converted = (True, value) if annotation is None else _accepts(value, annotation)
+        if not ok:
+            expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise ValueError(
+                f"{cls.__name__}.{name}={value!r} in the {where!r} section has the wrong type: expected {expected}. "
+                "Fix the value in the recipe (numbers unquoted, true/false for booleans)."
+            )
+        checked[name] = converted
+    return checked
