@@ -1,0 +1,191 @@
+"""Exact parameter counts of pruned models, from the configs alone (no weights, no pruning).
+
+The architecture search (paper 1 §3) keeps the candidates whose size is within a tolerance of a budget, so it counts
+the parameters of thousands of shapes. Counting by building each model would be slow; guessing a formula per family
+would drift from what `prune_model` really produces. Instead the source model is built once on the `meta` device and
+every parameter is described by the pruned dimensions its axes follow (the same `ArchitectureSpec` roles that
+`prune_model` slices): counting a target shape is then a sum of small products. The description is checked against
+the real shapes of the source model when it is built, so an architecture whose parameters scale otherwise fails
+loudly instead of being miscounted.
+"""
+
+import copy
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .architectures import ArchitectureSpec, get_architecture, get_base_model, get_decoder_layers
+from .importance import model_shape
+from .pruning_config import PrunedConfig
+
+
+COUNT_KINDS = ("total", "non_embedding", "memory")
+
+# Axis symbols: `h` hidden, `f` MLP neurons, `q` query rows (heads * head_dim), `kv` key/value rows; `qkv` and `2f`
+# are the fused projections. An int is an axis pruning never changes (vocabulary, head_dim of q/k norms, ...).
+_SYMBOLS = ("h", "f", "q", "kv", "qkv", "2f")
+
+
+@dataclass(frozen=True)
+class _Term:
+    name: str
+    dims: tuple  # symbols or ints
+    per_layer: bool
+    embedding: bool  # input embeddings or an untied output projection (excluded from "non_embedding")
+
+
+def _sizes(shape: dict) -> dict[str, int]:
+    head_dim = shape["head_dim"]
+    q = shape["num_attention_heads"] * head_dim
+    kv = shape["num_key_value_heads"] * head_dim
+    f = shape["intermediate_size"]
+    return {"h": shape["hidden_size"], "f": f, "q": q, "kv": kv, "qkv": q + 2 * kv, "2f": 2 * f}
+
+
+def _layer_roles(spec: ArchitectureSpec) -> dict[str, tuple[str, ...]]:
+    """Module path inside a decoder layer -> the symbols of its (output, input) axes (norms: one axis)."""
+    attn, mlp = spec.attention, spec.mlp
+    roles = {}
+    for name, rows in ((spec.q_proj, "q"), (spec.k_proj, "kv"), (spec.v_proj, "kv"), (spec.qkv_proj, "qkv")):
+        if name:
+            roles[f"{attn}.{name}"] = (rows, "h")
+    roles[f"{attn}.{spec.o_proj}"] = ("h", "q")
+    for name, rows in ((spec.gate_proj, "f"), (spec.up_proj, "f"), (spec.gate_up_proj, "2f")):
+        if name:
+            roles[f"{mlp}.{name}"] = (rows, "h")
+    roles[f"{mlp}.{spec.down_proj}"] = ("h", "f")
+    for norm in spec.residual_norms:
+        roles[norm] = ("h",)
+    return roles
+
+
+def _dims_for(module_path: str, param_name: str, shape: tuple[int, ...], roles: dict) -> tuple:
+    role = roles.get(module_path)
+    if role is None:
+        return tuple(shape)
+    if param_name == "bias" or len(role) == 1:
+        return role[:1]
+    return role
+
+
+def _evaluate(dims: tuple, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in dims)
+
+
+@lru_cache(maxsize=32)
+def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term, ...], int]:
+    from transformers import AutoModelForCausalLM
+
+    model_config = config_class.from_dict(json.loads(config_json))
+    spec = get_architecture(model_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
+    module_names = {id(module): name for name, module in model.named_modules()}
+    layers = get_decoder_layers(model)
+    layers_prefix = module_names[id(layers)] + "."
+    embedding_modules = {module_names[id(model.get_input_embeddings())]}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embedding_modules.add(module_names[id(output)])
+    final_norm = module_names[id(get_base_model(model).norm)]
+    roles = _layer_roles(spec)
+    roles.update({name: ("vocab", "h") for name in embedding_modules})
+    roles[final_norm] = ("h",)
+
+    layer_shapes = [[(n, tuple(p.shape)) for n, p in layer.named_parameters()] for layer in layers]
+    if any(shapes != layer_shapes[0] for shapes in layer_shapes):
+        raise ValueError(
+            f"{type(model).__name__} has decoder layers of different shapes: count_parameters (and the architecture "
+            "search) assume identical layers."
+        )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    sizes = _sizes(model_shape(model_config)) | {"vocab": vocab}
+    terms = []
+    # remove_duplicate (the default) yields a tied lm_head weight once, as the embedding.
+    for name, param in model.named_parameters():
+        if name.startswith(layers_prefix):
+            index, _, local = name[len(layers_prefix) :].partition(".")
+            if index != "0":
+                continue
+            module_path, _, param_name = local.rpartition(".")
+            per_layer = True
+        else:
+            module_path, _, param_name = name.rpartition(".")
+            per_layer = False
+        dims = _dims_for(module_path, param_name, tuple(param.shape), roles)
+        dims = tuple(vocab if d == "vocab" else d for d in dims)
+        if _evaluate(dims, sizes) != tuple(param.shape):
+            raise ValueError(
+                f"count_parameters cannot describe {name} of shape {tuple(param.shape)} with the roles of "
+                f"model_type={model_config.model_type!r} (expected {dims}): update its ArchitectureSpec."
+            )
+        is_embedding = module_path in embedding_modules and param_name == "weight"
+        terms.append(_Term(name, dims, per_layer, is_embedding))
+    return tuple(terms), len(layers)
+
+
+def _terms(model_config) -> tuple[_Term, ...]:
+    return _terms_from_json(type(model_config), model_config.to_json_string(use_diff=False))[0]
+
+
+def parameter_counter(model_config):
+    """A fast `shape -> {"total", "non_embedding"}` function for `model_config`'s family, where `shape` is a
+    resolved target (the dict of `PrunedConfig.resolve`), not validated: the inner loop of the search."""
+    terms = _terms(model_config)
+    head_dim = model_shape(model_config)["head_dim"]
+    return lambda shape: _count(terms, {"head_dim": head_dim, **shape})
+
+
+def _count(terms: tuple[_Term, ...], shape: dict) -> dict[str, int]:
+    sizes = _sizes(shape)
+    total = embedding = 0
+    for term in terms:
+        n = 1
+        for d in _evaluate(term.dims, sizes):
+            n *= d
+        if term.per_layer:
+            n *= shape["num_hidden_layers"]
+        total += n
+        if term.embedding:
+            embedding += n
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def dtype_size(dtype: str | torch.dtype) -> int:
+    """Bytes per element of a torch dtype given by name (`"bfloat16"`) or object."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(
+            f"dtype={dtype!r} is not a torch dtype: use e.g. 'bfloat16', 'float16', 'float32' or 'float8_e4m3fn'."
+        )
+    return torch.empty((), dtype=resolved).element_size()
+
+
+def count_parameters(
+    model_config, pruned_config: PrunedConfig | None = None, count: str = "total", dtype: str = "bfloat16"
+) -> int:
+    """Exact size of the model `prune_model` would produce from a model with `model_config`, without building it.
+
+    Args:
+        model_config (`PretrainedConfig`): config of the source (unpruned) model, of a supported architecture.
+        pruned_config (`PrunedConfig`, *optional*): the target shape; `None` counts the source model itself.
+        count (`str`, *optional*, defaults to `"total"`): `"total"` parameters (tied embeddings counted once),
+            `"non_embedding"` (without the input embeddings and an untied output projection), or `"memory"`: bytes
+            of the weights at `dtype` (weights only: no KV cache or activations).
+        dtype (`str`, *optional*, defaults to `"bfloat16"`): element type of the `"memory"` count.
+
+    Returns:
+        `int`: the count, equal to `sum(p.numel() for p in pruned.parameters())` (times the element size for
+        `"memory"`).
+    """
+    if count not in COUNT_KINDS:
+        raise ValueError(f"count={count!r} is not supported: choose one of {list(COUNT_KINDS)}.")
+    shape = model_shape(model_config)
+    if pruned_config is not None:
+        shape = {**shape, **pruned_config.resolve(model_config)}
+    counts = _count(_terms(model_config), shape)
+    if count == "memory":
+        return counts["total"] * dtype_size(dtype)
+    return counts[count]

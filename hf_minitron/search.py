@@ -1,0 +1,975 @@
+"""Architecture search under a parameter budget ([paper 1](https://arxiv.org/abs/2407.14679) §3, Table 9).
+
+1. Enumerate every shape (layers, hidden size, MLP neurons, attention heads, optionally KV groups) whose exact size
+   (total or non-embedding parameters, or weight memory) is within ±`tolerance` of the budget, on configurable
+   multiples, within caps on how much each axis may lose, and loadable by stock transformers.
+2. Estimate importance ONCE and prune every candidate from a deep copy of the teacher (never the teacher itself).
+3. Retrain each candidate lightly with knowledge distillation (paper 1: ~400 steps) and evaluate it every
+   `eval_interval` steps by held-out LM loss or any `scorer(model) -> float`. `retrain_steps=0` ranks the pruned
+   candidates as they are, as NVIDIA ModelOpt's Minitron search does; `retrain_top_k` retrains only the best of them.
+4. Rank the candidates at every evaluated step and report the step after which the order of the top candidates no
+   longer changes (paper 1 finds the ranking settles after ~300 steps).
+
+Results go to `search_results.{json,md,png}`; with an `output_dir`, every finished candidate is saved atomically and
+a rerun skips it.
+"""
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import product
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import get_architecture
+from .importance import ImportanceScores, model_shape
+from .io import atomic_directory
+from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
+from .pruning_config import _TARGET_FIELDS, PrunedConfig
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Candidate",
+    "CandidateResult",
+    "SearchConfig",
+    "SearchResult",
+    "count_parameters",
+    "enumerate_candidates",
+    "search_architectures",
+]
+
+RESULTS_NAME = "search_results"
+SETTINGS_NAME = "search_settings.json"
+# Axes in the order of a candidate's name; the PrunedConfig field of each.
+_AXES = (
+    ("num_hidden_layers", "layers"),
+    ("hidden_size", "hidden"),
+    ("intermediate_size", "mlp"),
+    ("num_attention_heads", "heads"),
+    ("num_key_value_heads", "kv"),
+)
+
+
+@dataclass
+class SearchConfig:
+    """The budget, the search space, and how candidates are retrained and ranked.
+
+    Args:
+        target_params (`int`, *optional*):
+            The budget, in the unit of `count` (parameters, or bytes for `count="memory"`). Set it or `target_ratio`.
+        target_ratio (`float`, *optional*):
+            The budget as a fraction of the teacher's `count`, in (0, 1) (e.g. `0.5`).
+        count (`str`, *optional*, defaults to `"total"`):
+            What the budget counts: `"total"` parameters, `"non_embedding"` parameters, or `"memory"` (bytes of the
+            weights at `memory_dtype`).
+        memory_dtype (`str`, *optional*, defaults to `"bfloat16"`):
+            Element type of the `"memory"` count.
+        tolerance (`float`, *optional*, defaults to `0.05`):
+            Candidates are within `target * (1 ± tolerance)`.
+        max_depth_pruning (`float`, *optional*, defaults to `0.2`):
+            Largest fraction of the layers a candidate may remove.
+        max_width_pruning (`float`, *optional*, defaults to `0.4`):
+            Largest fraction of each width axis (hidden, MLP, heads, KV heads) a candidate may remove. The defaults
+            (20% depth, 40% width) are those of NVIDIA ModelOpt's Minitron search.
+        max_hidden_size_pruning, max_intermediate_size_pruning, max_num_attention_heads_pruning (`float`, *optional*):
+            Per-axis caps that replace `max_width_pruning` for that axis.
+        num_hidden_layers_multiple, hidden_size_multiple, intermediate_size_multiple, num_attention_heads_multiple
+        (`int`, *optional*, defaults to `1`, `64`, `64`, `1`):
+            Generated sizes are multiples of these (the teacher's own size is always a candidate value). Heads are
+            also multiples of the KV heads, and a KV group never gains heads.
+        search_kv_heads (`bool`, *optional*, defaults to `False`):
+            Also try removing whole KV groups (divisors of the teacher's KV heads). By default they are kept.
+        num_hidden_layers_grid, hidden_size_grid, intermediate_size_grid, num_attention_heads_grid,
+        num_key_value_heads_grid (`list[int]`, *optional*):
+            Explicit values of an axis; they replace the generated ones (multiples and caps do not apply).
+        max_candidates (`int`, *optional*):
+            Keep at most this many candidates, the closest to the target.
+        pruning (`dict` or `str`, *optional*):
+            `PrunedConfig` options shared by every candidate (importance and depth selection, e.g.
+            `{"depth_method": "block_influence", "calibration_samples": 256}`); no target-shape fields.
+        retrain_steps (`int`, *optional*, defaults to `400`):
+            Knowledge-distillation steps per candidate (paper 1: ~400). `0` ranks the pruned candidates without
+            retraining.
+        eval_interval (`int`, *optional*, defaults to `50`):
+            Candidates are evaluated at step 0, every `eval_interval` steps, and at `retrain_steps`.
+        retrain_top_k (`int`, *optional*):
+            Retrain only the `k` best candidates at step 0; the others keep their step-0 result.
+        eval_batch_size (`int`, *optional*, defaults to `8`):
+            Batch size of the held-out loss.
+        stability_top_k (`int`, *optional*, defaults to `3`):
+            How many of the best candidates must keep their order for the ranking to count as stable.
+    """
+
+    target_params: int | None = field(default=None, metadata={"help": "Budget in units of `count` (or target_ratio)."})
+    target_ratio: float | None = field(default=None, metadata={"help": "Budget as a fraction of the teacher, in (0, 1)."})
+    count: str = field(default="total", metadata={"help": "What is counted.", "choices": list(COUNT_KINDS)})
+    memory_dtype: str = field(default="bfloat16", metadata={"help": "Element type of the 'memory' count."})
+    tolerance: float = field(default=0.05, metadata={"help": "Relative tolerance around the target."})
+    max_depth_pruning: float = field(default=0.2, metadata={"help": "Largest fraction of layers removed."})
+    max_width_pruning: float = field(default=0.4, metadata={"help": "Largest fraction removed per width axis."})
+    max_hidden_size_pruning: float | None = field(default=None, metadata={"help": "Cap for the hidden size."})
+    max_intermediate_size_pruning: float | None = field(default=None, metadata={"help": "Cap for MLP neurons."})
+    max_num_attention_heads_pruning: float | None = field(default=None, metadata={"help": "Cap for heads."})
+    num_hidden_layers_multiple: int = field(default=1, metadata={"help": "Layer counts are multiples of this."})
+    hidden_size_multiple: int = field(default=64, metadata={"help": "Hidden sizes are multiples of this."})
+    intermediate_size_multiple: int = field(default=64, metadata={"help": "MLP sizes are multiples of this."})
+    num_attention_heads_multiple: int = field(default=1, metadata={"help": "Head counts are multiples of this."})
+    search_kv_heads: bool = field(default=False, metadata={"help": "Also try removing whole KV groups."})
+    num_hidden_layers_grid: list[int] | None = field(default=None, metadata={"help": "Explicit layer counts."})
+    hidden_size_grid: list[int] | None = field(default=None, metadata={"help": "Explicit hidden sizes."})
+    intermediate_size_grid: list[int] | None = field(default=None, metadata={"help": "Explicit MLP sizes."})
+    num_attention_heads_grid: list[int] | None = field(default=None, metadata={"help": "Explicit head counts."})
+    num_key_value_heads_grid: list[int] | None = field(default=None, metadata={"help": "Explicit KV head counts."})
+    max_candidates: int | None = field(default=None, metadata={"help": "Keep the N candidates closest to target."})
+    pruning: dict | str | None = field(
+        default=None, metadata={"help": "PrunedConfig options of every candidate (JSON on the command line)."}
+    )
+    retrain_steps: int = field(default=400, metadata={"help": "KD steps per candidate (0: rank without retraining)."})
+    eval_interval: int = field(default=50, metadata={"help": "Evaluate every this many steps."})
+    retrain_top_k: int | None = field(default=None, metadata={"help": "Retrain only the k best at step 0."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the held-out loss."})
+    stability_top_k: int = field(default=3, metadata={"help": "Top candidates whose order defines stability."})
+
+    def __post_init__(self):
+        if (self.target_params is None) == (self.target_ratio is None):
+            raise ValueError(
+                "SearchConfig needs exactly one budget: target_params (e.g. 80_000_000) or target_ratio (a fraction "
+                f"of the teacher, e.g. 0.5); got target_params={self.target_params!r}, "
+                f"target_ratio={self.target_ratio!r}."
+            )
+        if self.target_params is not None and (not _is_int(self.target_params) or self.target_params <= 0):
+            raise ValueError(
+                f"SearchConfig.target_params={self.target_params!r} is invalid: expected a positive integer."
+            )
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ValueError(
+                f"SearchConfig.target_ratio={self.target_ratio!r} is invalid: expected a fraction of the teacher "
+                "strictly between 0 and 1 (e.g. 0.5)."
+            )
+        if self.count not in COUNT_KINDS:
+            raise ValueError(f"SearchConfig.count={self.count!r} is not supported: choose one of {list(COUNT_KINDS)}.")
+        try:
+            dtype_size(self.memory_dtype)
+        except ValueError as error:
+            raise ValueError(f"SearchConfig.memory_dtype: {error}") from None
+        if not 0 < self.tolerance < 1:
+            raise ValueError(
+                f"SearchConfig.tolerance={self.tolerance!r} is invalid: expected a relative tolerance strictly between "
+                "0 and 1 (e.g. 0.05 for ±5%)."
+            )
+        for name in (
+            "max_depth_pruning",
+            "max_width_pruning",
+            "max_hidden_size_pruning",
+            "max_intermediate_size_pruning",
+            "max_num_attention_heads_pruning",
+        ):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(
+                    f"SearchConfig.{name}={value!r} is invalid: expected the largest fraction removed, in [0, 1)."
+                )
+        for name in (
+            "num_hidden_layers_multiple",
+            "hidden_size_multiple",
+            "intermediate_size_multiple",
+            "num_attention_heads_multiple",
+            "eval_interval",
+            "eval_batch_size",
+            "stability_top_k",
+        ):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"SearchConfig.{name}={getattr(self, name)!r} is invalid: expected a positive integer.")
+        for name in ("max_candidates", "retrain_top_k"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"SearchConfig.{name}={value!r} is invalid: expected a positive integer or None.")
+        if not _is_int(self.retrain_steps) or self.retrain_steps < 0:
+            raise ValueError(
+                f"SearchConfig.retrain_steps={self.retrain_steps!r} is invalid: expected an integer >= 0 (0 ranks "
+                "the pruned candidates without retraining)."
+            )
+        for name, _ in _AXES:
+            grid = getattr(self, f"{name}_grid")
+            if grid is not None:
+                if not grid or any(not _is_int(v) or v <= 0 for v in grid):
+                    raise ValueError(
+                        f"SearchConfig.{name}_grid={grid!r} is invalid: expected a non-empty list of positive integers."
+                    )
+                setattr(self, f"{name}_grid", sorted(set(grid)))
+        if isinstance(self.pruning, str):
+            try:
+                self.pruning = json.loads(self.pruning) if self.pruning.strip() else None
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"SearchConfig.pruning={self.pruning!r} is not valid JSON: pass a mapping of PrunedConfig options, "
+                    'e.g. \'{"depth_method": "block_influence"}\'.'
+                ) from error
+        if self.pruning is not None:
+            if not isinstance(self.pruning, dict):
+                raise ValueError(
+                    f"SearchConfig.pruning={self.pruning!r} is invalid: pass a mapping of PrunedConfig options."
+                )
+            shape_keys = sorted(set(self.pruning) & {*_TARGET_FIELDS, "layers_to_drop"})
+            if shape_keys:
+                raise ValueError(
+                    f"SearchConfig.pruning sets {shape_keys}: the search chooses the shape. Use the *_grid fields to "
+                    "restrict an axis, and keep only importance/depth options in `pruning`."
+                )
+            self.base_pruned_config()  # PrunedConfig validates names and values
+
+    @property
+    def eval_steps(self) -> list[int]:
+        """The steps at which candidates are evaluated: 0, every `eval_interval`, and `retrain_steps`."""
+        return sorted({0, *range(self.eval_interval, self.retrain_steps, self.eval_interval), self.retrain_steps})
+
+    def base_pruned_config(self) -> PrunedConfig:
+        """The `PrunedConfig` of `pruning` (no target shape): the importance and depth options of every candidate."""
+        try:
+            return PrunedConfig.from_dict(dict(self.pruning or {}))
+        except ValueError as error:
+            raise ValueError(f"SearchConfig.pruning: {error}") from None
+
+    def width_cap(self, name: str) -> float:
+        override = getattr(self, f"max_{name}_pruning", None)
+        return self.max_width_pruning if override is None else override
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown SearchConfig field(s) {unknown}. Valid fields: {sorted(known)}.")
+        return cls(**data)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+@dataclass
+class Candidate:
+    """One architecture of the search space.
+
+    Attributes:
+        name (`str`): e.g. `"layers24-hidden512-mlp1280-heads8-kv4"`.
+        pruned_config (`PrunedConfig`): every target field set, plus the search's importance options.
+        shape (`dict`): the five target sizes.
+        num_parameters (`int`): total parameters of the pruned model (exact).
+        num_non_embedding_parameters (`int`): without input embeddings and an untied output projection.
+        memory_bytes (`int`): bytes of the weights at `SearchConfig.memory_dtype`.
+        budget_value (`int`): the quantity the budget counts (one of the three above).
+    """
+
+    name: str
+    pruned_config: PrunedConfig
+    shape: dict
+    num_parameters: int
+    num_non_embedding_parameters: int
+    memory_bytes: int
+    budget_value: int
+
+    @property
+    def parameters(self) -> dict:
+        return {
+            "total": self.num_parameters,
+            "non_embedding": self.num_non_embedding_parameters,
+            "memory": self.memory_bytes,
+        }
+
+
+def candidate_name(shape: dict) -> str:
+    return "-".join(f"{short}{shape[name]}" for name, short in _AXES)
+
+
+def _axis_values(config: SearchConfig, name: str, source: int) -> list[int]:
+    grid = getattr(config, f"{name}_grid")
+    if grid is not None:
+        too_large = [v for v in grid if v > source]
+        if too_large:
+            raise ValueError(
+                f"SearchConfig.{name}_grid holds {too_large}, larger than the teacher's {name}={source}: pruning only "
+                f"removes structure. Use values <= {source}."
+            )
+        return grid
+    if name == "num_key_value_heads":
+        if not config.search_kv_heads:
+            return [source]
+        low = math.ceil(source * (1 - config.max_width_pruning))
+        return [v for v in range(1, source + 1) if source % v == 0 and v >= low]
+    if name == "num_hidden_layers":
+        cap, multiple = config.max_depth_pruning, config.num_hidden_layers_multiple
+    else:
+        cap, multiple = config.width_cap(name), getattr(config, f"{name}_multiple")
+    low = max(1, math.ceil(source * (1 - cap)))
+    return sorted({v for v in range(multiple, source + 1, multiple) if v >= low} | {source})
+
+
+def _budget(config: SearchConfig, counts: dict) -> int:
+    if config.count == "memory":
+        return counts["total"] * dtype_size(config.memory_dtype)
+    return counts[config.count]
+
+
+def teacher_budget(model_config, config: SearchConfig) -> tuple[int, int]:
+    """`(teacher's value, absolute target)` in the unit of `config.count`."""
+    counts = parameter_counter(model_config)(model_shape(model_config))
+    teacher = _budget(config, counts)
+    target = config.target_params if config.target_params is not None else round(config.target_ratio * teacher)
+    return teacher, target
+
+
+def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
+    """Every architecture within `config`'s budget and search space, closest to the target first.
+
+    Only shapes that `prune_model` accepts and stock transformers loads are kept (`PrunedConfig.validate_for` and
+    `check_target_loads`). Raises `ValueError` naming the field to change when the budget cannot be met.
+    """
+    from .pruning import check_target_loads
+
+    get_architecture(model_config)
+    source = model_shape(model_config)
+    teacher, target = teacher_budget(model_config, config)
+    unit = "bytes" if config.count == "memory" else f"{config.count} parameters"
+    if target > teacher:
+        field_name = "target_params" if config.target_params is not None else "target_ratio"
+        raise ValueError(
+            f"SearchConfig.{field_name} asks for {target:,} {unit}, more than the teacher's {teacher:,}: pruning only "
+            f"removes parameters. Use a target below {teacher:,} (or target_ratio < 1)."
+        )
+    counter = parameter_counter(model_config)
+    axes = {name: _axis_values(config, name, source[name]) for name, _ in _AXES}
+    per_group = source["num_attention_heads"] // source["num_key_value_heads"]
+    low, high = target * (1 - config.tolerance), target * (1 + config.tolerance)
+    in_budget, reachable, rejected = [], [], []
+    for values in product(*(axes[name] for name, _ in _AXES)):
+        shape = dict(zip((name for name, _ in _AXES), values))
+        heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        # Grouped-query structure: whole groups are removed, and a group keeps the same number of heads.
+        if heads % kv or heads // kv > per_group or heads % config.num_attention_heads_multiple and heads != source[
+            "num_attention_heads"
+        ]:
+            continue
+        counts = counter(shape)
+        value = _budget(config, counts)
+        reachable.append(value)
+        if low <= value <= high:
+            in_budget.append((abs(value - target), candidate_name(shape), shape, counts, value))
+    base = config.base_pruned_config().to_dict()
+    candidates = []
+    for _, name, shape, counts, value in sorted(in_budget, key=lambda item: item[:2]):
+        pruned = PrunedConfig.from_dict({**base, **shape})
+        try:
+            check_target_loads(model_config, pruned.resolve(model_config))
+        except ValueError as error:
+            rejected.append(f"{name}: {error}")
+            continue
+        candidates.append(
+            Candidate(
+                name=name,
+                pruned_config=pruned,
+                shape=shape,
+                num_parameters=counts["total"],
+                num_non_embedding_parameters=counts["non_embedding"],
+                memory_bytes=counts["total"] * dtype_size(config.memory_dtype),
+                budget_value=value,
+            )
+        )
+    if not candidates:
+        reach = f"[{min(reachable):,}, {max(reachable):,}]" if reachable else "empty"
+        detail = f" {len(rejected)} shape(s) in the budget would not load with stock transformers." if rejected else ""
+        raise ValueError(
+            f"No candidate architecture within ±{config.tolerance:.0%} of {target:,} {unit} (teacher: {teacher:,}); "
+            f"the search space reaches {reach}.{detail} Fix SearchConfig: raise `tolerance`, move `target_params` / "
+            "`target_ratio` into that range, loosen `max_depth_pruning` / `max_width_pruning`, use smaller "
+            "`*_multiple` values, or give explicit `*_grid` values."
+        )
+    if config.max_candidates is not None and len(candidates) > config.max_candidates:
+        logger.info("%d candidates in the budget; keeping the %d closest to it.", len(candidates), config.max_candidates)
+        candidates = candidates[: config.max_candidates]
+    return candidates
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class CandidateResult:
+    """What the search measured for one candidate (step-keyed dicts use the evaluated KD steps).
+
+    Attributes:
+        name, pruned_config, shape, parameters (`{"total", "non_embedding", "memory"}`), budget_value: as in
+            [`Candidate`].
+        metric (`dict[int, float]`): the ranking metric (held-out loss, or the scorer's value) at each step.
+        heldout_loss (`dict[int, float]`): held-out LM loss at each step (when an `eval_dataset` was given).
+        train_loss (`dict[int, float]`): the KD training loss logged at each evaluated step.
+        rank (`dict[int, int]`): 1-based rank at each step, among the candidates evaluated at that step.
+        retrained (`bool`): whether the candidate was retrained (see `SearchConfig.retrain_top_k`).
+        seconds (`float`): wall time spent on the candidate (pruning, retraining and evaluation).
+    """
+
+    name: str
+    pruned_config: PrunedConfig
+    shape: dict
+    parameters: dict
+    budget_value: int
+    metric: dict[int, float] = field(default_factory=dict)
+    heldout_loss: dict[int, float] = field(default_factory=dict)
+    train_loss: dict[int, float] = field(default_factory=dict)
+    rank: dict[int, int] = field(default_factory=dict)
+    retrained: bool = False
+    seconds: float = 0.0
+
+    @property
+    def num_parameters(self) -> int:
+        return self.parameters["total"]
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["pruned_config"] = self.pruned_config.to_dict()
+        for key in ("metric", "heldout_loss", "train_loss", "rank"):
+            data[key] = {str(step): value for step, value in sorted(data[key].items())}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CandidateResult":
+        data = dict(data)
+        data["pruned_config"] = PrunedConfig.from_dict(data["pruned_config"])
+        for key in ("metric", "heldout_loss", "train_loss", "rank"):
+            data[key] = {int(step): value for step, value in data.get(key, {}).items()}
+        return cls(**data)
+
+
+@dataclass
+class SearchResult:
+    """The candidates, their metric at every evaluated step, and the rankings.
+
+    Attributes:
+        candidates (`list[CandidateResult]`): in enumeration order (closest to the budget first).
+        steps (`list[int]`): the evaluated KD steps.
+        metric (`str`): `"heldout_loss"` or `"score"` (a user scorer).
+        higher_is_better (`bool`): the direction of `metric`.
+        count, target, tolerance: the budget (`target` in the unit of `count`).
+        teacher (`dict`): the teacher's shape and parameter counts.
+        config (`dict`): the `SearchConfig` used.
+    """
+
+    candidates: list[CandidateResult]
+    steps: list[int]
+    metric: str
+    higher_is_better: bool
+    count: str
+    target: int
+    tolerance: float
+    teacher: dict
+    config: dict
+
+    def __post_init__(self):
+        for step in self.steps:
+            for rank, candidate in enumerate(self._sorted_at(step), start=1):
+                candidate.rank[step] = rank
+
+    def _sorted_at(self, step: int, among: list[CandidateResult] | None = None) -> list[CandidateResult]:
+        pool = [c for c in (among if among is not None else self.candidates) if step in c.metric]
+        sign = -1.0 if self.higher_is_better else 1.0
+        return sorted(pool, key=lambda c: (sign * c.metric[step], c.name))
+
+    def ranking(self, step: int | None = None) -> list[CandidateResult]:
+        """The candidates evaluated at `step` (default: the last step), best first."""
+        step = self.steps[-1] if step is None else step
+        ranked = self._sorted_at(step)
+        if not ranked:
+            raise ValueError(f"No candidate was evaluated at step {step}: evaluated steps are {self.steps}.")
+        return ranked
+
+    @property
+    def best(self) -> CandidateResult:
+        """The best candidate at the last evaluated step."""
+        return self.ranking()[0]
+
+    def _complete(self) -> list[CandidateResult]:
+        return [c for c in self.candidates if all(step in c.metric for step in self.steps)]
+
+    def top_order(self, step: int, top_k: int | None = None) -> list[str]:
+        """Names of the `top_k` best (default: `stability_top_k`) among the candidates evaluated at every step."""
+        top_k = top_k or self.config.get("stability_top_k", 3)
+        return [c.name for c in self._sorted_at(step, self._complete())[:top_k]]
+
+    def stable_step(self, top_k: int | None = None) -> int | None:
+        """The first evaluated step from which the order of the `top_k` best candidates never changes again.
+
+        Candidates evaluated at every step are compared (the retrained ones). `None` when there are none.
+        """
+        if not self._complete():
+            return None
+        final = self.top_order(self.steps[-1], top_k)
+        stable = self.steps[-1]
+        for step in reversed(self.steps):
+            if self.top_order(step, top_k) != final:
+                break
+            stable = step
+        return stable
+
+    def rank_correlation(self, step: int) -> float | None:
+        """Spearman correlation between the ranking at `step` and the final one (candidates evaluated at both)."""
+        both = [c for c in self.candidates if step in c.metric and self.steps[-1] in c.metric]
+        if len(both) < 2:
+            return None
+        at_step = {c.name: i for i, c in enumerate(self._sorted_at(step, both))}
+        final = {c.name: i for i, c in enumerate(self._sorted_at(self.steps[-1], both))}
+        n = len(both)
+        d2 = sum((at_step[name] - final[name]) ** 2 for name in at_step)
+        return 1 - 6 * d2 / (n * (n * n - 1))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidates"}
+        data["stable_step"] = self.stable_step()
+        data["candidates"] = [c.to_dict() for c in self.candidates]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchResult":
+        data = {k: v for k, v in data.items() if k != "stable_step"}
+        data["candidates"] = [CandidateResult.from_dict(c) for c in data["candidates"]]
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes `search_results.json`, `search_results.md` and `search_results.png` (each file atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_text(directory / f"{RESULTS_NAME}.json", json.dumps(self.to_dict(), indent=1))
+        _write_text(directory / f"{RESULTS_NAME}.md", self.to_markdown())
+        self.plot(directory / f"{RESULTS_NAME}.png")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "SearchResult":
+        path = Path(directory) / f"{RESULTS_NAME}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"No {path.name} in {str(directory)!r}: run search_architectures there first.")
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    # ------------------------------------------------------------------ reports
+    def _metric_label(self) -> str:
+        name = "held-out loss" if self.metric == "heldout_loss" else "score"
+        return f"{name} ({'higher' if self.higher_is_better else 'lower'} is better)"
+
+    def to_markdown(self) -> str:
+        unit = "bytes of weights" if self.count == "memory" else f"{self.count.replace('_', '-')} parameters"
+        final = self.steps[-1]
+        lines = [
+            f"## Architecture search: {len(self.candidates)} candidates within ±{self.tolerance:.0%} of "
+            f"{self.target:,} {unit}",
+            "",
+            f"Teacher: {self.teacher['parameters']['total']:,} parameters. Ranked by {self._metric_label()} after "
+            f"{final} KD steps; evaluated at steps {', '.join(map(str, self.steps))}.",
+        ]
+        stable = self.stable_step()
+        if stable is not None and len(self.steps) > 1:
+            top_k = min(self.config.get("stability_top_k", 3), len(self._complete()))
+            lines.append(f"The order of the top {top_k} is stable from step {stable} on.")
+        lines += ["", self._table(), ""]
+        if len(self.steps) > 1:
+            lines += ["| step | top order | Spearman vs final |", "|---|---|---|"]
+            for step in self.steps:
+                rho = self.rank_correlation(step)
+                order = " > ".join(self.top_order(step))
+                lines.append(f"| {step} | {order} | {'-' if rho is None else f'{rho:.2f}'} |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def _table(self) -> str:
+        header = ["rank", "candidate", "layers", "hidden", "MLP", "heads", "KV", "parameters"]
+        if self.count != "total":
+            header.append(self.count.replace("_", "-"))
+        header += [f"step {step}" for step in self.steps]
+        rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        ranked = self.ranking()
+        rest = [c for c in self.ranking(self.steps[0]) if c not in ranked]
+        for candidate in ranked + rest:
+            rank = candidate.rank.get(self.steps[-1])
+            cells = [str(rank) if rank else "-", candidate.name]
+            cells += [str(candidate.shape[name]) for name, _ in _AXES]
+            cells.append(f"{candidate.num_parameters:,}")
+            if self.count != "total":
+                cells.append(f"{candidate.budget_value:,}")
+            cells += [f"{candidate.metric[s]:.4f}" if s in candidate.metric else "-" for s in self.steps]
+            rows.append("| " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """A PNG of every candidate's metric against the KD steps (a bar chart when nothing was retrained)."""
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(8, 5))
+        axes = figure.subplots()
+        best = self.best.name
+        if len(self.steps) == 1:
+            ranked = self.ranking()
+            axes.barh([c.name for c in ranked][::-1], [c.metric[self.steps[0]] for c in ranked][::-1])
+            axes.set_xlabel(self._metric_label())
+        else:
+            for candidate in self.candidates:
+                steps = sorted(candidate.metric)
+                axes.plot(
+                    steps,
+                    [candidate.metric[s] for s in steps],
+                    marker="o",
+                    linewidth=2.5 if candidate.name == best else 1.0,
+                    label=candidate.name + (" (best)" if candidate.name == best else ""),
+                )
+            stable = self.stable_step()
+            if stable is not None:
+                axes.axvline(stable, color="grey", linestyle="--", linewidth=1, label=f"ranking stable (step {stable})")
+            axes.set_xlabel("KD retraining steps")
+            axes.set_ylabel(self._metric_label())
+            axes.legend(fontsize=7)
+        axes.set_title(f"Architecture search: {len(self.candidates)} candidates, target {self.target:,} ({self.count})")
+        figure.tight_layout()
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        figure.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- the search
+class _EvaluateAtSteps:
+    """A `TrainerCallback` that evaluates the student at the chosen global steps."""
+
+    def __new__(cls, steps, evaluate, record):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step in steps and model is not None:
+                    record(state.global_step, evaluate(model))
+
+        return Callback()
+
+
+def default_retraining_config(output_dir: str):
+    """The `DistillationConfig` of the lightweight retraining when none is given: the Minitron KD loss (logit-only
+    forward KL) at a constant learning rate, so the result at step k is that of k steps of training whatever
+    `retrain_steps` is."""
+    from .distillation_config import DistillationConfig
+
+    return DistillationConfig(output_dir=output_dir, lr_scheduler_type="constant", report_to="none", save_strategy="no")
+
+
+def _retraining_args(template, output_dir: str, config: SearchConfig, show_progress: bool):
+    return replace(
+        template,
+        output_dir=output_dir,
+        max_steps=config.retrain_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+        logging_steps=config.eval_interval,
+        disable_tqdm=template.disable_tqdm or not show_progress,
+    )
+
+
+def _settings(teacher, config: SearchConfig, template, metric: str, higher_is_better: bool, train, evaluation):
+    """What a finished candidate's result depends on: a rerun reuses results only when these match."""
+    ignored = {"output_dir", "logging_dir", "run_name", "disable_tqdm", "logging_steps", "report_to", "hub_token"}
+    training = {k: v for k, v in json.loads(template.to_json_string()).items() if k not in ignored}
+    return {
+        "teacher": model_shape(teacher.config),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "pruning": config.base_pruned_config().to_dict(),
+        "retrain_steps": config.retrain_steps,
+        "eval_steps": config.eval_steps,
+        "eval_batch_size": config.eval_batch_size,
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "train_samples": None if train is None else len(train),
+        "eval_samples": None if evaluation is None else len(evaluation),
+        "training": training,
+    }
+
+
+def _check_settings(output_dir: Path, settings: dict) -> None:
+    path = output_dir / SETTINGS_NAME
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(
+                f"{str(output_dir)!r} holds search results made with other settings ({', '.join(changed)} differ): "
+                "finished candidates cannot be reused. Choose another output_dir, or delete this one to start over."
+            )
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+
+
+def search_architectures(
+    teacher,
+    config: SearchConfig,
+    train_dataset=None,
+    eval_dataset=None,
+    *,
+    scores: ImportanceScores | None = None,
+    calibration_data=None,
+    output_dir: str | os.PathLike | None = None,
+    scorer=None,
+    higher_is_better: bool | None = None,
+    distillation_config=None,
+    processing_class=None,
+    show_progress: bool = True,
+) -> SearchResult:
+    """Searches the architectures within `config`'s budget: one importance pass, every candidate pruned from a copy
+    of `teacher`, lightly retrained by distillation, evaluated along the way, and ranked.
+
+    Args:
+        teacher (`PreTrainedModel`): a supported `*ForCausalLM`. Its weights are never modified.
+        config ([`SearchConfig`]): budget, search space, retraining steps and evaluation interval.
+        train_dataset (*optional*): tokenized samples (`input_ids`, optional `attention_mask`) for the KD retraining;
+            required when `config.retrain_steps > 0`.
+        eval_dataset (*optional*): tokenized held-out samples for the held-out LM loss; required without `scorer`.
+        scores ([`ImportanceScores`], *optional*): importance of `teacher`, to skip the importance pass.
+        calibration_data (*optional*): samples for importance estimation and LM-loss depth selection; defaults to
+            `train_dataset`.
+        output_dir (`str`, *optional*): where the importance scores, one result per finished candidate and
+            `search_results.{json,md,png}` are written. A rerun with the same settings skips finished candidates.
+        scorer (`Callable[[PreTrainedModel], float]`, *optional*): ranks by this instead of the held-out loss, e.g.
+            `make_lm_eval_scorer(tokenizer)` or `make_perplexity_scorer(dataset)`.
+        higher_is_better (`bool`, *optional*): the direction of `scorer`; required with a scorer (both scorers of
+            `hf_minitron.evaluation` are higher-is-better). The held-out loss is lower-is-better.
+        distillation_config ([`DistillationConfig`], *optional*): the retraining hyperparameters (learning rate,
+            batch size, KD loss, seed, ...). `max_steps` is `config.retrain_steps`, and checkpointing, Trainer
+            evaluation and reporting are turned off. Defaults to [`default_retraining_config`].
+        processing_class (*optional*): the tokenizer, passed to the trainer.
+        show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+
+    Returns:
+        [`SearchResult`]: every candidate's metric per step, ranks per step, the best candidate and when the ranking
+        stabilised.
+    """
+    from .pruning import compute_scores, prune_model
+
+    # 1. Everything that can fail, before any forward pass.
+    candidates = enumerate_candidates(teacher.config, config)
+    if scorer is None:
+        if eval_dataset is None:
+            raise ValueError(
+                "search_architectures ranks by held-out loss without a scorer: pass eval_dataset (tokenized held-out "
+                "samples), or a scorer with higher_is_better."
+            )
+        if higher_is_better is not None:
+            raise ValueError("higher_is_better describes a scorer: drop it, or pass scorer= as well.")
+        metric, higher_is_better = "heldout_loss", False
+    else:
+        if not callable(scorer):
+            raise ValueError(f"scorer must be a callable model -> float, got {type(scorer).__name__}.")
+        if not isinstance(higher_is_better, bool):
+            raise ValueError(
+                "A scorer needs an explicit direction: pass higher_is_better=True (e.g. accuracy, or the scorers of "
+                "hf_minitron.evaluation) or higher_is_better=False (e.g. a loss)."
+            )
+        metric = "score"
+    if config.retrain_steps > 0 and train_dataset is None:
+        raise ValueError(
+            f"SearchConfig.retrain_steps={config.retrain_steps} needs train_dataset for the KD retraining: pass it, "
+            "or set retrain_steps=0 to rank the pruned candidates without retraining."
+        )
+    base_config = config.base_pruned_config()
+    calibration_data = calibration_data if calibration_data is not None else train_dataset
+    if scores is None and base_config.importance == "activation" and calibration_data is None:
+        raise ValueError(
+            "Minitron importance needs calibration_data (or train_dataset): pass tokenized samples, precomputed "
+            "scores=..., or set SearchConfig.pruning={'importance': 'magnitude'}."
+        )
+    if scores is not None:
+        scores.check_compatible(teacher.config)
+    template = distillation_config
+    if template is None and config.retrain_steps > 0:
+        template = default_retraining_config(tempfile.gettempdir())
+    elif template is not None:
+        from .distillation_config import DistillationConfig
+
+        if not isinstance(template, DistillationConfig):
+            raise ValueError(f"distillation_config must be a DistillationConfig, got {type(template).__name__}.")
+    root = Path(output_dir) if output_dir is not None else None
+    if root is not None:
+        if root.exists() and not root.is_dir():
+            raise FileExistsError(f"output_dir {str(root)!r} is a file: choose a directory.")
+        settings = _settings(teacher, config, template, metric, higher_is_better, train_dataset, eval_dataset)
+        settings["training"] = settings["training"] if template is not None else None
+        _check_settings(root, settings)
+
+    teacher_counts = {
+        "total": count_parameters(teacher.config),
+        "non_embedding": count_parameters(teacher.config, count="non_embedding"),
+        "memory": count_parameters(teacher.config, count="memory", dtype=config.memory_dtype),
+    }
+    _, target = teacher_budget(teacher.config, config)
+    was_training = teacher.training
+    requires_grad = [p.requires_grad for p in teacher.parameters()]
+    records = {c.name: _load_record(root, c.name) for c in candidates}
+    try:
+        # 2. One importance pass (reused from output_dir on a rerun).
+        if scores is None and root is not None and (root / "importance" / "importance.json").is_file():
+            scores = ImportanceScores.load(root / "importance")
+            scores.check_compatible(teacher.config)
+        if scores is None:
+            scores = compute_scores(teacher, base_config, calibration_data, show_progress)
+            if root is not None:
+                scores.save(root / "importance")
+
+        def evaluate(model) -> dict:
+            from .evaluation import heldout_perplexity
+
+            was = model.training
+            try:
+                with torch.no_grad():
+                    loss = heldout_perplexity(model, eval_dataset, config.eval_batch_size)["loss"] if eval_dataset else None
+                    value = float(scorer(model)) if scorer is not None else loss
+            finally:
+                model.train(was)
+            return {"metric": value, "heldout_loss": loss}
+
+        def run(candidate: Candidate, retrain: bool) -> CandidateResult:
+            record = records.get(candidate.name) or _new_record(candidate)
+            start = time.perf_counter()
+            student = copy.deepcopy(teacher)
+            prune_model(student, candidate.pruned_config, calibration_data, scores=scores, show_progress=False)
+            # The teacher may be frozen (the trainer freezes it): the copy must train.
+            student.requires_grad_(True)
+
+            def store(step: int, values: dict) -> None:
+                record.metric[step] = values["metric"]
+                if values["heldout_loss"] is not None:
+                    record.heldout_loss[step] = values["heldout_loss"]
+
+            if 0 not in record.metric:
+                store(0, evaluate(student))
+            if retrain:
+                _retrain(student, teacher, candidate, record, template, config, store, evaluate, train_dataset,
+                         processing_class, show_progress)  # fmt: skip
+            record.retrained = retrain
+            record.seconds += time.perf_counter() - start
+            del student
+            _save_record(root, record)
+            return record
+
+        def finished(name: str, steps: list[int]) -> bool:
+            record = records.get(name)
+            return record is not None and all(step in record.metric for step in steps)
+
+        full_steps = config.eval_steps
+        retrain_all = config.retrain_steps > 0 and config.retrain_top_k is None
+        progress = tqdm(total=len(candidates), desc="Architecture search", unit="candidate", disable=not show_progress)
+        for candidate in candidates:
+            progress.set_postfix_str(candidate.name)
+            if not finished(candidate.name, full_steps if retrain_all else [0]):
+                records[candidate.name] = run(candidate, retrain=retrain_all)
+            progress.update()
+        progress.close()
+        if config.retrain_steps > 0 and config.retrain_top_k is not None:
+            # ModelOpt-style pre-selection: rank the pruned candidates, retrain only the best k.
+            pool = _partial_result(candidates, records, [0], metric, higher_is_better, config, target, teacher_counts)
+            top = [c.name for c in pool.ranking(0)[: config.retrain_top_k]]
+            for candidate in tqdm([c for c in candidates if c.name in top], desc="Retraining the top candidates",
+                                  unit="candidate", disable=not show_progress):  # fmt: skip
+                if not finished(candidate.name, full_steps):
+                    records[candidate.name] = run(candidate, retrain=True)
+        if root is not None:
+            scores.save(root / "importance")  # keeps the depth-selection losses computed on the way
+    finally:
+        teacher.train(was_training)
+        for param, flag in zip(teacher.parameters(), requires_grad):
+            param.requires_grad_(flag)
+
+    steps = full_steps if config.retrain_steps > 0 else [0]
+    result = _partial_result(candidates, records, steps, metric, higher_is_better, config, target, teacher_counts)
+    result.teacher["shape"] = model_shape(teacher.config)
+    if root is not None:
+        result.save(root)
+    return result
+
+
+def _retrain(student, teacher, candidate, record, template, config, store, evaluate, train, processing_class, progress):
+    from .distillation_trainer import DistillationTrainer
+
+    steps = set(config.eval_steps) - {0}
+    with tempfile.TemporaryDirectory(prefix="hf-minitron-search-") as tmp:
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=_retraining_args(template, tmp, config, progress),
+            train_dataset=train,
+            processing_class=processing_class,
+            callbacks=[_EvaluateAtSteps(steps, evaluate, store)],
+        )
+        trainer.train()
+        for entry in trainer.state.log_history:
+            if "loss" in entry and entry.get("step") in steps:
+                record.train_loss[entry["step"]] = entry["loss"]
+        del trainer
+    missing = steps - set(record.metric)
+    if missing:
+        raise RuntimeError(
+            f"Candidate {candidate.name} stopped before steps {sorted(missing)}: the training data is too short for "
+            f"{config.retrain_steps} steps at this batch size? Check train_dataset."
+        )
+
+
+def _new_record(candidate: Candidate) -> CandidateResult:
+    return CandidateResult(
+        name=candidate.name,
+        pruned_config=candidate.pruned_config,
+        shape=candidate.shape,
+        parameters=candidate.parameters,
+        budget_value=candidate.budget_value,
+    )
+
+
+def _load_record(root: Path | None, name: str) -> CandidateResult | None:
+    path = root / "candidates" / name / "result.json" if root is not None else None
+    if path is None or not path.is_file():
+        return None
+    return CandidateResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _save_record(root: Path | None, record: CandidateResult) -> None:
+    if root is None:
+        return
+    with atomic_directory(root / "candidates" / record.name, overwrite=True) as tmp:
+        (tmp / "result.json").write_text(json.dumps(record.to_dict(), indent=1), encoding="utf-8")
+
+
+def _partial_result(candidates, records, steps, metric, higher_is_better, config, target, teacher_counts):
+    results = []
+    for candidate in candidates:
+        record = copy.deepcopy(records[candidate.name])
+        record.rank = {}
+        results.append(record)
+    return SearchResult(
+        candidates=results,
+        steps=list(steps),
+        metric=metric,
+        higher_is_better=higher_is_better,
+        count=config.count,
+        target=target,
+        tolerance=config.tolerance,
+        teacher={"parameters": teacher_counts},
+        config=config.to_dict(),
+    )
