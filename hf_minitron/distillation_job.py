@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
 from .distillation_config import DistillationConfig
+from .validation import check_same_tokenizer, check_sequence_length, load_model_config
 
 
 @dataclass
@@ -61,9 +62,14 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     if teacher is None:
         raise ValueError("No teacher: pass --teacher PATH (or set teacher_model_name_or_path).")
     student_path = resolve_model_path(args.student)
-    if not os.path.exists(student_path) and args.student != "embedded" and os.sep in args.student:
-        raise FileNotFoundError(f"student={args.student!r} does not exist.")
+    teacher_path = resolve_model_path(teacher) if isinstance(teacher, str) else None
+    # Everything that can be checked from configs and tokenizers fails here, before data packing and weights.
+    student_config = load_model_config(student_path)
+    check_sequence_length(student_config, args.seq_length, "DistillArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(student_path)
+    if teacher_path is not None:
+        load_model_config(teacher_path)
+        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher_path), args.student, teacher)
     data = load_text_datasets(
         args.dataset, tokenizer, args.seq_length, args.text_column, max_train_samples=args.max_train_samples
     )

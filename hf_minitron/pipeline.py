@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
 from .pruning_config import PrunedConfig
+from .validation import check_field_types, check_sequence_length, load_model_config
 
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def _build(cls, values: dict, where: str, **forced):
         raise ValueError(
             f"Unknown key(s) {unknown} in the {where!r} section: valid keys are the fields of {cls.__name__}."
         )
+    # A quoted number or a list where a number belongs would otherwise fail deep inside training, or not at all.
+    values = check_field_types(cls, values, f"the {where!r} section of the recipe")
     return cls(**{**values, **forced})
 
 
@@ -156,6 +159,9 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model_path(args.teacher)
+    # Bad checkpoints and lengths fail here, in seconds, not after teacher correction or the importance pass.
+    teacher_config = load_model_config(teacher_path)
+    check_sequence_length(teacher_config, args.seq_length, "MinitronArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     train, validation = _datasets(args, tokenizer)
     summary: dict = {

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from .architectures import get_architecture
 from .importance import ImportanceScores, model_shape
-from .io import atomic_directory
+from .io import atomic_directory, atomic_write_text
 from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
 from .pruning_config import _TARGET_FIELDS, PrunedConfig
+from .search_results import AXES, CandidateResult, SearchResult
 
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,7 @@ __all__ = [
     "search_architectures",
 ]
 
-RESULTS_NAME = "search_results"
 SETTINGS_NAME = "search_settings.json"
-# Axes in the order of a candidate's name; the PrunedConfig field of each.
-_AXES = (
-    ("num_hidden_layers", "layers"),
-    ("hidden_size", "hidden"),
-    ("intermediate_size", "mlp"),
-    ("num_attention_heads", "heads"),
-    ("num_key_value_heads", "kv"),
-)
 
 
 @dataclass
@@ -110,7 +102,9 @@ class SearchConfig:
     """
 
     target_params: int | None = field(default=None, metadata={"help": "Budget in units of `count` (or target_ratio)."})
-    target_ratio: float | None = field(default=None, metadata={"help": "Budget as a fraction of the teacher, in (0, 1)."})
+    target_ratio: float | None = field(
+        default=None, metadata={"help": "Budget as a fraction of the teacher, in (0, 1)."}
+    )
     count: str = field(default="total", metadata={"help": "What is counted.", "choices": list(COUNT_KINDS)})
     memory_dtype: str = field(default="bfloat16", metadata={"help": "Element type of the 'memory' count."})
     tolerance: float = field(default=0.05, metadata={"help": "Relative tolerance around the target."})
@@ -188,7 +182,9 @@ class SearchConfig:
             "stability_top_k",
         ):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"SearchConfig.{name}={getattr(self, name)!r} is invalid: expected a positive integer.")
+                raise ValueError(
+                    f"SearchConfig.{name}={getattr(self, name)!r} is invalid: expected a positive integer."
+                )
         for name in ("max_candidates", "retrain_top_k"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value <= 0):
@@ -198,7 +194,7 @@ class SearchConfig:
                 f"SearchConfig.retrain_steps={self.retrain_steps!r} is invalid: expected an integer >= 0 (0 ranks "
                 "the pruned candidates without retraining)."
             )
-        for name, _ in _AXES:
+        for name, _ in AXES:
             grid = getattr(self, f"{name}_grid")
             if grid is not None:
                 if not grid or any(not _is_int(v) or v <= 0 for v in grid):
@@ -292,7 +288,7 @@ class Candidate:
 
 
 def candidate_name(shape: dict) -> str:
-    return "-".join(f"{short}{shape[name]}" for name, short in _AXES)
+    return "-".join(f"{short}{shape[name]}" for name, short in AXES)
 
 
 def _axis_values(config: SearchConfig, name: str, source: int) -> list[int]:
@@ -351,17 +347,15 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
             f"removes parameters. Use a target below {teacher:,} (or target_ratio < 1)."
         )
     counter = parameter_counter(model_config)
-    axes = {name: _axis_values(config, name, source[name]) for name, _ in _AXES}
+    axes = {name: _axis_values(config, name, source[name]) for name, _ in AXES}
     per_group = source["num_attention_heads"] // source["num_key_value_heads"]
     low, high = target * (1 - config.tolerance), target * (1 + config.tolerance)
     in_budget, reachable, rejected = [], [], []
-    for values in product(*(axes[name] for name, _ in _AXES)):
-        shape = dict(zip((name for name, _ in _AXES), values))
+    for values in product(*(axes[name] for name, _ in AXES)):
+        shape = dict(zip((name for name, _ in AXES), values))
         heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         # Grouped-query structure: whole groups are removed, and a group keeps the same number of heads.
-        if heads % kv or heads // kv > per_group or heads % config.num_attention_heads_multiple and heads != source[
-            "num_attention_heads"
-        ]:
+        if heads % kv or heads // kv > per_group:
             continue
         counts = counter(shape)
         value = _budget(config, counts)
@@ -398,254 +392,11 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
             "`*_multiple` values, or give explicit `*_grid` values."
         )
     if config.max_candidates is not None and len(candidates) > config.max_candidates:
-        logger.info("%d candidates in the budget; keeping the %d closest to it.", len(candidates), config.max_candidates)
+        logger.info(
+            "%d candidates in the budget; keeping the %d closest to it.", len(candidates), config.max_candidates
+        )
         candidates = candidates[: config.max_candidates]
     return candidates
-
-
-# ---------------------------------------------------------------------------------------------- results
-@dataclass
-class CandidateResult:
-    """What the search measured for one candidate (step-keyed dicts use the evaluated KD steps).
-
-    Attributes:
-        name, pruned_config, shape, parameters (`{"total", "non_embedding", "memory"}`), budget_value: as in
-            [`Candidate`].
-        metric (`dict[int, float]`): the ranking metric (held-out loss, or the scorer's value) at each step.
-        heldout_loss (`dict[int, float]`): held-out LM loss at each step (when an `eval_dataset` was given).
-        train_loss (`dict[int, float]`): the KD training loss logged at each evaluated step.
-        rank (`dict[int, int]`): 1-based rank at each step, among the candidates evaluated at that step.
-        retrained (`bool`): whether the candidate was retrained (see `SearchConfig.retrain_top_k`).
-        seconds (`float`): wall time spent on the candidate (pruning, retraining and evaluation).
-    """
-
-    name: str
-    pruned_config: PrunedConfig
-    shape: dict
-    parameters: dict
-    budget_value: int
-    metric: dict[int, float] = field(default_factory=dict)
-    heldout_loss: dict[int, float] = field(default_factory=dict)
-    train_loss: dict[int, float] = field(default_factory=dict)
-    rank: dict[int, int] = field(default_factory=dict)
-    retrained: bool = False
-    seconds: float = 0.0
-
-    @property
-    def num_parameters(self) -> int:
-        return self.parameters["total"]
-
-    def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["pruned_config"] = self.pruned_config.to_dict()
-        for key in ("metric", "heldout_loss", "train_loss", "rank"):
-            data[key] = {str(step): value for step, value in sorted(data[key].items())}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CandidateResult":
-        data = dict(data)
-        data["pruned_config"] = PrunedConfig.from_dict(data["pruned_config"])
-        for key in ("metric", "heldout_loss", "train_loss", "rank"):
-            data[key] = {int(step): value for step, value in data.get(key, {}).items()}
-        return cls(**data)
-
-
-@dataclass
-class SearchResult:
-    """The candidates, their metric at every evaluated step, and the rankings.
-
-    Attributes:
-        candidates (`list[CandidateResult]`): in enumeration order (closest to the budget first).
-        steps (`list[int]`): the evaluated KD steps.
-        metric (`str`): `"heldout_loss"` or `"score"` (a user scorer).
-        higher_is_better (`bool`): the direction of `metric`.
-        count, target, tolerance: the budget (`target` in the unit of `count`).
-        teacher (`dict`): the teacher's shape and parameter counts.
-        config (`dict`): the `SearchConfig` used.
-    """
-
-    candidates: list[CandidateResult]
-    steps: list[int]
-    metric: str
-    higher_is_better: bool
-    count: str
-    target: int
-    tolerance: float
-    teacher: dict
-    config: dict
-
-    def __post_init__(self):
-        for step in self.steps:
-            for rank, candidate in enumerate(self._sorted_at(step), start=1):
-                candidate.rank[step] = rank
-
-    def _sorted_at(self, step: int, among: list[CandidateResult] | None = None) -> list[CandidateResult]:
-        pool = [c for c in (among if among is not None else self.candidates) if step in c.metric]
-        sign = -1.0 if self.higher_is_better else 1.0
-        return sorted(pool, key=lambda c: (sign * c.metric[step], c.name))
-
-    def ranking(self, step: int | None = None) -> list[CandidateResult]:
-        """The candidates evaluated at `step` (default: the last step), best first."""
-        step = self.steps[-1] if step is None else step
-        ranked = self._sorted_at(step)
-        if not ranked:
-            raise ValueError(f"No candidate was evaluated at step {step}: evaluated steps are {self.steps}.")
-        return ranked
-
-    @property
-    def best(self) -> CandidateResult:
-        """The best candidate at the last evaluated step."""
-        return self.ranking()[0]
-
-    def _complete(self) -> list[CandidateResult]:
-        return [c for c in self.candidates if all(step in c.metric for step in self.steps)]
-
-    def top_order(self, step: int, top_k: int | None = None) -> list[str]:
-        """Names of the `top_k` best (default: `stability_top_k`) among the candidates evaluated at every step."""
-        top_k = top_k or self.config.get("stability_top_k", 3)
-        return [c.name for c in self._sorted_at(step, self._complete())[:top_k]]
-
-    def stable_step(self, top_k: int | None = None) -> int | None:
-        """The first evaluated step from which the order of the `top_k` best candidates never changes again.
-
-        Candidates evaluated at every step are compared (the retrained ones). `None` when there are none.
-        """
-        if not self._complete():
-            return None
-        final = self.top_order(self.steps[-1], top_k)
-        stable = self.steps[-1]
-        for step in reversed(self.steps):
-            if self.top_order(step, top_k) != final:
-                break
-            stable = step
-        return stable
-
-    def rank_correlation(self, step: int) -> float | None:
-        """Spearman correlation between the ranking at `step` and the final one (candidates evaluated at both)."""
-        both = [c for c in self.candidates if step in c.metric and self.steps[-1] in c.metric]
-        if len(both) < 2:
-            return None
-        at_step = {c.name: i for i, c in enumerate(self._sorted_at(step, both))}
-        final = {c.name: i for i, c in enumerate(self._sorted_at(self.steps[-1], both))}
-        n = len(both)
-        d2 = sum((at_step[name] - final[name]) ** 2 for name in at_step)
-        return 1 - 6 * d2 / (n * (n * n - 1))
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidates"}
-        data["stable_step"] = self.stable_step()
-        data["candidates"] = [c.to_dict() for c in self.candidates]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SearchResult":
-        data = {k: v for k, v in data.items() if k != "stable_step"}
-        data["candidates"] = [CandidateResult.from_dict(c) for c in data["candidates"]]
-        return cls(**data)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Writes `search_results.json`, `search_results.md` and `search_results.png` (each file atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_text(directory / f"{RESULTS_NAME}.json", json.dumps(self.to_dict(), indent=1))
-        _write_text(directory / f"{RESULTS_NAME}.md", self.to_markdown())
-        self.plot(directory / f"{RESULTS_NAME}.png")
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "SearchResult":
-        path = Path(directory) / f"{RESULTS_NAME}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"No {path.name} in {str(directory)!r}: run search_architectures there first.")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-
-    # ------------------------------------------------------------------ reports
-    def _metric_label(self) -> str:
-        name = "held-out loss" if self.metric == "heldout_loss" else "score"
-        return f"{name} ({'higher' if self.higher_is_better else 'lower'} is better)"
-
-    def to_markdown(self) -> str:
-        unit = "bytes of weights" if self.count == "memory" else f"{self.count.replace('_', '-')} parameters"
-        final = self.steps[-1]
-        lines = [
-            f"## Architecture search: {len(self.candidates)} candidates within ±{self.tolerance:.0%} of "
-            f"{self.target:,} {unit}",
-            "",
-            f"Teacher: {self.teacher['parameters']['total']:,} parameters. Ranked by {self._metric_label()} after "
-            f"{final} KD steps; evaluated at steps {', '.join(map(str, self.steps))}.",
-        ]
-        stable = self.stable_step()
-        if stable is not None and len(self.steps) > 1:
-            top_k = min(self.config.get("stability_top_k", 3), len(self._complete()))
-            lines.append(f"The order of the top {top_k} is stable from step {stable} on.")
-        lines += ["", self._table(), ""]
-        if len(self.steps) > 1:
-            lines += ["| step | top order | Spearman vs final |", "|---|---|---|"]
-            for step in self.steps:
-                rho = self.rank_correlation(step)
-                order = " > ".join(self.top_order(step))
-                lines.append(f"| {step} | {order} | {'-' if rho is None else f'{rho:.2f}'} |")
-            lines.append("")
-        return "\n".join(lines)
-
-    def _table(self) -> str:
-        header = ["rank", "candidate", "layers", "hidden", "MLP", "heads", "KV", "parameters"]
-        if self.count != "total":
-            header.append(self.count.replace("_", "-"))
-        header += [f"step {step}" for step in self.steps]
-        rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        ranked = self.ranking()
-        rest = [c for c in self.ranking(self.steps[0]) if c not in ranked]
-        for candidate in ranked + rest:
-            rank = candidate.rank.get(self.steps[-1])
-            cells = [str(rank) if rank else "-", candidate.name]
-            cells += [str(candidate.shape[name]) for name, _ in _AXES]
-            cells.append(f"{candidate.num_parameters:,}")
-            if self.count != "total":
-                cells.append(f"{candidate.budget_value:,}")
-            cells += [f"{candidate.metric[s]:.4f}" if s in candidate.metric else "-" for s in self.steps]
-            rows.append("| " + " | ".join(cells) + " |")
-        return "\n".join(rows)
-
-    def plot(self, path: str | os.PathLike) -> None:
-        """A PNG of every candidate's metric against the KD steps (a bar chart when nothing was retrained)."""
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(8, 5))
-        axes = figure.subplots()
-        best = self.best.name
-        if len(self.steps) == 1:
-            ranked = self.ranking()
-            axes.barh([c.name for c in ranked][::-1], [c.metric[self.steps[0]] for c in ranked][::-1])
-            axes.set_xlabel(self._metric_label())
-        else:
-            for candidate in self.candidates:
-                steps = sorted(candidate.metric)
-                axes.plot(
-                    steps,
-                    [candidate.metric[s] for s in steps],
-                    marker="o",
-                    linewidth=2.5 if candidate.name == best else 1.0,
-                    label=candidate.name + (" (best)" if candidate.name == best else ""),
-                )
-            stable = self.stable_step()
-            if stable is not None:
-                axes.axvline(stable, color="grey", linestyle="--", linewidth=1, label=f"ranking stable (step {stable})")
-            axes.set_xlabel("KD retraining steps")
-            axes.set_ylabel(self._metric_label())
-            axes.legend(fontsize=7)
-        axes.set_title(f"Architecture search: {len(self.candidates)} candidates, target {self.target:,} ({self.count})")
-        figure.tight_layout()
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        figure.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- the search
@@ -669,7 +420,9 @@ def default_retraining_config(output_dir: str):
     `retrain_steps` is."""
     from .distillation_config import DistillationConfig
 
-    return DistillationConfig(output_dir=output_dir, lr_scheduler_type="constant", report_to="none", save_strategy="no")
+    return DistillationConfig(
+        output_dir=output_dir, lr_scheduler_type="constant", report_to="none", save_strategy="no"
+    )
 
 
 def _retraining_args(template, output_dir: str, config: SearchConfig, show_progress: bool):
@@ -717,7 +470,7 @@ def _check_settings(output_dir: Path, settings: dict) -> None:
             )
     else:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def search_architectures(
@@ -840,7 +593,11 @@ def search_architectures(
             was = model.training
             try:
                 with torch.no_grad():
-                    loss = heldout_perplexity(model, eval_dataset, config.eval_batch_size)["loss"] if eval_dataset else None
+                    loss = (
+                        heldout_perplexity(model, eval_dataset, config.eval_batch_size)["loss"]
+                        if eval_dataset is not None
+                        else None
+                    )
                     value = float(scorer(model)) if scorer is not None else loss
             finally:
                 model.train(was)
@@ -906,7 +663,9 @@ def search_architectures(
     return result
 
 
-def _retrain(student, teacher, candidate, record, template, config, store, evaluate, train, processing_class, progress):
+def _retrain(
+    student, teacher, candidate, record, template, config, store, evaluate, train, processing_class, progress
+):
     from .distillation_trainer import DistillationTrainer
 
     steps = set(config.eval_steps) - {0}
@@ -919,6 +678,10 @@ def _retrain(student, teacher, candidate, record, template, config, store, evalu
             processing_class=processing_class,
             callbacks=[_EvaluateAtSteps(steps, evaluate, store)],
         )
+        if not progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # with the bars off, Trainer prints every log dict instead
         trainer.train()
         for entry in trainer.state.log_history:
             if "loss" in entry and entry.get("step") in steps:

@@ -109,7 +109,9 @@ def correct_teacher(
     """
     if isinstance(model, str):
         from .embedded import resolve_model_path
+        from .validation import check_checkpoint
 
+        check_checkpoint(resolve_model_path(model))
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), use_safetensors=True)
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
