@@ -9,6 +9,7 @@ module loads one or two checkpoints, runs them through [`~hf_minitron.evaluation
 from dataclasses import dataclass, field
 
 from .data import EMBEDDED_CORPUS
+from .validation import check_sequence_length, load_model_config
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -94,6 +95,12 @@ def evaluate_checkpoints(args: EvaluateArguments, show_progress: bool = True) ->
             path = resolve_model_path(name)
             return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)), path
 
+        # Both checkpoints are checked before either is loaded: a bad teacher path must not cost a student load.
+        for name in (args.model, args.teacher):
+            if name is not None:
+                model_config = load_model_config(resolve_model_path(name))
+                if args.heldout_dataset is not None:
+                    check_sequence_length(model_config, args.seq_length, "EvaluateArguments.seq_length")
         student, student_path = load(args.model)
         tokenizer = AutoTokenizer.from_pretrained(student_path)
         heldout = None

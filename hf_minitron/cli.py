@@ -11,10 +11,13 @@ Every dataclass field is an option (`--help` lists them with their help text); `
 whose keys are those field names, and options given on the command line override it.
 """
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .validation import check_field_types, check_sequence_length, load_model_config
 
 
 def _read_config_file(path: str) -> dict:
@@ -55,6 +58,10 @@ def parse_dataclasses(dataclass_types, argv, prog: str):
             raise ValueError(
                 f"Unknown option(s) {unknown} in {config_path!r}. Valid options: {sorted(valid - {'help'})}."
             )
+        for cls in dataclass_types:  # argparse converts string defaults only: a list for an int would slip through
+            names = {f.name for f in dataclasses.fields(cls)}
+            mine = {k: v for k, v in values.items() if k in names}
+            values.update(check_field_types(cls, mine, f"--config {config_path!r}"))
         parser.set_defaults(**values)
     *instances, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     return instances
@@ -123,6 +130,7 @@ def _correct_teacher(argv):
         (CorrectTeacherArguments, TeacherCorrectionConfig), argv, "hf-minitron correct-teacher"
     )
     model_path = resolve_model_path(args.model)
+    check_sequence_length(load_model_config(model_path), args.seq_length, "CorrectTeacherArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = load_text_datasets(
         args.dataset, tokenizer, args.seq_length, args.text_column, max_train_samples=args.max_train_samples

@@ -180,7 +180,9 @@ class ImportanceScores:
             differ = {k: (self.model_shape.get(k), v) for k, v in shape.items() if self.model_shape.get(k) != v}
             raise ValueError(
                 "The importance scores were computed on a different model: "
-                + ", ".join(f"{k}={theirs} in the scores vs {mine} in this model" for k, (theirs, mine) in differ.items())
+                + ", ".join(
+                    f"{k}={theirs} in the scores vs {mine} in this model" for k, (theirs, mine) in differ.items()
+                )
                 + ". Estimate them again on this model (estimate_importance), or pass the scores saved with it."
             )
         for axis, stats in self._tensors().items():
@@ -306,11 +308,20 @@ class _Collector:
             )
             for store, site in sites:
                 if store and not bool(torch.isfinite(store["sum"]).all()):
+                    name = str(dtype).replace("torch.", "")
+                    # bfloat16 has float32's range: only a float16 model overflows for want of range.
+                    fix = (
+                        "Load the model in bfloat16 or float32 (from_pretrained(..., dtype=torch.bfloat16), or --dtype "
+                        "bfloat16) and estimate again."
+                        if dtype == torch.float16
+                        else f"{name} has the range of float32, so the weights themselves are broken (inf/NaN, or "
+                        "values of extreme magnitude from a diverged run): check the checkpoint with "
+                        "torch.isfinite on each weight, and use a healthy one."
+                    )
                     raise ValueError(
                         f"Non-finite activations (inf/NaN) in decoder layer {i}, {site}, during importance estimation "
-                        f"(calibration batch {batch_index}): the model overflows in {str(dtype).replace('torch.', '')}"
-                        " or its weights hold inf/NaN, and every score would be NaN. Load the model in bfloat16 or "
-                        "float32 (from_pretrained(..., dtype=torch.bfloat16), or --dtype bfloat16) and estimate again."
+                        f"(calibration batch {batch_index}): the model overflows in {name} or its weights hold "
+                        f"inf/NaN, and every score would be NaN. {fix}"
                     )
 
 

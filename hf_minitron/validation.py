@@ -199,7 +199,8 @@ def check_field_types(cls, values: dict, where: str) -> dict:
     """Checks `values` (read from YAML/JSON) against the field types of dataclass `cls`; returns them converted.
 
     Raises:
-        `ValueError`: naming the section, the field, the value, and the type expected.
+        `ValueError`: naming the field, the value, where it was read (`where`, e.g. "the 'pruning' section of
+        minitron.yaml"), and the type expected.
     """
     hints = typing.get_type_hints(cls)
     checked = {}
@@ -209,8 +210,8 @@ def check_field_types(cls, values: dict, where: str) -> dict:
         if not ok:
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             raise ValueError(
-                f"{cls.__name__}.{name}={value!r} in the {where!r} section has the wrong type: expected {expected}. "
-                "Fix the value in the recipe (numbers unquoted, true/false for booleans)."
+                f"{cls.__name__}.{name}={value!r} (in {where}) has the wrong type: expected {expected}. Fix the "
+                "value in the recipe (numbers unquoted, true/false for booleans, [a, b] for lists)."
             )
         checked[name] = converted
     return checked
