@@ -7,6 +7,7 @@ trainers ([`~trl.SFTTrainer`] and [`~trl.DPOTrainer`]) through two thin wrappers
 - check the chat template up front (conversational data needs one; [`CHATML_TEMPLATE`] is offered as the default),
 - merge LoRA adapters back into the weights (`merge_and_unload`), so the result is a stock checkpoint either way,
 - save that checkpoint atomically on the main process (a crash never leaves a half-written model).
+- resume an interrupted run: rerun with the same `output_dir` continues from its newest complete checkpoint.
 
 [`build_sft_dataset`] and [`build_preference_dataset`] make small offline chat sets from the embedded Python reference
 docs. They are toy data, deterministic and download-free, for the CPU recipes and the tests; use a real instruction /
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 from trl import DPOConfig, SFTConfig
+
+from .io import atomic_directory, resume_checkpoint
 
 
 # ChatML, the format of SmolLM2 / Qwen instruct models, with `{% generation %}` markers around each assistant turn
@@ -323,8 +326,6 @@ def _check_columns(dataset, required: tuple[str, ...], name: str) -> None:
 
 def _save_final(trainer, tokenizer, final_model_dir: str, merge: bool) -> nn.Module:
     """Writes the stock checkpoint (LoRA merged) plus `log_history.json`, atomically, on the main process."""
-    from .io import atomic_directory
-
     accelerator = trainer.accelerator
     # keep_fp32_wrapper=False: TRL configs default to bf16, and the returned model must not keep accelerate's
     # autocast-wrapped forward (its logits would differ from the saved checkpoint's).
@@ -405,7 +406,8 @@ def run_sft(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # Rerunning the same command after an interruption continues from the newest complete checkpoint.
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)
 
@@ -477,7 +479,8 @@ def run_dpo(
             f"DPOConfig.max_length={args.max_length} is too small: every prompt of train_dataset fills it, so no pair "
             "is left to train on. Raise max_length or shorten the prompts."
         )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # Rerunning the same command after an interruption continues from the newest complete checkpoint.
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
 from .distillation_config import DistillationConfig
+from .io import atomic_save_model, resume_checkpoint
 from .validation import check_same_tokenizer, check_sequence_length, load_model_config
 
 
@@ -81,7 +82,8 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
         eval_dataset=data.get("validation") if config.eval_strategy != "no" else None,
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only.
-    trainer.save_model(args.final_model_dir or os.path.join(config.output_dir, "final"))
+    # Rerunning the same command after an interruption continues from the newest complete checkpoint.
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
+    # Gathers FSDP / ZeRO-3 shards; the main process writes a temporary sibling and renames it into place.
+    atomic_save_model(trainer, args.final_model_dir or os.path.join(config.output_dir, "final"))
     return trainer

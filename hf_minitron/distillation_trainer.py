@@ -187,8 +187,11 @@ class DistillationTrainer(Trainer):
             # One projection shared by all layer pairs (paper 1 §2.4), trained with the student: as a submodule it is
             # wrapped by DDP/FSDP with the student, optimised with it and stored in its checkpoints.
             weight = next(model.parameters())
-            projection = nn.Linear(student_hidden, teacher_hidden, bias=False).to(weight.device, weight.dtype)
-            model.add_module(PROJECTION_NAME, projection)
+            # Seeded by args.seed, not by whatever the global RNG holds: the same command must give the same run.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                projection = nn.Linear(student_hidden, teacher_hidden, bias=False)
+            model.add_module(PROJECTION_NAME, projection.to(weight.device, weight.dtype))
 
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)

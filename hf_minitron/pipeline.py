@@ -153,7 +153,7 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
     from .distillation_trainer import DistillationTrainer
     from .embedded import resolve_model_path
     from .evaluation import compare_models
-    from .io import atomic_directory
+    from .io import atomic_directory, atomic_save_model, resume_checkpoint
 
     state = PartialState()
     root = Path(args.output_dir)
@@ -217,14 +217,12 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
             eval_dataset=validation,
             processing_class=tokenizer,
         )
-        last = _last_checkpoint(distillation.output_dir)
-        trainer.train(resume_from_checkpoint=last)
-        if state.is_main_process:
-            with atomic_directory(distilled_dir, overwrite=True) as tmp:
-                trainer.save_model(str(tmp))
-                tokenizer.save_pretrained(tmp)
-                (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        state.wait_for_everyone()
+        # An interrupted distillation continues from its newest complete checkpoint.
+        trainer.train(resume_from_checkpoint=resume_checkpoint(distillation))
+        history = json.dumps(trainer.state.log_history, indent=1)
+        atomic_save_model(
+            trainer, distilled_dir, write_extra=lambda tmp: (tmp / "log_history.json").write_text(history)
+        )
         del trainer, student, teacher
     log_history = json.loads((distilled_dir / "log_history.json").read_text())
     summary["stages"]["distillation"] = {
@@ -282,9 +280,10 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
 
 
 def _last_checkpoint(directory: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    from .io import last_checkpoint
 
-    return get_last_checkpoint(directory) if os.path.isdir(directory) else None
+    # Skips a checkpoint that a kill interrupted mid-save (transformers' get_last_checkpoint would return it).
+    return last_checkpoint(directory)
 
 
 def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:

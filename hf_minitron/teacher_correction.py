@@ -7,14 +7,13 @@ or LoRA merged back into the weights) and writes an ordinary checkpoint.
 """
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from .distillation_trainer import DataCollatorForDistillation
+from .io import atomic_directory, atomic_save_model, resume_checkpoint
 
 
 @dataclass
@@ -90,9 +89,9 @@ def correct_teacher(
 ) -> nn.Module:
     """Fine-tunes the teacher on the distillation data and writes a standard checkpoint (paper 2, §2).
 
-    Training runs under a stock `transformers.Trainer`, so checkpointing, `resume_from_checkpoint` (from
-    `args.resume_from_checkpoint`) and `accelerate launch` work as usual. Labels are built from `input_ids` and
-    `attention_mask` when the dataset has none.
+    Training runs under a stock `transformers.Trainer`, so checkpointing and `accelerate launch` work as usual. A
+    rerun with the same `output_dir` resumes from its newest complete checkpoint (or from
+    `args.resume_from_checkpoint`). Labels are built from `input_ids` and `attention_mask` when the dataset has none.
 
     Args:
         model (`PreTrainedModel` or `str`): The teacher, or its checkpoint path.
@@ -134,51 +133,20 @@ def correct_teacher(
         processing_class=processing_class,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # Rerunning the same command after an interruption continues from the newest complete checkpoint.
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
 
     if args.use_lora:
         # The merge needs the full weights: gather them (a no-op without sharding) into the unwrapped model.
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).merge_and_unload()
         if trainer.accelerator.is_main_process:
-            _atomic_save(args.corrected_model_dir, lambda tmp: _save_pretrained(model, processing_class, tmp))
+            with atomic_directory(args.corrected_model_dir, overwrite=True) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                if processing_class is not None:
+                    processing_class.save_pretrained(tmp)
     else:
-        # Trainer.save_model gathers FSDP / ZeRO-3 shards; only the main process writes.
+        # Trainer.save_model gathers FSDP / ZeRO-3 shards (every process); only the main process writes.
+        atomic_save_model(trainer, args.corrected_model_dir)
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        tmp = _temporary_sibling(args.corrected_model_dir) if trainer.accelerator.is_main_process else None
-        tmp = trainer.accelerator.gather_for_metrics([tmp], use_gather_object=True)[0]
-        trainer.save_model(tmp)
-        if trainer.accelerator.is_main_process:
-            for name in ("training_args.bin",):  # a training artefact, not part of a stock model checkpoint
-                if os.path.exists(os.path.join(tmp, name)):
-                    os.remove(os.path.join(tmp, name))
-            _replace(tmp, args.corrected_model_dir)
     trainer.accelerator.wait_for_everyone()
     return model
-
-
-def _save_pretrained(model, tokenizer, directory):
-    model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-
-
-def _temporary_sibling(target: str) -> str:
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=parent)
-
-
-def _replace(tmp: str, target: str) -> None:
-    if os.path.exists(target):
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def _atomic_save(target: str, write) -> None:
-    tmp = _temporary_sibling(target)
-    try:
-        write(tmp)
-        _replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
