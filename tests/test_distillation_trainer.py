@@ -231,8 +231,8 @@ def test_ddp_matches_single_process(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     subprocess.run([*torchrun, worker, str(tmp_path / "ddp"), "2", "1"], check=True, env=env, timeout=120)
     subprocess.run([sys.executable, worker, str(tmp_path / "single"), "4", "1"], check=True, env=env, timeout=120)
-    ddp = torch.load(tmp_path / "ddp" / "result.pt")
-    single = torch.load(tmp_path / "single" / "result.pt")
+    ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
+    single = torch.load(tmp_path / "single" / "result.pt", weights_only=True)
     ddp_loss = [log["loss"] for log in ddp["logs"] if "kd_loss" in log]
     single_loss = [log["loss"] for log in single["logs"] if "kd_loss" in log]
     assert len(ddp_loss) == 2 and ddp_loss == pytest.approx(single_loss, rel=1e-4)
