@@ -1,16 +1,18 @@
 """The whole Minitron chain, stage by stage, resumable:
 
-    correct teacher (optional) -> estimate importance -> prune -> distill -> evaluate teacher and student
-    -> model card -> push (optional)
-
-Alignment (SFT, DPO/RPO) runs on the final checkpoint with `recipes/sft.py` and `recipes/dpo.py`.
+    correct teacher (optional) -> estimate importance -> prune -> distill -> SFT (optional) -> DPO / RPO (optional)
+    -> evaluate teacher and student -> model card -> push (optional)
 
 Every stage writes one directory under `output_dir` atomically; a stage whose directory exists is finished and is
 reused, not recomputed, so rerunning the same command after an interruption continues at the first unfinished stage.
 
 The YAML config has top-level `MinitronArguments` keys and one section per stage whose keys are exactly the fields
 of that stage's dataclass: `pruning` (`PrunedConfig`), `distillation` (`DistillationConfig`), `teacher_correction`
-(`TeacherCorrectionConfig`). `output_dir` of the trainer sections is set by the pipeline.
+(`TeacherCorrectionConfig`), and the alignment stages (paper 2, §4) `sft` (`AlignmentArguments` + `trl.SFTConfig` +
+the LoRA fields of `trl.ModelConfig`) and `dpo` (the same with `RPOConfig`). An alignment stage runs when its section
+is present (`--sft null` drops it); SFT starts from the distilled student and DPO from the SFT result (or the distilled
+student without SFT). `output_dir` of the trainer sections, `final_model_dir` and the model path are set by the
+pipeline.
 """
 
 import json
@@ -26,7 +28,7 @@ from .validation import check_field_types, check_sequence_length, load_model_con
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("teacher_correction", "pruned", "distilled", "evaluation", "final")
+STAGES = ("teacher_correction", "pruned", "distilled", "sft", "dpo", "evaluation", "final")
 
 
 @dataclass
@@ -73,7 +75,8 @@ class MinitronArguments:
             raise ValueError("MinitronArguments.push_to_hub=True needs hub_model_id (e.g. 'me/my-minitron-80m').")
 
 
-SECTIONS = ("pruning", "distillation", "teacher_correction")
+SECTIONS = ("pruning", "distillation", "teacher_correction", "sft", "dpo")
+ALIGNMENT_STAGES = ("sft", "dpo")
 
 
 def _build(cls, values: dict, where: str, **forced):
@@ -88,8 +91,112 @@ def _build(cls, values: dict, where: str, **forced):
     return cls(**{**values, **forced})
 
 
+def _lora_fields() -> set[str]:
+    # The ModelConfig fields that `trl.get_peft_config` reads; the model itself is the previous stage's output.
+    from trl import ModelConfig
+
+    return {f.name for f in fields(ModelConfig) if f.name.startswith("lora_") or f.name in _PEFT_SWITCHES}
+
+
+_PEFT_SWITCHES = ("use_peft", "use_dora", "use_rslora")
+
+
+@dataclass
+class AlignmentStage:
+    """One alignment stage of the chain (paper 2, §4): `"sft"` ([`~trl.SFTTrainer`]) or `"dpo"` (DPO / RPO with
+    [`~trl.DPOTrainer`]), run by `hf_minitron.alignment.run_sft` / `run_dpo` as `recipes/sft.py` / `recipes/dpo.py`
+    do.
+
+    Args:
+        name (`str`): `"sft"` or `"dpo"`; also the stage's folder under `output_dir`.
+        script_args (`AlignmentArguments`): the data and `final_model_dir`.
+        training_args (`trl.SFTConfig` or `RPOConfig`): the trainer's arguments.
+        model_args (`trl.ModelConfig`): its LoRA fields (`use_peft`, `lora_r`, ...); the model is the previous stage's.
+    """
+
+    name: str
+    script_args: object
+    training_args: object
+    model_args: object
+
+    def run(self, model_dir: str | os.PathLike) -> None:
+        """Trains on the checkpoint at `model_dir` and writes the stock result to `script_args.final_model_dir`."""
+        from trl import get_peft_config
+
+        from .alignment import build_preference_dataset, build_sft_dataset, load_alignment_data, run_dpo, run_sft
+
+        build, train_stage = (
+            (build_sft_dataset, run_sft) if self.name == "sft" else (build_preference_dataset, run_dpo)
+        )
+        train, evaluation = load_alignment_data(self.script_args, build)
+        train_stage(
+            str(model_dir),
+            None,  # the tokenizer (and its chat template) comes with the previous stage's checkpoint
+            train,
+            self.training_args,
+            peft_config=get_peft_config(self.model_args),
+            eval_dataset=evaluation,
+            chat_template=self.script_args.chat_template,
+            final_model_dir=self.script_args.final_model_dir,
+        )
+
+    def describe(self) -> dict:
+        """What the summary and the model card record about this stage."""
+        args = self.training_args
+        described = {
+            "dataset": self.script_args.dataset_name,
+            "max_steps": args.max_steps,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "lora_r": self.model_args.lora_r if self.model_args.use_peft else None,
+            "path": self.script_args.final_model_dir,
+        }
+        if self.name == "dpo":
+            described.update(beta=args.beta, rpo_alpha=getattr(args, "rpo_alpha", None), loss_type=args.loss_type)
+        return described
+
+
+def _build_alignment_stage(name: str, values: dict, root: Path) -> AlignmentStage:
+    from trl import ModelConfig, SFTConfig
+
+    from .alignment import AlignmentArguments, RPOConfig
+
+    if not isinstance(values, dict):
+        raise ValueError(f"The {name!r} section must be a mapping of field names to values, got {values!r}.")
+    classes = (AlignmentArguments, SFTConfig if name == "sft" else RPOConfig)
+    forced = {
+        "output_dir": str(root / f"{name}_checkpoints"),
+        "final_model_dir": str(root / name),
+        "model_name_or_path": None,
+    }
+    for key in forced:
+        if key in values:
+            raise ValueError(
+                f"{name}.{key} is set by the pipeline ({forced[key] or 'the previous stage output'}): remove it."
+            )
+    valid = {f.name for cls in classes for f in fields(cls)} | _lora_fields()
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in the {name!r} section: valid keys are the fields of "
+            f"{' / '.join(cls.__name__ for cls in classes)} and the LoRA fields of ModelConfig "
+            f"({sorted(_lora_fields())})."
+        )
+    built = []
+    for cls in (*classes, ModelConfig):
+        own = {f.name for f in fields(cls)}
+        mine, fixed = {k: v for k, v in values.items() if k in own}, {k: v for k, v in forced.items() if k in own}
+        try:
+            built.append(_build(cls, mine, name, **fixed))
+        except ValueError as error:
+            # TRL's own checks (e.g. its bf16 default on a CPU-only machine) do not say which section they come from.
+            raise ValueError(f"In the {name!r} section of the recipe: {error}") from error
+    return AlignmentStage(name, *built)
+
+
 def load_pipeline_config(path: str | os.PathLike, overrides: dict | None = None):
-    """`(MinitronArguments, PrunedConfig, DistillationConfig, TeacherCorrectionConfig)` from a YAML file.
+    """`(MinitronArguments, PrunedConfig, DistillationConfig, TeacherCorrectionConfig, list[AlignmentStage])` from a
+    YAML file.
 
     `overrides` maps `key` or `section.key` to values (the CLI's `--section.key value`).
     """
@@ -124,7 +231,13 @@ def build_pipeline_config(data: dict):
         output_dir=str(root / "teacher_correction_checkpoints"),
         corrected_model_dir=str(root / "teacher_correction"),
     )
-    return args, pruning, distillation, correction
+    # A present section (even empty: all defaults) enables its stage; absent or null skips it.
+    alignment = [
+        _build_alignment_stage(name, data[name] or {}, root)
+        for name in ALIGNMENT_STAGES
+        if name in data and data[name] is not None
+    ]
+    return args, pruning, distillation, correction, alignment
 
 
 def _done(directory: Path) -> bool:
@@ -143,8 +256,18 @@ def _datasets(args: MinitronArguments, tokenizer):
     return data["train"], data.get("validation")
 
 
-def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, correction, show_progress=True) -> dict:
-    """Runs (or resumes) the chain; returns the summary dict that also goes into the model card."""
+def run_pipeline(
+    args: MinitronArguments,
+    pruning: PrunedConfig,
+    distillation,
+    correction,
+    alignment: list[AlignmentStage] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Runs (or resumes) the chain; returns the summary dict that also goes into the model card.
+
+    `alignment` lists the alignment stages to run after distillation, in order (see [`build_pipeline_config`]).
+    """
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,11 +357,29 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
         "log_history": log_history,
     }
 
-    # 4. Evaluation: held-out loss + lm-eval tasks, teacher and student side by side.
+    # 4. Alignment (paper 2, §4): SFT, then DPO / RPO, each on the previous stage's checkpoint.
+    model_dir = distilled_dir
+    for stage in alignment or []:
+        stage_dir = root / stage.name
+        if not _done(stage_dir):
+            # An interrupted stage continues from its newest complete checkpoint (if it saved any).
+            stage.training_args.resume_from_checkpoint = resume_checkpoint(stage.training_args)
+            stage.run(model_dir)
+        summary["stages"][stage.name] = stage.describe()
+        model_dir = stage_dir
+    made = " + ".join(["Minitron-pruned", "distilled", *(stage.name.upper() for stage in alignment or [])])
+    student_name = f"{args.teacher} ({made})"
+
+    # 5. Evaluation: held-out loss + lm-eval tasks, teacher and student side by side.
     eval_path = root / "evaluation.json"
-    if not eval_path.is_file():
+    # A reused evaluation must be of this chain's student: one made before a stage was added is redone.
+    stale = eval_path.is_file() and _evaluated_student(eval_path) != student_name
+    if stale:
+        logger.warning("%s evaluated another student than %r: evaluating again.", eval_path, student_name)
+    state.wait_for_everyone()  # every process has read the old file before the main one replaces it
+    if stale or not eval_path.is_file():
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
-        student = AutoModelForCausalLM.from_pretrained(distilled_dir, dtype=torch.float32)
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         compare_models(
             teacher,
             student,
@@ -247,19 +388,19 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
             limit=args.eval_limit,
             heldout_dataset=validation,
             teacher_name=args.teacher,
-            student_name=f"{args.teacher} (Minitron-pruned + distilled)",
+            student_name=student_name,
             output_file=eval_path,  # written atomically, main process only
         )
         state.wait_for_everyone()
     summary["evaluation"] = json.loads(eval_path.read_text())
 
-    # 5. Final folder: the distilled checkpoint + model card + plots.
+    # 6. Final folder: the last stage's checkpoint + model card + plots (rebuilt with a new evaluation).
     final_dir = root / "final"
-    if state.is_main_process and not _done(final_dir):
+    if state.is_main_process and (stale or not _done(final_dir)):
         import shutil
 
         with atomic_directory(final_dir, overwrite=True) as tmp:
-            for item in distilled_dir.iterdir():
+            for item in model_dir.iterdir():
                 # training_args.bin is a pickle: the published folder holds safetensors and JSON only.
                 if item.name not in ("log_history.json", "training_args.bin"):
                     shutil.copy2(item, tmp / item.name)
@@ -271,12 +412,16 @@ def run_pipeline(args: MinitronArguments, pruning: PrunedConfig, distillation, c
     state.wait_for_everyone()
     summary["final_dir"] = str(final_dir)
 
-    # 6. Optional upload (main process only; token from the environment or login, never logged).
+    # 7. Optional upload (main process only; token from the environment or login, never logged).
     if args.push_to_hub and state.is_main_process:
         from .hub import push_to_hub
 
         push_to_hub(str(final_dir), args.hub_model_id, private=args.hub_private)
     return summary
+
+
+def _evaluated_student(path: Path) -> str | None:
+    return json.loads(path.read_text()).get("models", {}).get("student", {}).get("name")
 
 
 def _last_checkpoint(directory: str) -> str | None:
@@ -321,8 +466,22 @@ def _write_card(directory: Path, summary: dict, pruned_dir: Path, name: str) -> 
         distillation=distillation,
         log_history=summary["stages"]["distillation"]["log_history"],
         evaluation=summary.get("evaluation"),
+        alignment=_alignment_rows(summary["stages"]),
     )
     save_model_card(card, directory)
+
+
+def _alignment_rows(stages: dict) -> dict | None:
+    """The card's alignment table: one `"SFT max_steps"`-style row per recorded setting of each alignment stage."""
+    ran = [name for name in ALIGNMENT_STAGES if name in stages]
+    if not ran:
+        return None
+    rows = {"Stages": " → ".join(name.upper() for name in ran)}
+    for name in ran:
+        for key, value in stages[name].items():
+            if key != "path":
+                rows[f"{name.upper()} {key}"] = value
+    return rows
 
 
 def parse_overrides(argv: list[str]) -> tuple[str, dict]:

@@ -1,12 +1,14 @@
-"""The whole Minitron chain: correct teacher -> importance -> prune -> distill -> evaluate -> model card -> push.
+"""The whole Minitron chain: correct teacher -> importance -> prune -> distill -> align -> evaluate -> card -> push.
 
 Usage (the embedded SmolLM2-135M teacher on the offline corpus, this 2-core CPU, ~15 minutes):
 
     accelerate launch --config_file recipes/accelerate_configs/single_process.yaml \
         recipes/minitron.py --config recipes/smollm2-135m/minitron.yaml
 
-Override any field with `--key value` (top level) or `--section.key value` (e.g. `--distillation.max_steps 20`).
-Rerunning the same command resumes at the first unfinished stage. Same as `hf-minitron run <config>`.
+Override any field with `--key value` (top level) or `--section.key value` (e.g. `--distillation.max_steps 20`);
+`--sft null` skips the SFT stage, `--dpo.rpo_alpha 1.0` adds a DPO / RPO stage after it. Rerunning the same command
+resumes at the first unfinished stage. Under several processes (`recipes/accelerate_configs/ddp.yaml`) every stage
+runs data-parallel and only the main process writes. Same as `hf-minitron run <config>`.
 """
 
 import sys
@@ -17,10 +19,10 @@ from hf_minitron.pipeline import load_pipeline_config, parse_overrides, run_pipe
 def main(argv):
     # 1. Read the YAML recipe and the command-line overrides into the stage dataclasses (validated up front).
     config_path, overrides = parse_overrides(argv)
-    args, pruning, distillation, correction = load_pipeline_config(config_path, overrides)
+    args, pruning, distillation, correction, alignment = load_pipeline_config(config_path, overrides)
 
     # 2. Run every unfinished stage; finished stages (their output folder exists) are reused.
-    summary = run_pipeline(args, pruning, distillation, correction)
+    summary = run_pipeline(args, pruning, distillation, correction, alignment)
 
     # 3. Point at the result.
     print(f"Final checkpoint and model card: {summary['final_dir']}")
