@@ -31,6 +31,8 @@ from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
 from .model_card import PipelineSummary, render_model_card, save_model_card
 from .pruning import PruningRecord, load_pruning_record, prune_model
 from .pruning_config import PrunedConfig
+from .search import SearchConfig, count_parameters, enumerate_candidates, search_architectures
+from .search_results import SearchResult
 from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
 
@@ -45,11 +47,15 @@ __all__ = [
     "PrunedConfig",
     "PruningRecord",
     "RPOConfig",
+    "SearchConfig",
+    "SearchResult",
     "TeacherCorrectionConfig",
     "build_preference_dataset",
     "build_sft_dataset",
     "compare_models",
+    "count_parameters",
     "correct_teacher",
+    "enumerate_candidates",
     "estimate_importance",
     "evaluate_model",
     "format_comparison",
@@ -69,4 +75,5 @@ __all__ = [
     "run_dpo",
     "run_sft",
     "save_model_card",
+    "search_architectures",
 ]

@@ -3,6 +3,7 @@
     hf-minitron prune --model embedded --config recipes/smollm2-135m/prune.yaml --output outputs/pruned
     hf-minitron prune --model ./teacher --hidden_size 448 --num_attention_heads 8 --calibration_data data.jsonl ...
     hf-minitron run recipes/smollm2-135m/minitron.yaml --distillation.max_steps 20
+    hf-minitron search --config recipes/smollm2-135m/search.yaml --retrain_steps 100
     hf-minitron distill --student outputs/pruned --teacher embedded --config recipes/smollm2-135m/distill.yaml
     hf-minitron evaluate --model outputs/distilled/final --teacher embedded --limit 50
     hf-minitron push --folder outputs/distilled/final --repo_id me/smollm2-minitron
@@ -95,6 +96,17 @@ def _distill(argv):
 
     args, config = parse_dataclasses((DistillArguments, DistillationConfig), argv, "hf-minitron distill")
     distill_checkpoint(args, config)
+
+
+def _search(argv):
+    from .distillation_config import DistillationConfig
+    from .search import SearchConfig
+    from .search_job import SearchArguments, print_search_summary, search_checkpoint
+
+    args, config, retraining = parse_dataclasses(
+        (SearchArguments, SearchConfig, DistillationConfig), argv, "hf-minitron search"
+    )
+    print_search_summary(search_checkpoint(args, config, retraining), retraining.output_dir)
 
 
 @dataclass
@@ -199,6 +211,7 @@ def _push(argv):
 COMMANDS = {
     "run": (_run, "Run (or resume) the whole chain from a recipe: correct -> prune -> distill -> evaluate -> card."),
     "prune": (_prune, "Estimate Minitron importance and prune a checkpoint (depth and width)."),
+    "search": (_search, "Search architectures under a parameter budget: prune, distill briefly and rank candidates."),
     "distill": (_distill, "Distill a (pruned) student from a teacher with the Minitron KD loss."),
     "correct-teacher": (_correct_teacher, "Fine-tune the teacher on the distillation data before pruning."),
     "sft": (lambda argv: _align(argv, "sft"), "Supervised fine-tuning of the distilled student (TRL SFTTrainer)."),
