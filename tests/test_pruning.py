@@ -220,7 +220,7 @@ def test_reused_scores_give_the_same_result_as_a_fresh_estimate():
 def test_scores_from_another_shape_are_refused():
     model = tiny_model("llama")
     scores = _static_scores(tiny_model("llama", hidden_size=48))
-    with pytest.raises(ValueError, match="computed on a model of shape"):
+    with pytest.raises(ValueError, match="hidden_size=48 in the scores vs 32 in this model"):
         prune_model(model, PrunedConfig(hidden_size=16), scores=scores)
 
 
