@@ -7,9 +7,9 @@ cache directory, written atomically, and every later call reuses it.
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .io import atomic_directory
 
 
 DEFAULT_TEACHER_NAME = "smollm2-135m-instruct"
@@ -52,17 +52,11 @@ def default_teacher_path() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TEACHER_NAME}-", dir=target.parent))
-    try:
+    # A temporary sibling renamed into place: a conversion killed midway leaves no cache entry that looks complete
+    # (its leftover is removed by the next conversion); a stale entry from an older version is replaced.
+    with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a half-finished or stale directory from an older version
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -12,10 +12,8 @@ The papers' benchmarks (`PAPER_TASKS`) are downloaded from the Hub by lm-eval. `
 built from CPython's bundled documentation, ships with the package (`hf_minitron/data/tasks/`) and runs offline.
 """
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import iter_samples, shard_batches
+from .io import atomic_write_json
 
 
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
@@ -326,17 +325,7 @@ def save_json(obj, path: str | os.PathLike) -> None:
 
     if not PartialState().is_main_process:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_json(path, obj)
 
 
 def comparison_rows(comparison: dict) -> list[list[str]]:

@@ -125,10 +125,17 @@ class ImportanceScores:
         return out
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes `importance.safetensors` + `importance.json` atomically (temporary files, then rename)."""
+        """Writes `importance.safetensors` + `importance.json` to `directory`, atomically.
+
+        A folder that holds only scores (or does not exist yet) is written as a whole into a temporary sibling and
+        renamed, so a kill mid-save leaves the previous scores or none, never a weights file of one estimate beside
+        the metadata of another. In a folder shared with other files (e.g. next to a model), each file is written
+        to a temporary sibling and renamed, the weights first.
+        """
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
+        from .io import atomic_directory, atomic_file, atomic_write_json
+
         meta = {
             "method": self.method,
             "sequence_aggregation": self.sequence_aggregation,
@@ -138,12 +145,17 @@ class ImportanceScores:
             "base_loss": self.base_loss,
             "block_losses": {str(k): v for k, v in self.block_losses.items()},
         }
-        weights = os.path.join(directory, SCORES_WEIGHTS_NAME)
-        save_file(self._tensors(), weights + ".tmp")
-        with open(os.path.join(directory, SCORES_META_NAME + ".tmp"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(weights + ".tmp", weights)
-        os.replace(os.path.join(directory, SCORES_META_NAME + ".tmp"), os.path.join(directory, SCORES_META_NAME))
+        tensors = self._tensors()
+        directory = os.fspath(directory)
+        names = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        if names <= {SCORES_WEIGHTS_NAME, SCORES_META_NAME} and (not names or SCORES_WEIGHTS_NAME in names):
+            with atomic_directory(directory, overwrite=True) as tmp:
+                save_file(tensors, os.path.join(tmp, SCORES_WEIGHTS_NAME))
+                atomic_write_json(os.path.join(tmp, SCORES_META_NAME), meta)
+            return
+        with atomic_file(os.path.join(directory, SCORES_WEIGHTS_NAME)) as tmp:
+            save_file(tensors, tmp)
+        atomic_write_json(os.path.join(directory, SCORES_META_NAME), meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ImportanceScores":

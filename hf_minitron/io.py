@@ -235,7 +235,9 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
             with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
                 json.load(f)
         except (OSError, ValueError):
-            logger.warning("Skipping %s: it was interrupted while being saved (no readable %s).", path, TRAINER_STATE_NAME)
+            logger.warning(
+                "Skipping %s: it was interrupted while being saved (no readable %s).", path, TRAINER_STATE_NAME
+            )
             continue
         return path
     return None

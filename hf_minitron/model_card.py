@@ -12,9 +12,10 @@ the repository is the same file, kept for readers and for copying into a custom 
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .io import atomic_file, atomic_write_text
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "minitron_card.md.j2"
@@ -308,15 +309,8 @@ def render_model_card(
 
 # ------------------------------------------------------------------------------------------------------------ plots
 def _save_figure(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_layer_importance(scores: list[float], path: str | os.PathLike, dropped_layers: list[int] | None = None):
@@ -398,13 +392,5 @@ def save_model_card(
         loss_plot = LOSS_PLOT
     card = render_model_card(summary, importance_plot, loss_plot, template_path)
     path = output_dir / "README.md"
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(str(card))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(path, str(card))
     return path

@@ -24,6 +24,7 @@ from .importance import (
     release_freed_memory,
     return_large_buffers_to_os,
 )
+from .io import atomic_write_json
 from .pruning_config import PRUNED_CONFIG_NAME, PrunedConfig
 
 
@@ -52,10 +53,7 @@ class PruningRecord:
         }
 
     def save(self, directory: str | os.PathLike) -> None:
-        path = os.path.join(directory, PRUNING_RECORD_NAME)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(os.path.join(directory, PRUNING_RECORD_NAME), self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PruningRecord":

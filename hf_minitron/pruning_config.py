@@ -241,9 +241,9 @@ class PrunedConfig:
         return cls(**data)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        from .io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "PrunedConfig":
