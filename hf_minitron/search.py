@@ -15,6 +15,7 @@ a rerun skips it.
 """
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import get_architecture
+from .data import iter_samples
 from .importance import ImportanceScores, model_shape
 from .io import atomic_directory, atomic_write_text
 from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
@@ -446,16 +448,36 @@ def _settings(teacher, config: SearchConfig, template, metric: str, higher_is_be
     return {
         "teacher": model_shape(teacher.config),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "teacher_fingerprint": _fingerprint(p.detach() for p in teacher.parameters()),
         "pruning": config.base_pruned_config().to_dict(),
         "retrain_steps": config.retrain_steps,
         "eval_steps": config.eval_steps,
         "eval_batch_size": config.eval_batch_size,
         "metric": metric,
         "higher_is_better": higher_is_better,
-        "train_samples": None if train is None else len(train),
-        "eval_samples": None if evaluation is None else len(evaluation),
+        "train_data": _data_fingerprint(train),
+        "eval_data": _data_fingerprint(evaluation),
         "training": training,
     }
+
+
+def _fingerprint(tensors, edge: int = 4096) -> str:
+    """A hash of the first and last `edge` values of each tensor: tells two teachers (or datasets) apart without
+    reading every weight of a large model."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.reshape(-1)
+        part = flat if flat.numel() <= 2 * edge else torch.cat([flat[:edge], flat[-edge:]])
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(part.to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _data_fingerprint(dataset) -> dict | None:
+    if dataset is None:
+        return None
+    samples = list(iter_samples(dataset))
+    return {"samples": len(samples), "hash": _fingerprint(torch.as_tensor(s["input_ids"]) for s in samples)}
 
 
 def _check_settings(output_dir: Path, settings: dict) -> None:
@@ -519,6 +541,11 @@ def search_architectures(
     from .pruning import compute_scores, prune_model
 
     # 1. Everything that can fail, before any forward pass.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "search_architectures runs in one process (each candidate is a short single-process training run): "
+            "launch it without several processes, e.g. `accelerate launch --num_processes 1` or plain `python`."
+        )
     candidates = enumerate_candidates(teacher.config, config)
     if scorer is None:
         if eval_dataset is None:

@@ -40,7 +40,7 @@ def test_smollm2_recipe_parses_and_has_candidates():
     assert retraining.lr_scheduler_type == "constant" and retraining.report_to == []
     assert config.pruning["depth_method"] == "block_influence"
     candidates = enumerate_candidates(_smollm2_config(), config)
-    assert len(candidates) == config.max_candidates == 4
+    assert len(candidates) == config.max_candidates == 3
     assert len({c.shape["num_hidden_layers"] for c in candidates}) > 1  # depth and width shapes compete
     for c in candidates:
         assert abs(c.num_parameters / 134_515_008 - 0.6) <= 0.6 * 0.05
