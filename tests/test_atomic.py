@@ -1,8 +1,9 @@
 """A save killed midway leaves the previous output or none, never a half-written one (issue 6, point 2).
 
-`tests/scripts/kill_mid_save.py` runs one of our saves in a subprocess and blocks in the middle of it (after the
-first shard of a sharded model, after the scores' weights file, halfway through a JSON file); the test SIGKILLs it
-there and checks what is on disk, then that the next save removes the dead writer's temporary sibling.
+`tests/scripts/kill_mid_save.py` runs one of our saves in its own process (forked by `tests/scripts/killable.py`)
+and blocks in the middle of it: after the first shard of a sharded model, after the scores' weights file, halfway
+through a JSON file. The test SIGKILLs it there, checks what is on disk, then that the next save removes the dead
+writer's temporary sibling.
 """
 
 import json
@@ -24,28 +25,27 @@ from hf_minitron.importance import ImportanceScores, estimate_importance
 from hf_minitron.io import atomic_directory, atomic_write_json, remove_stale_temporaries
 
 
-SCRIPT = Path(__file__).parent / "scripts" / "kill_mid_save.py"
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import kill_mid_save  # noqa: E402
+import killable  # noqa: E402
 
 
 def _kill_mid_save(mode: str, target: Path, *args: str, timeout: float = 300) -> int:
-    """Runs the save in a subprocess, SIGKILLs it where it blocks; returns its pid."""
+    """Runs the save in its own process, SIGKILLs it where it blocks; returns its pid."""
     marker = target.parent / f"{target.name}.blocked"
     log = target.parent / f"{target.name}.log"
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), mode, str(target), str(marker), *args],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-    )
+    process = killable.start(log, kill_mid_save.main, mode, str(target), str(marker), *args)
     deadline = time.monotonic() + timeout
     while not marker.exists():
-        if process.poll() is not None:
+        if not process.is_alive():
             pytest.fail(f"the save finished or failed before blocking:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"the save did not block within {timeout} s")
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
     marker.unlink()
     log.unlink()
     return process.pid

@@ -1,16 +1,16 @@
 """`kill -9` mid-training, then the same command again: it resumes from the last checkpoint and ends where an
 uninterrupted run ends (issue 6, point 1).
 
-Each case runs an `hf-minitron` command in a subprocess through `tests/scripts/interrupt_worker.py`, which pauses
-right after checkpoint `k` (a seeded random step) is written; the test SIGKILLs it there, reruns the same command, and
-compares the result with the same command run uninterrupted in this process.
+Each case runs an `hf-minitron` command in its own process (`tests/scripts/interrupt_worker.py`, forked by
+`tests/scripts/killable.py`), which pauses right after checkpoint `k` (a seeded random step) is written; the test
+SIGKILLs it there, reruns the same command in a new process, and compares the result with the same command run
+uninterrupted in this process.
 """
 
 import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +25,11 @@ from safetensors.torch import load_file
 from hf_minitron.cli import main as cli_main
 
 
-WORKER = Path(__file__).parent / "scripts" / "interrupt_worker.py"
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import interrupt_worker  # noqa: E402
+import killable  # noqa: E402
+
+
 MAX_STEPS = 5
 TRAIN = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true"]
 CHECKPOINTS = ["--save_strategy", "steps", "--save_steps", "1", "--max_steps", str(MAX_STEPS), "--disable_tqdm", "1"]
@@ -38,35 +42,32 @@ def _kill_step(case: str) -> int:
     return random.Random(case).randint(1, MAX_STEPS - 1)
 
 
-def _worker(report: Path, argv: list[str], **env):
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(report), *argv],
-        env={**os.environ, **env},
-        stdout=open(str(report) + ".log", "w"),
-        stderr=subprocess.STDOUT,
-    )
+def _worker(report: Path, argv: list[str], pause_at: int = 0):
+    return killable.start(str(report) + ".log", interrupt_worker.main, str(report), argv, pause_at)
 
 
 def _run_and_kill(argv: list[str], report: Path, step: int, timeout: float = 300) -> None:
     """Runs the command until checkpoint `step` is written, then SIGKILLs it there."""
-    process = _worker(report, argv, MINITRON_TEST_PAUSE_AT_STEP=str(step))
+    process = _worker(report, argv, pause_at=step)
     paused = Path(str(report) + ".paused")
     deadline = time.monotonic() + timeout
     while not paused.exists():
-        if process.poll() is not None:
+        if not process.is_alive():
             pytest.fail(f"the command ended before step {step}:\n{Path(str(report) + '.log').read_text()[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"the command did not reach step {step} in {timeout} s")
         time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
     assert not report.exists()  # it never finished training
 
 
 def _rerun(argv: list[str], report: Path) -> list[dict]:
     process = _worker(report, argv)
-    assert process.wait(timeout=600) == 0, Path(str(report) + ".log").read_text()[-3000:]
+    process.join(timeout=600)
+    assert process.exitcode == 0, Path(str(report) + ".log").read_text()[-3000:]
     return json.loads(report.read_text())
 
 

@@ -8,7 +8,8 @@
   `first_step > 0` shows that the run resumed from a checkpoint, `steps_run` how many steps it recomputed.
 
 The hook is a `TrainerCallback` added to every `transformers.Trainer` (ours, TRL's and the stock one), so the
-command itself runs unchanged.
+command itself runs unchanged. The tests call `main(report, argv, pause_at)` in a process forked by
+`tests/scripts/killable.py`, which skips the imports a fresh interpreter pays.
 """
 
 import json
@@ -17,14 +18,13 @@ import sys
 import time
 
 
-def main(report_path: str, argv: list[str]) -> int:
+def main(report_path: str, argv: list[str], pause_at: int = 0) -> int:
     import torch
     import transformers
 
     from hf_minitron.cli import main as cli_main
 
     torch.set_num_threads(1)  # the tests run several of these next to each other on two cores
-    pause_at = int(os.environ.get("MINITRON_TEST_PAUSE_AT_STEP", "0"))
 
     class Probe(transformers.TrainerCallback):
         def __init__(self, name):
@@ -67,4 +67,4 @@ def main(report_path: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    sys.exit(main(sys.argv[1], sys.argv[2:], int(os.environ.get("MINITRON_TEST_PAUSE_AT_STEP", "0"))))
