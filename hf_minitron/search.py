@@ -23,11 +23,13 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from itertools import product
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from .architectures import get_architecture
 from .data import iter_samples
@@ -402,18 +404,15 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
 
 
 # ---------------------------------------------------------------------------------------------- the search
-class _EvaluateAtSteps:
-    """A `TrainerCallback` that evaluates the student at the chosen global steps."""
+class _EvaluateAtSteps(TrainerCallback):
+    """Evaluates the student at the chosen global steps of its retraining (the points of the loss-vs-steps curve)."""
 
-    def __new__(cls, steps, evaluate, record):
-        from transformers import TrainerCallback
+    def __init__(self, steps, evaluate, record):
+        self.steps, self.evaluate, self.record = steps, evaluate, record
 
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step in steps and model is not None:
-                    record(state.global_step, evaluate(model))
-
-        return Callback()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and model is not None:
+            self.record(state.global_step, self.evaluate(model))
 
 
 def default_retraining_config(output_dir: str):
@@ -614,21 +613,7 @@ def search_architectures(
             if root is not None:
                 scores.save(root / "importance")
 
-        def evaluate(model) -> dict:
-            from .evaluation import heldout_perplexity
-
-            was = model.training
-            try:
-                with torch.no_grad():
-                    loss = (
-                        heldout_perplexity(model, eval_dataset, config.eval_batch_size)["loss"]
-                        if eval_dataset is not None
-                        else None
-                    )
-                    value = float(scorer(model)) if scorer is not None else loss
-            finally:
-                model.train(was)
-            return {"metric": value, "heldout_loss": loss}
+        evaluate = partial(_evaluate, eval_dataset=eval_dataset, batch_size=config.eval_batch_size, scorer=scorer)
 
         def run(candidate: Candidate, retrain: bool) -> CandidateResult:
             record = records.get(candidate.name) or _new_record(candidate)
@@ -685,9 +670,24 @@ def search_architectures(
     steps = full_steps if config.retrain_steps > 0 else [0]
     result = _partial_result(candidates, records, steps, metric, higher_is_better, config, target, teacher_counts)
     result.teacher["shape"] = model_shape(teacher.config)
+    logger.info("Best candidate: %s; top order stable from step %s.", result.best.name, result.stable_step())
     if root is not None:
         result.save(root)
     return result
+
+
+def _evaluate(model, eval_dataset, batch_size: int, scorer) -> dict:
+    """`{"metric", "heldout_loss"}` of `model`: the scorer's value when there is one, else the held-out loss."""
+    from .evaluation import heldout_perplexity
+
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            loss = heldout_perplexity(model, eval_dataset, batch_size)["loss"] if eval_dataset is not None else None
+            value = float(scorer(model)) if scorer is not None else loss
+    finally:
+        model.train(was_training)
+    return {"metric": value, "heldout_loss": loss}
 
 
 def _retrain(
