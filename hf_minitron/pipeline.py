@@ -224,16 +224,19 @@ def build_pipeline_config(data: dict):
         "distillation",
         output_dir=str(root / "distill_checkpoints"),
     )
+    # Each trainer's arguments set up the process group anew: with `distillation.use_cpu` the other trainers must use
+    # the CPU too, or they would re-create a single-process state under a multi-process launch (every process writing).
+    device = {"use_cpu": True} if distillation.use_cpu else {}
     correction = _build(
         TeacherCorrectionConfig,
-        data.get("teacher_correction") or {},
+        {**device, **(data.get("teacher_correction") or {})},
         "teacher_correction",
         output_dir=str(root / "teacher_correction_checkpoints"),
         corrected_model_dir=str(root / "teacher_correction"),
     )
     # A present section (even empty: all defaults) enables its stage; absent or null skips it.
     alignment = [
-        _build_alignment_stage(name, data[name] or {}, root)
+        _build_alignment_stage(name, {**device, **(data[name] or {})}, root)
         for name in ALIGNMENT_STAGES
         if name in data and data[name] is not None
     ]
@@ -269,7 +272,6 @@ def run_pipeline(
     `alignment` lists the alignment stages to run after distillation, in order (see [`build_pipeline_config`]).
     """
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint_pruning import PruneArguments, prune_checkpoint
@@ -278,7 +280,7 @@ def run_pipeline(
     from .evaluation import compare_models
     from .io import atomic_directory, atomic_save_model, resume_checkpoint
 
-    state = PartialState()
+    state = _process_group(distillation)
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model_path(args.teacher)
@@ -376,21 +378,25 @@ def run_pipeline(
     stale = eval_path.is_file() and _evaluated_student(eval_path) != student_name
     if stale:
         logger.warning("%s evaluated another student than %r: evaluating again.", eval_path, student_name)
-    state.wait_for_everyone()  # every process has read the old file before the main one replaces it
-    if stale or not eval_path.is_file():
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
-        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        compare_models(
-            teacher,
-            student,
-            tokenizer,
-            tasks=[t for t in args.eval_tasks.split(",") if t],
-            limit=args.eval_limit,
-            heldout_dataset=validation,
-            teacher_name=args.teacher,
-            student_name=student_name,
-            output_file=eval_path,  # written atomically, main process only
-        )
+    evaluate = stale or not eval_path.is_file()  # decided before the main process may write it
+    state.wait_for_everyone()
+    if evaluate:
+        # lm-eval runs an in-memory model in a single process (elsewhere it returns no results): the main process
+        # evaluates while the others wait (within the process group's timeout, `distillation.ddp_timeout`).
+        if state.is_main_process:
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+            student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            compare_models(
+                teacher,
+                student,
+                tokenizer,
+                tasks=[t for t in args.eval_tasks.split(",") if t],
+                limit=args.eval_limit,
+                heldout_dataset=validation,
+                teacher_name=args.teacher,
+                student_name=student_name,
+                output_file=eval_path,  # written atomically
+            )
         state.wait_for_everyone()
     summary["evaluation"] = json.loads(eval_path.read_text())
 
@@ -418,6 +424,24 @@ def run_pipeline(
 
         push_to_hub(str(final_dir), args.hub_model_id, private=args.hub_private)
     return summary
+
+
+def _process_group(distillation):
+    """The processes' shared state, set up as the trainers set it up, before pruning splits its calibration data."""
+    from accelerate import PartialState
+
+    # TrainingArguments initialises the distributed state (gloo on CPU with use_cpu or $ACCELERATE_USE_CPU, NCCL on
+    # GPUs); a bare PartialState() would see one process per CPU worker and let every one of them write.
+    distillation.device  # noqa: B018
+    state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise ValueError(
+            f"This run was launched with WORLD_SIZE={launched} processes, but they form a group of "
+            f"{state.num_processes}: without GPUs, set `distillation.use_cpu: true` (or ACCELERATE_USE_CPU=true) so "
+            "that the processes train together on the CPU instead of each running (and writing) the whole chain."
+        )
+    return state
 
 
 def _evaluated_student(path: Path) -> str | None:

@@ -13,6 +13,8 @@ runs data-parallel and only the main process writes. Same as `hf-minitron run <c
 
 import sys
 
+from accelerate import PartialState
+
 from hf_minitron.pipeline import load_pipeline_config, parse_overrides, run_pipeline
 
 
@@ -24,8 +26,9 @@ def main(argv):
     # 2. Run every unfinished stage; finished stages (their output folder exists) are reused.
     summary = run_pipeline(args, pruning, distillation, correction, alignment)
 
-    # 3. Point at the result.
-    print(f"Final checkpoint and model card: {summary['final_dir']}")
+    # 3. Point at the result (once, from the main process).
+    if PartialState().is_main_process:  # the process group the chain ran in
+        print(f"Final checkpoint and model card: {summary['final_dir']}")
 
 
 if __name__ == "__main__":

@@ -225,3 +225,23 @@ def test_every_stage_recipe_validates(path):
         assert owner is not None, f"{path}: {key} is no field of {[type(i).__name__ for i in instances]}"
         if key not in _NORMALISED:
             assert getattr(owner, key) == value, f"{path}: {key}"
+
+
+def test_processes_without_a_process_group_are_refused(monkeypatch):
+    from hf_minitron.pipeline import _process_group
+
+    # Two launched processes on a machine without GPUs and without use_cpu: each would run (and write) everything.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    *_, distillation, _, _ = build_pipeline_config({"distillation": {"report_to": "none"}})
+    with pytest.raises(
+        ValueError, match=r"WORLD_SIZE=2 .* group of 1: without GPUs, set `distillation.use_cpu: true`"
+    ):
+        _process_group(distillation)
+
+
+def test_use_cpu_of_distillation_carries_to_the_other_trainers():
+    recipe = {"distillation": {"use_cpu": True}, "sft": {"bf16": False}, "dpo": {"bf16": False, "use_cpu": False}}
+    _, _, distillation, correction, (sft, dpo) = build_pipeline_config(recipe)
+    assert distillation.use_cpu and correction.use_cpu and sft.training_args.use_cpu
+    assert not dpo.training_args.use_cpu  # an explicit value wins
