@@ -263,3 +263,28 @@ def test_lora_student_resume_restores_the_projection(tmp_path):
     (checkpoint / "minitron_projection.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="minitron_projection.safetensors"):
         _lora_run(tmp_path / "again", resume=str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------------------------- resume lookup
+def test_a_checkpoint_killed_mid_save_is_skipped(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_minitron.io import last_checkpoint, resume_checkpoint
+
+    args = SimpleNamespace(output_dir=str(tmp_path / "run"), resume_from_checkpoint=None)
+    assert resume_checkpoint(args) is None  # nothing to resume: a new run
+    for step in (1, 2, 10):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
+    # Killed before trainer_state.json (written last), or while writing it: not complete.
+    (tmp_path / "run" / "checkpoint-10" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')
+    assert last_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-1")
+    assert resume_checkpoint(args) == str(tmp_path / "run" / "checkpoint-1")
+
+    args.resume_from_checkpoint = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resume_checkpoint(args)
+    args.output_dir, args.resume_from_checkpoint = str(tmp_path / "empty"), "true"
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        resume_checkpoint(args)
