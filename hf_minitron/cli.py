@@ -13,27 +13,15 @@ whose keys are those field names, and options given on the command line override
 """
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .validation import check_field_types, check_sequence_length, load_model_config
+from .validation import check_field_types, check_sequence_length, load_model_config, read_config_file
 
 
 def _read_config_file(path: str) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--config {path!r} does not exist.")
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path!r} must hold a mapping of option names to values.")
-    return data
+    return read_config_file(path, "--config")
 
 
 def parse_dataclasses(dataclass_types, argv, prog: str):
@@ -234,7 +222,7 @@ def main(argv=None) -> int:
     command, _ = COMMANDS[argv[0]]
     try:
         command(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # our input checks, missing files, a full disk: no traceback needed
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -159,21 +159,45 @@ def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column:
     from datasets import load_dataset
 
     paths = [p for p in source.split(",") if p]
-    if all(os.path.exists(p) for p in paths):
+    missing = [p for p in paths if not os.path.exists(p)]
+    # A file name that does not exist would otherwise be looked up as a Hub dataset, and fail as "unreachable".
+    local = [p for p in missing if os.path.splitext(p)[1].lower() in _LOCAL_FORMATS or p.startswith((".", "~", "/"))]
+    if local or (missing and len(missing) < len(paths)):
+        raise FileNotFoundError(
+            f"Data file(s) {local or missing} of {source!r} do not exist: pass existing local files (comma separated), "
+            f"{EMBEDDED_CORPUS!r}, or a Hub dataset name."
+        )
+    if not missing:
         suffixes = {os.path.splitext(p)[1].lower() for p in paths}
         if len(suffixes) != 1 or next(iter(suffixes)) not in _LOCAL_FORMATS:
             raise ValueError(
                 f"Unsupported local data files {paths}: use one kind of {sorted(_LOCAL_FORMATS)} files per source."
             )
+        empty = [p for p in paths if os.path.getsize(p) == 0]
+        if empty:
+            raise ValueError(f"Data file(s) {empty} are empty: pass files that hold text.")
         dataset = load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train")
     else:
-        dataset = load_dataset(source, split=split)
+        try:
+            dataset = load_dataset(source, split=split)
+        except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+            raise FileNotFoundError(
+                f"Could not load the dataset {source!r}: it is not a local file, and as a Hub dataset it failed "
+                f"({type(error).__name__}: {error}). Pass existing local .txt/.jsonl/.parquet/.csv files, "
+                f"{EMBEDDED_CORPUS!r}, or a Hub dataset reachable from here (HF_DATASETS_OFFLINE unset)."
+            ) from None
     if text_column not in dataset.column_names:
         raise ValueError(
             f"Column {text_column!r} not found in {source!r} (columns: {dataset.column_names}): pass the column that "
             "holds the text with --text-column."
         )
-    return [t for t in dataset[text_column] if isinstance(t, str) and t.strip()]
+    texts = [t for t in dataset[text_column] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(
+            f"Column {text_column!r} of {source!r} holds no non-empty text ({len(dataset)} rows): pass data with text "
+            "in that column, or name the column that holds it with --text-column."
+        )
+    return texts
 
 
 def load_text_datasets(

@@ -135,18 +135,23 @@ def check_free_space(target: str | os.PathLike, needed_bytes: int) -> None:
 
 def _disk_full_error(error: BaseException, target: Path, expected_bytes: int | None) -> OSError | None:
     """An `OSError(ENOSPC)` naming `target` when `error` means the disk is full, else `None`."""
+    # A nested atomic write (scores inside a model folder) already explained it: report the original error once.
+    while getattr(error, "_disk_full", False) and error.__cause__ is not None:
+        error = error.__cause__
     # safetensors' Rust writer reports a full disk as `SafetensorError('... (os error 28)')`, not as an OSError.
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
     if not (full or "No space left on device" in str(error) or "os error 28" in str(error)):
         return None
     needed = f"about {format_bytes(expected_bytes)} needed, " if expected_bytes else ""
     free = format_bytes(shutil.disk_usage(target.parent).free)
-    return OSError(
+    translated = OSError(
         errno.ENOSPC,
         f"Disk full while writing {str(target)!r} ({needed}{free} free after removing the partial write); any "
         f"previous output there is unchanged. Free some space, or choose an output directory on another disk "
         f"({type(error).__name__}: {error})",
     )
+    translated._disk_full = True
+    return translated
 
 
 def _new_temporary_directory(target: Path, overwrite: bool) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
 from .pruning_config import PrunedConfig
-from .validation import check_field_types, check_sequence_length, load_model_config
+from .validation import check_field_types, check_sequence_length, load_model_config, read_config_file
 
 
 logger = logging.getLogger(__name__)
@@ -200,10 +200,7 @@ def load_pipeline_config(path: str | os.PathLike, overrides: dict | None = None)
 
     `overrides` maps `key` or `section.key` to values (the CLI's `--section.key value`).
     """
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_config_file(path, "recipe")
     for key, value in (overrides or {}).items():
         section, _, name = key.rpartition(".")
         (data.setdefault(section, {}) if section else data)[name] = value

@@ -154,6 +154,35 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student_name: str
 
 
 # ---------------------------------------------------------------------------------------------- config values
+def read_config_file(path: str | os.PathLike, what: str = "config") -> dict:
+    """The mapping in a YAML (`.yaml`/`.yml`) or JSON file, with a missing file or a syntax error explained.
+
+    Raises:
+        `FileNotFoundError`: the file does not exist.
+        `ValueError`: a syntax error (with its line) or a top level that is not a mapping.
+    """
+    import yaml
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The {what} file {path!r} does not exist: check the path.")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"The {what} file {path!r} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: "
+            f"{' '.join(str(error).split())}. Fix the syntax at that line."
+        ) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"The {what} file {path!r} must hold a mapping of option names to values (`key: value` lines), got "
+            f"{type(data).__name__}."
+        )
+    return data
+
+
 def _accepts(value, annotation) -> tuple[bool, object]:
     """Whether `value` fits `annotation` (simple types, unions, lists, dicts), and the value to use.
 

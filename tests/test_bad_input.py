@@ -409,7 +409,10 @@ def test_disk_full_during_save(checkpoint, tmp_path, texts, monkeypatch):
         Path(filename).write_bytes(b"\0" * 100)  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # the scores
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)  # the model's weights
     with pytest.raises(OSError) as info:
         prune_checkpoint(
             prune_args(checkpoint, output, overwrite=True, **args),
@@ -420,6 +423,7 @@ def test_disk_full_during_save(checkpoint, tmp_path, texts, monkeypatch):
     assert error.errno == errno.ENOSPC
     assert f"Disk full while writing '{output}'" in str(error)
     assert "needed" in str(error) and "previous output there is unchanged" in str(error)
+    assert str(error).count("Disk full") == 1 and "No space left on device" in str(error)
     assert "Free some space, or choose an output directory on another disk" in str(error)
     assert snapshot(output) == before
     assert leftovers(tmp_path) == []
@@ -498,3 +502,115 @@ def test_pruning_an_offloaded_model_is_refused():
 def test_tiny_config_fixture_is_what_the_catalog_assumes():
     config = tiny_config()
     assert (config.hidden_size, config.intermediate_size, config.max_position_embeddings) == (32, 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------- more entry points
+def test_calibration_file_missing(checkpoint, tmp_path, no_expensive_work):
+    # Without the check, a missing file name was looked up as a Hub dataset and failed as "unreachable".
+    args = prune_args(checkpoint, tmp_path / "out", calibration_data="calibraton.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"\['calibraton.jsonl'\] .* do not exist: pass existing local files"):
+        prune_checkpoint(args, PrunedConfig(**SMALL))
+
+
+def test_calibration_file_empty(checkpoint, tmp_path, no_expensive_work):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")  # datasets raised a bare StopIteration here
+    with pytest.raises(ValueError, match=r"empty.jsonl'\] are empty: pass files that hold text"):
+        prune_checkpoint(prune_args(checkpoint, tmp_path / "out", calibration_data=str(data)), PrunedConfig(**SMALL))
+
+
+def test_calibration_column_without_text(checkpoint, tmp_path, no_expensive_work):
+    data = tmp_path / "blank.jsonl"
+    data.write_text(json.dumps({"text": "   "}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(ValueError, match=r"Column 'text' of .* holds no non-empty text \(2 rows\).*--text-column"):
+        prune_checkpoint(prune_args(checkpoint, tmp_path / "out", calibration_data=str(data)), PrunedConfig(**SMALL))
+
+
+def test_hub_dataset_unreachable(checkpoint, tmp_path, no_expensive_work):
+    # conftest sets HF_DATASETS_OFFLINE=1: the Hub cannot be reached, as on an air-gapped machine.
+    args = prune_args(checkpoint, tmp_path / "out", calibration_data="someone/some-corpus")
+    with pytest.raises(
+        FileNotFoundError, match=r"Could not load the dataset 'someone/some-corpus'.*HF_DATASETS_OFFLINE"
+    ):
+        prune_checkpoint(args, PrunedConfig(**SMALL))
+
+
+def test_recipe_file_with_a_syntax_error(tmp_path, capsys, no_expensive_work):
+    recipe = tmp_path / "minitron.yaml"
+    recipe.write_text("teacher: embedded\npruning:\n  hidden_size: [16\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML" in err and "line 3" in err and "Fix the syntax at that line" in err
+    assert main(["prune", "--config", str(recipe)]) == 2
+    assert "--config file" in capsys.readouterr().err
+
+
+def test_recipe_file_missing(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "minitron.yml")]) == 2
+    err = capsys.readouterr().err
+    assert "The recipe file" in err and "minitron.yml' does not exist: check the path" in err
+
+
+def test_cli_reports_a_full_disk_without_traceback(checkpoint, tmp_path, texts, monkeypatch, capsys):
+    import safetensors.torch
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    output = tmp_path / "out"
+    argv = ["prune", "--model", str(checkpoint), "--output", str(output), "--calibration_data", texts]
+    argv += ["--text_column", "content", "--hidden_size", "16", "--num_attention_heads", "2"]
+    argv += ["--calibration_samples", "4", "--calibration_seq_length", "16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: [Errno 28] Disk full while writing '{output}'" in err and "Traceback" not in err
+    assert err.count("Disk full") == 1  # explained once, not once per nested atomic write
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+def test_evaluate_checks_both_checkpoints_before_loading(checkpoint, tmp_path, no_expensive_work):
+    from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
+
+    args = EvaluateArguments(model=str(checkpoint), teacher=str(tmp_path / "no-teacher"), tasks="pydoc_topics")
+    with pytest.raises(FileNotFoundError, match=r"no-teacher' does not exist"):
+        evaluate_checkpoints(args, show_progress=False)
+
+
+def test_pipeline_checks_the_teacher_before_any_stage(checkpoint, tmp_path, no_expensive_work):
+    from hf_minitron.pipeline import run_pipeline
+
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    recipe = {"teacher": str(checkpoint), "output_dir": str(tmp_path / "run"), "seq_length": 32}
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):
+        run_pipeline(*build_pipeline_config(recipe), show_progress=False)
+    assert not (tmp_path / "run" / "pruned").exists()
+
+
+def test_pipeline_sequence_longer_than_teacher_positions(checkpoint, tmp_path, no_expensive_work):
+    from hf_minitron.pipeline import run_pipeline
+
+    recipe = {"teacher": str(checkpoint), "output_dir": str(tmp_path / "run"), "seq_length": 1024}
+    with pytest.raises(
+        ValueError, match=r"MinitronArguments.seq_length=1024 .* Use MinitronArguments.seq_length <= 128"
+    ):
+        run_pipeline(*build_pipeline_config(recipe), show_progress=False)
+
+
+def test_distill_student_checkpoint_missing(tmp_path, checkpoint, no_expensive_work):
+    args = DistillArguments(student=str(tmp_path / "pruned"), teacher=str(checkpoint))
+    config = DistillationConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1)
+    with pytest.raises(FileNotFoundError, match=r"pruned' does not exist: pass an existing directory"):
+        distill_checkpoint(args, config)
+
+
+def test_correct_teacher_sequence_too_long(checkpoint, tmp_path, capsys, no_expensive_work):
+    argv = ["correct-teacher", "--model", str(checkpoint), "--seq_length", "4096", "--output_dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "CorrectTeacherArguments.seq_length=4096 is longer than the model's max_position_embeddings=128" in (
+        capsys.readouterr().err
+    )
