@@ -143,7 +143,8 @@ class Bench:
         self.train = data["train"].select(range(needed))
         self.calibration = data["train"].select(range(budget.calibration_samples))
         n_val = min(budget.validation_samples, len(data["validation"]))
-        self.validation = as_tensors(data["validation"].select(range(n_val)))
+        self.validation_dataset = data["validation"].select(range(n_val))
+        self.validation = as_tensors(self.validation_dataset)
         self._scores = {}
         self._arms = {}
         self._corrected = None
@@ -177,7 +178,8 @@ class Bench:
         config = self.pruned_config(**target, **options)
         if scores is None and config.importance == "activation":
             scores = self.scores(teacher, config.sequence_aggregation)
-        return prune_model(copy.deepcopy(teacher), config, self.calibration, scores=scores, show_progress=False)
+        pruned = prune_model(copy.deepcopy(teacher), config, self.calibration, scores=scores, show_progress=False)
+        return pruned.requires_grad_(True)  # a copy of a teacher that a trainer has frozen
 
     def random_init(self, target: dict):
         """The pruned architecture with freshly initialised weights (the from-scratch baseline of claim c)."""
@@ -500,7 +502,7 @@ def claim_i(bench: Bench) -> dict:
         bench.teacher,
         config,
         train_dataset=bench.train,
-        eval_dataset=bench.validation,
+        eval_dataset=bench.validation_dataset,
         scores=bench.scores(),
         calibration_data=bench.calibration,
         output_dir=output_dir,
@@ -511,7 +513,7 @@ def claim_i(bench: Bench) -> dict:
     hand = _width_kd(bench)
     best = result.best
     best_dict = best.to_dict()
-    arms = {"hand-chosen width": hand, f"search pick ({best_dict.get('name', '?')})": _search_arm(best_dict)}
+    arms = {"hand-chosen width": hand, f"search pick ({best_dict['name']})": _search_arm(best_dict)}
     ranking = [c.to_dict() for c in result.ranking()]
     pick = next(v for k, v in arms.items() if k.startswith("search"))
     return {
@@ -526,15 +528,15 @@ def claim_i(bench: Bench) -> dict:
 
 
 def _search_arm(candidate: dict) -> dict:
-    """The search's record of one candidate in this script's arm format (held-out loss per step)."""
-    metrics = candidate.get("metrics") or candidate.get("metric_per_step") or {}
-    curve = sorted([int(step), float(value)] for step, value in metrics.items())
+    """The search's record of one candidate (`CandidateResult.to_dict()`) in this script's arm format."""
+    curve = sorted([int(step), float(value)] for step, value in candidate["heldout_loss"].items())
     return {
-        "before": curve[0][1] if curve else float("nan"),
-        "after": curve[-1][1] if curve else float("nan"),
+        "before": curve[0][1],
+        "after": curve[-1][1],
         "curve": curve,
-        "parameters": candidate.get("num_parameters") or candidate.get("parameters"),
-        "shape": candidate.get("shape"),
+        "parameters": candidate["parameters"]["total"],
+        "shape": candidate["shape"],
+        "seconds": candidate.get("seconds"),
     }
 
 
@@ -640,6 +642,9 @@ def main(argv=None):
     parser.add_argument("--seq-length", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--fresh", action="store_true", help="Ignore the cache of finished claims and arms.")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (1 is faster on a CPU shared with other jobs)."
+    )
     parser.add_argument("--output", default=str(RESULTS / "claims.json"))
     args = parser.parse_args(argv)
     letters = parse_claims(args.claims)
@@ -650,6 +655,8 @@ def main(argv=None):
         seq_length=args.seq_length,
         learning_rate=args.learning_rate,
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.time()
     bench = None
@@ -694,7 +701,8 @@ def main(argv=None):
             "teacher_loss": bench.teacher_loss,
             "validation_samples": len(bench.validation),
             "machine": f"{os.cpu_count()} CPU cores"
-            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+            + f", {torch.get_num_threads()} torch threads",
         }
     results = {
         "budget": asdict(budget),

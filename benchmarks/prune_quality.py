@@ -26,7 +26,10 @@ from pathlib import Path
 import torch
 
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, as_tensors, num_parameters  # noqa: E402
+
+
 WIDTH = dict(hidden_size=456, intermediate_size=1024, num_attention_heads=6)
 DEPTH = dict(num_hidden_layers=16)
 
@@ -164,11 +167,8 @@ def main():
     teacher, tokenizer = load_default_teacher()
     data = embedded_datasets(tokenizer, args.seq_length)
     calibration = data["train"].select(range(min(args.calibration_samples, len(data["train"]))))
-    validation = [
-        {"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.tensor(r["attention_mask"])}
-        for r in data["validation"].select(range(min(args.validation_samples, len(data["validation"]))))
-    ]
-    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    validation = as_tensors(data["validation"].select(range(min(args.validation_samples, len(data["validation"])))))
+    n_params = num_parameters
     base_config = PrunedConfig(calibration_samples=len(calibration), depth_calibration_samples=args.depth_samples)
 
     print("Timing importance estimation against plain forward passes ...", flush=True)
