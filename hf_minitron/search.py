@@ -367,13 +367,24 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
         if low <= value <= high:
             in_budget.append((abs(value - target), candidate_name(shape), shape, counts, value))
     base = config.base_pruned_config().to_dict()
-    candidates = []
+    candidates, loads = [], {}
     for _, name, shape, counts, value in sorted(in_budget, key=lambda item: item[:2]):
+        if config.max_candidates is not None and len(candidates) == config.max_candidates:
+            logger.info("%d shapes in the budget; kept the %d closest to it.", len(in_budget), len(candidates))
+            break
         pruned = PrunedConfig.from_dict({**base, **shape})
-        try:
-            check_target_loads(model_config, pruned.resolve(model_config))
-        except ValueError as error:
-            rejected.append(f"{name}: {error}")
+        target_shape = pruned.resolve(model_config)
+        # Config classes validate the attention shape (hidden vs heads), not the MLP width: building one config per
+        # attention shape instead of per candidate keeps large spaces (thousands of shapes) fast.
+        key = tuple(v for k, v in sorted(target_shape.items()) if k != "intermediate_size")
+        if key not in loads:
+            try:
+                check_target_loads(model_config, target_shape)
+                loads[key] = None
+            except ValueError as error:
+                loads[key] = str(error)
+        if loads[key] is not None:
+            rejected.append(f"{name}: {loads[key]}")
             continue
         candidates.append(
             Candidate(
@@ -395,11 +406,6 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
             "`target_ratio` into that range, loosen `max_depth_pruning` / `max_width_pruning`, use smaller "
             "`*_multiple` values, or give explicit `*_grid` values."
         )
-    if config.max_candidates is not None and len(candidates) > config.max_candidates:
-        logger.info(
-            "%d candidates in the budget; keeping the %d closest to it.", len(candidates), config.max_candidates
-        )
-        candidates = candidates[: config.max_candidates]
     return candidates
 
 
