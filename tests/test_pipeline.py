@@ -240,6 +240,15 @@ def test_processes_without_a_process_group_are_refused(monkeypatch):
         _process_group(distillation)
 
 
+def test_alignment_lora_fields_reach_the_peft_config():
+    from trl import get_peft_config
+
+    *_, (sft,) = build_pipeline_config({"sft": {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "bf16": False}})
+    peft_config = get_peft_config(sft.model_args)
+    assert (peft_config.r, peft_config.lora_alpha) == (4, 8)
+    assert sft.describe()["lora_r"] == 4
+
+
 def test_use_cpu_of_distillation_carries_to_the_other_trainers():
     recipe = {"distillation": {"use_cpu": True}, "sft": {"bf16": False}, "dpo": {"bf16": False, "use_cpu": False}}
     _, _, distillation, correction, (sft, dpo) = build_pipeline_config(recipe)
