@@ -207,7 +207,7 @@ class SearchResult:
                 order = " > ".join(self.top_order(step))
                 lines.append(f"| {step} | {order} | {'-' if rho is None else f'{rho:.2f}'} |")
             lines.append("")
-        return "\n".join(lines)
+        return "\n".join(lines).rstrip("\n") + "\n"
 
     def _table(self) -> str:
         header = ["rank", "candidate", "layers", "hidden", "MLP", "heads", "KV", "parameters"]
