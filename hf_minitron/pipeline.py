@@ -445,13 +445,6 @@ def _evaluated_student(path: Path) -> str | None:
     return json.loads(path.read_text()).get("models", {}).get("student", {}).get("name")
 
 
-def _last_checkpoint(directory: str) -> str | None:
-    from .io import last_checkpoint
-
-    # Skips a checkpoint that a kill interrupted mid-save (transformers' get_last_checkpoint would return it).
-    return last_checkpoint(directory)
-
-
 def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:
     steps = max((entry.get("step", 0) for entry in log_history), default=0)
     return int(
