@@ -449,7 +449,9 @@ def _retraining_args(template, output_dir: str, config: SearchConfig, show_progr
 def _settings(teacher, config: SearchConfig, template, metric: str, higher_is_better: bool, train, evaluation):
     """What a finished candidate's result depends on: a rerun reuses results only when these match."""
     ignored = {"output_dir", "logging_dir", "run_name", "disable_tqdm", "logging_steps", "report_to", "hub_token"}
-    training = {k: v for k, v in json.loads(template.to_json_string()).items() if k not in ignored}
+    training = None
+    if template is not None:
+        training = {k: v for k, v in json.loads(template.to_json_string()).items() if k not in ignored}
     return {
         "teacher": model_shape(teacher.config),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
@@ -597,7 +599,6 @@ def search_architectures(
         if root.exists() and not root.is_dir():
             raise FileExistsError(f"output_dir {str(root)!r} is a file: choose a directory.")
         settings = _settings(teacher, config, template, metric, higher_is_better, train_dataset, eval_dataset)
-        settings["training"] = settings["training"] if template is not None else None
         _check_settings(root, settings)
 
     teacher_counts = {

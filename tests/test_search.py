@@ -236,7 +236,14 @@ def count_trainings(monkeypatch):
     return calls
 
 
-def test_search_ranks_retrained_candidates_and_resumes(tmp_path, data, count_trainings):
+def test_search_ranks_retrained_candidates_and_resumes(tmp_path, data, count_trainings, monkeypatch):
+    import hf_minitron.pruning as pruning
+
+    importance_passes = []
+    compute_scores = pruning.compute_scores
+    monkeypatch.setattr(
+        pruning, "compute_scores", lambda *a, **k: importance_passes.append(1) or compute_scores(*a, **k)
+    )
     teacher = tiny_model("llama")
     before = {name: p.clone() for name, p in teacher.state_dict().items()}
     config = _search_config()
@@ -250,6 +257,7 @@ def test_search_ranks_retrained_candidates_and_resumes(tmp_path, data, count_tra
     assert not teacher.training and all(p.requires_grad for p in teacher.parameters())
 
     assert len(count_trainings) == len(result.candidates) == 3
+    assert len(importance_passes) == 1  # one importance pass for every candidate
     assert result.steps == [0, 2, 4] and result.metric == "heldout_loss" and not result.higher_is_better
     for step in result.steps:
         ranked = result.ranking(step)
@@ -285,13 +293,14 @@ def test_search_ranks_retrained_candidates_and_resumes(tmp_path, data, count_tra
     markdown = result.to_markdown()
     assert result.best.name in markdown and "| step 4 |" in markdown
 
-    # A rerun trains nothing and returns the same result.
+    # A rerun trains nothing, reuses the saved importance, and returns the same result.
     count_trainings.clear()
+    importance_passes.clear()
     again = search_architectures(
         teacher, config, train_dataset=data["train"], eval_dataset=data["eval"], output_dir=tmp_path,
         show_progress=False,
     )  # fmt: skip
-    assert count_trainings == []
+    assert count_trainings == [] and importance_passes == []
     assert again.to_dict() == result.to_dict()
 
     # Other settings cannot reuse these results.
@@ -329,8 +338,12 @@ def test_interrupted_search_resumes_at_the_unfinished_candidate(tmp_path, data, 
     assert next(c for c in result.candidates if c.name == done).metric == saved.metric
 
 
-def test_search_without_retraining_and_with_a_scorer(data, count_trainings):
+def test_search_without_retraining_and_with_a_scorer(tmp_path, data, count_trainings, monkeypatch):
+    import hf_minitron.pruning as pruning
+
     teacher = tiny_model("llama")
+    scores = magnitude_importance(teacher)
+    monkeypatch.setattr(pruning, "compute_scores", None)  # given scores: no importance pass at all
     # ModelOpt-style: rank the pruned candidates as they are; only a scorer, no eval_dataset.
     calls = []
 
@@ -338,15 +351,17 @@ def test_search_without_retraining_and_with_a_scorer(data, count_trainings):
         calls.append(model.config.hidden_size)
         return float(model.config.hidden_size + model.config.intermediate_size / 1000)
 
-    config = _search_config(retrain_steps=0, max_candidates=4)
-    result = search_architectures(teacher, config, train_dataset=data["train"], scorer=scorer, higher_is_better=True,
-                                  show_progress=False)  # fmt: skip
+    config = _search_config(retrain_steps=0, max_candidates=4, pruning={"importance": "magnitude"})
+    result = search_architectures(teacher, config, scores=scores, scorer=scorer, higher_is_better=True,
+                                  output_dir=tmp_path, show_progress=False)  # fmt: skip
     assert count_trainings == [] and len(calls) == 4
     assert result.steps == [0] and result.metric == "score" and result.higher_is_better
     values = [c.metric[0] for c in result.ranking()]
     assert values == sorted(values, reverse=True)
     assert result.best.shape["hidden_size"] == max(c.shape["hidden_size"] for c in result.candidates)
     assert result.stable_step() == 0 and "| step 0 |" in result.to_markdown()
+    assert (tmp_path / "search_results.png").stat().st_size > 0  # a bar chart: nothing was retrained
+    assert all(not c.heldout_loss for c in SearchResult.load(tmp_path).candidates)
 
     with pytest.raises(ValueError, match="higher_is_better"):
         search_architectures(teacher, config, train_dataset=data["train"], scorer=scorer, show_progress=False)
