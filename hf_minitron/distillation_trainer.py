@@ -23,7 +23,9 @@ from transformers.utils import logging
 
 from .architectures import get_base_model, get_decoder_layers
 from .distillation_config import DistillationConfig
+from .embedded import resolve_model_path
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
+from .validation import check_checkpoint
 
 
 logger = logging.get_logger(__name__)
@@ -162,14 +164,18 @@ class DistillationTrainer(Trainer):
                 f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}: build the arguments "
                 "with `DistillationConfig(...)` (it accepts every TrainingArguments field)."
             )
-        if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError(
                 "DistillationTrainer has no teacher: pass `teacher_model=` (a model or a checkpoint path) or set "
                 "DistillationConfig.teacher_model_name_or_path."
             )
+        # Both checkpoints on disk are checked before either is loaded: a bad teacher path must not cost a student load.
+        for name in (model, teacher_model):
+            if isinstance(name, str):
+                check_checkpoint(resolve_model_path(name))
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), use_safetensors=True)
         if isinstance(teacher_model, str):
             teacher_model = self._load_teacher(teacher_model, args)
         elif args.teacher_model_init_kwargs:
@@ -217,8 +223,6 @@ class DistillationTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------ setup
     @staticmethod
     def _load_teacher(name_or_path: str, args: DistillationConfig) -> nn.Module:
-        from .embedded import resolve_model_path
-
         kwargs = dict(args.teacher_model_init_kwargs or {})
         kwargs.setdefault("use_safetensors", True)
         dtype = kwargs.get("dtype")

@@ -614,3 +614,11 @@ def test_correct_teacher_sequence_too_long(checkpoint, tmp_path, capsys, no_expe
     assert "CorrectTeacherArguments.seq_length=4096 is longer than the model's max_position_embeddings=128" in (
         capsys.readouterr().err
     )
+
+
+def test_trainer_checks_teacher_path_before_loading_the_student(checkpoint, tmp_path, no_expensive_work):
+    from hf_minitron import DistillationTrainer
+
+    args = DistillationConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True)
+    with pytest.raises(FileNotFoundError, match=r"teachr' does not exist: pass an existing directory"):
+        DistillationTrainer(model=str(checkpoint), teacher_model=str(tmp_path / "teachr"), args=args)
