@@ -231,6 +231,7 @@ class SearchResult:
     def plot(self, path: str | os.PathLike) -> None:
         """A PNG of every candidate's metric against the KD steps (a bar chart when nothing was retrained)."""
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         figure = Figure(figsize=(8, 5))
         axes = figure.subplots()
@@ -255,6 +256,7 @@ class SearchResult:
                     stable, color="grey", linestyle="--", linewidth=1, label=f"ranking stable (step {stable})"
                 )
             axes.set_xlabel("KD retraining steps")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
             axes.set_ylabel(self._metric_label())
             axes.legend(fontsize=7)
         axes.set_title(
