@@ -554,6 +554,8 @@ def sentence(letter: str, claim: dict) -> str:
 def render_markdown(results: dict) -> str:
     b, setup = results["budget"], results["setup"]
     lines = [
+        f"Command: `{results.get('command', 'python benchmarks/claims.py')}`.",
+        "",
         f"Teacher: SmolLM2-135M ({setup['teacher_parameters']:,} parameters), held-out loss "
         f"{_fmt(setup['teacher_loss'])} on {setup['validation_samples']} validation samples of {b['seq_length']} "
         f"tokens of the embedded corpus. Retraining arms: {b['steps']} steps x batch {b['batch_size']} x "
@@ -582,6 +584,12 @@ def render_markdown(results: dict) -> str:
         if "wall_seconds" in claim:
             load = claim.get("load_average", [None, None])
             lines.append(f"| {letter} | {claim['wall_seconds']:.0f} | {load[0]:.2f} / {load[1]:.2f} |")
+    loads = [x for c in results["claims"].values() for x in c.get("load_average", [])]
+    if loads:
+        lines.append(
+            f"\nMachine load while the claims ran: 1-minute load average {min(loads):.1f} to {max(loads):.1f} on "
+            f"{os.cpu_count()} cores (other jobs shared the CPU, so the wall times are pessimistic)."
+        )
     lines.append(
         f"\nTotal wall time of the claims {results['wall_seconds_all_claims']:.0f} s on {setup['machine']}. Arms shared between claims "
         "are trained once: a claim's wall time excludes arms an earlier claim had already trained."
@@ -634,6 +642,7 @@ def parse_claims(text: str) -> list[str]:
 
 
 def main(argv=None):
+    global CACHE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--claims", default=",".join(CLAIMS), help="Comma-separated subset, e.g. a,c,d.")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiplies steps, calibration and validation.")
@@ -646,8 +655,10 @@ def main(argv=None):
         "--threads", type=int, help="torch intra-op threads (1 is faster on a CPU shared with other jobs)."
     )
     parser.add_argument("--output", default=str(RESULTS / "claims.json"))
+    parser.add_argument("--cache-dir", default=str(CACHE), help="Where finished claims and arms are cached.")
     args = parser.parse_args(argv)
     letters = parse_claims(args.claims)
+    CACHE = Path(args.cache_dir)
     budget = Budget.scaled(
         args.scale,
         steps=args.steps,
@@ -705,6 +716,8 @@ def main(argv=None):
             + f", {torch.get_num_threads()} torch threads",
         }
     results = {
+        "command": " ".join(["python", "benchmarks/claims.py", *(sys.argv[1:] if argv is None else argv)]),
+        "scale": args.scale,
         "budget": asdict(budget),
         "tokens_per_arm": budget.tokens,
         "setup": setup,
