@@ -15,6 +15,7 @@ a rerun skips it.
 """
 
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from transformers import TrainerCallback
 
 from .architectures import get_architecture
 from .data import iter_samples
-from .importance import ImportanceScores, model_shape
+from .importance import ImportanceScores, model_shape, release_freed_memory
 from .io import atomic_directory, atomic_write_text
 from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
 from .pruning_config import _TARGET_FIELDS, PrunedConfig
@@ -643,6 +644,8 @@ def search_architectures(
             record.retrained = retrain
             record.seconds += time.perf_counter() - start
             del student
+            gc.collect()  # the trainer and the student reference each other: free them before the next candidate
+            release_freed_memory()
             _save_record(root, record)
             return record
 
