@@ -326,8 +326,8 @@ class _Collector:
                         "Load the model in bfloat16 or float32 (from_pretrained(..., dtype=torch.bfloat16), or --dtype "
                         "bfloat16) and estimate again."
                         if dtype == torch.float16
-                        else f"{name} has the range of float32, so the weights themselves are broken (inf/NaN, or "
-                        "values of extreme magnitude from a diverged run): check the checkpoint with "
+                        else f"No dtype has a wider range than {name}, so the weights themselves are broken (inf/NaN, "
+                        "or values of extreme magnitude from a diverged run): check the checkpoint with "
                         "torch.isfinite on each weight, and use a healthy one."
                     )
                     raise ValueError(

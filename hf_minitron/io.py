@@ -97,16 +97,17 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"Output path {str(target)!r} exists and is a file: choose a directory path.")
+    # "Not ours" first: suggesting --overwrite for a folder that --overwrite would refuse sends the user in a circle.
+    if target.is_dir() and any(target.iterdir()) and not any(any(target.glob(m)) for m in _OUTPUT_MARKERS):
+        raise FileExistsError(
+            f"Output directory {str(target)!r} exists, is not empty and does not look like a model output (no "
+            "config.json or *.safetensors): refusing to replace it even with --overwrite, since that would delete its "
+            "files. Remove it yourself if it is disposable, or choose another directory."
+        )
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(
             f"Output directory {str(target)!r} exists and is not empty: pass --overwrite (overwrite=True) to replace "
             "it, or choose another directory."
-        )
-    if target.is_dir() and any(target.iterdir()) and not any(any(target.glob(m)) for m in _OUTPUT_MARKERS):
-        raise FileExistsError(
-            f"Output directory {str(target)!r} exists and does not look like a model output (no config.json or "
-            "*.safetensors): refusing to replace it even with --overwrite, since that would delete its files. Remove "
-            "it yourself if it is disposable, or choose another directory."
         )
 
 

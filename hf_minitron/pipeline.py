@@ -15,6 +15,7 @@ student without SFT). `output_dir` of the trainer sections, `final_model_dir` an
 pipeline.
 """
 
+import difflib
 import json
 import logging
 import os
@@ -83,11 +84,15 @@ def _build(cls, values: dict, where: str, **forced):
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
+        guesses = {key: difflib.get_close_matches(key, valid, n=1) for key in unknown}
+        hint = "; ".join(f"{key!r}: did you mean {match[0]!r}?" for key, match in guesses.items() if match)
         raise ValueError(
             f"Unknown key(s) {unknown} in the {where!r} section: valid keys are the fields of {cls.__name__}."
+            + (f" {hint}" if hint else "")
         )
     # A quoted number or a list where a number belongs would otherwise fail deep inside training, or not at all.
-    values = check_field_types(cls, values, f"the {where!r} section of the recipe")
+    location = "the top level of the recipe" if where == "top level" else f"the {where!r} section of the recipe"
+    values = check_field_types(cls, values, location)
     return cls(**{**values, **forced})
 
 
