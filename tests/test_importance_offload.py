@@ -93,3 +93,20 @@ def test_mixed_device_map_with_disk_offload(saved, reference, tmp_path):
     prune_model(expected, CONFIG, scores=reference)
     for (name, a), (_, b) in zip(resident.state_dict().items(), expected.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_prune_checkpoint_with_device_map_auto(checkpoint, text_file, tmp_path):
+    """The CLI path for large models (`hf-minitron prune --device_map auto`): placed by accelerate, pruned in place."""
+    from hf_minitron.checkpoint_pruning import PruneArguments, prune_checkpoint
+
+    args = PruneArguments(
+        model=str(checkpoint),
+        output=str(tmp_path / "pruned"),
+        calibration_data=str(text_file),
+        text_column="content",
+        device_map="auto",
+    )
+    config = PrunedConfig(hidden_size=16, num_attention_heads=2, calibration_samples=4, calibration_seq_length=16)
+    prune_checkpoint(args, config, show_progress=False)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert pruned.config.hidden_size == 16 and pruned.config.num_attention_heads == 2
