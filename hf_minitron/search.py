@@ -82,7 +82,9 @@ class SearchConfig:
         num_hidden_layers_multiple, hidden_size_multiple, intermediate_size_multiple, num_attention_heads_multiple
         (`int`, *optional*, defaults to `1`, `64`, `64`, `1`):
             Generated sizes are multiples of these (the teacher's own size is always a candidate value). Heads are
-            also multiples of the KV heads, and a KV group never gains heads.
+            also multiples of the KV heads, and a KV group never gains heads. Shapes stock transformers refuses are
+            skipped (Llama configs want the hidden size divisible by the head count): with 9 heads (SmolLM2), hidden
+            multiples of 64 leave only 384 and 576 within the default cap; 48 gives more.
         search_kv_heads (`bool`, *optional*, defaults to `False`):
             Also try removing whole KV groups (divisors of the teacher's KV heads). By default they are kept.
         num_hidden_layers_grid, hidden_size_grid, intermediate_size_grid, num_attention_heads_grid,
@@ -397,6 +399,14 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
                 memory_bytes=counts["total"] * dtype_size(config.memory_dtype),
                 budget_value=value,
             )
+        )
+    if rejected and candidates:
+        # e.g. SmolLM2's 9 heads: hidden sizes on multiples of 64 load only at 192, 384 and 576.
+        logger.info(
+            "%d shapes in the budget skipped because stock transformers would not load them (e.g. %s). Smaller "
+            "or head-count-friendly *_multiple values widen the space.",
+            len(rejected),
+            rejected[0],
         )
     if not candidates:
         reach = f"[{min(reachable):,}, {max(reachable):,}]" if reachable else "empty"
