@@ -588,6 +588,9 @@ def search_architectures(
             f"SearchConfig.retrain_steps={config.retrain_steps} needs train_dataset for the KD retraining: pass it, "
             "or set retrain_steps=0 to rank the pruned candidates without retraining."
         )
+    for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(f"search_architectures got an empty {name}: pass tokenized samples (input_ids).")
     base_config = config.base_pruned_config()
     calibration_data = calibration_data if calibration_data is not None else train_dataset
     if scores is None and base_config.importance == "activation" and calibration_data is None:

@@ -398,6 +398,8 @@ def test_bad_search_input_fails_before_any_work(data, count_trainings, monkeypat
     with pytest.raises(ValueError, match="No candidate architecture"):
         search_architectures(teacher, _search_config(target_ratio=0.1), train_dataset=data["train"],
                              eval_dataset=data["eval"], show_progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="empty eval_dataset"):
+        search_architectures(teacher, config, train_dataset=data["train"], eval_dataset=[], show_progress=False)
     with pytest.raises(ValueError, match="higher_is_better describes a scorer"):
         search_architectures(teacher, config, train_dataset=data["train"], eval_dataset=data["eval"],
                              higher_is_better=True, show_progress=False)  # fmt: skip
