@@ -50,8 +50,9 @@ class DistillationConfig(TrainingArguments):
         use_fused_kd_loss (`bool`, *optional*, defaults to `True`):
             Compute KD (and CE) chunk by chunk from the final hidden states and the `lm_head` weights
             ([`fused_kd_loss`]), so the `[tokens, vocab]` logits never exist for the whole batch.
-        kd_chunk_size (`int`, *optional*, defaults to `1024`):
-            Tokens per chunk of the fused loss. Smaller chunks use less memory.
+        kd_chunk_size (`int`, *optional*):
+            Tokens per chunk of the fused loss; by default as many as fit `hf_minitron.losses.CHUNK_BYTES` of fp32
+            logits. Smaller chunks use less memory.
     """
 
     kd_loss: str = field(
@@ -88,7 +89,9 @@ class DistillationConfig(TrainingArguments):
     use_fused_kd_loss: bool = field(
         default=True, metadata={"help": "Chunked KD loss from hidden states: the full logits are never materialised."}
     )
-    kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused KD loss."})
+    kd_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per chunk of the fused KD loss (default: from a memory budget)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,10 +134,12 @@ class DistillationConfig(TrainingArguments):
                 "DistillationConfig.intermediate_loss_weight='dynamic' scales L_is to the logit loss, but "
                 "kd_loss_weight=0: set kd_loss_weight > 0 or give intermediate_loss_weight a number."
             )
-        if isinstance(self.kd_chunk_size, bool) or not isinstance(self.kd_chunk_size, int) or self.kd_chunk_size <= 0:
+        if self.kd_chunk_size is not None and (
+            isinstance(self.kd_chunk_size, bool) or not isinstance(self.kd_chunk_size, int) or self.kd_chunk_size <= 0
+        ):
             raise ValueError(
                 f"DistillationConfig.kd_chunk_size={self.kd_chunk_size!r} is invalid: use a positive number of tokens "
-                "(e.g. 1024; smaller uses less memory)."
+                "(e.g. 1024; smaller uses less memory), or leave it unset to size chunks from a memory budget."
             )
         if isinstance(self.teacher_model_init_kwargs, str):
             try:

@@ -225,6 +225,82 @@ def _kd_value_and_grad(s_logits, t_logits, loss_type, temperature, beta, top_k, 
     return loss, grad, reusable
 
 
+# Rows per chunk when `chunk_size` is not given: one fp32 `[rows, vocab]` buffer of about this many bytes (the loss
+# holds three). On a 2-core CPU with SmolLM2's 49152-token vocabulary the loss was fastest with one chunk per
+# 512-token batch and clearly slower at 128 rows: every chunk re-reads both lm_head weights (75-113 MB) three times.
+CHUNK_BYTES = 128 * 2**20
+
+
+def chunk_rows(vocab: int, chunk_size: int | None = None) -> int:
+    """Tokens per chunk of [`fused_kd_loss`]: `chunk_size`, or as many as fit `CHUNK_BYTES` of fp32 logits."""
+    return chunk_size if chunk_size is not None else max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _log_softmax_linear(hidden, weight, bias, logits, out):
+    """`log_softmax(hidden @ weight.T + bias)` in fp32 into `out`; the logits (model dtype) go to the `logits` buffer."""
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=logits)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=logits)
+    # dtype=float32 upcasts a bf16 input inside the kernel (no separate fp32 copy of the logits).
+    return torch.log_softmax(logits, -1, dtype=torch.float32, out=out)
+
+
+def _forward_kl_chunk(h, ht, target, weights, buffers, kd_weight, ce_weight, need_grad):
+    """Forward KL at T = 1 (Minitron's default) on one chunk, in three reused `[rows, vocab]` fp32 buffers.
+
+    Returns `(kd_sum, ce_sum, grad)` with `grad = kd_weight (q - p) + ce_weight (q - onehot)` (fp32, in a buffer) or
+    `None`. Every op writes into a buffer it owns: a fresh 100 MB tensor per op costs page faults on CPU.
+    """
+    rows = h.shape[0]
+    student_weight, student_bias, teacher_weight, teacher_bias = weights
+    logits, log_q, log_p, p = (buffer[:rows] for buffer in buffers)
+    _log_softmax_linear(h, student_weight, student_bias, logits, log_q)
+    _log_softmax_linear(ht, teacher_weight, teacher_bias, logits, log_p)
+    torch.exp(log_p, out=p)
+    log_ratio = log_p.sub_(log_q)  # log p - log q
+    ce_sum = -log_q.gather(1, target[:, None]).sum()
+    grad = None
+    if need_grad:
+        grad = log_q.exp_()  # q
+        if kd_weight + ce_weight != 1:
+            grad.mul_(kd_weight + ce_weight)
+        if kd_weight:
+            grad.sub_(p, alpha=kd_weight)
+        if ce_weight:
+            grad[torch.arange(rows, device=grad.device), target] -= ce_weight
+    kd_sum = p.mul_(log_ratio).sum()  # p is not needed any more: no temporary for p * log(p / q)
+    return kd_sum, ce_sum, grad
+
+
+def _generic_chunk(h, ht, target, weights, options, need_grad):
+    """Any loss kind, temperature, top-k and soft-capping on one chunk (fp32 after the matmuls)."""
+    (loss_type, temperature, beta, top_k, kd_weight, ce_weight, _, s_cap, t_cap) = options
+    student_weight, student_bias, teacher_weight, teacher_bias = weights
+    z = F.linear(h, student_weight, student_bias).float()
+    zt = _softcap(F.linear(ht, teacher_weight, teacher_bias).float(), t_cap)
+    tanh = None
+    if s_cap is not None:
+        tanh = torch.tanh(z / s_cap)
+        z = s_cap * tanh
+    kd_tok, grad, log_probs = _kd_value_and_grad(z, zt, loss_type, temperature, beta, top_k, need_grad)
+    # CE from the same chunk logits (at T = 1): the ground-truth LM loss, always computed for logging.
+    if log_probs is None:
+        log_probs = F.log_softmax(z, dim=-1)
+    ce_sum = -log_probs.gather(-1, target[:, None]).sum()
+    if not need_grad:
+        return kd_tok.sum(), ce_sum, None
+    if kd_weight != 1:
+        grad.mul_(kd_weight)
+    if ce_weight:
+        probs = log_probs.exp_()
+        probs[torch.arange(len(target), device=probs.device), target] -= 1
+        grad.add_(probs, alpha=ce_weight)
+    if tanh is not None:
+        grad.mul_(1 - tanh.pow(2))  # d(cap * tanh(x / cap)) / dx
+    return kd_tok.sum(), ce_sum, grad
+
+
 def _fused_kd_forward(
     student_hidden,
     student_weight,
@@ -236,54 +312,65 @@ def _fused_kd_forward(
     options,
     need_grads,
 ):
-    """The chunk loop: KD and CE sums, and (when `need_grads`) the fp32 gradients of their weighted sum."""
-    (loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
+    """The chunk loop: KD and CE sums, and (when `need_grads`) the gradients of their weighted sum.
+
+    The gradients are unscaled sums over tokens: `grad_hidden` in the hidden states' dtype, `grad_weight` in the
+    weight's dtype for a single chunk, else an fp32 accumulator.
+    """
+    (loss_type, temperature, _, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
     vocab = student_weight.shape[0]
     teacher_weight = teacher_weight[:vocab]  # a teacher vocab padded beyond the student's: same tokens, extra rows
     teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
+    weights = (student_weight, student_bias, teacher_weight, teacher_bias)
+    tokens = student_hidden.shape[0]
+    rows = min(chunk_rows(vocab, chunk_size), max(tokens, 1))
+    single_chunk = rows >= tokens
     need_weight_grad = need_grads and student_weight.requires_grad
     need_bias_grad = need_grads and student_bias is not None and student_bias.requires_grad
     device = student_hidden.device
-    grad_hidden = torch.empty_like(student_hidden, dtype=torch.float32) if need_grads else None
-    grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight_grad else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias_grad else None
+    dtype = student_weight.dtype
+    fast = (
+        loss_type == "forward_kl"
+        and temperature == 1
+        and top_k is None
+        and s_cap is None
+        and t_cap is None
+        and all(t.dtype == dtype for t in (student_hidden, teacher_hidden, teacher_weight))
+    )
+    if fast:
+        log_q, log_p, p = (torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(3))
+        # p is written only after both logits were turned into log-probabilities: fp32 logits can share its buffer.
+        logits = p if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
+        buffers = (logits, log_q, log_p, p)
+    grad_hidden = torch.empty_like(student_hidden) if need_grads else None
+    grad_weight = grad_bias = None
     kd_sum = torch.zeros((), dtype=torch.float32, device=device)
     ce_sum = torch.zeros_like(kd_sum)
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        h = student_hidden[start : start + chunk_size]
-        # Matmuls in the model dtype (fast bf16 kernels), everything after them in fp32.
-        z = F.linear(h, student_weight, student_bias).float()
-        zt = _softcap(
-            F.linear(teacher_hidden[start : start + chunk_size], teacher_weight, teacher_bias).float(), t_cap
-        )
-        tanh = None
-        if s_cap is not None:
-            tanh = torch.tanh(z / s_cap)
-            z = s_cap * tanh
-        kd_tok, grad, log_probs = _kd_value_and_grad(z, zt, loss_type, temperature, beta, top_k, need_grads)
-        kd_sum += kd_tok.sum()
-        # CE from the same chunk logits (at T = 1): the ground-truth LM loss, always computed for logging.
-        target = labels[start : start + chunk_size]
-        if log_probs is None:
-            log_probs = F.log_softmax(z, dim=-1)
-        ce_sum -= log_probs.gather(-1, target[:, None]).sum()
+    for start in range(0, tokens, rows):
+        h = student_hidden[start : start + rows]
+        ht = teacher_hidden[start : start + rows]
+        target = labels[start : start + rows]
+        if fast:
+            kd, ce, grad = _forward_kl_chunk(h, ht, target, weights, buffers, kd_weight, ce_weight, need_grads)
+        else:
+            kd, ce, grad = _generic_chunk(h, ht, target, weights, options, need_grads)
+        kd_sum += kd
+        ce_sum += ce
         if not need_grads:
             continue
-        if kd_weight != 1:
-            grad.mul_(kd_weight)
-        if ce_weight:
-            probs = log_probs.exp()
-            probs[torch.arange(len(target), device=device), target] -= 1
-            grad.add_(probs, alpha=ce_weight)
-        del log_probs
-        if tanh is not None:
-            grad.mul_(1 - tanh.pow(2))  # d(cap * tanh(x / cap)) / dx
         g = grad.to(h.dtype)
-        grad_hidden[start : start + chunk_size] = g @ student_weight
+        torch.mm(g, student_weight, out=grad_hidden[start : start + rows])
         if need_weight_grad:
-            grad_weight.add_(g.t() @ h)
+            if single_chunk:
+                grad_weight = g.t() @ h
+            elif grad_weight is None:
+                grad_weight = (g.t() @ h).float()
+            elif g.dtype == torch.float32:
+                grad_weight.addmm_(g.t(), h)  # accumulates in place: no [vocab, hidden] temporary per chunk
+            else:
+                grad_weight.add_(g.t() @ h)
         if need_bias_grad:
-            grad_bias.add_(grad.sum(0))
+            grad_bias = grad.sum(0) if grad_bias is None else grad_bias.add_(grad.sum(0))
     return kd_sum, ce_sum, (grad_hidden, grad_weight, grad_bias)
 
 
@@ -308,19 +395,27 @@ class _FusedKDLoss(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(*grads)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
+        ctx.replayed = False
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         kd_weight, ce_weight = options[4], options[5]
         return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.replayed:
+            raise RuntimeError(
+                "fused_kd_loss supports one backward pass per forward: its gradients are computed in forward and "
+                "scaled in place in backward. Recompute the loss for a second backward (or use kd_loss on logits)."
+            )
+        ctx.replayed = True
         hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = (grad_hidden * grad_loss).to(hidden_dtype)
+        # In place: the buffers are ours and used once, so scaling them allocates nothing.
+        grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss) for g in ctx.saved_tensors)
+        grad_hidden = grad_hidden.to(hidden_dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+            grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:
-            grad_bias = (grad_bias * grad_loss).to(weight_dtype)
+            grad_bias = grad_bias.to(weight_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -336,7 +431,7 @@ def fused_kd_loss(
     top_k: int | None = None,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     student_softcap: float | None = None,
@@ -359,7 +454,9 @@ def fused_kd_loss(
         loss_type, temperature, beta, top_k: See [`token_divergence`].
         kd_weight (`float`, *optional*, defaults to `1.0`): Weight of the KD term in the returned loss.
         ce_weight (`float`, *optional*, defaults to `0.0`): Weight of the student's cross-entropy term.
-        chunk_size (`int`, *optional*, defaults to `1024`): Tokens per chunk.
+        chunk_size (`int`, *optional*):
+            Tokens per chunk; by default as many as fit `CHUNK_BYTES` of fp32 `[chunk, vocab]` logits (the loss holds
+            three such buffers, reused across chunks).
         student_bias, teacher_bias (`torch.Tensor` of shape `[vocab]`, *optional*): `lm_head` biases.
         student_softcap, teacher_softcap (`float`, *optional*): Gemma-2 `final_logit_softcapping` of each model.
 
@@ -377,7 +474,7 @@ def fused_kd_loss(
         top_k,
         float(kd_weight),
         float(ce_weight),
-        int(chunk_size),
+        None if chunk_size is None else int(chunk_size),
         student_softcap,
         teacher_softcap,
     )

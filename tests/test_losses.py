@@ -172,3 +172,50 @@ def test_fused_bf16_close_to_fp32():
     low = fused_kd_loss(sh.bfloat16(), sw.bfloat16(), th.bfloat16(), tw.bfloat16(), labels)[0]
     assert low.dtype == torch.float32
     assert low.item() == pytest.approx(ref.item(), rel=0.05)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_fused_forward_kl_fast_path_with_bias_and_ce(chunk_size, ce_weight):
+    # Forward KL at T = 1 without top-k or soft-capping takes the buffer-reusing path: same value and gradients.
+    sh, sw, sb, th, tw, labels = _inputs(seed=5, bias=True)
+    loss, kd, ce = fused_kd_loss(
+        sh, sw, th, tw, labels, kd_weight=0.6, ce_weight=ce_weight, chunk_size=chunk_size, student_bias=sb
+    )
+    grads = torch.autograd.grad(2.0 * loss, [sh, sw, sb])
+    leaves = [t.detach().clone().requires_grad_() for t in (sh, sw, sb)]
+    ref, ref_kd, ref_ce = _reference(
+        leaves[0], leaves[1], th, tw, labels, "forward_kl", 1.0, 0.6, ce_weight, sb=leaves[2]
+    )
+    ref_grads = torch.autograd.grad(2.0 * ref, leaves)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, ref_kd.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_values_without_grad_match_training_values():
+    sh, sw, _, th, tw, labels = _inputs(seed=6)
+    with torch.no_grad():
+        evaluated = fused_kd_loss(sh, sw, th, tw, labels, ce_weight=0.5, chunk_size=3)
+    trained = fused_kd_loss(sh, sw, th, tw, labels, ce_weight=0.5, chunk_size=3)
+    for a, b in zip(evaluated, trained):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_second_backward_is_refused():
+    sh, sw, _, th, tw, labels = _inputs(seed=7)
+    loss, _, _ = fused_kd_loss(sh, sw, th, tw, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
+def test_chunk_rows_from_memory_budget():
+    from hf_minitron.losses import CHUNK_BYTES, chunk_rows
+
+    assert chunk_rows(49152, 7) == 7
+    rows = chunk_rows(49152)
+    assert rows * 49152 * 4 <= CHUNK_BYTES < (rows + 1) * 49152 * 4
+    assert chunk_rows(10**12) == 1
