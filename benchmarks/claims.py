@@ -575,7 +575,13 @@ def render_markdown(results: dict) -> str:
             params = f"{arm['parameters']:,}" if arm.get("parameters") else "-"
             held = ("yes" if claim["held"] else "**no**") if i == 0 else ""
             lines.append(f"| {letter} | {name} | {params} | {_fmt(arm['before'])} | {after} | {held} |")
-    lines += ["", *[sentence(k, v) + "\n" for k, v in results["claims"].items()]]
+    lines += [
+        "",
+        f'One seed and {setup["validation_samples"]} validation samples: "held" compares the numbers as measured, '
+        "so gaps of a few hundredths of a nat are within run-to-run noise; read the verdicts with their margins.",
+        "",
+        *[sentence(k, v) + "\n" for k, v in results["claims"].items()],
+    ]
     lines += [
         "| claim | wall time (s) | load average (1 min) at start / end |",
         "|---|---|---|",
