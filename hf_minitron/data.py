@@ -4,6 +4,7 @@ The embedded corpus is the reference documentation that ships with CPython (`pyd
 technical prose, available on every machine without a download.
 """
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,29 @@ def load_embedded_corpus(validation_fraction: float = 0.1) -> dict[str, list[str
     return {"train": train, "validation": validation}
 
 
+def _check_packing(tokenizer, seq_length: int) -> int:
+    if seq_length <= 1:
+        raise ValueError(f"seq_length={seq_length} is invalid: use at least 2 tokens per sample.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "The tokenizer has no eos_token_id, which packing uses as a separator: set tokenizer.eos_token."
+        )
+    return tokenizer.eos_token_id
+
+
+def iter_blocks(texts: Iterable[str], tokenizer, seq_length: int) -> Iterator[list[int]]:
+    """Yields `seq_length`-token blocks of `texts`, tokenized and joined with EOS separators, as they come: the
+    packing of [`pack_texts`] for a stream that does not fit in memory. The incomplete tail is dropped."""
+    eos = _check_packing(tokenizer, seq_length)
+    buffer: list[int] = []
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buffer.append(eos)
+        while len(buffer) >= seq_length:
+            yield buffer[:seq_length]
+            buffer = buffer[seq_length:]
+
+
 def pack_texts(texts: Iterable[str], tokenizer, seq_length: int, max_samples: int | None = None):
     """Tokenizes `texts`, joins them with EOS separators and cuts the stream into `seq_length` blocks.
 
@@ -38,25 +62,7 @@ def pack_texts(texts: Iterable[str], tokenizer, seq_length: int, max_samples: in
     """
     from datasets import Dataset
 
-    if seq_length <= 1:
-        raise ValueError(f"seq_length={seq_length} is invalid: use at least 2 tokens per sample.")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(
-            "The tokenizer has no eos_token_id, which packing uses as a separator: set tokenizer.eos_token."
-        )
-    blocks: list[list[int]] = []
-    buffer: list[int] = []
-    for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        buffer.append(eos)
-        while len(buffer) >= seq_length:
-            blocks.append(buffer[:seq_length])
-            buffer = buffer[seq_length:]
-            if max_samples is not None and len(blocks) >= max_samples:
-                break
-        if max_samples is not None and len(blocks) >= max_samples:
-            break
+    blocks = list(itertools.islice(iter_blocks(texts, tokenizer, seq_length), max_samples))
     if not blocks:
         raise ValueError(
             f"The texts hold fewer than seq_length={seq_length} tokens, so no sample could be packed: pass more text "
@@ -144,18 +150,11 @@ EMBEDDED_CORPUS = "embedded"
 _LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column: str = "text") -> list[str]:
-    """Documents from the embedded corpus (`"embedded"`), local text/jsonl/parquet/csv files, or a Hub dataset name.
-
-    Local files are read with `datasets`' packaged builders; a `.txt` file gives one document per line.
-    """
+def _open_source(source: str, split: str, text_column: str, streaming: bool = False):
+    """A `datasets.Dataset` (or, streaming, an `IterableDataset`) of local files or a Hub dataset, its text column
+    checked."""
     import os
 
-    if source == EMBEDDED_CORPUS:
-        corpus = load_embedded_corpus()
-        if split not in corpus:
-            raise ValueError(f"The embedded corpus has splits {list(corpus)}, not {split!r}.")
-        return corpus[split]
     from datasets import load_dataset
 
     paths = [p for p in source.split(",") if p]
@@ -176,21 +175,37 @@ def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column:
         empty = [p for p in paths if os.path.getsize(p) == 0]
         if empty:
             raise ValueError(f"Data file(s) {empty} are empty: pass files that hold text.")
-        dataset = load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train")
+        dataset = load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train", streaming=streaming)
     else:
         try:
-            dataset = load_dataset(source, split=split)
+            dataset = load_dataset(source, split=split, streaming=streaming)
         except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
             raise FileNotFoundError(
                 f"Could not load the dataset {source!r}: it is not a local file, and as a Hub dataset it failed "
                 f"({type(error).__name__}: {error}). Pass existing local .txt/.jsonl/.parquet/.csv files, "
                 f"{EMBEDDED_CORPUS!r}, or a Hub dataset reachable from here (HF_DATASETS_OFFLINE unset)."
             ) from None
-    if text_column not in dataset.column_names:
+    # A stream of json files may not know its columns until the first row is read.
+    columns = dataset.column_names or list(next(iter(dataset), {}))
+    if text_column not in columns:
         raise ValueError(
-            f"Column {text_column!r} not found in {source!r} (columns: {dataset.column_names}): pass the column that "
-            "holds the text with --text-column."
+            f"Column {text_column!r} not found in {source!r} (columns: {columns}): pass the column that holds the "
+            "text with --text-column."
         )
+    return dataset
+
+
+def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column: str = "text") -> list[str]:
+    """Documents from the embedded corpus (`"embedded"`), local text/jsonl/parquet/csv files, or a Hub dataset name.
+
+    Local files are read with `datasets`' packaged builders; a `.txt` file gives one document per line.
+    """
+    if source == EMBEDDED_CORPUS:
+        corpus = load_embedded_corpus()
+        if split not in corpus:
+            raise ValueError(f"The embedded corpus has splits {list(corpus)}, not {split!r}.")
+        return corpus[split]
+    dataset = _open_source(source, split, text_column)
     texts = [t for t in dataset[text_column] if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(
@@ -200,6 +215,19 @@ def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column:
     return texts
 
 
+def stream_texts(source: str, text_column: str = "text", skip: int = 0) -> Iterator[str]:
+    """The non-empty documents of a large source read lazily (`datasets` streaming): nothing is downloaded or
+    loaded up front, so a corpus far larger than memory (or disk) can be trained on."""
+    dataset = _open_source(source, "train", text_column, streaming=True)
+    texts = (row[text_column] for row in dataset)
+    return itertools.islice((t for t in texts if isinstance(t, str) and t.strip()), skip, None)
+
+
+def _stream_blocks(source: str, text_column: str, skip: int, tokenizer, seq_length: int) -> Iterator[dict]:
+    for block in iter_blocks(stream_texts(source, text_column, skip), tokenizer, seq_length):
+        yield {"input_ids": block, "attention_mask": [1] * seq_length}
+
+
 def load_text_datasets(
     source: str,
     tokenizer,
@@ -207,6 +235,8 @@ def load_text_datasets(
     text_column: str = "text",
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    streaming: bool = False,
+    streaming_validation_documents: int = 64,
 ) -> dict:
     """Packed `{"train": ..., "validation": ...}` datasets from any text source: the one loader of every training stage.
 
@@ -221,6 +251,10 @@ def load_text_datasets(
         text_column (`str`, *optional*, defaults to `"text"`): Column holding the text.
         max_train_samples (`int`, *optional*): Cap on packed training samples.
         max_eval_samples (`int`, *optional*): Cap on packed validation samples.
+        streaming (`bool`, *optional*, defaults to `False`): For corpora too large to load: `train` becomes a
+            `datasets.IterableDataset` that reads, tokenizes and packs documents as training consumes them (the
+            Trainer then needs `max_steps`). The first `streaming_validation_documents` documents are held out.
+        streaming_validation_documents (`int`, *optional*, defaults to `64`): Documents held out when streaming.
 
     Returns:
         `dict[str, datasets.Dataset]`: `train`, and `validation` unless the source has a single document or its
@@ -229,6 +263,16 @@ def load_text_datasets(
     for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
         if value is not None and value <= 0:
             raise ValueError(f"{name}={value} is invalid: use a positive integer, or None for no cap.")
+    if streaming:
+        return _streaming_datasets(
+            source,
+            tokenizer,
+            seq_length,
+            text_column,
+            max_train_samples,
+            max_eval_samples,
+            streaming_validation_documents,
+        )
     if source == EMBEDDED_CORPUS:
         train_texts, eval_texts = load_texts(source, "train"), load_texts(source, "validation")
     else:
@@ -247,4 +291,57 @@ def load_text_datasets(
                 source,
                 seq_length,
             )
+    return data
+
+
+def check_streaming_steps(streaming: bool, max_steps: int, where: str) -> None:
+    """A streamed training set has no length, so the Trainer cannot derive a step count from epochs."""
+    if streaming and (max_steps is None or max_steps <= 0):
+        raise ValueError(
+            f"{where}: streaming=true needs max_steps > 0 (a stream has no length, so epochs cannot be counted): set "
+            "max_steps in the training section, e.g. --max_steps 1000."
+        )
+
+
+def _streaming_datasets(source, tokenizer, seq_length, text_column, max_train, max_eval, validation_documents) -> dict:
+    from datasets import IterableDataset
+
+    if source == EMBEDDED_CORPUS:
+        raise ValueError(
+            f"streaming=True is for large local or Hub corpora; the {EMBEDDED_CORPUS!r} corpus is small and already "
+            "in memory: set streaming to false."
+        )
+    if not isinstance(validation_documents, int) or validation_documents < 0:
+        raise ValueError(
+            f"streaming_validation_documents={validation_documents!r} is invalid: use a number of documents >= 0."
+        )
+    _check_packing(tokenizer, seq_length)
+    # One document more than the held-out ones tells whether anything is left to train on.
+    head = list(itertools.islice(stream_texts(source, text_column), validation_documents + 1))
+    if len(head) <= validation_documents:
+        raise ValueError(
+            f"{source!r} holds only {len(head)} document(s), and streaming holds out the first "
+            f"streaming_validation_documents={validation_documents}: nothing is left to train on. Lower "
+            "streaming_validation_documents, or set streaming to false for data this small."
+        )
+    held_out = head[:validation_documents]
+    # The generator re-opens the stream on every pass (epoch), after the held-out documents.
+    train = IterableDataset.from_generator(
+        _stream_blocks,
+        gen_kwargs={
+            "source": source,
+            "text_column": text_column,
+            "skip": len(held_out),
+            "tokenizer": tokenizer,
+            "seq_length": seq_length,
+        },
+    )
+    if max_train is not None:
+        train = train.take(max_train)
+    data = {"train": train}
+    if held_out:
+        try:
+            data["validation"] = pack_texts(held_out, tokenizer, seq_length, max_eval)
+        except ValueError:
+            logger.warning("The %d held-out streamed document(s) are too short: no validation split.", len(held_out))
     return data

@@ -38,6 +38,31 @@ def test_distill_end_to_end(checkpoint, student, text_file, tmp_path):
     assert (output / "tokenizer.json").is_file()
 
 
+def test_distill_streams_a_corpus(checkpoint, student, text_file, tmp_path):
+    output = tmp_path / "distilled"
+    code = main(
+        ["distill", "--student", str(student), "--teacher", str(checkpoint), "--dataset", str(text_file)]
+        + ["--text_column", "content", "--seq_length", "16", "--streaming", "true"]
+        + ["--streaming_validation_documents", "1", "--max_steps", "2", "--learning_rate", "0.01"]
+        + ["--save_strategy", "no", "--output_dir", str(tmp_path / "run"), "--final_model_dir", str(output)]
+        + TRAIN_OPTIONS
+    )
+    assert code == 0
+    distilled = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    before = AutoModelForCausalLM.from_pretrained(student).state_dict()
+    assert any(not torch.equal(p, before[name]) for name, p in distilled.items())
+
+
+def test_streaming_without_max_steps_fails_before_loading(checkpoint, text_file, tmp_path, capsys):
+    code = main(
+        ["correct-teacher", "--model", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
+        + ["--streaming", "true", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+    )
+    assert code == 2
+    assert "streaming=true needs max_steps > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_distill_bad_value_names_the_field(checkpoint, student, tmp_path, capsys):
     code = main(
         ["distill", "--student", str(student), "--teacher", str(checkpoint), "--output_dir", str(tmp_path / "run")]

@@ -36,3 +36,34 @@ def test_single_document_gives_no_validation(tokenizer, tmp_path):
 def test_non_positive_caps_are_refused(tokenizer, name):
     with pytest.raises(ValueError, match=name):
         load_text_datasets("embedded", tokenizer, seq_length=16, **{name: 0})
+
+
+def test_streaming_packs_the_same_blocks_lazily(tokenizer, text_file):
+    from datasets import IterableDataset
+
+    eager = load_text_datasets(str(text_file), tokenizer, seq_length=16, text_column="content")
+    lazy = load_text_datasets(
+        str(text_file),
+        tokenizer,
+        seq_length=16,
+        text_column="content",
+        streaming=True,
+        streaming_validation_documents=1,
+    )
+    assert isinstance(lazy["train"], IterableDataset)
+    assert [row["input_ids"] for row in lazy["train"]] == eager["train"]["input_ids"]
+    assert [row["input_ids"] for row in lazy["train"]] == eager["train"]["input_ids"]  # a second epoch re-reads
+    assert lazy["validation"]["input_ids"] == eager["validation"]["input_ids"]
+    capped = load_text_datasets(
+        str(text_file), tokenizer, 16, "content", max_train_samples=2, streaming=True, streaming_validation_documents=1
+    )
+    assert len(list(capped["train"])) == 2
+
+
+def test_streaming_errors_come_before_training(tokenizer, text_file):
+    with pytest.raises(ValueError, match="set streaming to false"):
+        load_text_datasets("embedded", tokenizer, seq_length=16, streaming=True)
+    with pytest.raises(ValueError, match="Column 'text' not found"):
+        load_text_datasets(str(text_file), tokenizer, seq_length=16, streaming=True)
+    with pytest.raises(ValueError, match="holds only 10 document.*Lower streaming_validation_documents"):
+        load_text_datasets(str(text_file), tokenizer, seq_length=16, text_column="content", streaming=True)
