@@ -67,6 +67,26 @@ class DataCollatorForDistillation:
         return batch
 
 
+def shard_teacher(teacher: nn.Module, device: torch.device | str, mp_policy=None, mesh=None) -> nn.Module:
+    """Shards a frozen teacher with FSDP2 (`fully_shard`) over the processes of `mesh` (default: all of them).
+
+    Layer by layer, then the root, so that a forward gathers one decoder layer at a time and each process holds
+    1/world_size of the teacher between forwards (trl#2580: TRL's GKD trainer kept a full teacher copy per rank under
+    FSDP). The root group holds the embedding, final norm and lm_head, so the lm_head pre-hook of the fused loss sees
+    the gathered weight. Works on GPUs (NCCL) and on CPUs (gloo).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": True}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    teacher.to(device)
+    for layer in get_decoder_layers(teacher):
+        fully_shard(layer, **kwargs)
+    fully_shard(teacher, **kwargs)
+    return teacher.eval()
+
+
 def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
@@ -264,20 +284,8 @@ class DistillationTrainer(Trainer):
 
             return prepare_deepspeed(teacher, self.accelerator)  # ZeRO-3 partitions it like the student
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            # Shard layer by layer, then the root, so a forward gathers one decoder layer at a time (trl#2580: TRL's
-            # GKD trainer kept a full teacher copy per rank under FSDP).
             plugin = self.accelerator.state.fsdp_plugin
-            kwargs = {
-                "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-                "reshard_after_forward": True,
-            }
-            teacher.to(self.accelerator.device)
-            for layer in get_decoder_layers(teacher):
-                fully_shard(layer, **kwargs)
-            fully_shard(teacher, **kwargs)
-            return teacher.eval()
+            return shard_teacher(teacher, self.accelerator.device, plugin.mixed_precision_policy)
         if self.is_fsdp_enabled:
             from trl.models.utils import prepare_fsdp
 

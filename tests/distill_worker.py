@@ -1,7 +1,9 @@
 """Runs a short distillation on the tiny test models and saves the student's final weights.
 
-Used by the distributed test: `torchrun --nproc_per_node 2 tests/distill_worker.py OUT PER_DEVICE_BATCH GA`, and the
-same script with one process, must end at the same weights for the same global batch.
+Used by the distributed tests: `torchrun --nproc_per_node 2 tests/distill_worker.py OUT PER_DEVICE_BATCH GA`, and the
+same script with one process, must end at the same weights for the same global batch. `SHARD_TEACHER=1` shards the
+teacher with FSDP2 over the processes (`shard_teacher`, gloo on CPU) instead of replicating it; `INTERMEDIATE=1` adds
+the intermediate-state loss, whose hooks then run on the sharded teacher's layers.
 """
 
 import os
@@ -15,6 +17,7 @@ from conftest import random_samples, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_minitron import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_minitron.distillation_trainer import shard_teacher  # noqa: E402
 
 
 def main(output_dir: str, batch_size: int, accumulation: int) -> None:
@@ -38,14 +41,20 @@ def main(output_dir: str, batch_size: int, accumulation: int) -> None:
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         dataloader_drop_last=True,
         disable_tqdm=True,
+        **({"intermediate_layer_mapping": [[0, 1], [1, 3]]} if os.environ.get("INTERMEDIATE") else {}),
     )
+    if os.environ.get("SHARD_TEACHER"):
+        # What the trainer does under accelerate's FSDP2, which accelerate only enables on GPUs.
+        DistillationTrainer._prepare_teacher = lambda self, teacher: shard_teacher(teacher, "cpu")
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
     trainer.train()
     if trainer.accelerator.is_main_process:
         state = {
             k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
         }
-        torch.save({"state": state, "logs": trainer.state.log_history}, os.path.join(output_dir, "result.pt"))
+        teacher_rows = [p.to_local().shape[0] if hasattr(p, "to_local") else p.shape[0] for p in teacher.parameters()]
+        result = {"state": state, "logs": trainer.state.log_history, "teacher_rows": teacher_rows}
+        torch.save(result, os.path.join(output_dir, "result.pt"))
 
 
 if __name__ == "__main__":

@@ -240,6 +240,27 @@ def test_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp["state"][name], value, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.distributed
+def test_fsdp2_sharded_teacher_matches_replicated_teacher(tmp_path):
+    """The teacher sharded with FSDP2 over 2 CPU processes (gloo) gives the same training as a replicated teacher,
+    with the intermediate-state loss hooked on its layers, while each process holds half of every teacher weight."""
+    worker = os.path.join(os.path.dirname(__file__), "distill_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "INTERMEDIATE": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    subprocess.run([*torchrun, worker, str(tmp_path / "replicated"), "2", "1"], check=True, env=env, timeout=180)
+    env["SHARD_TEACHER"] = "1"
+    subprocess.run([*torchrun, worker, str(tmp_path / "sharded"), "2", "1"], check=True, env=env, timeout=180)
+    replicated = torch.load(tmp_path / "replicated" / "result.pt", weights_only=True)
+    sharded = torch.load(tmp_path / "sharded" / "result.pt", weights_only=True)
+    assert [r // 2 for r in replicated["teacher_rows"]] == sharded["teacher_rows"]
+    losses = {key: [log[key] for log in replicated["logs"] if key in log] for key in ("kd_loss", "is_loss")}
+    assert all(len(values) == 2 for values in losses.values())
+    for key, values in losses.items():
+        assert [log[key] for log in sharded["logs"] if key in log] == pytest.approx(values, rel=1e-4)
+    for name, value in replicated["state"].items():
+        torch.testing.assert_close(sharded["state"][name], value, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_real_smollm2_distillation(tmp_path):
     import copy
