@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import TextDataArguments
 from .validation import check_field_types, check_sequence_length, load_model_config, read_config_file
 
 
@@ -98,59 +99,31 @@ def _search(argv):
 
 
 @dataclass
-class CorrectTeacherArguments:
-    """The teacher and the data of teacher correction (paper 2, §2).
+class CorrectTeacherArguments(TextDataArguments):
+    """The teacher and the data of teacher correction (paper 2, §2): the fields of
+    [`~hf_minitron.data.TextDataArguments`] (the distillation data), then the teacher.
 
     Args:
         model (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, or `embedded`.
-        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded`, local text/jsonl/parquet/csv files, or a Hub
-            dataset name (the distillation data).
-        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
-        seq_length (`int`, *optional*, defaults to `512`): packed sample length in tokens.
-        max_train_samples (`int`, *optional*): cap on packed training samples.
-        streaming (`bool`, *optional*, defaults to `False`): read, tokenize and pack a large corpus lazily instead of
-            loading it (needs `max_steps`); the first `streaming_validation_documents` documents are held out.
-        streaming_validation_documents (`int`, *optional*, defaults to `64`): documents held out when streaming.
     """
 
     model: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
-    dataset: str = field(
-        default="embedded", metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files, or a Hub dataset."}
-    )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    seq_length: int = field(default=512, metadata={"help": "Packed sample length in tokens."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
-    streaming: bool = field(
-        default=False, metadata={"help": "Stream a large corpus (read and packed lazily; needs max_steps)."}
-    )
-    streaming_validation_documents: int = field(
-        default=64, metadata={"help": "Documents held out for validation when streaming."}
-    )
 
 
 def _correct_teacher(argv):
     from transformers import AutoTokenizer
 
-    from .data import check_streaming_steps, load_text_datasets
     from .embedded import resolve_model_path
     from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
     args, config = parse_dataclasses(
         (CorrectTeacherArguments, TeacherCorrectionConfig), argv, "hf-minitron correct-teacher"
     )
-    check_streaming_steps(args.streaming, config.max_steps, "CorrectTeacherArguments.streaming")
+    args.check_steps(config.max_steps)
     model_path = resolve_model_path(args.model)
     check_sequence_length(load_model_config(model_path), args.seq_length, "CorrectTeacherArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = load_text_datasets(
-        args.dataset,
-        tokenizer,
-        args.seq_length,
-        args.text_column,
-        max_train_samples=args.max_train_samples,
-        streaming=args.streaming,
-        streaming_validation_documents=args.streaming_validation_documents,
-    )
+    data = args.load_datasets(tokenizer)
     eval_dataset = data.get("validation") if config.eval_strategy != "no" else None
     correct_teacher(model_path, config, data["train"], eval_dataset=eval_dataset, processing_class=tokenizer)
     print(f"Corrected teacher: {config.corrected_model_dir}")

@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -345,3 +346,49 @@ def _streaming_datasets(source, tokenizer, seq_length, text_column, max_train, m
         except ValueError:
             logger.warning("The %d held-out streamed document(s) are too short: no validation split.", len(held_out))
     return data
+
+
+@dataclass
+class TextDataArguments:
+    """The training text of a stage (distillation, teacher correction): where it comes from and how it is packed.
+
+    Args:
+        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline corpus), local
+            text/jsonl/parquet/csv files (comma separated), or a Hub dataset name; split into train and validation
+            by [`load_text_datasets`].
+        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
+        seq_length (`int`, *optional*, defaults to `512`): packed sample length in tokens.
+        max_train_samples (`int`, *optional*): cap on the number of packed training samples.
+        streaming (`bool`, *optional*, defaults to `False`): read, tokenize and pack a large corpus lazily instead of
+            loading it (needs `max_steps`); the first `streaming_validation_documents` documents are held out.
+        streaming_validation_documents (`int`, *optional*, defaults to `64`): documents held out when streaming.
+    """
+
+    dataset: str = field(
+        default=EMBEDDED_CORPUS,
+        metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    seq_length: int = field(default=512, metadata={"help": "Packed sample length in tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream a large corpus (read and packed lazily; needs max_steps)."}
+    )
+    streaming_validation_documents: int = field(
+        default=64, metadata={"help": "Documents held out for validation when streaming."}
+    )
+
+    def check_steps(self, max_steps: int) -> None:
+        check_streaming_steps(self.streaming, max_steps, f"{type(self).__name__}.streaming")
+
+    def load_datasets(self, tokenizer) -> dict:
+        """[`load_text_datasets`] with these arguments."""
+        return load_text_datasets(
+            self.dataset,
+            tokenizer,
+            self.seq_length,
+            self.text_column,
+            max_train_samples=self.max_train_samples,
+            streaming=self.streaming,
+            streaming_validation_documents=self.streaming_validation_documents,
+        )

@@ -8,29 +8,20 @@ loads both checkpoints and the data, runs [`DistillationTrainer`] and writes a s
 import os
 from dataclasses import dataclass, field
 
-from .data import EMBEDDED_CORPUS, check_streaming_steps, load_text_datasets
+from .data import TextDataArguments
 from .distillation_config import DistillationConfig
 from .io import atomic_save_model, resume_checkpoint
 from .validation import check_same_tokenizer, check_sequence_length, load_model_config
 
 
 @dataclass
-class DistillArguments:
-    """The student, the teacher and the data.
+class DistillArguments(TextDataArguments):
+    """The student, the teacher and the data (the fields of [`~hf_minitron.data.TextDataArguments`], then these).
 
     Args:
         student (`str`): the (pruned) student checkpoint, or `embedded` (SmolLM2-135M-Instruct).
         teacher (`str`, *optional*): the teacher checkpoint or `embedded`; defaults to
             `DistillationConfig.teacher_model_name_or_path`.
-        dataset (`str`, *optional*, defaults to `"embedded"`): `embedded` (the offline corpus), local
-            text/jsonl/parquet/csv files (comma separated), or a Hub dataset name; split into train and validation
-            by [`~hf_minitron.data.load_text_datasets`].
-        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
-        seq_length (`int`, *optional*, defaults to `512`): packed sample length in tokens.
-        max_train_samples (`int`, *optional*): cap on the number of packed training samples.
-        streaming (`bool`, *optional*, defaults to `False`): read, tokenize and pack a large corpus lazily instead of
-            loading it (needs `max_steps`); the first `streaming_validation_documents` documents are held out.
-        streaming_validation_documents (`int`, *optional*, defaults to `64`): documents held out when streaming.
         final_model_dir (`str`, *optional*): where the distilled checkpoint is written; defaults to
             `{output_dir}/final`.
     """
@@ -38,19 +29,6 @@ class DistillArguments:
     student: str = field(default="embedded", metadata={"help": "Student checkpoint (e.g. the pruned model)."})
     teacher: str | None = field(
         default=None, metadata={"help": "Teacher checkpoint or 'embedded' (default: teacher_model_name_or_path)."}
-    )
-    dataset: str = field(
-        default=EMBEDDED_CORPUS,
-        metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
-    )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    seq_length: int = field(default=512, metadata={"help": "Packed sample length in tokens."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
-    streaming: bool = field(
-        default=False, metadata={"help": "Stream a large corpus (read and packed lazily; needs max_steps)."}
-    )
-    streaming_validation_documents: int = field(
-        default=64, metadata={"help": "Documents held out for validation when streaming."}
     )
     final_model_dir: str | None = field(
         default=None, metadata={"help": "Output checkpoint (default: output_dir/final)."}
@@ -74,22 +52,14 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     student_path = resolve_model_path(args.student)
     teacher_path = resolve_model_path(teacher) if isinstance(teacher, str) else None
     # Everything that can be checked from configs and tokenizers fails here, before data packing and weights.
-    check_streaming_steps(args.streaming, config.max_steps, "DistillArguments.streaming")
+    args.check_steps(config.max_steps)
     student_config = load_model_config(student_path)
     check_sequence_length(student_config, args.seq_length, "DistillArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     if teacher_path is not None:
         load_model_config(teacher_path)
         check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher_path), args.student, teacher)
-    data = load_text_datasets(
-        args.dataset,
-        tokenizer,
-        args.seq_length,
-        args.text_column,
-        max_train_samples=args.max_train_samples,
-        streaming=args.streaming,
-        streaming_validation_documents=args.streaming_validation_documents,
-    )
+    data = args.load_datasets(tokenizer)
     trainer = DistillationTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_path),
         teacher_model=teacher,
