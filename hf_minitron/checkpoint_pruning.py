@@ -8,6 +8,7 @@ from pathlib import Path
 from .architectures import get_architecture
 from .data import EMBEDDED_CORPUS, load_texts, pack_texts
 from .io import atomic_directory, check_free_space, check_output_dir
+from .parameter_count import count_parameters
 from .pruning import check_not_offloaded, check_target_loads, compute_scores, prune_model
 from .pruning_config import PrunedConfig
 from .summary import print_comparison, shape_summary
@@ -73,7 +74,8 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     get_architecture(model_config)
     target = config.resolve(model_config)
     dtype = getattr(torch, args.dtype)
-    expected_bytes = _checkpoint_bytes(check_target_loads(model_config, target), dtype)
+    check_target_loads(model_config, target)
+    expected_bytes = count_parameters(model_config, config, count="memory", dtype=args.dtype)
     check_free_space(args.output, expected_bytes)
     if config.importance == "activation":
         check_sequence_length(model_config, config.calibration_seq_length, "PrunedConfig.calibration_seq_length")
@@ -119,13 +121,3 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
             print_comparison(before, after, title=f"Pruned {args.model} -> {args.output}")
     state.wait_for_everyone()
     return {"before": before, "after": after, "output": str(args.output)}
-
-
-def _checkpoint_bytes(target_config, dtype) -> int:
-    """Size of the pruned checkpoint's weights: the target model built on the `meta` device (no memory), counted."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(target_config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
