@@ -310,6 +310,17 @@ class _Collector:
         """Raises at the first site (in forward order) whose statistics hold inf/NaN: one overflowing activation
         (typically float16) would otherwise turn every score that depends on it into NaN, silently."""
         spec = self.spec
+        # One device sync per batch on the healthy path; the sites are searched only once something is non-finite.
+        sums = [
+            store["sum"] for per_layer in (self.stats["heads"], self.stats["neurons"]) for store in per_layer if store
+        ]
+        sums += [store["sum"] for pair in self.stats["hidden"] for store in pair if store]
+        sums += [c for c in self.cos_sum if c is not None]
+        if not sums:
+            return
+        flags = [torch.isfinite(t).all().to(sums[0].device) for t in sums]
+        if bool(torch.stack(flags).all()):
+            return
         for i in range(len(self.layers)):
             sites = (
                 (self.stats["hidden"][i][0], f"output of {spec.attn_input_norm}"),
