@@ -113,3 +113,17 @@ def text_file(tmp_path):
         for doc in load_embedded_corpus()["train"][:10]:
             f.write(json.dumps({"content": doc}) + "\n")
     return path
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """Network allowed (to 127.0.0.1 only), Xet off, and no token or endpoint from this machine's environment."""
+    from huggingface_hub import constants
+
+    # HF_HUB_OFFLINE=1 is set above before import; huggingface_hub reads these constants once, at import.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)

@@ -451,19 +451,6 @@ def test_not_enough_free_space_before_work(checkpoint, tmp_path, texts, monkeypa
 
 # ---------------------------------------------------------------------------------------------- Hub
 @pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """Network allowed (to 127.0.0.1 only), and no token or endpoint from this machine's environment."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
 def final(checkpoint):
     (checkpoint / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# Tiny\n")
     return checkpoint

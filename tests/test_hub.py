@@ -15,20 +15,6 @@ LFS_SIZE = 11 * 1024 * 1024  # above the 10 MB limit of regular files
 
 
 @pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """Network allowed (to 127.0.0.1 only), Xet off, and no token or endpoint from this machine's environment."""
-    from huggingface_hub import constants
-
-    # conftest sets HF_HUB_OFFLINE=1 before import; huggingface_hub reads these constants once, at import.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
 def hub(hub_env):
     with FakeHub(tokens=[TOKEN]) as server:
         yield server

@@ -21,6 +21,7 @@ import yaml
 from conftest import random_samples, tiny_model
 from datasets import Dataset
 from safetensors.torch import load_file
+from test_pipeline import _tiny_recipe
 
 from hf_minitron.cli import main as cli_main
 
@@ -173,37 +174,22 @@ def test_sft_resumes_after_kill(checkpoint, tmp_path):
 def test_pipeline_resumes_at_the_first_unfinished_stage(checkpoint, tmp_path):
     def recipe(output_dir):
         path = tmp_path / f"{output_dir.name}.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "teacher": str(checkpoint),
-                    "output_dir": str(output_dir),
-                    "seq_length": 32,
-                    "max_train_samples": 16,
-                    "max_eval_samples": 4,
-                    "eval_tasks": "",
-                    "write_model_card": False,
-                    "pruning": {
-                        "hidden_size": 24,
-                        "intermediate_size": 48,
-                        "num_attention_heads": 2,
-                        "calibration_samples": 8,
-                        "calibration_seq_length": 32,
-                    },
-                    "distillation": {
-                        "max_steps": MAX_STEPS,
-                        "save_steps": 1,
-                        "per_device_train_batch_size": 2,
-                        "learning_rate": 1e-3,
-                        "intermediate_layer_mapping": "1:3",
-                        "report_to": "none",
-                        "logging_steps": 1,
-                        "use_cpu": True,
-                        "disable_tqdm": True,
-                    },
-                }
-            )
-        )
+        # The tiny chain of test_pipeline without teacher correction, checkpointing every distillation step.
+        config = {
+            key: value for key, value in _tiny_recipe(checkpoint, output_dir).items() if key != "teacher_correction"
+        }
+        config["distillation"] = {
+            "max_steps": MAX_STEPS,
+            "save_steps": 1,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "intermediate_layer_mapping": "1:3",
+            "report_to": "none",
+            "logging_steps": 1,
+            "use_cpu": True,
+            "disable_tqdm": True,
+        }
+        path.write_text(yaml.safe_dump(config))
         return ["run", str(path)]
 
     step = _kill_step("pipeline")

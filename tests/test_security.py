@@ -147,16 +147,8 @@ def test_remote_code_in_a_checkpoint_is_not_executed(checkpoint, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the Hub token
 @pytest.fixture
-def hub(monkeypatch, tmp_path):
+def hub(hub_env, monkeypatch):
     """A fake Hub on 127.0.0.1 that accepts TOKEN; the token only reaches us through $HF_TOKEN."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with FakeHub(tokens=[TOKEN]) as server:
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("HF_ENDPOINT", server.url)
