@@ -8,10 +8,8 @@ writer's temporary sibling.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,17 +33,7 @@ def _kill_mid_save(mode: str, target: Path, *args: str, timeout: float = 300) ->
     marker = target.parent / f"{target.name}.blocked"
     log = target.parent / f"{target.name}.log"
     process = killable.start(log, kill_mid_save.main, mode, str(target), str(marker), *args)
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if not process.is_alive():
-            pytest.fail(f"the save finished or failed before blocking:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the save did not block within {timeout} s")
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.join()
-    assert process.exitcode == -signal.SIGKILL
+    killable.kill_when(process, marker, log, timeout, "the point where the save blocks")
     marker.unlink()
     log.unlink()
     return process.pid

@@ -8,11 +8,8 @@ uninterrupted in this process.
 """
 
 import json
-import os
 import random
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -50,18 +47,7 @@ def _worker(report: Path, argv: list[str], pause_at: int = 0):
 def _run_and_kill(argv: list[str], report: Path, step: int, timeout: float = 300) -> None:
     """Runs the command until checkpoint `step` is written, then SIGKILLs it there."""
     process = _worker(report, argv, pause_at=step)
-    paused = Path(str(report) + ".paused")
-    deadline = time.monotonic() + timeout
-    while not paused.exists():
-        if not process.is_alive():
-            pytest.fail(f"the command ended before step {step}:\n{Path(str(report) + '.log').read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the command did not reach step {step} in {timeout} s")
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    process.join()
-    assert process.exitcode == -signal.SIGKILL
+    killable.kill_when(process, str(report) + ".paused", str(report) + ".log", timeout, f"step {step}")
     assert not report.exists()  # it never finished training
 
 

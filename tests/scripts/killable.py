@@ -8,7 +8,10 @@ test process's threads (the server is a fresh interpreter that ran no torch op).
 
 import multiprocessing
 import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 
 PRELOAD = [
@@ -45,3 +48,19 @@ def start(log_path, target, *args) -> multiprocessing.Process:
     process = _context().Process(target=_bootstrap, args=(str(log_path), target, args), daemon=True)
     process.start()
     return process
+
+
+def kill_when(process: multiprocessing.Process, signal_file, log_path, timeout: float, waiting_for: str) -> None:
+    """SIGKILLs `process` as soon as it creates `signal_file`; raises `AssertionError` (with the end of its log) if
+    it ends first or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not Path(signal_file).exists():
+        if not process.is_alive():
+            raise AssertionError(f"the process ended before {waiting_for}:\n{Path(log_path).read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the process did not reach {waiting_for} within {timeout} s")
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
