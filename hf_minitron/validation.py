@@ -7,7 +7,6 @@ safetensors or a training loop.
 
 import json
 import os
-import struct
 import types
 import typing
 from pathlib import Path
@@ -29,32 +28,27 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
-    """Reads only the header of a `.safetensors` file and checks that the file holds every tensor it declares.
+    """Opens a `.safetensors` file the way `from_pretrained` will (`safe_open` reads the header and checks that the file
+    covers every tensor it declares, without reading the tensors).
 
     Raises:
         `ValueError`: the file is truncated or its header is not a safetensors header.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
-    size = path.stat().st_size
     fix = "re-download the checkpoint, or save it again with save_pretrained"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if header_size is None or 8 + header_size > size:
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        size = path.stat().st_size
+        if "not fully covered" in str(error):
             raise ValueError(
-                f"{path} is truncated or not a safetensors file ({size} bytes, too short for its header): {fix}."
-            )
-        try:
-            header = json.loads(f.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path} has a corrupt safetensors header: {fix}.") from None
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    expected = 8 + header_size + max(ends, default=0)
-    if size < expected:
-        raise ValueError(
-            f"{path} is truncated: {size} bytes on disk, {expected} expected from its header (an interrupted download "
-            f"or copy): {fix}."
-        )
+                f"{path} is truncated: {size} bytes on disk, fewer than its header declares (an interrupted download "
+                f"or copy): {fix}."
+            ) from None
+        raise ValueError(f"{path} is truncated or has a corrupt safetensors header ({error}): {fix}.") from None
 
 
 def check_checkpoint(name_or_path: str) -> None:
