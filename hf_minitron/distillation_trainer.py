@@ -279,17 +279,23 @@ class DistillationTrainer(Trainer):
                     )
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        # `teacher_placement` says what was done, for the recipes' start-up line and for users checking a launch.
+        processes = self.accelerator.num_processes
         if self.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
 
+            self.teacher_placement = f"partitioned with DeepSpeed ZeRO-3 over {processes} processes"
             return prepare_deepspeed(teacher, self.accelerator)  # ZeRO-3 partitions it like the student
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
             plugin = self.accelerator.state.fsdp_plugin
+            self.teacher_placement = f"sharded with FSDP2 over {processes} processes"
             return shard_teacher(teacher, self.accelerator.device, plugin.mixed_precision_policy)
         if self.is_fsdp_enabled:
             from trl.models.utils import prepare_fsdp
 
+            self.teacher_placement = f"sharded with FSDP over {processes} processes"
             return prepare_fsdp(teacher, self.accelerator)
+        self.teacher_placement = f"replicated on {processes} processes" if processes > 1 else "one process"
         return self.accelerator.prepare_model(teacher, evaluation_mode=True).eval()
 
     # ------------------------------------------------------------------------------------------------ loss

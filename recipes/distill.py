@@ -21,10 +21,12 @@ def main(script_args: DistillArguments, training_args: DistillationConfig):
     # 3. write a stock checkpoint (with the tokenizer) to final_model_dir. All three live in the package.
     trainer = distill_checkpoint(script_args, training_args)
 
-    # 4. Report where the result is and the last logged loss.
+    # 4. Report how the run was distributed and the last logged loss.
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if trainer.is_world_process_zero() and losses:
-        print(f"Final training loss: {losses[-1]:.4f}")
+    if trainer.is_world_process_zero():
+        print(f"Distributed: {trainer.accelerator.distributed_type.value}; teacher: {trainer.teacher_placement}")
+        if losses:
+            print(f"Final training loss: {losses[-1]:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Recipes under `accelerate launch` with 2 CPU processes (DDP over gloo), as users launch them on several GPUs.
+"""Recipes under `accelerate launch` with 2 CPU processes (DDP or FSDP2 over gloo), as users launch them on GPUs.
 
-`accelerate launch --cpu` always starts a single process, so the DDP config is launched as is (torchrun underneath) and
-the trainers are put on the CPU with `use_cpu`: they then set up the gloo process group.
+`accelerate launch --cpu` always starts a single process, so the DDP and FSDP configs are launched as they are
+(torchrun underneath) and the trainers are put on the CPU with `use_cpu`: they then set up the gloo process group.
+Accelerate enables FSDP only on GPU backends; `scripts/fsdp_on_cpu/sitecustomize.py` lifts that gate in the launched
+processes so that the real FSDP2 paths (accelerate's `fully_shard` of the student, our sharded teacher, the gathered
+final checkpoint) run on the CPU.
 """
 
 import json
@@ -11,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from conftest import tiny_model
 from test_pipeline import _ALIGNMENT, _tiny_recipe
@@ -27,15 +31,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script, *args):
+def _launch(script, *args, config="ddp.yaml"):
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", RECIPES / "accelerate_configs" / "ddp.yaml",
+        "--config_file", RECIPES / "accelerate_configs" / config,
         "--num_processes", 2, "--mixed_precision", "no", "--main_process_port", _free_port(),
         RECIPES / script, *args,
     ]  # fmt: skip
     # One thread per process: two processes on a 2-core machine; no GPU even where there is one.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if config == "fsdp.yaml":
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).parent / "scripts" / "fsdp_on_cpu"), env.get("PYTHONPATH", "")]
+        )
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -46,23 +54,35 @@ def _leftovers(directory: Path) -> list[Path]:
     return [p for p in directory.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
 
 
-def test_distill_recipe_under_ddp(checkpoint, tokenizer, tmp_path):
+def test_distill_recipe_under_ddp_and_fsdp2(checkpoint, tokenizer, tmp_path):
+    """The distillation recipe under the DDP and the FSDP2 accelerate configs: the same global batches give the same
+    student, the teacher is replicated under DDP and sharded under FSDP2, one process writes a stock checkpoint."""
     student = tmp_path / "student"
     tiny_model("llama", seed=1).save_pretrained(student)
     tokenizer.save_pretrained(student)
-    final = tmp_path / "distilled"
-    out = _launch(
-        "distill.py",
-        "--config", RECIPES / "smollm2-135m" / "distill.yaml",
-        "--student", student, "--teacher", checkpoint, "--seq_length", 32, "--max_train_samples", 16,
-        "--per_device_train_batch_size", 2, "--max_steps", 3, "--logging_steps", 1, "--use_cpu", "true",
-        "--output_dir", tmp_path / "run", "--final_model_dir", final,
-    )  # fmt: skip
-    assert out.count("Final training loss:") == 1  # reported by the main process only
-    model = AutoModelForCausalLM.from_pretrained(final)
+    finals = {}
+    for config in ("ddp.yaml", "fsdp.yaml"):
+        final = finals[config] = tmp_path / f"distilled-{config}"
+        out = _launch(
+            "distill.py",
+            "--config", RECIPES / "smollm2-135m" / "distill.yaml",
+            "--student", student, "--teacher", checkpoint, "--seq_length", 32, "--max_train_samples", 16,
+            "--per_device_train_batch_size", 2, "--max_steps", 3, "--logging_steps", 1, "--use_cpu", "true",
+            "--output_dir", tmp_path / f"run-{config}", "--final_model_dir", final,
+            config=config,
+        )  # fmt: skip
+        assert out.count("Final training loss:") == 1  # reported by the main process only
+        expected = "FSDP; teacher: sharded with FSDP2" if config == "fsdp.yaml" else "MULTI_CPU; teacher: replicated"
+        assert f"Distributed: {expected} over 2 processes" in out or f"Distributed: {expected} on 2 processes" in out
+        assert not _leftovers(final) and not (final / "training_args.bin").exists()
+
     before = AutoModelForCausalLM.from_pretrained(student).state_dict()
-    assert any(not (value == before[name]).all() for name, value in model.state_dict().items())
-    assert not _leftovers(final) and not (final / "training_args.bin").exists()
+    ddp = AutoModelForCausalLM.from_pretrained(finals["ddp.yaml"]).state_dict()
+    fsdp = AutoModelForCausalLM.from_pretrained(finals["fsdp.yaml"]).state_dict()
+    assert any(not (value == before[name]).all() for name, value in ddp.items())
+    assert ddp.keys() == fsdp.keys()
+    for name, value in ddp.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_minitron_recipe_under_ddp(checkpoint, tmp_path):
