@@ -362,6 +362,11 @@ class DistillationTrainer(Trainer):
 
         if fused:
             logit_loss, kd_sum, ce_sum = captured["logit"]
+            if hasattr(student.get_output_embeddings().weight, "ds_id") and logit_loss.requires_grad:
+                # ZeRO-3 gathers the lm_head weight for backward when the gradient reaches the lm_head's output; the
+                # fused loss bypasses that (empty) output, so tie the loss to it: adds 0, and makes the lm_head's
+                # backward (weight gathered) wait for the fused gradients before DeepSpeed reduces and re-partitions.
+                logit_loss = logit_loss + outputs.logits.sum()
         else:
             vocab = outputs.logits.shape[-1]
             logits = outputs.logits.reshape(-1, vocab)

@@ -1,7 +1,8 @@
-"""Recipes under `accelerate launch` with 2 CPU processes (DDP or FSDP2 over gloo), as users launch them on GPUs.
+"""Recipes under `accelerate launch` with 2 CPU processes (DDP, FSDP2 or ZeRO-3 over gloo), as users launch them on GPUs.
 
-`accelerate launch --cpu` always starts a single process, so the DDP and FSDP configs are launched as they are
-(torchrun underneath) and the trainers are put on the CPU with `use_cpu`: they then set up the gloo process group.
+`accelerate launch --cpu` always starts a single process, so the configs are launched as they are (torchrun
+underneath) and the trainers are put on the CPU with `use_cpu` (DDP, FSDP) or `ddp_backend="gloo"` (DeepSpeed, which
+accelerate turns off under `use_cpu`; without a GPU DeepSpeed runs on its CPU accelerator).
 Accelerate enables FSDP only on GPU backends; `scripts/fsdp_on_cpu/sitecustomize.py` lifts that gate in the launched
 processes so that the real FSDP2 paths (accelerate's `fully_shard` of the student, our sharded teacher, the gathered
 final checkpoint) run on the CPU.
@@ -54,35 +55,45 @@ def _leftovers(directory: Path) -> list[Path]:
     return [p for p in directory.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
 
 
-def test_distill_recipe_under_ddp_and_fsdp2(checkpoint, tokenizer, tmp_path):
-    """The distillation recipe under the DDP and the FSDP2 accelerate configs: the same global batches give the same
-    student, the teacher is replicated under DDP and sharded under FSDP2, one process writes a stock checkpoint."""
+# What each accelerate config must report: the accelerate distributed type and where the teacher lives.
+_PLACEMENTS = {
+    "ddp.yaml": "MULTI_CPU; teacher: replicated on 2 processes",
+    "fsdp.yaml": "FSDP; teacher: sharded with FSDP2 over 2 processes",
+    "deepspeed_zero3.yaml": "DEEPSPEED; teacher: partitioned with DeepSpeed ZeRO-3 over 2 processes",
+}
+
+
+def test_distill_recipe_under_ddp_fsdp2_and_zero3(checkpoint, tokenizer, tmp_path):
+    """The distillation recipe under the DDP, FSDP2 and DeepSpeed ZeRO-3 accelerate configs: the same global batches
+    give the same student, the teacher is replicated / sharded / partitioned, one process writes a stock checkpoint."""
     student = tmp_path / "student"
     tiny_model("llama", seed=1).save_pretrained(student)
     tokenizer.save_pretrained(student)
     finals = {}
-    for config in ("ddp.yaml", "fsdp.yaml"):
+    for config, placement in _PLACEMENTS.items():
+        # DeepSpeed is off under `use_cpu`; without a GPU its process group needs gloo named explicitly.
+        device = ["--ddp_backend", "gloo"] if config == "deepspeed_zero3.yaml" else ["--use_cpu", "true"]
         final = finals[config] = tmp_path / f"distilled-{config}"
         out = _launch(
             "distill.py",
             "--config", RECIPES / "smollm2-135m" / "distill.yaml",
             "--student", student, "--teacher", checkpoint, "--seq_length", 32, "--max_train_samples", 16,
-            "--per_device_train_batch_size", 2, "--max_steps", 3, "--logging_steps", 1, "--use_cpu", "true",
+            "--per_device_train_batch_size", 2, "--max_steps", 3, "--logging_steps", 1, *device,
             "--output_dir", tmp_path / f"run-{config}", "--final_model_dir", final,
             config=config,
         )  # fmt: skip
         assert out.count("Final training loss:") == 1  # reported by the main process only
-        expected = "FSDP; teacher: sharded with FSDP2" if config == "fsdp.yaml" else "MULTI_CPU; teacher: replicated"
-        assert f"Distributed: {expected} over 2 processes" in out or f"Distributed: {expected} on 2 processes" in out
+        assert f"Distributed: {placement}" in out
         assert not _leftovers(final) and not (final / "training_args.bin").exists()
 
     before = AutoModelForCausalLM.from_pretrained(student).state_dict()
     ddp = AutoModelForCausalLM.from_pretrained(finals["ddp.yaml"]).state_dict()
-    fsdp = AutoModelForCausalLM.from_pretrained(finals["fsdp.yaml"]).state_dict()
     assert any(not (value == before[name]).all() for name, value in ddp.items())
-    assert ddp.keys() == fsdp.keys()
-    for name, value in ddp.items():
-        torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    for config in ("fsdp.yaml", "deepspeed_zero3.yaml"):
+        sharded = AutoModelForCausalLM.from_pretrained(finals[config]).state_dict()
+        assert sharded.keys() == ddp.keys()
+        for name, value in ddp.items():
+            torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-6, msg=f"{config}: {name}")
 
 
 def test_minitron_recipe_under_ddp(checkpoint, tmp_path):
