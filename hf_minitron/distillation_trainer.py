@@ -25,7 +25,7 @@ from .architectures import get_base_model, get_decoder_layers
 from .distillation_config import DistillationConfig
 from .embedded import resolve_model_path
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
-from .validation import check_checkpoint
+from .validation import check_checkpoint, check_process_group
 
 
 logger = logging.get_logger(__name__)
@@ -184,6 +184,7 @@ class DistillationTrainer(Trainer):
                 f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}: build the arguments "
                 "with `DistillationConfig(...)` (it accepts every TrainingArguments field)."
             )
+        check_process_group(args)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError(

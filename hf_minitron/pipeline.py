@@ -24,7 +24,13 @@ from pathlib import Path
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
 from .pruning_config import PrunedConfig
-from .validation import check_field_types, check_sequence_length, load_model_config, read_config_file
+from .validation import (
+    check_field_types,
+    check_process_group,
+    check_sequence_length,
+    load_model_config,
+    read_config_file,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -434,16 +440,8 @@ def _process_group(distillation):
 
     # TrainingArguments initialises the distributed state (gloo on CPU with use_cpu or $ACCELERATE_USE_CPU, NCCL on
     # GPUs); a bare PartialState() would see one process per CPU worker and let every one of them write.
-    distillation.device  # noqa: B018
-    state = PartialState()
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise ValueError(
-            f"This run was launched with WORLD_SIZE={launched} processes, but they form a group of "
-            f"{state.num_processes}: without GPUs, set `distillation.use_cpu: true` (or ACCELERATE_USE_CPU=true) so "
-            "that the processes train together on the CPU instead of each running (and writing) the whole chain."
-        )
-    return state
+    check_process_group(distillation, "distillation.use_cpu")
+    return PartialState()
 
 
 def _evaluated_student(path: Path) -> str | None:

@@ -106,6 +106,9 @@ def correct_teacher(
         `args.corrected_model_dir` by the main process: written to a temporary sibling directory, then renamed, so
         a crash never leaves a half-written checkpoint.
     """
+    from .validation import check_process_group
+
+    check_process_group(args)
     if isinstance(model, str):
         from .embedded import resolve_model_path
         from .validation import check_checkpoint

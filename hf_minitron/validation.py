@@ -18,6 +18,26 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+# ---------------------------------------------------------------------------------------------- launched processes
+def check_process_group(training_args, use_cpu_field: str = "use_cpu") -> None:
+    """Every process the launcher started must have joined one process group.
+
+    Without GPUs, `TrainingArguments` builds a gloo group only with `use_cpu` (DDP, FSDP) or `ddp_backend="gloo"`
+    (DeepSpeed, which accelerate turns off under `use_cpu`); otherwise each of the N launched processes trains the
+    whole run alone and they all write the same outputs. `training_args.world_size` sets the group up (the Trainer
+    would do it anyway), so this costs nothing before the weights are loaded.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = training_args.world_size
+    if joined != launched:
+        raise ValueError(
+            f"This run was launched with WORLD_SIZE={launched} processes, but they form a group of {joined}: without "
+            f"GPUs, set `{use_cpu_field}: true` (or ACCELERATE_USE_CPU=true; under DeepSpeed set `ddp_backend: gloo` "
+            "instead) so that the processes train together on the CPU instead of each running, and writing, the "
+            "whole run."
+        )
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints on disk
 def _looks_like_local_path(name: str) -> bool:
     """A Hub id is `name` or `namespace/name`; `/x`, `./x`, `~/x`, `a/b/c` and `dir/x` with an existing `dir` are

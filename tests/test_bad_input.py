@@ -616,3 +616,22 @@ def test_trainer_checks_teacher_path_before_loading_the_student(checkpoint, tmp_
     args = DistillationConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True)
     with pytest.raises(FileNotFoundError, match=r"teachr' does not exist: pass an existing directory"):
         DistillationTrainer(model=str(checkpoint), teacher_model=str(tmp_path / "teachr"), args=args)
+
+
+# ---------------------------------------------------------------------------------------------- launched processes
+@pytest.mark.parametrize("trainer", ["distillation", "teacher_correction"])
+def test_launched_processes_without_a_process_group(checkpoint, tmp_path, monkeypatch, trainer, no_expensive_work):
+    """Two launched processes without GPUs and without `use_cpu`: each would train (and write) the whole run alone."""
+    from hf_minitron import DistillationTrainer
+    from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    match = r"WORLD_SIZE=2 processes, but they form a group of 1: without GPUs, set `use_cpu: true`"
+    with pytest.raises(ValueError, match=match):
+        if trainer == "distillation":
+            args = DistillationConfig(output_dir=str(tmp_path), report_to="none")
+            DistillationTrainer(model=str(checkpoint), teacher_model=str(checkpoint), args=args)
+        else:
+            args = TeacherCorrectionConfig(output_dir=str(tmp_path), report_to="none")
+            correct_teacher(str(checkpoint), args, train_dataset=None)
