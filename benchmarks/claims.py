@@ -1,6 +1,6 @@
 """The Minitron papers' claims, reproduced at small scale on SmolLM2-135M and the offline corpus (issue 5, section 2).
 
-    python benchmarks/claims.py                      # every claim; about an hour on a quiet 2-core CPU
+    python benchmarks/claims.py                      # every claim; 42 min on a quiet 2-core CPU
     python benchmarks/claims.py --claims a,b         # a subset (finished claims are read from the cache)
     python benchmarks/claims.py --scale 0.1          # a quick end-to-end check (minutes)
     python benchmarks/claims.py --scale 20 --fresh   # a GPU run: 20x the steps, calibration and validation data
@@ -627,7 +627,7 @@ def plot(results: dict, path: Path) -> None:
         else:
             names = list(claim["arms"])
             ax.bar(range(len(names)), [claim["arms"][n]["before"] for n in names], color="tab:blue")
-            ax.set_xticks(range(len(names)), [n.replace("/", "\n") for n in names], fontsize=7)
+            ax.set_xticks(range(len(names)), [n.replace("/", "\n").replace("+", "+\n") for n in names], fontsize=7)
         ax.axhline(teacher_loss, color="k", ls="--", lw=0.8, label="teacher")
         ax.set_title(f"{letter}. {'held' if claim['held'] else 'did not hold'}", fontsize=10)
         ax.set_ylabel("held-out loss")
