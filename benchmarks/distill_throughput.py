@@ -344,6 +344,7 @@ def plot(results: dict, path: str) -> None:
     axes[0].set_title(f"tokens/s, median (range) of {run['rounds']} rounds, seq {run['seq_length']}")
     names = {
         "minitron_vs_gkd_tokens_per_s": "vs GKD\n(>= 1.3)",
+        "ceiling_gkd_over_ce_step_plus_teacher_forward": "ceiling\nGKD/(CE+T)",
         "kd_step_over_ce_step_plus_teacher_forward": "KD/(CE+T)\n(<= 1.03)",
     }
     ratio_labels, ratio_values, ratio_errors = [], [], [[], []]
@@ -356,9 +357,14 @@ def plot(results: dict, path: str) -> None:
                 ratio_errors[0].append(r["median"] - r["min"])
                 ratio_errors[1].append(r["max"] - r["median"])
     axes[1].bar(ratio_labels, ratio_values, yerr=ratio_errors, color="tab:purple", capsize=3)
+    axes[1].tick_params(axis="x", labelsize=7)
     axes[1].axhline(1.0, color="grey", linewidth=0.8)
     axes[1].set_title("Within-round ratios (median, range)")
     memory = results["memory"]
+    if not memory:
+        axes[2].axis("off")
+    if not results.get("quality"):
+        axes[3].axis("off")
     if memory:
         axes[2].bar([r["method"] for r in memory], [r["peak_rss_mb"] for r in memory], color="tab:orange")
         axes[2].set_title(f"Peak RSS (MB) of an fp32 step, seq {memory[0]['seq_length']}")
