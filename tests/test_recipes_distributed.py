@@ -67,7 +67,8 @@ def test_distill_recipe_under_ddp_fsdp2_and_zero3(checkpoint, tokenizer, tmp_pat
     """The distillation recipe under the DDP, FSDP2 and DeepSpeed ZeRO-3 accelerate configs: the same global batches
     give the same student, the teacher is replicated / sharded / partitioned, one process writes a stock checkpoint."""
     student = tmp_path / "student"
-    tiny_model("llama", seed=1).save_pretrained(student)
+    # Tied embeddings (as SmolLM2's): under ZeRO-3 the lm_head weight is then also the embedding's partitioned weight.
+    tiny_model("llama", seed=1, tie_word_embeddings=True).save_pretrained(student)
     tokenizer.save_pretrained(student)
     finals = {}
     for config, placement in _PLACEMENTS.items():
