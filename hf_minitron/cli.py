@@ -14,11 +14,9 @@ whose keys are those field names, and options given on the command line override
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import TextDataArguments
-from .validation import check_field_types, check_sequence_length, load_model_config, read_config_file
+from .validation import check_field_types, read_config_file
 
 
 def _read_config_file(path: str) -> dict:
@@ -98,34 +96,13 @@ def _search(argv):
     print_search_summary(search_checkpoint(args, config, retraining), retraining.output_dir)
 
 
-@dataclass
-class CorrectTeacherArguments(TextDataArguments):
-    """The teacher and the data of teacher correction (paper 2, §2): the fields of
-    [`~hf_minitron.data.TextDataArguments`] (the distillation data), then the teacher.
-
-    Args:
-        model (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, or `embedded`.
-    """
-
-    model: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
-
-
 def _correct_teacher(argv):
-    from transformers import AutoTokenizer
-
-    from .embedded import resolve_model_path
-    from .teacher_correction import TeacherCorrectionConfig, correct_teacher
+    from .teacher_correction import CorrectTeacherArguments, TeacherCorrectionConfig, correct_teacher_checkpoint
 
     args, config = parse_dataclasses(
         (CorrectTeacherArguments, TeacherCorrectionConfig), argv, "hf-minitron correct-teacher"
     )
-    args.check_steps(config.max_steps)
-    model_path = resolve_model_path(args.model)
-    check_sequence_length(load_model_config(model_path), args.seq_length, "CorrectTeacherArguments.seq_length")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = args.load_datasets(tokenizer)
-    eval_dataset = data.get("validation") if config.eval_strategy != "no" else None
-    correct_teacher(model_path, config, data["train"], eval_dataset=eval_dataset, processing_class=tokenizer)
+    correct_teacher_checkpoint(args, config)
     print(f"Corrected teacher: {config.corrected_model_dir}")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from .data import TextDataArguments
 from .distillation_trainer import DataCollatorForDistillation
 from .io import atomic_directory, atomic_save_model, resume_checkpoint
 
@@ -153,3 +154,33 @@ def correct_teacher(
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     trainer.accelerator.wait_for_everyone()
     return model
+
+
+@dataclass
+class CorrectTeacherArguments(TextDataArguments):
+    """The teacher and the data of teacher correction (paper 2, §2): the fields of
+    [`~hf_minitron.data.TextDataArguments`] (the distillation data), then the teacher.
+
+    Args:
+        model (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, or `embedded`.
+    """
+
+    model: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
+
+
+def correct_teacher_checkpoint(args: CorrectTeacherArguments, config: TeacherCorrectionConfig) -> nn.Module:
+    """The teacher-correction stage of `hf-minitron correct-teacher` and `recipes/teacher_correction.py`: checks the
+    arguments against the teacher's config, packs the data and runs [`correct_teacher`] on the checkpoint."""
+    from transformers import AutoTokenizer
+
+    from .embedded import resolve_model_path
+    from .validation import check_sequence_length, load_model_config
+
+    # Everything that can be checked from the config and the tokenizer fails here, before data packing and weights.
+    args.check_steps(config.max_steps)
+    model_path = resolve_model_path(args.model)
+    check_sequence_length(load_model_config(model_path), args.seq_length, "CorrectTeacherArguments.seq_length")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = args.load_datasets(tokenizer)
+    eval_dataset = data.get("validation") if config.eval_strategy != "no" else None
+    return correct_teacher(model_path, config, data["train"], eval_dataset=eval_dataset, processing_class=tokenizer)

@@ -78,7 +78,7 @@ def test_teacher_correction_recipe_on_local_files(checkpoint, text_file, tmp_pat
     _run(
         "teacher_correction.py",
         "--config", RECIPES / "smollm2-135m" / "teacher_correction.yaml",
-        "--model_name_or_path", checkpoint, "--dataset_name", text_file, "--text_column", "content",
+        "--model", checkpoint, "--dataset", text_file, "--text_column", "content",
         "--seq_length", 16, "--max_train_samples", 4, "--max_steps", 1, "--warmup_steps", 0, "--eval_strategy", "no",
         "--save_strategy", "no", "--output_dir", tmp_path / "run", "--corrected_model_dir", corrected,
     )  # fmt: skip

@@ -1,5 +1,4 @@
 import os
-import sys
 
 import pytest
 import torch
@@ -67,13 +66,10 @@ def test_lora_correction_is_merged_into_a_standard_checkpoint(tmp_path):
 def test_recipe_yaml_parses_into_the_dataclasses():
     from trl import TrlParser
 
-    sys.path.insert(0, RECIPES)
-    try:
-        from teacher_correction import ScriptArguments
-    finally:
-        sys.path.remove(RECIPES)
-    parser = TrlParser((ScriptArguments, TeacherCorrectionConfig))
+    from hf_minitron.teacher_correction import CorrectTeacherArguments
+
+    parser = TrlParser((CorrectTeacherArguments, TeacherCorrectionConfig))
     config = os.path.join(RECIPES, "smollm2-135m", "teacher_correction.yaml")
     script_args, args = parser.parse_args_and_config(["--config", config, "--max_steps", "3"])
-    assert script_args.model_name_or_path == "embedded"
+    assert script_args.model == "embedded" and script_args.dataset == "embedded"
     assert args.max_steps == 3 and args.learning_rate == pytest.approx(6e-4)
