@@ -44,7 +44,8 @@ def main(output_dir: str, batch_size: int, accumulation: int) -> None:
         **({"intermediate_layer_mapping": [[0, 1], [1, 3]]} if os.environ.get("INTERMEDIATE") else {}),
     )
     if os.environ.get("SHARD_TEACHER"):
-        # What the trainer does under accelerate's FSDP2, which accelerate only enables on GPUs.
+        # The teacher sharded alone (the student stays DDP), to isolate shard_teacher and the intermediate-state hooks
+        # on sharded layers; the whole accelerate FSDP2 path is run by tests/test_recipes_distributed.py.
         DistillationTrainer._prepare_teacher = lambda self, teacher: shard_teacher(teacher, "cpu")
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
     trainer.train()
