@@ -161,8 +161,8 @@ def main():
 
     from hf_minitron import PrunedConfig, prune_model
     from hf_minitron.data import embedded_datasets
-    from hf_minitron.depth import lm_loss
     from hf_minitron.embedded import load_default_teacher
+    from hf_minitron.structures.layers import lm_loss
 
     torch.manual_seed(0)
     teacher, tokenizer = load_default_teacher()

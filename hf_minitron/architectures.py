@@ -35,6 +35,14 @@ class ArchitectureSpec:
             Every per-layer norm over the hidden size (all are sliced when hidden channels are pruned).
         embedding_scale_sqrt_hidden (`bool`):
             The embedding module multiplies by `sqrt(hidden_size)` (Gemma): it is reset after hidden pruning.
+        attention_head_parameters (`tuple[str, ...]`):
+            1-D parameters of the attention module with one value per query head (GPT-OSS `sinks`): sliced with the
+            heads.
+        qk_norm_over_heads (`bool`):
+            `q_norm` / `k_norm` act over all heads x head_dim (OLMo 2, OLMoE), not per head: sliced with the heads.
+
+    The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads, `mlp` (`None`:
+    no dense MLP, e.g. Mixtral whose feed-forward blocks are all experts) holds MLP neurons.
     """
 
     q_proj: str | None = "q_proj"
@@ -46,12 +54,14 @@ class ArchitectureSpec:
     up_proj: str | None = "up_proj"
     gate_up_proj: str | None = None
     down_proj: str = "down_proj"
-    attention: str = "self_attn"
-    mlp: str = "mlp"
+    attention: str | None = "self_attn"
+    mlp: str | None = "mlp"
     attn_input_norm: str = "input_layernorm"
     mlp_input_norm: str = "post_attention_layernorm"
     residual_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     embedding_scale_sqrt_hidden: bool = False
+    attention_head_parameters: tuple[str, ...] = ()
+    qk_norm_over_heads: bool = False
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 

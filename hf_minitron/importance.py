@@ -16,13 +16,13 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import get_architecture, get_decoder_layers
 from .data import shard_batches, take_samples
 from .pruning_config import BATCH_AGGREGATIONS, PrunedConfig
+from .runtime import all_reduce_, dist_info, input_device, release_freed_memory, return_large_buffers_to_os
+from .structures import attention_heads, hidden_channels, layers, mlp_neurons, structures_of
 from .validation import check_sequence_length
 
 
@@ -61,44 +61,26 @@ class ImportanceScores:
     base_loss: float | None = None
     block_losses: dict[int, list[float]] = field(default_factory=dict)
 
-    # ------------------------------------------------------------------ reductions
-    def _reduce(self, stats: dict[str, torch.Tensor], batch_aggregation: str) -> torch.Tensor:
-        if "score" in stats:
-            return stats["score"].double()
-        if batch_aggregation not in BATCH_AGGREGATIONS:
-            raise ValueError(f"batch_aggregation={batch_aggregation!r} is not one of {list(BATCH_AGGREGATIONS)}.")
-        n = max(self.num_samples, 1)
-        if batch_aggregation == "l2":
-            return stats["sumsq"].sqrt()
-        mean = stats["sum"] / n
-        if batch_aggregation == "mean":
-            return mean
-        return (stats["sumsq"] / n - mean**2).clamp_min(0)
-
+    # ------------------------------------------------------------------ reductions (each structure owns its own)
     def head_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
         """`[num_layers, num_attention_heads]` query-head importance."""
-        return self._reduce(self.heads, batch_aggregation)
+        return attention_heads.scores(self, _checked(batch_aggregation))
 
     def kv_group_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
         """`[num_layers, num_key_value_heads]`: L2 over the query heads of each KV group."""
-        heads = self.head_scores(batch_aggregation)
-        groups = self.model_shape["num_key_value_heads"]
-        return heads.view(heads.shape[0], groups, -1).norm(dim=-1)
+        return attention_heads.group_scores(self, _checked(batch_aggregation))
 
     def neuron_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
         """`[num_layers, intermediate_size]` MLP-neuron importance."""
-        return self._reduce(self.neurons, batch_aggregation)
+        return mlp_neurons.scores(self, _checked(batch_aggregation))
 
     def hidden_scores_per_layer(self, batch_aggregation: str = "l2") -> torch.Tensor:
         """`[num_layers, hidden_size]`: per layer, the two norm outputs reduced separately, then added."""
-        return self._reduce(self.hidden, batch_aggregation).sum(dim=1)
+        return hidden_channels.scores_per_layer(self, _checked(batch_aggregation))
 
     def hidden_scores(self, batch_aggregation: str = "l2", layers: list[int] | None = None) -> torch.Tensor:
         """`[hidden_size]`: ONE global ranking, summed over `layers` (all by default)."""
-        per_layer = self.hidden_scores_per_layer(batch_aggregation)
-        if layers is not None:
-            per_layer = per_layer[list(layers)]
-        return per_layer.sum(dim=0)
+        return hidden_channels.scores(self, _checked(batch_aggregation), layers)
 
     def layer_scores(self, method: str = "block_influence") -> torch.Tensor:
         """`[num_layers]`, higher = more important: Block Influence, or the LM-loss increase when dropped."""
@@ -205,6 +187,12 @@ class ImportanceScores:
                 )
 
 
+def _checked(batch_aggregation: str) -> str:
+    if batch_aggregation not in BATCH_AGGREGATIONS:
+        raise ValueError(f"batch_aggregation={batch_aggregation!r} is not one of {list(BATCH_AGGREGATIONS)}.")
+    return batch_aggregation
+
+
 def model_shape(config) -> dict:
     heads = config.num_attention_heads
     return {
@@ -219,86 +207,30 @@ def model_shape(config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- activation importance
-def _sequence_reduce(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """`[B, S, D]` activations, `[B, S]` float mask -> `[B, D]` per-sample values over the unmasked tokens."""
-    n = mask.sum(dim=1, keepdim=True).clamp_min(1)
-    if how == "mean":
-        return torch.einsum("bsd,bs->bd", x.abs(), mask) / n
-    sq = torch.einsum("bsd,bs->bd", x * x, mask)
-    if how == "l2":
-        return sq.sqrt()
-    mean = torch.einsum("bsd,bs->bd", x, mask) / n
-    return (sq / n - mean * mean).clamp_min(0)
-
-
 class _Collector:
-    """Forward hooks accumulating per-axis statistics for every decoder layer."""
+    """Forward hooks of every structure of the family, accumulating statistics for every decoder layer.
+
+    Each structure's `hooks(collector, layer_index, layer)` registers its hooks and adds into
+    `collector.store(key, layer_index, slot)`, a dict of float64 running sums.
+    """
 
     def __init__(self, model, sequence_aggregation: str, depth: bool):
         self.spec = get_architecture(model.config)
         self.layers = get_decoder_layers(model)
         self.shape = model_shape(model.config)
         self.how = sequence_aggregation
-        self.depth = depth
+        self.structures = structures_of(self.spec) + ((layers,) if depth else ())
         self.mask: torch.Tensor | None = None
-        num_layers = len(self.layers)
-        self.stats = {
-            "heads": [dict() for _ in range(num_layers)],
-            "neurons": [dict() for _ in range(num_layers)],
-            "hidden": [[dict(), dict()] for _ in range(num_layers)],
-        }
-        self.cos_sum = [None] * num_layers
-        self.layer_inputs: list[torch.Tensor | None] = [None] * num_layers
+        self.stats: dict[tuple[str, int, int], dict] = {}
         self.handles = []
 
-    def _accumulate(self, store: dict, x: torch.Tensor) -> None:
-        values = _sequence_reduce(x.float(), self.mask.to(x.device), self.how).double()
-        if not store:
-            store["sum"] = torch.zeros(values.shape[-1], dtype=torch.float64, device=values.device)
-            store["sumsq"] = torch.zeros_like(store["sum"])
-        store["sum"] += values.sum(dim=0)
-        store["sumsq"] += (values * values).sum(dim=0)
+    def store(self, key: str, index: int, slot: int = 0) -> dict:
+        return self.stats.setdefault((key, index, slot), {})
 
     def __enter__(self):
-        spec, head_dim = self.spec, self.shape["head_dim"]
         for i, layer in enumerate(self.layers):
-            attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-
-            def heads_hook(module, args, i=i):
-                x = args[0]
-                x = x.view(*x.shape[:-1], -1, head_dim).float().norm(dim=-1)  # [B, S, heads]
-                self._accumulate(self.stats["heads"][i], x)
-
-            def neurons_hook(module, args, i=i):
-                self._accumulate(self.stats["neurons"][i], args[0])
-
-            def norm_hook(module, args, output, i=i, slot=0):
-                self._accumulate(self.stats["hidden"][i][slot], output)
-
-            self.handles += [
-                getattr(attn, spec.o_proj).register_forward_pre_hook(heads_hook),
-                getattr(mlp, spec.down_proj).register_forward_pre_hook(neurons_hook),
-                getattr(layer, spec.attn_input_norm).register_forward_hook(norm_hook),
-                getattr(layer, spec.mlp_input_norm).register_forward_hook(
-                    lambda m, a, o, i=i: norm_hook(m, a, o, i, 1)
-                ),
-            ]
-            if self.depth:
-
-                def layer_pre_hook(module, args, kwargs, i=i):
-                    self.layer_inputs[i] = args[0] if args else kwargs["hidden_states"]
-
-                def layer_hook(module, args, kwargs, output, i=i):
-                    out = output[0] if isinstance(output, tuple) else output
-                    cos = F.cosine_similarity(self.layer_inputs[i].float(), out.float(), dim=-1)  # [B, S]
-                    total = (cos * self.mask.to(cos.device)).sum().double()
-                    self.cos_sum[i] = total if self.cos_sum[i] is None else self.cos_sum[i] + total
-                    self.layer_inputs[i] = None
-
-                self.handles += [
-                    layer.register_forward_pre_hook(layer_pre_hook, with_kwargs=True),
-                    layer.register_forward_hook(layer_hook, with_kwargs=True),
-                ]
+            for structure in self.structures:
+                self.handles += structure.hooks(self, i, layer)
         return self
 
     def __exit__(self, *exc):
@@ -306,31 +238,36 @@ class _Collector:
             handle.remove()
         self.handles = []
 
+    def stacked(self, key: str, width: int | None, slots: int, names: tuple[str, ...], device) -> dict:
+        """`{name: [num_layers, (slots,) width]}` sums over every process (zeros where a process saw no batch)."""
+        out = {}
+        for name in names:
+            rows = []
+            for i in range(len(self.layers)):
+                per_slot = []
+                for slot in range(slots):
+                    value = self.stats.get((key, i, slot), {}).get(name)
+                    empty = torch.zeros(() if width is None else width, dtype=torch.float64)
+                    per_slot.append(value.cpu() if value is not None else empty)
+                rows.append(per_slot[0] if slots == 1 else torch.stack(per_slot))
+            out[name] = all_reduce_(torch.stack(rows), device)
+        return out
+
     def check_finite(self, batch_index: int, dtype: torch.dtype) -> None:
         """Raises at the first site (in forward order) whose statistics hold inf/NaN: one overflowing activation
         (typically float16) would otherwise turn every score that depends on it into NaN, silently."""
-        spec = self.spec
         # One device sync per batch on the healthy path; the sites are searched only once something is non-finite.
-        sums = [
-            store["sum"] for per_layer in (self.stats["heads"], self.stats["neurons"]) for store in per_layer if store
-        ]
-        sums += [store["sum"] for pair in self.stats["hidden"] for store in pair if store]
-        sums += [c for c in self.cos_sum if c is not None]
+        sums = [store["sum"] for store in self.stats.values() if "sum" in store]
         if not sums:
             return
         flags = [torch.isfinite(t).all().to(sums[0].device) for t in sums]
         if bool(torch.stack(flags).all()):
             return
+        sites = sorted(site for structure in self.structures for site in structure.sites(self.spec))
         for i in range(len(self.layers)):
-            sites = (
-                (self.stats["hidden"][i][0], f"output of {spec.attn_input_norm}"),
-                (self.stats["heads"][i], f"input of {spec.attention}.{spec.o_proj}"),
-                (self.stats["hidden"][i][1], f"output of {spec.mlp_input_norm}"),
-                (self.stats["neurons"][i], f"input of {spec.mlp}.{spec.down_proj}"),
-                ({"sum": self.cos_sum[i]} if self.cos_sum[i] is not None else {}, "layer output (block influence)"),
-            )
-            for store, site in sites:
-                if store and not bool(torch.isfinite(store["sum"]).all()):
+            for _, key, slot, site in sites:
+                store = self.stats.get((key, i, slot), {})
+                if "sum" in store and not bool(torch.isfinite(store["sum"]).all()):
                     name = str(dtype).replace("torch.", "")
                     # bfloat16 has float32's range: only a float16 model overflows for want of range.
                     fix = (
@@ -346,63 +283,6 @@ class _Collector:
                         f"(calibration batch {batch_index}): the model overflows in {name} or its weights hold "
                         f"inf/NaN, and every score would be NaN. {fix}"
                     )
-
-
-def return_large_buffers_to_os() -> None:
-    """Makes glibc serve allocations of 1 MiB and more with mmap, so activation and weight buffers go back to the OS
-    when freed. With glibc's default (a threshold that grows after the first large free), the activations of the
-    calibration passes stay cached in the heap and the process's peak grows by ~40% of the model. No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value also turns off the dynamic adjustment
-    except (OSError, AttributeError):
-        pass
-
-
-def release_freed_memory() -> None:
-    """Hands free heap pages back to the OS (glibc `malloc_trim`). Weights dropped by pruning are freed in many
-    small blocks that glibc keeps cached; without this, the next large allocation (the sliced embedding) is charged on
-    top of them and the pruning peak grows by the size of the dropped layers. No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sums `tensor` over processes (no-op with one process); returns it on the CPU."""
-    _, world_size = _dist_info()
-    if world_size > 1:
-        backend = torch.distributed.get_backend()
-        moved = tensor.to(device if backend == "nccl" else "cpu")
-        torch.distributed.all_reduce(moved)
-        tensor = moved
-    return tensor.cpu()
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the input ids go. Under accelerate's dispatch/offload hooks (device_map="auto", cpu_offload,
-    disk_offload) the embedding weight may sit on `meta` or the CPU; its hook knows the device it runs on."""
-    embed = model.get_input_embeddings()
-    hook = getattr(embed, "_hf_hook", None)
-    for h in getattr(hook, "hooks", [hook]):
-        device = getattr(h, "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    return embed.weight.device
 
 
 @torch.no_grad()
@@ -435,9 +315,9 @@ def estimate_importance(
     samples = take_samples(calibration_data, config.calibration_samples)
     longest = max(sample["input_ids"].shape[-1] for sample in samples)
     check_sequence_length(model.config, longest, "calibration sample length")
-    rank, world_size = _dist_info()
+    rank, world_size = dist_info()
     batches = shard_batches(samples, config.calibration_batch_size, rank, world_size)
-    device = _input_device(model)
+    device = input_device(model)
     base = getattr(model, model.base_model_prefix)
     was_training = model.training
     model.eval()
@@ -458,28 +338,19 @@ def estimate_importance(
         release_freed_memory()  # the activations' heap blocks would otherwise add to the pruning step's peak
 
     shape = model_shape(model.config)
-
-    def stacked(per_layer: list[dict], width: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for key in ("sum", "sumsq"):
-            rows = [s[key].cpu() if s else torch.zeros(width, dtype=torch.float64) for s in per_layer]
-            out[key] = _all_reduce_(torch.stack(rows), device)
-        return out
-
-    heads = stacked(collector.stats["heads"], shape["num_attention_heads"])
-    neurons = stacked(collector.stats["neurons"], shape["intermediate_size"])
-    hidden_slots = [
-        stacked([layer[slot] for layer in collector.stats["hidden"]], shape["hidden_size"]) for slot in (0, 1)
-    ]
-    hidden = {key: torch.stack([hidden_slots[0][key], hidden_slots[1][key]], dim=1) for key in ("sum", "sumsq")}
-    counts = _all_reduce_(torch.tensor([len(samples[rank::world_size]), num_tokens], dtype=torch.float64), device)
+    per_sample = ("sum", "sumsq")
+    structures = set(collector.structures)
+    heads = neurons = {}
+    if attention_heads in structures:
+        heads = collector.stacked(attention_heads.KEY, shape["num_attention_heads"], 1, per_sample, device)
+    if mlp_neurons in structures:
+        neurons = collector.stacked(mlp_neurons.KEY, shape["intermediate_size"], 1, per_sample, device)
+    hidden = collector.stacked(hidden_channels.KEY, shape["hidden_size"], 2, per_sample, device)
+    counts = all_reduce_(torch.tensor([len(samples[rank::world_size]), num_tokens], dtype=torch.float64), device)
     total_samples, total_tokens = int(counts[0]), int(counts[1])
     block_influence = None
     if depth:
-        cos = torch.stack(
-            [c.cpu() if c is not None else torch.zeros((), dtype=torch.float64) for c in collector.cos_sum]
-        )
-        cos = _all_reduce_(cos, device)
+        cos = collector.stacked(layers.KEY, None, 1, ("sum",), device)["sum"]
         block_influence = 1 - cos / max(total_tokens, 1)
     return ImportanceScores(
         method="activation",
@@ -500,70 +371,49 @@ def magnitude_importance(model) -> ImportanceScores:
     """Weight-magnitude baseline: each structure scored by the L2 norm of every weight that reads or writes it."""
     spec = get_architecture(model.config)
     shape = model_shape(model.config)
-    head_dim, heads = shape["head_dim"], shape["num_attention_heads"]
-    inter = shape["intermediate_size"]
-    head_scores, neuron_scores, hidden_scores, layer_scores = [], [], [], []
-    for layer in get_decoder_layers(model):
-        attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        o = getattr(attn, spec.o_proj).weight.float()
-        q = (
-            getattr(attn, spec.qkv_proj).weight[: heads * head_dim]
-            if spec.qkv_proj
-            else getattr(attn, spec.q_proj).weight
-        ).float()
-        head_sq = q.pow(2).view(heads, head_dim, -1).sum(dim=(1, 2)) + o.pow(2).view(o.shape[0], heads, head_dim).sum(
-            dim=(0, 2)
-        )
-        head_scores.append(head_sq.sqrt())
-        down = getattr(mlp, spec.down_proj).weight.float()
-        if spec.gate_up_proj:
-            gate_up = getattr(mlp, spec.gate_up_proj).weight.float().pow(2)
-            ins = gate_up[:inter].sum(1) + gate_up[inter:].sum(1)
-        else:
-            ins = getattr(mlp, spec.up_proj).weight.float().pow(2).sum(1)
-            if spec.gate_proj:
-                ins = ins + getattr(mlp, spec.gate_proj).weight.float().pow(2).sum(1)
-        neuron_scores.append((ins + down.pow(2).sum(0)).sqrt())
-        # Hidden channels: columns read by the attention and MLP input projections, rows written by o/down.
-        reads = [getattr(attn, n).weight for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj) if n]
-        reads += [getattr(mlp, n).weight for n in (spec.gate_proj, spec.up_proj, spec.gate_up_proj) if n]
-        channel = sum(w.float().pow(2).sum(0) for w in reads) + o.pow(2).sum(1) + down.pow(2).sum(1)
-        hidden_scores.append(channel.sqrt())
-        layer_scores.append(sum(p.float().pow(2).sum() for p in layer.parameters()).sqrt())
-    embed = model.get_input_embeddings().weight.float()
-    hidden = torch.stack(hidden_scores).double()
-    hidden = hidden + embed.pow(2).sum(0).sqrt().double() / len(hidden_scores)
+    decoder_layers = get_decoder_layers(model)
+    structures = structures_of(spec)
+
+    def per_layer(structure):
+        if structure not in structures:
+            return {}
+        return {"score": torch.stack([structure.magnitude(layer, spec, shape) for layer in decoder_layers]).double()}
+
     return ImportanceScores(
         method="magnitude",
         sequence_aggregation="none",
         num_samples=0,
         num_tokens=0,
         model_shape=shape,
-        heads={"score": torch.stack(head_scores).double()},
-        neurons={"score": torch.stack(neuron_scores).double()},
-        hidden={"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)},
-        block_influence=torch.stack(layer_scores).double(),
+        heads=per_layer(attention_heads),
+        neurons=per_layer(mlp_neurons),
+        hidden={"score": hidden_channels.magnitude_all(model, spec, decoder_layers)},
+        block_influence=torch.stack([layers.magnitude(layer) for layer in decoder_layers]).double(),
     )
 
 
 def random_importance(model_config, seed: int = 0) -> ImportanceScores:
     """Random baseline: uniform scores from a seeded generator (the same seed gives the same selection)."""
     shape = model_shape(model_config)
+    structures = structures_of(get_architecture(model_config))
     g = torch.Generator().manual_seed(seed)
-    layers = shape["num_hidden_layers"]
+    num_layers = shape["num_hidden_layers"]
 
-    def rand(*size):
-        return torch.rand(*size, generator=g, dtype=torch.float64)
+    def rand(structure, width):
+        if structure not in structures:
+            return {}
+        return {"score": torch.rand(num_layers, width, generator=g, dtype=torch.float64)}
 
-    hidden = rand(layers, shape["hidden_size"])
+    # The draw order (hidden, heads, neurons, layers) is part of what a seed means: keep it.
+    hidden = rand(hidden_channels, shape["hidden_size"])["score"]
     return ImportanceScores(
         method="random",
         sequence_aggregation="none",
         num_samples=0,
         num_tokens=0,
         model_shape=shape,
-        heads={"score": rand(layers, shape["num_attention_heads"])},
-        neurons={"score": rand(layers, shape["intermediate_size"])},
+        heads=rand(attention_heads, shape["num_attention_heads"]),
+        neurons=rand(mlp_neurons, shape["intermediate_size"]),
         hidden={"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)},
-        block_influence=rand(layers),
+        block_influence=torch.rand(num_layers, generator=g, dtype=torch.float64),
     )

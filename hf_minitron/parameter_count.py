@@ -19,13 +19,14 @@ import torch
 from .architectures import ArchitectureSpec, get_architecture, get_base_model, get_decoder_layers
 from .importance import model_shape
 from .pruning_config import PrunedConfig
+from .structures import structures_of
 
 
 COUNT_KINDS = ("total", "non_embedding", "memory")
 
-# Axis symbols: `h` hidden, `f` MLP neurons, `q` query rows (heads * head_dim), `kv` key/value rows; `qkv` and `2f`
-# are the fused projections. An int is an axis pruning never changes (vocabulary, head_dim of q/k norms, ...).
-_SYMBOLS = ("h", "f", "q", "kv", "qkv", "2f")
+# Every parameter is described by symbols of the pruned dimensions its axes follow; each structure names its own
+# (`count_roles`) and says what they evaluate to for a shape (`count_sizes`), e.g. `h` hidden, `f` MLP neurons, `q`
+# query rows. An int is an axis pruning never changes (vocabulary, head_dim of per-head q/k norms, ...).
 
 
 @dataclass(frozen=True)
@@ -36,28 +37,18 @@ class _Term:
     embedding: bool  # input embeddings or an untied output projection (excluded from "non_embedding")
 
 
-def _sizes(shape: dict) -> dict[str, int]:
-    head_dim = shape["head_dim"]
-    q = shape["num_attention_heads"] * head_dim
-    kv = shape["num_key_value_heads"] * head_dim
-    f = shape["intermediate_size"]
-    return {"h": shape["hidden_size"], "f": f, "q": q, "kv": kv, "qkv": q + 2 * kv, "2f": 2 * f}
+def _sizes(shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
+    sizes = {}
+    for structure in structures_of(spec):
+        sizes.update(structure.count_sizes(shape))
+    return sizes
 
 
 def _layer_roles(spec: ArchitectureSpec) -> dict[str, tuple[str, ...]]:
     """Module path inside a decoder layer -> the symbols of its (output, input) axes (norms: one axis)."""
-    attn, mlp = spec.attention, spec.mlp
     roles = {}
-    for name, rows in ((spec.q_proj, "q"), (spec.k_proj, "kv"), (spec.v_proj, "kv"), (spec.qkv_proj, "qkv")):
-        if name:
-            roles[f"{attn}.{name}"] = (rows, "h")
-    roles[f"{attn}.{spec.o_proj}"] = ("h", "q")
-    for name, rows in ((spec.gate_proj, "f"), (spec.up_proj, "f"), (spec.gate_up_proj, "2f")):
-        if name:
-            roles[f"{mlp}.{name}"] = (rows, "h")
-    roles[f"{mlp}.{spec.down_proj}"] = ("h", "f")
-    for norm in spec.residual_norms:
-        roles[norm] = ("h",)
+    for structure in structures_of(spec):
+        roles.update(structure.count_roles(spec))
     return roles
 
 
@@ -101,7 +92,7 @@ def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term,
             "search) assume identical layers."
         )
     vocab = model.get_input_embeddings().weight.shape[0]
-    sizes = _sizes(model_shape(model_config)) | {"vocab": vocab}
+    sizes = _sizes(model_shape(model_config), spec) | {"vocab": vocab}
     terms = []
     # remove_duplicate (the default) yields a tied lm_head weight once, as the embedding.
     for name, param in model.named_parameters():
@@ -134,12 +125,13 @@ def parameter_counter(model_config):
     """A fast `shape -> {"total", "non_embedding"}` function for `model_config`'s family, where `shape` is a
     resolved target (the dict of `PrunedConfig.resolve`), not validated: the inner loop of the search."""
     terms = _terms(model_config)
-    head_dim = model_shape(model_config)["head_dim"]
-    return lambda shape: _count(terms, {"head_dim": head_dim, **shape})
+    source = model_shape(model_config)
+    spec = get_architecture(model_config)
+    return lambda shape: _count(terms, {**source, **shape}, spec)
 
 
-def _count(terms: tuple[_Term, ...], shape: dict) -> dict[str, int]:
-    sizes = _sizes(shape)
+def _count(terms: tuple[_Term, ...], shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
+    sizes = _sizes(shape, spec)
     total = embedding = 0
     for term in terms:
         n = 1
@@ -185,7 +177,7 @@ def count_parameters(
     shape = model_shape(model_config)
     if pruned_config is not None:
         shape = {**shape, **pruned_config.resolve(model_config)}
-    counts = _count(_terms(model_config), shape)
+    counts = _count(_terms(model_config), shape, get_architecture(model_config))
     if count == "memory":
         return counts["total"] * dtype_size(dtype)
     return counts[count]

@@ -1,7 +1,9 @@
 """`prune_model`: Minitron structured pruning of a transformers `*ForCausalLM`, in place.
 
 One index set per pruned dimension slices every consumer of that dimension, so the result is an ordinary model of
-the same class, with a consistent config, that `AutoModelForCausalLM.from_pretrained` loads anywhere.
+the same class, with a consistent config, that `AutoModelForCausalLM.from_pretrained` loads anywhere. This module
+only walks the structures of the family (`hf_minitron/structures/`): depth first, then each width structure selects
+and slices its own parameters, updates its config fields and the sizes its modules cache.
 """
 
 import json
@@ -10,22 +12,15 @@ import types
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from .architectures import ArchitectureSpec, get_architecture, get_base_model, get_decoder_layers
+from .architectures import get_architecture, get_decoder_layers
 from .data import take_samples
-from .depth import select_layers_to_drop
-from .importance import (
-    ImportanceScores,
-    estimate_importance,
-    magnitude_importance,
-    model_shape,
-    random_importance,
-    release_freed_memory,
-    return_large_buffers_to_os,
-)
+from .importance import ImportanceScores, estimate_importance, magnitude_importance, model_shape, random_importance
 from .io import atomic_write_json
 from .pruning_config import PRUNED_CONFIG_NAME, PrunedConfig
+from .runtime import release_freed_memory, return_large_buffers_to_os
+from .structures import structures_of
+from .structures.layers import drop_layers, select_layers_to_drop
 
 
 PRUNING_RECORD_NAME = "pruning_record.json"
@@ -65,198 +60,6 @@ class PruningRecord:
 
 
 _LAYER_KEYED = ("heads", "kv_heads", "neurons")
-
-
-# ---------------------------------------------------------------------------------------------- selection
-def _topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores, in ascending index order (keeps the original order of what is kept)."""
-    if k >= scores.numel():
-        return torch.arange(scores.numel())
-    return torch.sort(torch.topk(scores, k, sorted=False).indices).values
-
-
-def select_heads(head_scores: torch.Tensor, num_kv: int, target_heads: int, target_kv: int, group_scores=None):
-    """Kept KV groups and kept query heads of one layer.
-
-    Heads are ranked within their KV group and every kept group keeps the same number of heads, so the grouped
-    query structure (query head j attends with KV head j // group_size) survives.
-    """
-    per_group = head_scores.numel() // num_kv
-    if group_scores is None:
-        group_scores = head_scores.view(num_kv, per_group).norm(dim=-1)
-    kept_groups = _topk_sorted(group_scores, target_kv)
-    keep_per_group = target_heads // target_kv
-    kept = []
-    for g in kept_groups.tolist():
-        in_group = _topk_sorted(head_scores[g * per_group : (g + 1) * per_group], keep_per_group)
-        kept.append(in_group + g * per_group)
-    return kept_groups, torch.cat(kept)
-
-
-# ---------------------------------------------------------------------------------------------- slicing primitives
-def _replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None):
-    """Keeps the given output rows / input columns of `linear` (the old weight is freed: no second copy)."""
-    weight = linear.weight.data
-    if out_index is not None:
-        weight = weight.index_select(0, out_index.to(weight.device))
-        if linear.bias is not None:
-            _replace_parameter(linear, "bias", linear.bias.data.index_select(0, out_index.to(weight.device)))
-        linear.out_features = weight.shape[0]
-    if in_index is not None:
-        weight = weight.index_select(1, in_index.to(weight.device))
-        linear.in_features = weight.shape[1]
-    _replace_parameter(linear, "weight", weight)
-
-
-def slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
-    """Slices a (RMS/Layer)Norm over the hidden size: weight, bias, and LayerNorm's `normalized_shape`."""
-    for name in ("weight", "bias"):
-        param = getattr(norm, name, None)
-        if isinstance(param, nn.Parameter):
-            _replace_parameter(norm, name, param.data.index_select(0, index.to(param.device)))
-    if isinstance(norm, nn.LayerNorm):
-        norm.normalized_shape = (index.numel(),)
-
-
-def _head_rows(heads: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
-    """Row indices of whole heads in a projection laid out as `[heads * head_dim]`."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1) + offset
-
-
-# ---------------------------------------------------------------------------------------------- per-axis pruning
-def _prune_attention(attn, spec: ArchitectureSpec, shape: dict, kept_heads, kept_groups) -> None:
-    head_dim, heads, kv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
-    q_rows = _head_rows(kept_heads, head_dim)
-    kv_rows = _head_rows(kept_groups, head_dim)
-    if spec.qkv_proj:
-        rows = torch.cat([q_rows, kv_rows + heads * head_dim, kv_rows + (heads + kv) * head_dim])
-        slice_linear(getattr(attn, spec.qkv_proj), out_index=rows)
-    else:
-        slice_linear(getattr(attn, spec.q_proj), out_index=q_rows)
-        slice_linear(getattr(attn, spec.k_proj), out_index=kv_rows)
-        slice_linear(getattr(attn, spec.v_proj), out_index=kv_rows)
-    slice_linear(getattr(attn, spec.o_proj), in_index=q_rows)
-
-
-def _merge_pruned_heads(attn, spec: ArchitectureSpec, shape: dict, head_scores: torch.Tensor, kept_heads) -> None:
-    """Residual head merge (paper 1, §2.3), applied within each KV group to the heads' `o_proj` columns.
-
-    With the K kept heads of a group ranked by importance (1 = most important) and its L - K pruned heads ranked
-    after them, head K - (L - K) + j absorbs pruned head K + (L - K) - j + 1, mirroring around the cut as in the
-    paper: `head_i <- head_i + (head_i - head_{2K-i+1})`. It is the MHA analogue of Layer Collapse; the pruned
-    head's output path is folded into a kept head before it is removed. Its effect is measured, not assumed (see
-    `benchmarks/prune_quality.py`).
-    """
-    head_dim, heads, kv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
-    per_group = heads // kv
-    kept_set = set(kept_heads.tolist())
-    o = getattr(attn, spec.o_proj).weight.data
-    cols = o.view(o.shape[0], heads, head_dim)
-    for g in range(kv):
-        group = list(range(g * per_group, (g + 1) * per_group))
-        ranked = sorted(group, key=lambda h: -float(head_scores[h]))
-        kept = [h for h in ranked if h in kept_set]
-        pruned = [h for h in ranked if h not in kept_set]
-        if not kept or not pruned:
-            continue
-        total = len(group)
-        k = len(kept)
-        for i in range(max(1, k - (total - k) + 1), k + 1):  # 1-based ranks, as in the paper
-            partner = 2 * k - i + 1
-            if partner > total:
-                continue
-            h_i, h_p = ranked[i - 1], ranked[partner - 1]
-            cols[:, h_i] += cols[:, h_i] - cols[:, h_p]
-
-
-def _prune_mlp(mlp, spec: ArchitectureSpec, shape: dict, kept: torch.Tensor) -> None:
-    if spec.gate_up_proj:
-        slice_linear(getattr(mlp, spec.gate_up_proj), out_index=torch.cat([kept, kept + shape["intermediate_size"]]))
-    else:
-        slice_linear(getattr(mlp, spec.up_proj), out_index=kept)
-        if spec.gate_proj:
-            slice_linear(getattr(mlp, spec.gate_proj), out_index=kept)
-    slice_linear(getattr(mlp, spec.down_proj), in_index=kept)
-
-
-def _prune_hidden(model, spec: ArchitectureSpec, kept: torch.Tensor) -> None:
-    # Decoder layers first, and their freed weights handed back, so that the embedding's new copy (the largest
-    # single tensor) reuses that memory instead of adding to the peak.
-    for layer in get_decoder_layers(model):
-        attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        for name in spec.residual_norms:
-            slice_norm(getattr(layer, name), kept)
-        for name in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj):
-            if name:
-                slice_linear(getattr(attn, name), in_index=kept)
-        slice_linear(getattr(attn, spec.o_proj), out_index=kept)
-        for name in (spec.gate_proj, spec.up_proj, spec.gate_up_proj):
-            if name:
-                slice_linear(getattr(mlp, name), in_index=kept)
-        slice_linear(getattr(mlp, spec.down_proj), out_index=kept)
-    slice_norm(get_base_model(model).norm, kept)
-    release_freed_memory()
-
-    embed = model.get_input_embeddings()
-    lm_head = model.get_output_embeddings()
-    tied = lm_head is not None and lm_head.weight is embed.weight
-    _replace_parameter(embed, "weight", embed.weight.data.index_select(1, kept.to(embed.weight.device)))
-    embed.embedding_dim = kept.numel()
-    if spec.embedding_scale_sqrt_hidden:
-        # Gemma scales embeddings by sqrt(hidden_size) from the config: match what a reload will compute.
-        scale = kept.numel() ** 0.5
-        embed.scalar_embed_scale = scale
-        embed.embed_scale.fill_(scale)
-    if tied:
-        lm_head.weight = embed.weight
-    elif lm_head is not None:
-        release_freed_memory()
-        slice_linear(lm_head, in_index=kept)
-
-
-def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
-    """Removes decoder layers in place and renumbers the rest; returns the kept (source) indices."""
-    layers = get_decoder_layers(model)
-    num_layers = len(layers)
-    drop = set(layers_to_drop)
-    kept = [i for i in range(num_layers) if i not in drop]
-    new_layers = nn.ModuleList([layers[i] for i in kept])
-    for new_idx, layer in enumerate(new_layers):
-        # The KV cache is indexed by layer_idx: keep it dense after removal so cached generation works.
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx
-    get_base_model(model).layers = new_layers
-    config = model.config
-    # Per-layer config lists (layer_types, ...) must follow the layers they describe.
-    for key, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
-            setattr(config, key, type(value)(value[i] for i in kept))
-    config.num_hidden_layers = len(kept)
-    return kept
-
-
-def _sync_module_attributes(model) -> None:
-    """Updates the size attributes that modules cache at init from the (now pruned) config."""
-    config = model.config
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    for module in model.modules():
-        if isinstance(getattr(module, "num_key_value_groups", None), int):
-            module.num_key_value_groups = heads // kv
-        for name, value in (
-            ("num_heads", heads),
-            ("num_attention_heads", heads),
-            ("num_key_value_heads", kv),
-            ("hidden_size", config.hidden_size),
-            ("intermediate_size", config.intermediate_size),
-        ):
-            if isinstance(getattr(module, name, None), int) and not isinstance(module, nn.Linear):
-                setattr(module, name, value)
 
 
 # ---------------------------------------------------------------------------------------------- the entry point
@@ -375,8 +178,7 @@ def prune_model(
             f"depth_method={config.depth_method!r} scores layer removals by LM loss and needs calibration_data: pass "
             "it, pass depth_scorer=..., or use depth_method='block_influence' with precomputed scores."
         )
-    width_axes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-    needs_width = any(target[name] < source[name] for name in width_axes)
+    needs_width = any(target[name] < source[name] for name in target if name != "num_hidden_layers")
     needs_layer_scores = num_to_drop > 0 and (
         config.depth_method == "block_influence" or config.importance != "activation"
     )
@@ -428,43 +230,16 @@ def prune_model(
         },
     )
     layers = get_decoder_layers(model)
-    if target["num_attention_heads"] < source["num_attention_heads"] or (
-        target["num_key_value_heads"] < source["num_key_value_heads"]
-    ):
-        head_scores = scores.head_scores(agg)
-        group_scores = scores.kv_group_scores(agg)
-        for new_idx, src_idx in enumerate(kept_layers):
-            kept_groups, kept_heads = select_heads(
-                head_scores[src_idx],
-                source["num_key_value_heads"],
-                target["num_attention_heads"],
-                target["num_key_value_heads"],
-                group_scores[src_idx],
-            )
-            attn = getattr(layers[new_idx], spec.attention)
-            if config.head_merge:
-                _merge_pruned_heads(attn, spec, source, head_scores[src_idx], kept_heads)
-            _prune_attention(attn, spec, source, kept_heads, kept_groups)
-            record.heads[new_idx] = kept_heads.tolist()
-            record.kv_heads[new_idx] = kept_groups.tolist()
-    release_freed_memory()
-    if target["intermediate_size"] < source["intermediate_size"]:
-        neuron_scores = scores.neuron_scores(agg)
-        for new_idx, src_idx in enumerate(kept_layers):
-            kept = _topk_sorted(neuron_scores[src_idx], target["intermediate_size"])
-            _prune_mlp(getattr(layers[new_idx], spec.mlp), spec, source, kept)
-            record.neurons[new_idx] = kept.tolist()
-    release_freed_memory()
-    if target["hidden_size"] < source["hidden_size"]:
-        kept = _topk_sorted(scores.hidden_scores(agg, layers=kept_layers), target["hidden_size"])
-        _prune_hidden(model, spec, kept)
-        record.hidden = kept.tolist()
+    structures = structures_of(spec)
+    for structure in structures:
+        structure.prune(model, layers, spec, scores, source, target, kept_layers, record, config)
+        release_freed_memory()
 
-    # 3. Config and cached module attributes. head_dim is written explicitly: it no longer equals hidden / heads.
-    model.config.head_dim = source["head_dim"]
-    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
-        setattr(model.config, name, target[name])
-    _sync_module_attributes(model)
+    # 3. Config, then the sizes that modules cached at init from it.
+    for structure in structures:
+        structure.update_config(model.config, spec, source, target)
+    for structure in structures:
+        structure.sync_modules(model, model.config)
     model.pruning_record = record
     # A bound method in the instance dict: `copy.deepcopy` rebinds it to the copy, and stock classes stay stock.
     model.save_pretrained = types.MethodType(_save_pretrained_with_record, model)

@@ -34,10 +34,11 @@ from transformers import TrainerCallback
 
 from .architectures import get_architecture
 from .data import iter_samples
-from .importance import ImportanceScores, model_shape, release_freed_memory
+from .importance import ImportanceScores, model_shape
 from .io import atomic_directory, atomic_write_text
 from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
 from .pruning_config import _TARGET_FIELDS, PrunedConfig
+from .runtime import release_freed_memory
 from .search_results import AXES, CandidateResult, SearchResult
 
 

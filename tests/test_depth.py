@@ -5,8 +5,7 @@ import torch
 from conftest import random_samples, tiny_model
 
 from hf_minitron import PrunedConfig, estimate_importance, prune_model
-from hf_minitron.depth import layers_skipped, lm_loss, score_layer_removals
-from hf_minitron.pruning import drop_layers
+from hf_minitron.structures.layers import drop_layers, layers_skipped, lm_loss, score_layer_removals
 
 
 def _loss_without(model, layers, samples):

@@ -7,7 +7,7 @@ import torch
 from conftest import random_samples, tiny_model
 
 from hf_minitron import ImportanceScores, PrunedConfig, estimate_importance
-from hf_minitron.depth import lm_loss
+from hf_minitron.structures.layers import lm_loss
 
 
 @pytest.mark.distributed

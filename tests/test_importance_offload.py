@@ -7,7 +7,7 @@ from conftest import random_samples, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron import PrunedConfig, estimate_importance, prune_model
-from hf_minitron.importance import _input_device
+from hf_minitron.runtime import input_device as _input_device
 
 
 CONFIG = PrunedConfig(calibration_samples=6, calibration_batch_size=3, hidden_size=16, num_attention_heads=2)

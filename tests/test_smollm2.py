@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_minitron import PrunedConfig, estimate_importance, prune_model
-from hf_minitron.depth import lm_loss
+from hf_minitron.structures.layers import lm_loss
 
 
 pytestmark = pytest.mark.slow

@@ -1,22 +1,60 @@
-"""Depth pruning: which layers to drop.
+"""Layers (depth): Block Influence, removal scoring, which layers to drop, and dropping them.
 
-* `block_influence`: drop the layers whose output is most similar to their input (lowest 1 - cos), paper 1 §2.2.
+* `block_influence`: drop the layers whose output is most similar to their input (lowest 1 - cos), paper 1 §2.2;
+  measured by hooks in the same pass as the width scores.
 * `lm_loss`: drop the layers whose individual removal raises the LM loss least, paper 1 §2.2.
 * `contiguous`: drop the block of n consecutive layers whose removal costs least, by LM loss or by any scorer
   (paper 2 used Winogrande accuracy and found a contiguous block beats individually ranked layers).
 * `explicit`: the user's list.
+
+Dropping renumbers the kept layers (the KV cache is indexed by `layer_idx`) and slices every per-layer config list
+(`layer_types`, ...) so the pattern of the kept layers is preserved.
 """
 
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import get_decoder_layers
-from .data import shard_batches
-from .importance import ImportanceScores, _all_reduce_, _dist_info, _input_device
+from ..architectures import get_base_model, get_decoder_layers
+from ..data import shard_batches
+from ..runtime import all_reduce_, dist_info, input_device
+
+
+KEY = "block_influence"
+
+
+# ---------------------------------------------------------------------------------------------- Block Influence
+def hooks(collector, index: int, layer) -> list:
+    """Accumulates the masked sum of cos(layer input, layer output) over tokens (1 - its mean is Block Influence)."""
+    inputs = {}
+
+    def layer_pre_hook(module, args, kwargs):
+        inputs["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def layer_hook(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        cos = F.cosine_similarity(inputs.pop("x").float(), out.float(), dim=-1)  # [B, S]
+        store = collector.store(KEY, index)
+        total = (cos * collector.mask.to(cos.device)).sum().double()
+        store["sum"] = total if "sum" not in store else store["sum"] + total
+
+    return [
+        layer.register_forward_pre_hook(layer_pre_hook, with_kwargs=True),
+        layer.register_forward_hook(layer_hook, with_kwargs=True),
+    ]
+
+
+def sites(spec) -> list[tuple[int, str, int, str]]:
+    return [(4, KEY, 0, "layer output (block influence)")]
+
+
+def magnitude(layer) -> torch.Tensor:
+    """The L2 norm of every weight of the layer (the magnitude baseline's layer ranking)."""
+    return sum(p.float().pow(2).sum() for p in layer.parameters()).sqrt()
 
 
 class _SkippedLayer(nn.Module):
@@ -48,8 +86,8 @@ def layers_skipped(model, layer_indices):
 @torch.no_grad()
 def lm_loss(model, samples: list[dict], batch_size: int = 8) -> float:
     """Mean next-token cross-entropy over the unmasked tokens of `samples`, summed across processes."""
-    rank, world_size = _dist_info()
-    device = _input_device(model)
+    rank, world_size = dist_info()
+    device = input_device(model)
     total = torch.zeros(2, dtype=torch.float64)
     for batch in shard_batches(samples, batch_size, rank, world_size):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -59,7 +97,7 @@ def lm_loss(model, samples: list[dict], batch_size: int = 8) -> float:
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
         )
         total += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64)
-    total = _all_reduce_(total, device)
+    total = all_reduce_(total, device)
     return float(total[0] / total[1].clamp_min(1))
 
 
@@ -81,7 +119,7 @@ def score_layer_removals(
     model.eval()
     costs = []
     try:
-        for layer_set in tqdm(candidates, desc="Scoring layer removals", disable=not show_progress or _dist_info()[0]):
+        for layer_set in tqdm(candidates, desc="Scoring layer removals", disable=not show_progress or dist_info()[0]):
             with layers_skipped(model, layer_set):
                 costs.append(-float(scorer(model)) if scorer is not None else lm_loss(model, samples, batch_size))
     finally:
@@ -93,7 +131,7 @@ def select_layers_to_drop(
     model,
     num_to_drop: int,
     method: str,
-    scores: ImportanceScores | None = None,
+    scores=None,
     samples: list[dict] | None = None,
     scorer: Callable | None = None,
     batch_size: int = 8,
@@ -130,3 +168,26 @@ def select_layers_to_drop(
         start = min(range(len(cached)), key=lambda s: cached[s])
         return list(range(start, start + num_to_drop))
     raise ValueError(f"Unknown depth_method {method!r}: use 'contiguous', 'block_influence', 'lm_loss' or 'explicit'.")
+
+
+# ---------------------------------------------------------------------------------------------- dropping
+def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
+    """Removes decoder layers in place and renumbers the rest; returns the kept (source) indices."""
+    layers = get_decoder_layers(model)
+    num_layers = len(layers)
+    drop = set(layers_to_drop)
+    kept = [i for i in range(num_layers) if i not in drop]
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    for new_idx, layer in enumerate(new_layers):
+        # The KV cache is indexed by layer_idx: keep it dense after removal so cached generation works.
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    get_base_model(model).layers = new_layers
+    config = model.config
+    # Per-layer config lists (layer_types, ...) must follow the layers they describe.
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
+            setattr(config, key, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = len(kept)
+    return kept

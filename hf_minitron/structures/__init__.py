@@ -1,0 +1,30 @@
+"""The prunable structures, one module each.
+
+| structure | module | config fields |
+|---|---|---|
+| attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
+| MLP neurons | `mlp_neurons.py` | `intermediate_size` |
+| hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
+| layers (depth) | `layers.py` | `num_hidden_layers` |
+
+Each width structure's module owns its activation hooks (`hooks`, `sites`), its scores (`scores`, `magnitude`), its
+selection and in-place slicing (`prune`, `slice_hidden`), the config fields it changes (`update_config`,
+`sync_modules`) and its parameter-count terms (`count_roles`, `count_sizes`). `estimate_importance`, `prune_model`
+and `count_parameters` walk the structures a family has (`structures_of`); an `ArchitectureSpec` says where their
+modules live.
+"""
+
+from . import attention_heads, hidden_channels, layers, mlp_neurons
+
+
+# Order of the width structures when pruning: hidden channels last, so the embedding's new copy reuses the memory
+# freed by every other slice.
+WIDTH_STRUCTURES = (attention_heads, mlp_neurons, hidden_channels)
+
+
+def structures_of(spec) -> tuple:
+    """The width structures a family described by `spec` has, in pruning order."""
+    return tuple(s for s in WIDTH_STRUCTURES if s.present(spec))
+
+
+__all__ = ["WIDTH_STRUCTURES", "attention_heads", "hidden_channels", "layers", "mlp_neurons", "structures_of"]

@@ -1,0 +1,218 @@
+"""Attention heads (and whole KV groups): scores, selection, the residual head merge, slicing, counting.
+
+* Score (paper 1 §2.2): the input of `o_proj` viewed as `[heads, head_dim]`, L2 norm over `head_dim`, per token,
+  then reduced over the tokens of each sample and over samples. A KV group scores the L2 norm of its query heads.
+* Selection: whole KV groups first, then the same number of query heads inside every kept group, ranked within the
+  group, so the grouped-query structure (query head j attends with KV head j // group_size) survives.
+* Slicing: the query rows (and the key/value rows of kept groups) of q/k/v or a fused qkv projection, the matching
+  `o_proj` columns, and any per-head parameter (GPT-OSS attention sinks) or per-head norm (`qk_norm_over_heads`).
+"""
+
+import torch
+
+from .slicing import head_rows, slice_linear, slice_norm, slice_parameter, topk_sorted
+from .statistics import add_per_sample, reduce_per_sample
+
+
+KEY = "heads"
+FIELDS = ("num_attention_heads", "num_key_value_heads")
+
+
+def present(spec) -> bool:
+    return spec.attention is not None
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def hooks(collector, index: int, layer) -> list:
+    spec, head_dim = collector.spec, collector.shape["head_dim"]
+    store = collector.store(KEY, index)
+
+    def heads_hook(module, args):
+        x = args[0]
+        x = x.view(*x.shape[:-1], -1, head_dim).float().norm(dim=-1)  # [B, S, heads]
+        add_per_sample(store, x, collector.mask, collector.how)
+
+    return [layer.get_submodule(f"{spec.attention}.{spec.o_proj}").register_forward_pre_hook(heads_hook)]
+
+
+def sites(spec) -> list[tuple[int, str, int, str]]:
+    """`(forward position, key, slot, description)` of the statistics, for error messages in forward order."""
+    return [(1, KEY, 0, f"input of {spec.attention}.{spec.o_proj}")]
+
+
+def scores(importance, batch_aggregation: str) -> torch.Tensor:
+    """`[num_layers, num_attention_heads]` query-head importance."""
+    return reduce_per_sample(importance.heads, batch_aggregation, importance.num_samples)
+
+
+def group_scores(importance, batch_aggregation: str) -> torch.Tensor:
+    """`[num_layers, num_key_value_heads]`: L2 over the query heads of each KV group."""
+    heads = scores(importance, batch_aggregation)
+    groups = importance.model_shape["num_key_value_heads"]
+    return heads.view(heads.shape[0], groups, -1).norm(dim=-1)
+
+
+def _q_weight(attn, spec, shape):
+    if spec.qkv_proj:
+        return getattr(attn, spec.qkv_proj).weight[: shape["num_attention_heads"] * shape["head_dim"]]
+    return getattr(attn, spec.q_proj).weight
+
+
+def magnitude(layer, spec, shape) -> torch.Tensor:
+    """`[heads]`: L2 norm of each head's query rows and `o_proj` columns."""
+    attn = getattr(layer, spec.attention)
+    head_dim, heads = shape["head_dim"], shape["num_attention_heads"]
+    o = getattr(attn, spec.o_proj).weight.float()
+    q = _q_weight(attn, spec, shape).float()
+    head_sq = q.pow(2).view(heads, head_dim, -1).sum(dim=(1, 2)) + o.pow(2).view(o.shape[0], heads, head_dim).sum(
+        dim=(0, 2)
+    )
+    return head_sq.sqrt()
+
+
+def hidden_weights(layer, spec) -> tuple[list, list]:
+    """The weights that read the hidden size (columns) and write it (rows): for magnitude hidden-channel scores."""
+    attn = getattr(layer, spec.attention)
+    reads = [getattr(attn, n).weight for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj) if n]
+    return reads, [getattr(attn, spec.o_proj).weight]
+
+
+def slice_hidden(layer, spec, kept: torch.Tensor) -> None:
+    """Keeps the hidden channels `kept`: input columns of q/k/v, output rows of `o_proj`."""
+    attn = getattr(layer, spec.attention)
+    for name in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj):
+        if name:
+            slice_linear(getattr(attn, name), in_index=kept)
+    slice_linear(getattr(attn, spec.o_proj), out_index=kept)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def select(head_scores: torch.Tensor, num_kv: int, target_heads: int, target_kv: int, kv_scores=None):
+    """Kept KV groups and kept query heads of one layer (see the module docstring)."""
+    per_group = head_scores.numel() // num_kv
+    if kv_scores is None:
+        kv_scores = head_scores.view(num_kv, per_group).norm(dim=-1)
+    kept_groups = topk_sorted(kv_scores, target_kv)
+    keep_per_group = target_heads // target_kv
+    kept = []
+    for g in kept_groups.tolist():
+        in_group = topk_sorted(head_scores[g * per_group : (g + 1) * per_group], keep_per_group)
+        kept.append(in_group + g * per_group)
+    return kept_groups, torch.cat(kept)
+
+
+def merge_pruned_heads(attn, spec, shape: dict, head_scores: torch.Tensor, kept_heads) -> None:
+    """Residual head merge (paper 1, §2.3), applied within each KV group to the heads' `o_proj` columns.
+
+    With the K kept heads of a group ranked by importance (1 = most important) and its L - K pruned heads ranked
+    after them, head K - (L - K) + j absorbs pruned head K + (L - K) - j + 1, mirroring around the cut as in the
+    paper: `head_i <- head_i + (head_i - head_{2K-i+1})`. It is the MHA analogue of Layer Collapse; the pruned
+    head's output path is folded into a kept head before it is removed. Its effect is measured, not assumed (see
+    `benchmarks/prune_quality.py`).
+    """
+    head_dim, heads, kv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    per_group = heads // kv
+    kept_set = set(kept_heads.tolist())
+    o = getattr(attn, spec.o_proj).weight.data
+    cols = o.view(o.shape[0], heads, head_dim)
+    for g in range(kv):
+        group = list(range(g * per_group, (g + 1) * per_group))
+        ranked = sorted(group, key=lambda h: -float(head_scores[h]))
+        kept = [h for h in ranked if h in kept_set]
+        pruned = [h for h in ranked if h not in kept_set]
+        if not kept or not pruned:
+            continue
+        total = len(group)
+        k = len(kept)
+        for i in range(max(1, k - (total - k) + 1), k + 1):  # 1-based ranks, as in the paper
+            partner = 2 * k - i + 1
+            if partner > total:
+                continue
+            h_i, h_p = ranked[i - 1], ranked[partner - 1]
+            cols[:, h_i] += cols[:, h_i] - cols[:, h_p]
+
+
+# ---------------------------------------------------------------------------------------------- slicing
+def slice_heads(attn, spec, shape: dict, kept_heads, kept_groups) -> None:
+    head_dim, heads, kv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    q_rows = head_rows(kept_heads, head_dim)
+    kv_rows = head_rows(kept_groups, head_dim)
+    if spec.qkv_proj:
+        rows = torch.cat([q_rows, kv_rows + heads * head_dim, kv_rows + (heads + kv) * head_dim])
+        slice_linear(getattr(attn, spec.qkv_proj), out_index=rows)
+    else:
+        slice_linear(getattr(attn, spec.q_proj), out_index=q_rows)
+        slice_linear(getattr(attn, spec.k_proj), out_index=kv_rows)
+        slice_linear(getattr(attn, spec.v_proj), out_index=kv_rows)
+    slice_linear(getattr(attn, spec.o_proj), in_index=q_rows)
+    for name in spec.attention_head_parameters:
+        slice_parameter(attn, name, kept_heads, dim=0)
+    if spec.qk_norm_over_heads:
+        slice_norm(attn.q_norm, q_rows)
+        slice_norm(attn.k_norm, kv_rows)
+
+
+def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
+    if target["num_attention_heads"] == source["num_attention_heads"] and (
+        target["num_key_value_heads"] == source["num_key_value_heads"]
+    ):
+        return
+    head_scores = scores(importance, config.batch_aggregation)
+    kv_scores = group_scores(importance, config.batch_aggregation)
+    for new_idx, src_idx in enumerate(kept_layers):
+        kept_groups, kept_heads = select(
+            head_scores[src_idx],
+            source["num_key_value_heads"],
+            target["num_attention_heads"],
+            target["num_key_value_heads"],
+            kv_scores[src_idx],
+        )
+        attn = getattr(layers[new_idx], spec.attention)
+        if config.head_merge:
+            merge_pruned_heads(attn, spec, source, head_scores[src_idx], kept_heads)
+        slice_heads(attn, spec, source, kept_heads, kept_groups)
+        record.heads[new_idx] = kept_heads.tolist()
+        record.kv_heads[new_idx] = kept_groups.tolist()
+
+
+def update_config(model_config, spec, source: dict, target: dict) -> None:
+    # head_dim is written explicitly: it no longer equals hidden / heads.
+    model_config.head_dim = source["head_dim"]
+    for name in FIELDS:
+        setattr(model_config, name, target[name])
+
+
+def sync_modules(model, model_config) -> None:
+    """Updates the head counts that attention modules cache at init from the (now pruned) config."""
+    heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
+    for module in model.modules():
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            module.num_key_value_groups = heads // kv
+        for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
+            if isinstance(getattr(module, name, None), int) and not isinstance(module, torch.nn.Linear):
+                setattr(module, name, value)
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def count_roles(spec) -> dict[str, tuple]:
+    """Module path inside a decoder layer -> symbols of its (output, input) axes: `q` query rows, `kv` key/value
+    rows, `qkv` a fused projection, `h` the hidden size."""
+    attn = spec.attention
+    roles = {}
+    for name, rows in ((spec.q_proj, "q"), (spec.k_proj, "kv"), (spec.v_proj, "kv"), (spec.qkv_proj, "qkv")):
+        if name:
+            roles[f"{attn}.{name}"] = (rows, "h")
+    roles[f"{attn}.{spec.o_proj}"] = ("h", "q")
+    for name in spec.attention_head_parameters:
+        roles[f"{attn}.{name}"] = ("heads",)
+    if spec.qk_norm_over_heads:
+        roles[f"{attn}.q_norm"] = ("q",)
+        roles[f"{attn}.k_norm"] = ("kv",)
+    return roles
+
+
+def count_sizes(shape: dict) -> dict[str, int]:
+    head_dim = shape["head_dim"]
+    q = shape["num_attention_heads"] * head_dim
+    kv = shape["num_key_value_heads"] * head_dim
+    return {"heads": shape["num_attention_heads"], "q": q, "kv": kv, "qkv": q + 2 * kv}

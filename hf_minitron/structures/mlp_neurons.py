@@ -1,0 +1,142 @@
+"""MLP neurons of a dense feed-forward block: scores, selection, slicing, counting.
+
+* Score (paper 1 §2.2): the input of `down_proj` (the neuron activations), reduced over the tokens of each sample and
+  over samples.
+* Selection: the top neurons of each layer, each layer its own indices, every layer the same count.
+* Slicing: rows of `gate_proj` / `up_proj` (or of both halves of a fused `gate_up_proj`), columns of `down_proj`.
+
+The same functions serve any gated or plain MLP at another path (the shared expert of Qwen2-MoE reuses them, see
+`shared_expert_neurons.py`).
+"""
+
+import torch
+
+from .slicing import slice_linear, topk_sorted
+from .statistics import add_per_sample, reduce_per_sample
+
+
+KEY = "neurons"
+FIELD = "intermediate_size"
+
+
+def present(spec) -> bool:
+    return spec.mlp is not None
+
+
+def mlp_hooks(collector, index: int, mlp, spec, key: str) -> list:
+    store = collector.store(key, index)
+
+    def neurons_hook(module, args):
+        add_per_sample(store, args[0], collector.mask, collector.how)
+
+    return [getattr(mlp, spec.down_proj).register_forward_pre_hook(neurons_hook)]
+
+
+def mlp_magnitude(mlp, spec, width: int) -> torch.Tensor:
+    """`[width]`: L2 norm of each neuron's input rows and output column."""
+    down = getattr(mlp, spec.down_proj).weight.float()
+    if spec.gate_up_proj:
+        gate_up = getattr(mlp, spec.gate_up_proj).weight.float().pow(2)
+        ins = gate_up[:width].sum(1) + gate_up[width:].sum(1)
+    else:
+        ins = getattr(mlp, spec.up_proj).weight.float().pow(2).sum(1)
+        if spec.gate_proj:
+            ins = ins + getattr(mlp, spec.gate_proj).weight.float().pow(2).sum(1)
+    return (ins + down.pow(2).sum(0)).sqrt()
+
+
+def mlp_hidden_weights(mlp, spec) -> tuple[list, list]:
+    reads = [getattr(mlp, n).weight for n in (spec.gate_proj, spec.up_proj, spec.gate_up_proj) if n]
+    return reads, [getattr(mlp, spec.down_proj).weight]
+
+
+def slice_mlp_hidden(mlp, spec, kept: torch.Tensor) -> None:
+    for name in (spec.gate_proj, spec.up_proj, spec.gate_up_proj):
+        if name:
+            slice_linear(getattr(mlp, name), in_index=kept)
+    slice_linear(getattr(mlp, spec.down_proj), out_index=kept)
+
+
+def slice_mlp(mlp, spec, width: int, kept: torch.Tensor) -> None:
+    if spec.gate_up_proj:
+        slice_linear(getattr(mlp, spec.gate_up_proj), out_index=torch.cat([kept, kept + width]))
+    else:
+        slice_linear(getattr(mlp, spec.up_proj), out_index=kept)
+        if spec.gate_proj:
+            slice_linear(getattr(mlp, spec.gate_proj), out_index=kept)
+    slice_linear(getattr(mlp, spec.down_proj), in_index=kept)
+
+
+def prune_mlps(layers, mlp_path: str, spec, neuron_scores, source_width: int, target_width: int, kept_layers):
+    """Slices the MLP at `mlp_path` of every kept layer; returns `{new layer index: kept neurons}`."""
+    kept_per_layer = {}
+    if target_width >= source_width:
+        return kept_per_layer
+    for new_idx, src_idx in enumerate(kept_layers):
+        kept = topk_sorted(neuron_scores[src_idx], target_width)
+        slice_mlp(layers[new_idx].get_submodule(mlp_path), spec, source_width, kept)
+        kept_per_layer[new_idx] = kept.tolist()
+    return kept_per_layer
+
+
+def mlp_count_roles(path: str, spec, symbol: str) -> dict[str, tuple]:
+    roles = {}
+    fused = f"2{symbol}"
+    for name, rows in ((spec.gate_proj, symbol), (spec.up_proj, symbol), (spec.gate_up_proj, fused)):
+        if name:
+            roles[f"{path}.{name}"] = (rows, "h")
+    roles[f"{path}.{spec.down_proj}"] = ("h", symbol)
+    return roles
+
+
+# ---------------------------------------------------------------------------------------------- the dense MLP
+def hooks(collector, index: int, layer) -> list:
+    return mlp_hooks(collector, index, getattr(layer, collector.spec.mlp), collector.spec, KEY)
+
+
+def sites(spec) -> list[tuple[int, str, int, str]]:
+    return [(3, KEY, 0, f"input of {spec.mlp}.{spec.down_proj}")]
+
+
+def scores(importance, batch_aggregation: str) -> torch.Tensor:
+    """`[num_layers, intermediate_size]` MLP-neuron importance."""
+    return reduce_per_sample(importance.neurons, batch_aggregation, importance.num_samples)
+
+
+def magnitude(layer, spec, shape) -> torch.Tensor:
+    return mlp_magnitude(getattr(layer, spec.mlp), spec, shape[FIELD])
+
+
+def hidden_weights(layer, spec) -> tuple[list, list]:
+    return mlp_hidden_weights(getattr(layer, spec.mlp), spec)
+
+
+def slice_hidden(layer, spec, kept: torch.Tensor) -> None:
+    slice_mlp_hidden(getattr(layer, spec.mlp), spec, kept)
+
+
+def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
+    if target[FIELD] < source[FIELD]:
+        neuron_scores = scores(importance, config.batch_aggregation)
+        record.neurons.update(
+            prune_mlps(layers, spec.mlp, spec, neuron_scores, source[FIELD], target[FIELD], kept_layers)
+        )
+
+
+def update_config(model_config, spec, source: dict, target: dict) -> None:
+    model_config.intermediate_size = target[FIELD]
+
+
+def sync_modules(model, model_config) -> None:
+    for module in model.modules():
+        if isinstance(getattr(module, FIELD, None), int) and not isinstance(module, torch.nn.Linear):
+            module.intermediate_size = model_config.intermediate_size
+
+
+def count_roles(spec) -> dict[str, tuple]:
+    """`f` the neurons, `2f` a fused gate/up projection, `h` the hidden size."""
+    return mlp_count_roles(spec.mlp, spec, "f")
+
+
+def count_sizes(shape: dict) -> dict[str, int]:
+    return {"f": shape[FIELD], "2f": 2 * shape[FIELD]}

@@ -1,0 +1,65 @@
+"""Activation statistics: per-sample reduction over tokens, float64 running sums, and their reductions.
+
+Two kinds of statistics accumulate during the importance pass:
+
+* per sample (heads, MLP neurons, hidden channels): each sample's activations are reduced over its unmasked tokens
+  (`sequence_aggregation`), and we keep the running `sum` and `sum of squares` of those per-sample values, so any
+  `batch_aggregation` can be chosen afterwards (paper 1, Table 11);
+* per routed token (experts, expert neurons): an expert sees a varying handful of each sample's tokens, so its
+  statistics are plain sums over the tokens routed to it plus a token `count`, and reduce to means.
+
+Both are sums: they add up exactly across batches and across processes.
+"""
+
+import torch
+
+
+def sequence_reduce(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """`[B, S, D]` activations, `[B, S]` float mask -> `[B, D]` per-sample values over the unmasked tokens."""
+    n = mask.sum(dim=1, keepdim=True).clamp_min(1)
+    if how == "mean":
+        return torch.einsum("bsd,bs->bd", x.abs(), mask) / n
+    sq = torch.einsum("bsd,bs->bd", x * x, mask)
+    if how == "l2":
+        return sq.sqrt()
+    mean = torch.einsum("bsd,bs->bd", x, mask) / n
+    return (sq / n - mean * mean).clamp_min(0)
+
+
+def add_per_sample(store: dict, x: torch.Tensor, mask: torch.Tensor, how: str) -> None:
+    """Adds the per-sample values of `x` (`[B, S, D]`) to the running `sum` / `sumsq` of `store`."""
+    values = sequence_reduce(x.float(), mask.to(x.device), how).double()
+    add_sums(store, {"sum": values.sum(dim=0), "sumsq": (values * values).sum(dim=0)})
+
+
+def add_sums(store: dict, sums: dict[str, torch.Tensor]) -> None:
+    """Adds each tensor of `sums` to the float64 running sum of the same name in `store`."""
+    for name, value in sums.items():
+        value = value.double()
+        if name in store:
+            store[name] += value
+        else:
+            store[name] = value.clone()
+
+
+def reduce_per_sample(stats: dict[str, torch.Tensor], batch_aggregation: str, num_samples: int) -> torch.Tensor:
+    """Scores from per-sample sums: `l2` over samples, `mean`, or `var`; static scores (`{"score"}`) as they are."""
+    if "score" in stats:
+        return stats["score"].double()
+    n = max(num_samples, 1)
+    if batch_aggregation == "l2":
+        return stats["sumsq"].sqrt()
+    mean = stats["sum"] / n
+    if batch_aggregation == "mean":
+        return mean
+    return (stats["sumsq"] / n - mean**2).clamp_min(0)
+
+
+def per_token_mean(stats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """`stats[name] / stats["count"]` (0 where nothing was routed); static scores (`{"score"}`) as they are."""
+    if "score" in stats:
+        return stats["score"].double()
+    count = stats["count"].double()
+    while count.dim() < stats[name].dim():
+        count = count.unsqueeze(-1)
+    return stats[name].double() / count.clamp_min(1)
