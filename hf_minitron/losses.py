@@ -12,9 +12,12 @@ Conventions shared by every function here:
 
 The fused loss (`fused_kd_loss`) computes the same values from the final hidden states and the `lm_head` weights,
 chunk by chunk over tokens, so the `[tokens, vocab]` logits of student and teacher never exist for the whole batch.
+`topk_kd_loss` / `fused_topk_kd_loss` do the same from a cached top-k teacher (ids, log-probabilities and the mass of
+the rest of the vocabulary per token; see `hf_minitron.teacher_cache`).
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -69,17 +72,20 @@ def token_divergence(
         `torch.Tensor` of shape `[...]` (fp32): the divergence of every token.
     """
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, top_k)
+    return _divergence(log_q, log_p, loss_type, beta) * temperature**2
+
+
+def _divergence(log_q, log_p, loss_type, beta):
+    """`D(p, q)` over the last dimension from log-probabilities (the buckets need not be single tokens)."""
     if loss_type == "forward_kl":
-        div = (log_p.exp() * (log_p - log_q)).sum(-1)
-    elif loss_type == "reverse_kl":
-        div = (log_q.exp() * (log_q - log_p)).sum(-1)
-    elif loss_type == "jsd":
-        div = _jsd_from_log_probs(log_q, log_p, beta)
-    elif loss_type == "tvd":
-        div = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    else:
-        raise ValueError(f"loss_type={loss_type!r} is not supported: choose one of {list(KD_LOSSES)}.")
-    return div * temperature**2
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if loss_type == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if loss_type == "jsd":
+        return _jsd_from_log_probs(log_q, log_p, beta)
+    if loss_type == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"loss_type={loss_type!r} is not supported: choose one of {list(KD_LOSSES)}.")
 
 
 def _reduce(values: torch.Tensor, labels: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -172,6 +178,70 @@ def intermediate_state_loss(
         raise ValueError(f"loss_type={loss_type!r} is not supported: choose one of {list(INTERMEDIATE_LOSSES)}.")
     labels = None if mask is None else torch.where(mask.bool(), 0, -100)
     return _reduce(per_token, labels, reduction)
+
+
+# ---------------------------------------------------------------------------------------------- cached top-k teacher
+# Floor of the log-probabilities of a cached top-k teacher: exp(-1e4) is 0 in fp32, so a bucket without mass adds
+# exactly 0 to every divergence (a stored -inf would give 0 * inf = nan).
+LOG_PROB_FLOOR = -1e4
+
+
+def _topk_log_probs(student_logits, teacher_ids, teacher_log_probs, teacher_rest, temperature, top_k):
+    """`(log q, log p)` of student and teacher over the buckets of a cached top-k teacher, shape `[..., buckets]`.
+
+    Without `top_k`: one bucket per cached token and one for the rest of the vocabulary (teacher mass
+    `exp(teacher_rest)`, student mass outside the k tokens); with k = vocab there is no rest bucket. With `top_k`:
+    the teacher's first `top_k` cached tokens, both distributions renormalised over them (as `kd_loss(top_k=...)`).
+    """
+    s = student_logits.float() / temperature
+    ids = teacher_ids.long()
+    log_p = teacher_log_probs.float().clamp_min(LOG_PROB_FLOOR)
+    if top_k is not None:
+        ids, log_p = ids[..., :top_k], log_p[..., :top_k]
+        return F.log_softmax(s.gather(-1, ids), dim=-1), F.log_softmax(log_p, dim=-1)
+    log_q = F.log_softmax(s, dim=-1)
+    log_q_top = log_q.gather(-1, ids)
+    if ids.shape[-1] >= s.shape[-1]:
+        return log_q_top, log_p
+    log_q_rest = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(LOG_PROB_FLOOR)
+    log_p_rest = teacher_rest.float().clamp_min(LOG_PROB_FLOOR).unsqueeze(-1)
+    return torch.cat([log_q_top, log_q_rest], -1), torch.cat([log_p, log_p_rest], -1)
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    top_k: int | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Logit distillation from a cached top-k teacher, on full student logits (the reference of the fused version).
+
+    The tail: the teacher's probability outside its k cached tokens, `exp(teacher_rest)`, is one bucket, compared
+    with the student's probability outside the same k tokens. The divergence is taken between these `k + 1`-bucket
+    distributions. For forward KL this equals KL to a teacher whose tail is spread like the student's own tail
+    (gradient `q - p~`, with `p~ = p` on the k tokens and `p~ = exp(teacher_rest) * q / q_rest` elsewhere); it is a
+    lower bound of the full-vocabulary KL and equals it when k is the vocabulary size (no tail).
+
+    Args:
+        student_logits (`torch.Tensor` of shape `[..., vocab]`): Student logits.
+        teacher_ids (`torch.Tensor` of shape `[..., k]`): The teacher's k most likely tokens, most likely first.
+        teacher_log_probs (`torch.Tensor` of shape `[..., k]`): Their log-probabilities, `log_softmax(z / T)` over
+            the whole vocabulary at the loss temperature `T`.
+        teacher_rest (`torch.Tensor` of shape `[...]`): Log of the teacher's remaining mass, `log(1 - sum p_top)`.
+        labels (`torch.Tensor` of shape `[...]`, *optional*): As in [`kd_loss`].
+        loss_type, temperature, beta: See [`token_divergence`]; only the student is divided by `temperature`.
+        top_k (`int`, *optional*): Use the first `top_k` (<= k) cached tokens with both distributions renormalised
+            over them (no tail bucket), as `kd_loss(top_k=...)` does with a live teacher.
+        reduction (`str`, *optional*, defaults to `"sum"`): As in [`kd_loss`].
+    """
+    log_q, log_p = _topk_log_probs(student_logits, teacher_ids, teacher_log_probs, teacher_rest, temperature, top_k)
+    return _reduce(_divergence(log_q, log_p, loss_type, beta) * temperature**2, labels, reduction)
 
 
 # ---------------------------------------------------------------------------------------------- fused chunked loss
@@ -301,59 +371,25 @@ def _generic_chunk(h, ht, target, weights, options, need_grad):
     return kd_tok.sum(), ce_sum, grad
 
 
-def _fused_kd_forward(
-    student_hidden,
-    student_weight,
-    student_bias,
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    labels,
-    options,
-    need_grads,
-):
-    """The chunk loop: KD and CE sums, and (when `need_grads`) the gradients of their weighted sum.
+def _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads):
+    """The chunk loop of the fused losses: KD and CE sums, and (when `need_grads`) the gradients of their weighted sum.
 
-    The gradients are unscaled sums over tokens: `grad_hidden` in the hidden states' dtype, `grad_weight` in the
-    weight's dtype for a single chunk, else an fp32 accumulator.
+    `chunk_loss(start, h, target, need_grad)` returns the chunk's `(kd_sum, ce_sum, grad)`, `grad` being the gradient
+    w.r.t. the chunk's logits (fp32) or `None`. The gradients are unscaled sums over tokens: `grad_hidden` in the
+    hidden states' dtype, `grad_weight` in the weight's dtype for a single chunk, else an fp32 accumulator.
     """
-    (loss_type, temperature, _, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
-    vocab = student_weight.shape[0]
-    teacher_weight = teacher_weight[:vocab]  # a teacher vocab padded beyond the student's: same tokens, extra rows
-    teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
-    weights = (student_weight, student_bias, teacher_weight, teacher_bias)
     tokens = student_hidden.shape[0]
-    rows = min(chunk_rows(vocab, chunk_size), max(tokens, 1))
     single_chunk = rows >= tokens
     need_weight_grad = need_grads and student_weight.requires_grad
     need_bias_grad = need_grads and student_bias is not None and student_bias.requires_grad
-    device = student_hidden.device
-    dtype = student_weight.dtype
-    fast = (
-        loss_type == "forward_kl"
-        and temperature == 1
-        and top_k is None
-        and s_cap is None
-        and t_cap is None
-        and all(t.dtype == dtype for t in (student_hidden, teacher_hidden, teacher_weight))
-    )
-    if fast:
-        log_q, log_p, p = (torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(3))
-        # p is written only after both logits were turned into log-probabilities: fp32 logits can share its buffer.
-        logits = p if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
-        buffers = (logits, log_q, log_p, p)
     grad_hidden = torch.empty_like(student_hidden) if need_grads else None
     grad_weight = grad_bias = None
-    kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     ce_sum = torch.zeros_like(kd_sum)
     for start in range(0, tokens, rows):
         h = student_hidden[start : start + rows]
-        ht = teacher_hidden[start : start + rows]
         target = labels[start : start + rows]
-        if fast:
-            kd, ce, grad = _forward_kl_chunk(h, ht, target, weights, buffers, kd_weight, ce_weight, need_grads)
-        else:
-            kd, ce, grad = _generic_chunk(h, ht, target, weights, options, need_grads)
+        kd, ce, grad = chunk_loss(start, h, target, need_grads)
         kd_sum += kd
         ce_sum += ce
         if not need_grads:
@@ -374,30 +410,131 @@ def _fused_kd_forward(
     return kd_sum, ce_sum, (grad_hidden, grad_weight, grad_bias)
 
 
+def _fused_kd_forward(student_hidden, student_weight, student_bias, teacher, labels, options, need_grads):
+    """[`_chunk_loop`] with the teacher's logits recomputed chunk by chunk from `teacher = (hidden, weight, bias)`."""
+    teacher_hidden, teacher_weight, teacher_bias = teacher
+    (loss_type, temperature, _, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
+    vocab = student_weight.shape[0]
+    teacher_weight = teacher_weight[:vocab]  # a teacher vocab padded beyond the student's: same tokens, extra rows
+    teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
+    weights = (student_weight, student_bias, teacher_weight, teacher_bias)
+    rows = min(chunk_rows(vocab, chunk_size), max(student_hidden.shape[0], 1))
+    dtype = student_weight.dtype
+    fast = (
+        loss_type == "forward_kl"
+        and temperature == 1
+        and top_k is None
+        and s_cap is None
+        and t_cap is None
+        and all(t.dtype == dtype for t in (student_hidden, teacher_hidden, teacher_weight))
+    )
+    if fast:
+        device = student_hidden.device
+        log_q, log_p, p = (torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(3))
+        # p is written only after both logits were turned into log-probabilities: fp32 logits can share its buffer.
+        logits = p if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
+        buffers = (logits, log_q, log_p, p)
+
+    def chunk_loss(start, h, target, need_grad):
+        ht = teacher_hidden[start : start + h.shape[0]]
+        if fast:
+            return _forward_kl_chunk(h, ht, target, weights, buffers, kd_weight, ce_weight, need_grad)
+        return _generic_chunk(h, ht, target, weights, options, need_grad)
+
+    return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
+
+
+def _topk_forward_kl_chunk(h, teacher, target, weights, buffers, kd_weight, ce_weight, need_grad):
+    """Forward KL at T = 1 from a cached top-k teacher on one chunk, in two reused `[rows, vocab]` buffers.
+
+    With `p~` the teacher's k probabilities plus its rest mass spread like the student's tail (see [`topk_kd_loss`]),
+    `grad = kd_weight (q - p~) + ce_weight (q - onehot)`.
+    """
+    ids, log_p, log_rest = teacher
+    rows, k = ids.shape
+    logits, log_q = (buffer[:rows] for buffer in buffers)
+    _log_softmax_linear(h, *weights, logits, log_q)
+    ce_sum = -log_q.gather(1, target[:, None]).sum()
+    log_q_top = log_q.gather(1, ids)
+    # The student's tail from its own small terms, in log space (1 - sum(q_top) would lose them to rounding).
+    log_q.scatter_(1, ids, float("-inf"))
+    log_q_rest = torch.logsumexp(log_q, -1).clamp_min_(LOG_PROB_FLOOR)
+    p_top = log_p.exp()
+    kd_sum = (p_top * (log_p - log_q_top)).sum()
+    tail = k < log_q.shape[1]
+    if tail:
+        kd_sum += (log_rest.exp() * (log_rest - log_q_rest)).sum()
+    if not need_grad:
+        return kd_sum, ce_sum, None
+    grad = log_q.exp_()  # q outside the top k, 0 on it
+    scale = torch.full_like(log_q_rest, kd_weight + ce_weight)
+    if tail:
+        # p_rest / q_rest is bounded only by q_j <= q_rest: cap it so 0 * ratio stays 0 where the tail underflowed.
+        scale -= kd_weight * (log_rest - log_q_rest).exp().clamp_max(1e30)
+    grad.mul_(scale[:, None])
+    grad.scatter_(1, ids, log_q_top.exp_().mul_(kd_weight + ce_weight).sub_(p_top, alpha=kd_weight))
+    if ce_weight:
+        grad[torch.arange(rows, device=grad.device), target] -= ce_weight
+    return kd_sum, ce_sum, grad
+
+
+def _topk_generic_chunk(h, teacher, target, weights, options, need_grad):
+    """Any loss kind, temperature, `top_k` and soft-capping from a cached top-k teacher on one chunk (autograd on the
+    chunk's logits)."""
+    (loss_type, temperature, beta, top_k, kd_weight, ce_weight, _, s_cap, _) = options
+    z = F.linear(h, *weights).float()
+    grad = None
+    with torch.enable_grad():
+        z.requires_grad_(need_grad)
+        capped = _softcap(z, s_cap)
+        log_q, log_p = _topk_log_probs(capped, *teacher, temperature, top_k)
+        kd = _divergence(log_q, log_p, loss_type, beta).sum() * temperature**2
+        ce = F.cross_entropy(capped, target, reduction="sum")
+        if need_grad:
+            (grad,) = torch.autograd.grad(kd_weight * kd + ce_weight * ce, z)
+    return kd.detach(), ce.detach(), grad
+
+
+def _fused_topk_forward(student_hidden, student_weight, student_bias, teacher, labels, options, need_grads):
+    """[`_chunk_loop`] with the teacher's cached top-k log-probabilities `teacher = (ids, log_probs, rest)`."""
+    (loss_type, temperature, _, top_k, kd_weight, ce_weight, chunk_size, s_cap, _) = options
+    vocab = student_weight.shape[0]
+    rows = min(chunk_rows(vocab, chunk_size), max(student_hidden.shape[0], 1))
+    ids, log_p, log_rest = teacher[0].long(), teacher[1].float(), teacher[2].float()
+    log_p, log_rest = log_p.clamp_min(LOG_PROB_FLOOR), log_rest.clamp_min(LOG_PROB_FLOOR)
+    fast = loss_type == "forward_kl" and temperature == 1 and top_k is None and s_cap is None
+    if fast:
+        device = student_hidden.device
+        log_q = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        dtype = student_weight.dtype
+        logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+        buffers = (logits, log_q)
+
+    def chunk_loss(start, h, target, need_grad):
+        stop = start + h.shape[0]
+        chunk = (ids[start:stop], log_p[start:stop], log_rest[start:stop])
+        if fast:
+            return _topk_forward_kl_chunk(
+                h, chunk, target, (student_weight, student_bias), buffers, kd_weight, ce_weight, need_grad
+            )
+        return _topk_generic_chunk(h, chunk, target, (student_weight, student_bias), options, need_grad)
+
+    return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
+
+
 class _FusedKDLoss(torch.autograd.Function):
-    """Chunked KD (+ CE) loss whose gradients are computed chunk by chunk in `forward` and replayed in `backward`."""
+    """Chunked KD (+ CE) loss whose gradients are computed chunk by chunk in `forward` and replayed in `backward`.
+
+    `run(need_grads)` is the chunk loop over the student tensors given to `apply` (and a teacher it holds).
+    """
 
     @staticmethod
-    def forward(
-        ctx,
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        labels,
-        options,
-    ):
-        kd_sum, ce_sum, grads = _fused_kd_forward(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-            options, need_grads=True,
-        )  # fmt: skip
+    def forward(ctx, student_hidden, student_weight, student_bias, run, kd_weight, ce_weight):
+        kd_sum, ce_sum, grads = run(need_grads=True)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.replayed = False
         ctx.mark_non_differentiable(kd_sum, ce_sum)
-        kd_weight, ce_weight = options[4], options[5]
         return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
 
     @staticmethod
@@ -416,7 +553,34 @@ class _FusedKDLoss(torch.autograd.Function):
             grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weight, ce_weight):
+    """Runs `forward(student_hidden, student_weight, student_bias, need_grads=...)`: through [`_FusedKDLoss`] when a
+    gradient is needed, values only otherwise (evaluation: no gradient buffers)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
+    run = partial(forward, student_hidden, student_weight, student_bias)
+    if not needs_grad:
+        kd_sum, ce_sum, _ = run(need_grads=False)
+        return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
+    return _FusedKDLoss.apply(student_hidden, student_weight, student_bias, run, float(kd_weight), float(ce_weight))
+
+
+def _options(loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, teacher_softcap):
+    return (
+        loss_type,
+        float(temperature),
+        float(beta),
+        top_k,
+        float(kd_weight),
+        float(ce_weight),
+        None if chunk_size is None else int(chunk_size),
+        student_softcap,
+        teacher_softcap,
+    )
 
 
 def fused_kd_loss(
@@ -447,7 +611,8 @@ def fused_kd_loss(
     Args:
         student_hidden (`torch.Tensor` of shape `[tokens, hidden_s]`): Post-norm final hidden states of the student.
         student_weight (`torch.Tensor` of shape `[vocab, hidden_s]`): Student `lm_head` weight.
-        teacher_hidden (`torch.Tensor` of shape `[tokens, hidden_t]`): Post-norm final hidden states of the teacher.
+        teacher_hidden (`torch.Tensor` of shape `[tokens, hidden_t]`): Post-norm final hidden states of the teacher
+            (from a live teacher, or from a `mode="hidden"` teacher cache, see [`cache_teacher`]).
         teacher_weight (`torch.Tensor` of shape `[vocab_t, hidden_t]`):
             Teacher `lm_head` weight; rows beyond the student's vocabulary (padding) are ignored.
         labels (`torch.Tensor` of shape `[tokens]`): Next-token targets; `-100` rows are dropped before the loop.
@@ -467,28 +632,66 @@ def fused_kd_loss(
     keep = labels.ne(-100)
     if not bool(keep.all()):
         student_hidden, teacher_hidden, labels = student_hidden[keep], teacher_hidden[keep], labels[keep]
-    options = (
-        loss_type,
-        float(temperature),
-        float(beta),
-        top_k,
-        float(kd_weight),
-        float(ce_weight),
-        None if chunk_size is None else int(chunk_size),
-        student_softcap,
-        teacher_softcap,
+    options = _options(
+        loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, teacher_softcap
     )
     teacher = (
         teacher_hidden.detach(),
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
     )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
-    )
-    if not needs_grad:  # evaluation: values only, no gradient buffers
-        kd_sum, ce_sum, _ = _fused_kd_forward(
-            student_hidden, student_weight, student_bias, *teacher, labels, options, False
+    forward = partial(_fused_kd_forward, teacher=teacher, labels=labels, options=options)
+    return _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weight, ce_weight)
+
+
+def fused_topk_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    labels: torch.Tensor,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    top_k: int | None = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD (+ CE) loss from the student's final hidden states and a cached top-k teacher, chunk by chunk.
+
+    Equal in value and gradient to `kd_weight * topk_kd_loss(...) + ce_weight * cross_entropy(...)` on the full
+    student logits (see [`topk_kd_loss`] for the treatment of the teacher's tail), with only `[chunk_size, vocab]`
+    logits at a time, like [`fused_kd_loss`].
+
+    Args:
+        student_hidden (`torch.Tensor` of shape `[tokens, hidden]`): Post-norm final hidden states of the student.
+        student_weight (`torch.Tensor` of shape `[vocab, hidden]`): Student `lm_head` weight.
+        teacher_ids (`torch.Tensor` of shape `[tokens, k]`): The teacher's k most likely tokens, most likely first.
+        teacher_log_probs (`torch.Tensor` of shape `[tokens, k]`): Their log-probabilities at `temperature`.
+        teacher_rest (`torch.Tensor` of shape `[tokens]`): Log of the teacher's remaining probability mass.
+        labels (`torch.Tensor` of shape `[tokens]`): Next-token targets; `-100` rows are dropped before the loop.
+        loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_bias, student_softcap:
+            As in [`fused_kd_loss`]; `top_k` must not exceed k.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: the weighted loss sum (differentiable), and the KD and CE
+        sums (detached, for logging).
+    """
+    if top_k is not None and top_k > teacher_ids.shape[-1]:
+        raise ValueError(
+            f"top_k={top_k} exceeds the {teacher_ids.shape[-1]} tokens cached per position: use top_k <= "
+            f"{teacher_ids.shape[-1]}, or write the cache with a larger top_k."
         )
-        return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
-    return _FusedKDLoss.apply(student_hidden, student_weight, student_bias, *teacher, labels, options)
+    keep = labels.ne(-100)
+    teacher = (teacher_ids, teacher_log_probs, teacher_rest)
+    if not bool(keep.all()):
+        student_hidden, labels = student_hidden[keep], labels[keep]
+        teacher = tuple(t[keep] for t in teacher)
+    options = _options(loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, None)
+    teacher = tuple(t.detach() for t in teacher)
+    forward = partial(_fused_topk_forward, teacher=teacher, labels=labels, options=options)
+    return _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weight, ce_weight)

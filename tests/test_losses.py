@@ -8,10 +8,12 @@ from hf_minitron.losses import (
     KD_LOSSES,
     forward_kl,
     fused_kd_loss,
+    fused_topk_kd_loss,
     intermediate_state_loss,
     jensen_shannon,
     kd_loss,
     token_divergence,
+    topk_kd_loss,
     total_variation,
 )
 
@@ -219,3 +221,99 @@ def test_chunk_rows_from_memory_budget():
     rows = chunk_rows(49152)
     assert rows * 49152 * 4 <= CHUNK_BYTES < (rows + 1) * 49152 * 4
     assert chunk_rows(10**12) == 1
+
+
+# ---------------------------------------------------------------------------------------------- cached top-k teacher
+def _teacher_topk(teacher_logits, k, temperature=1.0):
+    """What a `mode="topk"` teacher cache stores per token: ids, log-probabilities at `temperature`, rest log-mass."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
+    values, ids = log_p.topk(k, -1)
+    rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, values, rest
+
+
+@pytest.mark.parametrize("loss_type", KD_LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_with_k_equal_vocab_is_the_exact_loss(loss_type, temperature):
+    s, t = _logits(seed=0), _logits(seed=1)
+    ids, log_p, rest = _teacher_topk(t, t.shape[-1], temperature)
+    exact = kd_loss(s, t, loss_type=loss_type, temperature=temperature, beta=0.3, reduction="none")
+    cached = topk_kd_loss(
+        s, ids, log_p, rest, loss_type=loss_type, temperature=temperature, beta=0.3, reduction="none"
+    )
+    torch.testing.assert_close(cached, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_renormalised_matches_live_top_k():
+    s, t = _logits(seed=0), _logits(seed=1)
+    ids, log_p, rest = _teacher_topk(t, 12)
+    torch.testing.assert_close(
+        topk_kd_loss(s, ids, log_p, rest, top_k=5), kd_loss(s, t, top_k=5), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_topk_tail_bucket_forward_kl_bound_and_gradient():
+    s, t = _logits(seed=0), _logits(seed=1)
+    s.requires_grad_()
+    ids, log_p, rest = _teacher_topk(t, 6)
+    loss = topk_kd_loss(s, ids, log_p, rest)
+    # The k + 1 buckets are a coarsening of the vocabulary: KL can only shrink (data-processing inequality).
+    assert 0 < loss.item() <= forward_kl(s, t).item()
+    (grad,) = torch.autograd.grad(loss, s)
+    # d/dz = q - p~: the teacher on its top k, its rest mass spread like the student's tail elsewhere.
+    q = F.softmax(s.detach(), -1)
+    top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)
+    q_rest = q.masked_fill(top, 0).sum(-1, keepdim=True)
+    p_tilde = torch.where(top, F.softmax(t, -1), rest.exp()[:, None] * q / q_rest)
+    torch.testing.assert_close(p_tilde.sum(-1), torch.ones(len(s)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, q - p_tilde, rtol=1e-4, atol=1e-6)
+
+
+def _topk_reference(sh, sw, ids, log_p, rest, labels, loss_type, temperature, kd_weight, ce_weight, **kw):
+    sb, cap, top_k = kw.get("sb"), kw.get("cap"), kw.get("top_k")
+    logits = F.linear(sh, sw, sb)
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    kd = topk_kd_loss(logits, ids, log_p, rest, labels, loss_type, temperature, beta=0.3, top_k=top_k)
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return kd_weight * kd + ce_weight * ce, kd, ce
+
+
+@pytest.mark.parametrize("loss_type", KD_LOSSES)
+@pytest.mark.parametrize(("k", "temperature", "ce_weight", "top_k"), [(7, 1.0, 0.0, None), (50, 1.0, 0.4, None),
+                                                                      (7, 2.0, 0.4, None), (9, 1.0, 0.0, 4)])  # fmt: skip
+def test_fused_topk_equals_unfused_value_and_gradients(loss_type, k, temperature, ce_weight, top_k):
+    sh, sw, sb, th, tw, labels = _inputs(seed=8, bias=True)
+    ids, log_p, rest = _teacher_topk(F.linear(th, tw), k, temperature)
+    loss, kd, ce = fused_topk_kd_loss(
+        sh, sw, ids, log_p, rest, labels, loss_type, temperature, beta=0.3, top_k=top_k, kd_weight=0.8,
+        ce_weight=ce_weight, chunk_size=5, student_bias=sb,
+    )  # fmt: skip
+    grads = torch.autograd.grad(3.0 * loss, [sh, sw, sb])
+    leaves = [x.detach().clone().requires_grad_() for x in (sh, sw, sb)]
+    ref, ref_kd, ref_ce = _topk_reference(
+        *leaves[:2], ids, log_p, rest, labels, loss_type, temperature, 0.8, ce_weight, sb=leaves[2], top_k=top_k
+    )
+    ref_grads = torch.autograd.grad(3.0 * ref, leaves)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, ref_kd.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_topk_softcap_and_values_without_grad():
+    sh, sw, _, th, tw, labels = _inputs(seed=9)
+    ids, log_p, rest = _teacher_topk(F.linear(th, tw), 10)
+    loss, _, _ = fused_topk_kd_loss(sh, sw, ids, log_p, rest, labels, ce_weight=0.5, student_softcap=4.0)
+    grads = torch.autograd.grad(loss, [sh, sw])
+    leaves = [x.detach().clone().requires_grad_() for x in (sh, sw)]
+    ref, _, _ = _topk_reference(*leaves, ids, log_p, rest, labels, "forward_kl", 1.0, 1.0, 0.5, cap=4.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, torch.autograd.grad(ref, leaves)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        evaluated = fused_topk_kd_loss(sh, sw, ids, log_p, rest, labels, ce_weight=0.5, student_softcap=4.0)
+    torch.testing.assert_close(evaluated[0], loss.detach())
+    with pytest.raises(ValueError, match="top_k=11 exceeds the 10 tokens"):
+        fused_topk_kd_loss(sh, sw, ids, log_p, rest, labels, top_k=11)
