@@ -40,6 +40,20 @@ class ArchitectureSpec:
             heads.
         qk_norm_over_heads (`bool`):
             `q_norm` / `k_norm` act over all heads x head_dim (OLMo 2, OLMoE), not per head: sliced with the heads.
+        head_dim_from_hidden (`bool`):
+            The modeling code derives `head_dim` from `hidden_size // num_attention_heads` (OLMoE): a pruned
+            `hidden_size` must then equal the pruned `num_attention_heads * head_dim`.
+        moe (`str`, *optional*):
+            The sparse MoE block inside a decoder layer (a transformers 5 `*SparseMoeBlock` / `*MLP` holding a router
+            and an experts module whose weights are fused 3-D parameters `[experts, ...]`).
+        router, experts (`str`):
+            The router (`weight` `[experts, hidden]`, optional `bias`) and the experts module inside `moe`.
+        shared_expert, shared_expert_gate (`str`, *optional*):
+            An always-active MLP inside `moe` (Qwen2-MoE) and its sigmoid gate `Linear(hidden, 1)`.
+        num_experts_field, expert_width_field, shared_expert_width_field (`str`):
+            The config fields holding the routed-expert count, each routed expert's FFN width and the shared
+            expert's width (Mixtral: `num_local_experts` and `intermediate_size`; Qwen-MoE: `num_experts` and
+            `moe_intermediate_size`). `PrunedConfig` names them the same for every family.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads, `mlp` (`None`:
     no dense MLP, e.g. Mixtral whose feed-forward blocks are all experts) holds MLP neurons.
@@ -62,6 +76,15 @@ class ArchitectureSpec:
     embedding_scale_sqrt_hidden: bool = False
     attention_head_parameters: tuple[str, ...] = ()
     qk_norm_over_heads: bool = False
+    head_dim_from_hidden: bool = False
+    moe: str | None = None
+    router: str = "gate"
+    experts: str = "experts"
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    num_experts_field: str = "num_experts"
+    expert_width_field: str = "moe_intermediate_size"
+    shared_expert_width_field: str = "shared_expert_intermediate_size"
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -98,6 +121,39 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         gate_up_proj="gate_up_proj",
         notes="fused qkv_proj and gate_up_proj",
     ),
+    # Mixture-of-Experts families: every decoder layer's feed-forward block is a sparse MoE block.
+    "mixtral": ArchitectureSpec(
+        mlp=None,
+        moe="mlp",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        notes="routed experts only; the experts' width is the config's intermediate_size",
+    ),
+    "qwen2_moe": ArchitectureSpec(
+        mlp=None,
+        moe="mlp",
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+        notes="routed experts + a gated shared expert; q/k/v biases; every layer sparse (decoder_sparse_step=1)",
+    ),
+    "qwen3_moe": ArchitectureSpec(mlp=None, moe="mlp", notes="q_norm/k_norm act over head_dim and are kept"),
+    "olmoe": ArchitectureSpec(
+        mlp=None,
+        moe="mlp",
+        expert_width_field="intermediate_size",
+        qk_norm_over_heads=True,
+        head_dim_from_hidden=True,
+        notes="q_norm/k_norm over all heads; head_dim = hidden_size // num_attention_heads",
+    ),
+    "gpt_oss": ArchitectureSpec(
+        mlp=None,
+        moe="mlp",
+        router="router",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        attention_head_parameters=("sinks",),
+        notes="expert and router biases, interleaved gate/up, attention sinks per head, sliding/full layer_types",
+    ),
 }
 
 
@@ -111,6 +167,35 @@ def get_architecture(config) -> ArchitectureSpec:
             "`hf_minitron/architectures.py`."
         )
     return ARCHITECTURES[model_type]
+
+
+def model_shape(config) -> dict:
+    """The prunable sizes of `config`, under `PrunedConfig`'s names (MoE sizes too, for MoE families)."""
+    heads = config.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+    } | moe_shape(config)
+
+
+def moe_shape(config) -> dict:
+    """The MoE sizes of `config` under `PrunedConfig`'s names (`{}` for a dense family)."""
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is None or spec.moe is None:
+        return {}
+    shape = {
+        "num_experts": getattr(config, spec.num_experts_field),
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "moe_intermediate_size": getattr(config, spec.expert_width_field),
+    }
+    if spec.shared_expert is not None:
+        shape["shared_expert_intermediate_size"] = getattr(config, spec.shared_expert_width_field)
+    return shape
 
 
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -18,16 +18,27 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import get_architecture, get_decoder_layers
+from .architectures import get_architecture, get_decoder_layers, model_shape
 from .data import shard_batches, take_samples
 from .pruning_config import BATCH_AGGREGATIONS, PrunedConfig
 from .runtime import all_reduce_, dist_info, input_device, release_freed_memory, return_large_buffers_to_os
-from .structures import attention_heads, hidden_channels, layers, mlp_neurons, structures_of
+from .structures import (
+    attention_heads,
+    expert_neurons,
+    hidden_channels,
+    layers,
+    mlp_neurons,
+    routed_experts,
+    shared_expert_neurons,
+    structures_of,
+)
 from .validation import check_sequence_length
 
 
 SCORES_WEIGHTS_NAME = "importance.safetensors"
 SCORES_META_NAME = "importance.json"
+# The per-structure statistics of `ImportanceScores`, saved as `{axis}.{statistic}` tensors.
+_AXES = ("heads", "neurons", "hidden", "experts", "expert_neurons", "shared_neurons")
 
 
 @dataclass
@@ -41,6 +52,10 @@ class ImportanceScores:
         heads: statistics of shape `[num_layers, num_attention_heads]`.
         neurons: statistics of shape `[num_layers, intermediate_size]`.
         hidden: statistics of shape `[num_layers, 2, hidden_size]` (attention-input norm, MLP-input norm).
+        experts (MoE): per-token statistics `{"output_norm", "reap", "count"}` of shape `[num_layers, num_experts]`.
+        expert_neurons (MoE): `{"sum", "count"}` of shapes `[num_layers, num_experts, moe_intermediate_size]` and
+            `[num_layers, num_experts]`.
+        shared_neurons (MoE with a shared expert): like `neurons`, `[num_layers, shared_expert_intermediate_size]`.
         block_influence (`torch.Tensor` of shape `[num_layers]`, *optional*): 1 - mean cos(input, output) per layer.
         layer_loss (`torch.Tensor` of shape `[num_layers]`, *optional*): LM loss with each single layer dropped.
         base_loss (`float`, *optional*): LM loss of the unpruned model on the same depth samples.
@@ -57,6 +72,9 @@ class ImportanceScores:
     neurons: dict[str, torch.Tensor]
     hidden: dict[str, torch.Tensor]
     block_influence: torch.Tensor | None = None
+    experts: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_loss: torch.Tensor | None = None
     base_loss: float | None = None
     block_losses: dict[int, list[float]] = field(default_factory=dict)
@@ -82,6 +100,22 @@ class ImportanceScores:
         """`[hidden_size]`: ONE global ranking, summed over `layers` (all by default)."""
         return hidden_channels.scores(self, _checked(batch_aggregation), layers)
 
+    def expert_scores(self, expert_importance: str = "output_norm") -> torch.Tensor:
+        """`[num_layers, num_experts]` routed-expert importance (`"output_norm"`, `"reap"` or `"frequency"`)."""
+        if expert_importance not in routed_experts.EXPERT_IMPORTANCE:
+            raise ValueError(
+                f"expert_importance={expert_importance!r} is not one of {list(routed_experts.EXPERT_IMPORTANCE)}."
+            )
+        return routed_experts.scores(self, expert_importance)
+
+    def expert_neuron_scores(self) -> torch.Tensor:
+        """`[num_layers, num_experts, moe_intermediate_size]` expert-neuron importance."""
+        return expert_neurons.scores(self)
+
+    def shared_neuron_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
+        """`[num_layers, shared_expert_intermediate_size]` shared-expert neuron importance."""
+        return shared_expert_neurons.scores(self, _checked(batch_aggregation))
+
     def layer_scores(self, method: str = "block_influence") -> torch.Tensor:
         """`[num_layers]`, higher = more important: Block Influence, or the LM-loss increase when dropped."""
         if method == "block_influence":
@@ -97,7 +131,7 @@ class ImportanceScores:
     # ------------------------------------------------------------------ persistence
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for axis in ("heads", "neurons", "hidden"):
+        for axis in _AXES:
             for key, value in getattr(self, axis).items():
                 out[f"{axis}.{key}"] = value.contiguous()
         if self.block_influence is not None:
@@ -149,7 +183,7 @@ class ImportanceScores:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         tensors = load_file(os.path.join(directory, SCORES_WEIGHTS_NAME))
-        axes = {"heads": {}, "neurons": {}, "hidden": {}}
+        axes = {axis: {} for axis in _AXES}
         for name, value in tensors.items():
             axis, _, key = name.partition(".")
             if axis in axes:
@@ -193,19 +227,6 @@ def _checked(batch_aggregation: str) -> str:
     return batch_aggregation
 
 
-def model_shape(config) -> dict:
-    heads = config.num_attention_heads
-    return {
-        "model_type": config.model_type,
-        "num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-    }
-
-
 # ---------------------------------------------------------------------------------------------- activation importance
 class _Collector:
     """Forward hooks of every structure of the family, accumulating statistics for every decoder layer.
@@ -220,7 +241,8 @@ class _Collector:
         self.shape = model_shape(model.config)
         self.how = sequence_aggregation
         self.structures = structures_of(self.spec) + ((layers,) if depth else ())
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [B, S] float, the batch's attention mask
+        self.token_mask: torch.Tensor | None = None  # [B * S], as MoE blocks flatten the tokens
         self.stats: dict[tuple[str, int, int], dict] = {}
         self.handles = []
 
@@ -238,7 +260,7 @@ class _Collector:
             handle.remove()
         self.handles = []
 
-    def stacked(self, key: str, width: int | None, slots: int, names: tuple[str, ...], device) -> dict:
+    def stacked(self, key: str, width: int | tuple | None, slots: int, names: tuple[str, ...], device) -> dict:
         """`{name: [num_layers, (slots,) width]}` sums over every process (zeros where a process saw no batch)."""
         out = {}
         for name in names:
@@ -257,7 +279,7 @@ class _Collector:
         """Raises at the first site (in forward order) whose statistics hold inf/NaN: one overflowing activation
         (typically float16) would otherwise turn every score that depends on it into NaN, silently."""
         # One device sync per batch on the healthy path; the sites are searched only once something is non-finite.
-        sums = [store["sum"] for store in self.stats.values() if "sum" in store]
+        sums = [t for store in self.stats.values() for t in store.values()]
         if not sums:
             return
         flags = [torch.isfinite(t).all().to(sums[0].device) for t in sums]
@@ -267,7 +289,7 @@ class _Collector:
         for i in range(len(self.layers)):
             for _, key, slot, site in sites:
                 store = self.stats.get((key, i, slot), {})
-                if "sum" in store and not bool(torch.isfinite(store["sum"]).all()):
+                if not all(bool(torch.isfinite(t).all()) for t in store.values()):
                     name = str(dtype).replace("torch.", "")
                     # bfloat16 has float32's range: only a float16 model overflows for want of range.
                     fix = (
@@ -329,6 +351,7 @@ def estimate_importance(
             ):
                 mask = batch["attention_mask"].to(device)
                 collector.mask = mask.float()
+                collector.token_mask = collector.mask.reshape(-1)
                 num_tokens += int(mask.sum())
                 # The base model only: importance needs no logits, and the LM head is a large share of the compute.
                 base(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
@@ -346,6 +369,17 @@ def estimate_importance(
     if mlp_neurons in structures:
         neurons = collector.stacked(mlp_neurons.KEY, shape["intermediate_size"], 1, per_sample, device)
     hidden = collector.stacked(hidden_channels.KEY, shape["hidden_size"], 2, per_sample, device)
+    moe = {}
+    if routed_experts in structures:
+        num_experts = shape["num_experts"]
+        moe["experts"] = collector.stacked(routed_experts.KEY, num_experts, 1, routed_experts.STATISTICS, device)
+        neurons_sum = collector.stacked(
+            expert_neurons.KEY, (num_experts, shape["moe_intermediate_size"]), 1, ("sum",), device
+        )
+        moe["expert_neurons"] = neurons_sum | collector.stacked(expert_neurons.KEY, num_experts, 1, ("count",), device)
+    if shared_expert_neurons in structures:
+        width = shape["shared_expert_intermediate_size"]
+        moe["shared_neurons"] = collector.stacked(shared_expert_neurons.KEY, width, 1, per_sample, device)
     counts = all_reduce_(torch.tensor([len(samples[rank::world_size]), num_tokens], dtype=torch.float64), device)
     total_samples, total_tokens = int(counts[0]), int(counts[1])
     block_influence = None
@@ -362,6 +396,7 @@ def estimate_importance(
         neurons=neurons,
         hidden=hidden,
         block_influence=block_influence,
+        **moe,
     )
 
 
@@ -389,6 +424,9 @@ def magnitude_importance(model) -> ImportanceScores:
         neurons=per_layer(mlp_neurons),
         hidden={"score": hidden_channels.magnitude_all(model, spec, decoder_layers)},
         block_influence=torch.stack([layers.magnitude(layer) for layer in decoder_layers]).double(),
+        experts=per_layer(routed_experts),
+        expert_neurons=per_layer(expert_neurons),
+        shared_neurons=per_layer(shared_expert_neurons),
     )
 
 
@@ -399,12 +437,12 @@ def random_importance(model_config, seed: int = 0) -> ImportanceScores:
     g = torch.Generator().manual_seed(seed)
     num_layers = shape["num_hidden_layers"]
 
-    def rand(structure, width):
+    def rand(structure, *width):
         if structure not in structures:
             return {}
-        return {"score": torch.rand(num_layers, width, generator=g, dtype=torch.float64)}
+        return {"score": torch.rand(num_layers, *width, generator=g, dtype=torch.float64)}
 
-    # The draw order (hidden, heads, neurons, layers) is part of what a seed means: keep it.
+    # The draw order (hidden, heads, neurons, layers, then the MoE structures) is part of what a seed means: keep it.
     hidden = rand(hidden_channels, shape["hidden_size"])["score"]
     return ImportanceScores(
         method="random",
@@ -416,4 +454,7 @@ def random_importance(model_config, seed: int = 0) -> ImportanceScores:
         neurons=rand(mlp_neurons, shape["intermediate_size"]),
         hidden={"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)},
         block_influence=torch.rand(num_layers, generator=g, dtype=torch.float64),
+        experts=rand(routed_experts, shape.get("num_experts")),
+        expert_neurons=rand(expert_neurons, shape.get("num_experts"), shape.get("moe_intermediate_size")),
+        shared_neurons=rand(shared_expert_neurons, shape.get("shared_expert_intermediate_size")),
     )

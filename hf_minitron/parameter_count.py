@@ -22,7 +22,7 @@ from .pruning_config import PrunedConfig
 from .structures import structures_of
 
 
-COUNT_KINDS = ("total", "non_embedding", "memory")
+COUNT_KINDS = ("total", "non_embedding", "memory", "active")
 
 # Every parameter is described by symbols of the pruned dimensions its axes follow; each structure names its own
 # (`count_roles`) and says what they evaluate to for a shape (`count_sizes`), e.g. `h` hidden, `f` MLP neurons, `q`
@@ -44,15 +44,19 @@ def _sizes(shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
     return sizes
 
 
-def _layer_roles(spec: ArchitectureSpec) -> dict[str, tuple[str, ...]]:
-    """Module path inside a decoder layer -> the symbols of its (output, input) axes (norms: one axis)."""
+def _layer_roles(spec: ArchitectureSpec, layer) -> dict[str, tuple[str, ...]]:
+    """Module path inside a decoder layer -> the symbols of its (output, input) axes (norms: one axis); a full
+    parameter path -> the symbols of each of its axes (fused expert tensors)."""
     roles = {}
     for structure in structures_of(spec):
-        roles.update(structure.count_roles(spec))
+        roles.update(structure.count_roles(spec, layer))
     return roles
 
 
 def _dims_for(module_path: str, param_name: str, shape: tuple[int, ...], roles: dict) -> tuple:
+    exact = roles.get(f"{module_path}.{param_name}")
+    if exact is not None:
+        return exact
     role = roles.get(module_path)
     if role is None:
         return tuple(shape)
@@ -81,7 +85,7 @@ def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term,
     if output is not None:
         embedding_modules.add(module_names[id(output)])
     final_norm = module_names[id(get_base_model(model).norm)]
-    roles = _layer_roles(spec)
+    roles = _layer_roles(spec, layers[0])
     roles.update({name: ("vocab", "h") for name in embedding_modules})
     roles[final_norm] = ("h",)
 
@@ -132,17 +136,23 @@ def parameter_counter(model_config):
 
 def _count(terms: tuple[_Term, ...], shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
     sizes = _sizes(shape, spec)
-    total = embedding = 0
+    # Active parameters (what one token runs through): only num_experts_per_tok routed experts per layer; the router
+    # still scores every expert. Equal to the total for dense families.
+    active_sizes = sizes | ({"E": shape["num_experts_per_tok"]} if "E" in sizes else {})
+    total = embedding = active = 0
     for term in terms:
-        n = 1
-        for d in _evaluate(term.dims, sizes):
+        n = a = 1
+        for d, d_active in zip(_evaluate(term.dims, sizes), _evaluate(term.dims, active_sizes)):
             n *= d
+            a *= d_active
         if term.per_layer:
             n *= shape["num_hidden_layers"]
+            a *= shape["num_hidden_layers"]
         total += n
+        active += a
         if term.embedding:
             embedding += n
-    return {"total": total, "non_embedding": total - embedding}
+    return {"total": total, "non_embedding": total - embedding, "active": active}
 
 
 def dtype_size(dtype: str | torch.dtype) -> int:
@@ -164,8 +174,9 @@ def count_parameters(
         model_config (`PretrainedConfig`): config of the source (unpruned) model, of a supported architecture.
         pruned_config (`PrunedConfig`, *optional*): the target shape; `None` counts the source model itself.
         count (`str`, *optional*, defaults to `"total"`): `"total"` parameters (tied embeddings counted once),
-            `"non_embedding"` (without the input embeddings and an untied output projection), or `"memory"`: bytes
-            of the weights at `dtype` (weights only: no KV cache or activations).
+            `"non_embedding"` (without the input embeddings and an untied output projection), `"active"` (per token:
+            `num_experts_per_tok` routed experts per MoE layer, every other parameter; the total for dense models), or
+            `"memory"`: bytes of the weights at `dtype` (weights only: no KV cache or activations).
         dtype (`str`, *optional*, defaults to `"bfloat16"`): element type of the `"memory"` count.
 
     Returns:

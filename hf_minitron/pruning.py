@@ -28,7 +28,11 @@ PRUNING_RECORD_NAME = "pruning_record.json"
 
 @dataclass
 class PruningRecord:
-    """What was kept, per axis and per layer (indices into the source model), for audit and reproduction."""
+    """What was kept, per axis and per layer (indices into the source model), for audit and reproduction.
+
+    `experts[layer]` lists the kept routed experts; `expert_neurons[layer][e]` the kept neurons of the e-th KEPT
+    expert (indices into the source expert's width).
+    """
 
     pruned_config: dict
     source_shape: dict
@@ -40,11 +44,15 @@ class PruningRecord:
     kv_heads: dict[int, list[int]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     importance: dict = field(default_factory=dict)
+    experts: dict[int, list[int]] = field(default_factory=dict)
+    expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict)
+    shared_neurons: dict[int, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             k: ({str(i): v for i, v in val.items()} if isinstance(val, dict) and k in _LAYER_KEYED else val)
             for k, val in self.__dict__.items()
+            if k not in _MOE_KEYED or val  # dense records keep their file layout
         }
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -59,7 +67,8 @@ class PruningRecord:
         return cls(**data)
 
 
-_LAYER_KEYED = ("heads", "kv_heads", "neurons")
+_MOE_KEYED = ("experts", "expert_neurons", "shared_neurons")
+_LAYER_KEYED = ("heads", "kv_heads", "neurons") + _MOE_KEYED
 
 
 # ---------------------------------------------------------------------------------------------- the entry point
@@ -76,20 +85,29 @@ def check_target_loads(model_config, target: dict):
     """Returns the target config, built with the installed transformers, so a shape that stock `from_pretrained` would
     reject (e.g. transformers 5's `LlamaConfig` wants `hidden_size % num_attention_heads == 0`) fails before any
     expensive work, with the nearest valid sizes."""
+    spec = get_architecture(model_config)
+    source = model_shape(model_config)
+    heads, hidden = target["num_attention_heads"], target["hidden_size"]
+    if spec.head_dim_from_hidden and hidden != heads * source["head_dim"]:
+        # e.g. OLMoE: head_dim = hidden_size // num_attention_heads at load time, whatever the config says.
+        raise ValueError(
+            f"The pruned shape would not load with stock transformers: {type(model_config).__name__} derives head_dim "
+            f"from hidden_size // num_attention_heads, so hidden_size={hidden} with num_attention_heads={heads} "
+            f"would change head_dim from {source['head_dim']}. Fix PrunedConfig: prune the two together so that "
+            f"hidden_size = num_attention_heads x {source['head_dim']} (here hidden_size={heads * source['head_dim']})."
+        )
     data = model_config.to_dict()
     num_layers = model_config.num_hidden_layers
     for key, value in list(data.items()):
         if isinstance(value, list) and len(value) == num_layers and key != "architectures":
             data[key] = value[: target["num_hidden_layers"]]
-    data.update(target)
-    data["head_dim"] = (
-        getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    )
+    data["num_hidden_layers"] = target["num_hidden_layers"]
+    values = types.SimpleNamespace(**data)
+    for structure in structures_of(spec):
+        structure.update_config(values, spec, source, target)
     try:
-        return type(model_config).from_dict(data)
+        return type(model_config).from_dict(vars(values))
     except Exception as error:  # the config classes raise several error types
-        heads = target["num_attention_heads"]
-        hidden = target["hidden_size"]
         reason = str(error).strip().splitlines()[-1].strip()
         lower, upper = hidden - hidden % heads, hidden - hidden % heads + heads
         raise ValueError(

@@ -15,6 +15,7 @@ SEQUENCE_AGGREGATIONS = ("mean", "l2", "var")
 BATCH_AGGREGATIONS = ("l2", "mean", "var")
 DEPTH_METHODS = ("contiguous", "block_influence", "lm_loss", "explicit")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
+EXPERT_IMPORTANCE = ("output_norm", "reap", "frequency")
 _TARGET_FIELDS = (
     "num_hidden_layers",
     "hidden_size",
@@ -22,6 +23,8 @@ _TARGET_FIELDS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
+# Mixture-of-Experts targets, named the same for every family (each family's config field is in its spec).
+_MOE_FIELDS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 @dataclass
@@ -41,6 +44,13 @@ class PrunedConfig:
             Target number of query heads per layer. `head_dim` never changes.
         num_key_value_heads (`int`, *optional*):
             Target number of KV heads (groups). Kept by default; pruning them removes whole groups.
+        num_experts (`int`, *optional*):
+            MoE: target number of routed experts per layer (the same in every layer, so the config stays uniform).
+        moe_intermediate_size (`int`, *optional*):
+            MoE: target FFN width of each routed expert (Mixtral and GPT-OSS call it `intermediate_size`). Every
+            expert keeps the same number of neurons, its own indices.
+        shared_expert_intermediate_size (`int`, *optional*):
+            MoE: target width of the shared expert (Qwen2-MoE).
         layers_to_drop (`list[int]`, *optional*):
             Explicit 0-based indices of layers to remove (sets `depth_method="explicit"`).
         depth_method (`str`, *optional*, defaults to `"contiguous"`):
@@ -62,6 +72,10 @@ class PrunedConfig:
             Forward batch size during importance estimation.
         calibration_seq_length (`int`, *optional*, defaults to `512`):
             Sequence length when raw text is tokenized for calibration.
+        expert_importance (`str`, *optional*, defaults to `"output_norm"`):
+            How routed experts are ranked with `importance="activation"`: `"output_norm"` (mean L2 norm of the
+            expert's output over its routed tokens, NVIDIA ModelOpt's estimator), `"reap"` (mean router weight x
+            output norm, https://arxiv.org/abs/2510.13999) or `"frequency"` (tokens routed to it).
         head_merge (`bool`, *optional*, defaults to `False`):
             Add the residual information of pruned query heads back into kept heads (paper 1, §2.3).
         seed (`int`, *optional*, defaults to `0`):
@@ -74,6 +88,11 @@ class PrunedConfig:
     num_attention_heads: int | None = field(default=None, metadata={"help": "Target query heads per layer."})
     num_key_value_heads: int | None = field(
         default=None, metadata={"help": "Target KV heads per layer (kept unless set)."}
+    )
+    num_experts: int | None = field(default=None, metadata={"help": "MoE: target routed experts per layer."})
+    moe_intermediate_size: int | None = field(default=None, metadata={"help": "MoE: target width of each expert."})
+    shared_expert_intermediate_size: int | None = field(
+        default=None, metadata={"help": "MoE: target width of the shared expert."}
     )
     layers_to_drop: list[int] | None = field(
         default=None, metadata={"help": "Explicit 0-based layer indices to remove (implies depth_method='explicit')."}
@@ -97,6 +116,9 @@ class PrunedConfig:
     calibration_samples: int = field(default=1024, metadata={"help": "Number of calibration samples."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Batch size of the calibration passes."})
     calibration_seq_length: int = field(default=512, metadata={"help": "Token length when calibration text is raw."})
+    expert_importance: str = field(
+        default="output_norm", metadata={"help": "MoE: how experts are ranked.", "choices": EXPERT_IMPORTANCE}
+    )
     head_merge: bool = field(
         default=False, metadata={"help": "Merge pruned heads' residual information into kept heads (paper 1 §2.3)."}
     )
@@ -119,7 +141,7 @@ class PrunedConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate_standalone(self):
-        for name in _TARGET_FIELDS:
+        for name in _TARGET_FIELDS + _MOE_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(
@@ -131,6 +153,7 @@ class PrunedConfig:
             ("importance", IMPORTANCE_METHODS),
             ("sequence_aggregation", SEQUENCE_AGGREGATIONS),
             ("batch_aggregation", BATCH_AGGREGATIONS),
+            ("expert_importance", EXPERT_IMPORTANCE),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -172,7 +195,26 @@ class PrunedConfig:
 
         Called by `prune_model` and `estimate_importance` before any forward pass.
         """
-        source = {name: getattr(model_config, name) for name in _TARGET_FIELDS}
+        from .architectures import ARCHITECTURES, model_shape
+
+        shape = model_shape(model_config)
+        spec = ARCHITECTURES.get(model_config.model_type)
+        for name in _MOE_FIELDS:
+            if getattr(self, name) is not None and name not in shape:
+                moe = sorted(k for k, v in ARCHITECTURES.items() if v.moe is not None)
+                what = "routed experts" if name != "shared_expert_intermediate_size" else "a shared expert"
+                raise ValueError(
+                    f"PrunedConfig.{name}={getattr(self, name)} does not apply: model_type={model_config.model_type!r} "
+                    f"has no {what}. Leave it None (families with experts: {', '.join(moe)})."
+                )
+        if self.intermediate_size is not None and spec is not None and spec.moe is not None and spec.mlp is None:
+            raise ValueError(
+                f"PrunedConfig.intermediate_size={self.intermediate_size} does not apply: every feed-forward block of "
+                f"model_type={model_config.model_type!r} is a mixture of experts, with no dense MLP. Use "
+                "moe_intermediate_size for each expert's width (and shared_expert_intermediate_size for a shared "
+                "expert)."
+            )
+        source = {name: shape[name] for name in _TARGET_FIELDS + _MOE_FIELDS if name in shape}
         for name, value in source.items():
             target = getattr(self, name)
             if target is not None and target > value:
@@ -200,6 +242,11 @@ class PrunedConfig:
                 f"num_key_value_heads={kv}), but the source model's groups hold {source_per_group}: use "
                 f"num_attention_heads <= {kv * source_per_group}, or keep more KV heads."
             )
+        if self.num_experts is not None and self.num_experts < shape["num_experts_per_tok"]:
+            raise ValueError(
+                f"PrunedConfig.num_experts={self.num_experts} is fewer than the experts each token is routed to "
+                f"(num_experts_per_tok={shape['num_experts_per_tok']}): keep at least that many experts."
+            )
         layers = source["num_hidden_layers"]
         if self.layers_to_drop is not None:
             bad = [i for i in self.layers_to_drop if not 0 <= i < layers]
@@ -219,8 +266,12 @@ class PrunedConfig:
 
     def resolve(self, model_config) -> dict:
         """The full target shape (source values filled in), after `validate_for`."""
+        from .architectures import model_shape
+
         self.validate_for(model_config)
-        target = {name: getattr(self, name) or getattr(model_config, name) for name in _TARGET_FIELDS}
+        shape = model_shape(model_config)
+        names = [name for name in _TARGET_FIELDS + _MOE_FIELDS if name in shape]
+        target = {name: getattr(self, name) or shape[name] for name in names}
         if self.layers_to_drop is not None:
             target["num_hidden_layers"] = model_config.num_hidden_layers - len(self.layers_to_drop)
         return target

@@ -12,7 +12,24 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 
 ARCHITECTURE_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "nemotron", "phi3"]
+MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 VOCAB_SIZE = 96
+# Tiny MoE shapes: 4 routed experts of width 24, 2 per token (each family names its fields its own way).
+MOE_OVERRIDES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+    ),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+}
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -32,6 +49,7 @@ def tiny_config(model_type: str = "llama", **overrides):
     )
     if model_type == "gemma2":
         kwargs.update(sliding_window=8, query_pre_attn_scalar=8)
+    kwargs.update(MOE_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -59,6 +77,11 @@ def random_samples(n: int = 8, seq_length: int = 16, seed: int = 0, vocab_size: 
 
 @pytest.fixture(params=ARCHITECTURE_NAMES)
 def model_type(request):
+    return request.param
+
+
+@pytest.fixture(params=MOE_ARCHITECTURE_NAMES)
+def moe_type(request):
     return request.param
 
 

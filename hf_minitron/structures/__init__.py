@@ -4,6 +4,9 @@
 |---|---|---|
 | attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
 | MLP neurons | `mlp_neurons.py` | `intermediate_size` |
+| shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
+| routed experts (MoE) | `routed_experts.py` | `num_experts` |
+| expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
 | hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
 | layers (depth) | `layers.py` | `num_hidden_layers` |
 
@@ -14,12 +17,27 @@ and `count_parameters` walk the structures a family has (`structures_of`); an `A
 modules live.
 """
 
-from . import attention_heads, hidden_channels, layers, mlp_neurons
+from . import (
+    attention_heads,
+    expert_neurons,
+    hidden_channels,
+    layers,
+    mlp_neurons,
+    routed_experts,
+    shared_expert_neurons,
+)
 
 
-# Order of the width structures when pruning: hidden channels last, so the embedding's new copy reuses the memory
-# freed by every other slice.
-WIDTH_STRUCTURES = (attention_heads, mlp_neurons, hidden_channels)
+# Order of the width structures when pruning: whole experts before the neurons of the kept experts; hidden channels
+# last, so the embedding's new copy reuses the memory freed by every other slice.
+WIDTH_STRUCTURES = (
+    attention_heads,
+    mlp_neurons,
+    shared_expert_neurons,
+    routed_experts,
+    expert_neurons,
+    hidden_channels,
+)
 
 
 def structures_of(spec) -> tuple:
@@ -27,4 +45,14 @@ def structures_of(spec) -> tuple:
     return tuple(s for s in WIDTH_STRUCTURES if s.present(spec))
 
 
-__all__ = ["WIDTH_STRUCTURES", "attention_heads", "hidden_channels", "layers", "mlp_neurons", "structures_of"]
+__all__ = [
+    "WIDTH_STRUCTURES",
+    "attention_heads",
+    "expert_neurons",
+    "hidden_channels",
+    "layers",
+    "mlp_neurons",
+    "routed_experts",
+    "shared_expert_neurons",
+    "structures_of",
+]

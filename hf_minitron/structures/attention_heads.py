@@ -194,7 +194,7 @@ def sync_modules(model, model_config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- counting
-def count_roles(spec) -> dict[str, tuple]:
+def count_roles(spec, layer) -> dict[str, tuple]:
     """Module path inside a decoder layer -> symbols of its (output, input) axes: `q` query rows, `kv` key/value
     rows, `qkv` a fused projection, `h` the hidden size."""
     attn = spec.attention

@@ -122,7 +122,7 @@ def sync_modules(model, model_config) -> None:
             module.hidden_size = model_config.hidden_size
 
 
-def count_roles(spec) -> dict[str, tuple]:
+def count_roles(spec, layer) -> dict[str, tuple]:
     return {norm: ("h",) for norm in spec.residual_norms}
 
 

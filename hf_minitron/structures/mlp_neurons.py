@@ -27,7 +27,10 @@ def mlp_hooks(collector, index: int, mlp, spec, key: str) -> list:
     store = collector.store(key, index)
 
     def neurons_hook(module, args):
-        add_per_sample(store, args[0], collector.mask, collector.how)
+        x = args[0]
+        if x.dim() == 2:  # inside an MoE block (a shared expert) the tokens arrive flattened: [B * S, width]
+            x = x.view(*collector.mask.shape, -1)
+        add_per_sample(store, x, collector.mask, collector.how)
 
     return [getattr(mlp, spec.down_proj).register_forward_pre_hook(neurons_hook)]
 
@@ -133,7 +136,7 @@ def sync_modules(model, model_config) -> None:
             module.intermediate_size = model_config.intermediate_size
 
 
-def count_roles(spec) -> dict[str, tuple]:
+def count_roles(spec, layer) -> dict[str, tuple]:
     """`f` the neurons, `2f` a fused gate/up projection, `h` the hidden size."""
     return mlp_count_roles(spec.mlp, spec, "f")
 

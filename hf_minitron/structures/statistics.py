@@ -42,6 +42,12 @@ def add_sums(store: dict, sums: dict[str, torch.Tensor]) -> None:
             store[name] = value.clone()
 
 
+def zeros_like(store: dict, device, **shapes: tuple) -> None:
+    """Creates float64 zero running sums of the given shapes in `store` (per-token statistics index into them)."""
+    for name, shape in shapes.items():
+        store[name] = torch.zeros(shape, dtype=torch.float64, device=device)
+
+
 def reduce_per_sample(stats: dict[str, torch.Tensor], batch_aggregation: str, num_samples: int) -> torch.Tensor:
     """Scores from per-sample sums: `l2` over samples, `mean`, or `var`; static scores (`{"score"}`) as they are."""
     if "score" in stats:

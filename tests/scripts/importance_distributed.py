@@ -12,9 +12,9 @@ from hf_minitron import PrunedConfig, estimate_importance  # noqa: E402
 from hf_minitron.structures.layers import lm_loss  # noqa: E402
 
 
-def main(output_dir):
+def main(output_dir, model_type="llama"):
     dist.init_process_group("gloo")
-    model = tiny_model("llama")
+    model = tiny_model(model_type)
     samples = random_samples(11)  # odd on purpose: uneven shards
     scores = estimate_importance(model, samples, PrunedConfig(calibration_batch_size=2), show_progress=False)
     loss = lm_loss(model, samples, batch_size=3)
@@ -26,4 +26,4 @@ def main(output_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -1,0 +1,123 @@
+"""Expert FFN neurons (expert width) of a Mixture-of-Experts block: scores, selection, slicing, counting.
+
+* Score: each expert's down-projection input (its neuron activations), mean |activation| over the tokens routed to
+  that expert (an expert sees a varying handful of each sample's tokens, so the per-sample statistics of dense
+  neurons do not apply). Recorded by the experts' instrumented forward (`routed_experts.instrument`).
+* Selection: every expert keeps the same number of neurons (the config has one expert width) but its own indices.
+* Slicing: per expert, the gate and up rows of the fused first projection (concatenated `[gate; up]`, or
+  interleaved gate/up columns for GPT-OSS) and the matching `down_proj` inputs, gathered into smaller fused tensors.
+"""
+
+import torch
+
+from .routed_experts import _down_in_dim, _first_name, _in_dim, experts_module, gather_per_expert, instrument
+from .slicing import topk_sorted
+from .statistics import per_token_mean, zeros_like
+
+
+KEY = "expert_neurons"
+FIELD = "moe_intermediate_size"
+
+
+def present(spec) -> bool:
+    return spec.moe is not None
+
+
+def hooks(collector, index: int, layer) -> list:
+    experts = experts_module(layer, collector.spec)
+    store = collector.store(KEY, index)
+    num_experts = experts.num_experts
+
+    def observe(e, token_idx, weights, act, out):
+        mask = collector.token_mask[token_idx]
+        if not store:
+            zeros_like(store, act.device, sum=(num_experts, act.shape[-1]), count=(num_experts,))
+        store["sum"][e] += (act.float().abs() * mask[:, None]).sum(0).double()
+        store["count"][e] += mask.sum().double()
+
+    handle = instrument(experts, observe)
+    return [handle] if handle is not None else []
+
+
+def sites(spec) -> list[tuple[int, str, int, str]]:
+    return [(3, KEY, 0, f"input of {spec.moe}.{spec.experts}.down_proj")]
+
+
+def scores(importance) -> torch.Tensor:
+    """`[num_layers, num_experts, moe_intermediate_size]` expert-neuron importance."""
+    return per_token_mean(importance.expert_neurons, "sum")
+
+
+def magnitude(layer, spec, shape) -> torch.Tensor:
+    """`[num_experts, width]`: L2 norm of each neuron's gate/up rows and down column, per expert."""
+    experts = experts_module(layer, spec)
+    first = getattr(experts, _first_name(experts)).float().pow(2)
+    first = first.sum(dim=1) if experts.is_transposed else first.sum(dim=2)  # [E, 2I] or [E, I]
+    first = _split_gate_up(experts, first).sum(dim=1) if experts.has_gate else first
+    down = experts.down_proj.float().pow(2)
+    down = down.sum(dim=2) if experts.is_transposed else down.sum(dim=1)  # [E, I]
+    return (first + down).sqrt()
+
+
+def _split_gate_up(experts, values: torch.Tensor) -> torch.Tensor:
+    """`[E, 2I]` over the fused gate/up axis -> `[E, 2, I]` (gate, up), concatenated or interleaved."""
+    if experts.is_concatenated:
+        return values.view(values.shape[0], 2, -1)
+    return values.view(values.shape[0], -1, 2).transpose(1, 2)
+
+
+def _fused_index(experts, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """`[E, K]` kept neurons -> `[E, 2K]` positions in the fused gate/up axis."""
+    if not experts.has_gate:
+        return kept
+    if experts.is_concatenated:
+        return torch.cat([kept, kept + width], dim=1)
+    return torch.stack([2 * kept, 2 * kept + 1], dim=2).flatten(1)
+
+
+def slice_expert_neurons(layer, spec, kept: torch.Tensor, width: int) -> None:
+    experts = experts_module(layer, spec)
+    first = _first_name(experts)
+    fused = _fused_index(experts, kept, width)
+    gather_per_expert(experts, first, fused, _in_dim(experts))
+    if experts.has_bias:
+        gather_per_expert(experts, f"{first}_bias", fused, 1)
+    gather_per_expert(experts, "down_proj", kept, _down_in_dim(experts))
+
+
+def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
+    if target[FIELD] >= source[FIELD]:
+        return
+    neuron_scores = scores(importance)
+    for new_idx, src_idx in enumerate(kept_layers):
+        per_expert = neuron_scores[src_idx]
+        kept_experts = record.experts.get(new_idx)
+        if kept_experts is not None:  # experts were pruned first: their rows only
+            per_expert = per_expert[kept_experts]
+        kept = torch.stack([topk_sorted(row, target[FIELD]) for row in per_expert])
+        slice_expert_neurons(layers[new_idx], spec, kept, source[FIELD])
+        record.expert_neurons[new_idx] = kept.tolist()
+
+
+def update_config(model_config, spec, source: dict, target: dict) -> None:
+    setattr(model_config, spec.expert_width_field, target[FIELD])
+
+
+def sync_modules(model, model_config) -> None:
+    from ..architectures import get_architecture, get_decoder_layers
+
+    spec = get_architecture(model_config)
+    width = getattr(model_config, spec.expert_width_field)
+    for layer in get_decoder_layers(model):
+        experts = experts_module(layer, spec)
+        for name in ("intermediate_dim", "intermediate_size", "expert_dim"):
+            if isinstance(getattr(experts, name, None), int):
+                setattr(experts, name, width)
+
+
+def count_roles(spec, layer) -> dict[str, tuple]:
+    return {}  # the expert tensors are described by routed_experts.count_roles (`fe` / `2fe`)
+
+
+def count_sizes(shape: dict) -> dict[str, int]:
+    return {"fe": shape[FIELD], "2fe": 2 * shape[FIELD]}
