@@ -37,9 +37,9 @@ from .data import iter_samples
 from .importance import ImportanceScores, model_shape
 from .io import atomic_directory, atomic_write_text
 from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
-from .pruning_config import _TARGET_FIELDS, PrunedConfig
+from .pruning_config import _MOE_FIELDS, _TARGET_FIELDS, PrunedConfig
 from .runtime import release_freed_memory
-from .search_results import AXES, CandidateResult, SearchResult
+from .search_results import AXES, MOE_AXES, CandidateResult, SearchResult, axes_of
 
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,17 @@ class SearchConfig:
             also multiples of the KV heads, and a KV group never gains heads. Shapes stock transformers refuses are
             skipped (Llama configs want the hidden size divisible by the head count): with 9 heads (SmolLM2), hidden
             multiples of 64 leave only 384 and 576 within the default cap; 48 gives more.
+        num_experts_multiple, moe_intermediate_size_multiple, shared_expert_intermediate_size_multiple (`int`,
+        *optional*, defaults to `1`, `64`, `64`):
+            MoE axes: routed experts per layer, each expert's width, the shared expert's width (MoE families only;
+            capped by `max_width_pruning` or `max_num_experts_pruning` / `max_moe_intermediate_size_pruning`; the
+            expert count never drops below `num_experts_per_tok`). With `count="active"` the budget counts the
+            parameters one token runs through.
         search_kv_heads (`bool`, *optional*, defaults to `False`):
             Also try removing whole KV groups (divisors of the teacher's KV heads). By default they are kept.
         num_hidden_layers_grid, hidden_size_grid, intermediate_size_grid, num_attention_heads_grid,
-        num_key_value_heads_grid (`list[int]`, *optional*):
+        num_key_value_heads_grid, num_experts_grid, moe_intermediate_size_grid, shared_expert_intermediate_size_grid
+        (`list[int]`, *optional*):
             Explicit values of an axis; they replace the generated ones (multiples and caps do not apply).
         max_candidates (`int`, *optional*):
             Keep at most this many candidates, the closest to the target.
@@ -121,16 +128,34 @@ class SearchConfig:
     max_hidden_size_pruning: float | None = field(default=None, metadata={"help": "Cap for the hidden size."})
     max_intermediate_size_pruning: float | None = field(default=None, metadata={"help": "Cap for MLP neurons."})
     max_num_attention_heads_pruning: float | None = field(default=None, metadata={"help": "Cap for heads."})
+    max_num_experts_pruning: float | None = field(default=None, metadata={"help": "MoE: cap for routed experts."})
+    max_moe_intermediate_size_pruning: float | None = field(
+        default=None, metadata={"help": "MoE: cap for expert width."}
+    )
     num_hidden_layers_multiple: int = field(default=1, metadata={"help": "Layer counts are multiples of this."})
     hidden_size_multiple: int = field(default=64, metadata={"help": "Hidden sizes are multiples of this."})
     intermediate_size_multiple: int = field(default=64, metadata={"help": "MLP sizes are multiples of this."})
     num_attention_heads_multiple: int = field(default=1, metadata={"help": "Head counts are multiples of this."})
+    num_experts_multiple: int = field(default=1, metadata={"help": "MoE: expert counts are multiples of this."})
+    moe_intermediate_size_multiple: int = field(
+        default=64, metadata={"help": "MoE: expert widths are multiples of this."}
+    )
+    shared_expert_intermediate_size_multiple: int = field(
+        default=64, metadata={"help": "MoE: shared-expert widths are multiples of this."}
+    )
     search_kv_heads: bool = field(default=False, metadata={"help": "Also try removing whole KV groups."})
     num_hidden_layers_grid: list[int] | None = field(default=None, metadata={"help": "Explicit layer counts."})
     hidden_size_grid: list[int] | None = field(default=None, metadata={"help": "Explicit hidden sizes."})
     intermediate_size_grid: list[int] | None = field(default=None, metadata={"help": "Explicit MLP sizes."})
     num_attention_heads_grid: list[int] | None = field(default=None, metadata={"help": "Explicit head counts."})
     num_key_value_heads_grid: list[int] | None = field(default=None, metadata={"help": "Explicit KV head counts."})
+    num_experts_grid: list[int] | None = field(default=None, metadata={"help": "MoE: explicit expert counts."})
+    moe_intermediate_size_grid: list[int] | None = field(
+        default=None, metadata={"help": "MoE: explicit expert widths."}
+    )
+    shared_expert_intermediate_size_grid: list[int] | None = field(
+        default=None, metadata={"help": "MoE: explicit shared-expert widths."}
+    )
     max_candidates: int | None = field(default=None, metadata={"help": "Keep the N candidates closest to target."})
     pruning: dict | str | None = field(
         default=None, metadata={"help": "PrunedConfig options of every candidate (JSON on the command line)."}
@@ -174,6 +199,8 @@ class SearchConfig:
             "max_hidden_size_pruning",
             "max_intermediate_size_pruning",
             "max_num_attention_heads_pruning",
+            "max_num_experts_pruning",
+            "max_moe_intermediate_size_pruning",
         ):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -185,6 +212,9 @@ class SearchConfig:
             "hidden_size_multiple",
             "intermediate_size_multiple",
             "num_attention_heads_multiple",
+            "num_experts_multiple",
+            "moe_intermediate_size_multiple",
+            "shared_expert_intermediate_size_multiple",
             "eval_interval",
             "eval_batch_size",
             "stability_top_k",
@@ -202,7 +232,7 @@ class SearchConfig:
                 f"SearchConfig.retrain_steps={self.retrain_steps!r} is invalid: expected an integer >= 0 (0 ranks "
                 "the pruned candidates without retraining)."
             )
-        for name, _ in AXES:
+        for name, _ in AXES + MOE_AXES:
             grid = getattr(self, f"{name}_grid")
             if grid is not None:
                 if not grid or any(not _is_int(v) or v <= 0 for v in grid):
@@ -223,7 +253,7 @@ class SearchConfig:
                 raise ValueError(
                     f"SearchConfig.pruning={self.pruning!r} is invalid: pass a mapping of PrunedConfig options."
                 )
-            shape_keys = sorted(set(self.pruning) & {*_TARGET_FIELDS, "layers_to_drop"})
+            shape_keys = sorted(set(self.pruning) & {*_TARGET_FIELDS, *_MOE_FIELDS, "layers_to_drop"})
             if shape_keys:
                 raise ValueError(
                     f"SearchConfig.pruning sets {shape_keys}: the search chooses the shape. Use the *_grid fields to "
@@ -296,10 +326,18 @@ class Candidate:
 
 
 def candidate_name(shape: dict) -> str:
-    return "-".join(f"{short}{shape[name]}" for name, short in AXES)
+    return "-".join(f"{short}{shape[name]}" for name, short in axes_of(shape))
 
 
-def _axis_values(config: SearchConfig, name: str, source: int) -> list[int]:
+def searched_axes(model_config) -> tuple[tuple[str, str], ...]:
+    """The axes of `model_config`'s family: the dense ones (no dense MLP axis for an all-MoE family), the MoE ones."""
+    spec = get_architecture(model_config)
+    return tuple(
+        (name, short) for name, short in axes_of(model_shape(model_config)) if spec.mlp or name != "intermediate_size"
+    )
+
+
+def _axis_values(config: SearchConfig, name: str, source: int, floor: int = 1) -> list[int]:
     grid = getattr(config, f"{name}_grid")
     if grid is not None:
         too_large = [v for v in grid if v > source]
@@ -318,7 +356,7 @@ def _axis_values(config: SearchConfig, name: str, source: int) -> list[int]:
         cap, multiple = config.max_depth_pruning, config.num_hidden_layers_multiple
     else:
         cap, multiple = config.width_cap(name), getattr(config, f"{name}_multiple")
-    low = max(1, math.ceil(source * (1 - cap)))
+    low = max(floor, math.ceil(source * (1 - cap)))
     return sorted({v for v in range(multiple, source + 1, multiple) if v >= low} | {source})
 
 
@@ -355,12 +393,15 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
             f"removes parameters. Use a target below {teacher:,} (or target_ratio < 1)."
         )
     counter = parameter_counter(model_config)
-    axes = {name: _axis_values(config, name, source[name]) for name, _ in AXES}
+    searched = searched_axes(model_config)
+    # A token is routed to num_experts_per_tok experts: never fewer experts than that.
+    floors = {"num_experts": source.get("num_experts_per_tok", 1)}
+    axes = {name: _axis_values(config, name, source[name], floors.get(name, 1)) for name, _ in searched}
     per_group = source["num_attention_heads"] // source["num_key_value_heads"]
     low, high = target * (1 - config.tolerance), target * (1 + config.tolerance)
     in_budget, reachable, rejected = [], [], []
-    for values in product(*(axes[name] for name, _ in AXES)):
-        shape = dict(zip((name for name, _ in AXES), values))
+    for values in product(*(axes[name] for name, _ in searched)):
+        shape = dict(zip((name for name, _ in searched), values))
         heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         # Grouped-query structure: whole groups are removed, and a group keeps the same number of heads.
         if heads % kv or heads // kv > per_group:

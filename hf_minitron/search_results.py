@@ -22,6 +22,25 @@ AXES = (
     ("num_attention_heads", "heads"),
     ("num_key_value_heads", "kv"),
 )
+# Searched for MoE families (the dense `intermediate_size` axis is dropped where every block is a mixture of experts).
+MOE_AXES = (
+    ("num_experts", "experts"),
+    ("moe_intermediate_size", "expertmlp"),
+    ("shared_expert_intermediate_size", "sharedmlp"),
+)
+_COLUMNS = {
+    "num_hidden_layers": "layers",
+    "hidden_size": "hidden",
+    "intermediate_size": "MLP",
+    "num_attention_heads": "heads",
+}
+_COLUMNS |= {"num_key_value_heads": "KV", "num_experts": "experts", "moe_intermediate_size": "expert MLP"}
+_COLUMNS |= {"shared_expert_intermediate_size": "shared MLP"}
+
+
+def axes_of(shape: dict) -> tuple[tuple[str, str], ...]:
+    """The searched axes of a candidate shape: the dense ones it has, then the MoE ones it has."""
+    return tuple(axis for axis in AXES + MOE_AXES if axis[0] in shape)
 
 
 @dataclass
@@ -210,7 +229,8 @@ class SearchResult:
         return "\n".join(lines).rstrip("\n") + "\n"
 
     def _table(self) -> str:
-        header = ["rank", "candidate", "layers", "hidden", "MLP", "heads", "KV", "parameters"]
+        axes = axes_of(self.candidates[0].shape) if self.candidates else AXES
+        header = ["rank", "candidate", *(_COLUMNS[name] for name, _ in axes), "parameters"]
         if self.count != "total":
             header.append(self.count.replace("_", "-"))
         header += [f"step {step}" for step in self.steps]
@@ -220,7 +240,7 @@ class SearchResult:
         for candidate in ranked + rest:
             rank = candidate.rank.get(self.steps[-1])
             cells = [str(rank) if rank else "-", candidate.name]
-            cells += [str(candidate.shape[name]) for name, _ in AXES]
+            cells += [str(candidate.shape[name]) for name, _ in axes]
             cells.append(f"{candidate.num_parameters:,}")
             if self.count != "total":
                 cells.append(f"{candidate.budget_value:,}")

@@ -244,3 +244,49 @@ def test_two_processes_equal_one_process_for_moe_statistics(tmp_path):
         torch.testing.assert_close(distributed.expert_scores(name), single.expert_scores(name))
     torch.testing.assert_close(distributed.expert_neuron_scores(), single.expert_neuron_scores())
     torch.testing.assert_close(distributed.shared_neuron_scores("var"), single.shared_neuron_scores("var"))
+
+
+# ---------------------------------------------------------------------------------------------- search
+def test_search_over_expert_axes_with_an_active_budget(tmp_path):
+    from hf_minitron import SearchConfig, enumerate_candidates, magnitude_importance, search_architectures
+
+    teacher = tiny_model("qwen2_moe")
+    space = dict(
+        hidden_size_multiple=8,
+        moe_intermediate_size_multiple=8,
+        shared_expert_intermediate_size_multiple=8,
+        max_width_pruning=0.5,
+        max_depth_pruning=0.25,
+    )
+    config = SearchConfig(
+        target_ratio=0.7, tolerance=0.1, count="active", pruning={"importance": "magnitude"}, **space
+    )
+    candidates = enumerate_candidates(teacher.config, config)
+    assert candidates and {c.shape["num_experts"] for c in candidates} >= {2, 3, 4}  # top-k 2: never fewer than 2
+    assert "intermediate_size" not in candidates[0].shape  # no dense MLP in Qwen2-MoE blocks
+    teacher_active = count_parameters(teacher.config, count="active")
+    scores = magnitude_importance(teacher)
+    for candidate in (candidates[0], candidates[-1]):
+        assert abs(candidate.budget_value - 0.7 * teacher_active) <= 0.1 * 0.7 * teacher_active + 1
+        pruned = prune_model(copy.deepcopy(teacher), candidate.pruned_config, scores=scores)
+        assert candidate.num_parameters == sum(p.numel() for p in pruned.parameters())
+        assert candidate.budget_value == count_parameters(teacher.config, candidate.pruned_config, "active")
+        assert f"experts{candidate.shape['num_experts']}" in candidate.name
+
+    scorer_calls = []
+
+    def scorer(model):
+        scorer_calls.append(model.config.num_experts)
+        return float(model.config.num_experts)
+
+    result = search_architectures(
+        teacher,
+        SearchConfig(**{**config.to_dict(), "retrain_steps": 0, "max_candidates": 3}),
+        scores=scores,
+        scorer=scorer,
+        higher_is_better=True,
+        output_dir=tmp_path,
+        show_progress=False,
+    )
+    assert len(scorer_calls) == 3 and result.best.shape["num_experts"] == max(scorer_calls)
+    assert "| experts | expert MLP | shared MLP |" in result.to_markdown()
