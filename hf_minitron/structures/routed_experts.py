@@ -212,8 +212,13 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
 
 
 def sync_modules(model, model_config) -> None:
-    # Routers and experts cache `num_experts` / `hidden_dim` at init; slicing set num_experts, hidden_dim follows.
+    """Routers, experts and the `*ForCausalLM` (for its load-balancing loss) cache `num_experts` and `hidden_dim`."""
+    from ..architectures import get_architecture
+
+    num_experts = getattr(model_config, get_architecture(model_config).num_experts_field)
     for module in model.modules():
+        if isinstance(getattr(module, "num_experts", None), int):
+            module.num_experts = num_experts
         if isinstance(getattr(module, "hidden_dim", None), int):
             module.hidden_dim = model_config.hidden_size
 
