@@ -33,6 +33,7 @@ from .pruning import PruningRecord, load_pruning_record, prune_model
 from .pruning_config import PrunedConfig
 from .search import SearchConfig, count_parameters, enumerate_candidates, search_architectures
 from .search_results import SearchResult
+from .teacher_cache import cache_teacher, load_teacher_cache
 from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
 
@@ -52,6 +53,7 @@ __all__ = [
     "TeacherCorrectionConfig",
     "build_preference_dataset",
     "build_sft_dataset",
+    "cache_teacher",
     "compare_models",
     "count_parameters",
     "correct_teacher",
@@ -65,6 +67,7 @@ __all__ = [
     "intermediate_state_loss",
     "kd_loss",
     "load_pruning_record",
+    "load_teacher_cache",
     "magnitude_importance",
     "make_lm_eval_scorer",
     "make_perplexity_scorer",

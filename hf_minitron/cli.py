@@ -5,6 +5,7 @@
     hf-minitron run recipes/smollm2-135m/minitron.yaml --distillation.max_steps 20
     hf-minitron search --config recipes/smollm2-135m/search.yaml --retrain_steps 100
     hf-minitron distill --student outputs/pruned --teacher embedded --config recipes/smollm2-135m/distill.yaml
+    hf-minitron cache-teacher --config recipes/smollm2-135m/cache_teacher.yaml --mode topk --top_k 128
     hf-minitron evaluate --model outputs/distilled/final --teacher embedded --limit 50
     hf-minitron push --folder outputs/distilled/final --repo_id me/smollm2-minitron
 
@@ -83,6 +84,14 @@ def _distill(argv):
 
     args, config = parse_dataclasses((DistillArguments, DistillationConfig), argv, "hf-minitron distill")
     distill_checkpoint(args, config)
+
+
+def _cache_teacher(argv):
+    from .teacher_cache import CacheTeacherArguments, cache_teacher_checkpoint
+
+    (args,) = parse_dataclasses((CacheTeacherArguments,), argv, "hf-minitron cache-teacher")
+    cache = cache_teacher_checkpoint(args)
+    print(f"Teacher cache ({len(cache)} samples): {args.output_dir}")
 
 
 def _search(argv):
@@ -167,6 +176,7 @@ COMMANDS = {
     "prune": (_prune, "Estimate Minitron importance and prune a checkpoint (depth and width)."),
     "search": (_search, "Search architectures under a parameter budget: prune, distill briefly and rank candidates."),
     "distill": (_distill, "Distill a (pruned) student from a teacher with the Minitron KD loss."),
+    "cache-teacher": (_cache_teacher, "Run the teacher once and store its outputs (exact or top-k) for offline KD."),
     "correct-teacher": (_correct_teacher, "Fine-tune the teacher on the distillation data before pruning."),
     "sft": (lambda argv: _align(argv, "sft"), "Supervised fine-tuning of the distilled student (TRL SFTTrainer)."),
     "dpo": (lambda argv: _align(argv, "dpo"), "DPO / RPO preference optimisation (TRL DPOTrainer)."),

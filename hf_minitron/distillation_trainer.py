@@ -25,6 +25,7 @@ from .architectures import get_base_model, get_decoder_layers
 from .distillation_config import DistillationConfig
 from .embedded import resolve_model_path
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
+from .teacher_cache import TEACHER_COLUMNS, CachedTeacher, collate_teacher_columns, is_teacher_cache
 from .validation import check_checkpoint, check_process_group
 
 
@@ -64,6 +65,7 @@ class DataCollatorForDistillation:
             batch["attention_mask"][row, : len(i)] = m
             labels = torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else i.masked_fill(m == 0, -100)
             batch["labels"][row, : len(i)] = labels
+        batch.update(collate_teacher_columns(features, length))  # a teacher cache's columns, padded alike
         return batch
 
 
@@ -186,7 +188,15 @@ class DistillationTrainer(Trainer):
             )
         check_process_group(args)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
+        # A teacher cache as train_dataset stands in for the teacher (hf_minitron.teacher_cache): none is loaded.
+        self.teacher_cache = CachedTeacher.from_dataset(train_dataset) if is_teacher_cache(train_dataset) else None
+        if self.teacher_cache is not None and teacher_model is not None:
+            raise ValueError(
+                f"DistillationTrainer got both a teacher and a teacher cache as train_dataset ({self.teacher_cache}): "
+                "drop teacher_model (and teacher_model_name_or_path) to distil from the cache, or pass the plain "
+                "tokenized data to distil from the live teacher."
+            )
+        if teacher_model is None and self.teacher_cache is None:
             raise ValueError(
                 "DistillationTrainer has no teacher: pass `teacher_model=` (a model or a checkpoint path) or set "
                 "DistillationConfig.teacher_model_name_or_path."
@@ -204,12 +214,16 @@ class DistillationTrainer(Trainer):
                 "DistillationConfig.teacher_model_init_kwargs is set but the teacher is already a model: pass its "
                 "path as `teacher_model` (or teacher_model_name_or_path) to use the kwargs, or drop them."
             )
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
-
-        self._check_compatibility(model, teacher_model, args, processing_class)
+        if self.teacher_cache is not None:
+            student_vocab = _unwrap_peft(model).get_output_embeddings().weight.shape[0]
+            self.teacher_cache.check(student_vocab, args, processing_class)
+        else:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            self._check_compatibility(model, teacher_model, args, processing_class)
         student_hidden = _unwrap_peft(model).config.get_text_config().hidden_size
-        teacher_hidden = teacher_model.config.get_text_config().hidden_size
+        teacher_config = None if teacher_model is None else teacher_model.config.get_text_config()
+        teacher_hidden = student_hidden if teacher_config is None else teacher_config.hidden_size
         if args.intermediate_layer_mapping and student_hidden != teacher_hidden:
             # One projection shared by all layer pairs (paper 1 §2.4), trained with the student: as a submodule it is
             # wrapped by DDP/FSDP with the student, optimised with it and stored in its checkpoints.
@@ -237,7 +251,12 @@ class DistillationTrainer(Trainer):
         # The base Trainer counts target tokens over the accumulated (and, with average_tokens_across_devices,
         # all-device) batch only for models that take loss kwargs; our compute_loss consumes that count.
         self.model_accepts_loss_kwargs = True
-        self.teacher_model = self._prepare_teacher(teacher_model)
+        if self.teacher_cache is not None:
+            self.teacher_model = None
+            self.teacher_cache.to(self.accelerator.device)
+            self.teacher_placement = f"none loaded: distilling from the {self.teacher_cache}"
+        else:
+            self.teacher_model = self._prepare_teacher(teacher_model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._final_save = False
 
@@ -299,6 +318,11 @@ class DistillationTrainer(Trainer):
         self.teacher_placement = f"replicated on {processes} processes" if processes > 1 else "one process"
         return self.accelerator.prepare_model(teacher, evaluation_mode=True).eval()
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # A teacher cache's columns feed the loss, not the model's forward: `remove_unused_columns` must keep them.
+        self._signature_columns += [name for name in TEACHER_COLUMNS if name not in self._signature_columns]
+
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Weighted sum of the KD, CE and intermediate-state losses, divided by the number of target tokens.
@@ -319,24 +343,32 @@ class DistillationTrainer(Trainer):
 
         wrapper = self.accelerator.unwrap_model(model)
         student = _unwrap_peft(wrapper)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
         mapping = args.intermediate_layer_mapping or []
         fused = args.use_fused_kd_loss and isinstance(student.get_output_embeddings(), nn.Linear)
-        # A teacher whose lm_head weight is sharded must hand over a gathered copy from inside its forward.
-        teacher_head = teacher.get_output_embeddings()
-        copy_teacher_weight = _is_sharded(teacher_head.weight)
         captured: dict[str, Any] = {}
+        cache, cached = self.teacher_cache, CachedTeacher.pop_columns(inputs)
+        if cache is not None and not cached and model.training:
+            raise ValueError(f"A training batch has no teacher columns: train on the teacher cache ({cache}).")
+        if cache is None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            # A teacher whose lm_head weight is sharded must hand over a gathered copy from inside its forward.
+            copy_teacher_weight = _is_sharded(teacher.get_output_embeddings().weight)
 
-        def on_teacher_head(head, hidden, states):
-            weight = head.weight.detach()
-            captured["teacher"] = (hidden, weight.clone() if copy_teacher_weight else weight, head.bias, states)
+            def on_teacher_head(head, hidden, states):
+                weight = head.weight.detach()
+                captured["teacher"] = (hidden, weight.clone() if copy_teacher_weight else weight, head.bias, states)
 
-        with torch.no_grad(), _HeadCapture(teacher, [t for _, t in mapping], on_teacher_head, skip_head=fused):
-            teacher_outputs = self.teacher_model(**inputs)
-        teacher_hidden, teacher_weight, teacher_bias, teacher_states = captured.pop("teacher")
+            with torch.no_grad(), _HeadCapture(teacher, [t for _, t in mapping], on_teacher_head, skip_head=fused):
+                teacher_outputs = self.teacher_model(**inputs)
+            teacher_hidden, teacher_weight, teacher_bias, teacher_states = captured.pop("teacher")
+        else:
+            fused = fused and bool(cached)  # held-out data without teacher outputs: the student's CE only
 
         def on_student_head(head, hidden, states):
-            if fused:
+            if fused and cache is not None:
+                softcap = getattr(student.config, "final_logit_softcapping", None)
+                captured["logit"] = cache.fused_loss(hidden, head, cached, targets, args, softcap)
+            elif fused:
                 captured["logit"] = fused_kd_loss(
                     hidden.reshape(-1, hidden.shape[-1]), head.weight,
                     teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, targets,
@@ -371,15 +403,18 @@ class DistillationTrainer(Trainer):
         else:
             vocab = outputs.logits.shape[-1]
             logits = outputs.logits.reshape(-1, vocab)
-            teacher_logits = teacher_outputs.logits.reshape(-1, teacher_outputs.logits.shape[-1])[:, :vocab]
-            kd = kd_loss(
-                logits, teacher_logits, targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
-            )
+            if cache is not None:
+                kd = cache.kd_loss(logits, cached, targets, args) if cached else logits.new_zeros(())
+            else:
+                teacher_logits = teacher_outputs.logits.reshape(-1, teacher_outputs.logits.shape[-1])[:, :vocab]
+                kd = kd_loss(
+                    logits, teacher_logits, targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
+                )
             ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
             logit_loss = args.kd_loss_weight * kd + args.ce_loss_weight * ce
             kd_sum, ce_sum = kd.detach(), ce.detach()
         loss = logit_loss
-        metrics = {"kd_loss": kd_sum, "ce_loss": ce_sum}
+        metrics = {"kd_loss": kd_sum, "ce_loss": ce_sum} if cache is None or cached else {"ce_loss": ce_sum}
         if mapping:
             is_sum = captured["is"]
             if args.intermediate_loss_weight == "dynamic":
