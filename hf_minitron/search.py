@@ -568,6 +568,7 @@ def search_architectures(
     higher_is_better: bool | None = None,
     distillation_config=None,
     processing_class=None,
+    teacher_cache=None,
     show_progress: bool = True,
 ) -> SearchResult:
     """Searches the architectures within `config`'s budget: one importance pass, every candidate pruned from a copy
@@ -592,6 +593,11 @@ def search_architectures(
             batch size, KD loss, seed, ...). `max_steps` is `config.retrain_steps`, and checkpointing, Trainer
             evaluation and reporting are turned off. Defaults to [`default_retraining_config`].
         processing_class (*optional*): the tokenizer, passed to the trainer.
+        teacher_cache (`str` or `datasets.Dataset`, *optional*): run the teacher once for all candidates instead of
+            once per candidate (issue 15): `"hidden"` writes an exact cache of `train_dataset` ([`cache_teacher`]) to
+            `output_dir/teacher_cache` (reused by a rerun; a temporary directory without `output_dir`), or pass a
+            cache written from `teacher` (any mode; it is the training data when `train_dataset` is None). The
+            candidates are then retrained from it without the teacher.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
@@ -625,6 +631,13 @@ def search_architectures(
                 "hf_minitron.evaluation) or higher_is_better=False (e.g. a loss)."
             )
         metric = "score"
+    if isinstance(teacher_cache, str) and teacher_cache != "hidden":
+        raise ValueError(
+            f"teacher_cache={teacher_cache!r} is not supported: pass 'hidden' (an exact cache written here), or a "
+            "teacher cache dataset written with hf_minitron.cache_teacher (e.g. mode='topk')."
+        )
+    if teacher_cache is not None and not isinstance(teacher_cache, str) and train_dataset is None:
+        train_dataset = teacher_cache  # a cache holds its training samples
     if config.retrain_steps > 0 and train_dataset is None:
         raise ValueError(
             f"SearchConfig.retrain_steps={config.retrain_steps} needs train_dataset for the KD retraining: pass it, "
@@ -655,6 +668,8 @@ def search_architectures(
         if root.exists() and not root.is_dir():
             raise FileExistsError(f"output_dir {str(root)!r} is a file: choose a directory.")
         settings = _settings(teacher, config, template, metric, higher_is_better, train_dataset, eval_dataset)
+        if teacher_cache is not None:  # a top-k cache changes the retraining
+            settings["teacher_cache"] = teacher_cache if isinstance(teacher_cache, str) else _cache_mode(teacher_cache)
         _check_settings(root, settings)
 
     teacher_counts = {
@@ -666,6 +681,7 @@ def search_architectures(
     was_training = teacher.training
     requires_grad = [p.requires_grad for p in teacher.parameters()]
     records = {c.name: _load_record(root, c.name) for c in candidates}
+    temporary = None
     try:
         # 2. One importance pass (reused from output_dir on a rerun).
         if scores is None and root is not None and (root / "importance" / "importance.json").is_file():
@@ -677,6 +693,11 @@ def search_architectures(
                 scores.save(root / "importance")
 
         evaluate = partial(_evaluate, eval_dataset=eval_dataset, batch_size=config.eval_batch_size, scorer=scorer)
+        # 3. One teacher pass for every candidate's retraining (issue 15) when asked, instead of one per candidate.
+        cache = None
+        if teacher_cache is not None and config.retrain_steps > 0:
+            cache, temporary = _teacher_cache(teacher, teacher_cache, train_dataset, root, processing_class,
+                                              show_progress)  # fmt: skip
 
         def run(candidate: Candidate, retrain: bool) -> CandidateResult:
             record = records.get(candidate.name) or _new_record(candidate)
@@ -694,8 +715,9 @@ def search_architectures(
             if 0 not in record.metric:
                 store(0, evaluate(student))
             if retrain:
-                _retrain(student, teacher, candidate, record, template, config, store, evaluate, train_dataset,
-                         processing_class, show_progress)  # fmt: skip
+                _retrain(student, teacher if cache is None else None, candidate, record, template, config, store,
+                         evaluate, train_dataset if cache is None else cache, processing_class,
+                         show_progress)  # fmt: skip
             record.retrained = retrain
             record.seconds += time.perf_counter() - start
             del student
@@ -731,6 +753,8 @@ def search_architectures(
         teacher.train(was_training)
         for param, flag in zip(teacher.parameters(), requires_grad):
             param.requires_grad_(flag)
+        if temporary is not None:
+            temporary.cleanup()
 
     steps = full_steps if config.retrain_steps > 0 else [0]
     result = _partial_result(candidates, records, steps, metric, higher_is_better, config, target, teacher_counts)
@@ -785,6 +809,29 @@ def _retrain(
             f"Candidate {candidate.name} stopped before steps {sorted(missing)}: the training data is too short for "
             f"{config.retrain_steps} steps at this batch size? Check train_dataset."
         )
+
+
+def _cache_mode(cache) -> dict:
+    from .teacher_cache import cache_directory, read_cache_info
+
+    info = read_cache_info(cache_directory(cache))
+    return {key: info[key] for key in ("mode", "dtype", "top_k", "temperature")}
+
+
+def _teacher_cache(teacher, teacher_cache, train, root, tokenizer, show_progress):
+    """`(cache dataset, temporary directory or None)`: the given cache (checked against the teacher and the data), or
+    an exact one of `train` written under `root` (or a temporary directory)."""
+    from .teacher_cache import cache_teacher, check_teacher_cache
+
+    if not isinstance(teacher_cache, str):
+        check_teacher_cache(teacher_cache, teacher=teacher, dataset=None if train is teacher_cache else train)
+        return teacher_cache, None
+    temporary = None
+    if root is None:
+        temporary = tempfile.TemporaryDirectory(prefix="hf-minitron-teacher-cache-")
+    directory = (root if root is not None else Path(temporary.name)) / "teacher_cache"
+    cache = cache_teacher(teacher, train, directory, mode="hidden", tokenizer=tokenizer, show_progress=show_progress)
+    return cache, temporary
 
 
 def _new_record(candidate: Candidate) -> CandidateResult:

@@ -345,3 +345,30 @@ def test_cli_cache_teacher(checkpoint, text_file, tmp_path, capsys):
     assert f"Teacher cache (6 samples): {output}" in capsys.readouterr().out
     cache = load_teacher_cache(output, tokenizer=tiny_tokenizer())
     assert len(cache) == 6 and cache[0]["teacher_topk_ids"].shape == (16 * 8,)
+
+
+def test_search_retrains_every_candidate_from_one_cache(tmp_path):
+    from hf_minitron import SearchConfig, search_architectures
+
+    teacher = tiny_model("llama")
+    train, evaluation = _dataset(16, seed=1), _dataset(4, seed=2)
+    config = SearchConfig(
+        target_ratio=0.7, tolerance=0.1, hidden_size_multiple=8, intermediate_size_multiple=16, max_width_pruning=0.5,
+        max_candidates=3, retrain_steps=4, eval_interval=2, eval_batch_size=4,
+        pruning={"calibration_samples": 8, "calibration_batch_size": 4, "depth_calibration_samples": 4},
+    )  # fmt: skip
+    forwards = []  # the teacher's own forward passes (its pruned copies inherit the hook, with another module)
+    teacher.register_forward_pre_hook(lambda module, args: forwards.append(module is teacher))
+    results = {}
+    for name, cache in (("live", None), ("cached", "hidden")):
+        forwards.clear()
+        results[name] = search_architectures(
+            teacher, config, train, evaluation, output_dir=tmp_path / name, teacher_cache=cache, show_progress=False
+        )
+        results[name + "_forwards"] = sum(forwards)
+    assert (tmp_path / "cached" / "teacher_cache" / "teacher_cache.json").is_file()
+    # 3 candidates x 4 KD steps live; 2 batches of 8 to write the cache (the importance pass costs both the same).
+    assert results["live_forwards"] - results["cached_forwards"] == 3 * 4 - 2
+    assert [c.name for c in results["cached"].ranking()] == [c.name for c in results["live"].ranking()]
+    for live, cached in zip(results["live"].candidates, results["cached"].candidates):
+        assert cached.metric == pytest.approx(live.metric, rel=1e-5)
