@@ -30,7 +30,7 @@ def hooks(collector, index: int, layer) -> list:
     def heads_hook(module, args):
         x = args[0]
         x = x.view(*x.shape[:-1], -1, head_dim).float().norm(dim=-1)  # [B, S, heads]
-        add_per_sample(store, x, collector.mask, collector.how)
+        add_per_sample(store, x, collector.sample_mask, collector.how)
 
     return [layer.get_submodule(f"{spec.attention}.{spec.o_proj}").register_forward_pre_hook(heads_hook)]
 

@@ -34,7 +34,7 @@ def hooks(collector, index: int, layer) -> list:
         store = collector.store(KEY, index, slot)
 
         def norm_hook(module, args, output, store=store):
-            add_per_sample(store, output, collector.mask, collector.how)
+            add_per_sample(store, output, collector.sample_mask, collector.how)
 
         handles.append(getattr(layer, norm).register_forward_hook(norm_hook))
     return handles

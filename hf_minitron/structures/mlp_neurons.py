@@ -30,7 +30,7 @@ def mlp_hooks(collector, index: int, mlp, spec, key: str) -> list:
         x = args[0]
         if x.dim() == 2:  # inside an MoE block (a shared expert) the tokens arrive flattened: [B * S, width]
             x = x.view(*collector.mask.shape, -1)
-        add_per_sample(store, x, collector.mask, collector.how)
+        add_per_sample(store, x, collector.sample_mask, collector.how)
 
     return [getattr(mlp, spec.down_proj).register_forward_pre_hook(neurons_hook)]
 

@@ -14,21 +14,31 @@ Both are sums: they add up exactly across batches and across processes.
 import torch
 
 
-def sequence_reduce(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """`[B, S, D]` activations, `[B, S]` float mask -> `[B, D]` per-sample values over the unmasked tokens."""
-    n = mask.sum(dim=1, keepdim=True).clamp_min(1)
+def sequence_reduce(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """`[B, S, D]` activations, `[B, S]` float mask -> `[B, D]` per-sample values over the unmasked tokens.
+
+    `mask=None` means every token counts (packed calibration data). Elementwise ops then a plain `sum(dim=1)`: on a
+    CPU this is ~10x faster than the same reduction as an einsum / bmm against the mask (7.2 ms vs 0.7 ms for an
+    `[8, 256, 1536]` MLP activation, next to 35 ms for the `down_proj` matmul itself).
+    """
+    n = x.shape[1] if mask is None else mask.sum(dim=1, keepdim=True).clamp_min(1)
+    weights = None if mask is None else mask.unsqueeze(-1)
+
+    def total(values):
+        return (values if weights is None else values * weights).sum(dim=1)
+
     if how == "mean":
-        return torch.einsum("bsd,bs->bd", x.abs(), mask) / n
-    sq = torch.einsum("bsd,bs->bd", x * x, mask)
+        return total(x.abs()) / n
+    sq = total(x * x)
     if how == "l2":
         return sq.sqrt()
-    mean = torch.einsum("bsd,bs->bd", x, mask) / n
+    mean = total(x) / n
     return (sq / n - mean * mean).clamp_min(0)
 
 
-def add_per_sample(store: dict, x: torch.Tensor, mask: torch.Tensor, how: str) -> None:
+def add_per_sample(store: dict, x: torch.Tensor, mask: torch.Tensor | None, how: str) -> None:
     """Adds the per-sample values of `x` (`[B, S, D]`) to the running `sum` / `sumsq` of `store`."""
-    values = sequence_reduce(x.float(), mask.to(x.device), how).double()
+    values = sequence_reduce(x.float(), None if mask is None else mask.to(x.device), how).double()
     add_sums(store, {"sum": values.sum(dim=0), "sumsq": (values * values).sum(dim=0)})
 
 
