@@ -31,6 +31,11 @@ _AXES = {
     "num_attention_heads": "Attention heads",
     "num_key_value_heads": "KV heads",
     "head_dim": "Head dimension",
+    "num_local_experts": "Routed experts",
+    "num_experts": "Routed experts",
+    "num_experts_per_tok": "Experts per token",
+    "moe_intermediate_size": "Expert FFN width",
+    "shared_expert_intermediate_size": "Shared-expert width",
     "vocab_size": "Vocabulary",
 }
 # Hub dataset ids of the papers' benchmarks, so `model-index` entries link to them; other tasks keep their name.
