@@ -198,6 +198,32 @@ def moe_shape(config) -> dict:
     return shape
 
 
+def check_causal_lm(model, where: str) -> None:
+    """Raises a clear error for what `where` cannot work on: a path instead of a model, a base model without its LM
+    head, a model whose weights are all on the `meta` device (built under `init_empty_weights`, never loaded)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise TypeError(
+            f"{where} takes a loaded model, got the path {str(model)!r}: load it first with "
+            "AutoModelForCausalLM.from_pretrained(path), or use the command line (`hf-minitron prune --model PATH`)."
+        )
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{where} takes a transformers `*ForCausalLM` model, got {type(model).__name__}.")
+    if model.get_output_embeddings() is None:
+        raise TypeError(
+            f"{where} takes a `*ForCausalLM` model (with its LM head), got the base model {type(model).__name__}: "
+            "load it with AutoModelForCausalLM.from_pretrained."
+        )
+    params = list(model.parameters())
+    offloaded = hasattr(model, "hf_device_map") or any(hasattr(m, "_hf_hook") for m in model.modules())
+    if params and all(p.device.type == "meta" for p in params) and not offloaded:  # offload is checked elsewhere
+        raise ValueError(
+            f"{where} got a model whose weights are all on the 'meta' device (built without weights, e.g. under "
+            "init_empty_weights): load the real weights with AutoModelForCausalLM.from_pretrained."
+        )
+
+
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The `ModuleList` of decoder layers of a `*ForCausalLM` (or of its base model)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)

@@ -7,7 +7,7 @@ technical prose, available on every machine without a download.
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -83,15 +83,45 @@ def embedded_datasets(tokenizer, seq_length: int = 256, max_train_samples: int |
 
 # ---------------------------------------------------------------------------------------------- calibration batches
 def _as_row(sample) -> dict:
-    if not isinstance(sample, dict) or "input_ids" not in sample:
+    # Any mapping: a dict, a datasets row, or a tokenizer's own output (`BatchEncoding`).
+    if not isinstance(sample, Mapping) or "input_ids" not in sample:
         raise ValueError(
             "Calibration samples must be mappings with an 'input_ids' entry (and optionally 'attention_mask'), got "
             f"{type(sample).__name__}. Tokenize your text first, e.g. with hf_minitron.data.pack_texts."
         )
-    ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+    ids = torch.as_tensor(sample["input_ids"])
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(
+            f"input_ids hold {str(ids.dtype).replace('torch.', '')} values: token ids must be integers (a float "
+            "tensor would be truncated silently). Pass the tokenizer's output as it is, or cast with .long()."
+        )
+    ids = ids.long()
     mask = sample.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask}
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape {tuple(ids.shape)}: the mask needs "
+            "one 0/1 entry per token. Pass the attention_mask the tokenizer returned with these input_ids."
+        )
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = sorted({float(v) for v in mask[(mask != 0) & (mask != 1)].unique()[:3]})
+        raise ValueError(
+            f"attention_mask holds values {bad}: it must be 0 (padding) or 1 (token). Pass the tokenizer's mask."
+        )
+    return {"input_ids": ids, "attention_mask": mask.long()}
+
+
+def check_token_ids(samples: list[dict], vocab_size: int) -> None:
+    """Raises if a token id is outside `[0, vocab_size)`: the embedding lookup would fail deep inside torch (an
+    IndexError on the CPU, a device-side assert on a GPU). Padded positions count too: the embedding looks them up."""
+    for i, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(
+                f"Calibration sample {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): the "
+                "data was tokenized with another tokenizer. Tokenize it with this model's tokenizer."
+            )
 
 
 def _collate(rows: list[dict], pad_token_id: int = 0) -> dict:
@@ -106,7 +136,10 @@ def _collate(rows: list[dict], pad_token_id: int = 0) -> dict:
 
 
 def iter_samples(data) -> Iterator[dict]:
-    """Yields single samples (1-D `input_ids`) from a dataset, a list of samples, or an iterable of batches."""
+    """Yields single samples (1-D `input_ids`) from a dataset, a list of samples, an iterable of batches, or one batch
+    (e.g. `tokenizer(texts, return_tensors="pt", padding=True)`)."""
+    if isinstance(data, Mapping):
+        data = [data]  # iterating a mapping would yield its keys
     for item in data:
         row = _as_row(item)
         if row["input_ids"].dim() == 2:  # an already-batched item (e.g. from a DataLoader)
@@ -120,8 +153,9 @@ def iter_samples(data) -> Iterator[dict]:
             )
 
 
-def take_samples(data, num_samples: int) -> list[dict]:
-    """The first `num_samples` samples of `data` (fewer if the data is shorter); raises if there are none."""
+def take_samples(data, num_samples: int, vocab_size: int | None = None) -> list[dict]:
+    """The first `num_samples` samples of `data` (fewer if the data is shorter); raises if there are none, or if a
+    token id is outside `[0, vocab_size)`."""
     samples = []
     for row in iter_samples(data):
         if int(row["attention_mask"].sum()) == 0:
@@ -133,6 +167,8 @@ def take_samples(data, num_samples: int) -> list[dict]:
         raise ValueError(
             "The calibration data is empty (or every sample is fully masked): pass at least one tokenized sample."
         )
+    if vocab_size is not None:
+        check_token_ids(samples, vocab_size)
     return samples
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import get_architecture, get_decoder_layers, model_shape
+from .architectures import check_causal_lm, get_architecture, get_decoder_layers, model_shape
 from .data import shard_batches, take_samples
+from .fingerprints import weights_fingerprint
 from .pruning_config import BATCH_AGGREGATIONS, PrunedConfig
 from .runtime import all_reduce_, dist_info, input_device, release_freed_memory, return_large_buffers_to_os
 from .structures import (
@@ -61,6 +62,8 @@ class ImportanceScores:
         base_loss (`float`, *optional*): LM loss of the unpruned model on the same depth samples.
         block_losses (`dict[int, list[float]]`, *optional*): for a block length n, the loss (or negated score)
             when layers `[start, start + n)` are dropped, for every start.
+        model_fingerprint (`str`, *optional*): `weights_fingerprint` of the model the scores were estimated on:
+            pruning another model of the same shape with them is refused.
     """
 
     method: str
@@ -75,6 +78,7 @@ class ImportanceScores:
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_fingerprint: str | None = None
     layer_loss: torch.Tensor | None = None
     base_loss: float | None = None
     block_losses: dict[int, list[float]] = field(default_factory=dict)
@@ -161,6 +165,8 @@ class ImportanceScores:
             "base_loss": self.base_loss,
             "block_losses": {str(k): v for k, v in self.block_losses.items()},
         }
+        if self.model_fingerprint is not None:
+            meta["model_fingerprint"] = self.model_fingerprint
         tensors = self._tensors()
         directory = os.fspath(directory)
         names = set(os.listdir(directory)) if os.path.isdir(directory) else set()
@@ -175,34 +181,59 @@ class ImportanceScores:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ImportanceScores":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         meta_path = os.path.join(directory, SCORES_META_NAME)
+        weights_path = os.path.join(directory, SCORES_WEIGHTS_NAME)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"No importance scores in {directory!r} (expected {SCORES_META_NAME}).")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        tensors = load_file(os.path.join(directory, SCORES_WEIGHTS_NAME))
+        fix = "it was truncated or edited by hand: estimate the scores again (estimate_importance) and save them."
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            tensors = load_file(weights_path)
+        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
+            raise ValueError(f"Cannot read the importance scores in {directory!r} ({error}): {fix}") from None
         axes = {axis: {} for axis in _AXES}
         for name, value in tensors.items():
             axis, _, key = name.partition(".")
             if axis in axes:
                 axes[axis][key] = value
-        return cls(
-            method=meta["method"],
-            sequence_aggregation=meta["sequence_aggregation"],
-            num_samples=meta["num_samples"],
-            num_tokens=meta["num_tokens"],
-            model_shape=meta["model_shape"],
-            block_influence=tensors.get("block_influence"),
-            layer_loss=tensors.get("layer_loss"),
-            base_loss=meta.get("base_loss"),
-            block_losses={int(k): v for k, v in meta.get("block_losses", {}).items()},
-            **axes,
-        )
+        try:
+            return cls(
+                method=meta["method"],
+                sequence_aggregation=meta["sequence_aggregation"],
+                num_samples=meta["num_samples"],
+                num_tokens=meta["num_tokens"],
+                model_shape=meta["model_shape"],
+                block_influence=tensors.get("block_influence"),
+                layer_loss=tensors.get("layer_loss"),
+                base_loss=meta.get("base_loss"),
+                block_losses={int(k): v for k, v in meta.get("block_losses", {}).items()},
+                model_fingerprint=meta.get("model_fingerprint"),
+                **axes,
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(f"{meta_path!r} is not a valid {SCORES_META_NAME} (missing {error}): {fix}") from None
 
-    def check_compatible(self, model_config) -> None:
-        """Raises if these scores were computed on a model of another shape, or hold inf/NaN."""
+    def _expected_shapes(self) -> dict[str, tuple]:
+        """`{axis: shape}` of the statistics (leading dims) for this model shape."""
+        s = self.model_shape
+        layers = s["num_hidden_layers"]
+        shapes = {"heads": (layers, s["num_attention_heads"]), "hidden": (layers, 2, s["hidden_size"])}
+        if self.neurons:
+            shapes["neurons"] = (layers, s["intermediate_size"])
+        if self.experts:
+            shapes["experts"] = (layers, s["num_experts"])
+            shapes["expert_neurons"] = (layers, s["num_experts"])
+        if self.shared_neurons:
+            shapes["shared_neurons"] = (layers, s["shared_expert_intermediate_size"])
+        return shapes
+
+    def check_compatible(self, model_config, model=None) -> None:
+        """Raises if these scores were computed on a model of another shape (or, given `model`, with other weights),
+        if their tensors do not fit that shape, or if they hold inf/NaN."""
         shape = model_shape(model_config)
         if shape != self.model_shape:
             differ = {k: (self.model_shape.get(k), v) for k, v in shape.items() if self.model_shape.get(k) != v}
@@ -213,6 +244,23 @@ class ImportanceScores:
                 )
                 + ". Estimate them again on this model (estimate_importance), or pass the scores saved with it."
             )
+        for axis, expected in self._expected_shapes().items():
+            for key, tensor in getattr(self, axis).items():
+                if tuple(tensor.shape[: len(expected)]) != expected:
+                    raise ValueError(
+                        f"The importance scores' {axis}.{key} has shape {tuple(tensor.shape)}, but this model needs "
+                        f"{expected}: the scores file was edited or comes from another model. Estimate them again."
+                    )
+        if model is not None and self.model_fingerprint is not None:
+            from .fingerprints import weights_fingerprint
+
+            fingerprint = weights_fingerprint(model)
+            if fingerprint is not None and fingerprint != self.model_fingerprint:
+                raise ValueError(
+                    "The importance scores were estimated on a model of the same shape but other weights (e.g. the "
+                    "teacher before teacher correction, or another checkpoint): their rankings do not describe this "
+                    "model. Estimate them again on this model (estimate_importance)."
+                )
         for axis, stats in self._tensors().items():
             if not bool(torch.isfinite(stats).all()):
                 raise ValueError(
@@ -333,9 +381,12 @@ def estimate_importance(
     the statistics are summed across processes, so the result equals a single process over all the data.
     """
     config = config or PrunedConfig()
+    if not isinstance(config, PrunedConfig):
+        raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
+    check_causal_lm(model, "estimate_importance")
     get_architecture(model.config)  # fails fast for unsupported architectures
     return_large_buffers_to_os()
-    samples = take_samples(calibration_data, config.calibration_samples)
+    samples = take_samples(calibration_data, config.calibration_samples, model.get_input_embeddings().num_embeddings)
     longest = max(sample["input_ids"].shape[-1] for sample in samples)
     check_sequence_length(model.config, longest, "calibration sample length")
     rank, world_size = dist_info()
@@ -399,6 +450,7 @@ def estimate_importance(
         neurons=neurons,
         hidden=hidden,
         block_influence=block_influence,
+        model_fingerprint=weights_fingerprint(model),
         **moe,
     )
 
@@ -430,6 +482,7 @@ def magnitude_importance(model) -> ImportanceScores:
         experts=per_layer(routed_experts),
         expert_neurons=per_layer(expert_neurons),
         shared_neurons=per_layer(shared_expert_neurons),
+        model_fingerprint=weights_fingerprint(model),
     )
 
 

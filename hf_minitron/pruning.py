@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architectures import get_architecture, get_decoder_layers
+from .architectures import check_causal_lm, get_architecture, get_decoder_layers
 from .data import take_samples
 from .importance import ImportanceScores, estimate_importance, magnitude_importance, model_shape, random_importance
 from .io import atomic_write_json
@@ -60,11 +60,18 @@ class PruningRecord:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PruningRecord":
-        with open(os.path.join(directory, PRUNING_RECORD_NAME), encoding="utf-8") as f:
-            data = json.load(f)
-        for key in _LAYER_KEYED:
-            data[key] = {int(i): v for i, v in data.get(key, {}).items()}
-        return cls(**data)
+        path = os.path.join(directory, PRUNING_RECORD_NAME)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            for key in _LAYER_KEYED:
+                data[key] = {int(i): v for i, v in data.get(key, {}).items()}
+            return cls(**data)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(
+                f"{path!r} is not a valid pruning record ({error}): it was truncated or edited by hand. prune_model "
+                "writes it with the pruned model; prune again to get it back."
+            ) from None
 
 
 _MOE_KEYED = ("experts", "expert_neurons", "shared_neurons")
@@ -173,13 +180,19 @@ def prune_model(
     """
     if not isinstance(config, PrunedConfig):
         raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
+    check_causal_lm(model, "prune_model")
     check_not_offloaded(model)
     spec = get_architecture(model.config)
     target = config.resolve(model.config)  # every ValueError before any forward pass
     check_target_loads(model.config, target)
     source = model_shape(model.config)
     if scores is not None:
-        scores.check_compatible(model.config)
+        if not isinstance(scores, ImportanceScores):
+            raise TypeError(
+                f"scores must be ImportanceScores (from estimate_importance or ImportanceScores.load), got "
+                f"{type(scores).__name__}."
+            )
+        scores.check_compatible(model.config, model)
     num_to_drop = source["num_hidden_layers"] - target["num_hidden_layers"]
     needs_samples = (
         num_to_drop > 0
@@ -212,7 +225,11 @@ def prune_model(
         if config.importance != "activation" and depth_method != "block_influence":
             depth_method = "block_influence"  # the baselines rank layers by their own static scores
         samples = (
-            take_samples(calibration_data, config.depth_calibration_samples) if calibration_data is not None else None
+            take_samples(
+                calibration_data, config.depth_calibration_samples, model.get_input_embeddings().num_embeddings
+            )
+            if calibration_data is not None
+            else None
         )
         dropped = select_layers_to_drop(
             model,

@@ -161,15 +161,18 @@ class PrunedConfig:
                 )
         if not isinstance(self.head_merge, bool):
             raise ValueError(f"PrunedConfig.head_merge={self.head_merge!r} is invalid: expected true or false.")
-        for name in ("calibration_samples", "calibration_batch_size", "calibration_seq_length"):
+        for name in (
+            "calibration_samples",
+            "calibration_batch_size",
+            "calibration_seq_length",
+            "depth_calibration_samples",
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            # bool is an int in Python: `calibration_samples: true` in a YAML is a typo, not 1 sample.
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PrunedConfig.{name}={value!r} is invalid: expected a positive integer.")
-        if not isinstance(self.depth_calibration_samples, int) or self.depth_calibration_samples <= 0:
-            raise ValueError(
-                f"PrunedConfig.depth_calibration_samples={self.depth_calibration_samples!r} is invalid: expected a "
-                "positive integer."
-            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"PrunedConfig.seed={self.seed!r} is invalid: expected an integer.")
         if self.depth_method == "explicit" and not self.layers_to_drop:
             raise ValueError(
                 "PrunedConfig.depth_method='explicit' needs layers_to_drop: pass the 0-based layer indices to remove, "
@@ -304,13 +307,16 @@ class PrunedConfig:
             path = os.path.join(path, PRUNED_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No PrunedConfig file at {path!r}: pass a JSON/YAML file or a pruned checkpoint.")
-        with open(path, encoding="utf-8") as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
+        import yaml
 
-                data = yaml.safe_load(f) or {}
-            else:
-                data = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = (yaml.safe_load(f) or {}) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path!r} is not a valid PrunedConfig file ({error}): it was truncated or edited by hand. Fix it, or "
+                "write it again with PrunedConfig(...).save_pretrained(dir)."
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"{path!r} must hold a mapping of PrunedConfig fields, got {type(data).__name__}.")
         return cls.from_dict(data)

@@ -654,7 +654,7 @@ def search_architectures(
             "scores=..., or set SearchConfig.pruning={'importance': 'magnitude'}."
         )
     if scores is not None:
-        scores.check_compatible(teacher.config)
+        scores.check_compatible(teacher.config, teacher)
     template = distillation_config
     if template is None and config.retrain_steps > 0:
         template = default_retraining_config(tempfile.gettempdir())
@@ -686,7 +686,7 @@ def search_architectures(
         # 2. One importance pass (reused from output_dir on a rerun).
         if scores is None and root is not None and (root / "importance" / "importance.json").is_file():
             scores = ImportanceScores.load(root / "importance")
-            scores.check_compatible(teacher.config)
+            scores.check_compatible(teacher.config, teacher)
         if scores is None:
             scores = compute_scores(teacher, base_config, calibration_data, show_progress)
             if root is not None:
