@@ -28,9 +28,10 @@ class ArchitectureSpec:
             A fused `[gate (intermediate), up (intermediate)]` projection (Phi-3).
         down_proj (`str`):
             MLP output projection. Its *input* carries the neuron activations used for neuron importance.
-        attn_input_norm, mlp_input_norm (`str`):
+        attn_input_norm, mlp_input_norm (`str` or `None`):
             The norms whose outputs feed attention and the MLP: their outputs give embedding-channel importance
-            (paper 1, §2.2).
+            (paper 1, §2.2). `None` for post-norm families (OLMo 2/3, EXAONE 4): the inputs of attention and the MLP
+            are scored instead.
         residual_norms (`tuple[str, ...]`):
             Every per-layer norm over the hidden size (all are sliced when hidden channels are pruned).
         embedding_scale_sqrt_hidden (`bool`):
@@ -70,8 +71,8 @@ class ArchitectureSpec:
     down_proj: str = "down_proj"
     attention: str | None = "self_attn"
     mlp: str | None = "mlp"
-    attn_input_norm: str = "input_layernorm"
-    mlp_input_norm: str = "post_attention_layernorm"
+    attn_input_norm: str | None = "input_layernorm"
+    mlp_input_norm: str | None = "post_attention_layernorm"
     residual_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     embedding_scale_sqrt_hidden: bool = False
     attention_head_parameters: tuple[str, ...] = ()
@@ -121,6 +122,67 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         gate_up_proj="gate_up_proj",
         notes="fused qkv_proj and gate_up_proj",
     ),
+    # Dense families of 2025-2026.
+    "gemma3_text": ArchitectureSpec(
+        mlp_input_norm="pre_feedforward_layernorm",
+        embedding_scale_sqrt_hidden=True,
+        residual_norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+        notes="Gemma 3 text: sandwich norms, q/k norms over head_dim, head_dim independent of hidden, sliding/full",
+    ),
+    "smollm3": ArchitectureSpec(notes="no_rope_layers is per layer: depth pruning slices it with the layers"),
+    "olmo2": ArchitectureSpec(
+        attn_input_norm=None,
+        mlp_input_norm=None,
+        residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        qk_norm_over_heads=True,
+        notes="post-norm blocks; q_norm/k_norm over all heads x head_dim, sliced with the heads",
+    ),
+    "olmo3": ArchitectureSpec(
+        attn_input_norm=None,
+        mlp_input_norm=None,
+        residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        qk_norm_over_heads=True,
+        notes="as OLMo 2, with sliding/full layer_types",
+    ),
+    "exaone4": ArchitectureSpec(
+        attn_input_norm=None,
+        mlp_input_norm=None,
+        residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        notes="post-norm blocks; q_norm/k_norm over head_dim",
+    ),
+    "granite": ArchitectureSpec(
+        notes="embedding/residual/attention multipliers and logits scaling kept in the config"
+    ),
+    "glm4": ArchitectureSpec(
+        gate_proj=None,
+        up_proj=None,
+        gate_up_proj="gate_up_proj",
+        residual_norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "post_self_attn_layernorm",
+            "post_mlp_layernorm",
+        ),
+        notes="fused gate_up_proj; four norms per layer; q/k/v biases",
+    ),
+    "cohere2": ArchitectureSpec(
+        mlp_input_norm="input_layernorm",
+        residual_norms=("input_layernorm",),
+        notes="parallel attention and MLP reading one input_layernorm; logit_scale kept",
+    ),
+    "apertus": ArchitectureSpec(
+        gate_proj=None,
+        attn_input_norm="attention_layernorm",
+        mlp_input_norm="feedforward_layernorm",
+        residual_norms=("attention_layernorm", "feedforward_layernorm"),
+        notes="non-gated xIELU MLP; q/k norms over head_dim",
+    ),
+    "arcee": ArchitectureSpec(gate_proj=None, notes="non-gated ReLU^2 MLP"),
     # Mixture-of-Experts families: every decoder layer's feed-forward block is a sparse MoE block.
     "mixtral": ArchitectureSpec(
         mlp=None,

@@ -12,6 +12,19 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 
 ARCHITECTURE_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "nemotron", "phi3"]
+# The dense families of 2025-2026 (issue 14): a spec entry each, the same tiny-model tests.
+ARCHITECTURE_NAMES += [
+    "gemma3_text",
+    "smollm3",
+    "olmo2",
+    "olmo3",
+    "exaone4",
+    "granite",
+    "glm4",
+    "cohere2",
+    "apertus",
+    "arcee",
+]
 MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 VOCAB_SIZE = 96
 # Tiny MoE shapes: 4 routed experts of width 24, 2 per token (each family names its fields its own way).
@@ -47,8 +60,13 @@ def tiny_config(model_type: str = "llama", **overrides):
         bos_token_id=1,
         eos_token_id=2,
     )
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "gemma3_text"):
         kwargs.update(sliding_window=8, query_pre_attn_scalar=8)
+    if model_type in ("gemma3_text", "olmo3", "cohere2", "exaone4"):
+        # Alternate sliding and full attention, so depth pruning has a pattern to keep.
+        kwargs.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    if model_type == "smollm3":
+        kwargs.update(no_rope_layers=[1, 1, 1, 0])
     kwargs.update(MOE_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)

@@ -28,20 +28,32 @@ def _others(spec):
 
 
 def hooks(collector, index: int, layer) -> list:
+    """The outputs of the norms feeding attention and the MLP; for post-norm families (OLMo 2, EXAONE 4), which have
+    no such norm, the inputs of attention and the MLP themselves (the residual stream they read)."""
     spec = collector.spec
     handles = []
-    for slot, norm in enumerate((spec.attn_input_norm, spec.mlp_input_norm)):
+    sources = ((spec.attn_input_norm, spec.attention), (spec.mlp_input_norm, spec.mlp or spec.moe))
+    for slot, (norm, block) in enumerate(sources):
         store = collector.store(KEY, index, slot)
 
         def norm_hook(module, args, output, store=store):
             add_per_sample(store, output, collector.sample_mask, collector.how)
 
-        handles.append(getattr(layer, norm).register_forward_hook(norm_hook))
+        def input_hook(module, args, kwargs, store=store):
+            x = args[0] if args else kwargs["hidden_states"]
+            add_per_sample(store, x, collector.sample_mask, collector.how)
+
+        if norm is not None:
+            handles.append(getattr(layer, norm).register_forward_hook(norm_hook))
+        else:
+            handles.append(getattr(layer, block).register_forward_pre_hook(input_hook, with_kwargs=True))
     return handles
 
 
 def sites(spec) -> list[tuple[int, str, int, str]]:
-    return [(0, KEY, 0, f"output of {spec.attn_input_norm}"), (2, KEY, 1, f"output of {spec.mlp_input_norm}")]
+    first = f"output of {spec.attn_input_norm}" if spec.attn_input_norm else f"input of {spec.attention}"
+    second = f"output of {spec.mlp_input_norm}" if spec.mlp_input_norm else f"input of {spec.mlp or spec.moe}"
+    return [(0, KEY, 0, first), (2, KEY, 1, second)]
 
 
 def scores_per_layer(importance, batch_aggregation: str) -> torch.Tensor:
