@@ -6,10 +6,16 @@ module loads one or two checkpoints, runs them through [`~hf_minitron.evaluation
 [`~hf_minitron.evaluation.compare_models`] (lm-eval tasks, optional held-out perplexity) and writes one JSON file.
 """
 
+import json
+import logging
+import math
 from dataclasses import dataclass, field
 
 from .data import EMBEDDED_CORPUS
-from .validation import check_sequence_length, load_model_config
+from .validation import check_same_tokenizer, check_sequence_length, load_model_config
+
+
+logger = logging.getLogger(__name__)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -21,7 +27,9 @@ class EvaluateArguments:
 
     Args:
         model (`str`): the checkpoint to evaluate (the student), or `embedded`.
-        teacher (`str`, *optional*): a second checkpoint to compare with (the teacher); both must share a tokenizer.
+        teacher (`str`, *optional*): a second checkpoint to compare with (the teacher). A teacher with another
+            tokenizer is evaluated with its own on the lm-eval tasks; held-out perplexity (per token) is then refused,
+            as it cannot be compared across tokenizers.
         tasks (`str`, *optional*, defaults to `"pydoc_topics"`): comma-separated lm-eval tasks (`pydoc_topics` runs
             offline; the papers' benchmarks are downloaded by lm-eval); `""` for held-out perplexity only.
         num_fewshot (`int`, *optional*): shots for every task; each task's default when unset.
@@ -32,7 +40,8 @@ class EvaluateArguments:
         text_column (`str`, *optional*, defaults to `"text"`): column holding the held-out text.
         seq_length (`int`, *optional*, defaults to `256`): packed length of the held-out samples.
         max_eval_samples (`int`, *optional*, defaults to `64`): held-out samples.
-        output_file (`str`, *optional*, defaults to `"outputs/evaluation.json"`): where the JSON result is written.
+        output_file (`str`, *optional*, defaults to `"outputs/evaluation.json"`): where the JSON result is written;
+            an existing file there is replaced only if it is an earlier result (a JSON object of this command).
         dtype (`str`, *optional*, defaults to `"float32"`): dtype to load the models in.
     """
 
@@ -62,7 +71,7 @@ class EvaluateArguments:
                 f"tasks={self.tasks!r} names no task and heldout_dataset is unset: nothing to evaluate. Name lm-eval "
                 f"tasks (e.g. 'pydoc_topics') or set heldout_dataset (e.g. '{EMBEDDED_CORPUS}')."
             )
-        if self.limit is not None and self.limit <= 0:
+        if self.limit is not None and not 0 < self.limit < math.inf:
             raise ValueError(f"limit={self.limit} is invalid: use a positive count, a fraction in (0, 1), or None.")
 
 
@@ -76,8 +85,6 @@ def evaluate_checkpoints(args: EvaluateArguments, show_progress: bool = True) ->
         `dict`: the [`~hf_minitron.evaluation.compare_models`] output with a teacher, else
         `{"model": name, "results": ..., "heldout": ...}`.
     """
-    import json
-
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,18 +98,39 @@ def evaluate_checkpoints(args: EvaluateArguments, show_progress: bool = True) ->
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
 
-        def load(name):
-            path = resolve_model_path(name)
-            return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)), path
+        def load(path):
+            # trust_remote_code=False: a checkpoint's own modeling code is never run (nor asked about on stdin).
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, args.dtype), trust_remote_code=False
+            )
 
-        # Both checkpoints are checked before either is loaded: a bad teacher path must not cost a student load.
+        # The output, both checkpoints and both tokenizers are checked before any weights are loaded.
+        _check_results_file(args.output_file)
         for name in (args.model, args.teacher):
             if name is not None:
                 model_config = load_model_config(resolve_model_path(name))
                 if args.heldout_dataset is not None:
                     check_sequence_length(model_config, args.seq_length, "EvaluateArguments.seq_length")
-        student, student_path = load(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(student_path)
+        student_path = resolve_model_path(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=False)
+        teacher_tokenizer = None
+        if args.teacher is not None:
+            teacher_path = resolve_model_path(args.teacher)
+            teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=False)
+            try:
+                check_same_tokenizer(tokenizer, teacher_tokenizer, args.model, args.teacher)
+                teacher_tokenizer = None  # shared: one tokenizer for both
+            except ValueError:
+                if args.heldout_dataset is not None:
+                    raise ValueError(
+                        f"The teacher {args.teacher!r} has another tokenizer than {args.model!r}: held-out perplexity "
+                        "is per token, so the two cannot be compared on heldout_dataset. Drop --heldout_dataset to "
+                        "compare them on the lm-eval tasks (each with its own tokenizer), or evaluate each alone."
+                    ) from None
+                logger.warning(
+                    "%s and %s have different tokenizers: each is evaluated with its own.", args.model, args.teacher
+                )
+        student = load(student_path)
         heldout = None
         if args.heldout_dataset is not None:
             data = load_text_datasets(
@@ -131,11 +159,12 @@ def evaluate_checkpoints(args: EvaluateArguments, show_progress: bool = True) ->
                 if heldout is not None:
                     print(f"held-out perplexity: {result['heldout']['perplexity']:.3f}")
         else:
-            teacher, _ = load(args.teacher)
+            teacher = load(teacher_path)
             result = compare_models(
                 teacher,
                 student,
                 tokenizer,
+                teacher_tokenizer=teacher_tokenizer,
                 heldout_dataset=heldout,
                 teacher_name=args.teacher,
                 student_name=args.model,
@@ -149,3 +178,21 @@ def evaluate_checkpoints(args: EvaluateArguments, show_progress: bool = True) ->
         with open(args.output_file, encoding="utf-8") as f:
             result = json.load(f)
     return result
+
+
+def _check_results_file(path: str) -> None:
+    """`path` must be writable and hold no file but an earlier result: `--output_file notes.txt` must not replace it."""
+    from .io import check_output_file
+
+    path = check_output_file(path)
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        previous = None
+    if not (isinstance(previous, dict) and ("models" in previous or "model" in previous)):
+        raise FileExistsError(
+            f"Output file {str(path)!r} exists and is not an earlier evaluation result (a JSON object written by "
+            "hf-minitron evaluate): refusing to replace it. Choose another --output_file."
+        )

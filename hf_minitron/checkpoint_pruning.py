@@ -7,12 +7,12 @@ from pathlib import Path
 
 from .architectures import get_architecture
 from .data import EMBEDDED_CORPUS, load_texts, pack_texts
-from .io import atomic_directory, check_free_space, check_output_dir
+from .io import atomic_directory, check_free_space, check_not_overlapping, check_output_dir
 from .parameter_count import count_parameters
 from .pruning import check_not_offloaded, check_target_loads, compute_scores, prune_model
 from .pruning_config import PrunedConfig
 from .summary import print_comparison, shape_summary
-from .validation import check_sequence_length, load_model_config
+from .validation import check_finite_weights, check_sequence_length, load_model_config
 
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ class PruneArguments:
         text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
         calibration_split (`str`, *optional*, defaults to `"train"`): split of the calibration data.
         dtype (`str`, *optional*, defaults to `"float32"`): dtype to load the model in.
-        overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty output directory.
+        overwrite (`bool`, *optional*, defaults to `False`): replace an earlier output of hf-minitron there (a
+            folder holding its `.hf_minitron_output.json` marker and only the files it lists); any other non-empty
+            folder is refused even with it.
         save_scores (`bool`, *optional*, defaults to `True`): also write the importance scores (`importance/`).
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow custom modeling code from the Hub.
         device_map (`str`, *optional*): `from_pretrained`'s device map, e.g. `"auto"` to spread a large model over
@@ -47,7 +49,9 @@ class PruneArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     calibration_split: str = field(default="train", metadata={"help": "Split of the calibration data."})
     dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16 or float16."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an earlier hf-minitron output there (never another folder)."}
+    )
     save_scores: bool = field(default=True, metadata={"help": "Write the importance scores next to the model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
     device_map: str | None = field(
@@ -68,8 +72,9 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
 
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={args.dtype!r} is not supported: use float32, bfloat16 or float16.")
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, sources=[args.model])
     model_path = resolve_model_path(args.model)
+    check_not_overlapping(args.output, model_path, "the source model")
     model_config = load_model_config(model_path, trust_remote_code=args.trust_remote_code)
     get_architecture(model_config)
     target = config.resolve(model_config)
@@ -111,6 +116,7 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     if state.is_main_process:
         with atomic_directory(args.output, overwrite=args.overwrite, expected_bytes=expected_bytes) as tmp:
             model.save_pretrained(tmp)
+            check_finite_weights(tmp)  # a NaN teacher gives a NaN student: never written as a result
             tokenizer.save_pretrained(tmp)
             if scores is not None and args.save_scores:
                 scores.save(Path(tmp) / "importance")

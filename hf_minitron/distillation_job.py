@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .data import TextDataArguments
 from .distillation_config import DistillationConfig
-from .io import atomic_save_model, resume_checkpoint
+from .io import atomic_save_model, check_not_overlapping, check_output_dir, resume_checkpoint
 from .validation import check_same_tokenizer, check_sequence_length, load_model_config
 
 
@@ -53,15 +53,21 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     teacher_path = resolve_model_path(teacher) if isinstance(teacher, str) else None
     # Everything that can be checked from configs and tokenizers fails here, before data packing and weights.
     args.check_steps(config.max_steps)
+    final_model_dir = args.final_model_dir or os.path.join(config.output_dir, "final")
+    check_output_dir(final_model_dir, overwrite=True, sources=[student_path, teacher_path])
+    for source, what in ((student_path, "the student"), (teacher_path, "the teacher")):
+        check_not_overlapping(config.output_dir, source, what)
     student_config = load_model_config(student_path)
     check_sequence_length(student_config, args.seq_length, "DistillArguments.seq_length")
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    # Custom modeling code in a checkpoint is never run from here: transformers would otherwise ask on stdin.
+    tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=False)
     if teacher_path is not None:
         load_model_config(teacher_path)
-        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher_path), args.student, teacher)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=False)
+        check_same_tokenizer(tokenizer, teacher_tokenizer, args.student, teacher)
     data = args.load_datasets(tokenizer)
     trainer = DistillationTrainer(
-        model=AutoModelForCausalLM.from_pretrained(student_path),
+        model=AutoModelForCausalLM.from_pretrained(student_path, trust_remote_code=False),
         teacher_model=teacher,
         args=config,
         train_dataset=data["train"],
@@ -71,5 +77,5 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
     trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     # Gathers FSDP / ZeRO-3 shards; the main process writes a temporary sibling and renames it into place.
-    atomic_save_model(trainer, args.final_model_dir or os.path.join(config.output_dir, "final"))
+    atomic_save_model(trainer, final_model_dir)
     return trainer

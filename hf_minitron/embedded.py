@@ -45,8 +45,8 @@ def default_teacher_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_directory()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE, trust_remote_code=False)
     # The weights are de-quantized to fp32 on load: drop the GGUF bookkeeping so this is a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -61,9 +61,11 @@ def default_teacher_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Maps the aliases of the embedded teacher (`embedded`, `smollm2`) to its cached checkpoint."""
+    """Maps the aliases of the embedded teacher (`embedded`, `smollm2`) to its cached checkpoint, and expands `~`."""
     if name_or_path in EMBEDDED_ALIASES:
         return str(default_teacher_path())
+    if isinstance(name_or_path, str) and name_or_path.startswith("~"):
+        return os.path.expanduser(name_or_path)
     return name_or_path
 
 
@@ -72,4 +74,6 @@ def load_default_teacher(**kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_teacher_path()
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
+    trust_remote_code = kwargs.pop("trust_remote_code", False)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -259,15 +259,20 @@ def compare_models(
     teacher_name: str = "teacher",
     student_name: str = "student",
     output_file: str | os.PathLike | None = None,
+    teacher_tokenizer=None,
     **evaluate_kwargs,
 ) -> dict:
     """Evaluates teacher and student on the same tasks (and held-out data) and returns them side by side.
 
     Args:
         teacher, student (`PreTrainedModel`):
-            The models to compare. They must share `tokenizer` (pruning keeps the vocabulary).
+            The models to compare. They share `tokenizer` (pruning keeps the vocabulary) unless `teacher_tokenizer`
+            is given.
         tokenizer (`PreTrainedTokenizerBase`):
-            The shared tokenizer.
+            The shared tokenizer (the student's).
+        teacher_tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The teacher's own tokenizer when it differs from the student's: the teacher's tasks are run with it.
+            Held-out perplexity (per token) is then refused, as it is not comparable across tokenizers.
         tasks, num_fewshot, limit, batch_size:
             As in `evaluate_model`.
         heldout_dataset (`datasets.Dataset` or `list[dict]`, *optional*):
@@ -287,14 +292,23 @@ def compare_models(
     """
     # No tasks is allowed when held-out data is given: the comparison is then held-out perplexity only.
     task_list = _as_task_list(tasks) if (tasks or heldout_dataset is None) else []
+    if teacher_tokenizer is not None and heldout_dataset is not None:
+        raise ValueError(
+            "compare_models got a teacher_tokenizer (the models tokenize differently) and a heldout_dataset: "
+            "perplexity per token cannot be compared across tokenizers. Drop heldout_dataset, or evaluate each alone."
+        )
     task_manager = evaluate_kwargs.pop("task_manager", None) or (get_task_manager(task_list) if task_list else None)
     comparison = {"tasks": {}, "models": {}}
-    for role, model, name in (("teacher", teacher, teacher_name), ("student", student, student_name)):
+    models = (
+        ("teacher", teacher, teacher_name, teacher_tokenizer or tokenizer),
+        ("student", student, student_name, tokenizer),
+    )
+    for role, model, name, model_tokenizer in models:
         results = {}
         if task_list:
             results = evaluate_model(
                 model,
-                tokenizer,
+                model_tokenizer,
                 tasks=task_list,
                 num_fewshot=num_fewshot,
                 limit=limit,

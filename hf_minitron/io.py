@@ -5,11 +5,19 @@ Every file and directory we write appears whole or not at all: it is written int
 plus that sibling, never a half-written output that loads. The next write of the same target removes siblings left by
 dead processes ([`remove_stale_temporaries`]).
 
+Every directory we commit holds a marker, `.hf_minitron_output.json`, listing the files we wrote. `overwrite=True`
+replaces only such a directory, and only while it holds nothing but those files: a folder we did not write (a home
+directory, a project with its own `config.json`), or one of ours into which someone put other files, is refused
+whatever the flag says. The commit itself never replaces a directory that appeared after the up-front check (a
+no-replace rename), and a result that cannot be moved into place is kept in a visible sibling whose path the error
+names.
+
 Trainer checkpoints (`checkpoint-N`) are written in place by `transformers`; [`last_checkpoint`] skips one that a kill
 interrupted mid-save, and [`resume_checkpoint`] makes every training entry point continue an interrupted run when it
 is rerun with the same command.
 """
 
+import ctypes
 import errno
 import json
 import logging
@@ -17,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-# A directory holding one of these was written by us or by transformers: `overwrite=True` may replace it. Anything
-# else (a home directory, a dataset) is never deleted, whatever the flag says.
-_OUTPUT_MARKERS = ("config.json", "*.safetensors")
+# Written into every directory we commit, listing its files: `overwrite=True` replaces a directory only when this
+# marker shows we wrote it and it holds nothing else. A `config.json` or `*.safetensors` proves nothing (issue 16: a
+# project folder with an app config.json was wiped).
+OUTPUT_MARKER = ".hf_minitron_output.json"
 
 
 # ------------------------------------------------------------------------------------------------ temporaries
@@ -80,35 +90,244 @@ def remove_stale_temporaries(target: str | os.PathLike) -> None:
             _remove(entry)
 
 
-def _commit_directory(tmp: Path, target: Path) -> None:
-    """Renames the finished `tmp` onto `target`, replacing any previous `target`."""
+# ------------------------------------------------------------------------------------------------ output paths
+def resolve_output_path(path: str | os.PathLike) -> Path:
+    """The real path an output will be written to: `~` expanded and symlinks resolved, as model paths are.
+
+    A symlinked output is written where the link points (the link keeps pointing at the new output); a dangling link
+    is refused rather than replaced by a real folder.
+    """
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(
+            f"Output path {str(path)!r} is a symlink to {os.readlink(path)!r}, which does not exist: create the "
+            "link's target first, or pass a real path."
+        )
+    return Path(os.path.realpath(path))
+
+
+def _writable_ancestor(target: Path) -> Path:
+    """The nearest existing ancestor of `target`, which must be a writable directory on a writable filesystem."""
+    where = target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"Cannot write {str(target)!r}: {str(where)!r} is a file, not a directory. Choose another output path",
+        )
+    read_only = hasattr(os, "statvfs") and os.statvfs(where).f_flag & os.ST_RDONLY
+    if read_only or not os.access(where, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EROFS if read_only else errno.EACCES,
+            f"Cannot write {str(target)!r}: {str(where)!r} is "
+            f"{'on a read-only filesystem' if read_only else 'not writable'}. Choose an output path you can write to",
+        )
+    return where
+
+
+def check_not_overlapping(output: str | os.PathLike, source: str | os.PathLike | None, what: str) -> None:
+    """Refuses an `output` that is the local `source` folder (e.g. the teacher), inside it, or a parent of it.
+
+    Replacing such an output would replace (or delete) the source itself. Hub ids and missing paths are ignored.
+    """
+    if source is None or not os.path.exists(os.path.expanduser(os.fspath(source))):
+        return
+    out = resolve_output_path(output)
+    src = Path(os.path.realpath(os.path.expanduser(os.fspath(source))))
+    if out == src or src in out.parents or out in src.parents:
+        relation = "is" if out == src else ("is inside" if src in out.parents else "contains")
+        raise ValueError(
+            f"Output {str(output)!r} {relation} {what} {str(source)!r} ({src}): writing it would replace or delete "
+            f"{what}. Choose an output path outside {str(src)!r} that does not contain it."
+        )
+
+
+def _marker_files(directory: Path) -> set[str] | None:
+    """The files our marker in `directory` lists, or `None` when it has no valid marker."""
+    try:
+        marker = json.loads((directory / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("written_by") != "hf-minitron":
+        return None
+    files = marker.get("files")
+    return set(files) if isinstance(files, list) else None
+
+
+def _files_under(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def is_own_output(directory: str | os.PathLike) -> bool:
+    """Whether `directory` was committed by hf-minitron and holds only the files it wrote (so it may be replaced)."""
+    directory = Path(directory)
+    listed = _marker_files(directory)
+    return listed is not None and set(_files_under(directory)) <= listed | {OUTPUT_MARKER}
+
+
+def _write_marker(directory: Path) -> None:
+    # A nested output (scores inside a model folder) already has its own marker: this one replaces it at the top.
+    (directory / OUTPUT_MARKER).unlink(missing_ok=True)
+    files = [name for name in _files_under(directory) if name != OUTPUT_MARKER]
+    marker = {"written_by": "hf-minitron", "note": "hf-minitron may replace this folder (--overwrite)", "files": files}
+    (directory / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def _refuse_replacing(target: Path, overwrite: bool) -> None:
+    """Raises `FileExistsError` unless the existing `target` may be replaced: empty, or ours with `overwrite`."""
+    if not target.is_dir() or target.is_symlink():
+        raise FileExistsError(
+            errno.EEXIST, f"Output path {str(target)!r} exists and is not a directory: choose a directory path."
+        )
+    if not any(target.iterdir()):
+        return
+    listed = _marker_files(target)
+    # "Not ours" first: suggesting --overwrite for a folder that --overwrite would refuse sends the user in a circle.
+    if listed is None:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"Output directory {str(target)!r} exists, is not empty and does not look like a model output written by "
+            f"hf-minitron (no {OUTPUT_MARKER}): refusing to replace it even with --overwrite, since that would delete "
+            "its files. Remove it yourself if it is disposable, or choose another directory.",
+        )
+    foreign = [name for name in _files_under(target) if name not in listed and name != OUTPUT_MARKER]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            errno.EEXIST,
+            f"Output directory {str(target)!r} was written by hf-minitron but now also holds files it did not write "
+            f"({shown}): refusing to replace it even with --overwrite, since that would delete them. Move them out, or "
+            "choose another directory.",
+        )
+    if not overwrite:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"Output directory {str(target)!r} exists and is not empty: pass --overwrite (overwrite=True) to replace "
+            "it, or choose another directory.",
+        )
+
+
+def check_output_dir(target: str | os.PathLike, overwrite: bool = False, sources=()) -> None:
+    """The checks of `atomic_directory`, run up front so that bad paths fail before any expensive work.
+
+    `target` must be a directory we may replace (missing, empty, or our own output with `overwrite`), not a mount
+    point, writable, and neither be, nor be inside, nor contain any of the local `sources` (the models it is made
+    from).
+    """
+    original = target
+    target = resolve_output_path(target)
+    for source in sources:
+        check_not_overlapping(original, source, "the source model")
+    if os.path.ismount(target):
+        raise OSError(
+            errno.EBUSY,
+            f"Output {str(original)!r} is a mount point, which cannot be replaced by a rename: write into a folder "
+            f"inside it, e.g. {str(target / 'output')!r}",
+        )
+    if os.path.lexists(target):
+        _refuse_replacing(target, overwrite)
+    _writable_ancestor(target)
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Up-front checks of a file output (e.g. a results JSON): not a directory, in a writable place. Returns its real
+    path."""
+    original = path
+    path = resolve_output_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"Output file {str(original)!r} is an existing directory: pass a file path, e.g. "
+            f"{str(Path(original) / 'results.json')!r}",
+        )
+    _writable_ancestor(path)
+    return path
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a libc older than glibc 2.28
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    return function
+
+
+def _rename_noreplace(source: Path, target: Path) -> None:
+    """Renames `source` onto `target`, failing with `FileExistsError` when `target` exists, atomically.
+
+    Linux's `renameat2(RENAME_NOREPLACE)` checks and renames in one step. Where it is missing (or the filesystem does
+    not support it), `rename(2)` still refuses to replace a non-empty directory, and we only ever commit non-empty
+    ones (the marker), so two writers cannot both win; only an empty directory created meanwhile would be replaced.
+    """
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target) and not (target.is_dir() and not any(target.iterdir())):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    try:
+        os.rename(source, target)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from error
+        raise
+
+
+def _keep_visible(tmp: Path, target: Path) -> Path:
+    """Moves a finished result that could not be committed to a visible sibling of `target` (the next run would remove
+    a hidden temporary); returns where it is."""
+    keep = target.with_name(f"{target.name}.unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        os.rename(tmp, keep)
+    except OSError:
+        return tmp
+    return keep
+
+
+def _commit_directory(tmp: Path, target: Path, overwrite: bool = False) -> None:
+    """Renames the finished `tmp` onto `target`: never onto a directory that appeared (or changed) after the up-front
+    check, and never leaving the only copy of the result hidden."""
+    _write_marker(tmp)
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700 directories
     backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None:
-    """The checks of `atomic_directory`, run up front so bad paths fail before any expensive work."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"Output path {str(target)!r} exists and is a file: choose a directory path.")
-    # "Not ours" first: suggesting --overwrite for a folder that --overwrite would refuse sends the user in a circle.
-    if target.is_dir() and any(target.iterdir()) and not any(any(target.glob(m)) for m in _OUTPUT_MARKERS):
-        raise FileExistsError(
-            f"Output directory {str(target)!r} exists, is not empty and does not look like a model output (no "
-            "config.json or *.safetensors): refusing to replace it even with --overwrite, since that would delete its "
-            "files. Remove it yourself if it is disposable, or choose another directory."
-        )
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output directory {str(target)!r} exists and is not empty: pass --overwrite (overwrite=True) to replace "
-            "it, or choose another directory."
-        )
+    try:
+        if os.path.lexists(target):
+            # The up-front check may be hours old: another run may have written `target` since.
+            _refuse_replacing(target, overwrite)
+            if any(target.iterdir()):
+                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, backup)
+            else:
+                os.rmdir(target)  # empty: nothing to keep; fails (and is reported) if it was filled meanwhile
+        _rename_noreplace(tmp, target)
+    except OSError as error:
+        if backup is not None and not os.path.lexists(target):
+            os.rename(backup, target)
+            backup = None
+        kept = _keep_visible(tmp, target)
+        if isinstance(error, FileExistsError):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{str(target)!r} was written by someone else (another run with the same output?) while this result "
+                f"was being made, and was left as it is ({error.strerror}). This result is kept at {str(kept)!r}",
+            ) from error
+        raise OSError(
+            error.errno,
+            f"Could not move the finished result into {str(target)!r} ({error.strerror or error}). It is kept at "
+            f"{str(kept)!r}: move it there yourself",
+        ) from error
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def format_bytes(size: float) -> str:
@@ -167,12 +386,14 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, expecte
     """Yields a temporary sibling of `target` to write into; on success it replaces `target` by a rename.
 
     An interrupted write leaves the previous `target` (or nothing) and a hidden `.{name}.tmp-{pid}-*` sibling, never a
-    half-written `target`; the next write of `target` removes that sibling. A non-empty existing `target` is refused
-    unless `overwrite=True`, and even then unless it looks like a model output. With `expected_bytes`, a filesystem
-    with less free space fails before the first write; a full disk during the write raises `OSError(ENOSPC)` naming
-    `target`, after removing the partial write.
+    half-written `target`; the next write of `target` removes that sibling. `target` is resolved as
+    [`resolve_output_path`] does (`~`, symlinks). A non-empty existing `target` is refused unless `overwrite=True`,
+    and even then unless it is an output we wrote holding only our files ([`is_own_output`]); a `target` written by
+    someone else during the write is left alone and the result kept in a visible sibling (the error names it). With
+    `expected_bytes`, a filesystem with less free space fails before the first write; a full disk during the write
+    raises `OSError(ENOSPC)` naming `target`, after removing the partial write.
     """
-    target = Path(target).absolute()
+    target = resolve_output_path(target)
     tmp = _new_temporary_directory(target, overwrite)
     if expected_bytes:
         try:
@@ -188,13 +409,17 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, expecte
         if disk_full is not None:
             raise disk_full from error
         raise
-    _commit_directory(tmp, target)
+    _commit_directory(tmp, target, overwrite)
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike):
-    """Yields a temporary sibling path of the file `path` to write; on success it is renamed onto `path`."""
-    path = Path(path).absolute()
+    """Yields a temporary sibling path of the file `path` to write; on success it is renamed onto `path`.
+
+    `path` is resolved as [`resolve_output_path`] does; an existing directory there is refused before the write. If
+    the final rename fails, the written file is kept in a visible sibling that the error names.
+    """
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=path.suffix, dir=path.parent)
@@ -202,10 +427,19 @@ def atomic_file(path: str | os.PathLike):
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+    try:
+        os.replace(tmp, path)
+    except OSError as error:
+        kept = _keep_visible(tmp, path)
+        raise OSError(
+            error.errno,
+            f"Could not move the finished file into {str(path)!r} ({error.strerror or error}). It is kept at "
+            f"{str(kept)!r}: move it there yourself",
+        ) from error
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -280,11 +514,14 @@ def atomic_save_model(trainer, target: str | os.PathLike, write_extra=None) -> N
 
     Every process must call it: `save_model` gathers FSDP / ZeRO-3 shards collectively; only the main process
     writes. `write_extra(tmp)` adds files on the main process before the rename. The Trainer's pickled
-    `training_args.bin` is left out: a final checkpoint holds safetensors and JSON only.
+    `training_args.bin` is left out: a final checkpoint holds safetensors and JSON only. Weights with a NaN or an
+    infinity are never committed (`NonFiniteError`).
     """
     from accelerate.utils import broadcast_object_list
 
-    target = Path(target).absolute()
+    from .validation import check_finite_weights
+
+    target = resolve_output_path(target)
     main = trainer.is_world_process_zero()
     tmp = [str(_new_temporary_directory(target, overwrite=True)) if main else None]
     tmp = Path(broadcast_object_list(tmp, from_process=0)[0])
@@ -292,6 +529,7 @@ def atomic_save_model(trainer, target: str | os.PathLike, write_extra=None) -> N
         trainer.save_model(str(tmp))
         if main:
             (tmp / "training_args.bin").unlink(missing_ok=True)
+            check_finite_weights(tmp)
             if write_extra is not None:
                 write_extra(tmp)
     except BaseException:
@@ -299,5 +537,5 @@ def atomic_save_model(trainer, target: str | os.PathLike, write_extra=None) -> N
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if main:
-        _commit_directory(tmp, target)
+        _commit_directory(tmp, target, overwrite=True)
     trainer.accelerator.wait_for_everyone()

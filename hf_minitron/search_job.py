@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
 from .distillation_config import DistillationConfig
+from .io import check_not_overlapping
 from .search import SearchConfig, enumerate_candidates, search_architectures
 from .search_results import SearchResult
 from .validation import check_sequence_length, load_model_config
@@ -89,6 +90,7 @@ def search_checkpoint(
     # 1. Everything checkable from the configs fails before data packing and weights: the candidates exist in the
     #    budget, the sequence length fits the model.
     model_path = resolve_model_path(args.model_name_or_path)
+    check_not_overlapping(distillation_config.output_dir, model_path, "the teacher")
     model_config = load_model_config(model_path, trust_remote_code=args.trust_remote_code)
     candidates = enumerate_candidates(model_config, config)
     check_sequence_length(model_config, args.seq_length, "SearchArguments.seq_length")

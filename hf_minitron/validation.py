@@ -5,7 +5,9 @@ bad input fails in seconds with an error naming the cause and the fix, instead o
 safetensors or a training loop.
 """
 
+import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -149,6 +151,58 @@ def check_sequence_length(model_config, length: int, field_name: str) -> None:
             f"{limit} were never trained, so importance and losses there are meaningless. Use {field_name} <= "
             f"{limit}."
         )
+
+
+# ---------------------------------------------------------------------------------------------- non-finite numbers
+class NonFiniteError(FloatingPointError):
+    """A loss, a gradient or a weight is NaN or infinite: the model must not be trained on, saved or published."""
+
+
+def check_finite_fields(config, name: str | None = None) -> None:
+    """Refuses a NaN or infinite float in any field of the dataclass `config` (loss weights, temperatures, learning
+    rates): Python's comparisons are all false for NaN, so range checks alone let it through, and training on it
+    writes an all-NaN model."""
+    name = name or type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"{name}.{field.name}={value!r} is invalid: use a finite number (NaN and infinity would make every loss "
+                "and weight NaN)."
+            )
+
+
+def check_finite_weights(directory: str | os.PathLike) -> None:
+    """Refuses a checkpoint folder whose weights (`model.safetensors`, the shards of its index, or a LoRA
+    `adapter_model.safetensors`) hold a NaN or infinite value, reading one tensor at a time. Run before a model is
+    committed, carded or pushed.
+
+    Raises:
+        `NonFiniteError`: naming the file, the tensor and how many values are not finite.
+    """
+    import torch
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    names = {SAFE_WEIGHTS_NAME, "adapter_model.safetensors"}
+    if (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        names |= set(
+            json.loads((directory / SAFE_WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))["weight_map"].values()
+        )
+    for file in sorted(directory / name for name in names if (directory / name).is_file()):
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                if not tensor.is_floating_point():
+                    continue
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise NonFiniteError(
+                        f"{file.name} holds {bad} NaN/infinite values of {tensor.numel()} in {key!r}: the model is broken "
+                        "(training diverged, or a loss weight, temperature or learning rate was not finite), so it is "
+                        "not saved, carded or pushed. Lower the learning rate, check the loss settings and the data, and "
+                        "train again from the last good checkpoint or afresh."
+                    )
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers

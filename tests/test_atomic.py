@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from hf_minitron.cli import main as cli_main
 from hf_minitron.evaluation import save_json
 from hf_minitron.importance import ImportanceScores, estimate_importance
-from hf_minitron.io import atomic_directory, atomic_write_json, remove_stale_temporaries
+from hf_minitron.io import OUTPUT_MARKER, atomic_directory, atomic_write_json, remove_stale_temporaries
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -88,7 +88,7 @@ def test_importance_scores_killed_between_their_two_files(tmp_path):
     for axis in ("heads", "neurons", "hidden"):
         for key, value in getattr(old, axis).items():
             assert torch.equal(getattr(loaded, axis)[key], value)
-    assert sorted(p.name for p in target.iterdir()) == ["importance.json", "importance.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "importance.json", "importance.safetensors"]
     (partial,) = _siblings(target)
     assert partial.name.startswith(f".scores.tmp-{pid}-") and not (partial / "importance.json").exists()
 

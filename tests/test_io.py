@@ -21,7 +21,8 @@ def test_successful_overwrite_replaces_whole_directory(tmp_path):
         (tmp / "config.json").write_text("x")
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "new").write_text("y")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]  # config.json of the old output is gone
+    # config.json of the old output is gone; the marker lists what we wrote
+    assert sorted(p.name for p in target.iterdir()) == [".hf_minitron_output.json", "new"]
 
 
 def test_non_empty_directory_is_refused_without_overwrite(tmp_path):

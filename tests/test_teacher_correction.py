@@ -40,7 +40,12 @@ def test_full_fine_tuning_writes_a_stock_checkpoint(tmp_path):
     corrected = correct_teacher(teacher, _args(tmp_path), _dataset())
     assert all(not torch.equal(p, before[n]) for n, p in corrected.named_parameters())
     directory = tmp_path / "corrected"
-    assert sorted(os.listdir(directory)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(directory)) == [
+        ".hf_minitron_output.json",  # the marker listing what we wrote (io.OUTPUT_MARKER)
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".corrected-")]  # no temporary left
     reloaded = AutoModelForCausalLM.from_pretrained(directory)
     ids = torch.randint(3, 96, (1, 8))
