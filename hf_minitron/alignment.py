@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from torch import nn
 from trl import DPOConfig, SFTConfig
 
-from .io import atomic_directory, resume_checkpoint
+from .hub import keep_token_out_of_pickles
+from .io import atomic_directory, check_not_overlapping, check_output_dir, resume_checkpoint
+from .validation import check_finite_fields, check_finite_weights
 
 
 # ChatML, the format of SmolLM2 / Qwen instruct models, with `{% generation %}` markers around each assistant turn
@@ -247,6 +249,8 @@ class RPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_finite_fields(self)
+        keep_token_out_of_pickles(self)  # checkpoints pickle these arguments (training_args.bin)
         if not 0 < self.beta < math.inf:
             raise ValueError(f"RPOConfig.beta={self.beta!r} is invalid: use a positive value (0.1 is TRL's default).")
         if self.rpo_alpha is None:
@@ -278,15 +282,28 @@ def _load(model, tokenizer, args):
         from .embedded import resolve_model_path
 
         path = resolve_model_path(model)
-        model = AutoModelForCausalLM.from_pretrained(path, **(args.model_init_kwargs or {}))
+        kwargs = dict(args.model_init_kwargs or {})
+        # Explicit, so that transformers never asks on stdin whether to run a checkpoint's own code.
+        trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError(
             "tokenizer=None is invalid with an instantiated model: pass its tokenizer (it formats the chats and is "
             "saved with the aligned checkpoint)."
         )
     return model, tokenizer
+
+
+def _check_outputs(model, args, final_model_dir: str) -> None:
+    """Before any weights are loaded: the result can be written, and neither it nor the checkpoints land in (or
+    around) the input model's folder."""
+    from .embedded import resolve_model_path
+
+    source = resolve_model_path(model) if isinstance(model, str) else None
+    check_output_dir(final_model_dir, overwrite=True, sources=[source])
+    check_not_overlapping(args.output_dir, source, "the input model")
 
 
 def _prepare_chat_template(tokenizer, dataset, chat_template: str | None, needs: str) -> None:
@@ -340,6 +357,7 @@ def _save_final(trainer, tokenizer, final_model_dir: str, merge: bool) -> nn.Mod
     if accelerator.is_main_process:
         with atomic_directory(final_model_dir, overwrite=True) as tmp:
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            check_finite_weights(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     accelerator.wait_for_everyone()
@@ -382,6 +400,10 @@ def run_sft(
     """
     from trl import SFTTrainer
 
+    check_finite_fields(args)  # a NaN learning rate would train silently into an all-NaN model
+    keep_token_out_of_pickles(args)  # checkpoints pickle these arguments (training_args.bin)
+    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
+    _check_outputs(model, args, final_model_dir)
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("messages", "text", "prompt", "input_ids"), "SFT")
     _prepare_chat_template(tokenizer, train_dataset, chat_template, "SFT")
@@ -408,7 +430,6 @@ def run_sft(
     )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
-    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)
 
 
@@ -451,6 +472,10 @@ def run_dpo(
     """
     from trl import DPOTrainer
 
+    check_finite_fields(args)
+    keep_token_out_of_pickles(args)
+    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
+    _check_outputs(model, args, final_model_dir)
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("chosen",), "DPO")
     if "rejected" not in (train_dataset.column_names or ()):
@@ -481,7 +506,6 @@ def run_dpo(
         )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
-    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)
 
 

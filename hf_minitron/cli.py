@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .validation import check_field_types, read_config_file
+from .validation import NonFiniteError, check_field_types, read_config_file
 
 
 def _read_config_file(path: str) -> dict:
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     command, _ = COMMANDS[argv[0]]
     try:
         command(argv[1:])
-    except (ValueError, OSError) as error:  # our input checks, missing files, a full disk: no traceback needed
+    # Our input checks, missing files, a full disk, a diverged training run: no traceback needed.
+    except (ValueError, OSError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

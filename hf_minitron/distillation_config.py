@@ -1,12 +1,15 @@
 """`DistillationConfig`: the training arguments of Minitron knowledge distillation."""
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
+from .hub import keep_token_out_of_pickles
 from .losses import INTERMEDIATE_LOSSES, KD_LOSSES
+from .validation import check_finite_fields
 
 
 @dataclass
@@ -95,6 +98,9 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # Every float field (loss weights, temperature, learning rate, ...): NaN passes any range check below.
+        check_finite_fields(self)
+        keep_token_out_of_pickles(self)  # checkpoints pickle these arguments (training_args.bin)
         if self.kd_loss not in KD_LOSSES:
             raise ValueError(
                 f"DistillationConfig.kd_loss={self.kd_loss!r} is not supported: choose one of {list(KD_LOSSES)}."
@@ -193,9 +199,9 @@ def _parse_loss_weight(value: Any) -> float | str:
         weight = float(value)
     except (TypeError, ValueError):
         weight = -1.0
-    if not weight >= 0:
+    if not 0 <= weight < math.inf:
         raise ValueError(
-            f"DistillationConfig.intermediate_loss_weight={value!r} is invalid: use a number >= 0 or 'dynamic' "
+            f"DistillationConfig.intermediate_loss_weight={value!r} is invalid: use a finite number >= 0 or 'dynamic' "
             "(alpha = L_logits / L_is, paper 1 §2.4)."
         )
     return weight

@@ -26,7 +26,7 @@ from .distillation_config import DistillationConfig
 from .embedded import resolve_model_path
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
 from .teacher_cache import TEACHER_COLUMNS, CachedTeacher, collate_teacher_columns, is_teacher_cache
-from .validation import check_checkpoint, check_process_group
+from .validation import NonFiniteError, check_checkpoint, check_process_group, check_same_tokenizer
 
 
 logger = logging.get_logger(__name__)
@@ -89,6 +89,19 @@ def shard_teacher(teacher: nn.Module, device: torch.device | str, mp_policy=None
     return teacher.eval()
 
 
+def _path_tokenizer(name_or_path: str, trust_remote_code: bool):
+    """The tokenizer saved with a checkpoint, or `None` when a local checkpoint holds none."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path) and not any(
+        os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
+    ):
+        logger.warning(f"{name_or_path} holds no tokenizer: cannot check that it matches the other model's.")
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
@@ -141,7 +154,47 @@ class _HeadCapture:
         return None
 
 
-class DistillationTrainer(Trainer):
+class StopOnNonFinite:
+    """Trainer mixin: stops training with a `NonFiniteError` at the first optimizer step whose loss or gradient norm is
+    NaN or infinite, before that update is applied (so no later checkpoint or final model is made from it).
+
+    One check per optimizer step: each micro-batch's loss is folded into a flag on the device (no sync), read together
+    with the gradient norm the Trainer computes at every step anyway (`_get_grad_norm`); with several processes the
+    flags are summed, so that every process stops at the same step.
+    """
+
+    _nonfinite_loss = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # `.item()` as the Trainer's own logging does: the norm may be a DTensor (FSDP2) or a float (DeepSpeed).
+        norm = grad_norm.item() if hasattr(grad_norm, "item") else grad_norm
+        bad_loss = self._nonfinite_loss is not None and bool(self._nonfinite_loss)
+        self._nonfinite_loss = None
+        bad_norm = norm is not None and not math.isfinite(norm)
+        flags = torch.tensor([bad_norm, bad_loss], dtype=torch.float32, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        bad_norm, bad_loss = (value > 0 for value in flags.tolist())
+        if bad_norm or bad_loss:
+            what = "loss" if bad_loss else "gradient norm"
+            raise NonFiniteError(
+                f"Training stopped at step {self.state.global_step + 1}: the {what} is NaN or infinite, so that update "
+                "was not applied and no model is saved from it. Usual causes: a learning rate too high, float16 "
+                "overflow (train in bfloat16 or float32), or a broken teacher or batch. Checkpoints already in "
+                f"{self.args.output_dir!r} are from before; fix the cause and rerun to resume from the newest, or use "
+                "a new output_dir to start afresh."
+            )
+        return grad_norm
+
+
+class DistillationTrainer(StopOnNonFinite, Trainer):
     """Trainer for Minitron knowledge distillation of a (pruned) student from a frozen teacher.
 
     Args:
@@ -205,8 +258,20 @@ class DistillationTrainer(Trainer):
         for name in (model, teacher_model):
             if isinstance(name, str):
                 check_checkpoint(resolve_model_path(name))
+        if isinstance(teacher_model, str):
+            # A teacher given by path brings its own tokenizer: logit KD compares ids, so it must be the student's.
+            trust = bool((args.teacher_model_init_kwargs or {}).get("trust_remote_code", False))
+            teacher_tokenizer = _path_tokenizer(teacher_model, trust)
+            student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            if student_tokenizer is None and isinstance(model, str):
+                student_tokenizer = _path_tokenizer(model, False)
+            if teacher_tokenizer is not None and hasattr(student_tokenizer, "get_vocab"):
+                student_name = model if isinstance(model, str) else "the student"
+                check_same_tokenizer(student_tokenizer, teacher_tokenizer, student_name, teacher_model)
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve_model_path(model), use_safetensors=True, trust_remote_code=False
+            )
         if isinstance(teacher_model, str):
             teacher_model = self._load_teacher(teacher_model, args)
         elif args.teacher_model_init_kwargs:
@@ -268,7 +333,11 @@ class DistillationTrainer(Trainer):
         dtype = kwargs.get("dtype")
         if isinstance(dtype, str) and dtype != "auto":
             kwargs["dtype"] = getattr(torch, dtype)
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+        # Explicit, so that transformers never asks on stdin whether to run the checkpoint's own code.
+        trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(name_or_path), trust_remote_code=trust_remote_code, **kwargs
+        )
 
     @staticmethod
     def _check_compatibility(student, teacher, args, tokenizer):

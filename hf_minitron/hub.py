@@ -5,11 +5,13 @@ runs the ordinary `huggingface_hub` client: `HfApi.create_repo(exist_ok=True)` a
 The card is uploaded as the folder's plain `README.md` file rather than with `ModelCard.push_to_hub`, which validates
 its YAML against a fixed host and so ignores a custom endpoint.
 
-The token is only ever handed to `HfApi`: it is not printed, logged, written to a file, or kept in an error message.
+The token is only ever handed to `HfApi`: it is not printed, logged, written to a file, or kept in an error message
+(messages from the Hub are redacted: a server may echo the request's `Authorization` header back).
 """
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,31 @@ DEFAULT_COMMIT_MESSAGE = "Upload model pruned and distilled with hf-minitron"
 
 class HubUploadError(RuntimeError):
     """The Hub refused or could not be reached during `push_to_hub`."""
+
+
+class UnpicklableToken(str):
+    """A token string that pickles as `None`.
+
+    `Trainer` saves its arguments with `torch.save(self.args, "training_args.bin")` in every checkpoint; a plain
+    `hub_token` would be stored there in clear. Wrapped in this class it still works everywhere a string does (the
+    Trainer's own Hub calls), deep-copies as itself, and is left out of every pickle.
+    """
+
+    def __reduce__(self):
+        return type(None), ()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return "'<hub token>'"
+
+
+def keep_token_out_of_pickles(training_args) -> None:
+    """Wraps `training_args.hub_token` in [`UnpicklableToken`], so no saved `training_args.bin` holds it."""
+    token = getattr(training_args, "hub_token", None)
+    if isinstance(token, str) and not isinstance(token, UnpicklableToken):
+        training_args.hub_token = UnpicklableToken(token)
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -62,32 +89,74 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     return endpoint.rstrip("/")
 
 
-def _hub_error(err: Exception, endpoint: str, action: str) -> HubUploadError:
-    """A `HubUploadError` that explains `err` without its request (whose headers carry the token)."""
+# A `Bearer ...` credential, the value of an `Authorization:` / `token=` field, and anything shaped like a Hugging Face
+# token (`hf_` + 20 or more letters and digits).
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s,;\"'}\]]+")
+_FIELD = re.compile(r"(?i)\b((?:authorization|token|access_token|api_key)\"?\s*[:=]\s*\"?)(?!bearer\b)[^\s,;\"'}\]]+")
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """`text` without `token` and without anything that looks like a credential (a `Bearer ...` value, an `hf_...`
+    token): for messages that quote what the Hub sent back."""
+    text = str(text)
+    if token:
+        text = text.replace(token, "***")
+    text = _BEARER.sub(r"\1***", text)
+    text = _FIELD.sub(r"\1***", text)
+    return _HF_TOKEN.sub("***", text)
+
+
+def _hub_error(err: Exception, endpoint: str, action: str, token: str | None = None) -> HubUploadError:
+    """A `HubUploadError` that explains `err` without its request (whose headers carry the token), redacted."""
+    return HubUploadError(redact(_explain(err, endpoint, action), token))
+
+
+def _explain(err: Exception, endpoint: str, action: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         if status == 401:
-            return HubUploadError(
+            return (
                 f"The Hub at {endpoint} rejected the token while trying to {action} (HTTP 401): check that it is a "
                 "valid access token (https://huggingface.co/settings/tokens), or log in again with "
                 "`hf auth login --force`."
             )
         if status == 403:
-            return HubUploadError(
+            return (
                 f"The token is not allowed to {action} on {endpoint} (HTTP 403): use a token with write access to "
                 "the repository's namespace."
             )
         server_message = getattr(err, "server_message", None) or err.response.reason_phrase
-        return HubUploadError(f"The Hub at {endpoint} failed to {action} (HTTP {status}): {server_message}")
+        return f"The Hub at {endpoint} failed to {action} (HTTP {status}): {server_message}"
     # huggingface_hub>=2 uses `httpx2`, 1.x `httpx`: match the transport error (connect, timeout, proxy) of either.
     if any(cls.__name__ == "TransportError" for cls in type(err).__mro__):
-        return HubUploadError(
+        return (
             f"Could not reach the Hub at {endpoint} to {action} ({type(err).__name__}: {err}): check the network, "
             "the endpoint (HF_ENDPOINT) and any proxy settings."
         )
-    return HubUploadError(f"Failed to {action} on {endpoint}: {type(err).__name__}: {err}")
+    return f"Failed to {action} on {endpoint}: {type(err).__name__}: {err}"
+
+
+def check_push_ready(repo_id: str, token: str | None = None, endpoint: str | None = None) -> tuple[str, str]:
+    """Everything about an upload that can be checked without a request: `repo_id`, offline mode, a token, the
+    endpoint. Returns `(token, endpoint)`; run it before hours of work whose result is to be pushed.
+
+    Raises:
+        `ValueError`: naming what is missing or invalid, and the fix.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"push_to_hub repo_id={repo_id!r} is invalid: {err} Use 'namespace/name'.") from None
+    if constants.is_offline_mode():
+        raise ValueError("push_to_hub cannot run with HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE to upload.")
+    return resolve_token(token), resolve_endpoint(endpoint)
 
 
 def push_to_hub(
@@ -134,38 +203,35 @@ def push_to_hub(
 
     if not PartialState().is_main_process:
         return None
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub import HfApi
 
     from . import __version__
+    from .io import OUTPUT_MARKER
+    from .validation import check_finite_weights
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"push_to_hub folder={str(folder)!r} is not a directory: pass the saved checkpoint folder.")
     if not any(p.is_file() for p in folder.rglob("*")):
         raise ValueError(f"push_to_hub folder={str(folder)!r} holds no file: save the model there first.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"push_to_hub repo_id={repo_id!r} is invalid: {err} Use 'namespace/name'.") from None
-    if constants.is_offline_mode():
-        raise ValueError("push_to_hub cannot run with HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE to upload.")
-    token = resolve_token(token)
-    endpoint = resolve_endpoint(endpoint)
+    token, endpoint = check_push_ready(repo_id, token, endpoint)
+    # A model with NaN/inf weights is never published (it loads, and fails only when used).
+    check_finite_weights(folder)
+    # Our marker says which local files hf-minitron may replace: it means nothing on the Hub.
+    ignore_patterns = [*(ignore_patterns or []), OUTPUT_MARKER, f"*/{OUTPUT_MARKER}"]
 
     api = HfApi(endpoint=endpoint, token=token, library_name="hf-minitron", library_version=__version__)
     # whoami fails fast on a bad token or an unreachable endpoint, before any file is hashed.
     try:
         user = api.whoami()["name"]
     except Exception as err:
-        raise _hub_error(err, endpoint, "check the token") from None
+        raise _hub_error(err, endpoint, "check the token", token) from None
     if "/" not in repo_id:
         repo_id = f"{user}/{repo_id}"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     except Exception as err:
-        raise _hub_error(err, endpoint, f"create the repository {repo_id}") from None
+        raise _hub_error(err, endpoint, f"create the repository {repo_id}", token) from None
     try:
         commit = api.upload_folder(
             repo_id=repo_id,
@@ -175,10 +241,10 @@ def push_to_hub(
             ignore_patterns=ignore_patterns,
             repo_type="model",
         )
-    except ValueError:
-        raise  # e.g. invalid README.md metadata, reported by the Hub's YAML validation
+    except ValueError as err:  # e.g. invalid README.md metadata, reported by the Hub's YAML validation
+        raise ValueError(redact(str(err), token)) from None
     except Exception as err:
-        raise _hub_error(err, endpoint, f"upload {folder} to {repo_id}") from None
+        raise _hub_error(err, endpoint, f"upload {folder} to {repo_id}", token) from None
     logger.info("Uploaded %s to %s", folder, commit.commit_url)
     return commit.commit_url
 

@@ -13,8 +13,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from .data import TextDataArguments
-from .distillation_trainer import DataCollatorForDistillation
-from .io import atomic_directory, atomic_save_model, resume_checkpoint
+from .distillation_trainer import DataCollatorForDistillation, StopOnNonFinite
+from .hub import keep_token_out_of_pickles
+from .io import atomic_directory, atomic_save_model, check_not_overlapping, check_output_dir, resume_checkpoint
+from .validation import check_finite_fields, check_finite_weights
+
+
+class _CorrectionTrainer(StopOnNonFinite, Trainer):
+    """The stock Trainer, stopped at the first NaN/inf loss or gradient (a diverged teacher must not be saved)."""
 
 
 @dataclass
@@ -59,6 +65,8 @@ class TeacherCorrectionConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_finite_fields(self)
+        keep_token_out_of_pickles(self)  # checkpoints pickle these arguments (training_args.bin)
         if not 0 < self.learning_rate_fraction <= 1:
             raise ValueError(
                 f"TeacherCorrectionConfig.learning_rate_fraction={self.learning_rate_fraction!r} is invalid: use a value "
@@ -115,7 +123,9 @@ def correct_teacher(
         from .validation import check_checkpoint
 
         check_checkpoint(resolve_model_path(model))
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(model), use_safetensors=True, trust_remote_code=False
+        )
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
@@ -128,7 +138,7 @@ def correct_teacher(
         )
         model = get_peft_model(model, lora)
     pad = getattr(processing_class, "pad_token_id", None)
-    trainer = Trainer(
+    trainer = _CorrectionTrainer(
         model=model,
         args=args,
         data_collator=DataCollatorForDistillation(pad_token_id=pad if pad is not None else 0),
@@ -146,6 +156,7 @@ def correct_teacher(
         if trainer.accelerator.is_main_process:
             with atomic_directory(args.corrected_model_dir, overwrite=True) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
+                check_finite_weights(tmp)
                 if processing_class is not None:
                     processing_class.save_pretrained(tmp)
     else:
@@ -179,8 +190,10 @@ def correct_teacher_checkpoint(args: CorrectTeacherArguments, config: TeacherCor
     # Everything that can be checked from the config and the tokenizer fails here, before data packing and weights.
     args.check_steps(config.max_steps)
     model_path = resolve_model_path(args.model)
+    check_output_dir(config.corrected_model_dir, overwrite=True, sources=[model_path])
+    check_not_overlapping(config.output_dir, model_path, "the teacher")
     check_sequence_length(load_model_config(model_path), args.seq_length, "CorrectTeacherArguments.seq_length")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     data = args.load_datasets(tokenizer)
     eval_dataset = data.get("validation") if config.eval_strategy != "no" else None
     return correct_teacher(model_path, config, data["train"], eval_dataset=eval_dataset, processing_class=tokenizer)

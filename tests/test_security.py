@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_model, tiny_tokenizer
 from hub_server import FakeHub
 
 from hf_minitron import PrunedConfig
@@ -230,3 +231,188 @@ def test_token_never_written_by_a_pipeline_run(hub, checkpoint, tmp_path, debug_
     assert TOKEN not in out_text + err_text + caplog.text
     assert not [name for name, content in uploaded.items() if TOKEN.encode() in content]
     assert not [name for name in uploaded if name.endswith(PICKLE_SUFFIXES)]
+
+
+# ---------------------------------------------------------------------------------------------- issue 16, section 2
+def test_hub_token_is_not_pickled_into_training_args_bin(checkpoint, text_file, tmp_path):
+    """`distill --hub_token ...`: every `checkpoint-N/training_args.bin` (a pickle of the arguments) leaves it out."""
+    import pickle
+    import zipfile
+
+    student = tmp_path / "student"
+    tiny_model("llama", seed=1, num_hidden_layers=1).save_pretrained(student)
+    tiny_tokenizer().save_pretrained(student)
+    run = tmp_path / "run"
+    code = main(
+        ["distill", "--student", str(student), "--teacher", str(checkpoint), "--dataset", str(text_file)]
+        + ["--text_column", "content", "--seq_length", "16", "--max_train_samples", "8", "--max_steps", "2"]
+        + ["--save_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none"]
+        + ["--output_dir", str(run), "--hub_token", TOKEN]
+    )
+    assert code == 0
+    saved = sorted(run.glob("checkpoint-*/training_args.bin"))
+    assert len(saved) == 2
+    for path in saved:
+        assert TOKEN.encode() not in path.read_bytes()
+        # Read back what torch.save pickled (no tensors in it: the pickle alone, without torch.load's unpickler).
+        with zipfile.ZipFile(path) as archive:
+            (pickled,) = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            args = pickle.loads(archive.read(pickled))
+        assert args.hub_token is None and args.max_steps == 2
+    assert files_holding(tmp_path, TOKEN) == []
+
+
+@pytest.mark.parametrize("config_class", ["DistillationConfig", "TeacherCorrectionConfig", "RPOConfig", "SFTConfig"])
+def test_hub_token_is_left_out_of_every_training_config_pickle(config_class, tmp_path):
+    import copy
+    import pickle
+
+    from trl import SFTConfig
+
+    from hf_minitron import DistillationConfig
+    from hf_minitron.alignment import RPOConfig
+    from hf_minitron.hub import keep_token_out_of_pickles
+    from hf_minitron.teacher_correction import TeacherCorrectionConfig
+
+    cls = {c.__name__: c for c in (DistillationConfig, TeacherCorrectionConfig, RPOConfig, SFTConfig)}[config_class]
+    config = cls(output_dir=str(tmp_path), report_to="none", hub_token=TOKEN, bf16=False)
+    keep_token_out_of_pickles(config)  # what run_sft does with a TRL config; our own configs do it themselves
+    assert config.hub_token == TOKEN and copy.deepcopy(config).hub_token == TOKEN  # still usable in this process
+    assert TOKEN.encode() not in pickle.dumps(config) and TOKEN not in repr(config) + str(config)
+    assert pickle.loads(pickle.dumps(config)).hub_token is None
+
+
+def test_hub_errors_echoing_the_authorization_header_are_redacted(hub_env, checkpoint, capfd, caplog):
+    """A Hub (or proxy) that echoes the request headers in its error body: the token is not in the message."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from hf_minitron.hub import HubUploadError
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"error": f"Bad request; headers were: Authorization: {self.headers['Authorization']}"})
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    caplog.set_level(logging.DEBUG)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(HubUploadError, match=r"HTTP 400.*Authorization: Bearer \*\*\*") as info:
+            push_to_hub(checkpoint, "tester/tiny", token=TOKEN, endpoint=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    out, err = capfd.readouterr()
+    assert TOKEN not in str(info.value) + out + err + caplog.text
+
+
+def test_every_from_pretrained_passes_trust_remote_code():
+    """transformers asks on stdin whether to run a checkpoint's own code unless `trust_remote_code` is given: every
+    `Auto*.from_pretrained` of the package and the recipes passes it (False unless the user opted in)."""
+    offending = []
+    for name, source in python_sources().items():
+        if not name.startswith(("hf_minitron", "recipes")):
+            continue
+        for call, func in calls(ast.parse(source)):
+            if (
+                func.startswith("Auto")
+                and func.endswith(".from_pretrained")
+                and keyword(call, "trust_remote_code") is None
+            ):
+                offending.append(f"{name}:{call.lineno}: {ast.unparse(call)}")
+    assert offending == [], "\n".join(offending)
+
+
+def _ship_remote_code(folder: Path, marker: Path, part: str) -> None:
+    """Makes the checkpoint `folder` ship its own code for its config (`part="model"`) or its tokenizer, code that
+    writes `marker` when it is imported."""
+    code = f"open({str(marker)!r}, 'w').write('remote code ran')\n"
+    if part == "model":
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="evil_llama", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+        (folder / "config.json").write_text(json.dumps(config))
+        code += (
+            "from transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
+        )
+        (folder / "configuration_evil.py").write_text(code)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.update(
+            tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
+        )
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        code += "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+        (folder / "tokenization_evil.py").write_text(code)
+
+
+ENTRY_POINTS = ["trainer_student", "trainer_teacher", "distill", "run", "evaluate", "correct-teacher", "sft"]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize("part", ["model", "tokenizer"])
+def test_remote_code_is_never_run_nor_asked_about(
+    entry_point, part, checkpoint, text_file, tmp_path, monkeypatch, capsys
+):
+    """A user who would answer "y" at transformers' stdin prompt: every entry point refuses the checkpoint's code with
+    an error naming trust_remote_code, without asking, and the code never runs."""
+    from hf_minitron import DistillationConfig, DistillationTrainer
+
+    marker = tmp_path / "remote-code-ran"
+    _ship_remote_code(checkpoint, marker, part)
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    data = ["--dataset", str(text_file), "--text_column", "content", "--seq_length", "16", "--max_train_samples", "4"]
+    training = ["--max_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    student = tmp_path / "student"
+    tiny_model("llama", seed=1, num_hidden_layers=1).save_pretrained(student)
+    tiny_tokenizer().save_pretrained(student)
+    if entry_point.startswith("trainer"):
+        args = DistillationConfig(output_dir=str(tmp_path / "run"), report_to="none", max_steps=1)
+        model, teacher = (
+            (str(checkpoint), tiny_model()) if entry_point == "trainer_student" else (tiny_model(), str(checkpoint))
+        )
+        if entry_point == "trainer_student" and part == "tokenizer":
+            DistillationTrainer(model=model, teacher_model=teacher, args=args)  # the student's tokenizer is not loaded
+        else:
+            with pytest.raises(ValueError, match="trust_remote_code"):
+                DistillationTrainer(model=model, teacher_model=teacher, args=args)
+    else:
+        argv = {
+            "distill": ["distill", "--student", str(student), "--teacher", str(checkpoint), *data, *training],
+            "run": ["run", str(_recipe(checkpoint, tmp_path))],
+            "evaluate": ["evaluate", "--model", str(checkpoint), "--output_file", str(tmp_path / "eval.json")],
+            "correct-teacher": ["correct-teacher", "--model", str(checkpoint), *data, *training],
+            "sft": ["sft", "--model_name_or_path", str(checkpoint), "--bf16", "false", *training],
+        }[entry_point]
+        assert main(argv) == 2
+        assert "trust_remote_code" in capsys.readouterr().err
+    assert not marker.exists() and asked == []
+
+
+def _recipe(checkpoint: Path, tmp_path: Path) -> Path:
+    recipe = {
+        "teacher": str(checkpoint),
+        "output_dir": str(tmp_path / "pipeline"),
+        "seq_length": 16,
+        "max_train_samples": 4,
+        "max_eval_samples": 2,
+        "eval_tasks": "",
+        "pruning": {
+            "hidden_size": 16,
+            "num_attention_heads": 2,
+            "calibration_samples": 2,
+            "calibration_seq_length": 16,
+        },
+        "distillation": {"max_steps": 1, "report_to": "none"},
+    }
+    path = tmp_path / "minitron.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
