@@ -3,8 +3,12 @@
     correct teacher (optional) -> estimate importance -> prune -> distill -> SFT (optional) -> DPO / RPO (optional)
     -> evaluate teacher and student -> model card -> push (optional)
 
-Every stage writes one directory under `output_dir` atomically; a stage whose directory exists is finished and is
-reused, not recomputed, so rerunning the same command after an interruption continues at the first unfinished stage.
+Every stage writes one directory under `output_dir` atomically, and records the settings and inputs it is made from
+in `{stage}.settings.json` next to it. A finished stage whose record matches this run is reused, not recomputed, so
+rerunning the same command after an interruption continues at the first unfinished stage. A rerun with other
+settings is refused before any stage runs, naming the settings that changed (a model is never reused under settings
+it was not made with): rerun with the original settings, or start afresh in a new `output_dir`. The evaluation and the
+final folder (card) are redone instead when only their own settings changed.
 
 The YAML config has top-level `MinitronArguments` keys and one section per stage whose keys are exactly the fields
 of that stage's dataclass: `pruning` (`PrunedConfig`), `distillation` (`DistillationConfig`), `teacher_correction`
@@ -16,6 +20,7 @@ pipeline.
 """
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +31,7 @@ from .data import EMBEDDED_CORPUS, load_text_datasets
 from .pruning_config import PrunedConfig
 from .validation import (
     check_field_types,
+    check_finite_weights,
     check_process_group,
     check_sequence_length,
     load_model_config,
@@ -76,6 +82,7 @@ class MinitronArguments:
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repository as private."})
 
     def __post_init__(self):
+        self.output_dir = os.path.expanduser(self.output_dir)  # as model paths: `~/runs/x`, not `./~/runs/x`
         if self.seq_length < 2:
             raise ValueError(f"MinitronArguments.seq_length={self.seq_length} is invalid: use at least 2 tokens.")
         if self.push_to_hub and not self.hub_model_id:
@@ -255,6 +262,189 @@ def _done(directory: Path) -> bool:
     return (directory / "config.json").is_file()
 
 
+# ---------------------------------------------------------------------------------------------- stage records
+SETTINGS_SUFFIX = ".settings.json"
+# Training arguments that change where, how often or on what hardware a run writes and logs, not the model it makes:
+# left out of the records, so that e.g. another logging interval does not refuse a resume.
+_NEUTRAL_PREFIXES = ("logging_", "save_", "hub_", "eval_", "dataloader_", "ddp_", "log_", "trackio_", "torch_compile")
+_NEUTRAL_FIELDS = {
+    "output_dir", "run_name", "report_to", "project", "push_to_hub", "resume_from_checkpoint", "disable_tqdm",
+    "do_eval", "do_predict", "do_train", "debug", "skip_memory_metrics", "local_rank", "use_cpu", "accelerator_config",
+    "per_device_eval_batch_size", "prediction_loss_only", "batch_eval_metrics", "include_for_metrics",
+    "include_num_input_tokens_seen", "fp16_full_eval", "bf16_full_eval", "gradient_checkpointing",
+    "gradient_checkpointing_kwargs", "activation_checkpointing", "activation_checkpointing_kwargs",
+    "enable_jit_checkpoint", "restore_callback_states_from_checkpoint", "torch_empty_cache_steps", "deepspeed", "fsdp",
+    "fsdp_config", "parallelism_config", "final_model_dir", "corrected_model_dir", "overwrite_output_dir",
+}  # fmt: skip
+
+
+def _json(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _training_settings(config) -> dict:
+    # to_dict() leaves tokens out; enums become their values.
+    values = (
+        config.to_dict() if hasattr(config, "to_dict") else {f.name: getattr(config, f.name) for f in fields(config)}
+    )
+    return _json({k: v for k, v in values.items() if k not in _NEUTRAL_FIELDS and not k.startswith(_NEUTRAL_PREFIXES)})
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _files_fingerprint(paths) -> dict | None:
+    """Names and sizes of local input files (a checkpoint's config and weights, data files): cheap, and changed by any
+    replacement of the files that matters here."""
+    found = {}
+    for path in paths:
+        path = Path(os.path.expanduser(str(path)))
+        if path.is_file():
+            found[path.name] = path.stat().st_size
+        elif path.is_dir():
+            for file in sorted(path.iterdir()):
+                if file.suffix in (".json", ".safetensors") and file.is_file() and not file.name.startswith("."):
+                    found[file.name] = file.stat().st_size
+    return found or None
+
+
+def _stage_records(args, pruning, distillation, correction, alignment, teacher_path) -> dict[str, dict]:
+    """What each stage is made from: its own settings and a digest of the record of the stage it starts from."""
+    # What each stage reads of the data: the source (calibration), the packed training or held-out samples.
+    source = {
+        "dataset": args.dataset,
+        "dataset_files": _files_fingerprint(args.dataset.split(",")),
+        "text_column": args.text_column,
+    }
+    train = {**source, "seq_length": args.seq_length, "max_train_samples": args.max_train_samples}
+    heldout = {**source, "seq_length": args.seq_length, "max_eval_samples": args.max_eval_samples}
+    teacher = {"teacher": args.teacher, "teacher_files": _files_fingerprint([teacher_path])}
+    records = {}
+    if args.correct_teacher:
+        records["teacher_correction"] = {**teacher, **train, "teacher_correction": _training_settings(correction)}
+        teacher = {"teacher_correction": _digest(records["teacher_correction"])}
+    records["pruned"] = {**teacher, **source, "pruning": _json(pruning.to_dict())}
+    records["distilled"] = {
+        **teacher,
+        **train,
+        "pruned": _digest(records["pruned"]),
+        "distillation": _training_settings(distillation),
+    }
+    model = "distilled"
+    for stage in alignment or []:
+        settings = {
+            **_training_settings(stage.script_args),
+            **_training_settings(stage.training_args),
+            **{name: getattr(stage.model_args, name) for name in sorted(_lora_fields())},
+        }
+        records[stage.name] = {model: _digest(records[model]), stage.name: _json(settings)}
+        model = stage.name
+    records["evaluation"] = {
+        "student": _digest(records[model]),
+        **teacher,
+        **heldout,
+        "eval_tasks": args.eval_tasks,
+        "eval_limit": args.eval_limit,
+    }
+    records["final"] = {
+        "evaluation": _digest(records["evaluation"]),
+        "pruned": _digest(records["pruned"]),
+        "write_model_card": args.write_model_card,
+        "hub_model_id": args.hub_model_id,
+    }
+    return records
+
+
+_UNSET = object()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    old, new = _flatten(old), _flatten(new)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, _UNSET) != new.get(key, _UNSET):
+            before, after = (repr(v.get(key)) if key in v else "(unset)" for v in (old, new))
+            changed.append(f"{key}: {before} -> {after}")
+    return changed
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("settings") if isinstance(record, dict) else None
+
+
+# Training stages and where they keep their resumable checkpoints (relative to output_dir).
+_CHECKPOINTS = {
+    "teacher_correction": "teacher_correction_checkpoints",
+    "distilled": "distill_checkpoints",
+    "sft": "sft_checkpoints",
+    "dpo": "dpo_checkpoints",
+}
+
+
+def _plan_stages(root: Path, records: dict[str, dict]) -> dict[str, bool]:
+    """Checks each stage's record in `root` against this run's, before any stage runs; returns which finished stages
+    are reused. A training stage that holds results (its folder or a checkpoint) made with other settings or from other
+    inputs is refused; the evaluation and the final folder are redone instead."""
+    from .io import last_checkpoint
+
+    reuse, upstream_redone = {}, None
+    for stage, record in records.items():
+        output = root / ("evaluation.json" if stage == "evaluation" else stage)
+        done = output.is_file() if stage == "evaluation" else _done(output)
+        checkpoints = _CHECKPOINTS.get(stage)
+        produced = output.exists() or (checkpoints is not None and last_checkpoint(root / checkpoints) is not None)
+        previous = _read_record(root / f"{stage}{SETTINGS_SUFFIX}")
+        derived = stage in ("evaluation", "final")
+        if produced and not derived:
+            if previous is None:
+                raise ValueError(
+                    f"{str(output)!r} exists but {stage}{SETTINGS_SUFFIX} (the settings it was made with) is missing, so "
+                    "it cannot be reused safely (it may come from an older hf-minitron or another tool). Use a new "
+                    f"output_dir to start afresh, or remove {str(output)!r} and the stages after it to redo them."
+                )
+            changed = _changes(previous, record)
+            if changed:
+                raise ValueError(
+                    f"{str(root)!r} was made with other settings: the {stage!r} stage there (made with the earlier "
+                    f"settings) would be reused with these. Changed: {'; '.join(changed)}. Rerun with the earlier "
+                    "settings to reuse (or resume) it, or start afresh with a new output_dir."
+                )
+            if upstream_redone is not None:
+                raise ValueError(
+                    f"The {upstream_redone!r} stage in {str(root)!r} is missing and must be redone, but {str(output)!r} "
+                    f"was made from the earlier {upstream_redone!r}: remove it (and the stages after it) to redo them, "
+                    "or start afresh with a new output_dir."
+                )
+        reuse[stage] = done and previous == record and upstream_redone is None
+        if not reuse[stage] and upstream_redone is None:
+            upstream_redone = stage
+    return reuse
+
+
+def _write_records(root: Path, records: dict[str, dict]) -> None:
+    from .io import atomic_write_json
+
+    for stage, record in records.items():
+        path = root / f"{stage}{SETTINGS_SUFFIX}"
+        if _read_record(path) != record:
+            atomic_write_json(path, {"stage": stage, "settings": record})
+
+
 def _datasets(args: MinitronArguments, tokenizer):
     data = load_text_datasets(
         args.dataset,
@@ -286,16 +476,30 @@ def run_pipeline(
     from .distillation_trainer import DistillationTrainer
     from .embedded import resolve_model_path
     from .evaluation import compare_models
-    from .io import atomic_directory, atomic_save_model, resume_checkpoint
+    from .io import atomic_directory, atomic_save_model, check_not_overlapping, resume_checkpoint
 
     state = _process_group(distillation)
     root = Path(args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model_path(args.teacher)
-    # Bad checkpoints and lengths fail here, in seconds, not after teacher correction or the importance pass.
+    # Bad checkpoints, lengths, outputs and credentials fail here, in seconds, not after hours of training.
     teacher_config = load_model_config(teacher_path)
     check_sequence_length(teacher_config, args.seq_length, "MinitronArguments.seq_length")
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    for name in (*STAGES, *_CHECKPOINTS.values(), "evaluation.json"):
+        check_not_overlapping(root / name, teacher_path, "the teacher")
+    if args.push_to_hub:
+        from .hub import check_push_ready
+
+        check_push_ready(args.hub_model_id)
+    # Each stage is reused only if its record (settings + inputs) matches this run: checked for every stage first.
+    records = _stage_records(args, pruning, distillation, correction, alignment, teacher_path)
+    reuse = _plan_stages(root, records)
+    state.wait_for_everyone()  # every process has read the records before the main one rewrites them
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_records(root, records)
+    state.wait_for_everyone()
+    # trust_remote_code=False throughout: a checkpoint's own modeling code is never run (nor asked about on stdin).
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=False)
     train, validation = _datasets(args, tokenizer)
     summary: dict = {
         "teacher": args.teacher,
@@ -313,7 +517,7 @@ def run_pipeline(
     # 1. Teacher correction (paper 2): fine-tune the teacher on the distillation data before pruning.
     if args.correct_teacher:
         corrected = root / "teacher_correction"
-        if not _done(corrected):
+        if not reuse["teacher_correction"]:
             from .teacher_correction import correct_teacher
 
             correct_teacher(teacher_path, correction, train_dataset=train, processing_class=tokenizer)
@@ -322,7 +526,7 @@ def run_pipeline(
 
     # 2. Importance estimation + pruning (one pass of forward hooks; scores saved next to the student).
     pruned_dir = root / "pruned"
-    if not _done(pruned_dir):
+    if not reuse["pruned"]:
         prune_checkpoint(
             PruneArguments(
                 model=teacher_path,
@@ -339,9 +543,9 @@ def run_pipeline(
 
     # 3. Distillation of the pruned student from the (corrected) teacher.
     distilled_dir = root / "distilled"
-    if not _done(distilled_dir):
-        student = AutoModelForCausalLM.from_pretrained(pruned_dir)
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path)
+    if not reuse["distilled"]:
+        student = AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=False)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, trust_remote_code=False)
         trainer = DistillationTrainer(
             model=student,
             teacher_model=teacher,
@@ -371,7 +575,7 @@ def run_pipeline(
     model_dir = distilled_dir
     for stage in alignment or []:
         stage_dir = root / stage.name
-        if not _done(stage_dir):
+        if not reuse[stage.name]:
             # An interrupted stage continues from its newest complete checkpoint (if it saved any).
             stage.training_args.resume_from_checkpoint = resume_checkpoint(stage.training_args)
             stage.run(model_dir)
@@ -382,18 +586,13 @@ def run_pipeline(
 
     # 5. Evaluation: held-out loss + lm-eval tasks, teacher and student side by side.
     eval_path = root / "evaluation.json"
-    # A reused evaluation must be of this chain's student: one made before a stage was added is redone.
-    stale = eval_path.is_file() and _evaluated_student(eval_path) != student_name
-    if stale:
-        logger.warning("%s evaluated another student than %r: evaluating again.", eval_path, student_name)
-    evaluate = stale or not eval_path.is_file()  # decided before the main process may write it
-    state.wait_for_everyone()
-    if evaluate:
+    # A reused evaluation must be of this chain's student and settings: one made before a stage was added is redone.
+    if not reuse["evaluation"]:
         # lm-eval runs an in-memory model in a single process (elsewhere it returns no results): the main process
         # evaluates while the others wait (within the process group's timeout, `distillation.ddp_timeout`).
         if state.is_main_process:
-            teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
-            student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32, trust_remote_code=False)
+            student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
             compare_models(
                 teacher,
                 student,
@@ -410,7 +609,7 @@ def run_pipeline(
 
     # 6. Final folder: the last stage's checkpoint + model card + plots (rebuilt with a new evaluation).
     final_dir = root / "final"
-    if state.is_main_process and (stale or not _done(final_dir)):
+    if state.is_main_process and not reuse["final"]:
         import shutil
 
         with atomic_directory(final_dir, overwrite=True) as tmp:
@@ -421,6 +620,7 @@ def run_pipeline(
             for name in ("pruned_config.json", "pruning_record.json"):
                 if (pruned_dir / name).is_file():
                     shutil.copy2(pruned_dir / name, tmp / name)
+            check_finite_weights(tmp)  # never card (or push) a model with NaN/inf weights
             if args.write_model_card:
                 _write_card(tmp, summary, pruned_dir, name=final_dir.parent.name)
     state.wait_for_everyone()
@@ -442,10 +642,6 @@ def _process_group(distillation):
     # GPUs); a bare PartialState() would see one process per CPU worker and let every one of them write.
     check_process_group(distillation, "distillation.use_cpu")
     return PartialState()
-
-
-def _evaluated_student(path: Path) -> str | None:
-    return json.loads(path.read_text()).get("models", {}).get("student", {}).get("name")
 
 
 def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:
