@@ -240,6 +240,7 @@ def prune_model(
             depth_scorer,
             config.calibration_batch_size,
             show_progress,
+            config.depth_screening_samples,
         )
     else:
         dropped = []

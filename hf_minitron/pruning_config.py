@@ -59,6 +59,10 @@ class PrunedConfig:
             layer is dropped) or `"explicit"`.
         depth_calibration_samples (`int`, *optional*, defaults to `64`):
             Samples used to score each candidate removal for `"lm_loss"` and `"contiguous"` depth selection.
+        depth_screening_samples (`int`, *optional*, defaults to `16`):
+            `"contiguous"` depth selection scores every candidate block on this many samples first and rescores only
+            the 3 best on all `depth_calibration_samples` (2.7x fewer forwards for SmolLM2's 25 blocks). `None`
+            scores every block on every sample.
         importance (`str`, *optional*, defaults to `"activation"`):
             `"activation"` is Minitron's forward-only activation importance. `"magnitude"` (weight L2 norms) and
             `"random"` are the baselines of the paper's ablations.
@@ -103,6 +107,10 @@ class PrunedConfig:
     )
     depth_calibration_samples: int = field(
         default=64, metadata={"help": "Samples used to score candidate layer removals (lm_loss, contiguous)."}
+    )
+    depth_screening_samples: int | None = field(
+        default=16,
+        metadata={"help": "Contiguous search: score every block on this many samples, rescore the best 3 on all."},
     )
     importance: str = field(
         default="activation", metadata={"help": "Importance method.", "choices": IMPORTANCE_METHODS}
@@ -171,6 +179,12 @@ class PrunedConfig:
             # bool is an int in Python: `calibration_samples: true` in a YAML is a typo, not 1 sample.
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PrunedConfig.{name}={value!r} is invalid: expected a positive integer.")
+        value = self.depth_screening_samples
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(
+                f"PrunedConfig.depth_screening_samples={value!r} is invalid: expected a positive integer, or None to "
+                "score every candidate block on every depth sample."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"PrunedConfig.seed={self.seed!r} is invalid: expected an integer.")
         if self.depth_method == "explicit" and not self.layers_to_drop:

@@ -127,6 +127,27 @@ def score_layer_removals(
     return costs
 
 
+# How many blocks of the screening round are rescored on every depth sample.
+FINALISTS = 3
+
+
+def score_blocks(model, blocks, samples, scorer=None, batch_size=8, show_progress=True, screening_samples=None):
+    """`score_layer_removals` for the contiguous search, cheaper: with `screening_samples` (fewer than the samples),
+    every block is scored on the first `screening_samples` samples, and only the `FINALISTS` best are scored on all
+    of them; the others get `None`. For SmolLM2 (30 layers, 6 dropped: 25 blocks, 64 samples, screening 16) that is
+    25 x 16 + 3 x 64 = 592 sample forwards instead of 1600. A block that screening ranks 4th or worse is not rescored:
+    with very noisy small screening sets, raise `screening_samples` or set it to None (score every block on all)."""
+    if scorer is not None or not screening_samples or len(samples) <= screening_samples or len(blocks) <= FINALISTS:
+        return score_layer_removals(model, blocks, samples, scorer, batch_size, show_progress)
+    coarse = score_layer_removals(model, blocks, samples[:screening_samples], None, batch_size, show_progress)
+    finalists = sorted(range(len(blocks)), key=lambda i: coarse[i])[:FINALISTS]
+    fine = score_layer_removals(model, [blocks[i] for i in finalists], samples, None, batch_size, show_progress)
+    costs = [None] * len(blocks)
+    for i, cost in zip(finalists, fine):
+        costs[i] = cost
+    return costs
+
+
 def select_layers_to_drop(
     model,
     num_to_drop: int,
@@ -136,8 +157,12 @@ def select_layers_to_drop(
     scorer: Callable | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
+    screening_samples: int | None = None,
 ) -> list[int]:
-    """Indices (sorted) of the `num_to_drop` layers to remove with `method`; fills the depth fields of `scores`."""
+    """Indices (sorted) of the `num_to_drop` layers to remove with `method`; fills the depth fields of `scores`.
+
+    With `screening_samples`, the contiguous search first scores every block on that many samples and rescores only
+    the `FINALISTS` best on all of them (`score_blocks`)."""
     num_layers = len(get_decoder_layers(model))
     if num_to_drop <= 0:
         return []
@@ -162,10 +187,10 @@ def select_layers_to_drop(
         cached = scores.block_losses.get(num_to_drop) if scores is not None else None
         if cached is None or scorer is not None:
             blocks = [list(range(start, start + num_to_drop)) for start in range(num_layers - num_to_drop + 1)]
-            cached = score_layer_removals(model, blocks, samples, scorer, batch_size, show_progress)
+            cached = score_blocks(model, blocks, samples, scorer, batch_size, show_progress, screening_samples)
             if scores is not None and scorer is None:
                 scores.block_losses[num_to_drop] = cached
-        start = min(range(len(cached)), key=lambda s: cached[s])
+        start = min((s for s in range(len(cached)) if cached[s] is not None), key=lambda s: cached[s])
         return list(range(start, start + num_to_drop))
     raise ValueError(f"Unknown depth_method {method!r}: use 'contiguous', 'block_influence', 'lm_loss' or 'explicit'.")
 
