@@ -56,6 +56,12 @@ class DistillationConfig(TrainingArguments):
         kd_chunk_size (`int`, *optional*):
             Tokens per chunk of the fused loss; by default as many as fit `hf_minitron.losses.CHUNK_BYTES` of fp32
             logits. Smaller chunks use less memory.
+        router_aux_loss_coef (`float`, *optional*):
+            MoE students: adds the model's router load-balancing loss (`output_router_logits=True`, the
+            Switch-Transformer loss transformers computes) with this weight. Off unless set: distillation already
+            teaches the student the teacher's outputs, and a pruned MoE inherits its teacher's routing, which the
+            balancing term pulls towards uniform; set it (e.g. the model's own `router_aux_loss_coef`, 0.001 for
+            Mixtral) when routing collapses onto few experts during long retraining.
     """
 
     kd_loss: str = field(
@@ -92,6 +98,9 @@ class DistillationConfig(TrainingArguments):
     use_fused_kd_loss: bool = field(
         default=True, metadata={"help": "Chunked KD loss from hidden states: the full logits are never materialised."}
     )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "MoE students: weight of the router load-balancing loss (off unless set)."}
+    )
     kd_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per chunk of the fused KD loss (default: from a memory budget)."}
     )
@@ -119,6 +128,11 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"DistillationConfig.kd_top_k={self.kd_top_k!r} is invalid: use a positive integer, or None for the "
                 "whole vocabulary."
+            )
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise ValueError(
+                f"DistillationConfig.router_aux_loss_coef={self.router_aux_loss_coef!r} is invalid: use a weight >= 0 "
+                "(e.g. 0.001), or None to leave the router loss off."
             )
         for name in ("kd_loss_weight", "ce_loss_weight"):
             if getattr(self, name) < 0:

@@ -279,6 +279,7 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
                 "DistillationConfig.teacher_model_init_kwargs is set but the teacher is already a model: pass its "
                 "path as `teacher_model` (or teacher_model_name_or_path) to use the kwargs, or drop them."
             )
+        _check_student(model, teacher_model, args)
         if self.teacher_cache is not None:
             student_vocab = _unwrap_peft(model).get_output_embeddings().weight.shape[0]
             self.teacher_cache.check(student_vocab, args, processing_class)
@@ -459,8 +460,10 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
                     )
                 captured["is"] = is_sum
 
+        router_loss = args.router_aux_loss_coef is not None and model.training
+        student_inputs = {**inputs, "output_router_logits": True} if router_loss else inputs
         with _HeadCapture(student, [s for s, _ in mapping], on_student_head, skip_head=fused):
-            outputs = model(**inputs)
+            outputs = model(**student_inputs)
 
         if fused:
             logit_loss, kd_sum, ce_sum = captured["logit"]
@@ -484,6 +487,16 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
             kd_sum, ce_sum = kd.detach(), ce.detach()
         loss = logit_loss
         metrics = {"kd_loss": kd_sum, "ce_loss": ce_sum} if cache is None or cached else {"ce_loss": ce_sum}
+        if router_loss:
+            if getattr(outputs, "aux_loss", None) is None:
+                raise ValueError(
+                    f"DistillationConfig.router_aux_loss_coef is set, but {type(student).__name__} returns no router "
+                    "load-balancing loss (aux_loss): it is not a Mixture-of-Experts model. Leave it None."
+                )
+            # The loss is a per-batch mean; the other terms are token sums normalised below: scale it to a sum.
+            router_sum = outputs.aux_loss.float() * mask.sum()
+            loss = loss + args.router_aux_loss_coef * router_sum
+            metrics["router_aux_loss"] = router_sum.detach()
         if mapping:
             is_sum = captured["is"]
             if args.intermediate_loss_weight == "dynamic":
@@ -575,6 +588,27 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
                 "not continue the run. Resume from a checkpoint written with it, or start a new run (new output_dir)."
             )
         _load_projection(getattr(student, PROJECTION_NAME), path)
+
+
+def _check_student(student: nn.Module, teacher: nn.Module | None, args) -> None:
+    """Refuses, before training, what would fail (or silently do nothing) at its first step."""
+    base = _unwrap_peft(student)
+    if teacher is not None and (teacher is student or teacher is base):
+        raise ValueError(
+            "DistillationTrainer got the same model as student and teacher: the student would distil from itself "
+            "(and prune_model prunes in place, so after `prune_model(teacher, ...)` the teacher IS the student). Keep "
+            "a teacher: prune a copy (`prune_model(copy.deepcopy(teacher), ...)`) or reload it from its checkpoint."
+        )
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ValueError(
+            "The student has no trainable parameters (every requires_grad is False, e.g. a model frozen like a "
+            "teacher): nothing would be trained. Call student.requires_grad_(True), or pass a PEFT model."
+        )
+    if args.router_aux_loss_coef is not None and getattr(base.config, "num_experts_per_tok", None) is None:
+        raise ValueError(
+            f"DistillationConfig.router_aux_loss_coef={args.router_aux_loss_coef} is set, but the student "
+            f"({type(base).__name__}) is not a Mixture-of-Experts model: it has no router loss. Leave it None."
+        )
 
 
 def _is_peft(model: nn.Module) -> bool:

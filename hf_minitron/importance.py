@@ -154,7 +154,7 @@ class ImportanceScores:
         """
         from safetensors.torch import save_file
 
-        from .io import atomic_directory, atomic_file, atomic_write_json
+        from .io import OUTPUT_MARKER, atomic_directory, atomic_file, atomic_write_json
 
         meta = {
             "method": self.method,
@@ -169,7 +169,8 @@ class ImportanceScores:
             meta["model_fingerprint"] = self.model_fingerprint
         tensors = self._tensors()
         directory = os.fspath(directory)
-        names = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        # Our own output marker (io.OUTPUT_MARKER) does not make a scores folder shared with other files.
+        names = set(os.listdir(directory)) - {OUTPUT_MARKER} if os.path.isdir(directory) else set()
         if names <= {SCORES_WEIGHTS_NAME, SCORES_META_NAME} and (not names or SCORES_WEIGHTS_NAME in names):
             with atomic_directory(directory, overwrite=True) as tmp:
                 save_file(tensors, os.path.join(tmp, SCORES_WEIGHTS_NAME))

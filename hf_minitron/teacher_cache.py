@@ -826,7 +826,7 @@ def cache_teacher_checkpoint(args: CacheTeacherArguments):
     state = PartialState()  # joins the launched processes (each writes its own shards)
     path = resolve_model_path(args.teacher)
     check_checkpoint(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     kwargs = {} if args.teacher_dtype is None else {"dtype": getattr(torch, args.teacher_dtype)}
     teacher = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
     data = args.load_datasets(tokenizer)

@@ -281,3 +281,13 @@ def test_real_smollm2_distillation(tmp_path):
     trainer.train()
     after = trainer.evaluate(data["validation"].select(range(4)))["eval_kd_loss"]
     assert after < before
+
+
+def test_student_that_is_the_teacher_or_has_nothing_to_train_is_refused(tmp_path):
+    """The README pitfall: prune_model prunes in place, so the pruned `teacher` is the student."""
+    teacher = tiny_model("llama")
+    with pytest.raises(ValueError, match="same model as student and teacher.*copy.deepcopy"):
+        DistillationTrainer(model=teacher, teacher_model=teacher, args=_args(tmp_path), train_dataset=_dataset())
+    frozen = _student().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        DistillationTrainer(model=frozen, teacher_model=teacher, args=_args(tmp_path), train_dataset=_dataset())

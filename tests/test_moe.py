@@ -290,3 +290,90 @@ def test_search_over_expert_axes_with_an_active_budget(tmp_path):
     )
     assert len(scorer_calls) == 3 and result.best.shape["num_experts"] == max(scorer_calls)
     assert "| experts | expert MLP | shared MLP |" in result.to_markdown()
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+def _kd_args(tmp_path, **kwargs):
+    from hf_minitron import DistillationConfig
+
+    values = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return DistillationConfig(**{**values, **kwargs})
+
+
+def _kd_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_list([{k: v.tolist() for k, v in s.items()} for s in random_samples(8)])
+
+
+def test_distill_a_pruned_moe_student_from_its_moe_teacher_with_the_router_loss(tmp_path):
+    from hf_minitron import DistillationTrainer
+
+    teacher = tiny_model("mixtral")
+    student = prune_model(
+        copy.deepcopy(teacher),
+        PrunedConfig(num_experts=3, moe_intermediate_size=16, **_calibration()),
+        random_samples(8),
+    )
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    student_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    args = _kd_args(tmp_path, router_aux_loss_coef=0.01)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_kd_dataset())
+    trainer.train()
+
+    logs = [log for log in trainer.state.log_history if "kd_loss" in log]
+    assert len(logs) == 3 and all(log["router_aux_loss"] > 0 and log["kd_loss"] > 0 for log in logs)
+    # The balancing loss is 1 for perfectly uniform routing (Switch Transformer) and grows with imbalance.
+    assert all(0.5 < log["router_aux_loss"] < 3.0 for log in logs)
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+    router = "model.layers.0.mlp.gate.weight"
+    assert not torch.equal(dict(student.named_parameters())[router], student_before[router])
+
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="eager")
+    assert reloaded.config.num_local_experts == 3 and reloaded.config.intermediate_size == 16
+    torch.testing.assert_close(reloaded(IDS).logits, student.eval()(IDS).logits)
+
+
+def test_router_loss_adds_its_weighted_value_and_is_refused_for_dense_students(tmp_path):
+    from hf_minitron import DistillationTrainer
+
+    teacher = tiny_model("qwen3_moe")
+    student = copy.deepcopy(teacher)  # before a trainer freezes the teacher in place
+    batch = next(iter(DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=teacher, args=_kd_args(tmp_path), train_dataset=_kd_dataset()
+    ).get_train_dataloader()))  # fmt: skip
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    losses = {}
+    for coef in (None, 0.5):
+        trainer = DistillationTrainer(
+            model=copy.deepcopy(student),
+            teacher_model=teacher,
+            args=_kd_args(tmp_path, router_aux_loss_coef=coef),
+            train_dataset=_kd_dataset(),
+        )
+        trainer.model.train()
+        losses[coef] = trainer.compute_loss(trainer.model, batch, num_items_in_batch=tokens)
+        aux = trainer._metrics["train"].get("router_aux_loss")
+    expected_aux = float(aux[-1]) / tokens  # logged as a token sum
+    assert expected_aux > 0.5  # about 1 for uniform routing
+    assert float(losses[0.5] - losses[None]) == pytest.approx(0.5 * expected_aux, rel=1e-4)
+
+    dense = tiny_model("llama")
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts model"):  # before any training
+        DistillationTrainer(
+            model=tiny_model("llama", seed=1),
+            teacher_model=dense,
+            args=_kd_args(tmp_path, router_aux_loss_coef=0.01),
+            train_dataset=_kd_dataset(),
+        )
