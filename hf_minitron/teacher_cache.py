@@ -553,10 +553,9 @@ def cache_teacher(
             }
             shards.append(entry)
             if index % world == rank:
-                sidecar = partial / f"shard-{index:05d}.json"
+                sidecar, path = partial / f"shard-{index:05d}.json", partial / f"shard-{index:05d}.arrow"
                 done = sidecar.is_file() and json.loads(sidecar.read_text()).get("data_hash") == entry["data_hash"]
-                if not done:
-                    path = partial / f"shard-{index:05d}.arrow"
+                if not (done and path.is_file()):
                     entry.update(_write_shard(teacher, rows, path, settings, batch_size))
                     atomic_write_json(sidecar, entry)
                     computed += 1

@@ -291,6 +291,23 @@ def test_distributed_cache_equals_the_one_process_cache(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training from a cache
+@pytest.mark.distributed
+def test_ddp_from_a_cache_matches_one_process(tmp_path):
+    _cache(tiny_model("llama"), _dataset(), tmp_path / "cache", mode="topk", top_k=16)
+    script = os.path.join(os.path.dirname(__file__), "scripts", "teacher_cache_ddp.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542"]
+    subprocess.run([*torchrun, script, str(tmp_path / "cache"), str(tmp_path / "ddp"), "2"], check=True, env=env,
+                   timeout=300)  # fmt: skip
+    subprocess.run([sys.executable, script, str(tmp_path / "cache"), str(tmp_path / "one"), "4"], check=True, env=env,
+                   timeout=300)  # fmt: skip
+    ddp, one = (torch.load(tmp_path / name / "result.pt", weights_only=True) for name in ("ddp", "one"))
+    losses = [[log["loss"] for log in run["logs"] if "kd_loss" in log] for run in (ddp, one)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for name, value in one["state"].items():
+        torch.testing.assert_close(ddp["state"][name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_training_from_a_cache_without_a_teacher(tmp_path):
     teacher, data = tiny_model("llama"), _dataset()
     cache = _cache(teacher, data, tmp_path / "cache", mode="topk", top_k=16)
