@@ -23,7 +23,9 @@ Every retraining arm uses the same learning rate, schedule, steps, batch, sequen
 every arm sees the same tokens. Arms shared between claims (e.g. the width student distilled with logit-only KD is
 the "KD" arm of c, the "width" arm of d, the "off" arm of f and h, the "logits" arm of g) are trained once.
 Finished claims and arms are cached under benchmarks/results/claims_cache/ (keyed by the budget), so a rerun or a
-crash recomputes nothing that finished; `--fresh` ignores the cache.
+crash recomputes nothing that finished; `--fresh` ignores the cache. Arms and search candidates distilled from the
+default teacher read one exact cache of its outputs (`hf_minitron.cache_teacher`, issue 15), written once, instead of
+running the teacher at every step; `--live-teacher` runs it in every arm as before.
 
 Writes benchmarks/results/claims.{json,md,png} and prints the table.
 """
@@ -131,8 +133,8 @@ class Bench:
     """One teacher in memory, the data splits, importance scores computed once per (teacher, aggregation), and the
     retraining arms (memoised in memory and on disk)."""
 
-    def __init__(self, budget: Budget, fresh: bool):
-        self.budget, self.fresh = budget, fresh
+    def __init__(self, budget: Budget, fresh: bool, offline_teacher: bool = True):
+        self.budget, self.fresh, self.offline_teacher = budget, fresh, offline_teacher
         needed = budget.steps * budget.batch_size
         self.teacher, self.tokenizer, data = load_teacher_and_corpus(budget.seq_length)
         if len(data["train"]) < max(needed, budget.calibration_samples):
@@ -148,6 +150,7 @@ class Bench:
         self._scores = {}
         self._arms = {}
         self._corrected = None
+        self._teacher_cache = None
         self.teacher_loss = held_out_loss(self.teacher, self.validation)
 
     # -------------------------------------------------------------------------------------- pruning
@@ -199,6 +202,18 @@ class Bench:
         }
 
     # -------------------------------------------------------------------------------------- retraining
+    def teacher_cache(self):
+        """One exact (hidden-state) cache of the default teacher over the training split (issue 15), written once
+        under the claims cache: every arm distilled from that teacher reads it instead of running the teacher."""
+        if self._teacher_cache is None:
+            from hf_minitron import cache_teacher
+
+            self._teacher_cache = cache_teacher(
+                self.teacher, self.train, CACHE / "teacher_cache", tokenizer=self.tokenizer, overwrite=True,
+                show_progress=False,
+            )  # fmt: skip
+        return self._teacher_cache
+
     def arm(self, name: str, make_student, teacher=None, **loss) -> dict:
         """Retrains `make_student()` for the budget's steps with `DistillationTrainer` (loss weights in `loss`) and
         records the held-out loss at step 0 and at `budget.eval_steps`."""
@@ -225,11 +240,14 @@ class Bench:
                     curve.append([state.global_step, held_out_loss(model, validation)])
 
         output_dir = str(CACHE / "tmp" / name.replace("/", "__"))
+        # Arms distilled from the default teacher share one cache of its outputs (the intermediate-state loss needs
+        # the live teacher's layers; the corrected teacher of claim f is another teacher).
+        offline = self.offline_teacher and teacher is None and not loss.get("intermediate_layer_mapping")
         trainer = DistillationTrainer(
             model=student,
-            teacher_model=teacher if teacher is not None else self.teacher,
+            teacher_model=None if offline else (teacher if teacher is not None else self.teacher),
             args=retraining_config(self.budget, output_dir, **loss),
-            train_dataset=self.train,
+            train_dataset=self.teacher_cache() if offline else self.train,
             processing_class=self.tokenizer,
             callbacks=[HeldOutCurve()],
         )
@@ -495,7 +513,10 @@ def claim_i(bench: Bench) -> dict:
         eval_interval=max(1, b.steps // b.eval_points),
         pruning={"calibration_samples": b.calibration_samples, "depth_calibration_samples": b.depth_samples},
     )
-    output_dir = CACHE / "search"
+    # The candidates read the arms' teacher cache (same teacher, same training split); its own folder, since a search
+    # output_dir refuses a rerun with other settings.
+    teacher_cache = bench.teacher_cache() if bench.offline_teacher else None
+    output_dir = CACHE / ("search" if teacher_cache is None else "search_teacher_cache")
     if bench.fresh:
         shutil.rmtree(output_dir, ignore_errors=True)
     result = search_architectures(
@@ -508,6 +529,7 @@ def claim_i(bench: Bench) -> dict:
         output_dir=output_dir,
         distillation_config=retraining_config(b, str(CACHE / "tmp" / "search")),
         processing_class=bench.tokenizer,
+        teacher_cache=teacher_cache,
         show_progress=False,
     )
     hand = _width_kd(bench)
@@ -660,6 +682,9 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=int, help="torch intra-op threads (1 is faster on a CPU shared with other jobs)."
     )
+    parser.add_argument(
+        "--live-teacher", action="store_true", help="Run the teacher in every arm instead of one cache of its outputs."
+    )
     parser.add_argument("--output", default=str(RESULTS / "claims.json"))
     parser.add_argument("--cache-dir", default=str(CACHE), help="Where finished claims and arms are cached.")
     args = parser.parse_args(argv)
@@ -695,7 +720,7 @@ def main(argv=None):
             continue
         if bench is None:
             print("Loading the teacher and the corpus ...", flush=True)
-            bench = Bench(budget, args.fresh)
+            bench = Bench(budget, args.fresh, offline_teacher=not args.live_teacher)
         print(f"claim {letter}: running ...", flush=True)
         claim_start, load_start = time.time(), os.getloadavg()[0]
         claim = CLAIM_FUNCTIONS[letter](bench)
@@ -710,7 +735,7 @@ def main(argv=None):
         previous = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
         setup = previous.get("setup")
         if setup is None:
-            bench = Bench(budget, args.fresh)
+            bench = Bench(budget, args.fresh, offline_teacher=not args.live_teacher)
     if bench is not None:
         setup = {
             "teacher": "SmolLM2-135M (embedded GGUF)",
