@@ -12,6 +12,7 @@ The papers' benchmarks (`PAPER_TASKS`) are downloaded from the Hub by lm-eval. `
 built from CPython's bundled documentation, ships with the package (`hf_minitron/data/tasks/`) and runs offline.
 """
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from .data import iter_samples, shard_batches
 from .io import atomic_write_json
 
+
+logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 OFFLINE_TASKS = ("pydoc_topics",)
@@ -165,30 +168,73 @@ def evaluate_model(
         task_manager = get_task_manager(task_list)
 
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    notices = _LmEvalNotices()
+    with notices:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     results, raws = {}, []
     try:
         for shots, group in groups.items():
-            raw = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=group,
-                num_fewshot=shots,
-                limit=limit,
-                task_manager=task_manager,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=False,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+            with notices:
+                raw = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=group,
+                    num_fewshot=shots,
+                    limit=limit,
+                    task_manager=task_manager,
+                    bootstrap_iters=bootstrap_iters,
+                    log_samples=False,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
             raws.append(raw)
             results.update({task: _summarize(task, raw) for task in group})
     finally:
         model.train(was_training)  # HFLM puts the model in eval mode
+    if notices.truncated:
+        logger.warning(
+            "lm-eval cut %d request(s) to the model's %d-token context (the oldest tokens go first).",
+            notices.truncated,
+            lm.max_length,
+        )
     if return_raw:
         results["raw"] = raws
     return results
+
+
+class _LmEvalNotices(logging.Filter):
+    """Holds back lm-eval's notices about how it is called, which say nothing to our user and come again for every
+    model and task (an in-memory model passed as `pretrained`, task metadata hints), and counts its one-line-per-request
+    truncation warnings, reported once by `evaluate_model`."""
+
+    _LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task", "lm_eval.evaluator")
+    _NOTICES = (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+        "Custom kwargs can be passed to `--metadata`",
+        "For example --metadata=",
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.truncated = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Combined length of context"):
+            self.truncated += 1
+            return False
+        return not any(notice in message for notice in self._NOTICES)
+
+    def __enter__(self):
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self._LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 def primary_score(task_result: dict) -> float:

@@ -3,7 +3,8 @@
 `PipelineSummary` collects what the pipeline knows (every field optional); `render_model_card` turns it into a
 `huggingface_hub.ModelCard` from the Jinja template `minitron_card.md.j2`, with YAML front matter built by
 `ModelCardData` (base model, tags, datasets, license, `model-index` results); `save_model_card` writes the card and its
-plots (layer importance, loss curves) next to the checkpoint on the main process.
+plots next to the checkpoint on the main process: what was pruned (head importance per layer with the kept heads, MLP
+neuron and embedding-channel importance with the cut-off, layer importance when depth was pruned) and the losses.
 
 The template ships inside the package (`hf_minitron/templates/`); `model_cards/minitron_card.md.j2` at the top of
 the repository is the same file, kept for readers and for copying into a custom template (a test keeps them equal).
@@ -21,6 +22,9 @@ from .io import atomic_file, atomic_write_text
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "minitron_card.md.j2"
 TAGS = ["minitron", "pruning", "distillation", "hf-minitron"]
 LAYER_IMPORTANCE_PLOT = "layer_importance.png"
+HEAD_IMPORTANCE_PLOT = "head_importance.png"
+NEURON_IMPORTANCE_PLOT = "mlp_importance.png"
+HIDDEN_IMPORTANCE_PLOT = "embedding_importance.png"
 LOSS_PLOT = "loss_curves.png"
 
 # Pruning axes, in the order of paper 1, Table 1 (depth, width: embedding, MLP, attention heads).
@@ -55,9 +59,14 @@ class PipelineSummary:
 
     Args:
         model_name (`str`, *optional*):
-            Name or Hub id of the student (title, quick start, `model-index`).
+            Name or Hub id of the student (title, `model-index`), e.g. `SmolLM2-135M-Instruct-Minitron-80M`.
+        model_id (`str`, *optional*):
+            Where the quick start loads the student from: its Hub repository or a local path. Defaults to
+            `model_name`.
         teacher_id (`str`, *optional*):
-            Hub id of the teacher (`base_model` in the front matter).
+            Hub id of the teacher (`base_model` in the front matter, linked).
+        teacher_name (`str`, *optional*):
+            What the card calls a teacher that has no Hub id (e.g. its local path); defaults to `teacher_id`.
         license (`str`, *optional*):
             License of the student, usually the teacher's.
         datasets (`list[str]`, *optional*):
@@ -73,9 +82,22 @@ class PipelineSummary:
         student_parameters (`int`, *optional*):
             Parameter count of the student.
         layer_importance (`list[float]`, *optional*):
-            One importance score per teacher layer (higher is more important), plotted as a bar chart.
+            One importance score per teacher layer (higher is more important), plotted as a bar chart when depth
+            pruning removed layers.
         dropped_layers (`list[int]`, *optional*):
             0-based indices of the teacher layers that depth pruning removed.
+        head_importance (`list[list[float]]`, *optional*):
+            `[layers][heads]` query-head importance of the teacher, plotted as a heatmap.
+        kept_heads (`dict[str, list[int]]`, *optional*):
+            Per teacher layer (as a string, as in `pruning_record.json`), the heads kept; marked on the heatmap.
+        neuron_importance (`list[list[float]]`, *optional*):
+            `[layers][intermediate_size]` MLP-neuron importance, plotted sorted per layer.
+        kept_neurons (`int`, *optional*):
+            MLP neurons kept per layer: the cut-off of that plot.
+        hidden_importance (`list[float]`, *optional*):
+            Embedding-channel importance (one ranking for the whole model), plotted sorted.
+        kept_hidden (`int`, *optional*):
+            Embedding channels kept: the cut-off of that plot.
         teacher_correction (`dict`, *optional*):
             Settings of teacher correction (dataset, steps, tokens, learning rate, ...).
         distillation (`dict`, *optional*):
@@ -89,7 +111,9 @@ class PipelineSummary:
     """
 
     model_name: str | None = field(default=None, metadata={"help": "Name or Hub id of the student."})
+    model_id: str | None = field(default=None, metadata={"help": "Hub id or local path for the quick start."})
     teacher_id: str | None = field(default=None, metadata={"help": "Hub id of the teacher (base_model)."})
+    teacher_name: str | None = field(default=None, metadata={"help": "Name of a teacher without a Hub id."})
     license: str | None = field(default=None, metadata={"help": "License of the student."})
     datasets: list[str] | None = field(default=None, metadata={"help": "Hub ids of the datasets used."})
     teacher_config: dict | None = field(default=None, metadata={"help": "Architecture before pruning."})
@@ -99,6 +123,12 @@ class PipelineSummary:
     student_parameters: int | None = field(default=None, metadata={"help": "Parameter count of the student."})
     layer_importance: list[float] | None = field(default=None, metadata={"help": "Importance score per layer."})
     dropped_layers: list[int] | None = field(default=None, metadata={"help": "Indices of removed layers."})
+    head_importance: list[list[float]] | None = field(default=None, metadata={"help": "[layers][heads] scores."})
+    kept_heads: dict[str, list[int]] | None = field(default=None, metadata={"help": "Kept heads per layer."})
+    neuron_importance: list[list[float]] | None = field(default=None, metadata={"help": "[layers][neurons]."})
+    kept_neurons: int | None = field(default=None, metadata={"help": "MLP neurons kept per layer."})
+    hidden_importance: list[float] | None = field(default=None, metadata={"help": "Embedding-channel scores."})
+    kept_hidden: int | None = field(default=None, metadata={"help": "Embedding channels kept."})
     teacher_correction: dict | None = field(default=None, metadata={"help": "Teacher-correction settings."})
     distillation: dict | None = field(default=None, metadata={"help": "Distillation settings."})
     log_history: list[dict] | None = field(default=None, metadata={"help": "Trainer log_history."})
@@ -253,6 +283,7 @@ def render_model_card(
     layer_importance_plot: str | None = None,
     loss_plot: str | None = None,
     template_path: str | os.PathLike | None = None,
+    pruning_plots: list[tuple[str, str]] | None = None,
 ):
     """The model card of `summary` as a `huggingface_hub.ModelCard` (no file is written).
 
@@ -261,6 +292,8 @@ def render_model_card(
             What to report; sections without data are left out.
         layer_importance_plot, loss_plot (`str`, *optional*):
             Paths of the plots relative to the card, shown as images when given.
+        pruning_plots (`list[tuple[str, str]]`, *optional*):
+            `(caption, path)` of the width-pruning plots (heads, MLP neurons, embedding channels).
         template_path (`str` or `os.PathLike`, *optional*):
             A custom Jinja template; defaults to the packaged `minitron_card.md.j2`.
     """
@@ -291,14 +324,16 @@ def render_model_card(
     context = {
         "card_data": card_data.to_yaml(),
         "title": title,
-        "repo_id": summary.model_name or "<namespace>/<student>",
+        "repo_id": summary.model_id or summary.model_name or "<namespace>/<student>",
         "teacher_id": summary.teacher_id,
+        "teacher_name": summary.teacher_name,
         "steps": _steps(summary),
         "teacher_correction_rows": _rows(summary.teacher_correction),
         "importance_rows": _importance_rows(summary.pruned_config),
         "pruning_rows": _pruning_rows(summary),
         "depth_description": _depth_description(summary),
         "layer_importance_plot": layer_importance_plot,
+        "pruning_plots": pruning_plots or [],
         "distillation_rows": _rows(summary.distillation),
         "loss_plot": loss_plot,
         "alignment_rows": _rows(summary.alignment),
@@ -334,14 +369,77 @@ def plot_layer_importance(scores: list[float], path: str | os.PathLike, dropped_
     _save_figure(fig, Path(path))
 
 
-def plot_loss_curves(log_history: list[dict], path: str | os.PathLike) -> bool:
-    """Training and evaluation losses of a `Trainer.state.log_history` against the step, written to `path` (PNG).
-
-    Plots every key ending in `loss` that has at least one finite value (`loss`, `kd_loss`, `ce_loss`, `is_loss`,
-    `eval_loss`, ...). Returns `False`, writing nothing, when there is none.
-    """
+def plot_head_importance(scores: list[list[float]], path: str | os.PathLike, kept: dict[str, list[int]] | None = None):
+    """Heatmap of query-head importance, one column per layer and one row per head, with the kept heads marked by a
+    dot. Written atomically to `path` (PNG)."""
     from matplotlib.figure import Figure
 
+    num_layers, num_heads = len(scores), len(scores[0])
+    fig = Figure(figsize=(max(5.0, 0.28 * num_layers + 2.5), max(2.5, 0.35 * num_heads + 1.2)))
+    ax = fig.add_subplot()
+    image = ax.imshow([list(row) for row in zip(*scores)], aspect="auto", cmap="viridis", origin="lower")
+    fig.colorbar(image, ax=ax, label="importance")
+    if kept:
+        points = [(int(layer), head) for layer, heads in kept.items() for head in heads]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, c="white", edgecolors="black", linewidths=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("query head")
+    ax.set_title("Attention-head importance" + (" (dots: kept heads)" if kept else ""))
+    _save_figure(fig, Path(path))
+
+
+def plot_sorted_importance(
+    scores: list[float] | list[list[float]], path: str | os.PathLike, kept: int | None, title: str, unit: str
+):
+    """Importance sorted from the most to the least important, with the cut-off at `kept` (a dashed line: what is on
+    its right was pruned). `scores` is one ranking (`[n]`) or one per layer (`[layers][n]`: a line per layer, each
+    scaled to its own maximum, as each layer is ranked on its own). Written atomically to `path` (PNG)."""
+    from matplotlib import cm
+    from matplotlib.figure import Figure
+
+    rows = scores if scores and isinstance(scores[0], (list, tuple)) else [scores]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        values = sorted((float(v) for v in row), reverse=True)
+        top = values[0] if len(rows) > 1 and values[0] > 0 else 1.0
+        color = cm.viridis(i / max(1, len(rows) - 1)) if len(rows) > 1 else "tab:blue"
+        ax.plot(range(len(values)), [v / top for v in values], color=color, linewidth=0.8)
+    if kept is not None:
+        total = len(rows[0])
+        ax.axvline(kept, color="tab:red", linestyle="--", label=f"cut-off: {kept:,} of {total:,} kept")
+        ax.axvspan(kept, total, color="tab:red", alpha=0.08)
+        ax.legend(loc="upper right")
+    positive = all(float(v) > 0 for row in rows for v in row)
+    if positive:
+        ax.set_yscale("log")  # importance spans orders of magnitude; the tail is what pruning removes
+    ax.set_xlabel(f"{unit} rank (most important first)")
+    ax.set_ylabel("importance" + (" / layer maximum" if len(rows) > 1 else ""))
+    ax.set_title(title + (" (one line per layer, dark = first)" if len(rows) > 1 else ""))
+    _save_figure(fig, Path(path))
+
+
+# Loss panels: what distillation minimises, and the student's cross-entropy on the data (a different scale).
+_KD_KEYS = ("kd_loss", "eval_kd_loss")
+_CE_KEYS = ("ce_loss", "eval_loss", "eval_ce_loss")
+_LABELS = {
+    "loss": "loss (total, train)",
+    "kd_loss": "KD loss (train)",
+    "eval_kd_loss": "KD loss (held-out)",
+    "ce_loss": "cross-entropy (train)",
+    "eval_loss": "cross-entropy (held-out)",
+    "eval_ce_loss": "cross-entropy (held-out)",
+    "is_loss": "intermediate-state loss (train)",
+}
+
+
+def _same_curve(a: tuple[list, list], b: tuple[list, list]) -> bool:
+    # The Trainer logs `loss` and our `kd_loss` from different accumulators: equal up to rounding.
+    return a[0] == b[0] and all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6) for x, y in zip(a[1], b[1]))
+
+
+def loss_panels(log_history: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
+    """The curves of [`plot_loss_curves`]: `{panel title: {label: (steps, values)}}`, panels without data left out."""
     series: dict[str, tuple[list, list]] = {}
     for entry in log_history:
         step = entry.get("step")
@@ -357,16 +455,50 @@ def plot_loss_curves(log_history: list[dict], path: str | os.PathLike) -> bool:
                 series.setdefault(key, ([], []))
                 series[key][0].append(step)
                 series[key][1].append(value)
-    if not series:
+    for duplicate, kept in (("loss", "kd_loss"), ("eval_ce_loss", "eval_loss")):
+        if duplicate in series and kept in series and _same_curve(series[duplicate], series[kept]):
+            del series[duplicate]
+    panels = {
+        "Distillation loss (KL to the teacher)": [k for k in ("loss", *_KD_KEYS) if k in series],
+        "Cross-entropy on the data (nats/token)": [k for k in _CE_KEYS if k in series],
+    }
+    panels["Other loss terms"] = [k for k in sorted(series) if not any(k in keys for keys in panels.values())]
+    return {title: {key: series[key] for key in keys} for title, keys in panels.items() if keys}
+
+
+def plot_loss_curves(log_history: list[dict], path: str | os.PathLike) -> bool:
+    """Losses of a `Trainer.state.log_history` against the step, written to `path` (PNG): the KD loss (train and
+    held-out) in one panel, the student's cross-entropy on the data (train and held-out `eval_loss`) in a second, and
+    any other loss term (`is_loss`, `router_aux_loss`, ...) in a third, each on its own scale. `loss` is drawn only
+    where it differs from `kd_loss` (with a KD-only objective the two are the same curve).
+
+    Returns `False`, writing nothing, when no key ending in `loss` has a finite value.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = loss_panels(log_history)
+    if not panels:
         return False
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    for key, (steps, values) in sorted(series.items()):
-        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Distillation losses")
-    ax.legend()
+    fig = Figure(figsize=(5 * len(panels), 3.5))
+    for i, (title, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key, (steps, values) in curves.items():
+            held_out = key.startswith("eval_")
+            ax.plot(
+                steps,
+                values,
+                marker="o" if len(steps) < 20 or held_out else None,
+                linestyle="--" if held_out else "-",
+                label=_LABELS.get(key, key),
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     _save_figure(fig, Path(path))
     return True
 
@@ -390,12 +522,35 @@ def save_model_card(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     importance_plot = loss_plot = None
-    if summary.layer_importance:
+    # Layer importance says what depth pruning removed: without removed layers it shows nothing that was pruned.
+    if summary.layer_importance and summary.dropped_layers:
         plot_layer_importance(summary.layer_importance, output_dir / LAYER_IMPORTANCE_PLOT, summary.dropped_layers)
         importance_plot = LAYER_IMPORTANCE_PLOT
+    pruning_plots = []
+    if summary.head_importance:
+        plot_head_importance(summary.head_importance, output_dir / HEAD_IMPORTANCE_PLOT, summary.kept_heads)
+        pruning_plots.append(("Attention-head importance per layer, kept heads marked", HEAD_IMPORTANCE_PLOT))
+    if summary.neuron_importance:
+        plot_sorted_importance(
+            summary.neuron_importance,
+            output_dir / NEURON_IMPORTANCE_PLOT,
+            summary.kept_neurons,
+            "MLP-neuron importance",
+            "neuron",
+        )
+        pruning_plots.append(("MLP-neuron importance with the cut-off", NEURON_IMPORTANCE_PLOT))
+    if summary.hidden_importance:
+        plot_sorted_importance(
+            summary.hidden_importance,
+            output_dir / HIDDEN_IMPORTANCE_PLOT,
+            summary.kept_hidden,
+            "Embedding-channel importance",
+            "channel",
+        )
+        pruning_plots.append(("Embedding-channel importance with the cut-off", HIDDEN_IMPORTANCE_PLOT))
     if summary.log_history and plot_loss_curves(summary.log_history, output_dir / LOSS_PLOT):
         loss_plot = LOSS_PLOT
-    card = render_model_card(summary, importance_plot, loss_plot, template_path)
+    card = render_model_card(summary, importance_plot, loss_plot, template_path, pruning_plots=pruning_plots)
     path = output_dir / "README.md"
     atomic_write_text(path, str(card))
     return path

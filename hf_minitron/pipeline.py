@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 
 from .data import EMBEDDED_CORPUS, load_text_datasets
@@ -464,10 +466,13 @@ def run_pipeline(
     correction,
     alignment: list[AlignmentStage] | None = None,
     show_progress: bool = True,
+    report: bool = True,
 ) -> dict:
     """Runs (or resumes) the chain; returns the summary dict that also goes into the model card.
 
     `alignment` lists the alignment stages to run after distillation, in order (see [`build_pipeline_config`]).
+    `show_progress` shows the progress bars; `report` prints (on the main process) a heading with the time as each
+    stage starts (or says that it was reused), and at the end the teacher-vs-student table and each stage's wall time.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -501,12 +506,15 @@ def run_pipeline(
     # trust_remote_code=False throughout: a checkpoint's own modeling code is never run (nor asked about on stdin).
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=False)
     train, validation = _datasets(args, tokenizer)
+    stages = _StageLog(root, _stage_titles(args, alignment), report=report and state.is_main_process)
+    stages.keep_times = state.is_main_process
+    teacher_hub_id = _teacher_hub_id(args.teacher)
     summary: dict = {
         "teacher": args.teacher,
         # The card's base_model: a Hub id, or the embedded teacher's upstream id.
-        "teacher_hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"
-        if args.teacher in ("embedded", "smollm2")
-        else (None if Path(args.teacher).exists() else args.teacher),
+        "teacher_hub_id": teacher_hub_id,
+        # What tables and cards call the teacher: its Hub id, else the path it was given as.
+        "teacher_name": teacher_hub_id or args.teacher,
         "datasets": None
         if args.dataset == EMBEDDED_CORPUS or Path(args.dataset.split(",")[0]).exists()
         else [args.dataset],
@@ -517,15 +525,18 @@ def run_pipeline(
     # 1. Teacher correction (paper 2): fine-tune the teacher on the distillation data before pruning.
     if args.correct_teacher:
         corrected = root / "teacher_correction"
+        stages.begin("teacher_correction", reuse["teacher_correction"], corrected)
         if not reuse["teacher_correction"]:
             from .teacher_correction import correct_teacher
 
             correct_teacher(teacher_path, correction, train_dataset=train, processing_class=tokenizer)
+        stages.end("teacher_correction")
         teacher_path = str(corrected)
         summary["stages"]["teacher_correction"] = {"path": str(corrected), "max_steps": correction.max_steps}
 
     # 2. Importance estimation + pruning (one pass of forward hooks; scores saved next to the student).
     pruned_dir = root / "pruned"
+    stages.begin("pruned", reuse["pruned"], pruned_dir)
     if not reuse["pruned"]:
         prune_checkpoint(
             PruneArguments(
@@ -538,11 +549,13 @@ def run_pipeline(
             pruning,
             show_progress=show_progress,
         )
+    stages.end("pruned")
     summary["stages"]["pruning"] = json.loads((pruned_dir / "pruning_summary.json").read_text())
     summary["stages"]["pruning"]["pruned_config"] = pruning.to_dict()
 
     # 3. Distillation of the pruned student from the (corrected) teacher.
     distilled_dir = root / "distilled"
+    stages.begin("distilled", reuse["distilled"], distilled_dir)
     if not reuse["distilled"]:
         student = AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=False)
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, trust_remote_code=False)
@@ -561,6 +574,7 @@ def run_pipeline(
             trainer, distilled_dir, write_extra=lambda tmp: (tmp / "log_history.json").write_text(history)
         )
         del trainer, student, teacher
+    stages.end("distilled")
     log_history = json.loads((distilled_dir / "log_history.json").read_text())
     summary["stages"]["distillation"] = {
         "kd_loss": distillation.kd_loss,
@@ -575,17 +589,24 @@ def run_pipeline(
     model_dir = distilled_dir
     for stage in alignment or []:
         stage_dir = root / stage.name
+        stages.begin(stage.name, reuse[stage.name], stage_dir)
         if not reuse[stage.name]:
             # An interrupted stage continues from its newest complete checkpoint (if it saved any).
             stage.training_args.resume_from_checkpoint = resume_checkpoint(stage.training_args)
             stage.run(model_dir)
+        stages.end(stage.name)
         summary["stages"][stage.name] = stage.describe()
         model_dir = stage_dir
     made = " + ".join(["Minitron-pruned", "distilled", *(stage.name.upper() for stage in alignment or [])])
-    student_name = f"{args.teacher} ({made})"
+    model_name = args.hub_model_id or _student_name(
+        summary["teacher_name"], summary["stages"]["pruning"]["after"]["parameters"]["total"]
+    )
+    summary["model_name"] = model_name
+    student_name = f"{model_name} ({made})"
 
     # 5. Evaluation: held-out loss + lm-eval tasks, teacher and student side by side.
     eval_path = root / "evaluation.json"
+    stages.begin("evaluation", reuse["evaluation"], eval_path)
     # A reused evaluation must be of this chain's student and settings: one made before a stage was added is redone.
     if not reuse["evaluation"]:
         # lm-eval runs an in-memory model in a single process (elsewhere it returns no results): the main process
@@ -600,15 +621,17 @@ def run_pipeline(
                 tasks=[t for t in args.eval_tasks.split(",") if t],
                 limit=args.eval_limit,
                 heldout_dataset=validation,
-                teacher_name=args.teacher,
+                teacher_name=summary["teacher_name"],
                 student_name=student_name,
                 output_file=eval_path,  # written atomically
             )
         state.wait_for_everyone()
+    stages.end("evaluation")
     summary["evaluation"] = json.loads(eval_path.read_text())
 
     # 6. Final folder: the last stage's checkpoint + model card + plots (rebuilt with a new evaluation).
     final_dir = root / "final"
+    stages.begin("final", reuse["final"], final_dir)
     if state.is_main_process and not reuse["final"]:
         import shutil
 
@@ -620,18 +643,200 @@ def run_pipeline(
             for name in ("pruned_config.json", "pruning_record.json"):
                 if (pruned_dir / name).is_file():
                     shutil.copy2(pruned_dir / name, tmp / name)
+            _enable_cache(tmp / "config.json")
             check_finite_weights(tmp)  # never card (or push) a model with NaN/inf weights
             if args.write_model_card:
-                _write_card(tmp, summary, pruned_dir, name=final_dir.parent.name)
+                # The quick start loads the model from where it is going to be: its Hub repository, else this folder.
+                model_id = args.hub_model_id or str(final_dir.resolve())
+                _write_card(tmp, summary, pruned_dir, model_id=model_id)
     state.wait_for_everyone()
+    stages.end("final")
     summary["final_dir"] = str(final_dir)
 
     # 7. Optional upload (main process only; token from the environment or login, never logged).
-    if args.push_to_hub and state.is_main_process:
-        from .hub import push_to_hub
+    if args.push_to_hub:
+        stages.begin("push", False, args.hub_model_id)
+        if state.is_main_process:
+            from .hub import push_to_hub
 
-        push_to_hub(str(final_dir), args.hub_model_id, private=args.hub_private)
+            push_to_hub(str(final_dir), args.hub_model_id, private=args.hub_private)
+        stages.end("push")
+    summary["stage_times"] = stages.times
+    if stages.report:
+        print_run_summary(summary)
     return summary
+
+
+def _enable_cache(config_path: Path) -> None:
+    # Training saves `use_cache: false` (TrainingArguments.use_cache defaults to False, and the Trainer copies it into
+    # the model's config): the published model should generate with its KV cache, as the teacher does.
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("use_cache") is False:
+        config["use_cache"] = True
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _teacher_hub_id(teacher: str) -> str | None:
+    """The Hub id of the teacher: the upstream id of the embedded one, the name itself when it is not a local path."""
+    from .embedded import EMBEDDED_ALIASES
+
+    if teacher in EMBEDDED_ALIASES:
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return None if Path(os.path.expanduser(teacher)).exists() else teacher
+
+
+def _student_name(teacher_name: str, parameters: int) -> str:
+    """`SmolLM2-135M-Instruct-Minitron-80M`: the teacher's name and the student's size (NVIDIA's Minitron naming)."""
+    base = Path(teacher_name.rstrip("/")).name or "model"
+    if parameters >= 1e9:
+        size = f"{parameters / 1e9:.1f}B"
+    else:
+        size = f"{round(parameters / 1e6)}M" if parameters >= 1e6 else f"{round(parameters / 1e3)}K"
+    return f"{base}-Minitron-{size}"
+
+
+# ---------------------------------------------------------------------------------------------- what the run prints
+_STAGE_TITLES = {
+    "teacher_correction": "Teacher correction (fine-tuning on the data)",
+    "pruned": "Importance estimation and pruning",
+    "distilled": "Distillation from the teacher",
+    "sft": "SFT (supervised fine-tuning)",
+    "dpo": "DPO / RPO (preference optimisation)",
+    "evaluation": "Evaluation of teacher and student",
+    "final": "Final folder: checkpoint, model card and plots",
+    "push": "Upload to the Hub",
+}
+STAGE_TIMES = "stage_times.json"
+
+
+def _stage_titles(args: MinitronArguments, alignment) -> dict[str, str]:
+    names = ["teacher_correction"] if args.correct_teacher else []
+    names += ["pruned", "distilled", *(stage.name for stage in alignment or []), "evaluation", "final"]
+    names += ["push"] if args.push_to_hub else []
+    return {name: _STAGE_TITLES[name] for name in names}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+class _StageLog:
+    """Prints a heading with the time when each stage starts (or that it was reused), and keeps each stage's wall
+    time in `output_dir/stage_times.json`, so that a rerun can still say what the reused stages took."""
+
+    def __init__(self, root: Path, titles: dict[str, str], report: bool):
+        self.root, self.titles, self.report, self.keep_times = root, titles, report, False
+        try:
+            self.previous = json.loads((root / STAGE_TIMES).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.previous = {}
+        self.times: dict[str, dict] = {}
+        self._started: dict[str, float] = {}
+
+    def begin(self, name: str, reused: bool, output) -> None:
+        if reused:
+            seconds = (self.previous.get(name) or {}).get("seconds")
+            self.times[name] = {"seconds": seconds, "reused": True}
+        else:
+            self._started[name] = time.monotonic()
+        if not self.report:
+            return
+        number = f"{list(self.titles).index(name) + 1}/{len(self.titles)}"
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        if reused:
+            took = self.times[name]["seconds"]
+            detail = f"reused {output} (finished earlier with these settings" + (
+                f", took {_duration(took)})" if took is not None else ")"
+            )
+            print(f"[{stamp}] {number} {self.titles[name]}: {detail}", flush=True)
+        else:
+            print(f"\n=== [{stamp}] {number} {self.titles[name]} -> {output}", flush=True)
+
+    def end(self, name: str) -> None:
+        if name not in self._started:
+            return
+        self.times[name] = {"seconds": time.monotonic() - self._started.pop(name), "reused": False}
+        if self.keep_times:
+            from .io import atomic_write_json
+
+            atomic_write_json(self.root / STAGE_TIMES, {**self.previous, **self.times})
+
+
+def print_run_summary(summary: dict, console=None) -> None:
+    """The closing report of `hf-minitron run`: teacher vs student (parameters, held-out loss and perplexity, task
+    scores) and the wall time of each stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    evaluation = summary.get("evaluation") or {}
+    models = evaluation.get("models", {})
+    if "teacher" in models and "student" in models:
+        teacher, student = models["teacher"], models["student"]
+        table = Table(title="Teacher vs student")
+        table.add_column("", no_wrap=True)
+        for column in ("teacher", "student"):
+            table.add_column(column, justify="right", overflow="fold")  # a long path wraps, whole
+        table.add_row(
+            "model", summary.get("teacher_name") or teacher["name"], summary.get("model_name") or student["name"]
+        )
+        t, s = teacher["num_parameters"], student["num_parameters"]
+        table.add_row("parameters", f"{t:,}", f"{s:,} ({s / t:.0%})")
+        if "heldout" in teacher and "heldout" in student:
+            tokens = teacher["heldout"]["num_tokens"]
+            table.add_row(
+                f"held-out loss ({tokens:,} tokens)",
+                f"{teacher['heldout']['loss']:.3f}",
+                f"{student['heldout']['loss']:.3f}",
+            )
+            table.add_row(
+                "held-out perplexity",
+                f"{teacher['heldout']['perplexity']:.1f}",
+                f"{student['heldout']['perplexity']:.1f}",
+            )
+        for task, info in evaluation.get("tasks", {}).items():
+            metric = info["metric"]
+            table.add_row(
+                f"{task} {metric} (n={info['num_samples']})",
+                f"{teacher['results'][task]['metrics'][metric]:.3f}",
+                f"{student['results'][task]['metrics'][metric]:.3f}",
+            )
+        console.print(table)
+    times = summary.get("stage_times") or {}
+    if times:
+        table = Table(title="Wall time per stage")
+        table.add_column("stage", no_wrap=True)
+        table.add_column("wall time", justify="right")
+        table.add_column("")
+        for name, entry in times.items():
+            table.add_row(
+                _STAGE_TITLES.get(name, name), _duration(entry["seconds"]), "reused" if entry["reused"] else ""
+            )
+        total = sum(entry["seconds"] or 0 for entry in times.values() if not entry["reused"])
+        table.add_row("this run", _duration(total), "")
+        console.print(table)
+
+
+def quiet_third_party_output() -> None:
+    """For the command line: leaves our stage headings, the trainers' progress bars and losses, and real warnings,
+    without the per-file loading/saving bars of transformers, the map bars of datasets, and notices that ask nothing
+    of the user (DeepSpeed's accelerator guess on a CPU, pin_memory without an accelerator, TRL's use of a
+    deprecated transformers argument)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+    # A filter on the logger itself survives DeepSpeed's own set-up of it (handlers and level) at import.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def _process_group(distillation):
@@ -651,30 +856,44 @@ def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:
     )
 
 
-def _write_card(directory: Path, summary: dict, pruned_dir: Path, name: str) -> None:
-    """Model card + plots from what the stages recorded (layer importance from the saved scores)."""
+def _write_card(directory: Path, summary: dict, pruned_dir: Path, model_id: str) -> None:
+    """Model card + plots from what the stages recorded (importance from the scores saved with the pruned model)."""
     from .importance import ImportanceScores
     from .model_card import PipelineSummary, save_model_card
 
     pruning = summary["stages"]["pruning"]
-    layer_importance = None
+    before, after = pruning["before"], pruning["after"]
+    record = json.loads((pruned_dir / "pruning_record.json").read_text())
+    # The plots show the axes that were pruned, from the scores saved next to the pruned model.
+    plots = {}
+
+    def pruned(axis: str) -> bool:
+        return bool(before.get(axis) and after.get(axis) and after[axis] < before[axis])
+
     if (pruned_dir / "importance" / "importance.json").is_file():
         scores = ImportanceScores.load(pruned_dir / "importance")
         if scores.block_influence is not None:
-            layer_importance = scores.block_influence.tolist()
-    record = json.loads((pruned_dir / "pruning_record.json").read_text())
+            plots["layer_importance"] = scores.block_influence.tolist()
+        if scores.heads and pruned("num_attention_heads"):
+            plots.update(head_importance=scores.head_scores().tolist(), kept_heads=record.get("heads"))
+        if scores.neurons and pruned("intermediate_size"):
+            plots.update(neuron_importance=scores.neuron_scores().tolist(), kept_neurons=after["intermediate_size"])
+        if scores.hidden and pruned("hidden_size"):
+            plots.update(hidden_importance=scores.hidden_scores().tolist(), kept_hidden=after["hidden_size"])
     distillation = {k: v for k, v in summary["stages"]["distillation"].items() if k != "log_history"}
     card = PipelineSummary(
-        model_name=summary.get("hub_model_id") or name,
+        model_name=summary["model_name"],
+        model_id=model_id,
         teacher_id=summary.get("teacher_hub_id"),
+        teacher_name=summary.get("teacher_name"),
         datasets=summary.get("datasets"),
         teacher_config={k: v for k, v in pruning["before"].items() if k != "parameters"},
         student_config={k: v for k, v in pruning["after"].items() if k != "parameters"},
         pruned_config=pruning["pruned_config"],
         teacher_parameters=pruning["before"]["parameters"]["total"],
         student_parameters=pruning["after"]["parameters"]["total"],
-        layer_importance=layer_importance,
         dropped_layers=record.get("dropped_layers") or None,
+        **plots,
         teacher_correction=summary["stages"].get("teacher_correction"),
         distillation=distillation,
         log_history=summary["stages"]["distillation"]["log_history"],

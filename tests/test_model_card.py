@@ -7,6 +7,7 @@ from conftest import tiny_model
 from hf_minitron.model_card import (
     TEMPLATE_PATH,
     PipelineSummary,
+    loss_panels,
     plot_loss_curves,
     render_model_card,
     save_model_card,
@@ -157,7 +158,12 @@ def test_empty_summary_renders_only_the_basics(tmp_path):
     "given, present, absent",
     [
         ({"distillation": {"loss": "forward_kl"}}, ["### Distillation"], ["### Pruning", "## Evaluation", "!["]),
-        ({"layer_importance": [1.0, 2.0]}, ["### Pruning", "![Layer importance]"], ["### Distillation"]),
+        (
+            {"layer_importance": [1.0, 2.0], "dropped_layers": [1]},
+            ["### Pruning", "![Layer importance]"],
+            ["### Distillation"],
+        ),
+        ({"layer_importance": [1.0, 2.0]}, [], ["![Layer importance]"]),  # depth not pruned: nothing to show
         ({"log_history": [{"step": 1, "loss": 1.0}]}, ["### Distillation", "![Training losses]"], ["### Pruning"]),
         ({"evaluation": comparison()}, ["## Evaluation"], ["### Pruning", "### Distillation"]),
     ],
@@ -196,3 +202,60 @@ def test_card_only_on_main_process(tmp_path, monkeypatch):
     monkeypatch.setattr(PartialState, "is_main_process", property(lambda self: False))
     assert save_model_card(full_summary(), tmp_path / "card") is None
     assert not (tmp_path / "card").exists()
+
+
+def test_card_names_the_model_and_links_only_what_exists(tmp_path):
+    """Issue 17: titled with the model, quick start from a real place, the teacher by its name, no invented links."""
+    summary = PipelineSummary(
+        model_name="SmolLM2-135M-Instruct-Minitron-80M",
+        model_id=str(tmp_path / "final"),
+        teacher_name="/data/my-teacher",
+        evaluation=comparison(),
+    )
+    body = front_matter(save_model_card(summary, tmp_path / "final").read_text())[1]
+    assert body.startswith("\n# SmolLM2-135M-Instruct-Minitron-80M\n")
+    assert f'model_id = "{tmp_path / "final"}"' in body
+    assert "compressed version of `/data/my-teacher`" in body
+    links = re.findall(r"\]\((https?://[^)]+)\)", body)
+    assert links and all(
+        link.startswith(("https://arxiv.org/", "https://huggingface.co/", "https://github.com/EleutherAI/"))
+        for link in links
+    ), links
+    # With a Hub teacher, its page is the link (it exists); the student's Hub id is the quick start.
+    body = str(render_model_card(PipelineSummary(model_name=STUDENT, teacher_id=TEACHER)))
+    assert f"[{TEACHER}](https://huggingface.co/{TEACHER})" in body and f'model_id = "{STUDENT}"' in body
+
+
+def test_pruning_plots_show_what_was_pruned(tmp_path):
+    summary = PipelineSummary(
+        head_importance=[[0.1 * (h + 1) + 0.01 * layer for h in range(4)] for layer in range(3)],
+        kept_heads={"0": [1, 3], "1": [2, 3], "2": [0, 3]},
+        neuron_importance=[[1.0 / (n + 1) + layer for n in range(16)] for layer in range(3)],
+        kept_neurons=12,
+        hidden_importance=[1.0 / (c + 1) for c in range(8)],
+        kept_hidden=6,
+        layer_importance=[0.3, 0.1, 0.5],
+    )
+    path = save_model_card(summary, tmp_path)
+    body = path.read_text()
+    for name in ("head_importance.png", "mlp_importance.png", "embedding_importance.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in body
+    assert "kept heads marked" in body and "with the cut-off" in body
+    assert not (tmp_path / "layer_importance.png").exists()  # no layer was dropped
+
+
+def test_loss_curves_separate_kd_from_cross_entropy():
+    history = [
+        {"step": s, "loss": 2.0 / s, "kd_loss": 2.0 / s * (1 + 1e-7), "ce_loss": 5.0 - s, "grad_norm": 1.0}
+        for s in range(1, 5)
+    ]
+    history += [{"step": 2, "eval_loss": 4.5, "eval_kd_loss": 1.1}, {"step": 4, "eval_loss": 4.0, "eval_kd_loss": 0.6}]
+    history += [{"step": 4, "train_loss": 1.0}]
+    panels = loss_panels(history)
+    kd, ce = panels["Distillation loss (KL to the teacher)"], panels["Cross-entropy on the data (nats/token)"]
+    assert list(kd) == ["kd_loss", "eval_kd_loss"]  # `loss` is the KD loss here: one curve, not two on top
+    assert list(ce) == ["ce_loss", "eval_loss"] and ce["eval_loss"] == ([2, 4], [4.5, 4.0])
+    assert "Other loss terms" not in panels
+    with_ce = [{**entry, "loss": entry["loss"] + 1} for entry in history if "loss" in entry]
+    assert list(loss_panels(with_ce)["Distillation loss (KL to the teacher)"]) == ["loss", "kd_loss"]
+    assert list(loss_panels([{"step": 1, "is_loss": 0.5}])) == ["Other loss terms"]

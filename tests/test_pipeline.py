@@ -1,6 +1,7 @@
 import importlib.util
 import inspect
 import json
+import re
 import subprocess
 import sys
 import typing
@@ -47,7 +48,7 @@ def _tiny_recipe(checkpoint, output_dir, **top):
     }
 
 
-def test_minitron_chain_end_to_end_and_resume(checkpoint, tmp_path):
+def test_minitron_chain_end_to_end_and_resume(checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     recipe = _tiny_recipe(
         checkpoint, out, correct_teacher=True, eval_tasks="pydoc_topics", eval_limit=4, write_model_card=True
@@ -69,7 +70,21 @@ def test_minitron_chain_end_to_end_and_resume(checkpoint, tmp_path):
     assert (out / "teacher_correction" / "config.json").is_file()
     card = (out / "final" / "README.md").read_text()
     assert card.startswith("---") and "pydoc_topics" in card and "2407.14679" in card
-    assert "# run\n" in card and ".tmp" not in card  # named after the run folder, not the temporary one
+    # Named after the model (the teacher's name and the student's size), not the run folder or a temporary one; the
+    # quick start loads it from where it is; the generation cache is on again after training (issue 17).
+    assert "\n# teacher-Minitron-25K\n" in card and ".tmp" not in card
+    assert f'model_id = "{(out / "final").resolve()}"' in card and "github.com/hf-minitron" not in card
+    assert json.loads((out / "final" / "config.json").read_text())["use_cache"] is True
+    for plot in ("head_importance.png", "mlp_importance.png", "embedding_importance.png"):
+        assert (out / "final" / plot).is_file() and f"]({plot})" in card
+    assert not (out / "final" / "layer_importance.png").exists()  # depth was not pruned
+    printed = capsys.readouterr().out
+    headings = re.findall(r"^=== \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (\d)/5 (.*) -> ", printed, re.M)
+    assert [number for number, _ in headings] == ["1", "2", "3", "4", "5"], printed
+    assert headings[0][1].startswith("Teacher correction") and headings[2][1].startswith("Distillation")
+    assert printed.index("Teacher vs student") < printed.index("Wall time per stage")
+    assert re.search(r"held-out loss .*\d\.\d{3} .*\d\.\d{3}", printed)
+    assert "pydoc_topics acc (n=4)" in printed and "teacher-Minitron-25K" in printed
     assert not (out / "final" / "training_args.bin").exists()  # no pickle in the published folder
     assert "24" in card and (out / "final" / "loss_curves.png").is_file()
 
@@ -77,6 +92,12 @@ def test_minitron_chain_end_to_end_and_resume(checkpoint, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "pruned", out / "distilled", out / "final")}
     run_pipeline(*build_pipeline_config(recipe), show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    printed = capsys.readouterr().out
+    reused = re.findall(
+        r"^\[[\d :-]+\] \d/5 .*: reused .* \(finished earlier with these settings, took .*\)$", printed, re.M
+    )
+    assert len(reused) == 5, printed
+    assert "Teacher vs student" in printed and printed.count("reused") >= 10  # headings, and the time table
 
 
 # Alignment on the tiny model: its byte-level tokenizer makes chats long in tokens and ships no chat template.
