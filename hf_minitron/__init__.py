@@ -6,35 +6,55 @@ Papers: "Compact Language Models via Pruning and Knowledge Distillation" (https:
 
 __version__ = "0.1.0.dev0"
 
-from .alignment import (
-    CHATML_TEMPLATE,
-    RPOConfig,
-    build_preference_dataset,
-    build_sft_dataset,
-    run_dpo,
-    run_sft,
-)
-from .architectures import ARCHITECTURES, ArchitectureSpec, get_architecture
-from .distillation_config import DistillationConfig
-from .distillation_trainer import DistillationTrainer
-from .evaluation import (
-    compare_models,
-    evaluate_model,
-    format_comparison,
-    heldout_perplexity,
-    make_lm_eval_scorer,
-    make_perplexity_scorer,
-)
-from .hub import push_to_hub
-from .importance import ImportanceScores, estimate_importance, magnitude_importance, random_importance
-from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
-from .model_card import PipelineSummary, render_model_card, save_model_card
-from .pruning import PruningRecord, load_pruning_record, prune_model
-from .pruning_config import PrunedConfig
-from .search import SearchConfig, count_parameters, enumerate_candidates, search_architectures
-from .search_results import SearchResult
-from .teacher_cache import cache_teacher, load_teacher_cache
-from .teacher_correction import TeacherCorrectionConfig, correct_teacher
+import importlib
+
+
+# The public names and the module of each. They are imported on first use (PEP 562), not here: `import hf_minitron`
+# (and so `hf-minitron <command> --help`) must not pay for torch, transformers, peft and lm-eval before it needs them.
+_EXPORTS = {
+    "alignment": (
+        "CHATML_TEMPLATE",
+        "RPOConfig",
+        "build_preference_dataset",
+        "build_sft_dataset",
+        "run_dpo",
+        "run_sft",
+    ),
+    "architectures": ("ARCHITECTURES", "ArchitectureSpec", "get_architecture"),
+    "distillation_config": ("DistillationConfig",),
+    "distillation_trainer": ("DistillationTrainer",),
+    "evaluation": (
+        "compare_models",
+        "evaluate_model",
+        "format_comparison",
+        "heldout_perplexity",
+        "make_lm_eval_scorer",
+        "make_perplexity_scorer",
+    ),
+    "hub": ("push_to_hub",),
+    "importance": ("ImportanceScores", "estimate_importance", "magnitude_importance", "random_importance"),
+    "losses": ("fused_kd_loss", "intermediate_state_loss", "kd_loss"),
+    "model_card": ("PipelineSummary", "render_model_card", "save_model_card"),
+    "pruning": ("PruningRecord", "load_pruning_record", "prune_model"),
+    "pruning_config": ("PrunedConfig",),
+    "search": ("SearchConfig", "count_parameters", "enumerate_candidates", "search_architectures"),
+    "search_results": ("SearchResult",),
+    "teacher_cache": ("cache_teacher", "load_teacher_cache"),
+    "teacher_correction": ("TeacherCorrectionConfig", "correct_teacher"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULE_OF))
 
 
 __all__ = [

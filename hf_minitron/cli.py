@@ -13,26 +13,101 @@ Every dataclass field is an option (`--help` lists them with their help text); `
 whose keys are those field names, and options given on the command line override it.
 """
 
+import argparse
 import dataclasses
+import hashlib
 import sys
 from pathlib import Path
 
-from .validation import NonFiniteError, check_field_types, read_config_file
+
+# Nothing heavy is imported at module level: `hf-minitron <command> --help` must not wait for torch, transformers,
+# peft and lm-eval (each command imports what it runs).
 
 
 def _read_config_file(path: str) -> dict:
+    from .validation import read_config_file
+
     return read_config_file(path, "--config")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help, and the description (examples) printed as written."""
+
+
+def _owner(cls, name: str):
+    """The class in `cls`'s MRO that declares the field `name` (e.g. `TrainingArguments` for `learning_rate`)."""
+    return next(base for base in cls.__mro__ if name in base.__dict__.get("__annotations__", {}))
+
+
+def _is_ours(cls) -> bool:
+    return cls.__module__.split(".")[0] == "hf_minitron"
+
+
+def _group_options(parser, dataclass_types) -> None:
+    """One help section per dataclass, hf-minitron's own first: a subclass of `TrainingArguments` (or of a TRL config)
+    lists its inherited options in a section of their own, after ours, instead of burying ours at the end."""
+    sections: dict[tuple[int, str], list[str]] = {}
+    for cls in dataclass_types:
+        for f in dataclasses.fields(cls):
+            owner = _owner(cls, f.name)
+            key = (0, cls.__name__) if _is_ours(owner) else (1, f"{owner.__module__.split('.')[0]}.{owner.__name__}")
+            sections.setdefault(key, []).append(f.name)
+    actions = {}
+    for action in parser._optionals._group_actions:
+        actions.setdefault(action.dest, []).append(action)
+    for (theirs, title), names in sorted(sections.items(), key=lambda item: item[0][0]):  # stable: ours in order
+        if theirs:
+            description = f"Inherited from {title}: the standard options of the trainer."
+            group = parser.add_argument_group(f"{title} options", description)
+        else:
+            group = parser.add_argument_group(f"{title} options (hf-minitron)")
+        for name in names:
+            for action in actions.pop(name, []):
+                parser._optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+
+
+def _fix_negative_flags(parser) -> None:
+    # HfArgumentParser adds `--no_X` for a boolean that defaults to True, with X's own help and `(default: False)`:
+    # read as written, that help says the opposite of what the flag does.
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest} off (the same as --{action.dest} false)."
+            action.default = argparse.SUPPRESS  # the positive flag's action holds the default
+
+
+def build_parser(dataclass_types, prog: str, description: str | None = None):
+    """The `HfArgumentParser` of a command: one option per dataclass field, `--config FILE`, grouped help."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        dataclass_types,
+        prog=prog,
+        usage=f"{prog} [--config FILE] [--option value ...]",
+        description=description,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML/JSON file of option values (CLI options override it).")
+    _group_options(parser, dataclass_types)
+    _fix_negative_flags(parser)
+    return parser
 
 
 def parse_dataclasses(dataclass_types, argv, prog: str):
     """Parses `argv` into instances of `dataclass_types`, with `--config FILE` providing defaults.
 
-    Unknown keys in the file are an error that names them (a typo must not be silently ignored).
+    Unknown keys in the file are an error that names them (a typo must not be silently ignored). `-h` / `--help`
+    prints the options (and stores the text for the next `--help`, see [`cached_help`]) and exits.
     """
-    from transformers import HfArgumentParser
+    from .validation import check_field_types
 
-    parser = HfArgumentParser(dataclass_types, prog=prog)
-    parser.add_argument("--config", default=None, help="YAML/JSON file of option values (CLI options override it).")
+    command = prog.split()[-1]
+    parser = build_parser(dataclass_types, prog, _description(command))
+    if argv in (["-h"], ["--help"]):
+        text = parser.format_help()
+        _store_help(command, text)
+        print(text, end="")
+        raise SystemExit(0)
     config_path = None
     if "--config" in argv:
         index = argv.index("--config")
@@ -56,6 +131,54 @@ def parse_dataclasses(dataclass_types, argv, prog: str):
     return instances
 
 
+# ---------------------------------------------------------------------------------------------- help, fast
+def _help_path(command: str) -> Path:
+    """Where the help text of `command` is kept, keyed by everything that shapes it: our sources, the versions of the
+    libraries whose dataclasses we extend, and the terminal width. Any change makes a new key."""
+    from importlib import metadata
+
+    from .embedded import cache_dir
+
+    package = Path(__file__).parent
+    key = [command, str(_terminal_width())]
+    for path in sorted(package.rglob("*.py")):
+        stat = path.stat()
+        key.append(f"{path.relative_to(package)}:{stat.st_mtime_ns}:{stat.st_size}")
+    for name in ("transformers", "trl", "peft", "accelerate"):
+        try:
+            key.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            key.append(f"{name}: none")
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:16]
+    return cache_dir() / "help" / f"{command}-{digest}.txt"
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size().columns  # argparse wraps to $COLUMNS, or the terminal's width
+
+
+def cached_help(command: str) -> str | None:
+    """The help of `command` as printed the last time, if nothing that shapes it has changed since. Building a help
+    text imports the dataclasses of the command, and so transformers, peft and torch (5-15 s on a small CPU)."""
+    try:
+        return _help_path(command).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _store_help(command: str, text: str) -> None:
+    try:
+        from .io import atomic_write_text
+
+        path = _help_path(command)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError:  # a read-only home is no reason to fail a --help
+        pass
+
+
 def _prune(argv):
     from .checkpoint_pruning import PruneArguments, prune_checkpoint
     from .pruning_config import PrunedConfig
@@ -66,16 +189,46 @@ def _prune(argv):
 
 def _run(argv):
     """Runs (or resumes) the whole Minitron chain from a pipeline recipe: `hf-minitron run RECIPE.yaml [--k v]`."""
-    from .pipeline import load_pipeline_config, parse_overrides, run_pipeline
-
     if not argv or argv[0] in ("-h", "--help"):
-        from .pipeline import __doc__ as pipeline_doc
-
-        print("usage: hf-minitron run RECIPE.yaml [--key value] [--section.key value] ...\n" + pipeline_doc)
+        text = _run_help()
+        if argv:
+            _store_help("run", text)
+        print(text, end="")
         return
+    from .pipeline import load_pipeline_config, parse_overrides, quiet_third_party_output, run_pipeline
+
+    quiet_third_party_output()
     config_path, overrides = parse_overrides(["--config", *argv] if not argv[0].startswith("--") else argv)
     summary = run_pipeline(*load_pipeline_config(config_path, overrides))
     print(f"Final checkpoint and model card: {summary['final_dir']}")
+
+
+def _run_help() -> str:
+    from . import pipeline
+
+    formatter = _HelpFormatter("hf-minitron run", width=_terminal_width())
+    formatter.add_usage("hf-minitron run RECIPE.yaml [--key value] [--section.key value] ...", None, [])
+    formatter.add_text(_description("run"))
+    formatter.start_section("top-level options (MinitronArguments; --key value, or key: value in the recipe)")
+    for f in dataclasses.fields(pipeline.MinitronArguments):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        formatter.add_argument(
+            argparse.Action([f"--{f.name}"], f.name, help=f"{f.metadata['help']} (default: {default})")
+        )
+    formatter.end_section()
+    formatter.start_section("stage sections (--section.key value, or a section of the recipe)")
+    sections = (
+        ("--pruning.KEY", "a PrunedConfig field: the target shape and importance (see `hf-minitron prune --help`)"),
+        ("--distillation.KEY", "a DistillationConfig field (see `hf-minitron distill --help`)"),
+        ("--teacher_correction.KEY", "a TeacherCorrectionConfig field (see `hf-minitron correct-teacher --help`)"),
+        ("--sft.KEY", "an SFT stage field (see `hf-minitron sft --help`); `--sft null` drops the stage"),
+        ("--dpo.KEY", "a DPO / RPO stage field (see `hf-minitron dpo --help`)"),
+    )
+    for option, text in sections:
+        formatter.add_argument(argparse.Action([option], option, help=text))
+    formatter.end_section()
+    formatter.add_text(pipeline.__doc__)
+    return formatter.format_help()
 
 
 def _distill(argv):
@@ -171,37 +324,104 @@ def _push(argv):
         print(f"Uploaded: {url}")
 
 
+# command -> (function, what it does, examples)
 COMMANDS = {
-    "run": (_run, "Run (or resume) the whole chain from a recipe: correct -> prune -> distill -> evaluate -> card."),
-    "prune": (_prune, "Estimate Minitron importance and prune a checkpoint (depth and width)."),
-    "search": (_search, "Search architectures under a parameter budget: prune, distill briefly and rank candidates."),
-    "distill": (_distill, "Distill a (pruned) student from a teacher with the Minitron KD loss."),
-    "cache-teacher": (_cache_teacher, "Run the teacher once and store its outputs (exact or top-k) for offline KD."),
-    "correct-teacher": (_correct_teacher, "Fine-tune the teacher on the distillation data before pruning."),
-    "sft": (lambda argv: _align(argv, "sft"), "Supervised fine-tuning of the distilled student (TRL SFTTrainer)."),
-    "dpo": (lambda argv: _align(argv, "dpo"), "DPO / RPO preference optimisation (TRL DPOTrainer)."),
-    "evaluate": (_evaluate, "Evaluate a checkpoint (or compare student and teacher) with lm-eval; writes JSON."),
-    "push": (_push, "Upload a checkpoint folder with its model card to the Hugging Face Hub."),
+    "run": (
+        _run,
+        "Run (or resume) the whole chain from a recipe: correct -> prune -> distill -> evaluate -> card.",
+        [
+            "hf-minitron run recipes/smollm2-135m/minitron.yaml    # the demo: ~10 min on a 2-core CPU",
+            "hf-minitron run recipes/smollm2-135m/minitron.yaml --output_dir outputs/longer --distillation.max_steps 200",
+            "hf-minitron run recipes/smollm2-135m/minitron.yaml --sft null    # without the SFT stage",
+            "hf-minitron run recipes/smollm2-135m/stdlib.yaml    # a student worth using: ~1 h on a 2-core CPU",
+        ],
+    ),
+    "prune": (
+        _prune,
+        "Estimate Minitron importance and prune a checkpoint (depth and width).",
+        [
+            "hf-minitron prune --config recipes/smollm2-135m/prune.yaml",
+            "hf-minitron prune --model ./my-llama --hidden_size 3072 --num_attention_heads 32 "
+            "--calibration_data data.jsonl --output out/",
+        ],
+    ),
+    "search": (
+        _search,
+        "Search architectures under a parameter budget: prune, distill briefly and rank candidates.",
+        ["hf-minitron search --config recipes/smollm2-135m/search.yaml --retrain_steps 100"],
+    ),
+    "distill": (
+        _distill,
+        "Distill a (pruned) student from a teacher with the Minitron KD loss.",
+        [
+            "hf-minitron distill --student outputs/smollm2-135m/pruned --teacher embedded "
+            "--config recipes/smollm2-135m/distill.yaml",
+        ],
+    ),
+    "cache-teacher": (
+        _cache_teacher,
+        "Run the teacher once and store its outputs (exact or top-k) for offline KD.",
+        ["hf-minitron cache-teacher --config recipes/smollm2-135m/cache_teacher.yaml --mode topk --top_k 128"],
+    ),
+    "correct-teacher": (
+        _correct_teacher,
+        "Fine-tune the teacher on the distillation data before pruning.",
+        ["hf-minitron correct-teacher --config recipes/smollm2-135m/teacher_correction.yaml"],
+    ),
+    "sft": (
+        lambda argv: _align(argv, "sft"),
+        "Supervised fine-tuning of the distilled student (TRL SFTTrainer).",
+        ["hf-minitron sft --config recipes/smollm2-135m/sft.yaml"],
+    ),
+    "dpo": (
+        lambda argv: _align(argv, "dpo"),
+        "DPO / RPO preference optimisation (TRL DPOTrainer).",
+        ["hf-minitron dpo --config recipes/smollm2-135m/dpo.yaml"],
+    ),
+    "evaluate": (
+        _evaluate,
+        "Evaluate a checkpoint (or compare student and teacher) with lm-eval; writes JSON.",
+        ["hf-minitron evaluate --model outputs/smollm2-135m/final --teacher embedded --limit 50"],
+    ),
+    "push": (
+        _push,
+        "Upload a checkpoint folder with its model card to the Hugging Face Hub.",
+        ["hf-minitron push --folder outputs/smollm2-135m/final --repo_id me/smollm2-minitron"],
+    ),
 }
+
+
+def _description(command: str) -> str:
+    _, summary, examples = COMMANDS[command]
+    return summary + "\n\nexamples:\n" + "\n".join(f"  {example}" for example in examples)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<16} {summary}" for name, (_, summary, _) in COMMANDS.items()]
         print("usage: hf-minitron <command> [options]\n\ncommands:\n" + "\n".join(lines))
-        print("\nRun `hf-minitron <command> --help` for the options of a command.")
+        print("\nRun `hf-minitron <command> --help` for the options of a command, with examples.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    command, _ = COMMANDS[argv[0]]
+    if argv[1:] in (["-h"], ["--help"]):
+        text = cached_help(argv[0])
+        if text is not None:
+            print(text, end="")
+            return 0
+    command, _, _ = COMMANDS[argv[0]]
+    from .validation import NonFiniteError
+
     try:
         command(argv[1:])
     # Our input checks, missing files, a full disk, a diverged training run: no traceback needed.
     except (ValueError, OSError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # --help (0), or an option argparse refused (2, after its message)
+        return exit_.code if isinstance(exit_.code, int) else 2
     return 0
 
 

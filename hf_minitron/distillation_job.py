@@ -19,14 +19,17 @@ class DistillArguments(TextDataArguments):
     """The student, the teacher and the data (the fields of [`~hf_minitron.data.TextDataArguments`], then these).
 
     Args:
-        student (`str`): the (pruned) student checkpoint, or `embedded` (SmolLM2-135M-Instruct).
+        student (`str`): the (pruned) student checkpoint, e.g. the output of `hf-minitron prune`. Required: distilling
+            a model from itself teaches it nothing.
         teacher (`str`, *optional*): the teacher checkpoint or `embedded`; defaults to
             `DistillationConfig.teacher_model_name_or_path`.
         final_model_dir (`str`, *optional*): where the distilled checkpoint is written; defaults to
             `{output_dir}/final`.
     """
 
-    student: str = field(default="embedded", metadata={"help": "Student checkpoint (e.g. the pruned model)."})
+    student: str | None = field(
+        default=None, metadata={"help": "Student checkpoint, e.g. the pruned model (required)."}
+    )
     teacher: str | None = field(
         default=None, metadata={"help": "Teacher checkpoint or 'embedded' (default: teacher_model_name_or_path)."}
     )
@@ -46,6 +49,11 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     from .distillation_trainer import DistillationTrainer
     from .embedded import resolve_model_path
 
+    if not args.student:
+        raise ValueError(
+            "DistillArguments.student is not set: pass --student with the checkpoint to distil into, e.g. the "
+            "output of `hf-minitron prune` (outputs/smollm2-135m/pruned)."
+        )
     teacher = args.teacher or config.teacher_model_name_or_path
     if teacher is None:
         raise ValueError("No teacher: pass --teacher PATH (or set teacher_model_name_or_path).")
