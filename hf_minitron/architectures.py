@@ -55,6 +55,20 @@ class ArchitectureSpec:
             The config fields holding the routed-expert count, each routed expert's FFN width and the shared
             expert's width (Mixtral: `num_local_experts` and `intermediate_size`; Qwen-MoE: `num_experts` and
             `moe_intermediate_size`). `PrunedConfig` names them the same for every family.
+        mamba (`str`, *optional*):
+            A Mamba2 mixer inside a decoder layer (`in_proj` with output rows `[z, x, B, C, dt]`, a depthwise
+            `conv1d` over `[x, B, C]`, per-head `A_log` / `D` / `dt_bias`, a gated group norm `norm` and `out_proj`).
+        final_norm (`str`):
+            The norm after the last decoder layer, inside the base model (`norm`; Nemotron-H: `norm_f`).
+        block_type_attribute (`str`, *optional*):
+            For hybrid families whose decoder layers hold different blocks (Nemotron-H), the attribute of a decoder
+            layer naming its block type; `None` when every layer holds every block of the spec.
+        block_types_field (`str`, *optional*):
+            The config list giving each layer's block type (Nemotron-H: `layers_block_type`).
+        block_types (`tuple[tuple[str, str], ...]`):
+            `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
+            `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
+            module for (`None`) is refused with a clear error.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads, `mlp` (`None`:
     no dense MLP, e.g. Mixtral whose feed-forward blocks are all experts) holds MLP neurons.
@@ -86,8 +100,21 @@ class ArchitectureSpec:
     num_experts_field: str = "num_experts"
     expert_width_field: str = "moe_intermediate_size"
     shared_expert_width_field: str = "shared_expert_intermediate_size"
+    mamba: str | None = None
+    final_norm: str = "norm"
+    block_type_attribute: str | None = None
+    block_types_field: str | None = None
+    block_types: tuple[tuple[str, str], ...] = ()
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
+
+    def has(self, layer, block: str | None) -> bool:
+        """Whether decoder `layer` holds `block` (`"attention"`, `"mlp"`, `"moe"`, `"mamba"`; `None`: the layer
+        itself). In a family whose layers are alike, every layer holds all of the family's blocks; in a hybrid, a
+        layer holds the one block its block type names."""
+        if block is None or self.block_type_attribute is None:
+            return True
+        return getattr(layer, self.block_type_attribute) == dict(self.block_types).get(block)
 
 
 _LLAMA_LIKE = ArchitectureSpec()
@@ -216,6 +243,22 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attention_head_parameters=("sinks",),
         notes="expert and router biases, interleaved gate/up, attention sinks per head, sliding/full layer_types",
     ),
+    # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
+    "nemotron_h": ArchitectureSpec(
+        attention="mixer",
+        mlp="mixer",
+        mamba="mixer",
+        gate_proj=None,
+        attn_input_norm="norm",
+        mlp_input_norm="norm",
+        residual_norms=("norm",),
+        final_norm="norm_f",
+        block_type_attribute="block_type",
+        block_types_field="layers_block_type",
+        block_types=(("attention", "full_attention"), ("mlp", "mlp"), ("mamba", "linear_attention"), ("moe", "moe")),
+        notes="hybrid: per-layer mamba / attention / mlp blocks (layers_block_type); non-gated ReLU^2 MLP; MoE blocks "
+        "not supported yet",
+    ),
 }
 
 
@@ -228,21 +271,56 @@ def get_architecture(config) -> ArchitectureSpec:
             f"{', '.join(sorted(ARCHITECTURES))}. To add one, describe its modules with an `ArchitectureSpec` in "
             "`hf_minitron/architectures.py`."
         )
-    return ARCHITECTURES[model_type]
+    spec = ARCHITECTURES[model_type]
+    if spec.block_types_field is not None:
+        check_block_types(spec, config)
+    return spec
+
+
+def check_block_types(spec: ArchitectureSpec, config) -> None:
+    """Refuses a hybrid model with a block type the spec has no structures for (Nemotron-H's MoE blocks, for now)."""
+    supported = {kind: block for block, kind in spec.block_types if getattr(spec, block) is not None}
+    kinds = list(getattr(config, spec.block_types_field))
+    unsupported = sorted({kind for kind in kinds if kind not in supported})
+    if unsupported:
+        layers = [i for i, kind in enumerate(kinds) if kind in unsupported]
+        raise ValueError(
+            f"model_type={config.model_type!r} with {spec.block_types_field} {unsupported} (layers {layers}) is not "
+            f"supported: hf-minitron prunes its {', '.join(repr(k) for k in supported)} blocks. Use a model without "
+            f"{' / '.join(unsupported)} blocks."
+        )
 
 
 def model_shape(config) -> dict:
     """The prunable sizes of `config`, under `PrunedConfig`'s names (MoE sizes too, for MoE families)."""
     heads = config.num_attention_heads
+    return (
+        {
+            "model_type": config.model_type,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_attention_heads": heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        }
+        | moe_shape(config)
+        | mamba_shape(config)
+    )
+
+
+def mamba_shape(config) -> dict:
+    """The Mamba2 sizes of `config` (`{}` for a family without Mamba blocks): heads and head dim (prunable), and the
+    B/C groups and state size (kept) that the projections' sizes depend on."""
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is None or spec.mamba is None:
+        return {}
     return {
-        "model_type": config.model_type,
-        "num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-    } | moe_shape(config)
+        "mamba_num_heads": config.mamba_num_heads,
+        "mamba_head_dim": config.mamba_head_dim,
+        "n_groups": config.n_groups,
+        "ssm_state_size": config.ssm_state_size,
+    }
 
 
 def moe_shape(config) -> dict:

@@ -27,7 +27,9 @@ from .structures import (
     attention_heads,
     expert_neurons,
     hidden_channels,
+    in_layer,
     layers,
+    mamba_heads,
     mlp_neurons,
     routed_experts,
     shared_expert_neurons,
@@ -39,7 +41,7 @@ from .validation import check_sequence_length
 SCORES_WEIGHTS_NAME = "importance.safetensors"
 SCORES_META_NAME = "importance.json"
 # The per-structure statistics of `ImportanceScores`, saved as `{axis}.{statistic}` tensors.
-_AXES = ("heads", "neurons", "hidden", "experts", "expert_neurons", "shared_neurons")
+_AXES = ("heads", "neurons", "hidden", "experts", "expert_neurons", "shared_neurons", "mamba")
 
 
 @dataclass
@@ -57,6 +59,9 @@ class ImportanceScores:
         expert_neurons (MoE): `{"sum", "count"}` of shapes `[num_layers, num_experts, moe_intermediate_size]` and
             `[num_layers, num_experts]`.
         shared_neurons (MoE with a shared expert): like `neurons`, `[num_layers, shared_expert_intermediate_size]`.
+        mamba (hybrids with Mamba2 mixers): like `neurons`, `[num_layers, mamba_num_heads * mamba_head_dim]`, the
+            channels of each mixer's `out_proj` input (Minitron-SSM). In a hybrid, the rows of `heads`, `neurons` and
+            `mamba` of the layers without that block, and the `hidden` slot of the block a layer lacks, stay zero.
         block_influence (`torch.Tensor` of shape `[num_layers]`, *optional*): 1 - mean cos(input, output) per layer.
         layer_loss (`torch.Tensor` of shape `[num_layers]`, *optional*): LM loss with each single layer dropped.
         base_loss (`float`, *optional*): LM loss of the unpruned model on the same depth samples.
@@ -75,6 +80,7 @@ class ImportanceScores:
     neurons: dict[str, torch.Tensor]
     hidden: dict[str, torch.Tensor]
     block_influence: torch.Tensor | None = None
+    mamba: dict[str, torch.Tensor] = field(default_factory=dict)
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -119,6 +125,17 @@ class ImportanceScores:
     def shared_neuron_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
         """`[num_layers, shared_expert_intermediate_size]` shared-expert neuron importance."""
         return shared_expert_neurons.scores(self, _checked(batch_aggregation))
+
+    def mamba_head_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
+        """`[num_layers, mamba_num_heads]`: each Mamba head's L2 over all its channels (selection ranks heads over
+        the kept channels only, see `structures/mamba_heads.py`)."""
+        channels = mamba_heads.scores(self, _checked(batch_aggregation))
+        return mamba_heads.head_scores(channels, self.model_shape["mamba_num_heads"])
+
+    def mamba_head_dim_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
+        """`[num_layers, mamba_head_dim]`: each Mamba head channel's L2 over the heads."""
+        channels = mamba_heads.scores(self, _checked(batch_aggregation))
+        return mamba_heads.head_dim_scores(channels, self.model_shape["mamba_num_heads"])
 
     def layer_scores(self, method: str = "block_influence") -> torch.Tensor:
         """`[num_layers]`, higher = more important: Block Influence, or the LM-loss increase when dropped."""
@@ -230,6 +247,8 @@ class ImportanceScores:
             shapes["expert_neurons"] = (layers, s["num_experts"])
         if self.shared_neurons:
             shapes["shared_neurons"] = (layers, s["shared_expert_intermediate_size"])
+        if self.mamba:
+            shapes["mamba"] = (layers, s["mamba_num_heads"] * s["mamba_head_dim"])
         return shapes
 
     def check_compatible(self, model_config, model=None) -> None:
@@ -302,7 +321,8 @@ class _Collector:
     def __enter__(self):
         for i, layer in enumerate(self.layers):
             for structure in self.structures:
-                self.handles += structure.hooks(self, i, layer)
+                if in_layer(self.spec, layer, structure):  # a hybrid's layer holds one block
+                    self.handles += structure.hooks(self, i, layer)
         return self
 
     def __exit__(self, *exc):
@@ -425,6 +445,9 @@ def estimate_importance(
         neurons = collector.stacked(mlp_neurons.KEY, shape["intermediate_size"], 1, per_sample, device)
     hidden = collector.stacked(hidden_channels.KEY, shape["hidden_size"], 2, per_sample, device)
     moe = {}
+    if mamba_heads in structures:
+        width = shape["mamba_num_heads"] * shape["mamba_head_dim"]
+        moe["mamba"] = collector.stacked(mamba_heads.KEY, width, 1, per_sample, device)
     if routed_experts in structures:
         num_experts = shape["num_experts"]
         moe["experts"] = collector.stacked(routed_experts.KEY, num_experts, 1, routed_experts.STATISTICS, device)
@@ -480,6 +503,7 @@ def magnitude_importance(model) -> ImportanceScores:
         neurons=per_layer(mlp_neurons),
         hidden={"score": hidden_channels.magnitude_all(model, spec, decoder_layers)},
         block_influence=torch.stack([layers.magnitude(layer) for layer in decoder_layers]).double(),
+        mamba=per_layer(mamba_heads),
         experts=per_layer(routed_experts),
         expert_neurons=per_layer(expert_neurons),
         shared_neurons=per_layer(shared_expert_neurons),
@@ -499,7 +523,8 @@ def random_importance(model_config, seed: int = 0) -> ImportanceScores:
             return {}
         return {"score": torch.rand(num_layers, *width, generator=g, dtype=torch.float64)}
 
-    # The draw order (hidden, heads, neurons, layers, then the MoE structures) is part of what a seed means: keep it.
+    # The draw order (hidden, heads, neurons, layers, the MoE structures, then Mamba) is part of what a seed means: keep
+    # it (keyword arguments are evaluated in order).
     hidden = rand(hidden_channels, shape["hidden_size"])["score"]
     return ImportanceScores(
         method="random",
@@ -514,4 +539,5 @@ def random_importance(model_config, seed: int = 0) -> ImportanceScores:
         experts=rand(routed_experts, shape.get("num_experts")),
         expert_neurons=rand(expert_neurons, shape.get("num_experts"), shape.get("moe_intermediate_size")),
         shared_neurons=rand(shared_expert_neurons, shape.get("shared_expert_intermediate_size")),
+        mamba=rand(mamba_heads, shape.get("mamba_num_heads", 0) * shape.get("mamba_head_dim", 0)),
     )

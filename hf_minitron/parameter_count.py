@@ -11,6 +11,7 @@ loudly instead of being miscounted.
 
 import copy
 import json
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,7 +20,7 @@ import torch
 from .architectures import ArchitectureSpec, get_architecture, get_base_model, get_decoder_layers
 from .importance import model_shape
 from .pruning_config import PrunedConfig
-from .structures import structures_of
+from .structures import in_layer, structures_of
 
 
 COUNT_KINDS = ("total", "non_embedding", "memory", "active")
@@ -35,6 +36,7 @@ class _Term:
     dims: tuple  # symbols or ints
     per_layer: bool
     embedding: bool  # input embeddings or an untied output projection (excluded from "non_embedding")
+    block_type: str | None = None  # a hybrid's per-layer term: counted once per layer of this block type
 
 
 def _sizes(shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
@@ -49,7 +51,8 @@ def _layer_roles(spec: ArchitectureSpec, layer) -> dict[str, tuple[str, ...]]:
     parameter path -> the symbols of each of its axes (fused expert tensors)."""
     roles = {}
     for structure in structures_of(spec):
-        roles.update(structure.count_roles(spec, layer))
+        if in_layer(spec, layer, structure):
+            roles.update(structure.count_roles(spec, layer))
     return roles
 
 
@@ -73,7 +76,8 @@ def _evaluate(dims: tuple, sizes: dict[str, int]) -> tuple[int, ...]:
 def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term, ...], int]:
     from transformers import AutoModelForCausalLM
 
-    model_config = config_class.from_dict(json.loads(config_json))
+    # Infinities (Nemotron-H's time_step_limit) are encoded as {"__float__": "Infinity"} by to_json_string.
+    model_config = config_class.from_dict(config_class._decode_special_floats(json.loads(config_json)))
     spec = get_architecture(model_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
@@ -84,32 +88,43 @@ def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term,
     output = model.get_output_embeddings()
     if output is not None:
         embedding_modules.add(module_names[id(output)])
-    final_norm = module_names[id(get_base_model(model).norm)]
-    roles = _layer_roles(spec, layers[0])
-    roles.update({name: ("vocab", "h") for name in embedding_modules})
-    roles[final_norm] = ("h",)
+    final_norm = module_names[id(getattr(get_base_model(model), spec.final_norm))]
+    # Layers are grouped by block type (one group when they are alike): each group is described by its first layer.
+    kinds = [
+        None if spec.block_type_attribute is None else getattr(layer, spec.block_type_attribute) for layer in layers
+    ]
+    first = {}
+    for index, kind in enumerate(kinds):
+        first.setdefault(kind, index)
+    layer_roles = {}
+    for kind, index in first.items():
+        layer_roles[kind] = _layer_roles(spec, layers[index]) | {name: ("vocab", "h") for name in embedding_modules}
+        layer_roles[kind][final_norm] = ("h",)
+    roles = layer_roles[kinds[0]]
 
     layer_shapes = [[(n, tuple(p.shape)) for n, p in layer.named_parameters()] for layer in layers]
-    if any(shapes != layer_shapes[0] for shapes in layer_shapes):
+    if any(shapes != layer_shapes[first[kind]] for shapes, kind in zip(layer_shapes, kinds)):
         raise ValueError(
             f"{type(model).__name__} has decoder layers of different shapes: count_parameters (and the architecture "
-            "search) assume identical layers."
+            "search) assume identical layers (of each block type, in a hybrid)."
         )
     vocab = model.get_input_embeddings().weight.shape[0]
     sizes = _sizes(model_shape(model_config), spec) | {"vocab": vocab}
     terms = []
     # remove_duplicate (the default) yields a tied lm_head weight once, as the embedding.
     for name, param in model.named_parameters():
+        kind = None
         if name.startswith(layers_prefix):
             index, _, local = name[len(layers_prefix) :].partition(".")
-            if index != "0":
+            kind = kinds[int(index)]
+            if int(index) != first[kind]:
                 continue
             module_path, _, param_name = local.rpartition(".")
             per_layer = True
         else:
             module_path, _, param_name = name.rpartition(".")
             per_layer = False
-        dims = _dims_for(module_path, param_name, tuple(param.shape), roles)
+        dims = _dims_for(module_path, param_name, tuple(param.shape), layer_roles[kind] if per_layer else roles)
         dims = tuple(vocab if d == "vocab" else d for d in dims)
         if _evaluate(dims, sizes) != tuple(param.shape):
             raise ValueError(
@@ -117,7 +132,7 @@ def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term,
                 f"model_type={model_config.model_type!r} (expected {dims}): update its ArchitectureSpec."
             )
         is_embedding = module_path in embedding_modules and param_name == "weight"
-        terms.append(_Term(name, dims, per_layer, is_embedding))
+        terms.append(_Term(name, dims, per_layer, is_embedding, kind))
     return tuple(terms), len(layers)
 
 
@@ -131,10 +146,34 @@ def parameter_counter(model_config):
     terms = _terms(model_config)
     source = model_shape(model_config)
     spec = get_architecture(model_config)
-    return lambda shape: _count(terms, {**source, **shape}, spec)
+
+    def counter(shape):
+        shape = {**source, **shape}
+        return _count(terms, shape, spec, _block_types(model_config, spec, shape["num_hidden_layers"]))
+
+    return counter
 
 
-def _count(terms: tuple[_Term, ...], shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
+def _block_types(model_config, spec: ArchitectureSpec, num_layers: int, layers_to_drop=None) -> list[str] | None:
+    """The block type of each layer that remains (`None` for a family whose layers are alike)."""
+    if spec.block_types_field is None:
+        return None
+    drop = set(layers_to_drop or ())
+    kinds = [kind for i, kind in enumerate(getattr(model_config, spec.block_types_field)) if i not in drop]
+    if len(kinds) != num_layers:
+        raise ValueError(
+            f"count_parameters cannot count num_hidden_layers={num_layers} of model_type={model_config.model_type!r} "
+            f"from the config alone: its layers differ by block type ({spec.block_types_field}), and which ones depth "
+            "pruning drops is chosen from the importance scores. Count with PrunedConfig(layers_to_drop=[...]) (e.g. "
+            "the pruning record's dropped_layers)."
+        )
+    return kinds
+
+
+def _count(
+    terms: tuple[_Term, ...], shape: dict, spec: ArchitectureSpec, block_types: list[str] | None = None
+) -> dict[str, int]:
+    layer_counts = Counter(block_types or ())
     sizes = _sizes(shape, spec)
     # Active parameters (what one token runs through): only num_experts_per_tok routed experts per layer; the router
     # still scores every expert. Equal to the total for dense families.
@@ -146,8 +185,9 @@ def _count(terms: tuple[_Term, ...], shape: dict, spec: ArchitectureSpec) -> dic
             n *= d
             a *= d_active
         if term.per_layer:
-            n *= shape["num_hidden_layers"]
-            a *= shape["num_hidden_layers"]
+            layers = shape["num_hidden_layers"] if term.block_type is None else layer_counts[term.block_type]
+            n *= layers
+            a *= layers
         total += n
         active += a
         if term.embedding:
@@ -172,7 +212,8 @@ def count_parameters(
 
     Args:
         model_config (`PretrainedConfig`): config of the source (unpruned) model, of a supported architecture.
-        pruned_config (`PrunedConfig`, *optional*): the target shape; `None` counts the source model itself.
+        pruned_config (`PrunedConfig`, *optional*): the target shape; `None` counts the source model itself. For a
+            hybrid (layers of different block types), a depth target is counted from its `layers_to_drop`.
         count (`str`, *optional*, defaults to `"total"`): `"total"` parameters (tied embeddings counted once),
             `"non_embedding"` (without the input embeddings and an untied output projection), `"active"` (per token:
             `num_experts_per_tok` routed experts per MoE layer, every other parameter; the total for dense models), or
@@ -188,7 +229,10 @@ def count_parameters(
     shape = model_shape(model_config)
     if pruned_config is not None:
         shape = {**shape, **pruned_config.resolve(model_config)}
-    counts = _count(_terms(model_config), shape, get_architecture(model_config))
+    spec = get_architecture(model_config)
+    layers_to_drop = pruned_config.layers_to_drop if pruned_config is not None else None
+    block_types = _block_types(model_config, spec, shape["num_hidden_layers"], layers_to_drop)
+    counts = _count(_terms(model_config), shape, spec, block_types)
     if count == "memory":
         return counts["total"] * dtype_size(dtype)
     return counts[count]

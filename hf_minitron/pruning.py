@@ -30,6 +30,8 @@ PRUNING_RECORD_NAME = "pruning_record.json"
 class PruningRecord:
     """What was kept, per axis and per layer (indices into the source model), for audit and reproduction.
 
+    `mamba_heads[layer]` lists the kept Mamba heads of a hybrid's Mamba layers, `mamba_head_channels[layer]` the
+    channels kept in every one of them (indices into the source head_dim).
     `experts[layer]` lists the kept routed experts; `expert_neurons[layer][e]` the kept neurons of the e-th KEPT
     expert (indices into the source expert's width).
     """
@@ -44,6 +46,8 @@ class PruningRecord:
     kv_heads: dict[int, list[int]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     importance: dict = field(default_factory=dict)
+    mamba_heads: dict[int, list[int]] = field(default_factory=dict)
+    mamba_head_channels: dict[int, list[int]] = field(default_factory=dict)
     experts: dict[int, list[int]] = field(default_factory=dict)
     expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict)
     shared_neurons: dict[int, list[int]] = field(default_factory=dict)
@@ -52,7 +56,7 @@ class PruningRecord:
         return {
             k: ({str(i): v for i, v in val.items()} if isinstance(val, dict) and k in _LAYER_KEYED else val)
             for k, val in self.__dict__.items()
-            if k not in _MOE_KEYED or val  # dense records keep their file layout
+            if k not in _OPTIONAL_KEYED or val  # dense records keep their file layout
         }
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -75,7 +79,9 @@ class PruningRecord:
 
 
 _MOE_KEYED = ("experts", "expert_neurons", "shared_neurons")
-_LAYER_KEYED = ("heads", "kv_heads", "neurons") + _MOE_KEYED
+_MAMBA_KEYED = ("mamba_heads", "mamba_head_channels")
+_OPTIONAL_KEYED = _MOE_KEYED + _MAMBA_KEYED
+_LAYER_KEYED = ("heads", "kv_heads", "neurons") + _MOE_KEYED + _MAMBA_KEYED
 
 
 # ---------------------------------------------------------------------------------------------- the entry point

@@ -25,6 +25,8 @@ _TARGET_FIELDS = (
 )
 # Mixture-of-Experts targets, named the same for every family (each family's config field is in its spec).
 _MOE_FIELDS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+# Mamba2 targets of hybrid models (Nemotron-H).
+_MAMBA_FIELDS = ("mamba_num_heads", "mamba_head_dim")
 
 
 @dataclass
@@ -51,6 +53,14 @@ class PrunedConfig:
             expert keeps the same number of neurons, its own indices.
         shared_expert_intermediate_size (`int`, *optional*):
             MoE: target width of the shared expert (Qwen2-MoE).
+        mamba_num_heads (`int`, *optional*):
+            Hybrids: target number of Mamba2 heads per Mamba layer, a multiple of the B/C groups (`n_groups`): every
+            group keeps the same number of its own heads (Minitron-SSM, https://arxiv.org/abs/2504.11409).
+        mamba_head_dim (`int`, *optional*):
+            Hybrids: target channels per Mamba2 head (the same channels kept in every head).
+        mamba_group_aware (`bool`, *optional*, defaults to `True`):
+            Rank Mamba heads within each B/C group (the paper's method). `False` is the paper's group-blind baseline:
+            the top heads overall, reassigned to groups by position (see `structures/mamba_heads.py`).
         layers_to_drop (`list[int]`, *optional*):
             Explicit 0-based indices of layers to remove (sets `depth_method="explicit"`).
         depth_method (`str`, *optional*, defaults to `"contiguous"`):
@@ -97,6 +107,14 @@ class PrunedConfig:
     moe_intermediate_size: int | None = field(default=None, metadata={"help": "MoE: target width of each expert."})
     shared_expert_intermediate_size: int | None = field(
         default=None, metadata={"help": "MoE: target width of the shared expert."}
+    )
+    mamba_num_heads: int | None = field(
+        default=None, metadata={"help": "Hybrids: target Mamba2 heads per Mamba layer (a multiple of n_groups)."}
+    )
+    mamba_head_dim: int | None = field(default=None, metadata={"help": "Hybrids: target channels per Mamba2 head."})
+    mamba_group_aware: bool = field(
+        default=True,
+        metadata={"help": "Rank Mamba heads within each B/C group (Minitron-SSM); false: the group-blind baseline."},
     )
     layers_to_drop: list[int] | None = field(
         default=None, metadata={"help": "Explicit 0-based layer indices to remove (implies depth_method='explicit')."}
@@ -149,7 +167,7 @@ class PrunedConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate_standalone(self):
-        for name in _TARGET_FIELDS + _MOE_FIELDS:
+        for name in _TARGET_FIELDS + _MOE_FIELDS + _MAMBA_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(
@@ -167,8 +185,9 @@ class PrunedConfig:
                 raise ValueError(
                     f"PrunedConfig.{name}={getattr(self, name)!r} is not supported: choose one of {list(choices)}."
                 )
-        if not isinstance(self.head_merge, bool):
-            raise ValueError(f"PrunedConfig.head_merge={self.head_merge!r} is invalid: expected true or false.")
+        for name in ("head_merge", "mamba_group_aware"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PrunedConfig.{name}={getattr(self, name)!r} is invalid: expected true or false.")
         for name in (
             "calibration_samples",
             "calibration_batch_size",
@@ -231,7 +250,14 @@ class PrunedConfig:
                 "moe_intermediate_size for each expert's width (and shared_expert_intermediate_size for a shared "
                 "expert)."
             )
-        source = {name: shape[name] for name in _TARGET_FIELDS + _MOE_FIELDS if name in shape}
+        for name in _MAMBA_FIELDS:
+            if getattr(self, name) is not None and name not in shape:
+                hybrids = sorted(k for k, v in ARCHITECTURES.items() if v.mamba is not None)
+                raise ValueError(
+                    f"PrunedConfig.{name}={getattr(self, name)} does not apply: model_type={model_config.model_type!r} "
+                    f"has no Mamba layers. Leave it None (families with Mamba layers: {', '.join(hybrids)})."
+                )
+        source = {name: shape[name] for name in _TARGET_FIELDS + _MOE_FIELDS + _MAMBA_FIELDS if name in shape}
         for name, value in source.items():
             target = getattr(self, name)
             if target is not None and target > value:
@@ -259,6 +285,15 @@ class PrunedConfig:
                 f"num_key_value_heads={kv}), but the source model's groups hold {source_per_group}: use "
                 f"num_attention_heads <= {kv * source_per_group}, or keep more KV heads."
             )
+        groups = shape.get("n_groups")
+        if self.mamba_num_heads is not None and self.mamba_num_heads % groups:
+            # Stock transformers gives every B/C group the same number of heads (heads // n_groups).
+            lower = max(groups, self.mamba_num_heads - self.mamba_num_heads % groups)
+            raise ValueError(
+                f"PrunedConfig.mamba_num_heads={self.mamba_num_heads} is not a multiple of the model's n_groups="
+                f"{groups}: every B/C group keeps the same number of heads. Use a multiple of {groups}, e.g. {lower}"
+                + (f" or {lower + groups}." if lower + groups <= shape["mamba_num_heads"] else ".")
+            )
         if self.num_experts is not None and self.num_experts < shape["num_experts_per_tok"]:
             raise ValueError(
                 f"PrunedConfig.num_experts={self.num_experts} is fewer than the experts each token is routed to "
@@ -274,6 +309,9 @@ class PrunedConfig:
                 )
             if len(self.layers_to_drop) >= layers:
                 raise ValueError(f"PrunedConfig.layers_to_drop removes all {layers} layers: keep at least one.")
+            from .structures.layers import check_hybrid_depth
+
+            check_hybrid_depth(model_config, [i for i in range(layers) if i not in set(self.layers_to_drop)])
             if self.num_hidden_layers is not None and self.num_hidden_layers != layers - len(self.layers_to_drop):
                 raise ValueError(
                     f"PrunedConfig.num_hidden_layers={self.num_hidden_layers} contradicts layers_to_drop (removing "
@@ -287,7 +325,7 @@ class PrunedConfig:
 
         self.validate_for(model_config)
         shape = model_shape(model_config)
-        names = [name for name in _TARGET_FIELDS + _MOE_FIELDS if name in shape]
+        names = [name for name in _TARGET_FIELDS + _MOE_FIELDS + _MAMBA_FIELDS if name in shape]
         target = {name: getattr(self, name) or shape[name] for name in names}
         if self.layers_to_drop is not None:
             target["num_hidden_layers"] = model_config.num_hidden_layers - len(self.layers_to_drop)

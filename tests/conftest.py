@@ -44,6 +44,21 @@ MOE_OVERRIDES = {
     ),
 }
 
+# Hybrid Mamba2-attention families (issue 13): 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.
+HYBRID_ARCHITECTURE_NAMES = ["nemotron_h"]
+HYBRID_PATTERN = ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]
+HYBRID_OVERRIDES = {
+    "nemotron_h": dict(
+        layers_block_type=HYBRID_PATTERN,
+        num_hidden_layers=len(HYBRID_PATTERN),
+        mamba_num_heads=8,
+        mamba_head_dim=4,
+        n_groups=2,
+        ssm_state_size=8,
+        chunk_size=8,
+    ),
+}
+
 
 def tiny_config(model_type: str = "llama", **overrides):
     """A tiny random config of `model_type`: hidden 32, 4 layers, 4 heads / 2 KV heads of dim 8, MLP 64."""
@@ -68,6 +83,7 @@ def tiny_config(model_type: str = "llama", **overrides):
     if model_type == "smollm3":
         kwargs.update(no_rope_layers=[1, 1, 1, 0])
     kwargs.update(MOE_OVERRIDES.get(model_type, {}))
+    kwargs.update(HYBRID_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

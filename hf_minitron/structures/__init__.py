@@ -7,6 +7,7 @@
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
 | routed experts (MoE) | `routed_experts.py` | `num_experts` |
 | expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
+| Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
 | hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
 | layers (depth) | `layers.py` | `num_hidden_layers` |
 
@@ -14,7 +15,8 @@ Each width structure's module owns its activation hooks (`hooks`, `sites`), its 
 selection and in-place slicing (`prune`, `slice_hidden`), the config fields it changes (`update_config`,
 `sync_modules`) and its parameter-count terms (`count_roles`, `count_sizes`). `estimate_importance`, `prune_model`
 and `count_parameters` walk the structures a family has (`structures_of`); an `ArchitectureSpec` says where their
-modules live.
+modules live. In a hybrid family (Nemotron-H) each decoder layer holds one block: a structure's `BLOCK` names the
+block it prunes, and every per-layer loop skips the layers without it (`in_layer`); their statistics rows stay zero.
 """
 
 from . import (
@@ -22,6 +24,7 @@ from . import (
     expert_neurons,
     hidden_channels,
     layers,
+    mamba_heads,
     mlp_neurons,
     routed_experts,
     shared_expert_neurons,
@@ -36,6 +39,9 @@ WIDTH_STRUCTURES = (
     shared_expert_neurons,
     routed_experts,
     expert_neurons,
+    # After attention heads and MLP neurons: their `sync_modules` set `num_heads` / `intermediate_size` on every
+    # module that has one, the Mamba mixer included, and this one sets the mixer's back.
+    mamba_heads,
     hidden_channels,
 )
 
@@ -45,12 +51,20 @@ def structures_of(spec) -> tuple:
     return tuple(s for s in WIDTH_STRUCTURES if s.present(spec))
 
 
+def in_layer(spec, layer, structure) -> bool:
+    """Whether decoder `layer` holds the block `structure` prunes: always in a family whose layers are alike; in a
+    hybrid, when the layer's block type is the structure's `BLOCK`."""
+    return spec.block_type_attribute is None or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
+
+
 __all__ = [
     "WIDTH_STRUCTURES",
     "attention_heads",
     "expert_neurons",
     "hidden_channels",
+    "in_layer",
     "layers",
+    "mamba_heads",
     "mlp_neurons",
     "routed_experts",
     "shared_expert_neurons",

@@ -16,6 +16,7 @@ from .statistics import add_per_sample, reduce_per_sample
 
 KEY = "heads"
 FIELDS = ("num_attention_heads", "num_key_value_heads")
+BLOCK = "attention"
 
 
 def present(spec) -> bool:
@@ -60,6 +61,8 @@ def _q_weight(attn, spec, shape):
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
     """`[heads]`: L2 norm of each head's query rows and `o_proj` columns."""
+    if not spec.has(layer, BLOCK):  # a hybrid's layer without attention: a zero row, never used
+        return torch.zeros(shape["num_attention_heads"])
     attn = getattr(layer, spec.attention)
     head_dim, heads = shape["head_dim"], shape["num_attention_heads"]
     o = getattr(attn, spec.o_proj).weight.float()
@@ -160,6 +163,8 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
     head_scores = scores(importance, config.batch_aggregation)
     kv_scores = group_scores(importance, config.batch_aggregation)
     for new_idx, src_idx in enumerate(kept_layers):
+        if not spec.has(layers[new_idx], BLOCK):
+            continue
         kept_groups, kept_heads = select(
             head_scores[src_idx],
             source["num_key_value_heads"],

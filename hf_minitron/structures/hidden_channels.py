@@ -15,6 +15,10 @@ from .statistics import add_per_sample, reduce_per_sample
 
 KEY = "hidden"
 FIELD = "hidden_size"
+BLOCK = None  # every layer
+# The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba in a hybrid layer), then
+# the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays zero.
+SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
 
 
 def present(spec) -> bool:
@@ -27,13 +31,21 @@ def _others(spec):
     return [s for s in structures_of(spec) if hasattr(s, "slice_hidden")]
 
 
+def _in_layer(spec, layer, structure) -> bool:
+    from . import in_layer
+
+    return in_layer(spec, layer, structure)
+
+
 def hooks(collector, index: int, layer) -> list:
     """The outputs of the norms feeding attention and the MLP; for post-norm families (OLMo 2, EXAONE 4), which have
     no such norm, the inputs of attention and the MLP themselves (the residual stream they read)."""
     spec = collector.spec
     handles = []
-    sources = ((spec.attn_input_norm, spec.attention), (spec.mlp_input_norm, spec.mlp or spec.moe))
+    sources = ((spec.attn_input_norm, spec.attention or spec.mamba), (spec.mlp_input_norm, spec.mlp or spec.moe))
     for slot, (norm, block) in enumerate(sources):
+        if not any(spec.has(layer, name) for name in SLOT_BLOCKS[slot]):
+            continue
         store = collector.store(KEY, index, slot)
 
         def norm_hook(module, args, output, store=store):
@@ -77,6 +89,8 @@ def magnitude_all(model, spec, layers) -> torch.Tensor:
     for layer in layers:
         reads, writes = [], []
         for structure in others:
+            if not _in_layer(spec, layer, structure):
+                continue
             r, w = structure.hidden_weights(layer, spec)
             reads += r
             writes += w
@@ -101,9 +115,10 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
         for name in spec.residual_norms:
             slice_norm(getattr(layer, name), kept)
         for structure in others:
-            structure.slice_hidden(layer, spec, kept)
+            if _in_layer(spec, layer, structure):
+                structure.slice_hidden(layer, spec, kept)
     base = getattr(model, model.base_model_prefix, model)
-    slice_norm(base.norm, kept)
+    slice_norm(getattr(base, spec.final_norm), kept)
     release_freed_memory()
 
     embed = model.get_input_embeddings()

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures import get_base_model, get_decoder_layers
+from ..architectures import get_architecture, get_base_model, get_decoder_layers
 from ..data import shard_batches
 from ..runtime import all_reduce_, dist_info, input_device
 
 
 KEY = "block_influence"
+BLOCK = None  # every layer
 
 
 # ---------------------------------------------------------------------------------------------- Block Influence
@@ -62,8 +63,9 @@ class _SkippedLayer(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        # Models read per-layer attributes (e.g. `attention_type`) while looping over layers.
+        # Models read per-layer attributes (e.g. `attention_type`, Nemotron-H's `block_type`) while looping over layers.
         self.attention_type = getattr(layer, "attention_type", None)
+        self.block_type = getattr(layer, "block_type", None)
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
@@ -170,7 +172,7 @@ def select_layers_to_drop(
         if scores is None or scores.block_influence is None:
             raise ValueError("depth_method='block_influence' needs ImportanceScores estimated with depth=True.")
         order = torch.argsort(scores.block_influence, stable=True)
-        return sorted(order[:num_to_drop].tolist())
+        return _lowest(model.config, order.tolist(), num_to_drop)
     if method == "lm_loss":
         if scores is not None and scores.layer_loss is not None:
             costs = scores.layer_loss.tolist()
@@ -182,7 +184,7 @@ def select_layers_to_drop(
                 scores.layer_loss = torch.tensor(costs, dtype=torch.float64)
                 scores.base_loss = -float(scorer(model)) if scorer is not None else lm_loss(model, samples, batch_size)
         order = torch.argsort(torch.tensor(costs), stable=True)
-        return sorted(order[:num_to_drop].tolist())
+        return _lowest(model.config, order.tolist(), num_to_drop)
     if method == "contiguous":
         cached = scores.block_losses.get(num_to_drop) if scores is not None else None
         if cached is None or scorer is not None:
@@ -190,7 +192,9 @@ def select_layers_to_drop(
             cached = score_blocks(model, blocks, samples, scorer, batch_size, show_progress, screening_samples)
             if scores is not None and scorer is None:
                 scores.block_losses[num_to_drop] = cached
-        start = min((s for s in range(len(cached)) if cached[s] is not None), key=lambda s: cached[s])
+        scored = [s for s in range(len(cached)) if cached[s] is not None]
+        allowed = [s for s in scored if keeps_attention(model.config, range(s, s + num_to_drop))] or scored
+        start = min(allowed, key=lambda s: cached[s])
         return list(range(start, start + num_to_drop))
     raise ValueError(f"Unknown depth_method {method!r}: use 'contiguous', 'block_influence', 'lm_loss' or 'explicit'.")
 
@@ -202,6 +206,7 @@ def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
     num_layers = len(layers)
     drop = set(layers_to_drop)
     kept = [i for i in range(num_layers) if i not in drop]
+    check_hybrid_depth(model.config, kept)
     new_layers = nn.ModuleList([layers[i] for i in kept])
     for new_idx, layer in enumerate(new_layers):
         # The KV cache is indexed by layer_idx: keep it dense after removal so cached generation works.
@@ -216,3 +221,40 @@ def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
             setattr(config, key, type(value)(value[i] for i in kept))
     config.num_hidden_layers = len(kept)
     return kept
+
+
+def keeps_attention(model_config, dropped) -> bool:
+    """Whether dropping the layers `dropped` leaves a hybrid at least one attention layer (always true for a family
+    whose layers are alike): transformers' hybrid cache reads the sequence length from an attention layer, so a
+    Nemotron-H without one cannot run with `use_cache` (its default)."""
+    spec = get_architecture(model_config)
+    if spec.block_types_field is None:
+        return True
+    kinds = list(getattr(model_config, spec.block_types_field))
+    attention = [i for i, kind in enumerate(kinds) if kind == dict(spec.block_types).get("attention")]
+    return not attention or not set(attention) <= set(dropped)
+
+
+def _lowest(model_config, order: list[int], num_to_drop: int) -> list[int]:
+    """The first `num_to_drop` layers of `order` (sorted), skipping a hybrid's last attention layer."""
+    dropped = []
+    for i in order:
+        if len(dropped) < num_to_drop and keeps_attention(model_config, dropped + [i]):
+            dropped.append(i)
+    return sorted(dropped)
+
+
+def check_hybrid_depth(model_config, kept: list[int]) -> None:
+    """Refuses to drop every attention layer of a hybrid (see `keeps_attention`)."""
+    num_layers = model_config.num_hidden_layers
+    dropped = [i for i in range(num_layers) if i not in set(kept)]
+    if not keeps_attention(model_config, dropped):
+        spec = get_architecture(model_config)
+        kinds = list(getattr(model_config, spec.block_types_field))
+        attention = [i for i, kind in enumerate(kinds) if kind == dict(spec.block_types).get("attention")]
+        raise ValueError(
+            f"Dropping layers {dropped} removes every attention layer ({attention}) of this "
+            f"{model_config.model_type} model, and transformers cannot run a hybrid without one (its cache reads the "
+            "sequence length from an attention layer). Keep at least one: drop other layers (layers_to_drop), or "
+            "fewer."
+        )

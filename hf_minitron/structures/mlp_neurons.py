@@ -17,6 +17,7 @@ from .statistics import add_per_sample, reduce_per_sample
 
 KEY = "neurons"
 FIELD = "intermediate_size"
+BLOCK = "mlp"
 
 
 def present(spec) -> bool:
@@ -70,12 +71,17 @@ def slice_mlp(mlp, spec, width: int, kept: torch.Tensor) -> None:
     slice_linear(getattr(mlp, spec.down_proj), in_index=kept)
 
 
-def prune_mlps(layers, mlp_path: str, spec, neuron_scores, source_width: int, target_width: int, kept_layers):
-    """Slices the MLP at `mlp_path` of every kept layer; returns `{new layer index: kept neurons}`."""
+def prune_mlps(
+    layers, mlp_path: str, spec, neuron_scores, source_width: int, target_width: int, kept_layers, block: str = BLOCK
+):
+    """Slices the MLP at `mlp_path` of every kept layer that holds `block`; returns `{new layer index: kept
+    neurons}`."""
     kept_per_layer = {}
     if target_width >= source_width:
         return kept_per_layer
     for new_idx, src_idx in enumerate(kept_layers):
+        if not spec.has(layers[new_idx], block):
+            continue
         kept = topk_sorted(neuron_scores[src_idx], target_width)
         slice_mlp(layers[new_idx].get_submodule(mlp_path), spec, source_width, kept)
         kept_per_layer[new_idx] = kept.tolist()
@@ -107,6 +113,8 @@ def scores(importance, batch_aggregation: str) -> torch.Tensor:
 
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
+    if not spec.has(layer, BLOCK):  # a hybrid's layer without an MLP: a zero row, never used
+        return torch.zeros(shape[FIELD])
     return mlp_magnitude(getattr(layer, spec.mlp), spec, shape[FIELD])
 
 
