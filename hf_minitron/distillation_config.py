@@ -38,7 +38,9 @@ class DistillationConfig(TrainingArguments):
         intermediate_layer_mapping (`dict[int, int]`, `list[tuple[int, int]]` or `str`, *optional*):
             Student -> teacher decoder-layer pairs (0-based) whose outputs are matched by the intermediate-state loss
             (paper 1 §2.4), e.g. `{1: 3, 3: 7}` or `[[1, 3], [3, 7]]`; on the command line a JSON string or
-            `"1:3,3:7"`. `None` disables the loss. Both models' final norm is applied to the states before comparison.
+            `"1:3,3:7"`; `"emb"` maps the embedding outputs (`"emb:emb,3:7"`: paper 1's L_emb + L_o). `None` disables
+            the loss. States are compared after the norm that consumes them (paper 1 uses post-LayerNorm states):
+            the next layer's input norm, the final norm for the last layer (and for post-norm families).
         intermediate_loss (`str`, *optional*, defaults to `"cosine"`):
             Distance of the intermediate-state loss: `"cosine"` (`1 - cos`) or `"mse"`. When the hidden sizes differ,
             one learned linear projection (shared by all layer pairs) maps student states to the teacher width.
@@ -176,6 +178,10 @@ class DistillationConfig(TrainingArguments):
             )
 
 
+# The embedding output in an intermediate_layer_mapping ("emb" in configs).
+EMBEDDING_STATE = -1
+
+
 def _parse_layer_mapping(value: Any) -> list[tuple[int, int]] | None:
     """Normalises a student -> teacher layer mapping to a sorted list of `(student, teacher)` index pairs."""
     if value is None or value == "" or value == {} or value == []:
@@ -187,16 +193,37 @@ def _parse_layer_mapping(value: Any) -> list[tuple[int, int]] | None:
         else:
             value = [item.split(":") for item in text.split(",") if item.strip()]
     pairs = value.items() if isinstance(value, dict) else value
+
+    def index(item) -> int:
+        # "emb": the embedding output (the input of layer 0), paper 1's L_emb.
+        if isinstance(item, str) and item.strip().lower() in ("emb", "embedding"):
+            return EMBEDDING_STATE
+        number = int(item)
+        if number < 0:
+            raise ValueError("negative")
+        return number
+
     try:
-        parsed = [(int(s), int(t)) for s, t in pairs]
-    except (TypeError, ValueError) as error:
+        parsed = [(index(s), index(t)) for s, t in pairs]
+    except ValueError as error:
+        if str(error) == "negative":
+            raise ValueError(
+                f"DistillationConfig.intermediate_layer_mapping={value!r} has negative indices: use 0-based layer "
+                "indices, or 'emb' for the embedding output (e.g. 'emb:emb,3:7')."
+            ) from None
+        raise ValueError(
+            f"DistillationConfig.intermediate_layer_mapping={value!r} is invalid: pass student->teacher layer index "
+            "pairs, e.g. {1: 3, 3: 7}, [[1, 3], [3, 7]] or '1:3,3:7' ('emb:emb' maps the embedding outputs)."
+        ) from error
+    except TypeError as error:
         raise ValueError(
             f"DistillationConfig.intermediate_layer_mapping={value!r} is invalid: pass student->teacher layer index "
             "pairs, e.g. {1: 3, 3: 7}, [[1, 3], [3, 7]] or '1:3,3:7'."
         ) from error
-    if any(s < 0 or t < 0 for s, t in parsed):
+    if any((s == EMBEDDING_STATE) != (t == EMBEDDING_STATE) for s, t in parsed):
         raise ValueError(
-            f"DistillationConfig.intermediate_layer_mapping={parsed} has negative indices: use 0-based layer indices."
+            f"DistillationConfig.intermediate_layer_mapping={value!r} maps an embedding output to a layer output: map "
+            "'emb' to 'emb' (the student's embedding output to the teacher's)."
         )
     if len({s for s, _ in parsed}) != len(parsed):
         raise ValueError(

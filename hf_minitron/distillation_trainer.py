@@ -21,8 +21,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.utils import logging
 
-from .architectures import get_base_model, get_decoder_layers
-from .distillation_config import DistillationConfig
+from .architectures import ARCHITECTURES, get_base_model, get_decoder_layers
+from .distillation_config import EMBEDDING_STATE, DistillationConfig
 from .embedded import resolve_model_path
 from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
 from .teacher_cache import TEACHER_COLUMNS, CachedTeacher, collate_teacher_columns, is_teacher_cache
@@ -112,22 +112,38 @@ def _is_sharded(param: torch.Tensor) -> bool:
 
 
 class _HeadCapture:
-    """Forward hooks that expose a causal LM's final hidden states and (normed) intermediate layer outputs.
+    """Forward hooks that expose a causal LM's final hidden states and (normed) intermediate states.
 
     Inside the model's forward, a pre-hook on the `lm_head` calls `on_head(head, hidden, states)` with the post-norm
-    final hidden states `[batch, seq, hidden]` and `{layer: final_norm(layer_output)}`; with `skip_head=True` it then
-    hands the `lm_head` an empty sequence slice, so the full logits are never computed.
+    final hidden states `[batch, seq, hidden]` and `{index: normed state}`, where the state of layer `i` is its output
+    and that of `EMBEDDING_STATE` the embedding output (the input of layer 0); with `skip_head=True` it then hands the
+    `lm_head` an empty sequence slice, so the full logits are never computed.
+
+    Paper 1 §2.4 compares post-LayerNorm states: a state is taken as the output of the norm that reads it, the next
+    layer's input norm (hooked, so it runs inside that layer's forward, where FSDP2 / ZeRO-3 have gathered its
+    weights), or the final norm after the last layer and in families without input norms (post-norm blocks).
     """
 
     def __init__(self, model: nn.Module, layers: list[int], on_head, skip_head: bool):
         self.model, self.layers, self.on_head, self.skip_head = model, layers, on_head, skip_head
         self.outputs: dict[int, torch.Tensor] = {}
+        self.normed: set[int] = set()
         self.handles = []
 
     def __enter__(self):
         decoder_layers = get_decoder_layers(self.model)
+        spec = ARCHITECTURES.get(self.model.config.model_type)
+        input_norm = spec.attn_input_norm if spec is not None else None
         for index in self.layers:
-            self.handles.append(decoder_layers[index].register_forward_hook(self._layer_hook(index)))
+            following = 0 if index == EMBEDDING_STATE else index + 1
+            if input_norm and following < len(decoder_layers):
+                norm = getattr(decoder_layers[following], input_norm)
+                self.handles.append(norm.register_forward_hook(self._normed_hook(index)))
+                self.normed.add(index)
+            elif index == EMBEDDING_STATE:
+                self.handles.append(decoder_layers[0].register_forward_pre_hook(self._input_hook, with_kwargs=True))
+            else:
+                self.handles.append(decoder_layers[index].register_forward_hook(self._layer_hook(index)))
         self.handles.append(self.model.get_output_embeddings().register_forward_pre_hook(self._head_hook))
         return self
 
@@ -135,6 +151,15 @@ class _HeadCapture:
         for handle in self.handles:
             handle.remove()
         self.outputs.clear()
+
+    def _normed_hook(self, index):
+        def hook(module, args, output):
+            self.outputs[index] = output
+
+        return hook
+
+    def _input_hook(self, module, args, kwargs):
+        self.outputs[EMBEDDING_STATE] = args[0] if args else kwargs["hidden_states"]
 
     def _layer_hook(self, index):
         def hook(module, args, output):
@@ -144,10 +169,9 @@ class _HeadCapture:
 
     def _head_hook(self, head, args):
         hidden = args[0]
-        # Paper 1 §2.4 compares intermediate states after the model's final norm (applied here, inside the forward,
-        # where sharded norm weights are gathered).
+        # The final norm runs here, inside the root forward, where its sharded weight is gathered.
         norm = get_base_model(self.model).norm
-        states = {index: norm(self.outputs[index]) for index in self.layers}
+        states = {i: self.outputs[i] if i in self.normed else norm(self.outputs[i]) for i in self.layers}
         self.on_head(head, hidden, states)
         if self.skip_head:
             return (hidden[:, :0],) + tuple(args[1:])
@@ -360,7 +384,7 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
         if args.intermediate_layer_mapping:
             student_layers = len(get_decoder_layers(student_base))
             teacher_layers = len(get_decoder_layers(teacher))
-            for s, t in args.intermediate_layer_mapping:
+            for s, t in args.intermediate_layer_mapping:  # EMBEDDING_STATE (-1) is always in range
                 if s >= student_layers or t >= teacher_layers:
                     raise ValueError(
                         f"DistillationConfig.intermediate_layer_mapping pair ({s}, {t}) is out of range: the student "

@@ -291,3 +291,29 @@ def test_student_that_is_the_teacher_or_has_nothing_to_train_is_refused(tmp_path
     frozen = _student().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         DistillationTrainer(model=frozen, teacher_model=teacher, args=_args(tmp_path), train_dataset=_dataset())
+
+
+def test_intermediate_states_are_normed_by_the_norm_that_reads_them_and_emb_maps_embeddings(tmp_path):
+    """Paper 1 §2.4 compares post-LayerNorm states: layer i's output through layer i+1's input norm (the final norm
+    after the last layer), and the embedding output ('emb') through layer 0's input norm."""
+    from hf_minitron.distillation_config import EMBEDDING_STATE
+    from hf_minitron.distillation_trainer import _HeadCapture
+
+    model = tiny_model("llama")
+    ids = torch.arange(3, 19)[None]
+    captured = {}
+    with torch.no_grad(), _HeadCapture(model, [EMBEDDING_STATE, 0, 3], lambda h, x, s: captured.update(s), False):
+        outputs = model(ids, output_hidden_states=True)
+    layers = model.model.layers
+    hidden = outputs.hidden_states  # [embeddings, layer 0 output, ..., final norm(layer 3 output)]
+    torch.testing.assert_close(captured[EMBEDDING_STATE], layers[0].input_layernorm(hidden[0]))
+    torch.testing.assert_close(captured[0], layers[1].input_layernorm(hidden[1]))
+    torch.testing.assert_close(captured[3], hidden[4])  # the model applies its final norm to the last state
+
+    args = _args(tmp_path, intermediate_layer_mapping="emb:emb,1:3")
+    assert args.intermediate_layer_mapping == [(EMBEDDING_STATE, EMBEDDING_STATE), (1, 3)]
+    trainer = DistillationTrainer(model=_student(), teacher_model=model, args=args, train_dataset=_dataset())
+    trainer.train()
+    assert all(log["is_loss"] > 0 for log in trainer.state.log_history if "is_loss" in log)
+    with pytest.raises(ValueError, match="maps an embedding output to a layer output"):
+        _args(tmp_path, intermediate_layer_mapping="emb:3")
