@@ -1,7 +1,9 @@
-"""Data: the embedded offline corpus, tokenization + packing, and calibration batches.
+"""Data: the offline corpora, tokenization + packing, and calibration batches.
 
 The embedded corpus is the reference documentation that ships with CPython (`pydoc_data.topics`): real English
-technical prose, available on every machine without a download.
+technical prose, available on every machine without a download. The `stdlib` corpus is the source code of the
+standard library of the running Python: 12 MB of code, as much in distribution for a code-trained model (SmolLM2) as
+any text on this machine, for a longer distillation than the demo's.
 """
 
 import itertools
@@ -30,6 +32,53 @@ def load_embedded_corpus(validation_fraction: float = 0.1) -> dict[str, list[str
     validation = [topics[n].strip() for i, n in enumerate(names) if i % step == step // 2]
     train = [topics[n].strip() for i, n in enumerate(names) if i % step != step // 2]
     return {"train": train, "validation": validation}
+
+
+STDLIB_CORPUS = "stdlib"
+# Test suites, generated codec tables, and pydoc_data (the embedded corpus itself, and the source of the pydoc_topics
+# task: held out of a corpus we distil on and then evaluate with).
+_STDLIB_SKIPPED = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings"}
+_STDLIB_SKIPPED |= {"pydoc_data", "ensurepip", "lib2to3"}
+
+
+def _stdlib_modules() -> dict:
+    """`{dotted module name: path}` of the standard library's `.py` files, less `_STDLIB_SKIPPED`."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if not any(part in _STDLIB_SKIPPED or part.startswith("test_") for part in parts):
+            modules[".".join(parts)] = path
+    return modules
+
+
+def load_stdlib_corpus(validation_fraction: float = 0.05) -> dict[str, list[str]]:
+    """The source of this Python's standard library as `{"train": [...], "validation": [...]}`, one document per
+    module (`.py` file), without test suites, codec tables and `pydoc_data`.
+
+    The split is by module and deterministic: a module is held out when the SHA-1 of its dotted name (`json.decoder`)
+    falls in the lowest `validation_fraction` of the hash range, so no validation module is trained on and the same
+    Python always gives the same split. Documents are ordered by that hash, so any prefix of the training split (e.g.
+    `max_train_samples`) mixes packages instead of taking them alphabetically.
+    """
+    import hashlib
+
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction={validation_fraction} is invalid: use a fraction in (0, 1).")
+
+    def position(name: str) -> float:
+        return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16) / 16**12
+
+    corpus = {"train": [], "validation": []}
+    modules = _stdlib_modules()
+    for name in sorted(modules, key=position):
+        text = modules[name].read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            corpus["validation" if position(name) < validation_fraction else "train"].append(text)
+    return corpus
 
 
 def _check_packing(tokenizer, seq_length: int) -> int:
@@ -238,14 +287,15 @@ def _open_source(source: str, split: str, text_column: str, streaming: bool = Fa
 
 
 def load_texts(source: str = EMBEDDED_CORPUS, split: str = "train", text_column: str = "text") -> list[str]:
-    """Documents from the embedded corpus (`"embedded"`), local text/jsonl/parquet/csv files, or a Hub dataset name.
+    """Documents from the embedded corpus (`"embedded"`), the standard library's source (`"stdlib"`), local
+    text/jsonl/parquet/csv files, or a Hub dataset name.
 
     Local files are read with `datasets`' packaged builders; a `.txt` file gives one document per line.
     """
-    if source == EMBEDDED_CORPUS:
-        corpus = load_embedded_corpus()
+    if source in (EMBEDDED_CORPUS, STDLIB_CORPUS):
+        corpus = load_embedded_corpus() if source == EMBEDDED_CORPUS else load_stdlib_corpus()
         if split not in corpus:
-            raise ValueError(f"The embedded corpus has splits {list(corpus)}, not {split!r}.")
+            raise ValueError(f"The {source} corpus has splits {list(corpus)}, not {split!r}.")
         return corpus[split]
     dataset = _open_source(source, split, text_column)
     texts = [t for t in dataset[text_column] if isinstance(t, str) and t.strip()]
@@ -282,7 +332,7 @@ def load_text_datasets(
 ) -> dict:
     """Packed `{"train": ..., "validation": ...}` datasets from any text source: the one loader of every training stage.
 
-    The embedded corpus keeps its own validation split. Other sources (local files, or the `train` split of a Hub
+    The offline corpora (`"embedded"`, `"stdlib"`) keep their own validation splits. Other sources (local files, or the `train` split of a Hub
     dataset) hold out their first 5% of documents (at least one), so every run and every process sees the same split
     and no validation document is trained on.
 
@@ -315,7 +365,7 @@ def load_text_datasets(
             max_eval_samples,
             streaming_validation_documents,
         )
-    if source == EMBEDDED_CORPUS:
+    if source in (EMBEDDED_CORPUS, STDLIB_CORPUS):
         train_texts, eval_texts = load_texts(source, "train"), load_texts(source, "validation")
     else:
         texts = load_texts(source, "train", text_column)

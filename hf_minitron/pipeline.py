@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
-from .data import EMBEDDED_CORPUS, load_text_datasets
+from .data import EMBEDDED_CORPUS, STDLIB_CORPUS, load_text_datasets
 from .pruning_config import PrunedConfig
 from .validation import (
     check_field_types,
@@ -53,8 +53,9 @@ class MinitronArguments:
     Args:
         teacher (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, Hub id, or `embedded` (SmolLM2).
         output_dir (`str`, *optional*, defaults to `"outputs/minitron"`): one sub-directory per stage.
-        dataset (`str`, *optional*, defaults to `"embedded"`): distillation/calibration text: `embedded`, local
-            text/jsonl/parquet/csv files, or a Hub dataset.
+        dataset (`str`, *optional*, defaults to `"embedded"`): distillation/calibration text: `embedded` (CPython's
+            reference documentation), `stdlib` (the standard library's source code), local text/jsonl/parquet/csv
+            files, or a Hub dataset.
         text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
         seq_length (`int`, *optional*, defaults to `256`): packed sample length for distillation and evaluation.
         max_train_samples (`int`, *optional*): cap on packed training samples.
@@ -63,6 +64,9 @@ class MinitronArguments:
         eval_tasks (`str`, *optional*, defaults to `"pydoc_topics"`): comma-separated lm-eval tasks; `""` skips.
         eval_limit (`int`, *optional*): samples per lm-eval task.
         write_model_card (`bool`, *optional*, defaults to `True`): render README.md with the results.
+        keep_checkpoints (`bool`, *optional*, defaults to `False`): keep a training stage's resumable `checkpoint-N`
+            folders (model, optimizer and scheduler states) once the stage has saved its result; they serve only to
+            resume that stage (about 1 GB each for SmolLM2-135M).
         push_to_hub (`bool`, *optional*, defaults to `False`): upload the final folder.
         hub_model_id (`str`, *optional*): repository id for the upload.
         hub_private (`bool`, *optional*, defaults to `True`): create the repository as private.
@@ -70,7 +74,9 @@ class MinitronArguments:
 
     teacher: str = field(default="embedded", metadata={"help": "Teacher checkpoint, Hub id, or 'embedded'."})
     output_dir: str = field(default="outputs/minitron", metadata={"help": "Root directory; one folder per stage."})
-    dataset: str = field(default=EMBEDDED_CORPUS, metadata={"help": "'embedded', local files, or a Hub dataset."})
+    dataset: str = field(
+        default=EMBEDDED_CORPUS, metadata={"help": "'embedded', 'stdlib', local files, or a Hub dataset."}
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     seq_length: int = field(default=256, metadata={"help": "Packed sample length (tokens)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
@@ -79,6 +85,9 @@ class MinitronArguments:
     eval_tasks: str = field(default="pydoc_topics", metadata={"help": "Comma-separated lm-eval tasks ('' skips)."})
     eval_limit: int | None = field(default=None, metadata={"help": "Samples per lm-eval task."})
     write_model_card: bool = field(default=True, metadata={"help": "Render the model card (README.md)."})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep each training stage's checkpoint-N folders after the stage finished."}
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final folder to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id for the upload."})
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repository as private."})
@@ -516,7 +525,7 @@ def run_pipeline(
         # What tables and cards call the teacher: its Hub id, else the path it was given as.
         "teacher_name": teacher_hub_id or args.teacher,
         "datasets": None
-        if args.dataset == EMBEDDED_CORPUS or Path(args.dataset.split(",")[0]).exists()
+        if args.dataset in (EMBEDDED_CORPUS, STDLIB_CORPUS) or Path(args.dataset.split(",")[0]).exists()
         else [args.dataset],
         "hub_model_id": args.hub_model_id,
         "stages": {},
@@ -531,6 +540,7 @@ def run_pipeline(
 
             correct_teacher(teacher_path, correction, train_dataset=train, processing_class=tokenizer)
         stages.end("teacher_correction")
+        _drop_checkpoints(root, "teacher_correction", args.keep_checkpoints or not state.is_main_process)
         teacher_path = str(corrected)
         summary["stages"]["teacher_correction"] = {"path": str(corrected), "max_steps": correction.max_steps}
 
@@ -575,6 +585,7 @@ def run_pipeline(
         )
         del trainer, student, teacher
     stages.end("distilled")
+    _drop_checkpoints(root, "distilled", args.keep_checkpoints or not state.is_main_process)
     log_history = json.loads((distilled_dir / "log_history.json").read_text())
     summary["stages"]["distillation"] = {
         "kd_loss": distillation.kd_loss,
@@ -595,6 +606,7 @@ def run_pipeline(
             stage.training_args.resume_from_checkpoint = resume_checkpoint(stage.training_args)
             stage.run(model_dir)
         stages.end(stage.name)
+        _drop_checkpoints(root, stage.name, args.keep_checkpoints or not state.is_main_process)
         summary["stages"][stage.name] = stage.describe()
         model_dir = stage_dir
     made = " + ".join(["Minitron-pruned", "distilled", *(stage.name.upper() for stage in alignment or [])])
@@ -665,6 +677,21 @@ def run_pipeline(
     if stages.report:
         print_run_summary(summary)
     return summary
+
+
+def _drop_checkpoints(root: Path, stage: str, keep: bool) -> None:
+    """Removes the `checkpoint-N` folders the Trainer wrote for `stage` once the stage's result is saved: they only
+    serve to resume it. Anything else in the folder (ours or not) stays."""
+    import shutil
+
+    folder = root / _CHECKPOINTS[stage]
+    if keep or not (root / stage / "config.json").is_file() or not folder.is_dir():
+        return
+    for checkpoint in folder.glob("checkpoint-*"):
+        if checkpoint.is_dir() and not checkpoint.is_symlink():
+            shutil.rmtree(checkpoint)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _enable_cache(config_path: Path) -> None:

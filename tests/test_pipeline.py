@@ -75,6 +75,8 @@ def test_minitron_chain_end_to_end_and_resume(checkpoint, tmp_path, capsys):
     assert "\n# teacher-Minitron-25K\n" in card and ".tmp" not in card
     assert f'model_id = "{(out / "final").resolve()}"' in card and "github.com/hf-minitron" not in card
     assert json.loads((out / "final" / "config.json").read_text())["use_cache"] is True
+    # The resumable checkpoints of finished training stages are gone (keep_checkpoints: false), their results stay.
+    assert not (out / "distill_checkpoints").exists() and not (out / "teacher_correction_checkpoints").exists()
     for plot in ("head_importance.png", "mlp_importance.png", "embedding_importance.png"):
         assert (out / "final" / plot).is_file() and f"]({plot})" in card
     assert not (out / "final" / "layer_importance.png").exists()  # depth was not pruned
