@@ -333,7 +333,7 @@ COMMANDS = {
             "hf-minitron run recipes/smollm2-135m/minitron.yaml    # the demo: ~10 min on a 2-core CPU",
             "hf-minitron run recipes/smollm2-135m/minitron.yaml --output_dir outputs/longer --distillation.max_steps 200",
             "hf-minitron run recipes/smollm2-135m/minitron.yaml --sft null    # without the SFT stage",
-            "hf-minitron run recipes/smollm2-135m/stdlib.yaml    # a student worth using: ~1 h on a 2-core CPU",
+            "hf-minitron run recipes/smollm2-135m/minitron_stdlib.yaml    # a useful student: ~1 h on a 2-core CPU",
         ],
     ),
     "prune": (
