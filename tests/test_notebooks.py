@@ -1,5 +1,7 @@
-"""The notebooks in `notebooks/` run headless, top to bottom, with tiny settings injected into their parameters cell."""
+"""The notebooks in `notebooks/` run headless, top to bottom, with tiny settings injected into their parameters cell
+(as `jupyter execute` runs them: nbclient, from the `notebooks` extra)."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,23 @@ def _text(notebook) -> str:
     return "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
 
 
+def _rendered(text: str) -> list[str]:
+    """Lines as Jupyter shows a stream: a carriage return redraws the line (tqdm's text bars)."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+def _check_progress_bars(notebook) -> None:
+    """Progress bars show as bars: widgets with ipywidgets (the `notebooks` extra), else one redrawn line each."""
+    streams = _text(notebook)
+    widgets = [o for o in _outputs(notebook) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    bars = [line for line in _rendered(streams) if "Importance estimation" in line]
+    if importlib.util.find_spec("ipywidgets") is not None:  # installed by the `notebooks` extra
+        assert "IProgress not found" not in streams
+        assert widgets and not bars  # rendered by Jupyter as progress widgets
+    else:  # tqdm falls back to text (and says so once): one line per bar, redrawn in place
+        assert len(bars) == 1 and "100%" in bars[0] and "█" in bars[0], bars
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_notebook_is_stored_without_outputs(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -57,6 +76,7 @@ def test_notebook_runs(name, tmp_path):
     )
     client.execute()  # raises CellExecutionError on any error
     assert not _outputs(notebook, "error")
+    _check_progress_bars(notebook)
     figures = [o for o in _outputs(notebook) if "image/png" in o.get("data", {})]
     text = _text(notebook)
     if name == "quickstart.ipynb":
