@@ -90,6 +90,10 @@ def evaluate_checkpoints(args: EvaluateArguments, show_progress: bool = True) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_text_datasets
+    from .evaluation import check_task_names
+
+    if [t for t in args.tasks.split(",") if t.strip()]:
+        check_task_names([t.strip() for t in args.tasks.split(",") if t.strip()])  # before any model is loaded
     from .embedded import resolve_model_path
     from .evaluation import compare_models, evaluate_model, heldout_perplexity, print_comparison, save_json
 

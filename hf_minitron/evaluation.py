@@ -62,6 +62,27 @@ def get_task_manager(tasks: str | Iterable[str] = OFFLINE_TASKS, include_path: s
     return TaskManager(include_path=paths, include_defaults=include_defaults)
 
 
+def check_task_names(tasks: str | Iterable[str], include_path: str | os.PathLike | None = None) -> None:
+    """Raises before any model is loaded if a task name is neither ours nor lm-eval's (a typo would otherwise fail
+    after the models are loaded, deep inside lm-eval)."""
+    task_list = [t for t in _as_task_list(tasks)]
+    if all(t in OFFLINE_TASKS for t in task_list) and include_path is None:
+        return
+    known = set(get_task_manager(task_list, include_path).all_tasks)
+    unknown = [t for t in task_list if t not in known]
+    if unknown:
+        import difflib
+
+        hints = {t: difflib.get_close_matches(t, known, n=3) for t in unknown}
+        detail = "; ".join(
+            f"{t!r} (did you mean {', '.join(map(repr, h))}?)" if h else repr(t) for t, h in hints.items()
+        )
+        raise ValueError(
+            f"Unknown lm-eval task(s): {detail}. Use task names of lm-eval (`lm-eval --tasks list`) or ours "
+            f"({list(OFFLINE_TASKS)}), or pass include_path for your own task YAMLs."
+        )
+
+
 def _fewshot_groups(task_list: list[str], num_fewshot: int | dict[str, int] | None) -> dict[int | None, list[str]]:
     """Tasks grouped by shot count: `simple_evaluate` takes one `num_fewshot` for all the tasks of a call."""
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, (int, dict, type(None))):

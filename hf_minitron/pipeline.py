@@ -504,6 +504,10 @@ def run_pipeline(
         from .hub import check_push_ready
 
         check_push_ready(args.hub_model_id)
+    if [t for t in args.eval_tasks.split(",") if t]:
+        from .evaluation import check_task_names
+
+        check_task_names([t for t in args.eval_tasks.split(",") if t])
     # Each stage is reused only if its record (settings + inputs) matches this run: checked for every stage first.
     records = _stage_records(args, pruning, distillation, correction, alignment, teacher_path)
     reuse = _plan_stages(root, records)

@@ -215,3 +215,22 @@ def test_damaged_pruning_files_name_the_file(tmp_path, name):
     with pytest.raises(ValueError, match=r"truncated or edited by hand") as error:
         load_pruning_record(tmp_path)
     assert name in str(error.value)
+
+
+def test_unknown_lm_eval_task_is_refused_before_any_model_loads(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
+    from hf_minitron.evaluation import check_task_names
+
+    check_task_names(["pydoc_topics"])  # ours: no lm-eval index needed
+    with pytest.raises(ValueError, match=r"Unknown lm-eval task\(s\): 'pydoc_topcs' \(did you mean 'pydoc_topics'"):
+        check_task_names(["pydoc_topcs"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded although the task name was already known to be bad")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden)
+    args = EvaluateArguments(model=str(tmp_path), tasks="pydoc_topcs", output_file=str(tmp_path / "e.json"))
+    with pytest.raises(ValueError, match="Unknown lm-eval task"):
+        evaluate_checkpoints(args, show_progress=False)
