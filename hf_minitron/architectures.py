@@ -12,6 +12,40 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class ParallelExperts:
+    """Routed experts stored ScatterMoE-style (JetMoE's `JetMoeParallelExperts`, also the layout of MegaBlocks and
+    vLLM's fused MoE kernel), as opposed to transformers 5's experts module (`use_experts_implementation`).
+
+    Two modules hold the experts' projections as one `weight` `[experts, out, in]` each and are called on the tokens
+    sorted by expert with the number of tokens per expert; a top-k gating module holds the router `Linear(hidden,
+    experts)` and returns `(sorted slots, token index, gates, tokens per expert, logits)`. The block adds one output
+    `bias` `[hidden]` after combining the experts. Paths are relative to the block (the MoE block, or the mixture of
+    attention experts).
+
+    Args:
+        first, second (`str`):
+            The modules of the first projection (`[E, 2 x width, hidden]`, gate then up, when `gated`) and of the
+            second one (`[E, hidden, width]`); their `weight` is pruned.
+        gating (`str`):
+            The top-k gating module (its output gives the routing the importance hooks read).
+        router (`str`):
+            The router `Linear(hidden, experts)` (rows: experts; columns: hidden channels).
+        output_bias (`str`):
+            The `[hidden]` bias the block adds to its output.
+        gated (`bool`):
+            The first projection is `[gate; up]` (concatenated) feeding `act(gate) * up` (JetMoE's MoE); `False` for a
+            single projection (the query projection of a mixture of attention experts).
+    """
+
+    first: str = "input_linear"
+    second: str = "output_linear"
+    gating: str = "router"
+    router: str = "router.layer"
+    output_bias: str = "bias"
+    gated: bool = True
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Where the prunable structures of one decoder family live.
 
@@ -69,9 +103,24 @@ class ArchitectureSpec:
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
             `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
             module for (`None`) is refused with a clear error.
+        expert_layout (`ParallelExperts`, *optional*):
+            The experts of `moe` in the ScatterMoE layout (JetMoE); `None`: a transformers 5 experts module at
+            `experts` routed by `router`.
+        attention_experts (`str`, *optional*):
+            A mixture of attention experts inside `attention` (JetMoE's MoA): routed experts, each a query projection
+            (`first`) and an output projection (`second`) over `num_key_value_heads` heads, in the
+            `attention_expert_layout`, around one shared `kv_proj`. Each token's query heads are those of its top-k
+            experts (`num_attention_heads = num_key_value_heads x num_experts_per_tok`); its experts are as many as
+            the MoE block's (`num_experts_field`), each block keeping its own.
+        attention_expert_layout (`ParallelExperts`):
+            Where the attention experts' projections, gating, router and output bias live.
+        kv_proj (`str`):
+            The shared key/value projection of a mixture of attention experts: output rows `[k (kv_heads x
+            head_dim), v (kv_heads x head_dim)]`.
 
-    The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads, `mlp` (`None`:
-    no dense MLP, e.g. Mixtral whose feed-forward blocks are all experts) holds MLP neurons.
+    The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
+    `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
+    feed-forward blocks are all experts) holds MLP neurons.
     """
 
     q_proj: str | None = "q_proj"
@@ -105,6 +154,10 @@ class ArchitectureSpec:
     block_type_attribute: str | None = None
     block_types_field: str | None = None
     block_types: tuple[tuple[str, str], ...] = ()
+    expert_layout: ParallelExperts | None = None
+    attention_experts: str | None = None
+    attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
+    kv_proj: str = "kv_proj"
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 

@@ -6,11 +6,22 @@
 * Selection: every expert keeps the same number of neurons (the config has one expert width) but its own indices.
 * Slicing: per expert, the gate and up rows of the fused first projection (concatenated `[gate; up]`, or
   interleaved gate/up columns for GPT-OSS) and the matching `down_proj` inputs, gathered into smaller fused tensors.
+
+Both expert layouts (transformers' experts module, JetMoE's ScatterMoE weights) are read through
+`routed_experts.expert_tensors`.
 """
 
 import torch
 
-from .routed_experts import _down_in_dim, _first_name, _in_dim, experts_module, gather_per_expert, instrument
+from .routed_experts import (
+    expert_tensors,
+    first_width_dim,
+    gather_per_expert,
+    get_tensor,
+    instrument,
+    second_width_dim,
+    tensor_owner,
+)
 from .slicing import topk_sorted
 from .statistics import per_token_mean, zeros_like
 
@@ -24,9 +35,9 @@ def present(spec) -> bool:
 
 
 def hooks(collector, index: int, layer) -> list:
-    experts = experts_module(layer, collector.spec)
+    t = expert_tensors(layer, collector.spec)
     store = collector.store(KEY, index)
-    num_experts = experts.num_experts
+    num_experts = get_tensor(layer, t.first).shape[0]
 
     def observe(e, token_idx, weights, act, out):
         mask = collector.token_mask[token_idx]
@@ -35,11 +46,13 @@ def hooks(collector, index: int, layer) -> list:
         store["sum"][e] += (act.float().abs() * mask[:, None]).sum(0).double()
         store["count"][e] += mask.sum().double()
 
-    handle = instrument(experts, observe)
+    handle = instrument(layer, t, observe)
     return [handle] if handle is not None else []
 
 
 def sites(spec) -> list[tuple[int, str, int, str]]:
+    if spec.expert_layout is not None:
+        return [(3, KEY, 0, f"input of {spec.moe}.{spec.expert_layout.second}")]
     return [(3, KEY, 0, f"input of {spec.moe}.{spec.experts}.down_proj")]
 
 
@@ -50,39 +63,38 @@ def scores(importance) -> torch.Tensor:
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
     """`[num_experts, width]`: L2 norm of each neuron's gate/up rows and down column, per expert."""
-    experts = experts_module(layer, spec)
-    first = getattr(experts, _first_name(experts)).float().pow(2)
-    first = first.sum(dim=1) if experts.is_transposed else first.sum(dim=2)  # [E, 2I] or [E, I]
-    first = _split_gate_up(experts, first).sum(dim=1) if experts.has_gate else first
-    down = experts.down_proj.float().pow(2)
-    down = down.sum(dim=2) if experts.is_transposed else down.sum(dim=1)  # [E, I]
+    t = expert_tensors(layer, spec)
+    first = get_tensor(layer, t.first).float().pow(2)
+    first = first.sum(dim=1) if t.transposed else first.sum(dim=2)  # [E, 2I] or [E, I]
+    first = _split_gate_up(t, first).sum(dim=1) if t.gated else first
+    down = get_tensor(layer, t.second).float().pow(2)
+    down = down.sum(dim=2) if t.transposed else down.sum(dim=1)  # [E, I]
     return (first + down).sqrt()
 
 
-def _split_gate_up(experts, values: torch.Tensor) -> torch.Tensor:
+def _split_gate_up(t, values: torch.Tensor) -> torch.Tensor:
     """`[E, 2I]` over the fused gate/up axis -> `[E, 2, I]` (gate, up), concatenated or interleaved."""
-    if experts.is_concatenated:
+    if t.concatenated:
         return values.view(values.shape[0], 2, -1)
     return values.view(values.shape[0], -1, 2).transpose(1, 2)
 
 
-def _fused_index(experts, kept: torch.Tensor, width: int) -> torch.Tensor:
+def _fused_index(t, kept: torch.Tensor, width: int) -> torch.Tensor:
     """`[E, K]` kept neurons -> `[E, 2K]` positions in the fused gate/up axis."""
-    if not experts.has_gate:
+    if not t.gated:
         return kept
-    if experts.is_concatenated:
+    if t.concatenated:
         return torch.cat([kept, kept + width], dim=1)
     return torch.stack([2 * kept, 2 * kept + 1], dim=2).flatten(1)
 
 
 def slice_expert_neurons(layer, spec, kept: torch.Tensor, width: int) -> None:
-    experts = experts_module(layer, spec)
-    first = _first_name(experts)
-    fused = _fused_index(experts, kept, width)
-    gather_per_expert(experts, first, fused, _in_dim(experts))
-    if experts.has_bias:
-        gather_per_expert(experts, f"{first}_bias", fused, 1)
-    gather_per_expert(experts, "down_proj", kept, _down_in_dim(experts))
+    t = expert_tensors(layer, spec)
+    fused = _fused_index(t, kept, width)
+    gather_per_expert(*tensor_owner(layer, t.first), fused, first_width_dim(t))
+    if t.first_bias is not None:
+        gather_per_expert(*tensor_owner(layer, t.first_bias), fused, 1)
+    gather_per_expert(*tensor_owner(layer, t.second), kept, second_width_dim(t))
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
@@ -107,9 +119,11 @@ def sync_modules(model, model_config) -> None:
     from ..architectures import get_architecture, get_decoder_layers
 
     spec = get_architecture(model_config)
+    if spec.expert_layout is not None:
+        return  # ScatterMoE-layout blocks: routed_experts.sync_modules sets every size they cache
     width = getattr(model_config, spec.expert_width_field)
     for layer in get_decoder_layers(model):
-        experts = experts_module(layer, spec)
+        experts = layer.get_submodule(f"{spec.moe}.{spec.experts}")
         for name in ("intermediate_dim", "intermediate_size", "expert_dim"):
             if isinstance(getattr(experts, name, None), int):
                 setattr(experts, name, width)
