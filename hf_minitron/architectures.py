@@ -296,6 +296,17 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attention_head_parameters=("sinks",),
         notes="expert and router biases, interleaved gate/up, attention sinks per head, sliding/full layer_types",
     ),
+    "jetmoe": ArchitectureSpec(
+        attention="self_attention",
+        mlp=None,
+        moe="mlp",
+        expert_layout=ParallelExperts(),
+        attention_experts="experts",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        notes="mixture of attention experts (per-expert query/output projections, shared kv_proj, query heads = "
+        "kv heads x top-k) and MoE experts, one expert count for both; ScatterMoE [E, out, in] weights; tied embeddings",
+    ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(
         attention="mixer",

@@ -24,6 +24,7 @@ from .fingerprints import weights_fingerprint
 from .pruning_config import BATCH_AGGREGATIONS, PrunedConfig
 from .runtime import all_reduce_, dist_info, input_device, release_freed_memory, return_large_buffers_to_os
 from .structures import (
+    attention_experts,
     attention_heads,
     expert_neurons,
     hidden_channels,
@@ -41,7 +42,7 @@ from .validation import check_sequence_length
 SCORES_WEIGHTS_NAME = "importance.safetensors"
 SCORES_META_NAME = "importance.json"
 # The per-structure statistics of `ImportanceScores`, saved as `{axis}.{statistic}` tensors.
-_AXES = ("heads", "neurons", "hidden", "experts", "expert_neurons", "shared_neurons", "mamba")
+_AXES = ("heads", "neurons", "hidden", "experts", "expert_neurons", "shared_neurons", "mamba", "attention_experts")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ImportanceScores:
         mamba (hybrids with Mamba2 mixers): like `neurons`, `[num_layers, mamba_num_heads * mamba_head_dim]`, the
             channels of each mixer's `out_proj` input (Minitron-SSM). In a hybrid, the rows of `heads`, `neurons` and
             `mamba` of the layers without that block, and the `hidden` slot of the block a layer lacks, stay zero.
+        attention_experts (mixture of attention experts, JetMoE): like `experts`, for the attention experts. JetMoE's
+            `heads` are its query heads in its own order, `[top_k, num_key_value_heads]`.
         block_influence (`torch.Tensor` of shape `[num_layers]`, *optional*): 1 - mean cos(input, output) per layer.
         layer_loss (`torch.Tensor` of shape `[num_layers]`, *optional*): LM loss with each single layer dropped.
         base_loss (`float`, *optional*): LM loss of the unpruned model on the same depth samples.
@@ -84,6 +87,7 @@ class ImportanceScores:
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
     shared_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_experts: dict[str, torch.Tensor] = field(default_factory=dict)
     model_fingerprint: str | None = None
     layer_loss: torch.Tensor | None = None
     base_loss: float | None = None
@@ -117,6 +121,11 @@ class ImportanceScores:
                 f"expert_importance={expert_importance!r} is not one of {list(routed_experts.EXPERT_IMPORTANCE)}."
             )
         return routed_experts.scores(self, expert_importance)
+
+    def attention_expert_scores(self, expert_importance: str = "output_norm") -> torch.Tensor:
+        """`[num_layers, num_experts]` attention-expert importance (JetMoE), as `expert_scores`."""
+        self.expert_scores(expert_importance)  # validates the name
+        return attention_experts.expert_scores(self, expert_importance)
 
     def expert_neuron_scores(self) -> torch.Tensor:
         """`[num_layers, num_experts, moe_intermediate_size]` expert-neuron importance."""
@@ -249,6 +258,8 @@ class ImportanceScores:
             shapes["shared_neurons"] = (layers, s["shared_expert_intermediate_size"])
         if self.mamba:
             shapes["mamba"] = (layers, s["mamba_num_heads"] * s["mamba_head_dim"])
+        if self.attention_experts:
+            shapes["attention_experts"] = (layers, s["num_experts"])
         return shapes
 
     def check_compatible(self, model_config, model=None) -> None:
@@ -439,7 +450,7 @@ def estimate_importance(
     per_sample = ("sum", "sumsq")
     structures = set(collector.structures)
     heads = neurons = {}
-    if attention_heads in structures:
+    if attention_heads in structures or attention_experts in structures:  # JetMoE's query heads: attention_experts
         heads = collector.stacked(attention_heads.KEY, shape["num_attention_heads"], 1, per_sample, device)
     if mlp_neurons in structures:
         neurons = collector.stacked(mlp_neurons.KEY, shape["intermediate_size"], 1, per_sample, device)
@@ -458,6 +469,9 @@ def estimate_importance(
     if shared_expert_neurons in structures:
         width = shape["shared_expert_intermediate_size"]
         moe["shared_neurons"] = collector.stacked(shared_expert_neurons.KEY, width, 1, per_sample, device)
+    if attention_experts in structures:
+        stats = routed_experts.STATISTICS
+        moe["attention_experts"] = collector.stacked(attention_experts.KEY, shape["num_experts"], 1, stats, device)
     counts = all_reduce_(torch.tensor([len(samples[rank::world_size]), num_tokens], dtype=torch.float64), device)
     total_samples, total_tokens = int(counts[0]), int(counts[1])
     block_influence = None
@@ -488,10 +502,13 @@ def magnitude_importance(model) -> ImportanceScores:
     decoder_layers = get_decoder_layers(model)
     structures = structures_of(spec)
 
-    def per_layer(structure):
+    def per_layer(structure, magnitude=None):
         if structure not in structures:
             return {}
-        return {"score": torch.stack([structure.magnitude(layer, spec, shape) for layer in decoder_layers]).double()}
+        magnitude = magnitude or structure.magnitude
+        return {"score": torch.stack([magnitude(layer, spec, shape) for layer in decoder_layers]).double()}
+
+    heads = per_layer(attention_heads) or per_layer(attention_experts, attention_experts.head_magnitude)
 
     return ImportanceScores(
         method="magnitude",
@@ -499,7 +516,7 @@ def magnitude_importance(model) -> ImportanceScores:
         num_samples=0,
         num_tokens=0,
         model_shape=shape,
-        heads=per_layer(attention_heads),
+        heads=heads,
         neurons=per_layer(mlp_neurons),
         hidden={"score": hidden_channels.magnitude_all(model, spec, decoder_layers)},
         block_influence=torch.stack([layers.magnitude(layer) for layer in decoder_layers]).double(),
@@ -507,6 +524,7 @@ def magnitude_importance(model) -> ImportanceScores:
         experts=per_layer(routed_experts),
         expert_neurons=per_layer(expert_neurons),
         shared_neurons=per_layer(shared_expert_neurons),
+        attention_experts=per_layer(attention_experts),
         model_fingerprint=weights_fingerprint(model),
     )
 
@@ -523,16 +541,18 @@ def random_importance(model_config, seed: int = 0) -> ImportanceScores:
             return {}
         return {"score": torch.rand(num_layers, *width, generator=g, dtype=torch.float64)}
 
-    # The draw order (hidden, heads, neurons, layers, the MoE structures, then Mamba) is part of what a seed means: keep
-    # it (keyword arguments are evaluated in order).
+    # The draw order (hidden, heads, neurons, layers, the MoE structures, Mamba, then attention experts) is part of what
+    # a seed means: keep it (keyword arguments are evaluated in order).
     hidden = rand(hidden_channels, shape["hidden_size"])["score"]
+    num_heads = shape["num_attention_heads"]  # JetMoE's query heads belong to its attention experts
+    heads = rand(attention_heads, num_heads) or rand(attention_experts, num_heads)
     return ImportanceScores(
         method="random",
         sequence_aggregation="none",
         num_samples=0,
         num_tokens=0,
         model_shape=shape,
-        heads=rand(attention_heads, shape["num_attention_heads"]),
+        heads=heads,
         neurons=rand(mlp_neurons, shape["intermediate_size"]),
         hidden={"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)},
         block_influence=torch.rand(num_layers, generator=g, dtype=torch.float64),
@@ -540,4 +560,5 @@ def random_importance(model_config, seed: int = 0) -> ImportanceScores:
         expert_neurons=rand(expert_neurons, shape.get("num_experts"), shape.get("moe_intermediate_size")),
         shared_neurons=rand(shared_expert_neurons, shape.get("shared_expert_intermediate_size")),
         mamba=rand(mamba_heads, shape.get("mamba_num_heads", 0) * shape.get("mamba_head_dim", 0)),
+        attention_experts=rand(attention_experts, shape.get("num_experts")),
     )

@@ -33,7 +33,7 @@ class PruningRecord:
     `mamba_heads[layer]` lists the kept Mamba heads of a hybrid's Mamba layers, `mamba_head_channels[layer]` the
     channels kept in every one of them (indices into the source head_dim).
     `experts[layer]` lists the kept routed experts; `expert_neurons[layer][e]` the kept neurons of the e-th KEPT
-    expert (indices into the source expert's width).
+    expert (indices into the source expert's width); `attention_experts[layer]` the kept attention experts (JetMoE).
     """
 
     pruned_config: dict
@@ -51,6 +51,7 @@ class PruningRecord:
     experts: dict[int, list[int]] = field(default_factory=dict)
     expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict)
     shared_neurons: dict[int, list[int]] = field(default_factory=dict)
+    attention_experts: dict[int, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -78,7 +79,7 @@ class PruningRecord:
             ) from None
 
 
-_MOE_KEYED = ("experts", "expert_neurons", "shared_neurons")
+_MOE_KEYED = ("experts", "expert_neurons", "shared_neurons", "attention_experts")
 _MAMBA_KEYED = ("mamba_heads", "mamba_head_channels")
 _OPTIONAL_KEYED = _MOE_KEYED + _MAMBA_KEYED
 _LAYER_KEYED = ("heads", "kv_heads", "neurons") + _MOE_KEYED + _MAMBA_KEYED

@@ -25,7 +25,7 @@ ARCHITECTURE_NAMES += [
     "apertus",
     "arcee",
 ]
-MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "jetmoe"]
 VOCAB_SIZE = 96
 # Tiny MoE shapes: 4 routed experts of width 24, 2 per token (each family names its fields its own way).
 MOE_OVERRIDES = {
@@ -42,6 +42,9 @@ MOE_OVERRIDES = {
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"] * 2,
     ),
+    # JetMoE: 4 attention experts and 4 MoE experts; head_dim is its kv_channels, and its 4 query heads are the 2 KV
+    # heads x 2 experts per token.
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
 }
 
 # Hybrid Mamba2-attention families (issue 13): 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.

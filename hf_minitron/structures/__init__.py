@@ -3,6 +3,7 @@
 | structure | module | config fields |
 |---|---|---|
 | attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
+| attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | `num_experts`, `num_key_value_heads` |
 | MLP neurons | `mlp_neurons.py` | `intermediate_size` |
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
 | routed experts (MoE) | `routed_experts.py` | `num_experts` |
@@ -20,6 +21,7 @@ block it prunes, and every per-layer loop skips the layers without it (`in_layer
 """
 
 from . import (
+    attention_experts,
     attention_heads,
     expert_neurons,
     hidden_channels,
@@ -35,6 +37,7 @@ from . import (
 # last, so the embedding's new copy reuses the memory freed by every other slice.
 WIDTH_STRUCTURES = (
     attention_heads,
+    attention_experts,
     mlp_neurons,
     shared_expert_neurons,
     routed_experts,
@@ -59,6 +62,7 @@ def in_layer(spec, layer, structure) -> bool:
 
 __all__ = [
     "WIDTH_STRUCTURES",
+    "attention_experts",
     "attention_heads",
     "expert_neurons",
     "hidden_channels",

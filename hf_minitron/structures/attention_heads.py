@@ -20,7 +20,7 @@ BLOCK = "attention"
 
 
 def present(spec) -> bool:
-    return spec.attention is not None
+    return spec.attention is not None and spec.attention_experts is None  # else: `attention_experts.py`
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -48,8 +48,13 @@ def scores(importance, batch_aggregation: str) -> torch.Tensor:
 
 def group_scores(importance, batch_aggregation: str) -> torch.Tensor:
     """`[num_layers, num_key_value_heads]`: L2 over the query heads of each KV group."""
+    from ..architectures import ARCHITECTURES
+
     heads = scores(importance, batch_aggregation)
     groups = importance.model_shape["num_key_value_heads"]
+    if ARCHITECTURES[importance.model_shape["model_type"]].attention_experts is not None:
+        # A mixture of attention experts repeats the KV heads: query head k x kv_heads + j reads KV head j.
+        return heads.view(heads.shape[0], -1, groups).norm(dim=1)
     return heads.view(heads.shape[0], groups, -1).norm(dim=-1)
 
 
