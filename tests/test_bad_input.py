@@ -603,7 +603,9 @@ def test_distill_student_checkpoint_missing(tmp_path, checkpoint, no_expensive_w
 
 
 def test_correct_teacher_sequence_too_long(checkpoint, tmp_path, capsys, no_expensive_work):
-    argv = ["correct-teacher", "--model", str(checkpoint), "--seq_length", "4096", "--output_dir", str(tmp_path)]
+    # The output is a sibling of the teacher: a folder holding the teacher is refused by its own (earlier) check.
+    output = str(tmp_path / "corrected")
+    argv = ["correct-teacher", "--model", str(checkpoint), "--seq_length", "4096", "--output_dir", output]
     assert main(argv) == 2
     assert "CorrectTeacherArguments.seq_length=4096 is longer than the model's max_position_embeddings=128" in (
         capsys.readouterr().err
