@@ -105,6 +105,13 @@ ALIGNMENT_STAGES = ("sft", "dpo")
 
 
 def _build(cls, values: dict, where: str, **forced):
+    if not isinstance(values, dict):
+        # e.g. `sft: 5` or `pruning: [1, 2]` in the YAML: a section is a mapping of field names to values.
+        raise ValueError(
+            f"The {where!r} section of the recipe is a {type(values).__name__} ({values!r}): it must be a mapping of "
+            f"{cls.__name__} fields (`{where}:` followed by indented `field: value` lines), empty for the defaults, "
+            "or null to skip the stage."
+        )
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
@@ -261,6 +268,9 @@ def build_pipeline_config(data: dict):
         corrected_model_dir=str(root / "teacher_correction"),
     )
     # A present section (even empty: all defaults) enables its stage; absent or null skips it.
+    for name in ALIGNMENT_STAGES:
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            _build(dict, data[name], name)  # refuses a section that is not a mapping, naming it
     alignment = [
         _build_alignment_stage(name, {**device, **(data[name] or {})}, root)
         for name in ALIGNMENT_STAGES

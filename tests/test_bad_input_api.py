@@ -234,3 +234,14 @@ def test_unknown_lm_eval_task_is_refused_before_any_model_loads(monkeypatch, tmp
     args = EvaluateArguments(model=str(tmp_path), tasks="pydoc_topcs", output_file=str(tmp_path / "e.json"))
     with pytest.raises(ValueError, match="Unknown lm-eval task"):
         evaluate_checkpoints(args, show_progress=False)
+
+
+@pytest.mark.parametrize(
+    "recipe,section",
+    [({"sft": 5}, "sft"), ({"pruning": [1, 2]}, "pruning"), ({"distillation": "fast"}, "distillation")],
+)
+def test_recipe_sections_of_the_wrong_yaml_type_are_named(recipe, section):
+    from hf_minitron.pipeline import build_pipeline_config
+
+    with pytest.raises(ValueError, match=rf"The '{section}' section of the recipe is a \w+ .*must be a mapping"):
+        build_pipeline_config(recipe)
