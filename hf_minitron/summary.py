@@ -23,9 +23,13 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
     add("embeddings", model.get_input_embeddings())
     if model.get_output_embeddings() is not None:
         add("embeddings", model.get_output_embeddings())
+    # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer, JetMoE's
+    # attention experts sit inside its attention module.
+    blocks = (("attention", "attention", spec.attention), ("mlp", "mlp", spec.mlp), ("mlp", "moe", spec.moe))
     for layer in get_decoder_layers(model):
-        add("attention", getattr(layer, spec.attention))
-        add("mlp", getattr(layer, spec.mlp))
+        for key, block, path in blocks:
+            if path is not None and spec.has(layer, block) and hasattr(layer, path.split(".")[0]):
+                add(key, layer.get_submodule(path))
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))

@@ -378,3 +378,19 @@ def test_router_loss_adds_its_weighted_value_and_is_refused_for_dense_students(t
             args=_kd_args(tmp_path, router_aux_loss_coef=0.01),
             train_dataset=_kd_dataset(),
         )
+
+
+def test_prune_a_moe_checkpoint_on_disk(tmp_path, tokenizer, text_file):
+    """`hf-minitron prune` on a Mixtral checkpoint: its summary tables count the experts as MLP."""
+    from hf_minitron.checkpoint_pruning import PruneArguments, prune_checkpoint
+
+    source = tmp_path / "mixtral"
+    tiny_model("mixtral").save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    args = PruneArguments(
+        model=str(source), output=str(tmp_path / "pruned"), calibration_data=str(text_file), text_column="content"
+    )
+    config = PrunedConfig(num_experts=2, calibration_samples=4, calibration_batch_size=2, calibration_seq_length=16)
+    result = prune_checkpoint(args, config, show_progress=False)
+    assert result["after"]["parameters"]["mlp"] < result["before"]["parameters"]["mlp"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config.num_local_experts == 2
