@@ -21,6 +21,8 @@ from conftest import tiny_model
 from test_pipeline import _ALIGNMENT, _tiny_recipe
 from transformers import AutoModelForCausalLM
 
+from hf_minitron.io import OUTPUT_MARKER
+
 
 ROOT = Path(__file__).parent.parent
 RECIPES = ROOT / "recipes"
@@ -52,7 +54,10 @@ def _launch(script, *args, config="ddp.yaml"):
 
 def _leftovers(directory: Path) -> list[Path]:
     # Atomic writes go through temporary siblings; two processes writing would leave or clash on them.
-    return [p for p in directory.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+    # Our output marker (io.OUTPUT_MARKER) is the one hidden file a finished output holds on purpose.
+    return [
+        p for p in directory.rglob("*") if ".tmp" in p.name or (p.name.startswith(".") and p.name != OUTPUT_MARKER)
+    ]
 
 
 # What each accelerate config must report: the accelerate distributed type and where the teacher lives.

@@ -202,6 +202,7 @@ def test_token_never_written_by_a_pipeline_run(hub, checkpoint, tmp_path, debug_
         "max_eval_samples": 2,
         "eval_tasks": "",
         "write_model_card": True,
+        "keep_checkpoints": True,  # checkpoints (trainer_state.json, training_args.bin) are checked for the token too
         "push_to_hub": True,
         "hub_model_id": "tester/tiny-minitron",
         "pruning": {
