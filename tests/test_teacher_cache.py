@@ -389,3 +389,20 @@ def test_search_retrains_every_candidate_from_one_cache(tmp_path):
     assert [c.name for c in results["cached"].ranking()] == [c.name for c in results["live"].ranking()]
     for live, cached in zip(results["live"].candidates, results["cached"].candidates):
         assert cached.metric == pytest.approx(live.metric, rel=1e-5)
+
+
+def test_recipe_script(checkpoint, text_file, tmp_path):
+    recipes = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    output = tmp_path / "cache"
+    result = subprocess.run(
+        [
+            sys.executable, os.path.join(recipes, "cache_teacher.py"),
+            "--config", os.path.join(recipes, "smollm2-135m", "cache_teacher.yaml"),
+            "--teacher", str(checkpoint), "--dataset", str(text_file), "--text_column", "content", "--seq_length", "16",
+            "--max_train_samples", "5", "--output_dir", str(output),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Teacher cache: 5 samples, 80 tokens, mode=hidden" in result.stdout
+    assert len(load_teacher_cache(output)) == 5
