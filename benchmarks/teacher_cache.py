@@ -48,6 +48,7 @@ CACHE_MODES = {
     "topk512": dict(mode="topk", top_k=512),
 }
 SPEED_METHODS = ["ce", "live", "gkd", "hidden_fp32", "hidden_bf16", "topk128"]
+SECTIONS = ["cost", "fidelity", "quality", "speed", "search"]
 TARGETS = {"hidden": 1.25, "topk": 1.10}
 
 
@@ -381,23 +382,46 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(18, 9))
-    modes = list(results["fidelity"]["modes"])
-    ax = axes[0, 0]
-    values = [max(results["fidelity"]["modes"][m]["grad_relative_error"], 1e-9) for m in modes]
-    ax.bar(modes, values, color="tab:blue")
-    ax.set_yscale("log")
-    ax.set_title("Fidelity: relative gradient error vs live teacher")
-    ax.tick_params(axis="x", labelsize=8)
-    ax = axes[0, 1]
-    q = results["quality"]
-    names = ["before", *q["heldout_loss"]]
-    ax.bar(names, [q["before"], *q["heldout_loss"].values()], color="tab:green")
-    low = min(q["heldout_loss"].values())
-    ax.set_ylim(low - 0.5, q["before"] + 0.2)
-    ax.set_title(f"Held-out loss after {q['steps']} KD steps")
-    ax.tick_params(axis="x", labelsize=8, rotation=30)
+    for ax, section in zip(axes.flat, ("fidelity", "quality", "speed", "speed", "cost", "search")):
+        if not results.get(section):
+            ax.axis("off")
+    if results.get("fidelity"):
+        modes = list(results["fidelity"]["modes"])
+        ax = axes[0, 0]
+        values = [max(results["fidelity"]["modes"][m]["grad_relative_error"], 1e-9) for m in modes]
+        ax.bar(modes, values, color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_title("Fidelity: relative gradient error vs live teacher (0 shown as 1e-9)")
+        ax.tick_params(axis="x", labelsize=8)
+    if results.get("quality"):
+        ax = axes[0, 1]
+        q = results["quality"]
+        names = ["before", *q["heldout_loss"]]
+        ax.bar(names, [q["before"], *q["heldout_loss"].values()], color="tab:green")
+        low = min(q["heldout_loss"].values())
+        ax.set_ylim(low - 0.5, q["before"] + 0.2)
+        ax.set_title(f"Held-out loss after {q['steps']} KD steps")
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
+    if results.get("speed"):
+        _plot_speed(axes, results["speed"])
+    if results.get("cost"):
+        ax = axes[1, 1]
+        c = results["cost"]["modes"]
+        ax.bar(list(c), [r["bytes_per_token"] for r in c.values()], color="tab:red")
+        ax.set_yscale("log")
+        ax.set_title("Bytes per token on disk")
+        ax.tick_params(axis="x", labelsize=8)
+    if results.get("search"):
+        sr = results["search"]
+        ax = axes[1, 2]
+        ax.bar(["live teacher", "one cache"], [sr["live"]["seconds"], sr["cached"]["seconds"]], color="tab:cyan")
+        ax.set_title(f"Search: {sr['candidates']} candidates x {sr['steps']} steps (s); speed-up {sr['speedup']:.2f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_speed(axes, s: dict) -> None:
     ax = axes[0, 2]
-    s = results["speed"]
     keys = [k for k in s["ratios"] if k.endswith("_over_ce")]
     medians = [s["ratios"][k]["median"] for k in keys]
     errors = [[s["ratios"][k]["median"] - s["ratios"][k]["min"] for k in keys],
@@ -411,25 +435,22 @@ def plot(results: dict, path: Path) -> None:
     ax.bar(list(s["methods"]), [r["peak_rss_mb"] for r in s["methods"].values()], color="tab:orange")
     ax.set_title("Peak RSS of a training worker (MB)")
     ax.tick_params(axis="x", labelsize=8)
-    ax = axes[1, 1]
-    c = results["cost"]["modes"]
-    ax.bar(list(c), [r["bytes_per_token"] for r in c.values()], color="tab:red")
-    ax.set_yscale("log")
-    ax.set_title("Bytes per token on disk")
-    ax.tick_params(axis="x", labelsize=8)
-    ax = axes[1, 2]
-    if results.get("search"):
-        sr = results["search"]
-        ax.bar(["live teacher", "one cache"], [sr["live"]["seconds"], sr["cached"]["seconds"]], color="tab:cyan")
-        ax.set_title(f"Search: {sr['candidates']} candidates x {sr['steps']} steps (s); speed-up {sr['speedup']:.2f}x")
-    else:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def print_table(results: dict) -> None:
-    cost, fid, q, s = results["cost"], results["fidelity"], results["quality"], results["speed"]
+    if results.get("fidelity") and results.get("quality"):
+        _print_sources(results)
+    if results.get("speed"):
+        _print_speed(results["speed"])
+    if results.get("search"):
+        sr = results["search"]
+        print(f"\nsearch, {sr['candidates']} candidates x {sr['steps']} KD steps: live {sr['live']['seconds']:.0f} s, "
+              f"one cache {sr['cached']['seconds']:.0f} s (cache written inside), speed-up {sr['speedup']:.2f}x, "
+              f"same ranking: {sr['same_ranking']}")  # fmt: skip
+
+
+def _print_sources(results: dict) -> None:
+    cost, fid, q = results["cost"], results["fidelity"], results["quality"]
     print("\n| source | bytes/token | write / teacher forward | loss rel. error | grad rel. error | grad cosine | "
           f"held-out loss after {q['steps']} steps |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
@@ -441,6 +462,9 @@ def print_table(results: dict) -> None:
             f"| {q['heldout_loss'][m]:.4f} |"
         )
     print(f"(before training: {q['before']:.4f})")
+
+
+def _print_speed(s: dict) -> None:
     print(f"\n| method | s/step median [min, max] | tokens/s | / CE step | peak RSS MB |  ({s['rounds']} rounds)")
     print("|---|---|---|---|---|")
     for m, r in s["methods"].items():
@@ -452,11 +476,6 @@ def print_table(results: dict) -> None:
     for key, r in s["ratios"].items():
         if key.startswith("gkd_over_"):
             print(f"  {key}: {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
-    if results.get("search"):
-        sr = results["search"]
-        print(f"\nsearch, {sr['candidates']} candidates x {sr['steps']} KD steps: live {sr['live']['seconds']:.0f} s, "
-              f"one cache {sr['cached']['seconds']:.0f} s (cache written inside), speed-up {sr['speedup']:.2f}x, "
-              f"same ranking: {sr['same_ranking']}")  # fmt: skip
 
 
 def main():
@@ -466,16 +485,27 @@ def main():
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--fidelity-batches", type=int, default=2)
-    parser.add_argument("--quality-steps", type=int, default=8)
-    parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--quality-steps", type=int, default=6)
+    parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1: steadier on a CPU shared with other jobs).",
+    )
     parser.add_argument("--search-steps", type=int, default=4, help="KD steps per search candidate; 0 skips it.")
     parser.add_argument("--search-candidates", type=int, default=4)
     parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}."
+    )
     parser.add_argument("--output", default=str(RESULTS / "teacher_cache.json"))
     args = parser.parse_args()
+    sections = [name for name in args.sections.split(",") if name]
+    if set(sections) - set(SECTIONS):
+        parser.error(f"--sections: choose among {SECTIONS}")
     if args.serve:
         method, *numbers = args.serve
         serve(method, *map(int, numbers))
@@ -485,6 +515,8 @@ def main():
         args.rounds, args.search_steps, args.search_candidates = 1, 1, 2
         args.output = str(RESULTS / ".teacher_cache_quick.json")
     modes = ["hidden_fp32", "hidden_bf16", "topk8", "topk128"] if args.quick else list(CACHE_MODES)
+    if not {"fidelity", "quality"} & set(sections):  # the speed workers need only their own caches
+        modes = [m for m in modes if m in SPEED_METHODS]
 
     import torch
 
@@ -508,15 +540,21 @@ def main():
         timings[name] = time.perf_counter() - start
         return value
 
-    results["cost"] = timed("cost", write_caches, teacher, tokenizer, train, modes)
-    results["fidelity"] = timed("fidelity", fidelity, teacher, train, modes, args.fidelity_batches, args.batch_size)
-    results["quality"] = timed(
-        "quality", quality, teacher, train, validation, modes, args.quality_steps, args.batch_size
-    )
-    methods = [m for m in SPEED_METHODS if m in ("ce", "live", "gkd") or m in modes]
-    results["speed"] = timed("speed", speed, methods, args.batch_size, args.seq_length, args.warmup, args.rounds,
-                             args.threads)  # fmt: skip
-    if args.search_steps:
+    if {"cost", "fidelity", "quality", "speed"} & set(sections):  # the caches the others read
+        results["cost"] = timed("cost", write_caches, teacher, tokenizer, train, modes)
+    if "fidelity" in sections:
+        results["fidelity"] = timed(
+            "fidelity", fidelity, teacher, train, modes, args.fidelity_batches, args.batch_size
+        )
+    if "quality" in sections:
+        results["quality"] = timed(
+            "quality", quality, teacher, train, validation, modes, args.quality_steps, args.batch_size
+        )
+    if "speed" in sections:
+        methods = [m for m in SPEED_METHODS if m in ("ce", "live", "gkd") or m in modes]
+        results["speed"] = timed("speed", speed, methods, args.batch_size, args.seq_length, args.warmup,
+                                 args.rounds, args.threads)  # fmt: skip
+    if args.search_steps and "search" in sections:
         search_data = embedded_datasets(
             tokenizer, args.seq_length, max_train_samples=args.search_steps * args.batch_size
         )
