@@ -56,6 +56,11 @@ def main(output_dir: str, batch_size: int, accumulation: int) -> None:
         teacher_rows = [p.to_local().shape[0] if hasattr(p, "to_local") else p.shape[0] for p in teacher.parameters()]
         result = {"state": state, "logs": trainer.state.log_history, "teacher_rows": teacher_rows}
         torch.save(result, os.path.join(output_dir, "result.pt"))
+    if torch.distributed.is_initialized():
+        # Leave together: a process exiting while the other still uses the gloo group can abort in gloo's threads
+        # ("terminate called without an active exception"), failing the launch after a successful run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
