@@ -18,7 +18,7 @@ from .data import take_samples
 from .importance import ImportanceScores, estimate_importance, magnitude_importance, model_shape, random_importance
 from .io import atomic_write_json
 from .pruning_config import PRUNED_CONFIG_NAME, PrunedConfig
-from .runtime import release_freed_memory, return_large_buffers_to_os
+from .runtime import large_buffers_returned_to_os, release_freed_memory
 from .structures import structures_of
 from .structures.layers import drop_layers, select_layers_to_drop
 
@@ -220,7 +220,6 @@ def prune_model(
     needs_layer_scores = num_to_drop > 0 and (
         config.depth_method == "block_influence" or config.importance != "activation"
     )
-    return_large_buffers_to_os()  # weights freed while slicing go back to the OS at once
     if scores is None and (needs_width or needs_layer_scores):
         scores = compute_scores(model, config, calibration_data, show_progress)
 
@@ -251,6 +250,13 @@ def prune_model(
         )
     else:
         dropped = []
+    # Weights freed while slicing go back to the OS at once (see large_buffers_returned_to_os).
+    with large_buffers_returned_to_os():
+        return _slice(model, spec, config, scores, source, target, dropped)
+
+
+def _slice(model, spec, config: PrunedConfig, scores, source: dict, target: dict, dropped: list[int]):
+    """Steps 2-3 of `prune_model`: drop the chosen layers, then every width structure slices its own parameters."""
     kept_layers = drop_layers(model, dropped) if dropped else list(range(source["num_hidden_layers"]))
     release_freed_memory()
 
