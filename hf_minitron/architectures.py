@@ -3,7 +3,8 @@
 Everything the importance estimator and the pruner need to know about a decoder family lives in one
 `ArchitectureSpec`: which submodules are the attention and MLP projections, whether they are fused, which norms
 feed attention and the MLP, which norms sit on the residual stream. Adding an architecture means adding one entry
-to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`.
+to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`. A family of the
+user's own (remote code) is described by a spec passed in as `spec=` (see `get_architecture`), never registered.
 """
 
 from dataclasses import dataclass, field
@@ -92,17 +93,39 @@ class ArchitectureSpec:
         mamba (`str`, *optional*):
             A Mamba2 mixer inside a decoder layer (`in_proj` with output rows `[z, x, B, C, dt]`, a depthwise
             `conv1d` over `[x, B, C]`, per-head `A_log` / `D` / `dt_bias`, a gated group norm `norm` and `out_proj`).
+        mamba_num_heads_field, mamba_head_dim_field, mamba_groups_field, mamba_state_field (`str`):
+            The config fields of the Mamba2 heads, their channels, the B/C groups and the state size (Nemotron-H:
+            `mamba_num_heads`, `mamba_head_dim`, `n_groups`, `ssm_state_size`; Bamba and Falcon-H1: `mamba_n_heads`,
+            `mamba_d_head`, `mamba_n_groups`, `mamba_d_state`). `PrunedConfig` names the first two the same for
+            every family.
+        mamba_inner_field (`str`, *optional*):
+            A config field giving the mixers' width `heads x head_dim` outright (Falcon-H1's `mamba_d_ssm`): written
+            after pruning, so the width no longer follows the hidden size.
+        mamba_expand_field (`str`, *optional*):
+            The integer config field by which the modeling code multiplies the hidden size to get the mixers' width
+            (Bamba's `mamba_expand`; the config checks `heads x head_dim == mamba_expand x hidden_size`): a pruned
+            `heads x head_dim` must then be a multiple of the pruned hidden size.
+        mamba_projection_buffers (`tuple[str, ...]`):
+            Buffers of the mixer laid out like the output rows of `in_proj` (Falcon-H1's muP `mup_vector`, `[1, 1,
+            rows]`, rebuilt from the config at load): sliced with those rows so the pruned model in memory computes
+            what its reload will.
+        layer_returns_tuple (`bool`):
+            The decoder layers return a tuple `(hidden_states, ...)` rather than the hidden states (Bamba: `(hidden
+            states, attention weights)`, unpacked as two; Falcon-H1: `(hidden_states,)`, read as `[0]`): a layer
+            skipped while scoring depth then returns `(hidden_states, None)`.
         final_norm (`str`):
             The norm after the last decoder layer, inside the base model (`norm`; Nemotron-H: `norm_f`).
         block_type_attribute (`str`, *optional*):
-            For hybrid families whose decoder layers hold different blocks (Nemotron-H), the attribute of a decoder
-            layer naming its block type; `None` when every layer holds every block of the spec.
+            For hybrid families whose decoder layers hold different blocks (Nemotron-H, Bamba), the attribute of a
+            decoder layer naming its block type; `None` when every layer holds every block of the spec (Falcon-H1,
+            whose layers run attention and Mamba side by side).
         block_types_field (`str`, *optional*):
             The config list giving each layer's block type (Nemotron-H: `layers_block_type`).
         block_types (`tuple[tuple[str, str], ...]`):
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
             `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
-            module for (`None`) is refused with a clear error.
+            module for (`None`) is refused with a clear error. A block not named here is in every layer (Bamba's
+            MLP follows the Mamba mixer or the attention of each layer).
         expert_layout (`ParallelExperts`, *optional*):
             The experts of `moe` in the ScatterMoE layout (JetMoE); `None`: a transformers 5 experts module at
             `experts` routed by `router`.
@@ -150,6 +173,14 @@ class ArchitectureSpec:
     expert_width_field: str = "moe_intermediate_size"
     shared_expert_width_field: str = "shared_expert_intermediate_size"
     mamba: str | None = None
+    mamba_num_heads_field: str = "mamba_num_heads"
+    mamba_head_dim_field: str = "mamba_head_dim"
+    mamba_groups_field: str = "n_groups"
+    mamba_state_field: str = "ssm_state_size"
+    mamba_inner_field: str | None = None
+    mamba_expand_field: str | None = None
+    mamba_projection_buffers: tuple[str, ...] = ()
+    layer_returns_tuple: bool = False
     final_norm: str = "norm"
     block_type_attribute: str | None = None
     block_types_field: str | None = None
@@ -164,10 +195,11 @@ class ArchitectureSpec:
     def has(self, layer, block: str | None) -> bool:
         """Whether decoder `layer` holds `block` (`"attention"`, `"mlp"`, `"moe"`, `"mamba"`; `None`: the layer
         itself). In a family whose layers are alike, every layer holds all of the family's blocks; in a hybrid, a
-        layer holds the one block its block type names."""
-        if block is None or self.block_type_attribute is None:
+        layer holds the block its block type names, and every block that `block_types` does not name."""
+        kinds = dict(self.block_types)
+        if block is None or self.block_type_attribute is None or block not in kinds:
             return True
-        return getattr(layer, self.block_type_attribute) == dict(self.block_types).get(block)
+        return getattr(layer, self.block_type_attribute) == kinds[block]
 
 
 _LLAMA_LIKE = ArchitectureSpec()
@@ -312,6 +344,10 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attention="mixer",
         mlp="mixer",
         mamba="mixer",
+        moe="mixer",
+        shared_expert="shared_experts",
+        num_experts_field="n_routed_experts",
+        shared_expert_width_field="moe_shared_expert_intermediate_size",
         gate_proj=None,
         attn_input_norm="norm",
         mlp_input_norm="norm",
@@ -320,20 +356,80 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         block_type_attribute="block_type",
         block_types_field="layers_block_type",
         block_types=(("attention", "full_attention"), ("mlp", "mlp"), ("mamba", "linear_attention"), ("moe", "moe")),
-        notes="hybrid: per-layer mamba / attention / mlp blocks (layers_block_type); non-gated ReLU^2 MLP; MoE blocks "
-        "not supported yet",
+        notes="hybrid: per-layer mamba / attention / mlp / moe blocks (layers_block_type); non-gated ReLU^2 MLP and "
+        "experts; MoE: sigmoid router with e_score_correction_bias and grouped top-k (n_group / topk_group, experts "
+        "kept per group), an ungated shared expert",
+    ),
+    # Bamba: each layer holds a Mamba2 mixer OR attention (layers_block_type, derived from attn_layer_indices), then a
+    # gated MLP in every layer.
+    "bamba": ArchitectureSpec(
+        mamba="mamba",
+        mlp="feed_forward",
+        mlp_input_norm="pre_ff_layernorm",
+        residual_norms=("input_layernorm", "pre_ff_layernorm"),
+        final_norm="final_layernorm",
+        block_type_attribute="block_type",
+        block_types_field="layers_block_type",
+        block_types=(("attention", "full_attention"), ("mamba", "linear_attention")),
+        mamba_num_heads_field="mamba_n_heads",
+        mamba_head_dim_field="mamba_d_head",
+        mamba_groups_field="mamba_n_groups",
+        mamba_state_field="mamba_d_state",
+        mamba_expand_field="mamba_expand",
+        layer_returns_tuple=True,
+        notes="hybrid: mamba or attention per layer (attn_layer_indices), a SwiGLU MLP in every layer; the Mamba width "
+        "is mamba_expand x hidden_size, so heads x head_dim stays a multiple of the hidden size",
+    ),
+    # Falcon-H1: attention and a Mamba2 mixer side by side in EVERY layer (their outputs summed), then a gated MLP;
+    # the muP multipliers are scalars or per-section constants, unchanged by pruning.
+    "falcon_h1": ArchitectureSpec(
+        mamba="mamba",
+        mlp="feed_forward",
+        mlp_input_norm="pre_ff_layernorm",
+        residual_norms=("input_layernorm", "pre_ff_layernorm"),
+        final_norm="final_layernorm",
+        mamba_num_heads_field="mamba_n_heads",
+        mamba_head_dim_field="mamba_d_head",
+        mamba_groups_field="mamba_n_groups",
+        mamba_state_field="mamba_d_state",
+        mamba_inner_field="mamba_d_ssm",
+        mamba_projection_buffers=("mup_vector",),
+        layer_returns_tuple=True,
+        notes="parallel attention + Mamba2 in every layer, then a SwiGLU MLP; muP multipliers kept; mamba_d_ssm "
+        "written; the mixers' mup_vector sliced with in_proj's rows",
     ),
 }
 
 
-def get_architecture(config) -> ArchitectureSpec:
-    """Returns the spec for `config.model_type`, or raises a `ValueError` listing the supported ones."""
+def get_architecture(config, spec: ArchitectureSpec | None = None) -> ArchitectureSpec:
+    """The spec of `config.model_type` in `ARCHITECTURES`, or `spec` when the caller passes one in.
+
+    A family the table does not hold, typically a checkpoint that ships its own modelling code (loaded with
+    `trust_remote_code=True`), is described by the caller with an `ArchitectureSpec` of its own, passed to
+    `prune_model`, `estimate_importance`, `magnitude_importance`, `random_importance` and `count_parameters` as
+    `spec=`; nothing is registered. Such a spec describes a dense family (attention and an MLP in every layer) whose
+    config uses the usual field names (`hidden_size`, `intermediate_size`, `num_attention_heads`, ...): the sizes of
+    MoE, Mamba and hybrid families are read through their table entry. Raises a `ValueError` listing the supported
+    families otherwise.
+    """
     model_type = getattr(config, "model_type", None)
+    if spec is not None:
+        if not isinstance(spec, ArchitectureSpec):
+            raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}.")
+        extras = [name for name in ("moe", "mamba", "attention_experts", "block_types_field") if getattr(spec, name)]
+        if extras and spec != ARCHITECTURES.get(model_type):  # the table's own entry, passed on, is fine
+            raise ValueError(
+                f"The spec passed in for model_type={model_type!r} sets {', '.join(extras)}: "
+                "a spec passed in describes a dense family (attention and an MLP in every layer). MoE, Mamba and "
+                "hybrid families need an entry in `hf_minitron/architectures.py`."
+            )
+        return spec
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"Unsupported architecture: model_type={model_type!r}. hf-minitron supports "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add one, describe its modules with an `ArchitectureSpec` in "
-            "`hf_minitron/architectures.py`."
+            f"{', '.join(sorted(ARCHITECTURES))}. For another dense family (e.g. one with its own modelling code, "
+            "loaded with trust_remote_code=True), describe where its modules live with an `ArchitectureSpec` and "
+            'pass it: `prune_model(model, config, data, spec=ArchitectureSpec(...))` (README, "Custom families").'
         )
     spec = ARCHITECTURES[model_type]
     if spec.block_types_field is not None:
@@ -342,7 +438,8 @@ def get_architecture(config) -> ArchitectureSpec:
 
 
 def check_block_types(spec: ArchitectureSpec, config) -> None:
-    """Refuses a hybrid model with a block type the spec has no structures for (Nemotron-H's MoE blocks, for now)."""
+    """Refuses a hybrid model with a block type the spec has no structures for, or with MoE blocks whose experts
+    work in a latent space (`moe_latent_size`, LatentMoE), which the expert structures do not slice."""
     supported = {kind: block for block, kind in spec.block_types if getattr(spec, block) is not None}
     kinds = list(getattr(config, spec.block_types_field))
     unsupported = sorted({kind for kind in kinds if kind not in supported})
@@ -352,6 +449,15 @@ def check_block_types(spec: ArchitectureSpec, config) -> None:
             f"model_type={config.model_type!r} with {spec.block_types_field} {unsupported} (layers {layers}) is not "
             f"supported: hf-minitron prunes its {', '.join(repr(k) for k in supported)} blocks. Use a model without "
             f"{' / '.join(unsupported)} blocks."
+        )
+    latent = getattr(config, "moe_latent_size", None)
+    if latent is not None and dict(spec.block_types).get("moe") in kinds:
+        # The experts read and write moe_latent_size channels through fc1/fc2_latent_proj: hidden pruning would have
+        # to slice those projections instead of the experts, and the parameter count would need a latent axis.
+        raise ValueError(
+            f"model_type={config.model_type!r} with moe_latent_size={latent} (latent MoE: experts behind latent "
+            "projections) is not supported: hf-minitron prunes MoE blocks whose experts read the hidden size. Use a "
+            "model with moe_latent_size=None."
         )
 
 
@@ -374,16 +480,17 @@ def model_shape(config) -> dict:
 
 
 def mamba_shape(config) -> dict:
-    """The Mamba2 sizes of `config` (`{}` for a family without Mamba blocks): heads and head dim (prunable), and the
-    B/C groups and state size (kept) that the projections' sizes depend on."""
+    """The Mamba2 sizes of `config` (`{}` for a family without Mamba blocks) under `PrunedConfig`'s names, read from
+    the family's own fields (its spec's `mamba_*_field`): heads and head dim (prunable), and the B/C groups and state
+    size (kept) that the projections' sizes depend on."""
     spec = ARCHITECTURES.get(config.model_type)
     if spec is None or spec.mamba is None:
         return {}
     return {
-        "mamba_num_heads": config.mamba_num_heads,
-        "mamba_head_dim": config.mamba_head_dim,
-        "n_groups": config.n_groups,
-        "ssm_state_size": config.ssm_state_size,
+        "mamba_num_heads": getattr(config, spec.mamba_num_heads_field),
+        "mamba_head_dim": getattr(config, spec.mamba_head_dim_field),
+        "n_groups": getattr(config, spec.mamba_groups_field),
+        "ssm_state_size": getattr(config, spec.mamba_state_field),
     }
 
 
@@ -399,6 +506,11 @@ def moe_shape(config) -> dict:
     }
     if spec.shared_expert is not None:
         shape["shared_expert_intermediate_size"] = getattr(config, spec.shared_expert_width_field)
+    if getattr(config, "n_group", None) is not None:
+        # Grouped routing (transformers' DeepSeek-V3-style routers, Nemotron-H): the experts form `n_group` equal
+        # groups by position and a token picks its experts among its `topk_group` best groups. Kept, not pruned:
+        # expert pruning keeps as many experts in every group (`routed_experts.py`).
+        shape["n_group"], shape["topk_group"] = config.n_group, config.topk_group
     return shape
 
 

@@ -73,12 +73,14 @@ def _evaluate(dims: tuple, sizes: dict[str, int]) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=32)
-def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term, ...], int]:
+def _terms_from_json(
+    config_class: type, config_json: str, spec: ArchitectureSpec | None = None
+) -> tuple[tuple[_Term, ...], int]:
     from transformers import AutoModelForCausalLM
 
     # Infinities (Nemotron-H's time_step_limit) are encoded as {"__float__": "Infinity"} by to_json_string.
     model_config = config_class.from_dict(config_class._decode_special_floats(json.loads(config_json)))
-    spec = get_architecture(model_config)
+    spec = get_architecture(model_config, spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
     module_names = {id(module): name for name, module in model.named_modules()}
@@ -136,28 +138,40 @@ def _terms_from_json(config_class: type, config_json: str) -> tuple[tuple[_Term,
     return tuple(terms), len(layers)
 
 
-def _terms(model_config) -> tuple[_Term, ...]:
-    return _terms_from_json(type(model_config), model_config.to_json_string(use_diff=False))[0]
+def _terms(model_config, spec: ArchitectureSpec | None = None) -> tuple[_Term, ...]:
+    return _terms_from_json(type(model_config), model_config.to_json_string(use_diff=False), spec)[0]
 
 
-def parameter_counter(model_config):
+def parameter_counter(model_config, spec: ArchitectureSpec | None = None):
     """A fast `shape -> {"total", "non_embedding"}` function for `model_config`'s family, where `shape` is a
-    resolved target (the dict of `PrunedConfig.resolve`), not validated: the inner loop of the search."""
-    terms = _terms(model_config)
+    resolved target (the dict of `PrunedConfig.resolve`), not validated: the inner loop of the search. `spec`: a
+    family's own `ArchitectureSpec` (see `get_architecture`)."""
+    terms = _terms(model_config, spec)
     source = model_shape(model_config)
-    spec = get_architecture(model_config)
+    spec = get_architecture(model_config, spec)
 
     def counter(shape):
         shape = {**source, **shape}
-        return _count(terms, shape, spec, _block_types(model_config, spec, shape["num_hidden_layers"]))
+        # A hybrid's depth is counted from its layers of each block type (`num_layers_by_type`, as PrunedConfig's).
+        block_types = _block_types(
+            model_config, spec, shape["num_hidden_layers"], None, shape.get("num_layers_by_type")
+        )
+        return _count(terms, shape, spec, block_types)
 
     return counter
 
 
-def _block_types(model_config, spec: ArchitectureSpec, num_layers: int, layers_to_drop=None) -> list[str] | None:
-    """The block type of each layer that remains (`None` for a family whose layers are alike)."""
+def _block_types(
+    model_config, spec: ArchitectureSpec, num_layers: int, layers_to_drop=None, num_layers_by_type=None
+) -> list[str] | None:
+    """The block type of each layer that remains (`None` for a family whose layers are alike); with
+    `num_layers_by_type`, as many of each type (`PrunedConfig.num_layers_by_type`), which is all a count needs."""
     if spec.block_types_field is None:
         return None
+    if num_layers_by_type is not None and layers_to_drop is None:
+        from .structures.layers import kept_block_types
+
+        return kept_block_types(model_config, num_layers_by_type)
     drop = set(layers_to_drop or ())
     kinds = [kind for i, kind in enumerate(getattr(model_config, spec.block_types_field)) if i not in drop]
     if len(kinds) != num_layers:
@@ -165,7 +179,7 @@ def _block_types(model_config, spec: ArchitectureSpec, num_layers: int, layers_t
             f"count_parameters cannot count num_hidden_layers={num_layers} of model_type={model_config.model_type!r} "
             f"from the config alone: its layers differ by block type ({spec.block_types_field}), and which ones depth "
             "pruning drops is chosen from the importance scores. Count with PrunedConfig(layers_to_drop=[...]) (e.g. "
-            "the pruning record's dropped_layers)."
+            "the pruning record's dropped_layers) or PrunedConfig(num_layers_by_type={...}) (layers of each type)."
         )
     return kinds
 
@@ -206,7 +220,11 @@ def dtype_size(dtype: str | torch.dtype) -> int:
 
 
 def count_parameters(
-    model_config, pruned_config: PrunedConfig | None = None, count: str = "total", dtype: str = "bfloat16"
+    model_config,
+    pruned_config: PrunedConfig | None = None,
+    count: str = "total",
+    dtype: str = "bfloat16",
+    spec: ArchitectureSpec | None = None,
 ) -> int:
     """Exact size of the model `prune_model` would produce from a model with `model_config`, without building it.
 
@@ -219,6 +237,10 @@ def count_parameters(
             `num_experts_per_tok` routed experts per MoE layer, every other parameter; the total for dense models), or
             `"memory"`: bytes of the weights at `dtype` (weights only: no KV cache or activations).
         dtype (`str`, *optional*, defaults to `"bfloat16"`): element type of the `"memory"` count.
+        spec (`ArchitectureSpec`, *optional*): where the modules of a family outside `hf_minitron.ARCHITECTURES`
+            live (see `get_architecture`). A family with its own modelling code is built from `model_config` on the
+            `meta` device, so its class must be known to `AutoModelForCausalLM` (it is, once a model of it was loaded
+            with `trust_remote_code=True`).
 
     Returns:
         `int`: the count, equal to `sum(p.numel() for p in pruned.parameters())` (times the element size for
@@ -229,10 +251,11 @@ def count_parameters(
     shape = model_shape(model_config)
     if pruned_config is not None:
         shape = {**shape, **pruned_config.resolve(model_config)}
-    spec = get_architecture(model_config)
+    spec = get_architecture(model_config, spec)
     layers_to_drop = pruned_config.layers_to_drop if pruned_config is not None else None
-    block_types = _block_types(model_config, spec, shape["num_hidden_layers"], layers_to_drop)
-    counts = _count(_terms(model_config), shape, spec, block_types)
+    by_type = pruned_config.num_layers_by_type if pruned_config is not None else None
+    block_types = _block_types(model_config, spec, shape["num_hidden_layers"], layers_to_drop, by_type)
+    counts = _count(_terms(model_config, spec), shape, spec, block_types)
     if count == "memory":
         return counts["total"] * dtype_size(dtype)
     return counts[count]

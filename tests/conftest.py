@@ -48,7 +48,8 @@ MOE_OVERRIDES = {
 }
 
 # Hybrid Mamba2-attention families (issue 13): 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.
-HYBRID_ARCHITECTURE_NAMES = ["nemotron_h"]
+# Bamba and Falcon-H1: their tiny configs and tests are in test_hybrid_families.py.
+HYBRID_ARCHITECTURE_NAMES = ["nemotron_h", "bamba", "falcon_h1"]
 HYBRID_PATTERN = ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]
 HYBRID_OVERRIDES = {
     "nemotron_h": dict(

@@ -240,11 +240,13 @@ def test_bad_hybrid_targets_are_refused_before_any_work(model_type, fields, mess
 
 
 def test_unsupported_block_types_and_uncountable_depth_are_clear_errors():
-    moe = tiny_config(
-        "nemotron_h", layers_block_type=["linear_attention", "moe", "full_attention"], num_hidden_layers=3
+    # Every Nemotron-H block type has its structures now (MoE too); a block type of a later release would not.
+    future = tiny_config(
+        "nemotron_h", layers_block_type=["linear_attention", "mlp", "full_attention"], num_hidden_layers=3
     )
-    with pytest.raises(ValueError, match=r"layers_block_type \['moe'\] \(layers \[1\]\) is not supported"):
-        get_architecture(moe)
+    future.layers_block_type = ["linear_attention", "conv", "full_attention"]
+    with pytest.raises(ValueError, match=r"layers_block_type \['conv'\] \(layers \[1\]\) is not supported"):
+        get_architecture(future)
     config = tiny_model("nemotron_h").config
     with pytest.raises(ValueError, match="from the config alone.*layers_to_drop"):
         count_parameters(config, PrunedConfig(num_hidden_layers=3))

@@ -156,11 +156,10 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
     model_config.num_attention_heads = heads
 
 
-def sync_modules(model, model_config) -> None:
+def sync_modules(model, model_config, spec) -> None:
     """The head counts the attention modules cache, and the sizes of the mixture of attention experts."""
-    from ..architectures import get_architecture, get_decoder_layers
+    from ..architectures import get_decoder_layers
 
-    spec = get_architecture(model_config)
     kv, head_dim = model_config.num_key_value_heads, model_config.head_dim
     num_experts = getattr(model_config, spec.num_experts_field)
     for layer in get_decoder_layers(model):

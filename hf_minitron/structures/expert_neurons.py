@@ -28,6 +28,7 @@ from .statistics import per_token_mean, zeros_like
 
 KEY = "expert_neurons"
 FIELD = "moe_intermediate_size"
+BLOCK = "moe"
 
 
 def present(spec) -> bool:
@@ -63,6 +64,8 @@ def scores(importance) -> torch.Tensor:
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
     """`[num_experts, width]`: L2 norm of each neuron's gate/up rows and down column, per expert."""
+    if not spec.has(layer, BLOCK):  # a hybrid's layer without an MoE block: a zero row, never used
+        return torch.zeros(shape["num_experts"], shape[FIELD])
     t = expert_tensors(layer, spec)
     first = get_tensor(layer, t.first).float().pow(2)
     first = first.sum(dim=1) if t.transposed else first.sum(dim=2)  # [E, 2I] or [E, I]
@@ -102,6 +105,8 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
         return
     neuron_scores = scores(importance)
     for new_idx, src_idx in enumerate(kept_layers):
+        if not spec.has(layers[new_idx], BLOCK):
+            continue
         per_expert = neuron_scores[src_idx]
         kept_experts = record.experts.get(new_idx)
         if kept_experts is not None:  # experts were pruned first: their rows only
@@ -115,14 +120,15 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
     setattr(model_config, spec.expert_width_field, target[FIELD])
 
 
-def sync_modules(model, model_config) -> None:
-    from ..architectures import get_architecture, get_decoder_layers
+def sync_modules(model, model_config, spec) -> None:
+    from ..architectures import get_decoder_layers
 
-    spec = get_architecture(model_config)
     if spec.expert_layout is not None:
         return  # ScatterMoE-layout blocks: routed_experts.sync_modules sets every size they cache
     width = getattr(model_config, spec.expert_width_field)
     for layer in get_decoder_layers(model):
+        if not spec.has(layer, BLOCK):
+            continue
         experts = layer.get_submodule(f"{spec.moe}.{spec.experts}")
         for name in ("intermediate_dim", "intermediate_size", "expert_dim"):
             if isinstance(getattr(experts, name, None), int):

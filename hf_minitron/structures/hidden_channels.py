@@ -143,12 +143,11 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
     model_config.hidden_size = target[FIELD]
 
 
-def sync_modules(model, model_config) -> None:
-    from ..architectures import get_architecture, get_decoder_layers
+def sync_modules(model, model_config, spec) -> None:
+    from ..architectures import get_decoder_layers
     from .routed_experts import parallel_blocks
 
     # ScatterMoE-layout blocks (JetMoE) call their expert width `hidden_size`: routed_experts sets their sizes.
-    spec = get_architecture(model_config)
     skip = {id(block) for layer in get_decoder_layers(model) for block in parallel_blocks(layer, spec)}
     for module in model.modules():
         if isinstance(getattr(module, FIELD, None), int) and not isinstance(module, torch.nn.Linear):

@@ -19,7 +19,8 @@ https://arxiv.org/abs/2504.11409, §3) prunes a Mamba2 mixer along two nested ax
 Every per-head tensor follows the kept heads and channels: the z, x and dt rows of `in_proj` (rows `[z (H*P), x (H*P),
 B (G*N), C (G*N), dt (H)]`), the x channels of the depthwise `conv1d` (channels `[x, B, C]`: weight `[C, 1, k]` and
 bias), `A_log`, `D`, `dt_bias`, the gated norm's weight (its `group_size = H*P / G` follows) and the `out_proj`
-columns. B and C are never pruned. The module names are those every transformers Mamba2 mixer uses.
+columns (and Falcon-H1's muP `mup_vector` over the rows of `in_proj`). B and C are never pruned. The module names
+are those every transformers Mamba2 mixer uses; the config fields are each family's (its spec's `mamba_*_field`).
 """
 
 import torch
@@ -114,15 +115,19 @@ def select(
 
 
 # ---------------------------------------------------------------------------------------------- slicing
-def slice_mamba(mixer, shape: dict, kept_heads: torch.Tensor, kept_channels: torch.Tensor) -> None:
+def slice_mamba(mixer, spec, shape: dict, kept_heads: torch.Tensor, kept_channels: torch.Tensor) -> None:
     head_dim = shape["mamba_head_dim"]
     inner = shape["mamba_num_heads"] * head_dim
     bc = 2 * shape["n_groups"] * shape["ssm_state_size"]
     kept = (kept_heads[:, None] * head_dim + kept_channels[None, :]).reshape(-1)
     b_c = torch.arange(bc)
-    slice_linear(
-        mixer.in_proj, out_index=torch.cat([kept, kept + inner, b_c + 2 * inner, kept_heads + 2 * inner + bc])
-    )
+    rows = torch.cat([kept, kept + inner, b_c + 2 * inner, kept_heads + 2 * inner + bc])
+    slice_linear(mixer.in_proj, out_index=rows)
+    for name in spec.mamba_projection_buffers:
+        # Falcon-H1's mup_vector `[1, 1, rows]` scales in_proj's output row by row; a reload rebuilds it from the
+        # pruned config, section by section, which equals these rows of the old one.
+        buffer = getattr(mixer, name)
+        setattr(mixer, name, buffer.index_select(-1, rows.to(buffer.device)))
     conv_channels = torch.cat([kept, b_c + inner])
     for name in ("weight", "bias"):
         if getattr(mixer.conv1d, name) is not None:
@@ -149,29 +154,61 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
             target["mamba_head_dim"],
             config.mamba_group_aware,
         )
-        slice_mamba(getattr(layer, spec.mamba), source, kept_heads, kept_channels)
+        slice_mamba(getattr(layer, spec.mamba), spec, source, kept_heads, kept_channels)
         record.mamba_heads[new_idx] = kept_heads.tolist()
         record.mamba_head_channels[new_idx] = kept_channels.tolist()
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    for name in FIELDS:
-        setattr(model_config, name, target[name])
+    """Writes the targets to the family's own fields (its spec's `mamba_*_field`), and the mixers' width
+    `heads x head_dim` where the config gives it outright (`mamba_inner_field`, Falcon-H1) or as a multiple of the
+    hidden size (`mamba_expand_field`, Bamba). `check_target_loads` calls this before any work: a width that the
+    config cannot express is refused then."""
+    heads, head_dim = target["mamba_num_heads"], target["mamba_head_dim"]
+    setattr(model_config, spec.mamba_num_heads_field, heads)
+    setattr(model_config, spec.mamba_head_dim_field, head_dim)
+    if spec.mamba_inner_field is not None:
+        # Written even when unpruned: left unset, Falcon-H1 derives it from mamba_expand x a (pruned) hidden size.
+        setattr(model_config, spec.mamba_inner_field, heads * head_dim)
+    if spec.mamba_expand_field is not None:
+        setattr(model_config, spec.mamba_expand_field, _expand(spec, source, target))
 
 
-def sync_modules(model, model_config) -> None:
+def _expand(spec, source: dict, target: dict) -> int:
+    """The integer `mamba_expand = heads x head_dim / hidden_size` of the pruned shape, or a `ValueError` naming the
+    nearest shapes that have one (Bamba's config checks `mamba_n_heads x mamba_d_head == mamba_expand x hidden_size`,
+    its mixers are built `mamba_expand x hidden_size` wide)."""
+    heads, head_dim, hidden = target["mamba_num_heads"], target["mamba_head_dim"], target["hidden_size"]
+    if not heads * head_dim % hidden:
+        return heads * head_dim // hidden
+    groups = source["n_groups"]
+    fits = [h for h in range(groups, source["mamba_num_heads"] + 1, groups) if not h * head_dim % hidden]
+    divisors = [d for d in range(1, source["hidden_size"] + 1) if not heads * head_dim % d]
+    fixes = [f"hidden_size={min(divisors, key=lambda d: (abs(d - hidden), d))}"]
+    if fits:
+        fixes.insert(0, f"mamba_num_heads={min(fits, key=lambda h: (abs(h - heads), h))}")
+    raise ValueError(
+        f"The pruned shape would not load with stock transformers: its config builds every Mamba mixer "
+        f"{spec.mamba_expand_field} x hidden_size wide, with an integer {spec.mamba_expand_field}, and "
+        f"mamba_num_heads x mamba_head_dim = {heads} x {head_dim} = {heads * head_dim} is not a multiple of "
+        f"hidden_size={hidden}. Fix PrunedConfig: prune them together so it is, e.g. {' or '.join(fixes)}."
+    )
+
+
+def sync_modules(model, model_config, spec) -> None:
     """The sizes every Mamba2 mixer caches at init (its conv1d's channels and its gated norm's group size too)."""
-    from ..architectures import get_architecture, get_decoder_layers
+    from ..architectures import get_decoder_layers
 
-    spec = get_architecture(model_config)
-    heads, head_dim = model_config.mamba_num_heads, model_config.mamba_head_dim
+    heads = getattr(model_config, spec.mamba_num_heads_field)
+    head_dim = getattr(model_config, spec.mamba_head_dim_field)
     for layer in get_decoder_layers(model):
         if not spec.has(layer, BLOCK):
             continue
         mixer = getattr(layer, spec.mamba)
         mixer.num_heads, mixer.head_dim, mixer.intermediate_size = heads, head_dim, heads * head_dim
         mixer.conv_dim = mixer.intermediate_size + 2 * mixer.n_groups * mixer.ssm_state_size
-        mixer.norm.group_size = mixer.intermediate_size // mixer.n_groups
+        if hasattr(mixer.norm, "group_size"):  # Falcon-H1's norm splits by n_groups at each call (or is an Identity)
+            mixer.norm.group_size = mixer.intermediate_size // mixer.n_groups
         mixer.conv1d.in_channels = mixer.conv1d.out_channels = mixer.conv1d.groups = mixer.conv_dim
 
 

@@ -138,7 +138,7 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
     model_config.intermediate_size = target[FIELD]
 
 
-def sync_modules(model, model_config) -> None:
+def sync_modules(model, model_config, spec) -> None:
     for module in model.modules():
         if isinstance(getattr(module, FIELD, None), int) and not isinstance(module, torch.nn.Linear):
             module.intermediate_size = model_config.intermediate_size

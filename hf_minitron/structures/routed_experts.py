@@ -11,8 +11,10 @@ each tensor lives inside the decoder layer, and how it is laid out):
   gating module holding the router `Linear`, and an output bias `[H]` of the block. JetMoE's mixture of attention
   experts has the same layout (`attention_experts.py` uses the functions here for it).
 
-Pruning keeps whole experts: the same slice of every expert tensor, the router's rows (and bias), so routing among the
-kept experts is unchanged up to the softmax over fewer logits.
+Pruning keeps whole experts: the same slice of every expert tensor, the router's rows (and bias, and the
+`e_score_correction_bias` buffer of sigmoid routers), so routing among the kept experts is unchanged up to the softmax
+over fewer logits. A grouped router (Nemotron-H, `n_group` / `topk_group`) groups the experts by position: the same
+number of experts is kept in every group, each group's best, so that every kept expert stays in its group.
 
 Scores, per layer, from the tokens routed to each expert during ONE calibration pass (`expert_importance`):
 
@@ -42,6 +44,7 @@ from .statistics import zeros_like
 
 KEY = "experts"
 FIELD = "num_experts"
+BLOCK = "moe"
 EXPERT_IMPORTANCE = ("output_norm", "reap", "frequency")
 STATISTICS = ("output_norm", "reap", "count")
 
@@ -319,6 +322,8 @@ def weights_magnitude(layer, t: ExpertTensors) -> torch.Tensor:
 
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
+    if not spec.has(layer, BLOCK):  # a hybrid's layer without an MoE block: a zero row, never used
+        return torch.zeros(shape[FIELD])
     return weights_magnitude(layer, expert_tensors(layer, spec))
 
 
@@ -348,9 +353,13 @@ def slice_experts(layer, t: ExpertTensors, kept: torch.Tensor) -> None:
     if isinstance(router, nn.Linear):
         slice_linear(router, out_index=kept)
     else:
-        for name in ("weight", "bias", "e_score_correction_bias"):
+        for name in ("weight", "bias"):
             if isinstance(getattr(router, name, None), nn.Parameter):
                 slice_parameter(router, name, kept, dim=0)
+        # Sigmoid routers (Nemotron-H) hold their load-balancing bias as a buffer, saved with the weights.
+        bias = getattr(router, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            router.e_score_correction_bias = bias.index_select(0, kept.to(bias.device))
     # The cached counts (routers, experts, gating) follow in `sync_modules`; these two are read before it runs.
     if t.experts is not None:
         layer.get_submodule(t.experts).num_experts = kept.numel()
@@ -377,12 +386,23 @@ def slice_hidden(layer, spec, kept: torch.Tensor) -> None:
     slice_tensors_hidden(layer, expert_tensors(layer, spec), kept)
 
 
+def select_experts(expert_scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
+    """The `k` best of `expert_scores` `[num_experts]`, `k // groups` in each of `groups` groups of consecutive
+    experts (a grouped router's groups), in ascending order."""
+    per_group = expert_scores.view(groups, -1)
+    size = per_group.shape[1]
+    return torch.cat([topk_sorted(row, k // groups) + g * size for g, row in enumerate(per_group)])
+
+
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
     if target[FIELD] >= source[FIELD]:
         return
     expert_scores = scores(importance, config.expert_importance)
+    groups = source.get("n_group", 1)  # `PrunedConfig.validate_for` keeps num_experts a multiple of it
     for new_idx, src_idx in enumerate(kept_layers):
-        kept = topk_sorted(expert_scores[src_idx], target[FIELD])
+        if not spec.has(layers[new_idx], BLOCK):
+            continue
+        kept = select_experts(expert_scores[src_idx], target[FIELD], groups)
         slice_experts(layers[new_idx], expert_tensors(layers[new_idx], spec), kept)
         record.experts[new_idx] = kept.tolist()
 
@@ -391,12 +411,11 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
     setattr(model_config, spec.num_experts_field, target[FIELD])
 
 
-def sync_modules(model, model_config) -> None:
+def sync_modules(model, model_config, spec) -> None:
     """Routers, experts and the `*ForCausalLM` (for its load-balancing loss) cache `num_experts` and `hidden_dim`;
     ScatterMoE-layout blocks cache their sizes too (`sync_parallel_block`)."""
-    from ..architectures import get_architecture, get_decoder_layers
+    from ..architectures import get_decoder_layers
 
-    spec = get_architecture(model_config)
     num_experts = getattr(model_config, spec.num_experts_field)
     for module in model.modules():
         if isinstance(getattr(module, "num_experts", None), int):
