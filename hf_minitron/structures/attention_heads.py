@@ -48,11 +48,9 @@ def scores(importance, batch_aggregation: str) -> torch.Tensor:
 
 def group_scores(importance, batch_aggregation: str) -> torch.Tensor:
     """`[num_layers, num_key_value_heads]`: L2 over the query heads of each KV group."""
-    from ..architectures import ARCHITECTURES
-
     heads = scores(importance, batch_aggregation)
     groups = importance.model_shape["num_key_value_heads"]
-    if ARCHITECTURES[importance.model_shape["model_type"]].attention_experts is not None:
+    if importance.attention_experts:  # scores of a family with attention experts (JetMoE) hold theirs
         # A mixture of attention experts repeats the KV heads: query head k x kv_heads + j reads KV head j.
         return heads.view(heads.shape[0], -1, groups).norm(dim=1)
     return heads.view(heads.shape[0], groups, -1).norm(dim=-1)
@@ -109,35 +107,66 @@ def select(head_scores: torch.Tensor, num_kv: int, target_heads: int, target_kv:
     return kept_groups, torch.cat(kept)
 
 
-def merge_pruned_heads(attn, spec, shape: dict, head_scores: torch.Tensor, kept_heads) -> None:
-    """Residual head merge (paper 1, §2.3), applied within each KV group to the heads' `o_proj` columns.
+def merge_pairs(head_scores: torch.Tensor, kept_heads, num_kv: int) -> list[tuple[int, int]]:
+    """`(kept head, pruned head)` pairs of the residual head merge (paper 1, §2.3) in one layer.
 
-    With the K kept heads of a group ranked by importance (1 = most important) and its L - K pruned heads ranked
-    after them, head K - (L - K) + j absorbs pruned head K + (L - K) - j + 1, mirroring around the cut as in the
-    paper: `head_i <- head_i + (head_i - head_{2K-i+1})`. It is the MHA analogue of Layer Collapse; the pruned
-    head's output path is folded into a kept head before it is removed. Its effect is measured, not assumed (see
-    `benchmarks/prune_quality.py`).
+    Within a group of L heads ranked by importance (1 = most important), K of them kept, kept head i absorbs pruned
+    head 2K - i + 1 for i = 2K - L + 1..K, mirroring around the cut as in the paper (pruned heads ranked below 2K
+    absorb into none). A group is a KV group, so a query head is only merged into one that attends with the same
+    keys and values; in an MHA model every KV group holds one head, kept or removed whole, so the group is the layer.
+    """
+    heads = head_scores.numel()
+    per_group = heads // num_kv
+    groups = [range(heads)] if per_group == 1 else [range(g * per_group, (g + 1) * per_group) for g in range(num_kv)]
+    kept_set = set(kept_heads.tolist())
+    pairs = []
+    for group in groups:
+        ranked = sorted(group, key=lambda h: -float(head_scores[h]))
+        k = sum(h in kept_set for h in group)
+        ranked_kept = [h for h in ranked if h in kept_set]
+        ranked_pruned = [h for h in ranked if h not in kept_set]
+        ranked = ranked_kept + ranked_pruned  # the selection's ranking (ties broken as it broke them)
+        for i in range(max(1, 2 * k - len(ranked) + 1), k + 1):  # 1-based ranks, as in the paper
+            pairs.append((ranked[i - 1], ranked[2 * k - i]))
+    return pairs
+
+
+def merge_pruned_heads(attn, spec, shape: dict, head_scores: torch.Tensor, kept_heads, where: str = "query") -> None:
+    """Residual head merge (paper 1, §2.3): `head_i <- head_i + (head_i - head_{2K-i+1})` for the pairs of
+    `merge_pairs`, before the pruned heads are sliced away.
+
+    `where="query"` merges the heads themselves, their rows of the query projection (and its bias); in an MHA model,
+    where each query head owns its key and value heads, their key and value rows too. With grouped-query attention
+    the paper applies the merge "only to the query heads": the key/value rows are shared by the whole group. A
+    per-head norm over head_dim (Qwen3) is shared by every head; norms over all heads (`qk_norm_over_heads`) and
+    per-head parameters (attention sinks) are left as they are. `where="o_proj"` merges the heads' `o_proj` columns
+    (their output path) instead. The merge is the MHA analogue of Layer Collapse; its effect is measured, not
+    assumed (`benchmarks/prune_quality.py`, `benchmarks/claims.py` claim h).
     """
     head_dim, heads, kv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
-    per_group = heads // kv
-    kept_set = set(kept_heads.tolist())
-    o = getattr(attn, spec.o_proj).weight.data
-    cols = o.view(o.shape[0], heads, head_dim)
-    for g in range(kv):
-        group = list(range(g * per_group, (g + 1) * per_group))
-        ranked = sorted(group, key=lambda h: -float(head_scores[h]))
-        kept = [h for h in ranked if h in kept_set]
-        pruned = [h for h in ranked if h not in kept_set]
-        if not kept or not pruned:
-            continue
-        total = len(group)
-        k = len(kept)
-        for i in range(max(1, k - (total - k) + 1), k + 1):  # 1-based ranks, as in the paper
-            partner = 2 * k - i + 1
-            if partner > total:
-                continue
-            h_i, h_p = ranked[i - 1], ranked[partner - 1]
+    pairs = merge_pairs(head_scores, kept_heads, kv)
+    if not pairs:
+        return
+    if where == "o_proj":
+        o = getattr(attn, spec.o_proj).weight.data
+        cols = o.view(o.shape[0], heads, head_dim)
+        for h_i, h_p in pairs:
             cols[:, h_i] += cols[:, h_i] - cols[:, h_p]
+        return
+    # Row offsets of each merged block: (projection, offset of head 0's rows) for q, and for MHA for k and v too.
+    mha = kv == heads
+    if spec.qkv_proj:
+        blocks = [(spec.qkv_proj, 0)] + ([(spec.qkv_proj, heads), (spec.qkv_proj, 2 * heads)] if mha else [])
+    else:
+        blocks = [(spec.q_proj, 0)] + ([(spec.k_proj, 0), (spec.v_proj, 0)] if mha else [])
+    for name, offset in blocks:
+        proj = getattr(attn, name)
+        for tensor in (proj.weight, proj.bias):
+            if tensor is None:
+                continue
+            rows = tensor.data[offset * head_dim : (offset + heads) * head_dim].view(heads, head_dim, -1)
+            for h_i, h_p in pairs:
+                rows[h_i] += rows[h_i] - rows[h_p]
 
 
 # ---------------------------------------------------------------------------------------------- slicing
@@ -178,8 +207,8 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
             kv_scores[src_idx],
         )
         attn = getattr(layers[new_idx], spec.attention)
-        if config.head_merge:
-            merge_pruned_heads(attn, spec, source, head_scores[src_idx], kept_heads)
+        if config.head_merge != "none":
+            merge_pruned_heads(attn, spec, source, head_scores[src_idx], kept_heads, config.head_merge)
         slice_heads(attn, spec, source, kept_heads, kept_groups)
         record.heads[new_idx] = kept_heads.tolist()
         record.kv_heads[new_idx] = kept_groups.tolist()
@@ -192,7 +221,7 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
         setattr(model_config, name, target[name])
 
 
-def sync_modules(model, model_config) -> None:
+def sync_modules(model, model_config, spec) -> None:
     """Updates the head counts that attention modules cache at init from the (now pruned) config."""
     heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
     for module in model.modules():
