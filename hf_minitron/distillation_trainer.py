@@ -129,11 +129,14 @@ class _HeadCapture:
         self.outputs: dict[int, torch.Tensor] = {}
         self.normed: set[int] = set()
         self.handles = []
+        self.final_norm = "norm"
 
     def __enter__(self):
         decoder_layers = get_decoder_layers(self.model)
         spec = ARCHITECTURES.get(self.model.config.model_type)
         input_norm = spec.attn_input_norm if spec is not None else None
+        if spec is not None:
+            self.final_norm = spec.final_norm  # Nemotron-H: `norm_f`
         for index in self.layers:
             following = 0 if index == EMBEDDING_STATE else index + 1
             if input_norm and following < len(decoder_layers):
@@ -170,7 +173,7 @@ class _HeadCapture:
     def _head_hook(self, head, args):
         hidden = args[0]
         # The final norm runs here, inside the root forward, where its sharded weight is gathered.
-        norm = get_base_model(self.model).norm
+        norm = getattr(get_base_model(self.model), self.final_norm)
         states = {i: self.outputs[i] if i in self.normed else norm(self.outputs[i]) for i in self.layers}
         self.on_head(head, hidden, states)
         if self.skip_head:

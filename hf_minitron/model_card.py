@@ -40,8 +40,12 @@ _AXES = {
     "num_experts_per_tok": "Experts per token",
     "moe_intermediate_size": "Expert FFN width",
     "shared_expert_intermediate_size": "Shared-expert width",
+    "mamba_num_heads": "Mamba heads",
+    "mamba_head_dim": "Mamba head dimension",
     "vocab_size": "Vocabulary",
 }
+# A hybrid's layers of each block type (Minitron-SSM), as `PrunedConfig.num_layers_by_type` names the types.
+_LAYER_TYPES = {"mamba": "Mamba layers", "attention": "Attention layers", "mlp": "MLP layers", "moe": "MoE layers"}
 # Hub dataset ids of the papers' benchmarks, so `model-index` entries link to them; other tasks keep their name.
 _TASK_DATASETS = {
     "mmlu": ("cais/mmlu", "all"),
@@ -172,14 +176,41 @@ def _rows(settings: dict | None) -> list[tuple[str, str]]:
     return [(str(key), _fmt(value)) for key, value in (settings or {}).items() if value is not None]
 
 
+def _layers_by_type(config: dict) -> dict[str, int] | None:
+    """A hybrid's layers of each block type: the `num_layers_by_type` of a shape summary, or counted from the block-type
+    list of a full config (Nemotron-H's `layers_block_type`)."""
+    if config.get("num_layers_by_type"):
+        return config["num_layers_by_type"]
+    from .architectures import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(config.get("model_type"))
+    if spec is None or not config.get(spec.block_types_field):
+        return None
+    block_of = {kind: block for block, kind in spec.block_types}
+    counts = {}
+    for kind in config[spec.block_types_field]:
+        counts[block_of.get(kind, kind)] = counts.get(block_of.get(kind, kind), 0) + 1
+    return counts
+
+
 def _pruning_rows(summary: PipelineSummary) -> list[tuple[str, str, str, str]]:
     rows = []
     before, after = summary.teacher_config or {}, summary.student_config or {}
     if before and after:
+        by_type = _layers_by_type(before), _layers_by_type(after)
+        if all(by_type):
+            # Nemotron-H's config derives num_hidden_layers from layers_block_type: its dict does not hold it.
+            before = {"num_hidden_layers": sum(by_type[0].values()), **before}
+            after = {"num_hidden_layers": sum(by_type[1].values()), **after}
         for key, label in _AXES.items():
             if before.get(key) is not None and after.get(key) is not None:
                 b, a = before[key], after[key]
                 rows.append((label, _fmt(b), _fmt(a), f"{a / b:.0%}" if b else "-"))
+            if key == "num_hidden_layers" and all(by_type):
+                kept = by_type[1]
+                for block, b in by_type[0].items():
+                    a = kept.get(block, 0)
+                    rows.append((_LAYER_TYPES.get(block, f"{block} layers"), _fmt(b), _fmt(a), f"{a / b:.0%}"))
     t, s = summary.teacher_parameters, summary.student_parameters
     if t and s:
         rows.append(("Parameters", _fmt(t), _fmt(s), f"{s / t:.1%}"))
@@ -204,8 +235,15 @@ def _importance_rows(pruned: dict | None) -> list[tuple[str, str]]:
             )
     if pruned.get("depth_method"):
         rows.append(("Depth selection", pruned["depth_method"]))
-    if pruned.get("head_merge"):
-        rows.append(("Head merging", "yes (paper 1, §2.3)"))
+    if pruned.get("num_layers_by_type"):
+        targets = ", ".join(f"{block}: {count}" for block, count in pruned["num_layers_by_type"].items())
+        rows.append(("Layers kept per block type", targets))
+    if pruned.get("mamba_num_heads") is not None:
+        aware = pruned.get("mamba_group_aware", True)
+        rows.append(("Mamba heads", "ranked within each B/C group" if aware else "group-blind (baseline)"))
+    merge = pruned.get("head_merge")
+    if merge not in (None, False, "none"):  # a boolean in configs of earlier versions
+        rows.append(("Head merging", f"{'o_proj' if merge is True else merge} (paper 1, §2.3)"))
     return [(k, _fmt(v)) for k, v in rows if v]
 
 
@@ -229,7 +267,13 @@ def _steps(summary: PipelineSummary) -> list[str]:
         steps.append("**Teacher correction**: the teacher was fine-tuned lightly on the distillation data.")
     if summary.pruned_config or summary.student_config:
         method = (summary.pruned_config or {}).get("importance", "activation")
-        steps.append(f"**Pruning**: {method} importance ranked heads, MLP neurons, embedding channels and layers.")
+        ranked = "heads, MLP neurons, embedding channels and layers"
+        if (summary.teacher_config or {}).get("mamba_num_heads"):
+            ranked = (
+                "Mamba heads (within each B/C group, as in [Minitron-SSM](https://arxiv.org/abs/2504.11409)) and head "
+                f"channels, attention {ranked}"
+            )
+        steps.append(f"**Pruning**: {method} importance ranked {ranked}.")
     if summary.distillation is not None or summary.log_history:
         loss = (summary.distillation or {}).get("loss") or (summary.distillation or {}).get("kd_loss")
         steps.append(f"**Distillation** from the teacher's logits{f' ({loss})' if loss else ''}.")

@@ -37,9 +37,10 @@ from .data import iter_samples
 from .importance import ImportanceScores, model_shape
 from .io import atomic_directory, atomic_write_text
 from .parameter_count import COUNT_KINDS, count_parameters, dtype_size, parameter_counter
-from .pruning_config import _MOE_FIELDS, _TARGET_FIELDS, PrunedConfig
+from .pruning_config import _MAMBA_FIELDS, _MOE_FIELDS, _TARGET_FIELDS, PrunedConfig
 from .runtime import release_freed_memory
-from .search_results import AXES, MOE_AXES, CandidateResult, SearchResult, axes_of
+from .search_results import AXES, LAYER_TYPE_AXES, MAMBA_AXES, MOE_AXES, CandidateResult, SearchResult, axes_of
+from .structures.layers import layer_counts_by_type
 
 
 logger = logging.getLogger(__name__)
@@ -92,11 +93,21 @@ class SearchConfig:
             capped by `max_width_pruning` or `max_num_experts_pruning` / `max_moe_intermediate_size_pruning`; the
             expert count never drops below `num_experts_per_tok`). With `count="active"` the budget counts the
             parameters one token runs through.
+        mamba_num_heads_multiple, mamba_head_dim_multiple (`int`, *optional*, defaults to `1`, `8`):
+            Hybrids (Minitron-SSM, https://arxiv.org/abs/2504.11409): Mamba heads per Mamba layer (always multiples
+            of the B/C groups `n_groups` too, so that every group keeps as many heads) and channels per Mamba head
+            (capped by `max_width_pruning` or `max_mamba_num_heads_pruning` / `max_mamba_head_dim_pruning`). A
+            hybrid's depth is searched per block type: `num_mamba_layers`, `num_attention_layers`, `num_mlp_layers`,
+            `num_moe_layers` (each type loses at most `max_depth_pruning` of its layers, and one attention layer
+            stays), the candidates' `PrunedConfig.num_layers_by_type`. With the default `depth_method="contiguous"`
+            only the counts that a block of consecutive layers holds are candidates: set
+            `pruning={"depth_method": "block_influence"}` (or `"lm_loss"`) to search every count.
         search_kv_heads (`bool`, *optional*, defaults to `False`):
             Also try removing whole KV groups (divisors of the teacher's KV heads). By default they are kept.
         num_hidden_layers_grid, hidden_size_grid, intermediate_size_grid, num_attention_heads_grid,
-        num_key_value_heads_grid, num_experts_grid, moe_intermediate_size_grid, shared_expert_intermediate_size_grid
-        (`list[int]`, *optional*):
+        num_key_value_heads_grid, num_experts_grid, moe_intermediate_size_grid, shared_expert_intermediate_size_grid,
+        mamba_num_heads_grid, mamba_head_dim_grid, num_mamba_layers_grid, num_attention_layers_grid,
+        num_mlp_layers_grid, num_moe_layers_grid (`list[int]`, *optional*):
             Explicit values of an axis; they replace the generated ones (multiples and caps do not apply).
         max_candidates (`int`, *optional*):
             Keep at most this many candidates, the closest to the target.
@@ -132,6 +143,10 @@ class SearchConfig:
     max_moe_intermediate_size_pruning: float | None = field(
         default=None, metadata={"help": "MoE: cap for expert width."}
     )
+    max_mamba_num_heads_pruning: float | None = field(default=None, metadata={"help": "Hybrids: cap for Mamba heads."})
+    max_mamba_head_dim_pruning: float | None = field(
+        default=None, metadata={"help": "Hybrids: cap for channels per Mamba head."}
+    )
     num_hidden_layers_multiple: int = field(default=1, metadata={"help": "Layer counts are multiples of this."})
     hidden_size_multiple: int = field(default=64, metadata={"help": "Hidden sizes are multiples of this."})
     intermediate_size_multiple: int = field(default=64, metadata={"help": "MLP sizes are multiples of this."})
@@ -142,6 +157,12 @@ class SearchConfig:
     )
     shared_expert_intermediate_size_multiple: int = field(
         default=64, metadata={"help": "MoE: shared-expert widths are multiples of this."}
+    )
+    mamba_num_heads_multiple: int = field(
+        default=1, metadata={"help": "Hybrids: Mamba head counts are multiples of this (and of n_groups)."}
+    )
+    mamba_head_dim_multiple: int = field(
+        default=8, metadata={"help": "Hybrids: channels per Mamba head are multiples of this."}
     )
     search_kv_heads: bool = field(default=False, metadata={"help": "Also try removing whole KV groups."})
     num_hidden_layers_grid: list[int] | None = field(default=None, metadata={"help": "Explicit layer counts."})
@@ -156,6 +177,18 @@ class SearchConfig:
     shared_expert_intermediate_size_grid: list[int] | None = field(
         default=None, metadata={"help": "MoE: explicit shared-expert widths."}
     )
+    mamba_num_heads_grid: list[int] | None = field(
+        default=None, metadata={"help": "Hybrids: explicit Mamba head counts."}
+    )
+    mamba_head_dim_grid: list[int] | None = field(
+        default=None, metadata={"help": "Hybrids: explicit channels per Mamba head."}
+    )
+    num_mamba_layers_grid: list[int] | None = field(default=None, metadata={"help": "Hybrids: Mamba layer counts."})
+    num_attention_layers_grid: list[int] | None = field(
+        default=None, metadata={"help": "Hybrids: attention layer counts."}
+    )
+    num_mlp_layers_grid: list[int] | None = field(default=None, metadata={"help": "Hybrids: MLP layer counts."})
+    num_moe_layers_grid: list[int] | None = field(default=None, metadata={"help": "Hybrids: MoE layer counts."})
     max_candidates: int | None = field(default=None, metadata={"help": "Keep the N candidates closest to target."})
     pruning: dict | str | None = field(
         default=None, metadata={"help": "PrunedConfig options of every candidate (JSON on the command line)."}
@@ -201,6 +234,8 @@ class SearchConfig:
             "max_num_attention_heads_pruning",
             "max_num_experts_pruning",
             "max_moe_intermediate_size_pruning",
+            "max_mamba_num_heads_pruning",
+            "max_mamba_head_dim_pruning",
         ):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -215,6 +250,8 @@ class SearchConfig:
             "num_experts_multiple",
             "moe_intermediate_size_multiple",
             "shared_expert_intermediate_size_multiple",
+            "mamba_num_heads_multiple",
+            "mamba_head_dim_multiple",
             "eval_interval",
             "eval_batch_size",
             "stability_top_k",
@@ -232,7 +269,7 @@ class SearchConfig:
                 f"SearchConfig.retrain_steps={self.retrain_steps!r} is invalid: expected an integer >= 0 (0 ranks "
                 "the pruned candidates without retraining)."
             )
-        for name, _ in AXES + MOE_AXES:
+        for name, _ in AXES + MOE_AXES + MAMBA_AXES + LAYER_TYPE_AXES:
             grid = getattr(self, f"{name}_grid")
             if grid is not None:
                 if not grid or any(not _is_int(v) or v <= 0 for v in grid):
@@ -253,7 +290,10 @@ class SearchConfig:
                 raise ValueError(
                     f"SearchConfig.pruning={self.pruning!r} is invalid: pass a mapping of PrunedConfig options."
                 )
-            shape_keys = sorted(set(self.pruning) & {*_TARGET_FIELDS, *_MOE_FIELDS, "layers_to_drop"})
+            shape_keys = sorted(
+                set(self.pruning)
+                & {*_TARGET_FIELDS, *_MOE_FIELDS, *_MAMBA_FIELDS, "layers_to_drop", "num_layers_by_type"}
+            )
             if shape_keys:
                 raise ValueError(
                     f"SearchConfig.pruning sets {shape_keys}: the search chooses the shape. Use the *_grid fields to "
@@ -329,15 +369,52 @@ def candidate_name(shape: dict) -> str:
     return "-".join(f"{short}{shape[name]}" for name, short in axes_of(shape))
 
 
+def search_shape(model_config) -> dict:
+    """The teacher's sizes under the searched axes' names: `model_shape`, where a hybrid's depth is its layers of each
+    block type (`num_mamba_layers`, ...) instead of `num_hidden_layers`."""
+    shape = model_shape(model_config)
+    counts = layer_counts_by_type(model_config)
+    if counts is not None:
+        del shape["num_hidden_layers"]
+        shape |= {f"num_{block}_layers": count for block, count in counts.items()}
+    return shape
+
+
 def searched_axes(model_config) -> tuple[tuple[str, str], ...]:
-    """The axes of `model_config`'s family: the dense ones (no dense MLP axis for an all-MoE family), the MoE ones."""
+    """The axes of `model_config`'s family: the dense ones (no dense MLP axis for an all-MoE family), the MoE ones, a
+    hybrid's Mamba axes and its layers of each block type."""
     spec = get_architecture(model_config)
-    return tuple(
-        (name, short) for name, short in axes_of(model_shape(model_config)) if spec.mlp or name != "intermediate_size"
-    )
+    blocks = layer_counts_by_type(model_config)
+    # A hybrid has the axes of the block types its layers hold (a Nemotron-H without MoE layers: no expert axes).
+    absent = set() if blocks is None else {block for block in ("mlp", "moe", "mamba") if block not in blocks}
+    skipped = {name for name, _ in MOE_AXES} if "moe" in absent else set()
+    skipped |= {name for name, _ in MAMBA_AXES} if "mamba" in absent else set()
+    if spec.mlp is None or "mlp" in absent:
+        skipped.add("intermediate_size")
+    return tuple((name, short) for name, short in axes_of(search_shape(model_config)) if name not in skipped)
 
 
-def _axis_values(config: SearchConfig, name: str, source: int, floor: int = 1) -> list[int]:
+_LAYER_TYPE_NAMES = {name: name[len("num_") : -len("_layers")] for name, _ in LAYER_TYPE_AXES}
+
+
+def target_fields(shape: dict) -> dict:
+    """The `PrunedConfig` fields of a candidate shape: a hybrid's per-type layer axes become `num_layers_by_type`."""
+    fields = {name: value for name, value in shape.items() if name not in _LAYER_TYPE_NAMES}
+    by_type = {_LAYER_TYPE_NAMES[name]: value for name, value in shape.items() if name in _LAYER_TYPE_NAMES}
+    if by_type:
+        fields["num_layers_by_type"] = by_type
+    return fields
+
+
+def _counted_shape(shape: dict) -> dict:
+    """A candidate shape as `parameter_counter` reads it: a hybrid's depth as its total and its count per type."""
+    fields = target_fields(shape)
+    if "num_layers_by_type" in fields:
+        fields["num_hidden_layers"] = sum(fields["num_layers_by_type"].values())
+    return fields
+
+
+def _axis_values(config: SearchConfig, name: str, source: int, floor: int = 1, step: int = 1) -> list[int]:
     grid = getattr(config, f"{name}_grid")
     if grid is not None:
         too_large = [v for v in grid if v > source]
@@ -354,8 +431,11 @@ def _axis_values(config: SearchConfig, name: str, source: int, floor: int = 1) -
         return [v for v in range(1, source + 1) if source % v == 0 and v >= low]
     if name == "num_hidden_layers":
         cap, multiple = config.max_depth_pruning, config.num_hidden_layers_multiple
+    elif name in _LAYER_TYPE_NAMES:
+        cap, multiple = config.max_depth_pruning, 1
     else:
         cap, multiple = config.width_cap(name), getattr(config, f"{name}_multiple")
+    multiple = math.lcm(multiple, step)
     low = max(floor, math.ceil(source * (1 - cap)))
     return sorted({v for v in range(multiple, source + 1, multiple) if v >= low} | {source})
 
@@ -383,7 +463,7 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
     from .pruning import check_target_loads
 
     get_architecture(model_config)
-    source = model_shape(model_config)
+    source = search_shape(model_config)
     teacher, target = teacher_budget(model_config, config)
     unit = "bytes" if config.count == "memory" else f"{config.count} parameters"
     if target > teacher:
@@ -394,19 +474,30 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
         )
     counter = parameter_counter(model_config)
     searched = searched_axes(model_config)
-    # A token is routed to num_experts_per_tok experts: never fewer experts than that.
-    floors = {"num_experts": source.get("num_experts_per_tok", 1)}
-    axes = {name: _axis_values(config, name, source[name], floors.get(name, 1)) for name, _ in searched}
+    # A token is routed to num_experts_per_tok experts: never fewer experts than that. Every B/C group of a Mamba
+    # mixer keeps as many heads: Mamba head counts are multiples of n_groups.
+    groups = source.get("n_groups", 1)
+    floors = {"num_experts": source.get("num_experts_per_tok", 1), "mamba_num_heads": groups}
+    steps = {"mamba_num_heads": groups}
+    axes = {
+        name: _axis_values(config, name, source[name], floors.get(name, 1), steps.get(name, 1)) for name, _ in searched
+    }
+    if "mamba_num_heads" in axes and any(v % groups for v in axes["mamba_num_heads"]):
+        raise ValueError(
+            f"SearchConfig.mamba_num_heads_grid={config.mamba_num_heads_grid} holds counts that are not multiples of "
+            f"the teacher's n_groups={groups}: every B/C group keeps the same number of heads. Use multiples of "
+            f"{groups}."
+        )
     per_group = source["num_attention_heads"] // source["num_key_value_heads"]
     low, high = target * (1 - config.tolerance), target * (1 + config.tolerance)
-    in_budget, reachable, rejected = [], [], []
+    in_budget, reachable, rejected, refused = [], [], [], []
     for values in product(*(axes[name] for name, _ in searched)):
         shape = dict(zip((name for name, _ in searched), values))
         heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         # Grouped-query structure: whole groups are removed, and a group keeps the same number of heads.
         if heads % kv or heads // kv > per_group:
             continue
-        counts = counter(shape)
+        counts = counter(_counted_shape(shape))
         value = _budget(config, counts)
         reachable.append(value)
         if low <= value <= high:
@@ -417,8 +508,12 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
         if config.max_candidates is not None and len(candidates) == config.max_candidates:
             logger.info("%d shapes in the budget; kept the %d closest to it.", len(in_budget), len(candidates))
             break
-        pruned = PrunedConfig.from_dict({**base, **shape})
-        target_shape = pruned.resolve(model_config)
+        pruned = PrunedConfig.from_dict({**base, **target_fields(shape)})
+        try:
+            target_shape = pruned.resolve(model_config)
+        except ValueError as error:  # e.g. per-type layer counts that no contiguous block of layers holds
+            refused.append(f"{name}: {error}")
+            continue
         # Config classes validate the attention shape (hidden vs heads), not the MLP width: building one config per
         # attention shape instead of per candidate keeps large spaces (thousands of shapes) fast.
         key = tuple(v for k, v in sorted(target_shape.items()) if k != "intermediate_size")
@@ -450,9 +545,15 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
             len(rejected),
             rejected[0],
         )
+    if refused and candidates:
+        logger.info(
+            "%d shapes in the budget skipped because prune_model refuses them (e.g. %s).", len(refused), refused[0]
+        )
     if not candidates:
         reach = f"[{min(reachable):,}, {max(reachable):,}]" if reachable else "empty"
         detail = f" {len(rejected)} shape(s) in the budget would not load with stock transformers." if rejected else ""
+        if refused:
+            detail += f" {len(refused)} shape(s) in the budget are refused by PrunedConfig, e.g. {refused[0]}"
         raise ValueError(
             f"No candidate architecture within ±{config.tolerance:.0%} of {target:,} {unit} (teacher: {teacher:,}); "
             f"the search space reaches {reach}.{detail} Fix SearchConfig: raise `tolerance`, move `target_params` / "

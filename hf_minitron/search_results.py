@@ -28,6 +28,16 @@ MOE_AXES = (
     ("moe_intermediate_size", "expertmlp"),
     ("shared_expert_intermediate_size", "sharedmlp"),
 )
+# Searched for hybrids (Minitron-SSM): Mamba heads (multiples of the B/C groups) and channels per head.
+MAMBA_AXES = (("mamba_num_heads", "mambaheads"), ("mamba_head_dim", "mambadim"))
+# A hybrid's depth, searched as its layers of each block type in place of `num_hidden_layers`: which types depth
+# pruning removes decides the size. `num_<block>_layers` is `PrunedConfig.num_layers_by_type[<block>]`.
+LAYER_TYPE_AXES = (
+    ("num_mamba_layers", "mambalayers"),
+    ("num_attention_layers", "attnlayers"),
+    ("num_mlp_layers", "mlplayers"),
+    ("num_moe_layers", "moelayers"),
+)
 _COLUMNS = {
     "num_hidden_layers": "layers",
     "hidden_size": "hidden",
@@ -36,11 +46,14 @@ _COLUMNS = {
 }
 _COLUMNS |= {"num_key_value_heads": "KV", "num_experts": "experts", "moe_intermediate_size": "expert MLP"}
 _COLUMNS |= {"shared_expert_intermediate_size": "shared MLP"}
+_COLUMNS |= {"mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dim"}
+_COLUMNS |= {"num_mamba_layers": "Mamba layers", "num_attention_layers": "attention layers"}
+_COLUMNS |= {"num_mlp_layers": "MLP layers", "num_moe_layers": "MoE layers"}
 
 
 def axes_of(shape: dict) -> tuple[tuple[str, str], ...]:
-    """The searched axes of a candidate shape: the dense ones it has, then the MoE ones it has."""
-    return tuple(axis for axis in AXES + MOE_AXES if axis[0] in shape)
+    """The searched axes of a candidate shape: the dense ones it has, then the MoE, Mamba and per-type layer ones."""
+    return tuple(axis for axis in AXES + MOE_AXES + MAMBA_AXES + LAYER_TYPE_AXES if axis[0] in shape)
 
 
 @dataclass
