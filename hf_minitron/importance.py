@@ -114,7 +114,7 @@ class ImportanceScores:
         """`[hidden_size]`: ONE global ranking, summed over `layers` (all by default)."""
         return hidden_channels.scores(self, _checked(batch_aggregation), layers)
 
-    def expert_scores(self, expert_importance: str = "output_norm") -> torch.Tensor:
+    def expert_scores(self, expert_importance: str = "reap") -> torch.Tensor:
         """`[num_layers, num_experts]` routed-expert importance (`"output_norm"`, `"reap"` or `"frequency"`)."""
         if expert_importance not in routed_experts.EXPERT_IMPORTANCE:
             raise ValueError(
@@ -122,7 +122,7 @@ class ImportanceScores:
             )
         return routed_experts.scores(self, expert_importance)
 
-    def attention_expert_scores(self, expert_importance: str = "output_norm") -> torch.Tensor:
+    def attention_expert_scores(self, expert_importance: str = "reap") -> torch.Tensor:
         """`[num_layers, num_experts]` attention-expert importance (JetMoE), as `expert_scores`."""
         self.expert_scores(expert_importance)  # validates the name
         return attention_experts.expert_scores(self, expert_importance)

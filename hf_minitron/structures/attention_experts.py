@@ -73,7 +73,7 @@ def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(1, attention_heads.KEY, 0, f"input of {second}"), (1, KEY, 0, f"output of {second}")]
 
 
-def expert_scores(importance, expert_importance: str = "output_norm") -> torch.Tensor:
+def expert_scores(importance, expert_importance: str = "reap") -> torch.Tensor:
     """`[num_layers, num_experts]` attention-expert importance by `expert_importance`."""
     return routed_experts.reduce_stats(importance.attention_experts, expert_importance)
 

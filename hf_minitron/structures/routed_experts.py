@@ -18,9 +18,11 @@ number of experts is kept in every group, each group's best, so that every kept 
 
 Scores, per layer, from the tokens routed to each expert during ONE calibration pass (`expert_importance`):
 
-* `"output_norm"` (default): mean L2 norm of the expert's output over its routed tokens (NVIDIA ModelOpt's
-  Minitron estimator for MoE);
-* `"reap"`: mean router weight x output norm over its routed tokens (REAP, https://arxiv.org/abs/2510.13999);
+* `"output_norm"`: mean L2 norm of the expert's output over its routed tokens (NVIDIA ModelOpt's Minitron estimator
+  for MoE);
+* `"reap"` (default): mean router weight x output norm over its routed tokens (REAP, https://arxiv.org/abs/2510.13999).
+  Of the two output-based estimators it kept the real-weight MoE better, before and after KD, at 8 -> 6 and 8 -> 4
+  experts (`benchmarks/moe_prune_quality.py`; README has the table);
 * `"frequency"`: how many tokens were routed to it;
 * and, with `importance="magnitude"` / `"random"`, the L2 norm of its weights / a seeded random score.
 
