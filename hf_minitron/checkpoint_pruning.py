@@ -2,7 +2,7 @@
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .architectures import get_architecture
@@ -11,6 +11,7 @@ from .io import atomic_directory, check_free_space, check_not_overlapping, check
 from .parameter_count import count_parameters
 from .pruning import check_not_offloaded, check_target_loads, compute_scores, prune_model
 from .pruning_config import PrunedConfig
+from .structures.layers import layer_counts_by_type
 from .summary import print_comparison, shape_summary
 from .validation import check_finite_weights, check_sequence_length, load_model_config
 
@@ -38,6 +39,8 @@ class PruneArguments:
         device_map (`str`, *optional*): `from_pretrained`'s device map, e.g. `"auto"` to spread a large model over
             the GPUs (importance runs where each layer is; pruning slices in place). Offloading to CPU/disk is refused
             before any work: pruning needs every weight in memory (see README, "Scale").
+        lm_eval_include_path (`str`, *optional*): a folder of your own lm-eval task YAMLs, for
+            `PrunedConfig.depth_scorer` (besides lm-eval's tasks and ours).
     """
 
     model: str = field(default="embedded", metadata={"help": "Local checkpoint, Hub id, or 'embedded' (SmolLM2)."})
@@ -56,6 +59,9 @@ class PruneArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
     device_map: str | None = field(
         default=None, metadata={"help": "from_pretrained device map, e.g. 'auto' to spread the model over GPUs."}
+    )
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "Folder of your own lm-eval task YAMLs, for PrunedConfig.depth_scorer."}
     )
 
 
@@ -80,10 +86,16 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     target = config.resolve(model_config)
     dtype = getattr(torch, args.dtype)
     check_target_loads(model_config, target)
-    expected_bytes = count_parameters(model_config, config, count="memory", dtype=args.dtype)
+    counted = config
+    if config.num_layers_by_type is None and config.layers_to_drop is None and layer_counts_by_type(model_config):
+        # A hybrid's num_hidden_layers alone does not say which block types go (importance decides): its size
+        # without depth pruning bounds the result.
+        counted = replace(config, num_hidden_layers=None)
+    expected_bytes = count_parameters(model_config, counted, count="memory", dtype=args.dtype)
     check_free_space(args.output, expected_bytes)
     if config.importance == "activation":
         check_sequence_length(model_config, config.calibration_seq_length, "PrunedConfig.calibration_seq_length")
+    task_manager = _depth_scorer_tasks(config, args.lm_eval_include_path, target, model_config)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     needs_data = config.importance == "activation"
@@ -110,7 +122,18 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     check_not_offloaded(model)
     before = shape_summary(model)
     scores = compute_scores(model, config, calibration, show_progress) if needs_data else None
-    prune_model(model, config, calibration, scores=scores, show_progress=show_progress)
+    depth_scorer = None
+    if task_manager is not None:
+        from .evaluation import make_lm_eval_scorer
+
+        depth_scorer = make_lm_eval_scorer(
+            tokenizer,
+            config.depth_scorer_tasks(),
+            limit=config.depth_scorer_limit,
+            num_fewshot=config.depth_scorer_num_fewshot,
+            task_manager=task_manager,
+        )
+    prune_model(model, config, calibration, scores=scores, depth_scorer=depth_scorer, show_progress=show_progress)
     after = shape_summary(model)
     state = PartialState()
     if state.is_main_process:
@@ -127,3 +150,19 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
             print_comparison(before, after, title=f"Pruned {args.model} -> {args.output}")
     state.wait_for_everyone()
     return {"before": before, "after": after, "output": str(args.output)}
+
+
+def _depth_scorer_tasks(config: PrunedConfig, include_path, target: dict, model_config):
+    """The lm-eval task manager of `config.depth_scorer`, its task names checked before any weight is read; `None`
+    without a depth scorer or when no layer is dropped."""
+    if config.depth_scorer is None:
+        return None
+    if target["num_hidden_layers"] == model_config.num_hidden_layers:
+        logger.warning("PrunedConfig.depth_scorer=%r is unused: no layer is dropped.", config.depth_scorer)
+        return None
+    from .evaluation import check_task_names, get_task_manager
+
+    tasks = config.depth_scorer_tasks()
+    task_manager = get_task_manager(tasks, include_path)
+    check_task_names(tasks, include_path, task_manager=task_manager)
+    return task_manager

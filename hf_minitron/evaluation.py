@@ -50,25 +50,34 @@ def _as_task_list(tasks: str | Iterable[str]) -> list[str]:
 
 
 def get_task_manager(tasks: str | Iterable[str] = OFFLINE_TASKS, include_path: str | os.PathLike | None = None):
-    """An lm-eval `TaskManager` that knows the tasks shipped with hf-minitron (and those under `include_path`).
+    """An lm-eval `TaskManager` that knows the tasks shipped with hf-minitron (and those under `include_path`, a
+    folder of your own task YAMLs).
 
-    Indexing lm-eval's ~15k built-in task configs takes seconds, so they are only included when a requested task is
-    not one of ours.
+    Indexing lm-eval's ~15k built-in task configs takes seconds (8-13 s on a 2-core CPU), so they are only included
+    when a requested task is neither ours nor under `include_path` (a group of yours that lists built-in tasks: name
+    one built-in task too, so that they are indexed).
     """
     from lm_eval.tasks import TaskManager
 
+    task_list = _as_task_list(tasks)
     paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path is not None else [])
-    include_defaults = include_path is not None or any(t not in OFFLINE_TASKS for t in _as_task_list(tasks))
-    return TaskManager(include_path=paths, include_defaults=include_defaults)
+    if include_path is not None:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(t in local.all_tasks for t in task_list):
+            return local
+    return TaskManager(include_path=paths, include_defaults=any(t not in OFFLINE_TASKS for t in task_list))
 
 
-def check_task_names(tasks: str | Iterable[str], include_path: str | os.PathLike | None = None) -> None:
+def check_task_names(
+    tasks: str | Iterable[str], include_path: str | os.PathLike | None = None, task_manager=None
+) -> None:
     """Raises before any model is loaded if a task name is neither ours nor lm-eval's (a typo would otherwise fail
-    after the models are loaded, deep inside lm-eval)."""
+    after the models are loaded, deep inside lm-eval). `task_manager`: the one the tasks will run with, if built
+    already (see `get_task_manager`)."""
     task_list = [t for t in _as_task_list(tasks)]
     if all(t in OFFLINE_TASKS for t in task_list) and include_path is None:
         return
-    known = set(get_task_manager(task_list, include_path).all_tasks)
+    known = set((task_manager or get_task_manager(task_list, include_path)).all_tasks)
     unknown = [t for t in task_list if t not in known]
     if unknown:
         import difflib
@@ -461,8 +470,9 @@ def make_lm_eval_scorer(
 ) -> Callable:
     """A `model -> float` scorer (higher is better): the mean primary metric of `tasks`.
 
-    Plugs into depth selection (`prune_model(..., depth_scorer=...)`) and the architecture search, which call it on
-    many candidate models, so the task manager is built once and standard errors are skipped.
+    Plugs into depth selection (`prune_model(..., depth_scorer=...)`, one call per candidate block or layer) and the
+    architecture search, which call it on many candidate models, so the task manager is built once and standard
+    errors are skipped.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`):

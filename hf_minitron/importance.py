@@ -3,7 +3,8 @@
 * Heads: the input of `o_proj` viewed as `[heads, head_dim]`, L2 norm over `head_dim`.
 * MLP neurons: the input of `down_proj`.
 * Embedding channels: the outputs of the norms that feed attention and the MLP, in every layer.
-* Depth: Block Influence, 1 - cos(layer input, layer output), from the same pass.
+* Depth: Block Influence, 1 - cos(layer input, layer output), from the same pass; on request, that of every block of
+  contiguous layers too (1 - cos(input of its first layer, output of its last)).
 
 Activations are reduced over the tokens of each sample first (`sequence_aggregation`), then over samples
 (`batch_aggregation`). We keep the running *sum* and *sum of squares* of the per-sample values, in float64, so that
@@ -66,10 +67,14 @@ class ImportanceScores:
         attention_experts (mixture of attention experts, JetMoE): like `experts`, for the attention experts. JetMoE's
             `heads` are its query heads in its own order, `[top_k, num_key_value_heads]`.
         block_influence (`torch.Tensor` of shape `[num_layers]`, *optional*): 1 - mean cos(input, output) per layer.
+        block_influence_matrix (`torch.Tensor` of shape `[num_layers, num_layers]`, *optional*): `[i, j]` (i <= j) is
+            the Block Influence of the contiguous layers i..j, 1 - mean cos(input of layer i, output of layer j) (paper
+            1 §2.2); its diagonal is `block_influence`, and it is zero below the diagonal. Estimated only for
+            `PrunedConfig.contiguous_score="block_influence"`.
         layer_loss (`torch.Tensor` of shape `[num_layers]`, *optional*): LM loss with each single layer dropped.
         base_loss (`float`, *optional*): LM loss of the unpruned model on the same depth samples.
-        block_losses (`dict[int, list[float]]`, *optional*): for a block length n, the loss (or negated score)
-            when layers `[start, start + n)` are dropped, for every start.
+        block_losses (`dict[int, list[float]]`, *optional*): for a block length n, the LM loss when layers
+            `[start, start + n)` are dropped, for every start (`None` for a block that screening did not rescore).
         model_fingerprint (`str`, *optional*): `weights_fingerprint` of the model the scores were estimated on:
             pruning another model of the same shape with them is refused.
     """
@@ -83,6 +88,7 @@ class ImportanceScores:
     neurons: dict[str, torch.Tensor]
     hidden: dict[str, torch.Tensor]
     block_influence: torch.Tensor | None = None
+    block_influence_matrix: torch.Tensor | None = None
     mamba: dict[str, torch.Tensor] = field(default_factory=dict)
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -166,6 +172,8 @@ class ImportanceScores:
                 out[f"{axis}.{key}"] = value.contiguous()
         if self.block_influence is not None:
             out["block_influence"] = self.block_influence
+        if self.block_influence_matrix is not None:
+            out["block_influence_matrix"] = self.block_influence_matrix
         if self.layer_loss is not None:
             out["layer_loss"] = self.layer_loss
         return out
@@ -235,6 +243,7 @@ class ImportanceScores:
                 num_tokens=meta["num_tokens"],
                 model_shape=meta["model_shape"],
                 block_influence=tensors.get("block_influence"),
+                block_influence_matrix=tensors.get("block_influence_matrix"),  # absent from older saved scores
                 layer_loss=tensors.get("layer_loss"),
                 base_loss=meta.get("base_loss"),
                 block_losses={int(k): v for k, v in meta.get("block_losses", {}).items()},
@@ -282,6 +291,14 @@ class ImportanceScores:
                         f"The importance scores' {axis}.{key} has shape {tuple(tensor.shape)}, but this model needs "
                         f"{expected}: the scores file was edited or comes from another model. Estimate them again."
                     )
+        num_layers = self.model_shape["num_hidden_layers"]
+        matrix = self.block_influence_matrix
+        if matrix is not None and tuple(matrix.shape) != (num_layers, num_layers):
+            raise ValueError(
+                f"The importance scores' block_influence_matrix has shape {tuple(matrix.shape)}, but this model needs "
+                f"{(num_layers, num_layers)}: the scores file was edited or comes from another model. Estimate them "
+                "again."
+            )
         if model is not None and self.model_fingerprint is not None:
             from .fingerprints import weights_fingerprint
 
@@ -314,8 +331,8 @@ class _Collector:
     `collector.store(key, layer_index, slot)`, a dict of float64 running sums.
     """
 
-    def __init__(self, model, sequence_aggregation: str, depth: bool):
-        self.spec = get_architecture(model.config)
+    def __init__(self, model, sequence_aggregation: str, depth: bool, spec=None, blocks: bool = False):
+        self.spec = get_architecture(model.config, spec)
         self.layers = get_decoder_layers(model)
         self.shape = model_shape(model.config)
         self.how = sequence_aggregation
@@ -324,6 +341,9 @@ class _Collector:
         self.token_mask: torch.Tensor | None = None  # [B * S], as MoE blocks flatten the tokens
         self.sample_mask: torch.Tensor | None = None  # the mask, or None when no token is padded
         self.stats: dict[tuple[str, int, int], dict] = {}
+        # With `blocks`, the current batch's layer inputs `[tokens, layers, hidden]` and their norms, for the Block
+        # Influence of contiguous blocks (`layers.hooks` fills and empties it).
+        self.blocks: dict[str, torch.Tensor] | None = {} if blocks else None
         self.handles = []
 
     def store(self, key: str, index: int, slot: int = 0) -> dict:
@@ -340,6 +360,8 @@ class _Collector:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.blocks is not None:
+            self.blocks.clear()  # a forward that raised midway leaves hidden states there
 
     def stacked(self, key: str, width: int | tuple | None, slots: int, names: tuple[str, ...], device) -> dict:
         """`{name: [num_layers, (slots,) width]}` sums over every process (zeros where a process saw no batch)."""
@@ -396,6 +418,7 @@ def estimate_importance(
     *,
     depth: bool = True,
     show_progress: bool = True,
+    spec=None,
 ) -> ImportanceScores:
     """Activation importance of every head, neuron, embedding channel and layer, from forward passes only.
 
@@ -406,8 +429,12 @@ def estimate_importance(
             `input_ids` (and optionally `attention_mask`; padded positions are excluded).
         config (`PrunedConfig`, *optional*): `calibration_samples`, `calibration_batch_size` and
             `sequence_aggregation` are read from it.
-        depth (`bool`, *optional*, defaults to `True`): also compute Block Influence per layer.
+        depth (`bool`, *optional*, defaults to `True`): also compute Block Influence per layer, and with
+            `config.contiguous_score="block_influence"` that of every block of contiguous layers
+            (`block_influence_matrix`), which holds each layer's input until the batch's forward ends.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar on the main process.
+        spec (`ArchitectureSpec`, *optional*): where the modules of a family outside `hf_minitron.ARCHITECTURES`
+            live (see `get_architecture`).
 
     Under torch.distributed, each process takes every `world_size`-th sample of the first `calibration_samples` and
     the statistics are summed across processes, so the result equals a single process over all the data.
@@ -416,7 +443,7 @@ def estimate_importance(
     if not isinstance(config, PrunedConfig):
         raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
     check_causal_lm(model, "estimate_importance")
-    get_architecture(model.config)  # fails fast for unsupported architectures
+    spec = get_architecture(model.config, spec)  # fails fast for unsupported architectures
     samples = take_samples(calibration_data, config.calibration_samples, model.get_input_embeddings().num_embeddings)
     longest = max(sample["input_ids"].shape[-1] for sample in samples)
     check_sequence_length(model.config, longest, "calibration sample length")
@@ -428,9 +455,11 @@ def estimate_importance(
     model.eval()
     num_tokens = 0
     try:
+        blocks = depth and config.contiguous_score == "block_influence"
+        collector = _Collector(model, config.sequence_aggregation, depth, spec, blocks)
         # Activation buffers go back to the OS as they are freed, so they do not stay cached in the heap and add to
         # the pruning step's peak (1.38x the model instead of 1.1x on SmolLM2); glibc's heap returns afterwards.
-        with large_buffers_returned_to_os(), _Collector(model, config.sequence_aggregation, depth) as collector:
+        with large_buffers_returned_to_os(), collector:
             for batch_index, batch in enumerate(
                 tqdm(batches, desc="Importance estimation", disable=not show_progress or rank != 0, unit="batch")
             ):
@@ -475,10 +504,14 @@ def estimate_importance(
         moe["attention_experts"] = collector.stacked(attention_experts.KEY, shape["num_experts"], 1, stats, device)
     counts = all_reduce_(torch.tensor([len(samples[rank::world_size]), num_tokens], dtype=torch.float64), device)
     total_samples, total_tokens = int(counts[0]), int(counts[1])
-    block_influence = None
+    block_influence = block_influence_matrix = None
     if depth:
         cos = collector.stacked(layers.KEY, None, 1, ("sum",), device)["sum"]
         block_influence = 1 - cos / max(total_tokens, 1)
+    if blocks:
+        # Rows are the block's last layer, columns its first: transposed to [first, last].
+        cos = collector.stacked(layers.BLOCKS_KEY, len(collector.layers), 1, ("sum",), device)["sum"].T
+        block_influence_matrix = torch.triu(1 - cos / max(total_tokens, 1))
     return ImportanceScores(
         method="activation",
         sequence_aggregation=config.sequence_aggregation,
@@ -489,6 +522,7 @@ def estimate_importance(
         neurons=neurons,
         hidden=hidden,
         block_influence=block_influence,
+        block_influence_matrix=block_influence_matrix,
         model_fingerprint=weights_fingerprint(model),
         **moe,
     )
@@ -496,9 +530,10 @@ def estimate_importance(
 
 # ---------------------------------------------------------------------------------------------- baselines
 @torch.no_grad()
-def magnitude_importance(model) -> ImportanceScores:
-    """Weight-magnitude baseline: each structure scored by the L2 norm of every weight that reads or writes it."""
-    spec = get_architecture(model.config)
+def magnitude_importance(model, spec=None) -> ImportanceScores:
+    """Weight-magnitude baseline: each structure scored by the L2 norm of every weight that reads or writes it.
+    `spec`: a family's own `ArchitectureSpec` (see `get_architecture`)."""
+    spec = get_architecture(model.config, spec)
     shape = model_shape(model.config)
     decoder_layers = get_decoder_layers(model)
     structures = structures_of(spec)
@@ -530,10 +565,11 @@ def magnitude_importance(model) -> ImportanceScores:
     )
 
 
-def random_importance(model_config, seed: int = 0) -> ImportanceScores:
-    """Random baseline: uniform scores from a seeded generator (the same seed gives the same selection)."""
+def random_importance(model_config, seed: int = 0, spec=None) -> ImportanceScores:
+    """Random baseline: uniform scores from a seeded generator (the same seed gives the same selection). `spec`: a
+    family's own `ArchitectureSpec` (see `get_architecture`)."""
     shape = model_shape(model_config)
-    structures = structures_of(get_architecture(model_config))
+    structures = structures_of(get_architecture(model_config, spec))
     g = torch.Generator().manual_seed(seed)
     num_layers = shape["num_hidden_layers"]
 

@@ -311,6 +311,21 @@ def _training_settings(config) -> dict:
     return _json({k: v for k, v in values.items() if k not in _NEUTRAL_FIELDS and not k.startswith(_NEUTRAL_PREFIXES)})
 
 
+# PrunedConfig fields added after runs were recorded, with the defaults that do what those runs did: left out of the
+# record at these values, so that such a run still resumes.
+_LATER_PRUNING_FIELDS = {
+    "contiguous_score": "lm_loss",
+    "depth_scorer": None,
+    "depth_scorer_num_fewshot": 0,
+    "depth_scorer_limit": None,
+}
+
+
+def _pruning_settings(pruning: PrunedConfig) -> dict:
+    values = pruning.to_dict()
+    return _json({k: v for k, v in values.items() if k not in _LATER_PRUNING_FIELDS or v != _LATER_PRUNING_FIELDS[k]})
+
+
 def _digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -345,7 +360,7 @@ def _stage_records(args, pruning, distillation, correction, alignment, teacher_p
     if args.correct_teacher:
         records["teacher_correction"] = {**teacher, **train, "teacher_correction": _training_settings(correction)}
         teacher = {"teacher_correction": _digest(records["teacher_correction"])}
-    records["pruned"] = {**teacher, **source, "pruning": _json(pruning.to_dict())}
+    records["pruned"] = {**teacher, **source, "pruning": _pruning_settings(pruning)}
     records["distilled"] = {
         **teacher,
         **train,
@@ -518,6 +533,10 @@ def run_pipeline(
         from .evaluation import check_task_names
 
         check_task_names([t for t in args.eval_tasks.split(",") if t])
+    if pruning.depth_scorer is not None:  # before teacher correction, not hours later when pruning starts
+        from .evaluation import check_task_names
+
+        check_task_names(pruning.depth_scorer_tasks())
     # Each stage is reused only if its record (settings + inputs) matches this run: checked for every stage first.
     records = _stage_records(args, pruning, distillation, correction, alignment, teacher_path)
     reuse = _plan_stages(root, records)

@@ -20,7 +20,7 @@ from .io import atomic_write_json
 from .pruning_config import PRUNED_CONFIG_NAME, PrunedConfig
 from .runtime import large_buffers_returned_to_os, release_freed_memory
 from .structures import structures_of
-from .structures.layers import drop_layers, select_layers_to_drop
+from .structures.layers import drop_layers, layers_to_drop_by_type, select_layers_to_drop, sliced_layer_lists
 
 
 PRUNING_RECORD_NAME = "pruning_record.json"
@@ -95,11 +95,11 @@ def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
         record.save(save_directory)
 
 
-def check_target_loads(model_config, target: dict):
+def check_target_loads(model_config, target: dict, spec=None):
     """Returns the target config, built with the installed transformers, so a shape that stock `from_pretrained` would
     reject (e.g. transformers 5's `LlamaConfig` wants `hidden_size % num_attention_heads == 0`) fails before any
-    expensive work, with the nearest valid sizes."""
-    spec = get_architecture(model_config)
+    expensive work, with the nearest valid sizes. `spec`: a family's own `ArchitectureSpec` (see `prune_model`)."""
+    spec = get_architecture(model_config, spec)
     source = model_shape(model_config)
     heads, hidden = target["num_attention_heads"], target["hidden_size"]
     if spec.head_dim_from_hidden and hidden != heads * source["head_dim"]:
@@ -111,10 +111,9 @@ def check_target_loads(model_config, target: dict):
             f"hidden_size = num_attention_heads x {source['head_dim']} (here hidden_size={heads * source['head_dim']})."
         )
     data = model_config.to_dict()
-    num_layers = model_config.num_hidden_layers
-    for key, value in list(data.items()):
-        if isinstance(value, list) and len(value) == num_layers and key != "architectures":
-            data[key] = value[: target["num_hidden_layers"]]
+    # Which layers depth pruning keeps is not known yet: the first ones stand in for them (the config classes check
+    # the lists' lengths, not their entries).
+    data.update(sliced_layer_lists(model_config, data, list(range(target["num_hidden_layers"]))))
     data["num_hidden_layers"] = target["num_hidden_layers"]
     values = types.SimpleNamespace(**data)
     for structure in structures_of(spec):
@@ -145,7 +144,9 @@ def check_not_offloaded(model) -> None:
         )
 
 
-def compute_scores(model, config: PrunedConfig, calibration_data=None, show_progress: bool = True) -> ImportanceScores:
+def compute_scores(
+    model, config: PrunedConfig, calibration_data=None, show_progress: bool = True, spec=None
+) -> ImportanceScores:
     """Importance scores with `config.importance`: Minitron activations, or the magnitude / random baselines."""
     if config.importance == "activation":
         if calibration_data is None:
@@ -153,10 +154,10 @@ def compute_scores(model, config: PrunedConfig, calibration_data=None, show_prog
                 "importance='activation' needs calibration_data (tokenized samples): pass it, pass precomputed "
                 "scores=..., or choose importance='magnitude' or 'random'."
             )
-        return estimate_importance(model, calibration_data, config, show_progress=show_progress)
+        return estimate_importance(model, calibration_data, config, show_progress=show_progress, spec=spec)
     if config.importance == "magnitude":
-        return magnitude_importance(model)
-    return random_importance(model.config, config.seed)
+        return magnitude_importance(model, spec=spec)
+    return random_importance(model.config, config.seed, spec=spec)
 
 
 @torch.no_grad()
@@ -168,6 +169,7 @@ def prune_model(
     scores: ImportanceScores | None = None,
     depth_scorer=None,
     show_progress: bool = True,
+    spec=None,
 ):
     """Prunes `model` in place to the shape of `config` and returns it (an ordinary model of the same class).
 
@@ -175,11 +177,19 @@ def prune_model(
         model (`PreTrainedModel`): a supported `*ForCausalLM` (see `hf_minitron.ARCHITECTURES`).
         config (`PrunedConfig`): the target shape and importance options; validated before any forward pass.
         calibration_data (*optional*): tokenized samples for importance estimation and LM-loss depth scoring
-            (see `estimate_importance`). Not needed when `scores` are given for width-only or block-influence targets.
+            (see `estimate_importance`). Not needed when `scores` are given for width-only or block-influence targets
+            (`depth_method="block_influence"`, or `contiguous_score="block_influence"` with scores estimated for it).
         scores (`ImportanceScores`, *optional*): precomputed scores of this model (estimate once, prune many targets).
         depth_scorer (`Callable[[PreTrainedModel], float]`, *optional*): higher-is-better score (e.g. an lm-eval
-            accuracy) used instead of the LM loss to pick the contiguous block / the layers to drop.
+            accuracy) used instead of the LM loss to pick the contiguous block / the layers to drop, called once per
+            candidate. Required when `config.depth_scorer` names lm-eval tasks: build it with the model's tokenizer,
+            `make_lm_eval_scorer(tokenizer, config.depth_scorer_tasks(), limit=config.depth_scorer_limit,
+            num_fewshot=config.depth_scorer_num_fewshot)` (`hf-minitron prune` does).
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+        spec (`ArchitectureSpec`, *optional*): where the modules of a family outside `hf_minitron.ARCHITECTURES`
+            live, e.g. a checkpoint with its own modelling code loaded with `trust_remote_code=True` (see
+            `get_architecture`). The pruned model keeps its class: `save_pretrained` writes the modelling code and
+            `auto_map` with the weights.
 
     Returns:
         The pruned model, carrying `model.pruning_record` (kept indices). Its `save_pretrained` also writes
@@ -189,9 +199,9 @@ def prune_model(
         raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
     check_causal_lm(model, "prune_model")
     check_not_offloaded(model)
-    spec = get_architecture(model.config)
+    spec = get_architecture(model.config, spec)
     target = config.resolve(model.config)  # every ValueError before any forward pass
-    check_target_loads(model.config, target)
+    check_target_loads(model.config, target, spec)
     source = model_shape(model.config)
     if scores is not None:
         if not isinstance(scores, ImportanceScores):
@@ -201,11 +211,28 @@ def prune_model(
             )
         scores.check_compatible(model.config, model)
     num_to_drop = source["num_hidden_layers"] - target["num_hidden_layers"]
+    # Paper 1 §2.2's Block Influence of the candidate blocks, from the importance pass: no removal is scored.
+    block_influence_ranks = (
+        num_to_drop > 0 and config.depth_method == "contiguous" and config.contiguous_score == "block_influence"
+    )
+    if num_to_drop > 0 and config.depth_scorer is not None and depth_scorer is None:
+        raise ValueError(
+            f"PrunedConfig.depth_scorer={config.depth_scorer!r} scores the candidates with lm-eval, which needs the "
+            "model's tokenizer: pass depth_scorer=make_lm_eval_scorer(tokenizer, config.depth_scorer_tasks(), "
+            "limit=config.depth_scorer_limit, num_fewshot=config.depth_scorer_num_fewshot) (hf-minitron prune and "
+            "recipes/prune.py build it for you)."
+        )
+    if block_influence_ranks and depth_scorer is not None:
+        raise ValueError(
+            "PrunedConfig.contiguous_score='block_influence' ranks the contiguous blocks by their Block Influence, "
+            "and depth_scorer by its score: pass only one (contiguous_score='lm_loss' lets the scorer rank them)."
+        )
     needs_samples = (
         num_to_drop > 0
         and config.depth_method in ("lm_loss", "contiguous")
         and config.importance == "activation"
         and depth_scorer is None
+        and not block_influence_ranks
     )
     if (
         needs_samples
@@ -218,10 +245,10 @@ def prune_model(
         )
     needs_width = any(target[name] < source[name] for name in target if name != "num_hidden_layers")
     needs_layer_scores = num_to_drop > 0 and (
-        config.depth_method == "block_influence" or config.importance != "activation"
+        config.depth_method == "block_influence" or config.importance != "activation" or block_influence_ranks
     )
     if scores is None and (needs_width or needs_layer_scores):
-        scores = compute_scores(model, config, calibration_data, show_progress)
+        scores = compute_scores(model, config, calibration_data, show_progress, spec)
 
     # 1. Depth: choose layers on the full model (all axes were scored in one pass, paper 1 §2.2).
     if config.depth_method == "explicit" and config.layers_to_drop:
@@ -247,6 +274,8 @@ def prune_model(
             config.calibration_batch_size,
             show_progress,
             config.depth_screening_samples,
+            layers_to_drop_by_type(model.config, config.num_layers_by_type) if config.num_layers_by_type else None,
+            contiguous_score=config.contiguous_score,
         )
     else:
         dropped = []
@@ -288,7 +317,7 @@ def _slice(model, spec, config: PrunedConfig, scores, source: dict, target: dict
     for structure in structures:
         structure.update_config(model.config, spec, source, target)
     for structure in structures:
-        structure.sync_modules(model, model.config)
+        structure.sync_modules(model, model.config, spec)
     model.pruning_record = record
     # A bound method in the instance dict: `copy.deepcopy` rebinds it to the copy, and stock classes stay stock.
     model.save_pretrained = types.MethodType(_save_pretrained_with_record, model)

@@ -6,7 +6,9 @@ Usage (the embedded SmolLM2-135M-Instruct teacher to ~60% of its parameters by w
         recipes/prune.py --config recipes/smollm2-135m/prune.yaml
 
 Any PruneArguments / PrunedConfig field can be overridden on the command line, e.g. `--num_hidden_layers 24
---depth_method contiguous` or `--model ./my-llama --calibration_data data.jsonl --text_column content`. Under several
+--depth_method contiguous` (add `--depth_scorer winogrande --depth_scorer_limit 200` to pick the block by Winogrande
+accuracy, one evaluation per candidate block, as paper 2 did) or `--model ./my-llama --calibration_data data.jsonl
+--text_column content`. Under several
 processes (`recipes/accelerate_configs/ddp.yaml`) the calibration samples are split across them and the statistics
 all-reduced; the main process writes the checkpoint. Same as `hf-minitron prune --config ...`; then distill the
 result with `recipes/distill.py`.
