@@ -9,6 +9,7 @@ and slices its own parameters, updates its config fields and the sizes its modul
 import json
 import os
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,25 @@ def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
     if record is not None and kwargs.get("is_main_process", True):
         PrunedConfig(**record.pruned_config).save_pretrained(save_directory)
         record.save(save_directory)
+
+
+class _SaveWithRecord:
+    """`model.save_pretrained` of a pruned model (see `_save_pretrained_with_record`), holding the model weakly.
+    `copy.deepcopy` of the model gives the copy its own, bound to the copy; pickling binds it to the unpickled model."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+
+    def __call__(self, save_directory, *args, **kwargs):
+        return _save_pretrained_with_record(self._model(), save_directory, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        model = self._model()
+        # The model's deepcopy registers the copy in `memo` before copying its attributes (this one among them).
+        return _SaveWithRecord(memo.get(id(model), model))
+
+    def __reduce__(self):
+        return _SaveWithRecord, (self._model(),)
 
 
 def check_target_loads(model_config, target: dict, spec=None):
@@ -319,8 +339,9 @@ def _slice(model, spec, config: PrunedConfig, scores, source: dict, target: dict
     for structure in structures:
         structure.sync_modules(model, model.config, spec)
     model.pruning_record = record
-    # A bound method in the instance dict: `copy.deepcopy` rebinds it to the copy, and stock classes stay stock.
-    model.save_pretrained = types.MethodType(_save_pretrained_with_record, model)
+    # An instance attribute, so stock classes stay stock; it holds the model weakly (a bound method would make the model
+    # refer to itself, and a pruned model dropped in a loop would stay in memory until the next garbage collection).
+    model.save_pretrained = _SaveWithRecord(model)
     return model
 
 

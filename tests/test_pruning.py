@@ -201,6 +201,25 @@ def test_pruning_record_round_trip_and_deepcopy_saves_the_copy(tmp_path):
     assert data["source_shape"]["num_hidden_layers"] == 4 and data["target_shape"]["num_hidden_layers"] == 3
 
 
+def test_a_dropped_pruned_model_is_freed_at_once_and_pickles():
+    import gc
+    import pickle
+    import weakref
+
+    model = prune_model(
+        tiny_model("llama"), PrunedConfig(intermediate_size=32), random_samples(4), show_progress=False
+    )
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.save_pretrained._model() is restored  # bound to the unpickled model, not the original
+    ref = weakref.ref(model)
+    gc.disable()  # a reference cycle would be freed only by the collector: prove there is none
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_reused_scores_give_the_same_result_as_a_fresh_estimate():
     from hf_minitron import estimate_importance
 
