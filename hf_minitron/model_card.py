@@ -251,9 +251,16 @@ def _depth_description(summary: PipelineSummary) -> str | None:
     if not summary.dropped_layers:
         return None
     layers = ", ".join(str(i) for i in summary.dropped_layers)
-    method = (summary.pruned_config or {}).get("depth_method")
+    pruned = summary.pruned_config or {}
+    method = pruned.get("depth_method")
+    if pruned.get("depth_scorer"):
+        contiguous = f"the contiguous block whose removal scored best on {pruned['depth_scorer']} (paper 2, §2.2)"
+    elif pruned.get("contiguous_score") == "block_influence":
+        contiguous = "the contiguous block of lowest block influence (1 - cosine of its input and output, paper 1)"
+    else:
+        contiguous = "the contiguous block whose removal raises the LM loss least (paper 2, §2.2)"
     how = {
-        "contiguous": "the contiguous block whose removal costs least (paper 2, §2.2)",
+        "contiguous": contiguous,
         "block_influence": "the layers with the lowest block influence (1 - cosine similarity of input and output)",
         "lm_loss": "the layers whose removal alone increases the LM loss least (paper 1, §2.2)",
         "explicit": "given explicitly",

@@ -259,3 +259,18 @@ def test_loss_curves_separate_kd_from_cross_entropy():
     with_ce = [{**entry, "loss": entry["loss"] + 1} for entry in history if "loss" in entry]
     assert list(loss_panels(with_ce)["Distillation loss (KL to the teacher)"]) == ["loss", "kd_loss"]
     assert list(loss_panels([{"step": 1, "is_loss": 0.5}])) == ["Other loss terms"]
+
+
+@pytest.mark.parametrize(
+    "pruned, says",
+    [
+        ({"depth_method": "contiguous"}, "raises the LM loss least"),
+        ({"depth_method": "contiguous", "contiguous_score": "block_influence"}, "lowest block influence"),
+        ({"depth_method": "contiguous", "depth_scorer": "winogrande"}, "scored best on winogrande"),
+        ({"depth_method": "block_influence"}, "the layers with the lowest block influence"),
+    ],
+)
+def test_card_says_how_the_dropped_layers_were_chosen(tmp_path, pruned, says):
+    summary = PipelineSummary(pruned_config=pruned, dropped_layers=[3, 4])
+    body = front_matter(save_model_card(summary, tmp_path).read_text())[1]
+    assert "removed layers 3, 4" in body and says in body
