@@ -96,7 +96,7 @@ def test_kept_experts_are_the_top_scores_and_weights_are_sliced_originals():
     model = tiny_model("gpt_oss")  # transposed, biased, interleaved experts and a router bias
     original = copy.deepcopy(model)
     scores = estimate_importance(model, random_samples(8), PrunedConfig(**_calibration()), show_progress=False)
-    expert_scores = scores.expert_scores("output_norm")
+    expert_scores = scores.expert_scores("reap")  # the default estimator
     prune_model(model, PrunedConfig(num_experts=2, moe_intermediate_size=16), scores=scores)
     for layer in range(4):
         kept = torch.sort(torch.topk(expert_scores[layer], 2).indices).values
