@@ -52,12 +52,23 @@ def test_report_says_when_a_claim_did_not_hold():
         "budget": claims.asdict(claims.Budget()),
         "setup": {"teacher_parameters": 100, "teacher_loss": 3.0, "validation_samples": 4, "machine": "test"},
         "claims": {
-            "c": {"title": "T", "expected": "E", "numbers": "kd 4.000", "held": False, "arms": {"kd": arm}},
+            "c": {
+                "title": "T",
+                "expected": "E",
+                "numbers": "kd 4.000",
+                "held": False,
+                "verdict": "not held",
+                "arms": {"kd": arm},
+                "comparisons": [
+                    {"lower": "kd", "higher": "ce", "key": "after", "delta": -0.5, "noise": 0.1, "outcome": "not held"}
+                ],
+            },
             "i": {"status": "not run", "title": "Search", "reason": "search.py is not committed yet"},
         },
         "wall_seconds_all_claims": 1.0,
     }
     text = claims.render_markdown(results)
-    assert "did NOT hold here" in text and "kd 4.000" in text
-    assert "| c | kd | 10 | 5.000 | 4.000 | **no** |" in text
+    assert "**c. T** — not held (expected: E): kd 4.000." in text
+    assert "| kd | 10 | 5.000 | 4.000 " in text and "| **not held** |" in text
+    assert "| c | " in text and "| kd | ce | after | -0.500 | 0.100 | not held |" in text
     assert "not run: search.py is not committed yet" in text
