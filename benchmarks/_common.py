@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: the embedded teacher, the offline corpus and the held-out loss."""
 
+import time
 from pathlib import Path
 
 import torch
@@ -39,3 +40,28 @@ def held_out_loss(model, validation: list[dict], batch_size: int = 8) -> float:
         return lm_loss(model, validation, batch_size)
     finally:
         model.train(was_training)
+
+
+def time_importance(model, calibration, config, repeats: int) -> dict:
+    """One activation importance pass (the MoE and hybrid benchmarks), timed against plain forwards of the base model
+    on the same batches: interleaved repeats, the min of each. Returns `(timing, scores)`."""
+    from hf_minitron import estimate_importance
+    from hf_minitron.data import shard_batches, take_samples
+
+    batches = shard_batches(take_samples(calibration, config.calibration_samples), config.calibration_batch_size)
+    base = model.model
+    with torch.no_grad():
+        base(**batches[0], use_cache=False)  # warm-up
+    timings = {"base_forward": [], "importance": []}
+    scores = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in batches:
+                base(**batch, use_cache=False)
+        timings["base_forward"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scores = estimate_importance(model, calibration, config, depth=False, show_progress=False)
+        timings["importance"].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in timings.items()}
+    return {**best, "all": timings, "importance_over_base_forward": best["importance"] / best["base_forward"]}, scores

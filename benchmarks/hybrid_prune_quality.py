@@ -38,7 +38,7 @@ import statistics
 import time
 
 import torch
-from _common import RESULTS, as_tensors, held_out_loss, num_parameters
+from _common import RESULTS, as_tensors, held_out_loss, num_parameters, time_importance
 
 
 TARGETS = {
@@ -82,29 +82,6 @@ def _pruned_config(target: dict, estimator: str, seed: int, calibration_samples:
         depth_calibration_samples=depth_samples,
         depth_screening_samples=min(depth_samples, 2),
     )
-
-
-def time_importance(model, calibration, config, repeats: int) -> dict:
-    from hf_minitron import estimate_importance
-    from hf_minitron.data import shard_batches, take_samples
-
-    batches = shard_batches(take_samples(calibration, config.calibration_samples), config.calibration_batch_size)
-    base = model.model
-    with torch.no_grad():
-        base(**batches[0], use_cache=False)  # warm-up
-    timings = {"base_forward": [], "importance": []}
-    scores = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            for batch in batches:
-                base(**batch, use_cache=False)
-        timings["base_forward"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        scores = estimate_importance(model, calibration, config, depth=False, show_progress=False)
-        timings["importance"].append(time.perf_counter() - start)
-    best = {k: min(v) for k, v in timings.items()}
-    return {**best, "all": timings, "importance_over_base_forward": best["importance"] / best["base_forward"]}, scores
 
 
 def distill(student, teacher, train, steps: int, batch_size: int, output_dir) -> None:
