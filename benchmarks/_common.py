@@ -1,5 +1,8 @@
-"""Helpers shared by the benchmark scripts: the embedded teacher, the offline corpus and the held-out loss."""
+"""Helpers shared by the benchmark scripts: the embedded teacher, the offline corpus, the held-out loss, and the timed
+importance pass, short KD and per-target plot of the MoE and hybrid pruning benchmarks."""
 
+import copy
+import statistics
 import time
 from pathlib import Path
 
@@ -65,3 +68,100 @@ def time_importance(model, calibration, config, repeats: int) -> dict:
         timings["importance"].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in timings.items()}
     return {**best, "all": timings, "importance_over_base_forward": best["importance"] / best["base_forward"]}, scores
+
+
+def short_kd(student, teacher, train, steps: int, batch_size: int, output_dir) -> None:
+    """`steps` steps of `DistillationTrainer` (LR 2e-5, constant, seed 0): the same batches in the same order for every
+    arm of the MoE and hybrid benchmarks."""
+    from hf_minitron import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=2e-5,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, steps),
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    student.requires_grad_(True)  # a copy of the teacher, which the previous arm's trainer froze in place
+    DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
+
+
+def timing_rows(timing: dict) -> list[str]:
+    """The Markdown table of `time_importance`'s ratio against its target."""
+    return [
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| importance pass / base-model forward (min of {len(timing['all']['importance'])}) | "
+        f"{timing['importance_over_base_forward']:.3f} | <= 1.10 |",
+    ]
+
+
+def plot_arms(results: dict, targets, baseline: float, baseline_label: str, path, columns: int = 4) -> None:
+    """One panel per target: each estimator's held-out loss after pruning and (where measured) after KD, against the
+    unpruned model's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [t for t in targets if any(k.startswith(t + "/") for k in results["arms"])]
+    columns = min(columns, len(targets))
+    rows = -(-len(targets) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(targets) :]:
+        ax.axis("off")
+    for ax, target in zip(axes.flat, targets):
+        arms = {k.split("/")[1]: v for k, v in results["arms"].items() if k.startswith(target + "/")}
+        names = list(arms)
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [arms[n]["pruned"] for n in names], width=0.4, label="after pruning")
+        if all(arms[n].get("after_kd") is not None for n in names):
+            ax.bar([i + 0.2 for i in x], [arms[n]["after_kd"] for n in names], width=0.4, label="after KD")
+        ax.axhline(baseline, color="black", linestyle="--", label=baseline_label)
+        ax.set_xticks(list(x), names, rotation=20)
+        ax.set_title(target)
+        ax.set_ylabel("held-out loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def split_calibration(data, calibration_samples: int, validation_samples: int):
+    """`(calibration, train, validation)`: the first train samples calibrate, the rest train the KD steps, and the
+    first validation samples (as tensors) are held out."""
+    calibration = data["train"].select(range(calibration_samples))
+    train = data["train"].select(range(calibration_samples, len(data["train"])))
+    validation = as_tensors(data["validation"].select(range(min(validation_samples, len(data["validation"])))))
+    return calibration, train, validation
+
+
+def measure_arm(teacher, configs, calibration, validation, train, kd_steps: int, kd_batch_size: int, kd_dir):
+    """Prunes a copy of `teacher` with each `(config, scores)` of `configs` (one per seed; precomputed importance
+    `scores` or `None`), measures its
+    held-out loss, then again after `kd_steps` of `short_kd`. Returns `(arm, student, records)`: the means and
+    per-seed losses, the last student and every student's `pruning_record`."""
+    from hf_minitron import prune_model
+
+    pruned, after_kd, records, student = [], [], [], None
+    for config, given in configs:
+        student = prune_model(copy.deepcopy(teacher), config, calibration, scores=given, show_progress=False)
+        records.append(student.pruning_record)
+        pruned.append(held_out_loss(student, validation))
+        if kd_steps:
+            short_kd(student, teacher, train, kd_steps, kd_batch_size, kd_dir)
+            after_kd.append(held_out_loss(student, validation))
+    arm = {
+        "pruned": statistics.mean(pruned),
+        "pruned_all": pruned,
+        "after_kd": statistics.mean(after_kd) if after_kd else None,
+        "after_kd_all": after_kd,
+    }
+    return arm, student, records

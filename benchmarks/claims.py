@@ -61,6 +61,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, as_tensors, held_out_loss, load_teacher_and_corpus, num_parameters  # noqa: E402
 
+from hf_minitron.io import atomic_write_json
+
 
 CACHE = RESULTS / "claims_cache"
 QUICK = RESULTS / ".claims_quick"  # a scratch folder (ignored by git): a smoke run never overwrites the results
@@ -1158,8 +1160,7 @@ def main(argv=None):
         "wall_seconds": time.time() - started,
         "wall_seconds_all_claims": sum(c.get("wall_seconds", 0) for c in claims.values()),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    atomic_write_json(output, results)
     markdown = render_markdown(results)
     output.with_suffix(".md").write_text("# Minitron claims at small scale\n\n" + markdown + "\n")
     plot(results, output.with_suffix(".png"))

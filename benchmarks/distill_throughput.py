@@ -464,8 +464,9 @@ def main():
     if args.quality_steps:
         results["quality"] = quality(args.quality_steps, args.quality_seq_length, 4, 32)
     results["wall_seconds"] = time.time() - started
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
+    from hf_minitron.io import atomic_write_json
+
+    atomic_write_json(args.output, results)
     plot(results, args.output.replace(".json", ".png"))
     print_table(results)
     print(f"total {results['wall_seconds']:.0f} s")

@@ -10,7 +10,10 @@ hidden size):
 
 * `mamba_heads9`: 18 -> 9 Mamba heads per layer, by `activation` (Minitron-SSM's group-aware selection: every B/C
   group keeps one of its two heads), `group_blind` (the same scores, the top 9 heads overall, the paper's naive
-  baseline), `magnitude` and `random` (mean over seeds);
+  baseline), `magnitude`, `magnitude_group_blind` and `random` (mean over seeds). The JSON records, per arm and
+  Mamba layer, how many groups the selection left without a head: where none is, the group-blind model IS the
+  group-aware one (the embedded hybrid's two heads per group are the two time scales of one attention head, so one
+  of them may win in every group), and the magnitude pair shows what emptied groups cost with the same scores;
 * `mamba_head_dim32`: every head's channels 64 -> 32;
 * `ffn1024`: MLP neurons 1536 -> 1024;
 * `hidden384`: hidden size 576 -> 384 (Bamba's Mamba width is `mamba_expand x hidden`: 1152 = 3 x 384; 480 would not
@@ -32,13 +35,19 @@ Writes `benchmarks/results/hybrid_prune_quality.{json,png}` and prints a Markdow
 """
 
 import argparse
-import copy
-import json
-import statistics
 import time
 
 import torch
-from _common import RESULTS, as_tensors, held_out_loss, num_parameters, time_importance
+from _common import (
+    RESULTS,
+    held_out_loss,
+    measure_arm,
+    num_parameters,
+    plot_arms,
+    split_calibration,
+    time_importance,
+    timing_rows,
+)
 
 
 TARGETS = {
@@ -50,8 +59,9 @@ TARGETS = {
     "drop6_mamba": {"num_layers_by_type": {"mamba": 14}},
     "drop6_attention": {"num_layers_by_type": {"attention": 4}},
 }
+KD_DIR = RESULTS / ".hybrid_kd"
 WIDTH_ESTIMATORS = ("activation", "magnitude", "random")
-HEAD_ESTIMATORS = ("activation", "group_blind", "magnitude", "random")
+HEAD_ESTIMATORS = ("activation", "group_blind", "magnitude", "magnitude_group_blind", "random")
 DEPTH_ESTIMATORS = ("contiguous", "block_influence")
 
 
@@ -68,8 +78,9 @@ def estimators(target_name: str) -> tuple[str, ...]:
 def _pruned_config(target: dict, estimator: str, seed: int, calibration_samples: int, depth_samples: int):
     from hf_minitron import PrunedConfig
 
-    if estimator == "group_blind":
-        method = {"importance": "activation", "mamba_group_aware": False}
+    if estimator.endswith("group_blind"):
+        method = {"importance": estimator.removesuffix("group_blind").rstrip("_") or "activation"}
+        method["mamba_group_aware"] = False
     elif estimator in DEPTH_ESTIMATORS:
         method = {"depth_method": estimator}
     else:
@@ -84,25 +95,14 @@ def _pruned_config(target: dict, estimator: str, seed: int, calibration_samples:
     )
 
 
-def distill(student, teacher, train, steps: int, batch_size: int, output_dir) -> None:
-    from hf_minitron import DistillationConfig, DistillationTrainer
-
-    args = DistillationConfig(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=2e-5,
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=max(1, steps),
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    student.requires_grad_(True)  # a copy of the teacher, which the previous arm's trainer froze in place
-    DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
+def groups_left_without_a_head(kept_heads: dict, config) -> dict:
+    """Per Mamba layer, how many B/C groups kept none of their heads: 0 everywhere means the group-blind selection
+    equals the group-aware one (each group keeps one of its two heads), and the two arms give the same model."""
+    per_group = config.mamba_n_heads // config.mamba_n_groups
+    return {
+        layer: config.mamba_n_groups - len({head // per_group for head in heads})
+        for layer, heads in kept_heads.items()
+    }
 
 
 def render_markdown(results: dict) -> str:
@@ -119,44 +119,12 @@ def render_markdown(results: dict) -> str:
     for name, arm in results["arms"].items():
         target, estimator = name.split("/")
         after = "-" if arm.get("after_kd") is None else f"{arm['after_kd']:.3f}"
+        if "groups_left_without_a_head" in arm:
+            emptied = sum(arm["groups_left_without_a_head"].values())
+            estimator += f" ({emptied} of {len(arm['groups_left_without_a_head']) * setup['groups']} groups emptied)"
         lines.append(f"| {target} | {estimator} | {arm['parameters']:,} | {arm['pruned']:.3f} | {after} |")
-    t = results["timing"]
-    lines += [
-        "",
-        "| measure | value | target |",
-        "|---|---|---|",
-        f"| importance pass / base-model forward (min of {len(t['all']['importance'])}) | "
-        f"{t['importance_over_base_forward']:.3f} | <= 1.10 |",
-    ]
+    lines += timing_rows(results["timing"])
     return "\n".join(lines)
-
-
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = [t for t in TARGETS if any(k.startswith(t + "/") for k in results["arms"])]
-    columns = 4
-    rows = -(-len(targets) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(targets) :]:
-        ax.axis("off")
-    for ax, target in zip(axes.flat, targets):
-        arms = {k.split("/")[1]: v for k, v in results["arms"].items() if k.startswith(target + "/")}
-        names = list(arms)
-        x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [arms[n]["pruned"] for n in names], width=0.4, label="after pruning")
-        if all(arms[n].get("after_kd") is not None for n in names):
-            ax.bar([i + 0.2 for i in x], [arms[n]["after_kd"] for n in names], width=0.4, label="after KD")
-        ax.axhline(results["hybrid_loss"], color="black", linestyle="--", label="unpruned hybrid")
-        ax.set_xticks(list(x), names, rotation=20)
-        ax.set_title(target)
-        ax.set_ylabel("held-out loss")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -179,17 +147,15 @@ def main():
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    from hf_minitron import prune_model
     from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded_hybrid import embedded_hybrid_info, load_embedded_hybrid
+    from hf_minitron.io import atomic_write_json
 
     teacher, tokenizer = load_embedded_hybrid()
     teacher.eval()
     info = embedded_hybrid_info()
     data = embedded_datasets(tokenizer, args.seq_length)
-    calibration = data["train"].select(range(args.calibration_samples))
-    train = data["train"].select(range(args.calibration_samples, len(data["train"])))
-    validation = as_tensors(data["validation"].select(range(min(args.validation_samples, len(data["validation"])))))
+    calibration, train, validation = split_calibration(data, args.calibration_samples, args.validation_samples)
 
     print("Timing the importance pass against plain forward passes ...", flush=True)
     base_config = _pruned_config({}, "activation", 0, len(calibration), args.depth_samples)
@@ -200,6 +166,7 @@ def main():
         "setup": {
             **vars(args),
             "parameters": num_parameters(teacher),
+            "groups": teacher.config.mamba_n_groups,
             "build": {k: v for k, v in info.items() if k != "layers"},
         },
         "hybrid_loss": held_out_loss(teacher, validation),
@@ -210,25 +177,26 @@ def main():
         target = TARGETS[target_name]
         for estimator in estimators(target_name):
             seeds = range(args.random_seeds) if estimator == "random" else [0]
-            pruned_losses, kd_losses, arm_started = [], [], time.perf_counter()
-            for seed in seeds:
-                config = _pruned_config(target, estimator, seed, len(calibration), args.depth_samples)
-                # The activation scores serve every width arm; depth arms measure their own (Block Influence).
-                given = scores if config.importance == "activation" and estimator not in DEPTH_ESTIMATORS else None
-                student = prune_model(copy.deepcopy(teacher), config, calibration, scores=given, show_progress=False)
-                pruned_losses.append(held_out_loss(student, validation))
-                if args.kd_steps:
-                    distill(student, teacher, train, args.kd_steps, args.kd_batch_size, RESULTS / ".hybrid_kd")
-                    kd_losses.append(held_out_loss(student, validation))
+            arm_started = time.perf_counter()
+            configs = [_pruned_config(target, estimator, seed, len(calibration), args.depth_samples) for seed in seeds]
+            # The activation scores serve every width arm; depth arms measure their own (Block Influence).
+            configs = [
+                (c, scores if c.importance == "activation" and estimator not in DEPTH_ESTIMATORS else None)
+                for c in configs
+            ]
+            arm, student, records = measure_arm(
+                teacher, configs, calibration, validation, train, args.kd_steps, args.kd_batch_size, KD_DIR
+            )
             arm = {
-                "pruned": statistics.mean(pruned_losses),
-                "pruned_all": pruned_losses,
-                "after_kd": statistics.mean(kd_losses) if kd_losses else None,
-                "after_kd_all": kd_losses,
+                **arm,
                 "parameters": num_parameters(student),
                 "layer_types": list(student.config.layers_block_type),
                 "seconds": round(time.perf_counter() - arm_started, 1),
             }
+            if target_name == "mamba_heads9":
+                kept_heads = dict(records[0].mamba_heads)
+                arm["kept_heads"] = kept_heads
+                arm["groups_left_without_a_head"] = groups_left_without_a_head(kept_heads, teacher.config)
             results["arms"][f"{target_name}/{estimator}"] = arm
             after = "-" if arm["after_kd"] is None else f"{arm['after_kd']:.3f}"
             print(
@@ -238,10 +206,8 @@ def main():
             )
     results["wall_seconds"] = time.perf_counter() - started
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
-    plot(results, args.output.replace(".json", ".png"))
+    atomic_write_json(args.output, results, indent=1)
+    plot_arms(results, TARGETS, results["hybrid_loss"], "unpruned hybrid", args.output.replace(".json", ".png"))
     print(render_markdown(results))
 
 

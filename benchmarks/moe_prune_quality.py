@@ -20,15 +20,22 @@ Writes `benchmarks/results/moe_prune_quality.{json,png}` and prints a Markdown t
 """
 
 import argparse
-import copy
-import json
-import statistics
 import time
 
 import torch
-from _common import RESULTS, as_tensors, held_out_loss, num_parameters, time_importance
+from _common import (
+    RESULTS,
+    held_out_loss,
+    measure_arm,
+    num_parameters,
+    plot_arms,
+    split_calibration,
+    time_importance,
+    timing_rows,
+)
 
 
+KD_DIR = RESULTS / ".moe_kd"
 TARGETS = {"experts6": {"num_experts": 6}, "experts4": {"num_experts": 4}, "width64": {"moe_intermediate_size": 64}}
 EXPERT_ESTIMATORS = ("output_norm", "reap", "frequency", "magnitude", "random")
 WIDTH_ESTIMATORS = ("activation", "magnitude", "random")
@@ -42,27 +49,6 @@ def _pruned_config(target: dict, estimator: str, seed: int, calibration_samples:
     else:
         method = {"importance": estimator}
     return PrunedConfig(**target, **method, seed=seed, calibration_samples=calibration_samples)
-
-
-def distill(student, teacher, train, steps: int, batch_size: int, output_dir) -> None:
-    from hf_minitron import DistillationConfig, DistillationTrainer
-
-    args = DistillationConfig(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=2e-5,
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=max(1, steps),
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    student.requires_grad_(True)  # a copy of the teacher, which the previous arm's trainer froze in place
-    DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
 
 
 def render_markdown(results: dict) -> str:
@@ -80,38 +66,8 @@ def render_markdown(results: dict) -> str:
         lines.append(
             f"| {target} | {estimator} | {arm['parameters']:,} | {arm['active']:,} | {arm['pruned']:.3f} | {after} |"
         )
-    t = results["timing"]
-    lines += [
-        "",
-        "| measure | value | target |",
-        "|---|---|---|",
-        f"| importance pass / base-model forward (min of {len(t['all']['importance'])}) | "
-        f"{t['importance_over_base_forward']:.3f} | <= 1.10 |",
-    ]
+    lines += timing_rows(results["timing"])
     return "\n".join(lines)
-
-
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(TARGETS), figsize=(6 * len(TARGETS), 4.5))
-    for ax, target in zip(axes, TARGETS):
-        arms = {k.split("/")[1]: v for k, v in results["arms"].items() if k.startswith(target + "/")}
-        names = list(arms)
-        x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [arms[n]["pruned"] for n in names], width=0.4, label="after pruning")
-        if all(arms[n].get("after_kd") is not None for n in names):
-            ax.bar([i + 0.2 for i in x], [arms[n]["after_kd"] for n in names], width=0.4, label="after KD")
-        ax.axhline(results["moe_loss"], color="black", linestyle="--", label="unpruned MoE")
-        ax.set_xticks(list(x), names, rotation=20)
-        ax.set_title(target)
-        ax.set_ylabel("held-out loss")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -129,7 +85,7 @@ def main():
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    from hf_minitron import count_parameters, prune_model
+    from hf_minitron import count_parameters
     from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded_moe import embedded_moe_info, load_embedded_moe
 
@@ -137,9 +93,7 @@ def main():
     teacher.eval()
     info = embedded_moe_info()
     data = embedded_datasets(tokenizer, args.seq_length)
-    calibration = data["train"].select(range(args.calibration_samples))
-    train = data["train"].select(range(args.calibration_samples, len(data["train"])))
-    validation = as_tensors(data["validation"].select(range(min(args.validation_samples, len(data["validation"])))))
+    calibration, train, validation = split_calibration(data, args.calibration_samples, args.validation_samples)
 
     print("Timing the importance pass against plain forward passes ...", flush=True)
     base_config = _pruned_config({}, "output_norm", 0, len(calibration))
@@ -161,20 +115,14 @@ def main():
         estimators = WIDTH_ESTIMATORS if target_name.startswith("width") else EXPERT_ESTIMATORS
         for estimator in estimators:
             seeds = range(args.random_seeds) if estimator == "random" else [0]
-            pruned_losses, kd_losses = [], []
-            for seed in seeds:
-                config = _pruned_config(target, estimator, seed, len(calibration))
-                given = scores if config.importance == "activation" else None
-                student = prune_model(copy.deepcopy(teacher), config, calibration, scores=given, show_progress=False)
-                pruned_losses.append(held_out_loss(student, validation))
-                if args.kd_steps:
-                    distill(student, teacher, train, args.kd_steps, args.kd_batch_size, RESULTS / ".moe_kd")
-                    kd_losses.append(held_out_loss(student, validation))
+            configs = [_pruned_config(target, estimator, seed, len(calibration)) for seed in seeds]
+            configs = [(c, scores if c.importance == "activation" else None) for c in configs]
+            arm, _, _ = measure_arm(
+                teacher, configs, calibration, validation, train, args.kd_steps, args.kd_batch_size, KD_DIR
+            )
+            config = configs[0][0]
             arm = {
-                "pruned": statistics.mean(pruned_losses),
-                "pruned_all": pruned_losses,
-                "after_kd": statistics.mean(kd_losses) if kd_losses else None,
-                "after_kd_all": kd_losses,
+                **arm,
                 "parameters": count_parameters(teacher.config, config),
                 "active": count_parameters(teacher.config, config, "active"),
             }
@@ -183,10 +131,17 @@ def main():
             print(f"{target_name:>9} {estimator:<12} pruned {arm['pruned']:.3f}  after KD {after}", flush=True)
     results["wall_seconds"] = time.perf_counter() - started
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
-    plot(results, args.output.replace(".json", ".png"))
+    from hf_minitron.io import atomic_write_json
+
+    atomic_write_json(args.output, results, indent=1)
+    plot_arms(
+        results,
+        TARGETS,
+        results["moe_loss"],
+        "unpruned MoE",
+        args.output.replace(".json", ".png"),
+        columns=len(TARGETS),
+    )
     print(render_markdown(results))
 
 

@@ -34,6 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, as_tensors, num_parameters  # noqa: E402
 
+from hf_minitron.io import atomic_write_json  # noqa: E402
+
 
 # Per model: the embedded alias (`hf_minitron.embedded.resolve_model_path`), the suffix of its results files, and
 # targets of about 60% of the parameters. Gemma-3-270M's tied 262k x 640 embedding is 63% of its 268M parameters, so
@@ -215,8 +217,7 @@ def main():
             results["memory"] = _run_memory_probe(model, args.seq_length)
         else:
             results = measure(model, args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
+        atomic_write_json(path, results)
         _plot(results, path.with_suffix(".png"))
         print(render_markdown(results), flush=True)
 

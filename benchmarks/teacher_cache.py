@@ -564,8 +564,9 @@ def main():
     results["seconds"] = timings
     results["wall_seconds"] = time.time() - started
     shutil.rmtree(CACHES, ignore_errors=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=1))
+    from hf_minitron.io import atomic_write_json
+
+    atomic_write_json(args.output, results, indent=1)
     plot(results, Path(args.output).with_suffix(".png"))
     print_table(results)
     print(f"\ntotal {results['wall_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")

@@ -204,6 +204,21 @@ class ArchitectureSpec:
 
 _LLAMA_LIKE = ArchitectureSpec()
 
+# Bamba and Falcon-H1 share transformers' Mamba2 layer layout (the mixer `mamba`, the MLP `feed_forward` after
+# `pre_ff_layernorm`, `final_layernorm`, layers that return tuples) and the names of the mixer's config fields.
+_MAMBA2_LAYER = dict(
+    mamba="mamba",
+    mlp="feed_forward",
+    mlp_input_norm="pre_ff_layernorm",
+    residual_norms=("input_layernorm", "pre_ff_layernorm"),
+    final_norm="final_layernorm",
+    mamba_num_heads_field="mamba_n_heads",
+    mamba_head_dim_field="mamba_d_head",
+    mamba_groups_field="mamba_n_groups",
+    mamba_state_field="mamba_d_state",
+    layer_returns_tuple=True,
+)
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -363,38 +378,20 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     # Bamba: each layer holds a Mamba2 mixer OR attention (layers_block_type, derived from attn_layer_indices), then a
     # gated MLP in every layer.
     "bamba": ArchitectureSpec(
-        mamba="mamba",
-        mlp="feed_forward",
-        mlp_input_norm="pre_ff_layernorm",
-        residual_norms=("input_layernorm", "pre_ff_layernorm"),
-        final_norm="final_layernorm",
+        **_MAMBA2_LAYER,
         block_type_attribute="block_type",
         block_types_field="layers_block_type",
         block_types=(("attention", "full_attention"), ("mamba", "linear_attention")),
-        mamba_num_heads_field="mamba_n_heads",
-        mamba_head_dim_field="mamba_d_head",
-        mamba_groups_field="mamba_n_groups",
-        mamba_state_field="mamba_d_state",
         mamba_expand_field="mamba_expand",
-        layer_returns_tuple=True,
         notes="hybrid: mamba or attention per layer (attn_layer_indices), a SwiGLU MLP in every layer; the Mamba width "
         "is mamba_expand x hidden_size, so heads x head_dim stays a multiple of the hidden size",
     ),
     # Falcon-H1: attention and a Mamba2 mixer side by side in EVERY layer (their outputs summed), then a gated MLP;
     # the muP multipliers are scalars or per-section constants, unchanged by pruning.
     "falcon_h1": ArchitectureSpec(
-        mamba="mamba",
-        mlp="feed_forward",
-        mlp_input_norm="pre_ff_layernorm",
-        residual_norms=("input_layernorm", "pre_ff_layernorm"),
-        final_norm="final_layernorm",
-        mamba_num_heads_field="mamba_n_heads",
-        mamba_head_dim_field="mamba_d_head",
-        mamba_groups_field="mamba_n_groups",
-        mamba_state_field="mamba_d_state",
+        **_MAMBA2_LAYER,
         mamba_inner_field="mamba_d_ssm",
         mamba_projection_buffers=("mup_vector",),
-        layer_returns_tuple=True,
         notes="parallel attention + Mamba2 in every layer, then a SwiGLU MLP; muP multipliers kept; mamba_d_ssm "
         "written; the mixers' mup_vector sliced with in_proj's rows",
     ),

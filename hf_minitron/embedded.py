@@ -10,6 +10,8 @@ written atomically, and every later call reuses it.
 """
 
 import importlib.util
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +23,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = ("embedded", "smollm2", DEFAULT_TEACHER_NAME)
 GEMMA3_NAME = "gemma-3-270m"
 GEMMA3_ALIASES = ("gemma3", GEMMA3_NAME)
+logger = logging.getLogger(__name__)
+BUILD_INFO = "build_info.json"  # what a derived model (embedded_moe, embedded_hybrid) records of its build
 
 
 def cache_dir() -> Path:
@@ -104,21 +108,65 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_default_teacher(**kwargs):
-    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct teacher."""
+def load_checkpoint(path: Path, **kwargs):
+    """`(model, tokenizer)` of a cached checkpoint (no remote code unless `trust_remote_code=True` is passed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_teacher_path()
     trust_remote_code = kwargs.pop("trust_remote_code", False)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_default_teacher(**kwargs):
+    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct teacher."""
+    return load_checkpoint(default_teacher_path(), **kwargs)
 
 
 def load_gemma3(**kwargs):
     """`(model, tokenizer)` of the embedded Gemma-3-270M (see `gemma3_path`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return load_checkpoint(gemma3_path(), **kwargs)
 
-    path = gemma3_path()
-    trust_remote_code = kwargs.pop("trust_remote_code", False)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+# ------------------------------------------------------------------------------- models derived from the teacher
+def merged_recipe(defaults: dict, overrides: dict, validation_samples: int | None) -> dict:
+    """`defaults` updated with `overrides` (unknown keys refused before any work) and `validation_samples`."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown recipe keys {sorted(unknown)}: use {sorted(defaults)}.")
+    recipe = {**defaults, **overrides}
+    if validation_samples is not None:
+        recipe["validation_samples"] = validation_samples
+    return recipe
+
+
+def validation_rows(split, count: int) -> list[dict]:
+    """The first `count` samples of a packed split as `{"input_ids", "attention_mask"}` tensors."""
+    import torch
+
+    return [
+        {"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.tensor(r["attention_mask"])}
+        for r in split.select(range(min(count, len(split))))
+    ]
+
+
+def save_derived(output_dir, model, tokenizer, info: dict) -> None:
+    """Writes a derived model, its tokenizer and its `build_info.json` atomically (a killed build leaves no entry
+    that looks complete)."""
+    with atomic_directory(output_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def derived_path(name: str, build, what: str) -> Path:
+    """`cache_dir() / name`, built once by `build(target)` when any of its files is missing."""
+    target = cache_dir() / name
+    if all((target / f).is_file() for f in ("model.safetensors", "config.json", BUILD_INFO)):
+        return target
+    logger.warning("Building the embedded %s into %s (a few minutes on a CPU, once).", what, target)
+    build(target)
+    return target
+
+
+def read_build_info(path: Path) -> dict:
+    return json.loads((path / BUILD_INFO).read_text(encoding="utf-8"))

@@ -59,7 +59,6 @@ to the weights, with a greedy continuation of a prompt by SmolLM2 and by the hyb
 atomically, and reuses it after; [`load_embedded_hybrid`] returns `(model, tokenizer)`.
 """
 
-import json
 import logging
 import math
 import time
@@ -67,16 +66,22 @@ from pathlib import Path
 
 import torch
 
-from .embedded import cache_dir, default_teacher_path
+from .embedded import (
+    default_teacher_path,
+    derived_path,
+    load_checkpoint,
+    merged_recipe,
+    read_build_info,
+    save_derived,
+    validation_rows,
+)
 from .embedded_moe import ridge_solve
-from .io import atomic_directory
 
 
 logger = logging.getLogger(__name__)
 
 # The directory name carries the recipe: a change of recipe builds a new cache entry instead of reusing a stale one.
 EMBEDDED_HYBRID_NAME = "smollm2-135m-instruct-bamba-a10-m18x64-g9-c128-fit-v1"
-BUILD_INFO = "build_info.json"
 RECIPE = dict(
     num_attention_layers=10,
     attention_layers=None,
@@ -539,12 +544,7 @@ def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None
     from .data import embedded_datasets
     from .structures.layers import lm_loss
 
-    unknown = set(recipe) - set(RECIPE)
-    if unknown:
-        raise ValueError(f"Unknown recipe keys {sorted(unknown)}: use {sorted(RECIPE)}.")
-    recipe = {**RECIPE, **recipe}
-    if validation_samples is not None:
-        recipe["validation_samples"] = validation_samples
+    recipe = merged_recipe(RECIPE, recipe, validation_samples)
     started = time.perf_counter()
     torch.manual_seed(recipe["seed"])
     path = default_teacher_path()
@@ -568,10 +568,7 @@ def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None
         "layers": stats,
     }
     if recipe["validation_samples"]:
-        validation = [
-            {"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.tensor(r["attention_mask"])}
-            for r in data["validation"].select(range(min(recipe["validation_samples"], len(data["validation"]))))
-        ]
+        validation = validation_rows(data["validation"], recipe["validation_samples"])
         info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
         info["uniform_loss"] = math.log(model.config.vocab_size)
         info["teacher_loss"] = lm_loss(dense, validation)
@@ -586,35 +583,22 @@ def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None
         }
         info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
     dense = None  # frees the dense teacher before the save
-    with atomic_directory(output_dir, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    save_derived(output_dir, model, tokenizer, info)
     return info
 
 
 def embedded_hybrid_path() -> Path:
     """Path of the cached hybrid SmolLM2 checkpoint, built on first use (minutes on a CPU; see `build_info.json`)."""
-    target = cache_dir() / EMBEDDED_HYBRID_NAME
-    if all((target / name).is_file() for name in ("model.safetensors", "config.json", BUILD_INFO)):
-        return target
-    logger.warning("Building the embedded hybrid model into %s (a few minutes on a CPU, once).", target)
-    build_embedded_hybrid(target)
-    return target
+    return derived_path(EMBEDDED_HYBRID_NAME, build_embedded_hybrid, "hybrid model")
 
 
 def load_embedded_hybrid(**kwargs):
     """`(model, tokenizer)` of the embedded hybrid: a stock `BambaForCausalLM` converted from SmolLM2-135M-Instruct
     (attention in 10 of its 30 layers, Mamba2 mixers of 18 heads x 64 in 9 B/C groups in the others; module
     docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = embedded_hybrid_path()
-    trust_remote_code = kwargs.pop("trust_remote_code", False)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return load_checkpoint(embedded_hybrid_path(), **kwargs)
 
 
 def embedded_hybrid_info() -> dict:
     """The `build_info.json` of the cached embedded hybrid (building it if needed)."""
-    return json.loads((embedded_hybrid_path() / BUILD_INFO).read_text(encoding="utf-8"))
+    return read_build_info(embedded_hybrid_path())

@@ -35,7 +35,6 @@ and reuses it after; [`load_embedded_moe`] returns `(model, tokenizer)`.
 """
 
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
@@ -43,15 +42,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .embedded import cache_dir, default_teacher_path
-from .io import atomic_directory
+from .embedded import (
+    default_teacher_path,
+    derived_path,
+    load_checkpoint,
+    merged_recipe,
+    read_build_info,
+    save_derived,
+    validation_rows,
+)
 
 
 logger = logging.getLogger(__name__)
 
 # The directory name carries the recipe: a change of recipe builds a new cache entry instead of reusing a stale one.
 EMBEDDED_MOE_NAME = "smollm2-135m-instruct-moe-s512-8x128-top2-v1"
-BUILD_INFO = "build_info.json"
 RECIPE = dict(
     num_experts=8,
     num_experts_per_tok=2,
@@ -290,12 +295,7 @@ def build_embedded_moe(output_dir: str | Path, validation_samples: int | None = 
     from .data import embedded_datasets
     from .structures.layers import lm_loss
 
-    unknown = set(recipe) - set(RECIPE)
-    if unknown:
-        raise ValueError(f"Unknown recipe keys {sorted(unknown)}: use {sorted(RECIPE)}.")
-    recipe = {**RECIPE, **recipe}
-    if validation_samples is not None:
-        recipe["validation_samples"] = validation_samples
+    recipe = merged_recipe(RECIPE, recipe, validation_samples)
     started = time.perf_counter()
     torch.manual_seed(recipe["seed"])
     path = default_teacher_path()
@@ -354,43 +354,27 @@ def build_embedded_moe(output_dir: str | Path, validation_samples: int | None = 
         "layers": stats,
     }
     if recipe["validation_samples"]:
-        validation = [
-            {"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.tensor(r["attention_mask"])}
-            for r in data["validation"].select(range(min(recipe["validation_samples"], len(data["validation"]))))
-        ]
+        validation = validation_rows(data["validation"], recipe["validation_samples"])
         info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
         info["teacher_loss"] = lm_loss(dense, validation)
         info["moe_loss"] = lm_loss(model, validation)
         info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
     dense = None  # frees the dense teacher before the save
-    with atomic_directory(output_dir, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    save_derived(output_dir, model, tokenizer, info)
     return info
 
 
 def embedded_moe_path() -> Path:
     """Path of the cached MoEfied SmolLM2 checkpoint, built on first use (minutes on a CPU; see `build_info.json`)."""
-    target = cache_dir() / EMBEDDED_MOE_NAME
-    if all((target / name).is_file() for name in ("model.safetensors", "config.json", BUILD_INFO)):
-        return target
-    logger.warning("Building the embedded MoE model into %s (a few minutes on a CPU, once).", target)
-    build_embedded_moe(target)
-    return target
+    return derived_path(EMBEDDED_MOE_NAME, build_embedded_moe, "MoE model")
 
 
 def load_embedded_moe(**kwargs):
     """`(model, tokenizer)` of the embedded MoE: a stock `Qwen2MoeForCausalLM` MoEfied from SmolLM2-135M-Instruct
     (8 routed experts of 128 neurons, 2 per token, and a 512-neuron shared expert per layer; module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = embedded_moe_path()
-    trust_remote_code = kwargs.pop("trust_remote_code", False)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return load_checkpoint(embedded_moe_path(), **kwargs)
 
 
 def embedded_moe_info() -> dict:
     """The `build_info.json` of the cached embedded MoE (building it if needed)."""
-    return json.loads((embedded_moe_path() / BUILD_INFO).read_text(encoding="utf-8"))
+    return read_build_info(embedded_moe_path())
