@@ -53,11 +53,11 @@ _MMAP_THRESHOLD_AFTER = 32 << 20
 
 @contextmanager
 def large_buffers_returned_to_os():
-    """During the importance pass and the slicing, glibc serves allocations of 1 MiB and more with mmap, so each
-    activation or weight buffer goes back to the OS as soon as it is freed, and the pruning peak stays near the model's
-    size. Only then: mmap'ed buffers are page-faulted in on every allocation, which makes forward passes 28% slower
-    on SmolLM2 (1 thread, 16 x 256 tokens: 14.3 s vs 11.1 s), so depth scoring and any training after pruning run
-    with glibc's usual heap (the threshold is left at 32 MiB). No-op off glibc."""
+    """While the weights are sliced, glibc serves allocations of 1 MiB and more with mmap, so each weight buffer goes
+    back to the OS as soon as it is freed, and the pruning peak stays near the model's size. Only then: mmap'ed buffers
+    are page-faulted in on every allocation, which makes forward passes 28% slower on SmolLM2 (1 thread, 16 x 256
+    tokens: 14.3 s vs 11.1 s), so the importance pass, depth scoring and any training after pruning run with glibc's
+    usual heap (the threshold is left at 32 MiB). No-op off glibc."""
     try:
         libc = _libc()
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
