@@ -70,9 +70,9 @@ def time_importance(model, calibration, config, repeats: int) -> dict:
     return {**best, "all": timings, "importance_over_base_forward": best["importance"] / best["base_forward"]}, scores
 
 
-def short_kd(student, teacher, train, steps: int, batch_size: int, output_dir) -> None:
+def short_kd(student, teacher, train, steps: int, batch_size: int, output_dir, frozen: tuple[str, ...] = ()) -> None:
     """`steps` steps of `DistillationTrainer` (LR 2e-5, constant, seed 0): the same batches in the same order for every
-    arm of the MoE and hybrid benchmarks."""
+    arm of the MoE and hybrid benchmarks. Parameters whose name contains one of `frozen` are not trained."""
     from hf_minitron import DistillationConfig, DistillationTrainer
 
     args = DistillationConfig(
@@ -90,6 +90,9 @@ def short_kd(student, teacher, train, steps: int, batch_size: int, output_dir) -
         data_seed=0,
     )
     student.requires_grad_(True)  # a copy of the teacher, which the previous arm's trainer froze in place
+    for name, parameter in student.named_parameters():
+        if any(part in name for part in frozen):
+            parameter.requires_grad_(False)
     DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
 
 
@@ -143,10 +146,12 @@ def split_calibration(data, calibration_samples: int, validation_samples: int):
     return calibration, train, validation
 
 
-def measure_arm(teacher, configs, calibration, validation, train, kd_steps: int, kd_batch_size: int, kd_dir):
+def measure_arm(
+    teacher, configs, calibration, validation, train, kd_steps: int, kd_batch_size: int, kd_dir, frozen=()
+):
     """Prunes a copy of `teacher` with each `(config, scores)` of `configs` (one per seed; precomputed importance
     `scores` or `None`), measures its
-    held-out loss, then again after `kd_steps` of `short_kd`. Returns `(arm, student, records)`: the means and
+    held-out loss, then again after `kd_steps` of `short_kd` (`frozen` parameters not trained). Returns `(arm, student, records)`: the means and
     per-seed losses, the last student and every student's `pruning_record`."""
     from hf_minitron import prune_model
 
@@ -156,7 +161,7 @@ def measure_arm(teacher, configs, calibration, validation, train, kd_steps: int,
         records.append(student.pruning_record)
         pruned.append(held_out_loss(student, validation))
         if kd_steps:
-            short_kd(student, teacher, train, kd_steps, kd_batch_size, kd_dir)
+            short_kd(student, teacher, train, kd_steps, kd_batch_size, kd_dir, frozen)
             after_kd.append(held_out_loss(student, validation))
     arm = {
         "pruned": statistics.mean(pruned),
