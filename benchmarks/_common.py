@@ -140,10 +140,11 @@ def plot_arms(results: dict, targets, baseline: float, baseline_label: str, path
 def split_calibration(data, calibration_samples: int, validation_samples: int):
     """`(calibration, train, validation)`: the first train samples calibrate, the rest train the KD steps, and the
     first validation samples (as tensors) are held out."""
+    from hf_minitron.embedded import validation_rows
+
     calibration = data["train"].select(range(calibration_samples))
     train = data["train"].select(range(calibration_samples, len(data["train"])))
-    validation = as_tensors(data["validation"].select(range(min(validation_samples, len(data["validation"])))))
-    return calibration, train, validation
+    return calibration, train, validation_rows(data["validation"], validation_samples)
 
 
 def measure_arm(
