@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -293,11 +294,44 @@ def _keep_visible(tmp: Path, target: Path) -> Path:
     return keep
 
 
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere `os.umask` can only read it by setting it for a moment
+    (a thread creating a file in that moment gets the same mask back, since we set the value we restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_like_created_files(tmp: Path) -> None:
+    """Gives the finished result the modes a plain `mkdir`/`open` would have under the user's umask.
+
+    `mkdtemp` makes 0700 directories and `mkstemp`-style writers make 0600 files (transformers writes
+    `model.safetensors` so), which would leave a checkpoint on a shared machine readable by its writer only, next to
+    a 0644 `config.json`. Only those 0700/0600 entries are widened, and never beyond the umask; any other mode is the
+    writer's choice and kept.
+    """
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for root, dirs, files in os.walk(tmp):
+        for name, default in [*((d, 0o777) for d in dirs), *((f, 0o666) for f in files)]:
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) == default & 0o700:
+                os.chmod(path, default & ~mask)
+
+
 def _commit_directory(tmp: Path, target: Path, overwrite: bool = False) -> None:
     """Renames the finished `tmp` onto `target`: never onto a directory that appeared (or changed) after the up-front
     check, and never leaving the only copy of the result hidden."""
     _write_marker(tmp)
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700 directories
+    _open_like_created_files(tmp)
     backup = None
     try:
         if os.path.lexists(target):
@@ -430,7 +464,8 @@ def atomic_file(path: str | os.PathLike):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+    # mkstemp creates 0600 files: a rewritten file keeps its mode, a new one gets what `open` would give it.
+    os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
     try:
         os.replace(tmp, path)
     except OSError as error:

@@ -1,6 +1,15 @@
-import pytest
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
 
-from hf_minitron.io import atomic_directory
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_minitron.io import atomic_directory, atomic_write_json
 
 
 def test_interrupted_write_keeps_the_previous_output(tmp_path):
@@ -32,3 +41,62 @@ def test_non_empty_directory_is_refused_without_overwrite(tmp_path):
         with atomic_directory(tmp_path / "out"):
             pass
     assert (tmp_path / "out" / "file").read_text() == "mine"
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_saved_checkpoint_gets_the_modes_the_umask_gives(umask_027, tmp_path):
+    """transformers writes model.safetensors 0600 and mkdtemp makes 0700 folders: under a 027 umask the published
+    checkpoint is group-readable like its config.json, and a mode the writer chose is kept."""
+    model = tiny_model()
+    target = tmp_path / "pruned"
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        assert _mode(tmp / "model.safetensors") == 0o600  # the premise: stock transformers' own mode
+        nested = Path(tempfile.mkdtemp(dir=tmp))
+        (nested / "state.json").write_text("{}")
+        os.chmod(nested / "state.json", 0o600)
+        (tmp / "read_only.txt").write_text("x")
+        os.chmod(tmp / "read_only.txt", 0o400)
+    assert _mode(target) == 0o750
+    assert _mode(target / "model.safetensors") == 0o640
+    assert _mode(target / "config.json") == 0o640
+    assert _mode(target / nested.name) == 0o750
+    assert _mode(target / nested.name / "state.json") == 0o640
+    assert _mode(target / "read_only.txt") == 0o400
+    reloaded = AutoModelForCausalLM.from_pretrained(target)
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_private_umask_keeps_the_checkpoint_private(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        target = tmp_path / "pruned"
+        with atomic_directory(target) as tmp:
+            tiny_model().save_pretrained(tmp)
+    finally:
+        os.umask(previous)
+    assert _mode(target) == 0o700
+    assert {_mode(p) for p in target.iterdir()} == {0o600}
+
+
+def test_an_atomically_written_file_gets_the_umask_mode_or_keeps_its_own(umask_027, tmp_path):
+    new = tmp_path / "results.json"
+    atomic_write_json(new, {"loss": 1.0})
+    assert _mode(new) == 0o640
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    os.chmod(private, 0o600)
+    atomic_write_json(private, {"loss": 2.0})
+    assert _mode(private) == 0o600 and json.loads(private.read_text()) == {"loss": 2.0}
