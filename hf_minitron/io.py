@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -45,6 +46,12 @@ OUTPUT_MARKER = ".hf_minitron_output.json"
 def _temporary_prefix(target: Path) -> str:
     # The writer's pid is part of the name: the next run can tell a dead writer's leftovers from a live one's.
     return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def _writer_tag() -> str:
+    """`{pid}-{random}`: the pid tells a dead writer's leftovers from a live one's; the random part keeps two writers
+    in one process (threads) from taking the same backup or kept-result name."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _owner_alive(pid: int) -> bool:
@@ -176,8 +183,22 @@ def _write_marker(directory: Path) -> None:
 
 
 def _refuse_replacing(target: Path, overwrite: bool) -> None:
-    """Raises `FileExistsError` unless the existing `target` may be replaced: empty, or ours with `overwrite`."""
+    """Raises `FileExistsError` unless the existing `target` may be replaced: empty, or ours with `overwrite`.
+
+    A `target` that vanishes while we look (another writer of it moving it aside to commit its own result) has
+    nothing left to protect: no error here; the final rename checks again and never replaces what appears meanwhile.
+    """
+    try:
+        _refuse_replacing_existing(target, overwrite)
+    except FileNotFoundError:
+        if os.path.lexists(target):
+            raise
+
+
+def _refuse_replacing_existing(target: Path, overwrite: bool) -> None:
     if not target.is_dir() or target.is_symlink():
+        if not os.path.lexists(target):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(target))
         raise FileExistsError(
             errno.EEXIST, f"Output path {str(target)!r} exists and is not a directory: choose a directory path."
         )
@@ -286,7 +307,7 @@ def _rename_noreplace(source: Path, target: Path) -> None:
 def _keep_visible(tmp: Path, target: Path) -> Path:
     """Moves a finished result that could not be committed to a visible sibling of `target` (the next run would remove
     a hidden temporary); returns where it is."""
-    keep = target.with_name(f"{target.name}.unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    keep = target.with_name(f"{target.name}.unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{_writer_tag()}")
     try:
         os.rename(tmp, keep)
     except OSError:
@@ -337,11 +358,16 @@ def _commit_directory(tmp: Path, target: Path, overwrite: bool = False) -> None:
         if os.path.lexists(target):
             # The up-front check may be hours old: another run may have written `target` since.
             _refuse_replacing(target, overwrite)
-            if any(target.iterdir()):
-                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, backup)
-            else:
-                os.rmdir(target)  # empty: nothing to keep; fails (and is reported) if it was filled meanwhile
+            # Another writer of `target` may move it aside (its own commit) at any point here: then there is nothing
+            # to back up, and the rename below refuses whatever that writer puts in its place.
+            try:
+                if any(target.iterdir()):
+                    backup = target.with_name(f".{target.name}.old-{_writer_tag()}")
+                    os.rename(target, backup)
+                else:
+                    os.rmdir(target)  # empty: nothing to keep; fails (and is reported) if it was filled meanwhile
+            except FileNotFoundError:
+                backup = None
         _rename_noreplace(tmp, target)
     except OSError as error:
         if backup is not None and not os.path.lexists(target):

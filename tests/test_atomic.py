@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,11 +126,13 @@ def _dead_pid() -> int:
     return process.pid
 
 
-def test_a_backup_left_between_the_two_renames_is_restored(tmp_path):
+@pytest.mark.parametrize("tag", ["", "-3fa2c9e1"], ids=["pid", "pid-random"])
+def test_a_backup_left_between_the_two_renames_is_restored(tmp_path, tag):
     # `_commit_directory` moves the old output aside, then renames the new one in: a kill between the two leaves
-    # only `.{name}.old-{pid}`. The next writer restores it before anything else.
+    # only `.{name}.old-{pid}-{random}` (`.{name}.old-{pid}` from earlier versions). The next writer restores it
+    # before anything else.
     target = tmp_path / "out"
-    backup = tmp_path / f".out.old-{_dead_pid()}"
+    backup = tmp_path / f".out.old-{_dead_pid()}{tag}"
     backup.mkdir()
     (backup / "config.json").write_text("{}")
     remove_stale_temporaries(target)
@@ -151,3 +154,33 @@ def test_an_exception_mid_save_cleans_up_in_process(tmp_path):
             tiny_model("llama").save_pretrained(tmp, max_shard_size="20KB")
             raise RuntimeError("interrupted")
     assert not target.exists() and _siblings(target) == []
+
+
+def test_writers_in_one_process_at_once_lose_nothing(tmp_path):
+    """Eight threads overwrite one output at once (a notebook running two saves, a server): the output is one complete
+    result, each writer that could not commit keeps its result in a visible sibling of its own that its error names,
+    and nothing hidden is left."""
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("old")
+    errors = []
+
+    def write(i):
+        try:
+            with atomic_directory(target, overwrite=True) as tmp:
+                (tmp / "v").write_text(str(i))
+        except OSError as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = sorted(p for p in tmp_path.iterdir() if p.name.startswith("out.unsaved-"))
+    assert len(kept) == len(errors) and all(any(str(k) in e for e in errors) for k in kept)
+    values = [(p / "v").read_text() for p in [target, *kept]]
+    assert sorted(values) == sorted(set(values)) and set(values) <= {str(i) for i in range(8)}
+    # overwrite=True: a writer that succeeds replaces the one before it (last rename wins); one that fails keeps its own
+    assert len(values) == 1 + len(errors) and "old" not in values
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
