@@ -317,7 +317,7 @@ def _keep_visible(tmp: Path, target: Path) -> Path:
 
 def _umask() -> int:
     """The process's umask. Linux shows it in /proc; elsewhere `os.umask` can only read it by setting it for a moment
-    (a thread creating a file in that moment gets the same mask back, since we set the value we restore)."""
+    (022, the usual default, so that a file another thread creates in that moment gets ordinary modes)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
