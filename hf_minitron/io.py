@@ -185,14 +185,27 @@ def _write_marker(directory: Path) -> None:
 def _refuse_replacing(target: Path, overwrite: bool) -> None:
     """Raises `FileExistsError` unless the existing `target` may be replaced: empty, or ours with `overwrite`.
 
-    A `target` that vanishes while we look (another writer of it moving it aside to commit its own result) has
-    nothing left to protect: no error here; the final rename checks again and never replaces what appears meanwhile.
+    Another writer of `target` may move it aside or rename its own result in while we look (each check reads a path,
+    not a directory): a `target` that vanished has nothing left to protect, and one that was replaced mid-check is
+    checked again, so a half-seen directory is never called foreign. The final rename checks again and never replaces
+    what appears meanwhile.
     """
-    try:
-        _refuse_replacing_existing(target, overwrite)
-    except FileNotFoundError:
-        if os.path.lexists(target):
-            raise
+    for _ in range(8):
+        try:
+            before = os.lstat(target)
+        except FileNotFoundError:
+            return
+        try:
+            _refuse_replacing_existing(target, overwrite)
+            return
+        except (FileExistsError, FileNotFoundError):
+            try:
+                after = os.lstat(target)
+            except FileNotFoundError:
+                return
+            if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+                raise
+    _refuse_replacing_existing(target, overwrite)
 
 
 def _refuse_replacing_existing(target: Path, overwrite: bool) -> None:
