@@ -151,9 +151,9 @@ def measure_arm(
     teacher, configs, calibration, validation, train, kd_steps: int, kd_batch_size: int, kd_dir, frozen=()
 ):
     """Prunes a copy of `teacher` with each `(config, scores)` of `configs` (one per seed; precomputed importance
-    `scores` or `None`), measures its
-    held-out loss, then again after `kd_steps` of `short_kd` (`frozen` parameters not trained). Returns `(arm, student, records)`: the means and
-    per-seed losses, the last student and every student's `pruning_record`."""
+    `scores` or `None`), measures its held-out loss, then again after `kd_steps` of `short_kd` (`frozen` parameters
+    not trained). Returns `(arm, student, records)`: the means and per-seed losses, the last student and every
+    student's `pruning_record`."""
     from hf_minitron import prune_model
 
     pruned, after_kd, records, student = [], [], [], None

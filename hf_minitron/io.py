@@ -210,8 +210,6 @@ def _refuse_replacing(target: Path, overwrite: bool) -> None:
 
 def _refuse_replacing_existing(target: Path, overwrite: bool) -> None:
     if not target.is_dir() or target.is_symlink():
-        if not os.path.lexists(target):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(target))
         raise FileExistsError(
             errno.EEXIST, f"Output path {str(target)!r} exists and is not a directory: choose a directory path."
         )
@@ -504,7 +502,11 @@ def atomic_file(path: str | os.PathLike):
         tmp.unlink(missing_ok=True)
         raise
     # mkstemp creates 0600 files: a rewritten file keeps its mode, a new one gets what `open` would give it.
-    os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
     try:
         os.replace(tmp, path)
     except OSError as error:

@@ -2,6 +2,7 @@ import json
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,19 @@ def test_non_empty_directory_is_refused_without_overwrite(tmp_path):
     assert (tmp_path / "out" / "file").read_text() == "mine"
 
 
-@pytest.fixture
-def umask_027():
-    previous = os.umask(0o027)
+@contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
     try:
         yield
     finally:
         os.umask(previous)
+
+
+@pytest.fixture
+def umask_027():
+    with umask(0o027):
+        yield
 
 
 def _mode(path) -> int:
@@ -80,13 +87,9 @@ def test_a_saved_checkpoint_gets_the_modes_the_umask_gives(umask_027, tmp_path):
 
 
 def test_a_private_umask_keeps_the_checkpoint_private(tmp_path):
-    previous = os.umask(0o077)
-    try:
-        target = tmp_path / "pruned"
-        with atomic_directory(target) as tmp:
-            tiny_model().save_pretrained(tmp)
-    finally:
-        os.umask(previous)
+    target = tmp_path / "pruned"
+    with umask(0o077), atomic_directory(target) as tmp:
+        tiny_model().save_pretrained(tmp)
     assert _mode(target) == 0o700
     assert {_mode(p) for p in target.iterdir()} == {0o600}
 
