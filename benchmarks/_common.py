@@ -35,7 +35,7 @@ def load_teacher_and_corpus(seq_length: int, max_train_samples: int | None = Non
 
 def held_out_loss(model, validation: list[dict], batch_size: int = 8) -> float:
     """Mean next-token cross-entropy on `validation`, in eval mode (the model's mode is restored)."""
-    from hf_minitron.structures.layers import lm_loss
+    from hf_minitron.pruning.structures.depth import lm_loss
 
     was_training = model.training
     model.eval()

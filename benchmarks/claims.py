@@ -379,7 +379,7 @@ class Bench:
             return self._corrected
         from transformers import AutoModelForCausalLM
 
-        from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
+        from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig, correct_teacher
 
         directory = CACHE / "corrected_teacher"
         marker = CACHE / "corrected_teacher.json"
@@ -792,9 +792,9 @@ def claim_h(bench: Bench) -> dict:
 
 
 def search_ready() -> str | None:
-    """Why claim i cannot run, or None: it needs `hf_minitron/search.py` committed with its tests."""
+    """Why claim i cannot run, or None: it needs `hf_minitron/pruning/search.py` committed with its tests."""
     root = Path(__file__).resolve().parent.parent
-    for path in ("hf_minitron/search.py", "tests/test_search.py"):
+    for path in ("hf_minitron/pruning/search.py", "tests/pruning/test_search.py"):
         tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=root, capture_output=True)
         if tracked.returncode != 0:
             return f"{path} is not committed yet"
@@ -802,8 +802,8 @@ def search_ready() -> str | None:
 
 
 def claim_i(bench: Bench) -> dict:
-    from hf_minitron.parameter_count import count_parameters
-    from hf_minitron.search import SearchConfig, search_architectures
+    from hf_minitron.pruning.parameter_count import count_parameters
+    from hf_minitron.pruning.search import SearchConfig, search_architectures
 
     b = bench.budget
     target = count_parameters(bench.teacher.config, bench.pruned_config(**WIDTH))

@@ -46,7 +46,7 @@ def _rss_mb() -> float:
 
 def _batches(tokenizer, seq_length, batch_size, count):
     from hf_minitron.data import embedded_datasets
-    from hf_minitron.distillation_trainer import DataCollatorForDistillation
+    from hf_minitron.distillation.trainer import DataCollatorForDistillation
 
     data = embedded_datasets(tokenizer, seq_length, max_train_samples=batch_size * count)["train"]
     collate = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id or 0)
@@ -303,7 +303,7 @@ def build_student(calibration_samples: int) -> dict:
     from hf_minitron import PrunedConfig
     from hf_minitron.data import embedded_datasets, take_samples
     from hf_minitron.embedded import load_default_teacher
-    from hf_minitron.pruning import prune_model
+    from hf_minitron.pruning.prune import prune_model
 
     teacher, tokenizer = load_default_teacher()
     teacher_params = sum(p.numel() for p in teacher.parameters())  # before pruning: prune_model edits in place

@@ -3,7 +3,7 @@
     python benchmarks/hybrid_prune_quality.py                  # default budget (~10 min on a quiet 2-core CPU)
     python benchmarks/hybrid_prune_quality.py --kd-steps 0     # pruning only
 
-The model is the embedded hybrid (`hf_minitron.embedded_hybrid`: SmolLM2-135M-Instruct converted into a stock
+The model is the embedded hybrid (`hf_minitron.embedded.hybrid`: SmolLM2-135M-Instruct converted into a stock
 `BambaForCausalLM`, attention in 10 of 30 layers, Mamba2 mixers of 18 heads x 64 channels in 9 B/C groups in the
 other 20, a SwiGLU MLP of 1536 in every layer). Targets, each a valid Bamba shape (heads x head_dim a multiple of the
 hidden size):
@@ -160,7 +160,7 @@ def main():
     started = time.perf_counter()
 
     from hf_minitron.data import embedded_datasets
-    from hf_minitron.embedded_hybrid import embedded_hybrid_info, load_embedded_hybrid
+    from hf_minitron.embedded.hybrid import embedded_hybrid_info, load_embedded_hybrid
     from hf_minitron.io import atomic_write_json
 
     teacher, tokenizer = load_embedded_hybrid()

@@ -3,7 +3,7 @@
     python benchmarks/moe_prune_quality.py                    # default budget, ~20-30 min on a quiet 2-core CPU
     python benchmarks/moe_prune_quality.py --kd-steps 0       # pruning only
 
-The model is the embedded MoE (`hf_minitron.embedded_moe`: SmolLM2-135M-Instruct MoEfied into a stock
+The model is the embedded MoE (`hf_minitron.embedded.moe`: SmolLM2-135M-Instruct MoEfied into a stock
 `Qwen2MoeForCausalLM`, 8 routed experts of 128 neurons, top-2, plus a 512-neuron shared expert). Targets:
 
 * `experts6` / `experts4`: 8 -> 6 / 4 routed experts per layer, chosen by each estimator: `output_norm` (mean L2
@@ -87,7 +87,7 @@ def main():
 
     from hf_minitron import count_parameters
     from hf_minitron.data import embedded_datasets
-    from hf_minitron.embedded_moe import embedded_moe_info, load_embedded_moe
+    from hf_minitron.embedded.moe import embedded_moe_info, load_embedded_moe
 
     teacher, tokenizer = load_embedded_moe()
     teacher.eval()

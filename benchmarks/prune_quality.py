@@ -226,7 +226,7 @@ def measure(model: str, args) -> dict:
     """Every measurement of the module docstring on one embedded model, as the dict written to its JSON."""
     from hf_minitron import PrunedConfig, prune_model
     from hf_minitron.data import embedded_datasets
-    from hf_minitron.structures.layers import lm_loss
+    from hf_minitron.pruning.structures.depth import lm_loss
 
     spec = MODELS[model]
     torch.manual_seed(0)

@@ -106,7 +106,7 @@ def write_caches(teacher, tokenizer, train, modes) -> dict:
     import torch
 
     from hf_minitron import cache_teacher
-    from hf_minitron.teacher_cache import _collate, read_cache_info
+    from hf_minitron.distillation.teacher_cache import _collate, read_cache_info
 
     shutil.rmtree(CACHES, ignore_errors=True)
     batch_size = 8
@@ -144,7 +144,7 @@ def fidelity(teacher, train, modes, batches: int, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from hf_minitron import DistillationTrainer, load_teacher_cache
-    from hf_minitron.distillation_trainer import DataCollatorForDistillation
+    from hf_minitron.distillation.trainer import DataCollatorForDistillation
 
     collate = DataCollatorForDistillation()
     student = AutoModelForCausalLM.from_pretrained(STUDENT_DIR)
@@ -217,7 +217,7 @@ def build_step(method: str, batch_size: int, seq_length: int):
     from transformers import AutoModelForCausalLM
 
     from hf_minitron import DistillationTrainer, load_teacher_cache
-    from hf_minitron.distillation_trainer import DataCollatorForDistillation
+    from hf_minitron.distillation.trainer import DataCollatorForDistillation
 
     collate = DataCollatorForDistillation()
     if method in ("ce", "live", "gkd"):
@@ -345,7 +345,7 @@ def speed(methods, batch_size: int, seq_length: int, warmup: int, rounds: int, t
 def search(teacher, tokenizer, data, steps: int, candidates: int, batch_size: int) -> dict:
     """`search_architectures` retraining `candidates` candidates with one hidden cache vs the live teacher."""
     from hf_minitron import SearchConfig, search_architectures
-    from hf_minitron.pruning import compute_scores
+    from hf_minitron.pruning.prune import compute_scores
 
     config = SearchConfig(
         target_ratio=0.6, tolerance=0.05, max_candidates=candidates, retrain_steps=steps, eval_interval=steps,

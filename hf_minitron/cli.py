@@ -180,8 +180,8 @@ def _store_help(command: str, text: str) -> None:
 
 
 def _prune(argv):
-    from .checkpoint_pruning import PruneArguments, prune_checkpoint
-    from .pruning_config import PrunedConfig
+    from .commands.prune import PruneArguments, prune_checkpoint
+    from .pruning.config import PrunedConfig
 
     args, config = parse_dataclasses((PruneArguments, PrunedConfig), argv, "hf-minitron prune")
     prune_checkpoint(args, config)
@@ -195,7 +195,7 @@ def _run(argv):
             _store_help("run", text)
         print(text, end="")
         return
-    from .pipeline import load_pipeline_config, parse_overrides, quiet_third_party_output, run_pipeline
+    from .commands.run import load_pipeline_config, parse_overrides, quiet_third_party_output, run_pipeline
 
     quiet_third_party_output()
     config_path, overrides = parse_overrides(["--config", *argv] if not argv[0].startswith("--") else argv)
@@ -204,7 +204,7 @@ def _run(argv):
 
 
 def _run_help() -> str:
-    from . import pipeline
+    from .commands import run as pipeline
 
     formatter = _HelpFormatter("hf-minitron run", width=_terminal_width())
     formatter.add_usage("hf-minitron run RECIPE.yaml [--key value] [--section.key value] ...", None, [])
@@ -232,15 +232,15 @@ def _run_help() -> str:
 
 
 def _distill(argv):
-    from .distillation_config import DistillationConfig
-    from .distillation_job import DistillArguments, distill_checkpoint
+    from .commands.distill import DistillArguments, distill_checkpoint
+    from .distillation.config import DistillationConfig
 
     args, config = parse_dataclasses((DistillArguments, DistillationConfig), argv, "hf-minitron distill")
     distill_checkpoint(args, config)
 
 
 def _cache_teacher(argv):
-    from .teacher_cache import CacheTeacherArguments, cache_teacher_checkpoint
+    from .commands.cache_teacher import CacheTeacherArguments, cache_teacher_checkpoint
 
     (args,) = parse_dataclasses((CacheTeacherArguments,), argv, "hf-minitron cache-teacher")
     cache = cache_teacher_checkpoint(args)
@@ -248,9 +248,9 @@ def _cache_teacher(argv):
 
 
 def _search(argv):
-    from .distillation_config import DistillationConfig
-    from .search import SearchConfig
-    from .search_job import SearchArguments, print_search_summary, search_checkpoint
+    from .commands.search import SearchArguments, print_search_summary, search_checkpoint
+    from .distillation.config import DistillationConfig
+    from .pruning.search import SearchConfig
 
     args, config, retraining = parse_dataclasses(
         (SearchArguments, SearchConfig, DistillationConfig), argv, "hf-minitron search"
@@ -259,7 +259,8 @@ def _search(argv):
 
 
 def _correct_teacher(argv):
-    from .teacher_correction import CorrectTeacherArguments, TeacherCorrectionConfig, correct_teacher_checkpoint
+    from .commands.correct_teacher import CorrectTeacherArguments, correct_teacher_checkpoint
+    from .distillation.teacher_correction import TeacherCorrectionConfig
 
     args, config = parse_dataclasses(
         (CorrectTeacherArguments, TeacherCorrectionConfig), argv, "hf-minitron correct-teacher"
@@ -271,15 +272,8 @@ def _correct_teacher(argv):
 def _align(argv, stage: str):
     from trl import ModelConfig, SFTConfig, get_peft_config
 
-    from .alignment import (
-        AlignmentArguments,
-        RPOConfig,
-        build_preference_dataset,
-        build_sft_dataset,
-        load_alignment_data,
-        run_dpo,
-        run_sft,
-    )
+    from .alignment import RPOConfig, build_preference_dataset, build_sft_dataset, run_dpo, run_sft
+    from .commands.align import AlignmentArguments, load_alignment_data
 
     config_class, build, run = {
         "sft": (SFTConfig, build_sft_dataset, run_sft),
@@ -305,7 +299,7 @@ def _align(argv, stage: str):
 
 
 def _evaluate(argv):
-    from .checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
+    from .commands.evaluate import EvaluateArguments, evaluate_checkpoints
 
     (args,) = parse_dataclasses((EvaluateArguments,), argv, "hf-minitron evaluate")
     evaluate_checkpoints(args)
@@ -313,7 +307,8 @@ def _evaluate(argv):
 
 
 def _push(argv):
-    from .hub import HubUploadError, PushArguments, push_folder
+    from .commands.push import PushArguments, push_folder
+    from .hub import HubUploadError
 
     (args,) = parse_dataclasses((PushArguments,), argv, "hf-minitron push")
     try:

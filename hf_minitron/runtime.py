@@ -1,6 +1,6 @@
 """Where the model runs: the process group, the input device, and handing freed memory back to the OS.
 
-Shared by the importance pass (`importance.py`) and depth scoring (`structures/layers.py`).
+Shared by the importance pass (`pruning/importance.py`) and depth scoring (`pruning/structures/depth.py`).
 """
 
 from contextlib import contextmanager

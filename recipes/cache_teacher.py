@@ -14,7 +14,8 @@ teacher. Rerunning an interrupted command computes only the missing shards. The 
 
 from trl import TrlParser
 
-from hf_minitron.teacher_cache import CacheTeacherArguments, cache_teacher_checkpoint, read_cache_info
+from hf_minitron.commands.cache_teacher import CacheTeacherArguments, cache_teacher_checkpoint
+from hf_minitron.distillation.teacher_cache import read_cache_info
 
 
 def main(args: CacheTeacherArguments):

@@ -12,8 +12,8 @@ Any field can be overridden on the command line, e.g. `--max_steps 50 --kd_loss 
 
 from trl import TrlParser
 
-from hf_minitron.distillation_config import DistillationConfig
-from hf_minitron.distillation_job import DistillArguments, distill_checkpoint
+from hf_minitron.commands.distill import DistillArguments, distill_checkpoint
+from hf_minitron.distillation.config import DistillationConfig
 
 
 def main(script_args: DistillArguments, training_args: DistillationConfig):

@@ -13,7 +13,8 @@ line, e.g. `--beta 0.05`.
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from hf_minitron.alignment import AlignmentArguments, RPOConfig, build_preference_dataset, load_alignment_data, run_dpo
+from hf_minitron.alignment import RPOConfig, build_preference_dataset, run_dpo
+from hf_minitron.commands.align import AlignmentArguments, load_alignment_data
 
 
 def main(script_args: AlignmentArguments, training_args: RPOConfig, model_args: ModelConfig):

@@ -12,7 +12,7 @@ line, e.g. `--limit 20`. The main process evaluates and writes `output_file`. Sa
 
 from trl import TrlParser
 
-from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
+from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
 
 
 def main(script_args: EvaluateArguments):

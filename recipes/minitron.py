@@ -15,7 +15,7 @@ import sys
 
 from accelerate import PartialState
 
-from hf_minitron.pipeline import load_pipeline_config, parse_overrides, run_pipeline
+from hf_minitron.commands.run import load_pipeline_config, parse_overrides, run_pipeline
 
 
 def main(argv):

@@ -16,8 +16,8 @@ result with `recipes/distill.py`.
 
 from trl import TrlParser
 
-from hf_minitron.checkpoint_pruning import PruneArguments, prune_checkpoint
-from hf_minitron.pruning_config import PrunedConfig
+from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
+from hf_minitron.pruning.config import PrunedConfig
 
 
 def main(script_args: PruneArguments, pruning_config: PrunedConfig):

@@ -12,7 +12,7 @@ Any PushArguments field can be overridden on the command line, e.g. `--private f
 
 from trl import TrlParser
 
-from hf_minitron.hub import PushArguments, push_folder
+from hf_minitron.commands.push import PushArguments, push_folder
 
 
 def main(script_args: PushArguments):

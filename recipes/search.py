@@ -13,9 +13,9 @@ retraining, as ModelOpt does) or `--scorer lm_eval`. Rerunning the same command 
 
 from trl import TrlParser
 
-from hf_minitron.distillation_config import DistillationConfig
-from hf_minitron.search import SearchConfig
-from hf_minitron.search_job import SearchArguments, print_search_summary, search_checkpoint
+from hf_minitron.commands.search import SearchArguments, print_search_summary, search_checkpoint
+from hf_minitron.distillation.config import DistillationConfig
+from hf_minitron.pruning.search import SearchConfig
 
 
 def main(script_args: SearchArguments, search_config: SearchConfig, training_args: DistillationConfig):

@@ -13,7 +13,8 @@ line, e.g. `--max_steps 5`. Then run `recipes/dpo.py` on the result.
 
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config
 
-from hf_minitron.alignment import AlignmentArguments, build_sft_dataset, load_alignment_data, run_sft
+from hf_minitron.alignment import build_sft_dataset, run_sft
+from hf_minitron.commands.align import AlignmentArguments, load_alignment_data
 
 
 def main(script_args: AlignmentArguments, training_args: SFTConfig, model_args: ModelConfig):

@@ -11,7 +11,8 @@ Any field can be overridden on the command line, e.g. `--use_lora true --max_ste
 
 from trl import TrlParser
 
-from hf_minitron.teacher_correction import CorrectTeacherArguments, TeacherCorrectionConfig, correct_teacher_checkpoint
+from hf_minitron.commands.correct_teacher import CorrectTeacherArguments, correct_teacher_checkpoint
+from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig
 
 
 def main(script_args: CorrectTeacherArguments, training_args: TeacherCorrectionConfig):

@@ -1,5 +1,11 @@
 import os
+from pathlib import Path
 
+
+# The test tree mirrors the package; files in its subfolders find the shared helpers (`scripts/`, `distill_worker.py`,
+# `hub_server.py`) and the repository's recipes from here.
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 # Tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 
 ARCHITECTURE_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "nemotron", "phi3"]
-# The dense families of 2025-2026 (issue 14): a spec entry each, the same tiny-model tests.
+# The dense families of 2025-2026: a spec entry each, the same tiny-model tests.
 ARCHITECTURE_NAMES += [
     "gemma3_text",
     "smollm3",
@@ -188,3 +194,77 @@ def hub_env(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
+
+
+# Helpers shared by test files in several folders.
+INPUT_IDS = torch.tensor([[5, 17, 42, 8, 77, 31, 9, 60, 12, 3], [44, 2, 19, 90, 6, 71, 33, 14, 58, 25]])
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def logits(model, ids=INPUT_IDS):
+    return model(input_ids=ids).logits
+
+
+def _static_scores(model, heads=None, neurons=None, hidden=None, layers=None):
+    from hf_minitron import ImportanceScores
+    from hf_minitron.pruning.importance import model_shape
+
+    shape = model_shape(model.config)
+    L, H, Inter, nH = (
+        shape["num_hidden_layers"],
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_attention_heads"],
+    )
+    hidden = torch.zeros(L, H, dtype=torch.float64) if hidden is None else hidden
+    return ImportanceScores(
+        method="activation",
+        sequence_aggregation="mean",
+        num_samples=1,
+        num_tokens=1,
+        model_shape=shape,
+        heads={"score": torch.zeros(L, nH, dtype=torch.float64) if heads is None else heads},
+        neurons={"score": torch.zeros(L, Inter, dtype=torch.float64) if neurons is None else neurons},
+        hidden={"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)},
+        block_influence=torch.arange(L, dtype=torch.float64) if layers is None else layers,
+    )
+
+
+def _tiny_recipe(checkpoint, output_dir, **top):
+    return {
+        "teacher": str(checkpoint),
+        "output_dir": str(output_dir),
+        "seq_length": 32,
+        "max_train_samples": 16,
+        "max_eval_samples": 4,
+        "eval_tasks": "",
+        "write_model_card": False,
+        **top,
+        "pruning": {
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_attention_heads": 2,
+            "calibration_samples": 8,
+            "calibration_seq_length": 32,
+        },
+        "distillation": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 2,
+            "report_to": "none",
+            "logging_steps": 1,
+            "save_steps": 2,
+            "learning_rate": 1e-3,
+        },
+        "teacher_correction": {"max_steps": 2, "per_device_train_batch_size": 2, "report_to": "none"},
+    }
+
+
+# Alignment on the tiny model: its byte-level tokenizer makes chats long in tokens and ships no chat template.
+_ALIGNMENT = dict(
+    chat_template="chatml", max_length=128, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+    logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
+)  # fmt: skip

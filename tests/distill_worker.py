@@ -17,7 +17,7 @@ from conftest import random_samples, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_minitron import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_minitron.distillation_trainer import shard_teacher  # noqa: E402
+from hf_minitron.distillation.trainer import shard_teacher  # noqa: E402
 
 
 def main(output_dir: str, batch_size: int, accumulation: int) -> None:

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_minitron.cli import main as cli_main
 from hf_minitron.evaluation import save_json
-from hf_minitron.importance import ImportanceScores, estimate_importance
 from hf_minitron.io import OUTPUT_MARKER, atomic_directory, atomic_write_json, remove_stale_temporaries
+from hf_minitron.pruning.importance import ImportanceScores, estimate_importance
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

@@ -15,13 +15,13 @@ from hub_server import FakeHub
 from transformers import AutoModelForCausalLM, Trainer
 
 from hf_minitron import PrunedConfig, estimate_importance, prune_model
-from hf_minitron.checkpoint_pruning import PruneArguments, prune_checkpoint
 from hf_minitron.cli import main
-from hf_minitron.distillation_config import DistillationConfig
-from hf_minitron.distillation_job import DistillArguments, distill_checkpoint
+from hf_minitron.commands.distill import DistillArguments, distill_checkpoint
+from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
+from hf_minitron.commands.run import build_pipeline_config
+from hf_minitron.distillation.config import DistillationConfig
 from hf_minitron.hub import HubUploadError, push_to_hub
-from hf_minitron.importance import ImportanceScores
-from hf_minitron.pipeline import build_pipeline_config
+from hf_minitron.pruning.importance import ImportanceScores
 
 
 TOKEN = "hf_bad_input_test_token"
@@ -50,9 +50,9 @@ def no_expensive_work(monkeypatch):
 
         return fail
 
-    import hf_minitron.pruning
+    import hf_minitron.pruning.prune
 
-    monkeypatch.setattr(hf_minitron.pruning, "estimate_importance", forbidden("estimate_importance"))
+    monkeypatch.setattr(hf_minitron.pruning.prune, "estimate_importance", forbidden("estimate_importance"))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden("from_pretrained (weights)"))
     monkeypatch.setattr(Trainer, "train", forbidden("Trainer.train"))
 
@@ -567,7 +567,7 @@ def test_cli_reports_a_full_disk_without_traceback(checkpoint, tmp_path, texts, 
 
 
 def test_evaluate_checks_both_checkpoints_before_loading(checkpoint, tmp_path, no_expensive_work):
-    from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
+    from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
 
     args = EvaluateArguments(model=str(checkpoint), teacher=str(tmp_path / "no-teacher"), tasks="pydoc_topics")
     with pytest.raises(FileNotFoundError, match=r"no-teacher' does not exist"):
@@ -575,7 +575,7 @@ def test_evaluate_checks_both_checkpoints_before_loading(checkpoint, tmp_path, n
 
 
 def test_pipeline_checks_the_teacher_before_any_stage(checkpoint, tmp_path, no_expensive_work):
-    from hf_minitron.pipeline import run_pipeline
+    from hf_minitron.commands.run import run_pipeline
 
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
@@ -586,7 +586,7 @@ def test_pipeline_checks_the_teacher_before_any_stage(checkpoint, tmp_path, no_e
 
 
 def test_pipeline_sequence_longer_than_teacher_positions(checkpoint, tmp_path, no_expensive_work):
-    from hf_minitron.pipeline import run_pipeline
+    from hf_minitron.commands.run import run_pipeline
 
     recipe = {"teacher": str(checkpoint), "output_dir": str(tmp_path / "run"), "seq_length": 1024}
     with pytest.raises(
@@ -625,7 +625,7 @@ def test_trainer_checks_teacher_path_before_loading_the_student(checkpoint, tmp_
 def test_launched_processes_without_a_process_group(checkpoint, tmp_path, monkeypatch, trainer, no_expensive_work):
     """Two launched processes without GPUs and without `use_cpu`: each would train (and write) the whole run alone."""
     from hf_minitron import DistillationTrainer
-    from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
+    from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig, correct_teacher
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

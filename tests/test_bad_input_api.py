@@ -220,7 +220,7 @@ def test_damaged_pruning_files_name_the_file(tmp_path, name):
 def test_unknown_lm_eval_task_is_refused_before_any_model_loads(monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
+    from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
     from hf_minitron.evaluation import check_task_names
 
     check_task_names(["pydoc_topics"])  # ours: no lm-eval index needed
@@ -241,7 +241,7 @@ def test_unknown_lm_eval_task_is_refused_before_any_model_loads(monkeypatch, tmp
     [({"sft": 5}, "sft"), ({"pruning": [1, 2]}, "pruning"), ({"distillation": "fast"}, "distillation")],
 )
 def test_recipe_sections_of_the_wrong_yaml_type_are_named(recipe, section):
-    from hf_minitron.pipeline import build_pipeline_config
+    from hf_minitron.commands.run import build_pipeline_config
 
     with pytest.raises(ValueError, match=rf"The '{section}' section of the recipe is a \w+ .*must be a mapping"):
         build_pipeline_config(recipe)

@@ -12,20 +12,19 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import random_samples, tiny_model, tiny_tokenizer
+from conftest import _tiny_recipe, random_samples, tiny_model, tiny_tokenizer
 from hub_server import FakeHub
-from test_pipeline import _tiny_recipe
 from transformers import AutoModelForCausalLM
 
 import hf_minitron.evaluation
 from hf_minitron import DistillationConfig, DistillationTrainer
 from hf_minitron.alignment import RPOConfig
-from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
 from hf_minitron.cli import main
+from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
+from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig, correct_teacher
 from hf_minitron.hub import push_to_hub
 from hf_minitron.io import atomic_save_model
-from hf_minitron.pipeline import build_pipeline_config, run_pipeline
-from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
 from hf_minitron.validation import NonFiniteError
 
 

@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 
 import hf_minitron.io
 from hf_minitron import PrunedConfig
-from hf_minitron.checkpoint_evaluation import EvaluateArguments, evaluate_checkpoints
-from hf_minitron.checkpoint_pruning import PruneArguments, prune_checkpoint
 from hf_minitron.cli import main
+from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
+from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
+from hf_minitron.commands.run import MinitronArguments, build_pipeline_config, run_pipeline
 from hf_minitron.io import OUTPUT_MARKER, atomic_directory, atomic_write_json, is_own_output
-from hf_minitron.pipeline import MinitronArguments, build_pipeline_config, run_pipeline
 
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -134,7 +134,7 @@ def test_output_overlapping_the_source_model_is_refused(checkpoint, text_file, t
 
 
 def test_pipeline_output_dir_overlapping_the_teacher_is_refused(checkpoint, tmp_path):
-    from test_pipeline import _tiny_recipe
+    from conftest import _tiny_recipe
 
     before = snapshot(checkpoint)
     for output_dir in (checkpoint, checkpoint / "run"):
@@ -198,7 +198,7 @@ def test_two_writers_of_one_fresh_output(tmp_path, rename_flavour):
 def test_two_prunes_into_one_fresh_folder(checkpoint, text_file, tmp_path, monkeypatch):
     """Another prune into the same fresh folder finishes while ours is saving: ours fails at its commit and keeps its
     result aside, the other's stays."""
-    import hf_minitron.checkpoint_pruning as checkpoint_pruning
+    import hf_minitron.commands.prune as checkpoint_pruning
 
     output = tmp_path / "pruned"
     check_finite_weights = checkpoint_pruning.check_finite_weights

@@ -80,8 +80,8 @@ def test_prune_help_describes_negative_flags(help_cache, capsys):
 
 
 def test_negative_flag_still_parses(tmp_path):
-    from hf_minitron.checkpoint_pruning import PruneArguments
-    from hf_minitron.pruning_config import PrunedConfig
+    from hf_minitron.commands.prune import PruneArguments
+    from hf_minitron.pruning.config import PrunedConfig
 
     args, _ = cli.parse_dataclasses((PruneArguments, PrunedConfig), ["--no_save_scores"], "hf-minitron prune")
     assert args.save_scores is False

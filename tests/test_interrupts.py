@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_samples, tiny_model
+from conftest import _tiny_recipe, random_samples, tiny_model
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_pipeline import _tiny_recipe
 
 from hf_minitron.cli import main as cli_main
 

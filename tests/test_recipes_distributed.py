@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import tiny_model
-from test_pipeline import _ALIGNMENT, _tiny_recipe
+from conftest import _ALIGNMENT, _tiny_recipe, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron.io import OUTPUT_MARKER

@@ -12,8 +12,8 @@ from conftest import tiny_model, tiny_tokenizer
 from hub_server import FakeHub
 
 from hf_minitron import PrunedConfig
-from hf_minitron.checkpoint_pruning import PruneArguments, prune_checkpoint
 from hf_minitron.cli import main
+from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
 from hf_minitron.hub import push_to_hub
 
 
@@ -85,7 +85,7 @@ def test_no_pickle_loading_in_the_package():
 
 # Files that play the user who asks for remote code: the custom-family test loads the model it wrote itself with an
 # explicit trust_remote_code=True, as the README tells a user of such a family to do.
-USER_OPT_IN = {"tests/test_custom_family.py"}
+USER_OPT_IN = {"tests/pruning/test_custom_family.py"}
 
 
 def test_trust_remote_code_is_never_switched_on_by_us():
@@ -277,8 +277,8 @@ def test_hub_token_is_left_out_of_every_training_config_pickle(config_class, tmp
 
     from hf_minitron import DistillationConfig
     from hf_minitron.alignment import RPOConfig
+    from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig
     from hf_minitron.hub import keep_token_out_of_pickles
-    from hf_minitron.teacher_correction import TeacherCorrectionConfig
 
     cls = {c.__name__: c for c in (DistillationConfig, TeacherCorrectionConfig, RPOConfig, SFTConfig)}[config_class]
     config = cls(output_dir=str(tmp_path), report_to="none", hub_token=TOKEN, bf16=False)

@@ -9,7 +9,7 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from conftest import random_samples, tiny_model  # noqa: E402
 
 from hf_minitron import PrunedConfig, estimate_importance  # noqa: E402
-from hf_minitron.structures.layers import lm_loss  # noqa: E402
+from hf_minitron.pruning.structures.depth import lm_loss  # noqa: E402
 
 
 def main(output_dir, model_type="llama"):

@@ -61,7 +61,7 @@ def main(mode: str, target: str, marker: str, *rest: str) -> int:
         import safetensors.torch
         from conftest import random_samples, tiny_model
 
-        from hf_minitron.importance import estimate_importance
+        from hf_minitron.pruning.importance import estimate_importance
 
         scores = estimate_importance(tiny_model("llama", seed=3), random_samples(4), show_progress=False)
         safetensors.torch.save_file = after_first_call(safetensors.torch.save_file, marker)

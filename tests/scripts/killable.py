@@ -21,10 +21,10 @@ PRELOAD = [
     "peft",
     "trl",
     "hf_minitron.cli",
-    "hf_minitron.distillation_trainer",
+    "hf_minitron.distillation.trainer",
     "hf_minitron.alignment",
-    "hf_minitron.pipeline",
-    "hf_minitron.checkpoint_pruning",
+    "hf_minitron.commands.run",
+    "hf_minitron.commands.prune",
     "interrupt_worker",
     "kill_mid_save",
 ]

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from conftest import random_samples, tiny_model  # noqa: E402
 
-import hf_minitron.teacher_cache as teacher_cache  # noqa: E402
+import hf_minitron.distillation.teacher_cache as teacher_cache  # noqa: E402
 
 
 def main(output_dir, signal_file=None):

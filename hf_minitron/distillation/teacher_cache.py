@@ -1,0 +1,776 @@
+"""Offline teacher: run the teacher once over the training data, then distil from its stored outputs many times.
+
+[`cache_teacher`] writes a `datasets.Dataset` (Arrow shards) that holds, next to each sample's token ids, what the KD
+loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (and no teacher) distils from it:
+
+- `mode="hidden"` (exact): the teacher's final post-norm hidden state of every token (`teacher_hidden`, fp32 or bf16)
+  and, once for the whole cache, the teacher's output layer (`teacher_lm_head.safetensors`). The fused KD loss
+  recomputes the teacher's logits chunk by chunk from them ([`fused_kd_loss`]): the loss of a live teacher, up to the
+  storage dtype, for every loss kind, temperature and `kd_top_k`. `hidden_size * 4` (fp32) or `* 2` (bf16) bytes per
+  token.
+- `mode="topk"`: per token the teacher's `top_k` most likely tokens (`teacher_topk_ids`), their log-probabilities at
+  the cache's `temperature` (`teacher_topk_logprobs`) and the log of the remaining probability mass
+  (`teacher_topk_rest`). The tail is one bucket: the divergence is taken between the `top_k + 1`-bucket distributions
+  of teacher and student ([`topk_kd_loss`]), which for forward KL is a lower bound of the full KL and equals it at
+  `top_k` = vocabulary size. `top_k * (2 + 4) + 4` bytes per token (uint16 ids, fp32 log-probabilities; 2-byte
+  log-probabilities with `dtype="float16"` / `"bfloat16"`).
+
+The teacher columns are flat lists (`[tokens * hidden_size]`, `[tokens * top_k]`, one entry per position of
+`input_ids`: position t holds the teacher's prediction of token t + 1); bf16 values are stored as their uint16 bit
+patterns (Arrow has no bf16). [`load_teacher_cache`] (or `datasets.load_from_disk`) returns the dataset with numpy
+formatting.
+
+`teacher_cache.json` holds a fingerprint of the teacher's weights (a sample of every tensor), the tokenizer's
+vocabulary, the data (every sample's ids) and the sequence length: a cache is refused for another teacher (teacher
+correction changes the teacher), tokenizer or data, with an error naming what differs.
+
+Writing is streamed shard by shard (`shard_size` samples each, a file written aside and renamed) into a hidden
+`.{name}.partial` sibling that survives a kill: rerunning the same call computes only the missing shards. The
+finished cache is moved into place atomically ([`atomic_directory`]). Under `torch.distributed` (e.g. `accelerate
+launch`), process r writes shards r, r + N, r + 2N, ... with its own full copy of the teacher: the result is the
+one-process cache.
+"""
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_directory, atomic_write_json, check_output_dir, format_bytes
+from .losses import LOG_PROB_FLOOR, chunk_rows, fused_kd_loss, fused_topk_kd_loss, kd_loss, topk_kd_loss
+
+
+logger = logging.getLogger(__name__)
+
+CACHE_INFO_NAME = "teacher_cache.json"
+LM_HEAD_NAME = "teacher_lm_head.safetensors"
+SETTINGS_NAME = "settings.json"
+FORMAT_VERSION = 1
+MODES = ("hidden", "topk")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+HIDDEN = "teacher_hidden"
+TOPK_IDS = "teacher_topk_ids"
+TOPK_LOGPROBS = "teacher_topk_logprobs"
+TOPK_REST = "teacher_topk_rest"
+TEACHER_COLUMNS = (HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST)
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def _sampled_values(tensor: torch.Tensor, count: int = 1024) -> bytes:
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > 3 * count:
+        flat = torch.cat([flat[:count], flat[:: flat.numel() // count][:count], flat[-count:]])
+    # Rounded to bf16: the same teacher loaded in fp32, bf16 or fp16 has the same fingerprint.
+    return flat.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def teacher_fingerprint(teacher) -> str:
+    """A hash of the teacher's parameter names, shapes and 3072 values of each tensor (first, strided, last).
+
+    Any training (teacher correction) changes it; loading the same weights in another dtype does not.
+    """
+    digest = hashlib.sha256()
+    for name, param in teacher.named_parameters():
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(_sampled_values(param))
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash of the tokenizer's vocabulary (token -> id), or `None` without a tokenizer."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    if tokenizer is None:
+        return None
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def _rows(dataset):
+    """`{"input_ids", "attention_mask", "labels" (or None)}` 1-D tensors of every sample of `dataset`."""
+    for item in dataset:
+        if not isinstance(item, dict) or "input_ids" not in item:
+            raise ValueError(
+                "cache_teacher needs tokenized samples (mappings with 'input_ids', optionally 'attention_mask' and "
+                f"'labels'), got {type(item).__name__}: tokenize the text first, e.g. with hf_minitron.data.pack_texts."
+            )
+        ids = torch.as_tensor(np.asarray(item["input_ids"]), dtype=torch.long).reshape(-1)
+        mask = item.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.long)
+        labels = item.get("labels")
+        labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("cache_teacher got a sample with no tokens: drop empty samples from the dataset.")
+        yield {"input_ids": ids, "attention_mask": mask.reshape(-1), "labels": labels}
+
+
+def _shard_hash(rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("input_ids", "attention_mask", "labels"):
+            value = row[key]
+            digest.update(b"-" if value is None else value.numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _data_fingerprint(shards: list[dict]) -> dict:
+    digest = hashlib.sha256("".join(s["data_hash"] for s in shards).encode())
+    return {
+        "samples": sum(s["samples"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "hash": digest.hexdigest()[:16],
+    }
+
+
+def data_fingerprint(dataset, shard_size: int) -> dict:
+    """`{"samples", "tokens", "hash", "seq_length"}` of a tokenized dataset, as [`cache_teacher`] records it."""
+    shards, seq_length = [], 0
+    for rows in _batched(_rows(dataset), shard_size):
+        seq_length = max(seq_length, *(r["input_ids"].numel() for r in rows))
+        shards.append({"samples": len(rows), "tokens": sum(r["input_ids"].numel() for r in rows)})
+        shards[-1]["data_hash"] = _shard_hash(rows)
+    return {**_data_fingerprint(shards), "seq_length": seq_length}
+
+
+def _batched(iterable, size: int):
+    iterator = iter(iterable)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_cache_info(directory: str | os.PathLike) -> dict:
+    """The `teacher_cache.json` of a cache directory."""
+    path = Path(directory) / CACHE_INFO_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a teacher cache (no {CACHE_INFO_NAME}): write one with "
+            "hf_minitron.cache_teacher(teacher, dataset, output_dir) or `hf-minitron cache-teacher`."
+        )
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"The teacher cache {str(directory)!r} has format version {info.get('format_version')!r}, this "
+            f"hf-minitron reads version {FORMAT_VERSION}: rewrite the cache with this version (cache_teacher)."
+        )
+    return info
+
+
+def is_teacher_cache(dataset) -> bool:
+    """Whether `dataset` has the columns of a teacher cache."""
+    columns = getattr(dataset, "column_names", None) or []
+    return any(name in columns for name in TEACHER_COLUMNS)
+
+
+def cache_directory(dataset) -> Path:
+    """The directory of the teacher cache whose Arrow files back `dataset` (also after `select` or `shuffle`)."""
+    for cache_file in getattr(dataset, "cache_files", None) or []:
+        directory = Path(cache_file["filename"]).parent
+        if (directory / CACHE_INFO_NAME).is_file():
+            return directory
+    raise ValueError(
+        "This dataset has teacher-cache columns but is not backed by the files of a teacher cache (was it rebuilt "
+        "with map() or from_dict()?), so the teacher's cache settings and output layer cannot be found: pass the "
+        "dataset returned by load_teacher_cache(cache_dir) or cache_teacher(...)."
+    )
+
+
+def check_teacher_cache(cache, teacher=None, tokenizer=None, dataset=None, seq_length: int | None = None) -> dict:
+    """Refuses a teacher cache made from another teacher, tokenizer, data or sequence length than those given.
+
+    Args:
+        cache (`str`, `os.PathLike` or `datasets.Dataset`): the cache directory, or the dataset loaded from it.
+        teacher (`PreTrainedModel`, *optional*): the teacher the cache should come from.
+        tokenizer (*optional*): the tokenizer the cache should have been made with.
+        dataset (*optional*): the tokenized samples the cache should hold.
+        seq_length (`int`, *optional*): the longest sample length the cache should hold.
+
+    Returns:
+        `dict`: the cache's `teacher_cache.json`.
+
+    Raises:
+        `ValueError`: naming what differs and how to fix it.
+    """
+    directory = cache_directory(cache) if hasattr(cache, "cache_files") else Path(cache)
+    info = read_cache_info(directory)
+    saved = info["fingerprint"]
+    fix = (
+        f"Rewrite the cache (cache_teacher(..., overwrite=True) or a new output_dir), or use the {{}} it was made "
+        f"from. Cache: {str(directory)!r}."
+    )
+    if teacher is not None and teacher_fingerprint(teacher) != saved["teacher"]:
+        raise ValueError(
+            f"The teacher cache was written from another teacher (weights fingerprint {saved['teacher']}, this "
+            f"teacher's is {teacher_fingerprint(teacher)}): training the teacher (teacher correction) changes its "
+            "outputs. " + fix.format("teacher")
+        )
+    if (
+        tokenizer is not None
+        and saved["tokenizer"] is not None
+        and tokenizer_fingerprint(tokenizer) != saved["tokenizer"]
+    ):
+        raise ValueError(
+            f"The teacher cache was made with another tokenizer (vocabulary fingerprint {saved['tokenizer']}, this "
+            f"one's is {tokenizer_fingerprint(tokenizer)}): logit distillation compares token ids. "
+            + fix.format("tokenizer")
+        )
+    if seq_length is not None and seq_length != saved["seq_length"]:
+        raise ValueError(
+            f"The teacher cache holds samples of up to {saved['seq_length']} tokens, not seq_length={seq_length}. "
+            + fix.format("sequence length")
+        )
+    if dataset is not None:
+        given = data_fingerprint(dataset, info["shard_size"])
+        if given != saved["data"] | {"seq_length": saved["seq_length"]}:
+            raise ValueError(
+                f"The teacher cache holds other data ({saved['data']['samples']} samples, {saved['data']['tokens']} "
+                f"tokens, fingerprint {saved['data']['hash']}; the given data: {given['samples']} samples, "
+                f"{given['tokens']} tokens, fingerprint {given['hash']}). " + fix.format("data")
+            )
+    return info
+
+
+def load_teacher_cache(
+    directory: str | os.PathLike, teacher=None, tokenizer=None, dataset=None, seq_length: int | None = None
+):
+    """The `datasets.Dataset` of a teacher cache (numpy-formatted), checked against what is given.
+
+    Args:
+        directory (`str` or `os.PathLike`): written by [`cache_teacher`].
+        teacher, tokenizer, dataset, seq_length (*optional*): see [`check_teacher_cache`].
+
+    Returns:
+        `datasets.Dataset`: `input_ids`, `attention_mask` (and `labels` when the data had them) and the teacher
+        columns; pass it as `train_dataset` to a [`DistillationTrainer`] without a teacher.
+    """
+    from datasets import load_from_disk
+
+    check_teacher_cache(directory, teacher, tokenizer, dataset, seq_length)
+    return load_from_disk(str(directory))
+
+
+# ---------------------------------------------------------------------------------------------- the teacher's outputs
+def _collate(rows: list[dict], device) -> dict:
+    length = max(r["input_ids"].numel() for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : r["input_ids"].numel()] = r["input_ids"]
+        mask[i, : r["input_ids"].numel()] = r["attention_mask"]
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def _final_hidden(teacher, rows: list[dict]) -> torch.Tensor:
+    """The teacher's post-norm final hidden states `[batch, length, hidden]` of right-padded `rows`; the lm_head is
+    handed an empty slice (as the trainer's fused loss does), so no logits are computed."""
+    captured = {}
+
+    def hook(head, args):
+        captured["hidden"] = args[0]
+        return (args[0][:, :0],) + tuple(args[1:])
+
+    handle = teacher.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        teacher(**_collate(rows, next(teacher.parameters()).device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+@torch.no_grad()
+def _topk(hidden, head, softcap, vocab_size, top_k, temperature):
+    """`(ids, log_probs, rest)` of the teacher's `top_k` tokens for `hidden` `[tokens, hidden]`, chunk by chunk."""
+    results = []
+    vocab = vocab_size or head.weight.shape[0]
+    for chunk in hidden.split(chunk_rows(vocab)):
+        logits = F.linear(chunk, head.weight[:vocab], None if head.bias is None else head.bias[:vocab]).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        log_p = torch.log_softmax(logits / temperature, -1)
+        values, ids = log_p.topk(min(top_k, vocab), -1)
+        if top_k < vocab:
+            rest = log_p.scatter_(-1, ids, float("-inf")).logsumexp(-1)
+        else:
+            rest = torch.full_like(values[:, 0], LOG_PROB_FLOOR)
+        results.append((ids, values.clamp_min(LOG_PROB_FLOOR), rest.clamp_min(LOG_PROB_FLOOR)))
+    return tuple(torch.cat(parts) for parts in zip(*results))
+
+
+def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return values.to("cpu", torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return values.to("cpu", getattr(torch, dtype)).numpy()
+
+
+def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool):
+    from datasets import Features, List, Value
+
+    stored = "uint16" if dtype == "bfloat16" else dtype
+    columns = {"input_ids": List(Value("int32")), "attention_mask": List(Value("int8"))}
+    if with_labels:
+        columns["labels"] = List(Value("int32"))
+    if mode == "hidden":
+        columns[HIDDEN] = List(Value(stored))
+    else:
+        columns.update({TOPK_IDS: List(Value(id_dtype)), TOPK_LOGPROBS: List(Value(stored)), TOPK_REST: List(Value("float32"))})  # fmt: skip
+    return Features(columns)
+
+
+def _list_array(parts: list[np.ndarray]):
+    import pyarrow as pa
+
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([p.size for p in parts], out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("cache_teacher: one batch holds over 2**31 values per column; use a smaller batch_size.")
+    values = np.concatenate([p.reshape(-1) for p in parts])
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> dict:
+    """Runs the teacher on one shard and writes it to `path` (through a temporary file): its sidecar entry."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    mode, dtype = settings["mode"], settings["dtype"]
+    with_labels = settings["with_labels"]
+    features = _features(mode, dtype, settings["id_dtype"], with_labels)
+    head = teacher.get_output_embeddings()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with ArrowWriter(features=features, path=str(tmp)) as writer:
+            for batch in _batched(rows, batch_size):
+                hidden = _final_hidden(teacher, batch)
+                lengths = [r["input_ids"].numel() for r in batch]
+                columns = {
+                    "input_ids": [r["input_ids"].numpy().astype(np.int32) for r in batch],
+                    "attention_mask": [r["attention_mask"].numpy().astype(np.int8) for r in batch],
+                }
+                if with_labels:
+                    columns["labels"] = [r["labels"].numpy().astype(np.int32) for r in batch]
+                states = torch.cat([hidden[i, :n] for i, n in enumerate(lengths)])  # drop the padding
+                if mode == "hidden":
+                    columns[HIDDEN] = np.split(_to_storage(states, dtype), np.cumsum(lengths)[:-1])
+                else:
+                    ids, log_probs, rest = _topk(
+                        states, head, settings["teacher_softcap"], settings["vocab_size"], settings["top_k"],
+                        settings["temperature"],
+                    )  # fmt: skip
+                    splits = np.cumsum(lengths)[:-1]
+                    columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
+                    columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
+                    columns[TOPK_REST] = np.split(rest.cpu().numpy().astype(np.float32), splits)
+                arrays = [_list_array(columns[name]) for name in features]
+                writer.write_table(pa.Table.from_arrays(arrays, names=list(features)))
+            writer.finalize()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": path.name, "bytes": path.stat().st_size}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels) -> dict:
+    head = teacher.get_output_embeddings()
+    vocab = vocab_size or head.weight.shape[0]
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "dtype": dtype,
+        "top_k": top_k if mode == "topk" else None,
+        "temperature": float(temperature) if mode == "topk" else None,
+        "vocab_size": vocab,
+        "id_dtype": "uint16" if vocab <= 2**16 else "int32",
+        "hidden_size": head.weight.shape[1],
+        "teacher_softcap": getattr(teacher.config.get_text_config(), "final_logit_softcapping", None),
+        "teacher_bias": head.bias is not None,
+        "shard_size": shard_size,
+        "with_labels": with_labels,
+        "teacher": teacher_fingerprint(teacher),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher) -> None:
+    if mode not in MODES:
+        raise ValueError(f"cache_teacher mode={mode!r} is not supported: choose one of {list(MODES)}.")
+    allowed = ("float32", "bfloat16") if mode == "hidden" else STORAGE_DTYPES
+    if dtype not in allowed:
+        raise ValueError(
+            f"cache_teacher dtype={dtype!r} is not supported for mode={mode!r}: choose one of {list(allowed)} (hidden "
+            "states may exceed the float16 range)."
+        )
+    if mode == "topk" and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+        raise ValueError(
+            f"cache_teacher mode='topk' needs top_k, a positive number of tokens per position (got {top_k!r}); e.g. "
+            "top_k=128, or the vocabulary size for the exact loss."
+        )
+    if mode == "hidden" and top_k is not None:
+        raise ValueError("cache_teacher top_k is for mode='topk': drop it (mode='hidden' is exact).")
+    if not temperature > 0:
+        raise ValueError(f"cache_teacher temperature={temperature!r} is invalid: use a positive number (1.0).")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"cache_teacher {name}={value!r} is invalid: use a positive integer.")
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and not 0 < vocab_size <= rows:
+        raise ValueError(
+            f"cache_teacher vocab_size={vocab_size!r} is invalid: use at most the teacher's {rows} output rows (the "
+            "student's vocabulary when the teacher's is padded), or None."
+        )
+
+
+def _first_row(dataset):
+    """The first sample, and the dataset to iterate from the start (a one-pass iterator is chained back)."""
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return (dataset[0] if len(dataset) else None), dataset
+    iterator = iter(dataset)
+    first = next(iterator, None)
+    return first, (dataset if hasattr(dataset, "features") else itertools.chain([first], iterator))
+
+
+def cache_teacher(
+    teacher,
+    dataset,
+    output_dir: str | os.PathLike,
+    mode: str = "hidden",
+    top_k: int | None = None,
+    dtype: str = "float32",
+    temperature: float = 1.0,
+    tokenizer=None,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+):
+    """Runs `teacher` once over `dataset` and writes its outputs as a `datasets.Dataset` in `output_dir`.
+
+    Args:
+        teacher (`PreTrainedModel`): a `*ForCausalLM` with a linear output layer; its weights are not changed.
+        dataset (`datasets.Dataset`, `IterableDataset` or iterable of samples): tokenized samples (`input_ids`,
+            optionally `attention_mask` and `labels`), e.g. from [`load_text_datasets`]. Streamed: it may be larger
+            than memory.
+        output_dir (`str` or `os.PathLike`): the cache directory, written atomically. An existing cache of the same
+            teacher, data and settings is returned as is (no teacher pass).
+        mode (`str`, *optional*, defaults to `"hidden"`): `"hidden"` (exact) or `"topk"` (see the module docstring).
+        top_k (`int`, *optional*): tokens per position of `mode="topk"` (the vocabulary size gives the exact loss).
+        dtype (`str`, *optional*, defaults to `"float32"`): storage dtype of the hidden states (`"float32"` or
+            `"bfloat16"`) or of the top-k log-probabilities (also `"float16"`).
+        temperature (`float`, *optional*, defaults to `1.0`): `mode="topk"` stores `log_softmax(logits /
+            temperature)`; distil with the same `kd_temperature`.
+        tokenizer (*optional*): recorded in the fingerprint, so that a student with another tokenizer is refused.
+        batch_size (`int`, *optional*, defaults to `8`): samples per teacher forward.
+        shard_size (`int`, *optional*, defaults to `256`): samples per Arrow shard (the unit of resumption).
+        vocab_size (`int`, *optional*): the student's vocabulary size when the teacher's output layer is padded
+            beyond it (`mode="topk"` normalises over these tokens, as the trainer does with a live teacher).
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing cache made with other settings.
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar (samples).
+
+    Returns:
+        `datasets.Dataset`: the cache, as [`load_teacher_cache`] returns it.
+    """
+    from tqdm.auto import tqdm
+
+    _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher)
+    first, dataset = _first_row(dataset)
+    if first is None:
+        raise ValueError("cache_teacher got an empty dataset: pass at least one tokenized sample.")
+    with_labels = isinstance(first, dict) and first.get("labels") is not None
+    settings = _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels)
+    target = Path(output_dir).absolute()
+    partial = target.with_name(f".{target.name}.partial")
+    rank, world = _distributed()
+    if (target / CACHE_INFO_NAME).is_file():
+        existing = read_cache_info(target)
+        if {k: existing.get(k) for k in settings} == settings:
+            # The data is checked too (cheap: token ids only); then the cache is reused without a teacher pass.
+            try:
+                return load_teacher_cache(target, dataset=dataset)
+            except ValueError:
+                if not overwrite:
+                    raise
+                if isinstance(dataset, itertools.chain):
+                    raise ValueError(
+                        "cache_teacher: the data differ from the existing cache's and were consumed checking them (a "
+                        "one-pass iterator): pass a datasets.Dataset, an IterableDataset or a list to rewrite it."
+                    ) from None
+        elif not overwrite:
+            changed = sorted(k for k in settings if existing.get(k) != settings[k])
+            raise ValueError(
+                f"{str(target)!r} holds a teacher cache made with other settings ({', '.join(changed)} differ: e.g. "
+                "another teacher, or a corrected one): pass overwrite=True to replace it, or choose another "
+                "output_dir."
+            )
+    else:
+        check_output_dir(target, overwrite)  # a folder that is not a cache fails now, not after the teacher pass
+    # 1. The work directory: kept across kills; reused only when made with the same settings.
+    if rank == 0:
+        saved = partial / SETTINGS_NAME
+        if partial.is_dir() and (not saved.is_file() or json.loads(saved.read_text()) != settings):
+            logger.warning("Discarding %s: an unfinished cache write with other settings.", partial)
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        for leftover in partial.glob(".*.tmp-*"):  # shards a killed writer was in the middle of
+            leftover.unlink(missing_ok=True)
+        if not saved.is_file():
+            atomic_write_json(saved, settings)
+    _barrier()
+
+    # 2. Shards: every process reads the whole stream (to hash it), and runs the teacher on its own shards.
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    progress = tqdm(total=total, desc="Caching the teacher", unit="sample", disable=not show_progress or rank != 0)
+    was_training = teacher.training
+    teacher.eval()
+    shards, computed = [], 0
+    try:
+        for index, rows in enumerate(_batched(_rows(dataset), shard_size)):
+            entry = {
+                "samples": len(rows),
+                "tokens": sum(r["input_ids"].numel() for r in rows),
+                "seq_length": max(r["input_ids"].numel() for r in rows),
+                "data_hash": _shard_hash(rows),
+            }
+            shards.append(entry)
+            if index % world == rank:
+                sidecar, path = partial / f"shard-{index:05d}.json", partial / f"shard-{index:05d}.arrow"
+                done = sidecar.is_file() and json.loads(sidecar.read_text()).get("data_hash") == entry["data_hash"]
+                if not (done and path.is_file()):
+                    entry.update(_write_shard(teacher, rows, path, settings, batch_size))
+                    atomic_write_json(sidecar, entry)
+                    computed += 1
+            progress.update(len(rows))
+    finally:
+        progress.close()
+        teacher.train(was_training)
+    _barrier()
+    logger.info("Teacher cache: %d of %d shards computed by process %d, the rest reused.", computed, len(shards), rank)
+
+    # 3. Rank 0 checks every shard is there and moves the cache into place.
+    if rank == 0:
+        _finish(teacher, target, partial, settings, shards, overwrite)
+    _barrier()
+    return load_teacher_cache(target)
+
+
+def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[dict], overwrite: bool) -> None:
+    from datasets import DatasetInfo
+    from safetensors.torch import save_file
+
+    for index, entry in enumerate(shards):
+        sidecar = partial / f"shard-{index:05d}.json"
+        stored = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        if stored.get("data_hash") != entry["data_hash"]:
+            raise RuntimeError(
+                f"Shard {index} of the teacher cache in {str(partial)!r} is missing or holds other data: did a "
+                "process fail? Rerun the same command to compute it."
+            )
+        entry.update(file=stored["file"], bytes=stored["bytes"])
+    tokens = sum(s["tokens"] for s in shards)
+    info = {
+        **settings,
+        "fingerprint": {
+            "teacher": settings["teacher"],
+            "tokenizer": settings["tokenizer"],
+            "data": _data_fingerprint(shards),
+            "seq_length": max(s["seq_length"] for s in shards),
+        },
+        "teacher_name_or_path": getattr(teacher.config, "name_or_path", None),
+        "samples": sum(s["samples"] for s in shards),
+        "tokens": tokens,
+        "bytes": sum(s["bytes"] for s in shards),
+        "bytes_per_token": sum(s["bytes"] for s in shards) / max(tokens, 1),
+        "shards": shards,
+    }
+    features = _features(settings["mode"], settings["dtype"], settings["id_dtype"], settings["with_labels"])
+    with atomic_directory(target, overwrite=overwrite, expected_bytes=info["bytes"]) as tmp:
+        for entry in shards:  # hard links: the work directory keeps its shards until the cache is in place
+            os.link(partial / entry["file"], tmp / entry["file"])
+        if settings["mode"] == "hidden":
+            head = teacher.get_output_embeddings()
+            tensors = {"weight": head.weight.detach().cpu().contiguous()}
+            if head.bias is not None:
+                tensors["bias"] = head.bias.detach().cpu().contiguous()
+            save_file(tensors, tmp / LM_HEAD_NAME, metadata={"format": "pt"})
+        DatasetInfo(features=features, description="hf-minitron teacher cache").write_to_directory(str(tmp))
+        state = {
+            "_data_files": [{"filename": entry["file"]} for entry in shards],
+            "_fingerprint": f"teacher-cache-{info['fingerprint']['teacher']}-{info['fingerprint']['data']['hash']}",
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": "numpy",
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        (tmp / CACHE_INFO_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    shutil.rmtree(partial, ignore_errors=True)
+    logger.info(
+        "Teacher cache written to %s: %d samples, %d tokens, %s (%.0f bytes per token).",
+        target, info["samples"], tokens, format_bytes(info["bytes"]), info["bytes_per_token"],
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- training from a cache
+def _as_array(value, bf16_bits: bool = False) -> torch.Tensor:
+    array = np.asarray(value)
+    if bf16_bits and array.dtype.kind in "ui":  # uint16 bit patterns of bf16 values
+        return torch.from_numpy(array.astype(np.uint16).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
+
+
+def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torch.Tensor]:
+    """The teacher columns of `features`, right-padded to `length` positions (with zeros; the padding's labels are
+    -100): `teacher_hidden` `[batch, length, hidden]` (stored dtype), `teacher_topk_ids` `[batch, length, k]` (int64),
+    `teacher_topk_logprobs` `[batch, length, k]` (fp32) and `teacher_topk_rest` `[batch, length]` (fp32)."""
+    batch = {}
+    names = [name for name in TEACHER_COLUMNS if name in features[0]]
+    for name in names:
+        rows = []
+        for f in features:
+            tokens = len(f["input_ids"])
+            value = _as_array(f[name], bf16_bits=name in (HIDDEN, TOPK_LOGPROBS))
+            rows.append(value.reshape(tokens, -1) if name != TOPK_REST else value.reshape(tokens))
+        if name == TOPK_IDS:
+            rows = [r.long() for r in rows]
+        elif name in (TOPK_LOGPROBS, TOPK_REST):
+            rows = [r.float() for r in rows]
+        padded = rows[0].new_zeros((len(rows), length, *rows[0].shape[1:]))
+        for i, r in enumerate(rows):
+            padded[i, : r.shape[0]] = r
+        batch[name] = padded
+    return batch
+
+
+class CachedTeacher:
+    """What [`DistillationTrainer`] holds instead of a teacher model when its `train_dataset` is a teacher cache: the
+    cache settings and, for `mode="hidden"`, the teacher's output layer; it computes the KD loss from a batch's
+    teacher columns.
+
+    Args:
+        directory (`str` or `os.PathLike`): the cache directory.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.info = read_cache_info(self.directory)
+        self.mode = self.info["mode"]
+        self.softcap = self.info["teacher_softcap"]
+        self.weight = self.bias = None
+        if self.mode == "hidden":
+            from safetensors.torch import load_file
+
+            tensors = load_file(self.directory / LM_HEAD_NAME)
+            self.weight, self.bias = tensors["weight"], tensors.get("bias")
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "CachedTeacher":
+        return cls(cache_directory(dataset))
+
+    def __repr__(self) -> str:
+        k = f", top_k={self.info['top_k']}" if self.mode == "topk" else ""
+        return f"teacher cache {str(self.directory)!r} (mode={self.mode!r}{k}, dtype={self.info['dtype']})"
+
+    def to(self, device) -> "CachedTeacher":
+        if self.weight is not None:
+            self.weight = self.weight.to(device)
+            self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
+    def check(self, student_vocab: int, args, tokenizer=None) -> None:
+        """Refuses training arguments, students and tokenizers this cache cannot serve."""
+        info = self.info
+        if args.intermediate_layer_mapping:
+            raise ValueError(
+                "DistillationConfig.intermediate_layer_mapping needs the teacher's intermediate states, which a "
+                f"teacher cache does not hold: drop it, or distil from the live teacher ({self})."
+            )
+        if self.mode == "hidden" and student_vocab > info["vocab_size"]:
+            raise ValueError(
+                f"The student's vocabulary ({student_vocab} rows) is larger than the cached teacher's output layer "
+                f"({info['vocab_size']} rows): logit distillation needs a shared tokenizer ({self})."
+            )
+        if self.mode == "topk":
+            if student_vocab != info["vocab_size"]:
+                raise ValueError(
+                    f"The student's vocabulary ({student_vocab} rows) differs from the {info['vocab_size']} tokens "
+                    f"the top-k teacher cache was normalised over: rewrite the cache with vocab_size={student_vocab} "
+                    f"if the teacher's extra rows are padding ({self})."
+                )
+            if args.kd_temperature != info["temperature"]:
+                raise ValueError(
+                    f"DistillationConfig.kd_temperature={args.kd_temperature} differs from the temperature "
+                    f"{info['temperature']} of the cached top-k log-probabilities: set kd_temperature="
+                    f"{info['temperature']}, or rewrite the cache with temperature={args.kd_temperature} ({self})."
+                )
+            if args.kd_top_k is not None and args.kd_top_k > info["top_k"]:
+                raise ValueError(
+                    f"DistillationConfig.kd_top_k={args.kd_top_k} exceeds the {info['top_k']} tokens per position of "
+                    f"the cache: use kd_top_k <= {info['top_k']} ({self})."
+                )
+        if hasattr(getattr(tokenizer, "tokenizer", tokenizer), "get_vocab"):
+            check_teacher_cache(self.directory, tokenizer=tokenizer)
+
+    @staticmethod
+    def pop_columns(inputs: dict) -> dict:
+        return {name: inputs.pop(name) for name in TEACHER_COLUMNS if name in inputs}
+
+    def _hidden(self, columns: dict) -> torch.Tensor:
+        hidden = columns[HIDDEN]
+        # The live teacher's hidden states are in its weights' dtype: cast the stored ones the same way.
+        return hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
+
+    def _topk(self, columns: dict) -> tuple:
+        ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]
+        return (
+            ids.reshape(-1, ids.shape[-1]),
+            log_probs.reshape(-1, log_probs.shape[-1]),
+            columns[TOPK_REST].reshape(-1),
+        )
+
+    def fused_loss(self, hidden, head, columns, targets, args, student_softcap=None):
+        """`(loss, kd_sum, ce_sum)` of [`fused_kd_loss`] / [`fused_topk_kd_loss`] for the student's final hidden
+        states `[batch, seq, hidden]` and `lm_head`."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        common = dict(
+            loss_type=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, top_k=args.kd_top_k,
+            kd_weight=args.kd_loss_weight, ce_weight=args.ce_loss_weight, chunk_size=args.kd_chunk_size,
+            student_bias=head.bias, student_softcap=student_softcap,
+        )  # fmt: skip
+        if self.mode == "hidden":
+            return fused_kd_loss(
+                hidden, head.weight, self._hidden(columns), self.weight, targets, teacher_bias=self.bias,
+                teacher_softcap=self.softcap, **common,
+            )  # fmt: skip
+        return fused_topk_kd_loss(hidden, head.weight, *self._topk(columns), targets, **common)
+
+    def kd_loss(self, logits, columns, targets, args) -> torch.Tensor:
+        """The KD sum on the student's full logits `[tokens, vocab]` (the trainer's unfused path)."""
+        if self.mode == "hidden":
+            teacher_logits = F.linear(self._hidden(columns), self.weight, self.bias)[:, : logits.shape[-1]]
+            if self.softcap is not None:
+                teacher_logits = self.softcap * torch.tanh(teacher_logits / self.softcap)
+            return kd_loss(
+                logits, teacher_logits, targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
+            )
+        return topk_kd_loss(
+            logits, *self._topk(columns), targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
+        )

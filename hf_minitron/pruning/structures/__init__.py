@@ -1,0 +1,76 @@
+"""The prunable structures, one module each.
+
+| structure | module | config fields |
+|---|---|---|
+| attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
+| attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | `num_experts`, `num_key_value_heads` |
+| MLP neurons | `mlp_neurons.py` | `intermediate_size` |
+| shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
+| routed experts (MoE) | `routed_experts.py` | `num_experts` |
+| expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
+| Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
+| hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
+| layers (depth) | `depth.py` | `num_hidden_layers` |
+
+Each width structure's module owns its activation hooks (`hooks`, `sites`), its scores (`scores`, `magnitude`), its
+selection and in-place slicing (`prune`, `slice_hidden`), the config fields it changes (`update_config`,
+`sync_modules`) and its parameter-count terms (`count_roles`, `count_sizes`). `estimate_importance`, `prune_model`
+and `count_parameters` walk the structures a family has (`structures_of`); an `ArchitectureSpec` says where their
+modules live. In a hybrid family (Nemotron-H) each decoder layer holds one block: a structure's `BLOCK` names the
+block it prunes, and every per-layer loop skips the layers without it (`in_layer`); their statistics rows stay zero.
+"""
+
+from . import (
+    attention_experts,
+    attention_heads,
+    depth,
+    expert_neurons,
+    hidden_channels,
+    mamba_heads,
+    mlp_neurons,
+    routed_experts,
+    shared_expert_neurons,
+)
+
+
+# Order of the width structures when pruning: whole experts before the neurons of the kept experts; hidden channels
+# last, so the embedding's new copy reuses the memory freed by every other slice.
+WIDTH_STRUCTURES = (
+    attention_heads,
+    attention_experts,
+    mlp_neurons,
+    shared_expert_neurons,
+    routed_experts,
+    expert_neurons,
+    # After attention heads and MLP neurons: their `sync_modules` set `num_heads` / `intermediate_size` on every
+    # module that has one, the Mamba mixer included, and this one sets the mixer's back.
+    mamba_heads,
+    hidden_channels,
+)
+
+
+def structures_of(spec) -> tuple:
+    """The width structures a family described by `spec` has, in pruning order."""
+    return tuple(s for s in WIDTH_STRUCTURES if s.present(spec))
+
+
+def in_layer(spec, layer, structure) -> bool:
+    """Whether decoder `layer` holds the block `structure` prunes: always in a family whose layers are alike; in a
+    hybrid, when the layer's block type is the structure's `BLOCK`."""
+    return spec.block_type_attribute is None or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
+
+
+__all__ = [
+    "WIDTH_STRUCTURES",
+    "attention_experts",
+    "attention_heads",
+    "depth",
+    "expert_neurons",
+    "hidden_channels",
+    "in_layer",
+    "mamba_heads",
+    "mlp_neurons",
+    "routed_experts",
+    "shared_expert_neurons",
+    "structures_of",
+]

@@ -1,0 +1,535 @@
+"""Layers (depth): Block Influence, removal scoring, which layers to drop, and dropping them.
+
+* `block_influence`: drop the layers whose output is most similar to their input (lowest 1 - cos), paper 1 §2.2;
+  measured by hooks in the same pass as the width scores.
+* `lm_loss`: drop the layers whose individual removal raises the LM loss least, paper 1 §2.2.
+* `contiguous`: drop the block of n consecutive layers whose removal costs least, by LM loss, by the block's own Block
+  Influence (`contiguous_score="block_influence"`: 1 - cos(input of its first layer, output of its last), paper 1
+  §2.2's extension of BI to several contiguous layers, measured in the importance pass), or by any scorer (paper 2
+  used Winogrande accuracy, one evaluation per block, and found a contiguous block beats individually ranked layers).
+* `explicit`: the user's list.
+
+In a hybrid (layers of different block types, e.g. Nemotron-H's mamba / attention / mlp / moe), `num_layers_by_type`
+targets how many layers of each type remain: each method then chooses within each type (`contiguous`: among the
+blocks of consecutive layers that hold exactly the layers to remove).
+
+Dropping renumbers the kept layers (the KV cache is indexed by `layer_idx`) and slices the per-layer config lists
+(`layer_types`, a hybrid's `layers_block_type`, ...) so the pattern of the kept layers is preserved.
+"""
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers
+from ...data import shard_batches
+from ...runtime import all_reduce_, dist_info, input_device
+from ..config import CONTIGUOUS_SCORES
+
+
+KEY = "block_influence"
+BLOCKS_KEY = "block_influence_matrix"  # the BI of every block of contiguous layers, on request
+BLOCK = None  # every layer
+
+logger = logging.getLogger(__name__)
+
+# Config lists with one entry per layer, sliced with the layers (besides a hybrid's block-type list, its spec's
+# `block_types_field`). Only these: another list may have as many entries as there are layers by chance (Nemotron-H's
+# `time_step_limit` pair or `mtp_layers_block_type`, a list of EOS ids).
+PER_LAYER_CONFIG_LISTS = (
+    "layer_types",
+    "mlp_layer_types",
+    "layers_block_type",
+    "no_rope_layers",
+    "num_attention_heads_per_layer",
+    "num_key_value_heads_per_layer",
+)
+# Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`): the indices of
+# the kept layers are renumbered, those of dropped layers removed.
+LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices")
+
+
+# ---------------------------------------------------------------------------------------------- Block Influence
+def hooks(collector, index: int, layer) -> list:
+    """Accumulates the masked sum of cos(layer input, layer output) over tokens (1 - its mean is Block Influence).
+
+    With `collector.blocks` (a dict), also that of cos(input of layer s, output of this layer) for every s before it:
+    the Block Influence of the contiguous layers s..index (paper 1 §2.2). Every layer's input is copied, in the
+    model's dtype, into one `[tokens, layers, hidden]` buffer that lives until the last layer's output has been compared
+    with it: one batched product per layer, not a cosine per pair (57x faster in a CPU micro-benchmark at SmolLM2's
+    shapes)."""
+    inputs = {}
+    blocks = collector.blocks
+    num_layers = len(collector.layers)
+
+    def layer_pre_hook(module, args, kwargs):
+        x = inputs["x"] = args[0] if args else kwargs["hidden_states"]
+        if blocks is None:
+            return
+        x = x.reshape(-1, x.shape[-1])  # [tokens, hidden]
+        if index == 0:
+            blocks["states"] = x.new_empty(x.shape[0], num_layers, x.shape[1])
+            blocks["norms"] = torch.empty(x.shape[0], num_layers, device=x.device)
+        blocks["states"][:, index] = x.to(blocks["states"].device)
+        blocks["norms"][:, index] = x.float().norm(dim=-1).to(blocks["norms"].device)
+
+    def layer_hook(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out = out.float()
+        cos = F.cosine_similarity(inputs.pop("x").float(), out, dim=-1)  # [B, S]
+        mask = collector.mask.to(cos.device)
+        total = (cos * mask).sum().double()
+        _accumulate(collector.store(KEY, index), total)
+        if blocks is None:
+            return
+        # Blocks s..index for s < index; the one-layer block is the layer's own BI, summed above.
+        states, norms = blocks["states"], blocks["norms"]
+        out = out.reshape(-1, out.shape[-1]).to(states.device)
+        dots = torch.cat(
+            [
+                # float32 products, a chunk of tokens at a time: a half-precision dot would round cos to ~3 digits.
+                torch.bmm(states[chunk, :index].float(), out[chunk, :, None]).squeeze(-1)
+                for chunk in _token_chunks(states.shape[0], num_layers * states.shape[-1])
+            ]
+        )  # [tokens, index]
+        cos = dots / (norms[:, :index] * out.norm(dim=-1, keepdim=True)).clamp_min(1e-8)
+        row = torch.cat([(cos * mask.reshape(-1, 1).to(cos.device)).sum(0).double(), total.to(cos.device)[None]])
+        _accumulate(collector.store(BLOCKS_KEY, index), F.pad(row, (0, num_layers - 1 - index)))
+        if index == num_layers - 1:
+            blocks.clear()  # no hidden state outlives the batch's forward
+
+    return [
+        layer.register_forward_pre_hook(layer_pre_hook, with_kwargs=True),
+        layer.register_forward_hook(layer_hook, with_kwargs=True),
+    ]
+
+
+def _token_chunks(num_tokens: int, values_per_token: int, budget: int = 1 << 26) -> list[slice]:
+    """Slices of at most `budget` values (256 MB in float32), so the float32 copy of a half-precision buffer stays
+    small; a float32 buffer is only viewed."""
+    step = max(1, budget // values_per_token)
+    return [slice(start, start + step) for start in range(0, num_tokens, step)]
+
+
+def _accumulate(store: dict, total: torch.Tensor) -> None:
+    store["sum"] = total if "sum" not in store else store["sum"] + total
+
+
+def sites(spec) -> list[tuple[int, str, int, str]]:
+    return [
+        (4, KEY, 0, "layer output (block influence)"),
+        (4, BLOCKS_KEY, 0, "layer output (block influence of contiguous blocks)"),
+    ]
+
+
+def block_influences(scores, n: int) -> list[float]:
+    """The Block Influence of every block of `n` contiguous layers, by first layer: `[start]` is 1 - mean cos(input of
+    layer start, output of layer start + n - 1), from `scores.block_influence_matrix`."""
+    matrix = scores.block_influence_matrix if scores is not None else None
+    if matrix is None:
+        raise ValueError(
+            "contiguous_score='block_influence' needs ImportanceScores holding the Block Influence of contiguous blocks "
+            "(block_influence_matrix): estimate them with a PrunedConfig whose contiguous_score='block_influence' "
+            "(estimate_importance(model, data, config)), or pass calibration_data to prune_model instead of scores."
+        )
+    return [float(matrix[start, start + n - 1]) for start in range(matrix.shape[0] - n + 1)]
+
+
+def magnitude(layer) -> torch.Tensor:
+    """The L2 norm of every weight of the layer (the magnitude baseline's layer ranking)."""
+    return sum(p.float().pow(2).sum() for p in layer.parameters()).sqrt()
+
+
+class _SkippedLayer(nn.Module):
+    """Stands in for a decoder layer during removal scoring: returns the residual stream untouched."""
+
+    def __init__(self, layer: nn.Module, as_tuple: bool = False):
+        super().__init__()
+        # Models read per-layer attributes (e.g. `attention_type`, Nemotron-H's `block_type`) while looping over layers.
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.block_type = getattr(layer, "block_type", None)
+        self.as_tuple = as_tuple  # the model unpacks a tuple from each layer (spec's `layer_returns_tuple`)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states, None) if self.as_tuple else hidden_states
+
+
+@contextmanager
+def layers_skipped(model, layer_indices):
+    """Temporarily replaces the given decoder layers by identities (no copy of the model)."""
+    layers = get_decoder_layers(model)
+    saved = {i: layers[i] for i in layer_indices}
+    spec = ARCHITECTURES.get(model.config.model_type)  # a spec passed in is dense: its layers return tensors
+    as_tuple = spec is not None and spec.layer_returns_tuple
+    try:
+        for i, layer in saved.items():
+            layers[i] = _SkippedLayer(layer, as_tuple)
+        yield model
+    finally:
+        for i, layer in saved.items():
+            layers[i] = layer
+
+
+@torch.no_grad()
+def lm_loss(model, samples: list[dict], batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over the unmasked tokens of `samples`, summed across processes."""
+    rank, world_size = dist_info()
+    device = input_device(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in shard_batches(samples, batch_size, rank, world_size):
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64)
+    total = all_reduce_(total, device)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def score_layer_removals(
+    model,
+    candidates: list[list[int]],
+    samples: list[dict] | None = None,
+    scorer: Callable | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> list[float]:
+    """Cost of removing each candidate set of layers: LM loss on `samples`, or `-scorer(model)` (lower is better).
+
+    `scorer` is any callable `model -> float` where higher is better (e.g. an lm-eval accuracy).
+    """
+    if scorer is None and not samples:
+        raise ValueError("Scoring layer removals needs calibration samples (for the LM loss) or a scorer callable.")
+    if scorer is not None:
+        # A downstream scorer (e.g. an lm-eval task) is a whole evaluation per candidate: say what is coming.
+        logger.info("Scoring %d candidate layer removals with the depth scorer: one evaluation each.", len(candidates))
+    was_training = model.training
+    model.eval()
+    costs = []
+    desc = "Scoring layer removals" + (" (one evaluation each)" if scorer is not None else "")
+    try:
+        for layer_set in tqdm(candidates, desc=desc, disable=not show_progress or dist_info()[0]):
+            with layers_skipped(model, layer_set):
+                costs.append(-float(scorer(model)) if scorer is not None else lm_loss(model, samples, batch_size))
+    finally:
+        model.train(was_training)
+    return costs
+
+
+# How many blocks of the screening round are rescored on every depth sample.
+FINALISTS = 3
+
+
+def score_blocks(model, blocks, samples, scorer=None, batch_size=8, show_progress=True, screening_samples=None):
+    """`score_layer_removals` for the contiguous search, cheaper: with `screening_samples` (fewer than the samples),
+    every block is scored on the first `screening_samples` samples, and only the `FINALISTS` best are scored on all
+    of them; the others get `None`. For SmolLM2 (30 layers, 6 dropped: 25 blocks, 64 samples, screening 16) that is
+    25 x 16 + 3 x 64 = 592 sample forwards instead of 1600. A block that screening ranks 4th or worse is not rescored:
+    with very noisy small screening sets, raise `screening_samples` or set it to None (score every block on all)."""
+    if scorer is not None or not screening_samples or len(samples) <= screening_samples or len(blocks) <= FINALISTS:
+        return score_layer_removals(model, blocks, samples, scorer, batch_size, show_progress)
+    coarse = score_layer_removals(model, blocks, samples[:screening_samples], None, batch_size, show_progress)
+    finalists = sorted(range(len(blocks)), key=lambda i: coarse[i])[:FINALISTS]
+    fine = score_layer_removals(model, [blocks[i] for i in finalists], samples, None, batch_size, show_progress)
+    costs = [None] * len(blocks)
+    for i, cost in zip(finalists, fine):
+        costs[i] = cost
+    return costs
+
+
+def select_layers_to_drop(
+    model,
+    num_to_drop: int,
+    method: str,
+    scores=None,
+    samples: list[dict] | None = None,
+    scorer: Callable | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    screening_samples: int | None = None,
+    num_to_drop_by_type: dict[str, int] | None = None,
+    contiguous_score: str = "lm_loss",
+) -> list[int]:
+    """Indices (sorted) of the `num_to_drop` layers to remove with `method`; fills the depth fields of `scores`.
+
+    With `screening_samples`, the contiguous search first scores every block on that many samples and rescores only
+    the `FINALISTS` best on all of them (`score_blocks`). With `num_to_drop_by_type` (a hybrid's layers to remove per
+    block type, keyed by block name as `layers_to_drop_by_type` returns them), the layers are chosen within each
+    type: the lowest-ranked of each, or the best block of consecutive layers holding exactly those. With
+    `contiguous_score="block_influence"`, the contiguous search takes the block of lowest Block Influence
+    (`block_influences`, from `scores`) instead of scoring removals: no forward, no samples."""
+    num_layers = len(get_decoder_layers(model))
+    if num_to_drop <= 0:
+        return []
+    if num_to_drop_by_type is not None and sum(num_to_drop_by_type.values()) != num_to_drop:
+        raise ValueError(
+            f"num_to_drop_by_type={num_to_drop_by_type} removes {sum(num_to_drop_by_type.values())} layers, not "
+            f"num_to_drop={num_to_drop}."
+        )
+    if method == "block_influence":
+        if scores is None or scores.block_influence is None:
+            raise ValueError("depth_method='block_influence' needs ImportanceScores estimated with depth=True.")
+        order = torch.argsort(scores.block_influence, stable=True)
+        return _lowest(model.config, order.tolist(), num_to_drop, num_to_drop_by_type)
+    if method == "lm_loss":
+        # The cache holds LM losses only: a scorer's (negated) accuracies would pass for losses in a later reuse.
+        if scores is not None and scores.layer_loss is not None and scorer is None:
+            costs = scores.layer_loss.tolist()
+        else:
+            costs = score_layer_removals(
+                model, [[i] for i in range(num_layers)], samples, scorer, batch_size, show_progress
+            )
+            if scores is not None and scorer is None:
+                scores.layer_loss = torch.tensor(costs, dtype=torch.float64)
+                scores.base_loss = lm_loss(model, samples, batch_size)
+        order = torch.argsort(torch.tensor(costs), stable=True)
+        return _lowest(model.config, order.tolist(), num_to_drop, num_to_drop_by_type)
+    if method == "contiguous":
+        if contiguous_score not in CONTIGUOUS_SCORES:
+            raise ValueError(f"Unknown contiguous_score {contiguous_score!r}: use one of {list(CONTIGUOUS_SCORES)}.")
+        if contiguous_score == "block_influence" and scorer is not None:
+            raise ValueError(
+                "contiguous_score='block_influence' and a depth scorer both rank the contiguous blocks: pass only one."
+            )
+        influence = block_influences(scores, num_to_drop) if contiguous_score == "block_influence" else None
+        if num_to_drop_by_type is not None:
+            return _best_block_by_type(
+                model,
+                num_to_drop_by_type,
+                scores,
+                samples,
+                scorer,
+                batch_size,
+                show_progress,
+                screening_samples,
+                influence,
+            )
+        if influence is not None:
+            cached = influence
+        else:
+            cached = scores.block_losses.get(num_to_drop) if scores is not None else None
+            if cached is None or scorer is not None:
+                blocks = [list(range(start, start + num_to_drop)) for start in range(num_layers - num_to_drop + 1)]
+                cached = score_blocks(model, blocks, samples, scorer, batch_size, show_progress, screening_samples)
+                if scores is not None and scorer is None:
+                    scores.block_losses[num_to_drop] = cached
+        scored = [s for s in range(len(cached)) if cached[s] is not None]
+        allowed = [s for s in scored if keeps_attention(model.config, range(s, s + num_to_drop))] or scored
+        start = min(allowed, key=lambda s: cached[s])
+        return list(range(start, start + num_to_drop))
+    raise ValueError(f"Unknown depth_method {method!r}: use 'contiguous', 'block_influence', 'lm_loss' or 'explicit'.")
+
+
+def _best_block_by_type(
+    model, drops, scores, samples, scorer, batch_size, show_progress, screening_samples, influence=None
+):
+    """The contiguous block whose removal costs least among those holding exactly the layers `drops` of each type.
+
+    `influence` (by start, see `block_influences`) ranks the blocks when given. Otherwise `scores.block_losses[n]` is
+    reused when it holds the cost of every such block; this search does not write it: with screening, it scores only
+    the matching blocks, which a later search over every block must not take for all."""
+    starts = matching_blocks(model.config, drops)
+    if not starts:
+        raise ValueError(
+            f"No block of consecutive layers holds exactly the layers to remove {drops}: use depth_method "
+            "'block_influence' or 'lm_loss'."
+        )
+    n = sum(drops.values())
+    cached = scores.block_losses.get(n) if scores is not None and scorer is None else None
+    if influence is not None:
+        costs = [influence[s] for s in starts]
+    elif cached is not None and all(cached[s] is not None for s in starts):
+        costs = [cached[s] for s in starts]
+    else:
+        blocks = [list(range(s, s + n)) for s in starts]
+        costs = score_blocks(model, blocks, samples, scorer, batch_size, show_progress, screening_samples)
+    best = min((i for i in range(len(starts)) if costs[i] is not None), key=lambda i: costs[i])
+    return list(range(starts[best], starts[best] + n))
+
+
+def matching_blocks(model_config, drops: dict[str, int]) -> list[int]:
+    """Start indices of the blocks of `sum(drops)` consecutive layers that hold exactly `drops[block]` layers of each
+    block type (keyed by block name)."""
+    names = block_names(model_config)
+    n = sum(drops.values())
+    wanted = Counter({block: count for block, count in drops.items() if count})
+    return [s for s in range(len(names) - n + 1) if Counter(names[s : s + n]) == wanted]
+
+
+# ---------------------------------------------------------------------------------------------- depth by block type
+def block_names(model_config) -> list[str] | None:
+    """Each layer's block type under the spec's block name (`"mamba"`, `"attention"`, `"mlp"`, `"moe"`, as NVIDIA's
+    Nemotron-H configs and papers name them), or `None` for a family whose layers are alike."""
+    spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
+    if spec is None or spec.block_types_field is None:
+        return None
+    block_of = {kind: block for block, kind in spec.block_types}
+    return [block_of.get(kind, kind) for kind in getattr(model_config, spec.block_types_field)]
+
+
+def layer_counts_by_type(model_config) -> dict[str, int] | None:
+    """How many layers of each block type a hybrid has, keyed by block name, in order of first appearance (`None` for
+    a family whose layers are alike)."""
+    names = block_names(model_config)
+    return None if names is None else dict(Counter(names))
+
+
+def resolve_layers_by_type(model_config, num_layers_by_type: dict) -> dict[str, int]:
+    """The target layer count of every block type of the model, keyed by block name (`PrunedConfig.num_layers_by_type`
+    after validation against `model_config`: types it does not name keep all their layers).
+
+    Keys are block names (`"mamba"`, `"attention"`, `"mlp"`, `"moe"`) or the config's own names of the block types
+    (Nemotron-H in transformers: `"linear_attention"`, `"full_attention"`, `"mlp"`, `"moe"`)."""
+    field = f"PrunedConfig.num_layers_by_type={num_layers_by_type}"
+    spec = get_architecture(model_config)
+    source = layer_counts_by_type(model_config)
+    if source is None:
+        raise ValueError(
+            f"{field} does not apply: the layers of model_type={model_config.model_type!r} are all alike. Set "
+            "num_hidden_layers instead."
+        )
+    block_of = {kind: block for block, kind in spec.block_types} | {block: block for block, _ in spec.block_types}
+    have = ", ".join(f"{block!r} ({count})" for block, count in source.items())
+    targets = {}
+    for key, value in num_layers_by_type.items():
+        block = block_of.get(key)
+        if block is None:
+            raise ValueError(
+                f"{field} names the block type {key!r}, which model_type={model_config.model_type!r} does not have: "
+                f"its layers are {have}. Key the counts by these names."
+            )
+        if block in targets:
+            raise ValueError(f"{field} gives the {block!r} layers twice (as {block!r} and as its config name): once.")
+        if value > source.get(block, 0):
+            raise ValueError(
+                f"{field} keeps {value} {block!r} layers, more than the model's {source.get(block, 0)}: pruning only "
+                f"removes layers. Use a value <= {source.get(block, 0)}."
+            )
+        targets[block] = value
+    targets = {block: targets.get(block, count) for block, count in source.items()}
+    if source.get("attention") and not targets["attention"]:
+        raise ValueError(
+            f"{field} removes every attention layer, and transformers cannot run a {model_config.model_type} model "
+            "without one (its cache reads the sequence length from an attention layer). Keep at least 1."
+        )
+    if not sum(targets.values()):
+        raise ValueError(f"{field} keeps no layer: keep at least one.")
+    return targets
+
+
+def layers_to_drop_by_type(model_config, num_layers_by_type: dict) -> dict[str, int]:
+    """How many layers of each block type depth pruning removes for `num_layers_by_type` (keyed by block name)."""
+    targets = resolve_layers_by_type(model_config, num_layers_by_type)
+    return {block: count - targets[block] for block, count in layer_counts_by_type(model_config).items()}
+
+
+def kept_block_types(model_config, num_layers_by_type: dict) -> list[str]:
+    """The config's block types (`layers_block_type` entries) of a model with `num_layers_by_type` layers of each type,
+    in the order of the source's first layers of each type: the layers' count per type (all that parameter counts
+    need), not which ones depth pruning will choose."""
+    spec = get_architecture(model_config)
+    targets = resolve_layers_by_type(model_config, num_layers_by_type)
+    seen = Counter()
+    kept = []
+    for block, kind in zip(block_names(model_config), getattr(model_config, spec.block_types_field)):
+        seen[block] += 1
+        if seen[block] <= targets[block]:
+            kept.append(kind)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- dropping
+def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
+    """Removes decoder layers in place and renumbers the rest; returns the kept (source) indices."""
+    layers = get_decoder_layers(model)
+    num_layers = len(layers)
+    drop = set(layers_to_drop)
+    kept = [i for i in range(num_layers) if i not in drop]
+    check_hybrid_depth(model.config, kept)
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    for new_idx, layer in enumerate(new_layers):
+        # The KV cache is indexed by layer_idx: keep it dense after removal so cached generation works.
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    get_base_model(model).layers = new_layers
+    config = model.config
+    # Per-layer config lists (layer_types, layers_block_type, ...) must follow the layers they describe.
+    for key, value in sliced_layer_lists(config, vars(config), kept).items():
+        setattr(config, key, value)
+    config.num_hidden_layers = len(kept)
+    return kept
+
+
+def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
+    """The per-layer lists of `values` (a config's fields) for a model of the layers `kept` of `model_config`: a list
+    with one entry per layer keeps the kept layers' entries, a list of layer indices the kept ones, renumbered. Other
+    lists stay as they are, whatever their length."""
+    num_layers = model_config.num_hidden_layers
+    spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
+    block_types_field = spec.block_types_field if spec is not None else None
+    renumber = {old: new for new, old in enumerate(kept)}
+    sliced = {}
+    for key in dict.fromkeys(PER_LAYER_CONFIG_LISTS + ((block_types_field,) if block_types_field else ())):
+        value = values.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == num_layers:
+            sliced[key] = type(value)(value[i] for i in kept)
+    for key in LAYER_INDEX_CONFIG_LISTS:
+        value = values.get(key)
+        if isinstance(value, (list, tuple)):
+            sliced[key] = type(value)(renumber[i] for i in value if i in renumber)
+    return sliced
+
+
+def keeps_attention(model_config, dropped) -> bool:
+    """Whether dropping the layers `dropped` leaves a hybrid at least one attention layer (always true for a family
+    whose layers are alike): transformers' hybrid cache reads the sequence length from an attention layer, so a
+    Nemotron-H without one cannot run with `use_cache` (its default)."""
+    spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
+    if spec is None or spec.block_types_field is None:
+        return True
+    kinds = list(getattr(model_config, spec.block_types_field))
+    attention = [i for i, kind in enumerate(kinds) if kind == dict(spec.block_types).get("attention")]
+    return not attention or not set(attention) <= set(dropped)
+
+
+def _lowest(model_config, order: list[int], num_to_drop: int, by_type: dict[str, int] | None = None) -> list[int]:
+    """The first `num_to_drop` layers of `order` (sorted), skipping a hybrid's last attention layer; with `by_type`,
+    the first `by_type[block]` layers of each block type."""
+    names = block_names(model_config) if by_type is not None else None
+    left = Counter(by_type or {})
+    dropped = []
+    for i in order:
+        if len(dropped) == num_to_drop:
+            break
+        if names is not None and not left[names[i]]:
+            continue
+        if keeps_attention(model_config, dropped + [i]):
+            dropped.append(i)
+            if names is not None:
+                left[names[i]] -= 1
+    return sorted(dropped)
+
+
+def check_hybrid_depth(model_config, kept: list[int]) -> None:
+    """Refuses to drop every attention layer of a hybrid (see `keeps_attention`)."""
+    num_layers = model_config.num_hidden_layers
+    dropped = [i for i in range(num_layers) if i not in set(kept)]
+    if not keeps_attention(model_config, dropped):
+        spec = get_architecture(model_config)
+        kinds = list(getattr(model_config, spec.block_types_field))
+        attention = [i for i, kind in enumerate(kinds) if kind == dict(spec.block_types).get("attention")]
+        raise ValueError(
+            f"Dropping layers {dropped} removes every attention layer ({attention}) of this "
+            f"{model_config.model_type} model, and transformers cannot run a hybrid without one (its cache reads the "
+            "sequence length from an attention layer). Keep at least one: drop other layers (layers_to_drop), or "
+            "fewer."
+        )

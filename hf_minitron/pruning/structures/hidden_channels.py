@@ -1,0 +1,163 @@
+"""Hidden (embedding) channels: scores, one global selection, slicing through every block, counting.
+
+* Score (paper 1 §2.2): the outputs of the norms that feed attention and the MLP, in every layer, each reduced over
+  tokens and samples, then summed over the layers that remain: ONE ranking, since the residual stream is shared.
+* Slicing: every per-layer norm over the hidden size, every block's hidden-facing weights (each structure slices its
+  own through `slice_hidden`), the final norm, the embedding and an untied LM head.
+"""
+
+import torch
+
+from ...runtime import release_freed_memory
+from .slicing import replace_parameter, slice_linear, slice_norm, topk_sorted
+from .statistics import add_per_sample, reduce_per_sample
+
+
+KEY = "hidden"
+FIELD = "hidden_size"
+BLOCK = None  # every layer
+# The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba in a hybrid layer), then
+# the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays zero.
+SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
+
+
+def present(spec) -> bool:
+    return True
+
+
+def _others(spec):
+    from . import structures_of  # the family's other structures slice their own hidden-facing weights
+
+    return [s for s in structures_of(spec) if hasattr(s, "slice_hidden")]
+
+
+def _in_layer(spec, layer, structure) -> bool:
+    from . import in_layer
+
+    return in_layer(spec, layer, structure)
+
+
+def hooks(collector, index: int, layer) -> list:
+    """The outputs of the norms feeding attention and the MLP; for post-norm families (OLMo 2, EXAONE 4), which have
+    no such norm, the inputs of attention and the MLP themselves (the residual stream they read)."""
+    spec = collector.spec
+    handles = []
+    sources = ((spec.attn_input_norm, spec.attention or spec.mamba), (spec.mlp_input_norm, spec.mlp or spec.moe))
+    for slot, (norm, block) in enumerate(sources):
+        if not any(spec.has(layer, name) for name in SLOT_BLOCKS[slot]):
+            continue
+        store = collector.store(KEY, index, slot)
+
+        def norm_hook(module, args, output, store=store):
+            add_per_sample(store, output, collector.sample_mask, collector.how)
+
+        def input_hook(module, args, kwargs, store=store):
+            x = args[0] if args else kwargs["hidden_states"]
+            add_per_sample(store, x, collector.sample_mask, collector.how)
+
+        if norm is not None:
+            handles.append(getattr(layer, norm).register_forward_hook(norm_hook))
+        else:
+            handles.append(getattr(layer, block).register_forward_pre_hook(input_hook, with_kwargs=True))
+    return handles
+
+
+def sites(spec) -> list[tuple[int, str, int, str]]:
+    first = f"output of {spec.attn_input_norm}" if spec.attn_input_norm else f"input of {spec.attention}"
+    second = f"output of {spec.mlp_input_norm}" if spec.mlp_input_norm else f"input of {spec.mlp or spec.moe}"
+    return [(0, KEY, 0, first), (2, KEY, 1, second)]
+
+
+def scores_per_layer(importance, batch_aggregation: str) -> torch.Tensor:
+    """`[num_layers, hidden_size]`: per layer, the two norm outputs reduced separately, then added."""
+    return reduce_per_sample(importance.hidden, batch_aggregation, importance.num_samples).sum(dim=1)
+
+
+def scores(importance, batch_aggregation: str, layers: list[int] | None = None) -> torch.Tensor:
+    """`[hidden_size]`: ONE global ranking, summed over `layers` (all by default)."""
+    per_layer = scores_per_layer(importance, batch_aggregation)
+    if layers is not None:
+        per_layer = per_layer[list(layers)]
+    return per_layer.sum(dim=0)
+
+
+def magnitude_all(model, spec, layers) -> torch.Tensor:
+    """`[num_layers, 2, hidden_size]` static scores: per layer, the L2 norm of every column that reads a channel
+    and every row that writes it, plus the embedding column (spread over the layers); slot 1 is zero."""
+    others = _others(spec)
+    per_layer = []
+    for layer in layers:
+        reads, writes = [], []
+        for structure in others:
+            if not _in_layer(spec, layer, structure):
+                continue
+            r, w = structure.hidden_weights(layer, spec)
+            reads += r
+            writes += w
+        channel = sum(w.float().pow(2).sum(0) for w in reads)
+        for w in writes:
+            channel = channel + w.float().pow(2).sum(1)
+        per_layer.append(channel.sqrt())
+    embed = model.get_input_embeddings().weight.float()
+    hidden = torch.stack(per_layer).double()
+    hidden = hidden + embed.pow(2).sum(0).sqrt().double() / len(per_layer)
+    return torch.stack([hidden, torch.zeros_like(hidden)], dim=1)
+
+
+def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
+    if target[FIELD] >= source[FIELD]:
+        return
+    kept = topk_sorted(scores(importance, config.batch_aggregation, layers=kept_layers), target[FIELD])
+    # Decoder layers first, and their freed weights handed back, so that the embedding's new copy (the largest
+    # single tensor) reuses that memory instead of adding to the peak.
+    others = _others(spec)
+    for layer in layers:
+        for name in spec.residual_norms:
+            slice_norm(getattr(layer, name), kept)
+        for structure in others:
+            if _in_layer(spec, layer, structure):
+                structure.slice_hidden(layer, spec, kept)
+    base = getattr(model, model.base_model_prefix, model)
+    slice_norm(getattr(base, spec.final_norm), kept)
+    release_freed_memory()
+
+    embed = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    tied = lm_head is not None and lm_head.weight is embed.weight
+    replace_parameter(embed, "weight", embed.weight.data.index_select(1, kept.to(embed.weight.device)))
+    embed.embedding_dim = kept.numel()
+    if spec.embedding_scale_sqrt_hidden:
+        # Gemma scales embeddings by sqrt(hidden_size) from the config: match what a reload will compute.
+        scale = kept.numel() ** 0.5
+        embed.scalar_embed_scale = scale
+        embed.embed_scale.fill_(scale)
+    if tied:
+        lm_head.weight = embed.weight
+    elif lm_head is not None:
+        release_freed_memory()
+        slice_linear(lm_head, in_index=kept)
+    record.hidden = kept.tolist()
+
+
+def update_config(model_config, spec, source: dict, target: dict) -> None:
+    model_config.hidden_size = target[FIELD]
+
+
+def sync_modules(model, model_config, spec) -> None:
+    from ...architectures import get_decoder_layers
+    from .routed_experts import parallel_blocks
+
+    # ScatterMoE-layout blocks (JetMoE) call their expert width `hidden_size`: routed_experts sets their sizes.
+    skip = {id(block) for layer in get_decoder_layers(model) for block in parallel_blocks(layer, spec)}
+    for module in model.modules():
+        if isinstance(getattr(module, FIELD, None), int) and not isinstance(module, torch.nn.Linear):
+            if id(module) not in skip:
+                module.hidden_size = model_config.hidden_size
+
+
+def count_roles(spec, layer) -> dict[str, tuple]:
+    return {norm: ("h",) for norm in spec.residual_norms}
+
+
+def count_sizes(shape: dict) -> dict[str, int]:
+    return {"h": shape[FIELD]}

@@ -1,0 +1,81 @@
+"""Parameter breakdowns and before/after tables of a model's shape."""
+
+from torch import nn
+
+from ..architectures import get_architecture, get_decoder_layers, mamba_shape
+from .structures.depth import layer_counts_by_type
+
+
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+HYBRID_FIELDS = ("mamba_num_heads", "mamba_head_dim")
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Parameters per axis: embeddings (+ untied LM head), attention, MLP, norms, and the unique total."""
+    spec = get_architecture(model.config)
+    counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0}
+    seen = set()
+
+    def add(key, module):
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                counts[key] += p.numel()
+
+    add("embeddings", model.get_input_embeddings())
+    if model.get_output_embeddings() is not None:
+        add("embeddings", model.get_output_embeddings())
+    # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer, JetMoE's
+    # attention experts sit inside its attention module.
+    blocks = (("attention", "attention", spec.attention), ("mlp", "mlp", spec.mlp), ("mlp", "moe", spec.moe))
+    for layer in get_decoder_layers(model):
+        for key, block, path in blocks:
+            if path is not None and spec.has(layer, block) and hasattr(layer, path.split(".")[0]):
+                add(key, layer.get_submodule(path))
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            counts["norms"] += p.numel()
+    counts["total"] = sum(counts.values())
+    counts["non_embedding"] = counts["total"] - counts["embeddings"]
+    return counts
+
+
+def shape_summary(model: nn.Module) -> dict:
+    """Shape fields and parameter counts of `model`, as plain data (for tables, cards and JSON)."""
+    config = model.config
+    summary = {
+        **{name: getattr(config, name) for name in SHAPE_FIELDS},
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+    }
+    # Hybrids (Minitron-SSM): the Mamba axes, and the layers of each block type that depth pruning keeps.
+    summary |= {name: value for name, value in mamba_shape(config).items() if name in HYBRID_FIELDS}
+    if layer_counts_by_type(config) is not None:
+        summary["num_layers_by_type"] = layer_counts_by_type(config)
+    return summary | {"parameters": parameter_breakdown(model)}
+
+
+def comparison_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    """`(quantity, before, after, ratio)` rows comparing two `shape_summary` results."""
+    rows = []
+    for name in (*SHAPE_FIELDS, "head_dim", *(name for name in HYBRID_FIELDS if name in before)):
+        rows.append((name, str(before[name]), str(after[name]), f"{after[name] / before[name]:.2f}"))
+    for block, count in (before.get("num_layers_by_type") or {}).items():
+        new = after["num_layers_by_type"].get(block, 0)
+        rows.append((f"layers: {block}", str(count), str(new), f"{new / count:.2f}"))
+    for name, value in before["parameters"].items():
+        new = after["parameters"][name]
+        rows.append((f"params: {name}", f"{value:,}", f"{new:,}", f"{new / value:.2f}" if value else "-"))
+    return rows
+
+
+def print_comparison(before: dict, after: dict, title: str = "Pruning summary") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("", "before", "after", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    for row in comparison_rows(before, after):
+        table.add_row(*row)
+    Console().print(table)
