@@ -13,10 +13,13 @@ Conventions shared by every function here:
 The fused loss (`fused_kd_loss`) computes the same values from the final hidden states and the `lm_head` weights,
 chunk by chunk over tokens, so the `[tokens, vocab]` logits of student and teacher never exist for the whole batch.
 `topk_kd_loss` / `fused_topk_kd_loss` do the same from a cached top-k teacher (ids, log-probabilities and the mass of
-the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`).
+the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`). Their settings travel as one
+[`KDLossOptions`] (what the trainer builds once from its config): `fused_kd_loss_with_options` and
+`fused_topk_kd_loss_with_options` take it, and the keyword functions build it from their arguments.
 """
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -26,6 +29,61 @@ import torch.nn.functional as F
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 REDUCTIONS = ("sum", "mean", "none")
+
+
+@dataclass(frozen=True)
+class KDLossOptions:
+    """The settings of the logit loss (KD, plus the student's CE), as one value for the fused losses and the trainer.
+
+    Args:
+        loss_type (`str`, *optional*, defaults to `"forward_kl"`): One of `KD_LOSSES`, see [`token_divergence`].
+        temperature (`float`, *optional*, defaults to `1.0`): Softmax temperature of both distributions.
+        beta (`float`, *optional*, defaults to `0.5`): Mixture weight of the JSD.
+        top_k (`int`, *optional*): Restrict both distributions to the teacher's top-k tokens.
+        kd_weight (`float`, *optional*, defaults to `1.0`): Weight of the KD term.
+        ce_weight (`float`, *optional*, defaults to `0.0`): Weight of the student's cross-entropy term.
+        chunk_size (`int`, *optional*): Tokens per chunk of the fused losses (default: see [`chunk_rows`]).
+        student_softcap, teacher_softcap (`float`, *optional*): Gemma-2 `final_logit_softcapping` of each model.
+    """
+
+    loss_type: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    top_k: int | None = None
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    chunk_size: int | None = None
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+
+    def __post_init__(self):
+        # Plain Python numbers whatever the caller passed: the chunk loop tests `temperature == 1` to pick its fast
+        # path, steps `range` by `chunk_size` and hands the weights to an autograd Function as constants.
+        for name in ("temperature", "beta", "kd_weight", "ce_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.chunk_size is not None:
+            object.__setattr__(self, "chunk_size", int(self.chunk_size))
+
+    @classmethod
+    def from_config(cls, config, student_softcap: float | None = None, teacher_softcap: float | None = None):
+        """The options of a [`DistillationConfig`] (`kd_loss`, `kd_temperature`, `jsd_beta`, `kd_top_k`,
+        `kd_loss_weight`, `ce_loss_weight`, `kd_chunk_size`), with the soft-capping of the two models."""
+        return cls(
+            loss_type=config.kd_loss,
+            temperature=config.kd_temperature,
+            beta=config.jsd_beta,
+            top_k=config.kd_top_k,
+            kd_weight=config.kd_loss_weight,
+            ce_weight=config.ce_loss_weight,
+            chunk_size=config.kd_chunk_size,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+        )
+
+    @property
+    def divergence(self) -> dict:
+        """The keyword arguments of [`kd_loss`] / [`topk_kd_loss`]: which divergence, at which temperature."""
+        return {"loss_type": self.loss_type, "temperature": self.temperature, "beta": self.beta, "top_k": self.top_k}
 
 
 # ---------------------------------------------------------------------------------------------- per-token divergences
@@ -345,15 +403,17 @@ def _forward_kl_chunk(h, ht, target, weights, buffers, kd_weight, ce_weight, nee
 
 def _generic_chunk(h, ht, target, weights, options, need_grad):
     """Any loss kind, temperature, top-k and soft-capping on one chunk (fp32 after the matmuls)."""
-    (loss_type, temperature, beta, top_k, kd_weight, ce_weight, _, s_cap, t_cap) = options
+    kd_weight, ce_weight, s_cap = options.kd_weight, options.ce_weight, options.student_softcap
     student_weight, student_bias, teacher_weight, teacher_bias = weights
     z = F.linear(h, student_weight, student_bias).float()
-    zt = _softcap(F.linear(ht, teacher_weight, teacher_bias).float(), t_cap)
+    zt = _softcap(F.linear(ht, teacher_weight, teacher_bias).float(), options.teacher_softcap)
     tanh = None
     if s_cap is not None:
         tanh = torch.tanh(z / s_cap)
         z = s_cap * tanh
-    kd_tok, grad, log_probs = _kd_value_and_grad(z, zt, loss_type, temperature, beta, top_k, need_grad)
+    kd_tok, grad, log_probs = _kd_value_and_grad(
+        z, zt, options.loss_type, options.temperature, options.beta, options.top_k, need_grad
+    )
     # CE from the same chunk logits (at T = 1): the ground-truth LM loss, always computed for logging.
     if log_probs is None:
         log_probs = F.log_softmax(z, dim=-1)
@@ -413,19 +473,18 @@ def _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chun
 def _fused_kd_forward(student_hidden, student_weight, student_bias, teacher, labels, options, need_grads):
     """[`_chunk_loop`] with the teacher's logits recomputed chunk by chunk from `teacher = (hidden, weight, bias)`."""
     teacher_hidden, teacher_weight, teacher_bias = teacher
-    (loss_type, temperature, _, top_k, kd_weight, ce_weight, chunk_size, s_cap, t_cap) = options
     vocab = student_weight.shape[0]
     teacher_weight = teacher_weight[:vocab]  # a teacher vocab padded beyond the student's: same tokens, extra rows
     teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
     weights = (student_weight, student_bias, teacher_weight, teacher_bias)
-    rows = min(chunk_rows(vocab, chunk_size), max(student_hidden.shape[0], 1))
+    rows = min(chunk_rows(vocab, options.chunk_size), max(student_hidden.shape[0], 1))
     dtype = student_weight.dtype
     fast = (
-        loss_type == "forward_kl"
-        and temperature == 1
-        and top_k is None
-        and s_cap is None
-        and t_cap is None
+        options.loss_type == "forward_kl"
+        and options.temperature == 1
+        and options.top_k is None
+        and options.student_softcap is None
+        and options.teacher_softcap is None
         and all(t.dtype == dtype for t in (student_hidden, teacher_hidden, teacher_weight))
     )
     if fast:
@@ -438,7 +497,7 @@ def _fused_kd_forward(student_hidden, student_weight, student_bias, teacher, lab
     def chunk_loss(start, h, target, need_grad):
         ht = teacher_hidden[start : start + h.shape[0]]
         if fast:
-            return _forward_kl_chunk(h, ht, target, weights, buffers, kd_weight, ce_weight, need_grad)
+            return _forward_kl_chunk(h, ht, target, weights, buffers, options.kd_weight, options.ce_weight, need_grad)
         return _generic_chunk(h, ht, target, weights, options, need_grad)
 
     return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
@@ -481,28 +540,33 @@ def _topk_forward_kl_chunk(h, teacher, target, weights, buffers, kd_weight, ce_w
 def _topk_generic_chunk(h, teacher, target, weights, options, need_grad):
     """Any loss kind, temperature, `top_k` and soft-capping from a cached top-k teacher on one chunk (autograd on the
     chunk's logits)."""
-    (loss_type, temperature, beta, top_k, kd_weight, ce_weight, _, s_cap, _) = options
+    temperature = options.temperature
     z = F.linear(h, *weights).float()
     grad = None
     with torch.enable_grad():
         z.requires_grad_(need_grad)
-        capped = _softcap(z, s_cap)
-        log_q, log_p = _topk_log_probs(capped, *teacher, temperature, top_k)
-        kd = _divergence(log_q, log_p, loss_type, beta).sum() * temperature**2
+        capped = _softcap(z, options.student_softcap)
+        log_q, log_p = _topk_log_probs(capped, *teacher, temperature, options.top_k)
+        kd = _divergence(log_q, log_p, options.loss_type, options.beta).sum() * temperature**2
         ce = F.cross_entropy(capped, target, reduction="sum")
         if need_grad:
-            (grad,) = torch.autograd.grad(kd_weight * kd + ce_weight * ce, z)
+            (grad,) = torch.autograd.grad(options.kd_weight * kd + options.ce_weight * ce, z)
     return kd.detach(), ce.detach(), grad
 
 
 def _fused_topk_forward(student_hidden, student_weight, student_bias, teacher, labels, options, need_grads):
     """[`_chunk_loop`] with the teacher's cached top-k log-probabilities `teacher = (ids, log_probs, rest)`."""
-    (loss_type, temperature, _, top_k, kd_weight, ce_weight, chunk_size, s_cap, _) = options
     vocab = student_weight.shape[0]
-    rows = min(chunk_rows(vocab, chunk_size), max(student_hidden.shape[0], 1))
+    rows = min(chunk_rows(vocab, options.chunk_size), max(student_hidden.shape[0], 1))
     ids, log_p, log_rest = teacher[0].long(), teacher[1].float(), teacher[2].float()
     log_p, log_rest = log_p.clamp_min(LOG_PROB_FLOOR), log_rest.clamp_min(LOG_PROB_FLOOR)
-    fast = loss_type == "forward_kl" and temperature == 1 and top_k is None and s_cap is None
+    fast = (
+        options.loss_type == "forward_kl"
+        and options.temperature == 1
+        and options.top_k is None
+        and options.student_softcap is None
+    )
+    weights = (student_weight, student_bias)
     if fast:
         device = student_hidden.device
         log_q = torch.empty(rows, vocab, dtype=torch.float32, device=device)
@@ -514,10 +578,9 @@ def _fused_topk_forward(student_hidden, student_weight, student_bias, teacher, l
         stop = start + h.shape[0]
         chunk = (ids[start:stop], log_p[start:stop], log_rest[start:stop])
         if fast:
-            return _topk_forward_kl_chunk(
-                h, chunk, target, (student_weight, student_bias), buffers, kd_weight, ce_weight, need_grad
-            )
-        return _topk_generic_chunk(h, chunk, target, (student_weight, student_bias), options, need_grad)
+            kd_weight, ce_weight = options.kd_weight, options.ce_weight
+            return _topk_forward_kl_chunk(h, chunk, target, weights, buffers, kd_weight, ce_weight, need_grad)
+        return _topk_generic_chunk(h, chunk, target, weights, options, need_grad)
 
     return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
 
@@ -556,9 +619,10 @@ class _FusedKDLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weight, ce_weight):
+def _apply_fused(forward, student_hidden, student_weight, student_bias, options):
     """Runs `forward(student_hidden, student_weight, student_bias, need_grads=...)`: through [`_FusedKDLoss`] when a
     gradient is needed, values only otherwise (evaluation: no gradient buffers)."""
+    kd_weight, ce_weight = options.kd_weight, options.ce_weight
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
     )
@@ -566,21 +630,7 @@ def _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weigh
     if not needs_grad:
         kd_sum, ce_sum, _ = run(need_grads=False)
         return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
-    return _FusedKDLoss.apply(student_hidden, student_weight, student_bias, run, float(kd_weight), float(ce_weight))
-
-
-def _options(loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, teacher_softcap):
-    return (
-        loss_type,
-        float(temperature),
-        float(beta),
-        top_k,
-        float(kd_weight),
-        float(ce_weight),
-        None if chunk_size is None else int(chunk_size),
-        student_softcap,
-        teacher_softcap,
-    )
+    return _FusedKDLoss.apply(student_hidden, student_weight, student_bias, run, kd_weight, ce_weight)
 
 
 def fused_kd_loss(
@@ -629,19 +679,36 @@ def fused_kd_loss(
         `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: the weighted loss sum (differentiable), and the KD and CE
         sums (detached, for logging).
     """
+    options = KDLossOptions(
+        loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, teacher_softcap
+    )
+    return fused_kd_loss_with_options(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, options, student_bias, teacher_bias
+    )
+
+
+def fused_kd_loss_with_options(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    options: KDLossOptions,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[`fused_kd_loss`] with its loss settings as one [`KDLossOptions`] (what the trainer holds); same tensors and
+    shapes, same return value."""
     keep = labels.ne(-100)
     if not bool(keep.all()):
         student_hidden, teacher_hidden, labels = student_hidden[keep], teacher_hidden[keep], labels[keep]
-    options = _options(
-        loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, teacher_softcap
-    )
     teacher = (
         teacher_hidden.detach(),
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
     )
     forward = partial(_fused_kd_forward, teacher=teacher, labels=labels, options=options)
-    return _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weight, ce_weight)
+    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)
 
 
 def fused_topk_kd_loss(
@@ -681,9 +748,26 @@ def fused_topk_kd_loss(
         `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: the weighted loss sum (differentiable), and the KD and CE
         sums (detached, for logging).
     """
-    if top_k is not None and top_k > teacher_ids.shape[-1]:
+    options = KDLossOptions(loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap)
+    teacher = (teacher_ids, teacher_log_probs, teacher_rest)
+    return fused_topk_kd_loss_with_options(student_hidden, student_weight, *teacher, labels, options, student_bias)
+
+
+def fused_topk_kd_loss_with_options(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    labels: torch.Tensor,
+    options: KDLossOptions,
+    student_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[`fused_topk_kd_loss`] with its loss settings as one [`KDLossOptions`] (`teacher_softcap` is not used: the
+    cached log-probabilities are those of the capped logits); same tensors and shapes, same return value."""
+    if options.top_k is not None and options.top_k > teacher_ids.shape[-1]:
         raise ValueError(
-            f"top_k={top_k} exceeds the {teacher_ids.shape[-1]} tokens cached per position: use top_k <= "
+            f"top_k={options.top_k} exceeds the {teacher_ids.shape[-1]} tokens cached per position: use top_k <= "
             f"{teacher_ids.shape[-1]}, or write the cache with a larger top_k."
         )
     keep = labels.ne(-100)
@@ -691,7 +775,6 @@ def fused_topk_kd_loss(
     if not bool(keep.all()):
         student_hidden, labels = student_hidden[keep], labels[keep]
         teacher = tuple(t[keep] for t in teacher)
-    options = _options(loss_type, temperature, beta, top_k, kd_weight, ce_weight, chunk_size, student_softcap, None)
     teacher = tuple(t.detach() for t in teacher)
     forward = partial(_fused_topk_forward, teacher=teacher, labels=labels, options=options)
-    return _apply_fused(forward, student_hidden, student_weight, student_bias, kd_weight, ce_weight)
+    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)

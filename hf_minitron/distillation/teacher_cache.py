@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_directory, atomic_write_json, check_output_dir, format_bytes
-from .losses import LOG_PROB_FLOOR, chunk_rows, fused_kd_loss, fused_topk_kd_loss, kd_loss, topk_kd_loss
+from .losses import LOG_PROB_FLOOR, chunk_rows, fused_topk_kd_loss_with_options, kd_loss, topk_kd_loss
+from .teachers import Teacher, TeacherOutput
 
 
 logger = logging.getLogger(__name__)
@@ -660,10 +661,10 @@ def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torc
     return batch
 
 
-class CachedTeacher:
+class CachedTeacher(Teacher):
     """What [`DistillationTrainer`] holds instead of a teacher model when its `train_dataset` is a teacher cache: the
-    cache settings and, for `mode="hidden"`, the teacher's output layer; it computes the KD loss from a batch's
-    teacher columns.
+    cache settings and, for `mode="hidden"`, the teacher's output layer; the cached kind of
+    [`~teachers.Teacher`], whose outputs are a batch's teacher columns.
 
     Args:
         directory (`str` or `os.PathLike`): the cache directory.
@@ -746,31 +747,23 @@ class CachedTeacher:
             columns[TOPK_REST].reshape(-1),
         )
 
-    def fused_loss(self, hidden, head, columns, targets, args, student_softcap=None):
-        """`(loss, kd_sum, ce_sum)` of [`fused_kd_loss`] / [`fused_topk_kd_loss`] for the student's final hidden
-        states `[batch, seq, hidden]` and `lm_head`."""
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        common = dict(
-            loss_type=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, top_k=args.kd_top_k,
-            kd_weight=args.kd_loss_weight, ce_weight=args.ce_loss_weight, chunk_size=args.kd_chunk_size,
-            student_bias=head.bias, student_softcap=student_softcap,
-        )  # fmt: skip
+    def forward(self, inputs, columns, layers, fused):
+        if not columns:
+            return None
         if self.mode == "hidden":
-            return fused_kd_loss(
-                hidden, head.weight, self._hidden(columns), self.weight, targets, teacher_bias=self.bias,
-                teacher_softcap=self.softcap, **common,
-            )  # fmt: skip
-        return fused_topk_kd_loss(hidden, head.weight, *self._topk(columns), targets, **common)
+            return TeacherOutput(hidden=self._hidden(columns), weight=self.weight, bias=self.bias)
+        return TeacherOutput(topk=self._topk(columns))
 
-    def kd_loss(self, logits, columns, targets, args) -> torch.Tensor:
-        """The KD sum on the student's full logits `[tokens, vocab]` (the trainer's unfused path)."""
+    def fused_loss(self, output, hidden, head, targets, options):
         if self.mode == "hidden":
-            teacher_logits = F.linear(self._hidden(columns), self.weight, self.bias)[:, : logits.shape[-1]]
+            return super().fused_loss(output, hidden, head, targets, options)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        return fused_topk_kd_loss_with_options(hidden, head.weight, *output.topk, targets, options, head.bias)
+
+    def kd_loss(self, output, logits, targets, options):
+        if self.mode == "hidden":
+            teacher_logits = F.linear(output.hidden, output.weight, output.bias)[:, : logits.shape[-1]]
             if self.softcap is not None:
                 teacher_logits = self.softcap * torch.tanh(teacher_logits / self.softcap)
-            return kd_loss(
-                logits, teacher_logits, targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
-            )
-        return topk_kd_loss(
-            logits, *self._topk(columns), targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
-        )
+            return kd_loss(logits, teacher_logits, targets, **options.divergence)
+        return topk_kd_loss(logits, *output.topk, targets, **options.divergence)

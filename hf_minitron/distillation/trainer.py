@@ -13,6 +13,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,12 +22,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.utils import logging
 
-from ..architectures import ARCHITECTURES, get_base_model, get_decoder_layers
+from ..architectures import get_decoder_layers
 from ..embedded import resolve_model_path
 from ..validation import NonFiniteError, check_checkpoint, check_process_group, check_same_tokenizer
-from .config import EMBEDDING_STATE, DistillationConfig
-from .losses import fused_kd_loss, intermediate_state_loss, kd_loss
+from .config import DistillationConfig
+from .losses import KDLossOptions, intermediate_state_loss
 from .teacher_cache import TEACHER_COLUMNS, CachedTeacher, collate_teacher_columns, is_teacher_cache
+from .teachers import LiveTeacher, ShardedTeacher, Teacher, TeacherOutput, _HeadCapture, _is_sharded
 
 
 logger = logging.get_logger(__name__)
@@ -106,81 +108,6 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
-def _is_sharded(param: torch.Tensor) -> bool:
-    """A parameter owned by FSDP2 (a DTensor outside forward) or by DeepSpeed ZeRO-3 (partitioned)."""
-    return type(param).__name__ == "DTensor" or hasattr(param, "ds_id")
-
-
-class _HeadCapture:
-    """Forward hooks that expose a causal LM's final hidden states and (normed) intermediate states.
-
-    Inside the model's forward, a pre-hook on the `lm_head` calls `on_head(head, hidden, states)` with the post-norm
-    final hidden states `[batch, seq, hidden]` and `{index: normed state}`, where the state of layer `i` is its output
-    and that of `EMBEDDING_STATE` the embedding output (the input of layer 0); with `skip_head=True` it then hands the
-    `lm_head` an empty sequence slice, so the full logits are never computed.
-
-    Paper 1 §2.4 compares post-LayerNorm states: a state is taken as the output of the norm that reads it, the next
-    layer's input norm (hooked, so it runs inside that layer's forward, where FSDP2 / ZeRO-3 have gathered its
-    weights), or the final norm after the last layer and in families without input norms (post-norm blocks).
-    """
-
-    def __init__(self, model: nn.Module, layers: list[int], on_head, skip_head: bool):
-        self.model, self.layers, self.on_head, self.skip_head = model, layers, on_head, skip_head
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.normed: set[int] = set()
-        self.handles = []
-        self.final_norm = "norm"
-
-    def __enter__(self):
-        decoder_layers = get_decoder_layers(self.model)
-        spec = ARCHITECTURES.get(self.model.config.model_type)
-        input_norm = spec.attn_input_norm if spec is not None else None
-        if spec is not None:
-            self.final_norm = spec.final_norm  # Nemotron-H: `norm_f`
-        for index in self.layers:
-            following = 0 if index == EMBEDDING_STATE else index + 1
-            if input_norm and following < len(decoder_layers):
-                norm = getattr(decoder_layers[following], input_norm)
-                self.handles.append(norm.register_forward_hook(self._normed_hook(index)))
-                self.normed.add(index)
-            elif index == EMBEDDING_STATE:
-                self.handles.append(decoder_layers[0].register_forward_pre_hook(self._input_hook, with_kwargs=True))
-            else:
-                self.handles.append(decoder_layers[index].register_forward_hook(self._layer_hook(index)))
-        self.handles.append(self.model.get_output_embeddings().register_forward_pre_hook(self._head_hook))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.outputs.clear()
-
-    def _normed_hook(self, index):
-        def hook(module, args, output):
-            self.outputs[index] = output
-
-        return hook
-
-    def _input_hook(self, module, args, kwargs):
-        self.outputs[EMBEDDING_STATE] = args[0] if args else kwargs["hidden_states"]
-
-    def _layer_hook(self, index):
-        def hook(module, args, output):
-            self.outputs[index] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def _head_hook(self, head, args):
-        hidden = args[0]
-        # The final norm runs here, inside the root forward, where its sharded weight is gathered.
-        norm = getattr(get_base_model(self.model), self.final_norm)
-        states = {i: self.outputs[i] if i in self.normed else norm(self.outputs[i]) for i in self.layers}
-        self.on_head(head, hidden, states)
-        if self.skip_head:
-            return (hidden[:, :0],) + tuple(args[1:])
-        return None
-
-
 class StopOnNonFinite:
     """Trainer mixin: stops training with a `NonFiniteError` at the first optimizer step whose loss or gradient norm is
     NaN or infinite, before that update is applied (so no later checkpoint or final model is made from it).
@@ -240,6 +167,10 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
     Logged metrics: `loss` (the objective, per target token), `kd_loss`, `ce_loss`, `is_loss` and
     `is_loss_weight` (alpha); at evaluation `eval_loss` is the student's cross-entropy on the held-out data,
     with `eval_perplexity` and `eval_kd_loss`.
+
+    Attributes:
+        teacher ([`~teachers.Teacher`]): The teacher as `compute_loss` uses it: live, sharded or a teacher cache.
+        loss_options ([`KDLossOptions`]): The logit-loss settings of `args`, with both models' soft-capping.
     """
 
     _tag_names = ["hf-minitron", "distillation"]
@@ -348,8 +279,14 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
             self.teacher_model = None
             self.teacher_cache.to(self.accelerator.device)
             self.teacher_placement = f"none loaded: distilling from the {self.teacher_cache}"
+            self.teacher: Teacher = self.teacher_cache
         else:
             self.teacher_model = self._prepare_teacher(teacher_model)
+            unwrapped = self.accelerator.unwrap_model(self.teacher_model)
+            kind = ShardedTeacher if _is_sharded(unwrapped.get_output_embeddings().weight) else LiveTeacher
+            self.teacher = kind(self.teacher_model, unwrapped)
+        student_softcap = getattr(_unwrap_peft(model).config, "final_logit_softcapping", None)
+        self.loss_options = KDLossOptions.from_config(args, student_softcap, self.teacher.softcap)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._final_save = False
 
@@ -427,127 +364,121 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
         `num_items_in_batch` (target tokens of the whole accumulated, all-device batch, counted by the Trainer) makes
         gradient accumulation and data parallelism exact; without it the loss is the per-token mean of this batch.
         """
-        args = self.args
-        mode = "train" if model.training else "eval"
-        inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
-        # Position t predicts token t + 1: shift once, keep the sequence length (the last position has no target).
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        inputs, columns, targets = _split_batch(inputs)
         mask = targets.ne(-100)
-        inputs["use_cache"] = False
-
-        wrapper = self.accelerator.unwrap_model(model)
-        student = _unwrap_peft(wrapper)
-        mapping = args.intermediate_layer_mapping or []
-        fused = args.use_fused_kd_loss and isinstance(student.get_output_embeddings(), nn.Linear)
-        captured: dict[str, Any] = {}
-        cache, cached = self.teacher_cache, CachedTeacher.pop_columns(inputs)
-        if cache is not None and not cached and model.training:
-            raise ValueError(f"A training batch has no teacher columns: train on the teacher cache ({cache}).")
-        if cache is None:
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            # A teacher whose lm_head weight is sharded must hand over a gathered copy from inside its forward.
-            copy_teacher_weight = _is_sharded(teacher.get_output_embeddings().weight)
-
-            def on_teacher_head(head, hidden, states):
-                weight = head.weight.detach()
-                captured["teacher"] = (hidden, weight.clone() if copy_teacher_weight else weight, head.bias, states)
-
-            with torch.no_grad(), _HeadCapture(teacher, [t for _, t in mapping], on_teacher_head, skip_head=fused):
-                teacher_outputs = self.teacher_model(**inputs)
-            teacher_hidden, teacher_weight, teacher_bias, teacher_states = captured.pop("teacher")
-        else:
-            fused = fused and bool(cached)  # held-out data without teacher outputs: the student's CE only
-
-        def on_student_head(head, hidden, states):
-            if fused and cache is not None:
-                softcap = getattr(student.config, "final_logit_softcapping", None)
-                captured["logit"] = cache.fused_loss(hidden, head, cached, targets, args, softcap)
-            elif fused:
-                captured["logit"] = fused_kd_loss(
-                    hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                    teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, targets,
-                    args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k,
-                    args.kd_loss_weight, args.ce_loss_weight, args.kd_chunk_size,
-                    student_bias=head.bias, teacher_bias=teacher_bias,
-                    student_softcap=getattr(student.config, "final_logit_softcapping", None),
-                    teacher_softcap=getattr(teacher.config, "final_logit_softcapping", None),
-                )  # fmt: skip
-            if mapping:
-                projection = getattr(wrapper, PROJECTION_NAME, None)
-                is_sum = hidden.new_zeros((), dtype=torch.float32)
-                for s, t in mapping:
-                    state = states[s] if projection is None else projection(states[s])
-                    is_sum = is_sum + intermediate_state_loss(
-                        state.reshape(-1, state.shape[-1])[mask],
-                        teacher_states[t].reshape(-1, teacher_states[t].shape[-1])[mask],
-                        args.intermediate_loss,
-                    )
-                captured["is"] = is_sum
-
-        router_loss = args.router_aux_loss_coef is not None and model.training
-        student_inputs = {**inputs, "output_router_logits": True} if router_loss else inputs
-        with _HeadCapture(student, [s for s, _ in mapping], on_student_head, skip_head=fused):
-            outputs = model(**student_inputs)
-
+        student = _unwrap_peft(self.accelerator.unwrap_model(model))
+        fused = self.args.use_fused_kd_loss and isinstance(student.get_output_embeddings(), nn.Linear)
+        taught = self._run_teacher(inputs, columns, fused, model.training)
+        fused = fused and taught is not None  # held-out data without teacher outputs: the student's CE only
+        outputs, head_losses = self._student_forward(model, inputs, taught, targets, fused)
         if fused:
-            logit_loss, kd_sum, ce_sum = captured["logit"]
-            if hasattr(student.get_output_embeddings().weight, "ds_id") and logit_loss.requires_grad:
-                # ZeRO-3 gathers the lm_head weight for backward when the gradient reaches the lm_head's output; the
-                # fused loss bypasses that (empty) output, so tie the loss to it: adds 0, and makes the lm_head's
-                # backward (weight gathered) wait for the fused gradients before DeepSpeed reduces and re-partitions.
-                logit_loss = logit_loss + outputs.logits.sum()
+            logit_loss, metrics = self._fused_logit_loss(student, outputs, *head_losses["logit"])
         else:
-            vocab = outputs.logits.shape[-1]
-            logits = outputs.logits.reshape(-1, vocab)
-            if cache is not None:
-                kd = cache.kd_loss(logits, cached, targets, args) if cached else logits.new_zeros(())
-            else:
-                teacher_logits = teacher_outputs.logits.reshape(-1, teacher_outputs.logits.shape[-1])[:, :vocab]
-                kd = kd_loss(
-                    logits, teacher_logits, targets, args.kd_loss, args.kd_temperature, args.jsd_beta, args.kd_top_k
-                )
-            ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
-            logit_loss = args.kd_loss_weight * kd + args.ce_loss_weight * ce
-            kd_sum, ce_sum = kd.detach(), ce.detach()
+            logit_loss, metrics = self._logit_loss(outputs, taught, targets)
         loss = logit_loss
-        metrics = {"kd_loss": kd_sum, "ce_loss": ce_sum} if cache is None or cached else {"ce_loss": ce_sum}
-        if router_loss:
-            if getattr(outputs, "aux_loss", None) is None:
-                raise ValueError(
-                    f"DistillationConfig.router_aux_loss_coef is set, but {type(student).__name__} returns no router "
-                    "load-balancing loss (aux_loss): it is not a Mixture-of-Experts model. Leave it None."
-                )
-            # The loss is a per-batch mean; the other terms are token sums normalised below: scale it to a sum.
-            router_sum = outputs.aux_loss.float() * mask.sum()
-            loss = loss + args.router_aux_loss_coef * router_sum
-            metrics["router_aux_loss"] = router_sum.detach()
-        if mapping:
-            is_sum = captured["is"]
-            if args.intermediate_loss_weight == "dynamic":
-                # alpha = L_logits / L_is, detached: L_is contributes as much as the logit loss (paper 1 §2.4).
-                alpha = logit_loss.detach() / is_sum.detach().clamp_min(1e-8)
-            else:
-                alpha = torch.tensor(args.intermediate_loss_weight, device=is_sum.device)
-            loss = loss + alpha * is_sum
-            metrics.update(is_loss=is_sum.detach(), is_loss_weight=alpha * mask.sum())
-
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-            if args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                loss = loss * self.accelerator.num_processes  # the count spans all ranks; DDP averages gradients
-        else:
-            loss = loss / mask.sum().clamp_min(1)
-            if model.training:
-                loss = loss / self.current_gradient_accumulation_steps
-
+        if self.args.router_aux_loss_coef is not None and model.training:
+            loss = loss + self._router_loss(student, outputs, mask, metrics)
+        if "is" in head_losses:
+            loss = loss + self._intermediate_term(logit_loss, head_losses["is"], mask, metrics)
+        loss = self._normalise(loss, mask, num_items_in_batch, model.training)
         # Per-token sums and the token count, averaged over the logging interval in `log`.
+        mode = "train" if model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][key].append(value.detach().float())
         self._metrics[mode]["tokens"].append(mask.sum().float())
         return (loss, outputs) if return_outputs else loss
+
+    def _run_teacher(self, inputs: dict, columns: dict, fused: bool, training: bool) -> TeacherOutput | None:
+        """The teacher's outputs for the batch, with the states of the mapped teacher layers."""
+        layers = [t for _, t in self.args.intermediate_layer_mapping or []]
+        taught = self.teacher.forward(inputs, columns, layers, fused)
+        if taught is None and training:
+            raise ValueError(f"A training batch has no teacher columns: train on the teacher cache ({self.teacher}).")
+        return taught
+
+    def _student_forward(self, model, inputs, taught, targets, fused):
+        """The student's outputs, and `{"logit": fused (loss, kd_sum, ce_sum), "is": intermediate-state sum}` computed
+        from its `lm_head` pre-hook, inside its forward (where FSDP2 / ZeRO-3 have gathered the weights they use)."""
+        wrapper = self.accelerator.unwrap_model(model)
+        layers = [s for s, _ in self.args.intermediate_layer_mapping or []]
+        head_losses = {}
+        on_head = partial(self._head_losses, head_losses, wrapper, taught, targets, fused)
+        if self.args.router_aux_loss_coef is not None and model.training:
+            inputs = {**inputs, "output_router_logits": True}
+        with _HeadCapture(_unwrap_peft(wrapper), layers, on_head, skip_head=fused):
+            return model(**inputs), head_losses
+
+    def _head_losses(self, head_losses, wrapper, taught, targets, fused, head, hidden, states):
+        """The student's `lm_head` pre-hook: the losses of its final hidden states and normed intermediate states."""
+        if fused:
+            head_losses["logit"] = self.teacher.fused_loss(taught, hidden, head, targets, self.loss_options)
+        if self.args.intermediate_layer_mapping:
+            head_losses["is"] = self._intermediate_sum(wrapper, hidden, states, taught.states, targets.ne(-100))
+
+    def _intermediate_sum(self, wrapper, hidden, states, teacher_states, mask):
+        """`L_is` summed over the mapped layer pairs and the target tokens, through the projection when there is one."""
+        projection = getattr(wrapper, PROJECTION_NAME, None)
+        is_sum = hidden.new_zeros((), dtype=torch.float32)
+        for s, t in self.args.intermediate_layer_mapping:
+            state = states[s] if projection is None else projection(states[s])
+            is_sum = is_sum + intermediate_state_loss(
+                state.reshape(-1, state.shape[-1])[mask],
+                teacher_states[t].reshape(-1, teacher_states[t].shape[-1])[mask],
+                self.args.intermediate_loss,
+            )
+        return is_sum
+
+    def _fused_logit_loss(self, student, outputs, loss, kd_sum, ce_sum):
+        """The fused path: the logit loss computed in the student's `lm_head` pre-hook."""
+        if hasattr(student.get_output_embeddings().weight, "ds_id") and loss.requires_grad:
+            # ZeRO-3 gathers the lm_head weight for backward when the gradient reaches the lm_head's output; the
+            # fused loss bypasses that (empty) output, so tie the loss to it: adds 0, and makes the lm_head's
+            # backward (weight gathered) wait for the fused gradients before DeepSpeed reduces and re-partitions.
+            loss = loss + outputs.logits.sum()
+        return loss, {"kd_loss": kd_sum, "ce_loss": ce_sum}
+
+    def _logit_loss(self, outputs, taught, targets):
+        """The unfused path: the KD and CE sums on the student's full logits."""
+        options = self.loss_options
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        kd = logits.new_zeros(()) if taught is None else self.teacher.kd_loss(taught, logits, targets, options)
+        ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        metrics = {"ce_loss": ce.detach()} if taught is None else {"kd_loss": kd.detach(), "ce_loss": ce.detach()}
+        return options.kd_weight * kd + options.ce_weight * ce, metrics
+
+    def _router_loss(self, student, outputs, mask, metrics):
+        """MoE students: the weighted router load-balancing loss, as a token sum."""
+        if getattr(outputs, "aux_loss", None) is None:
+            raise ValueError(
+                f"DistillationConfig.router_aux_loss_coef is set, but {type(student).__name__} returns no router "
+                "load-balancing loss (aux_loss): it is not a Mixture-of-Experts model. Leave it None."
+            )
+        # The loss is a per-batch mean; the other terms are token sums normalised below: scale it to a sum.
+        router_sum = outputs.aux_loss.float() * mask.sum()
+        metrics["router_aux_loss"] = router_sum.detach()
+        return self.args.router_aux_loss_coef * router_sum
+
+    def _intermediate_term(self, logit_loss, is_sum, mask, metrics):
+        """`alpha * L_is`, with `alpha` fixed or dynamic (`intermediate_loss_weight`)."""
+        if self.args.intermediate_loss_weight == "dynamic":
+            # alpha = L_logits / L_is, detached: L_is contributes as much as the logit loss (paper 1 §2.4).
+            alpha = logit_loss.detach() / is_sum.detach().clamp_min(1e-8)
+        else:
+            alpha = torch.tensor(self.args.intermediate_loss_weight, device=is_sum.device)
+        metrics.update(is_loss=is_sum.detach(), is_loss_weight=alpha * mask.sum())
+        return alpha * is_sum
+
+    def _normalise(self, loss, mask, num_items_in_batch, training):
+        """The summed loss per target token of the accumulated batch (see `compute_loss`)."""
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # the count spans all ranks; DDP averages gradients
+            return loss
+        loss = loss / mask.sum().clamp_min(1)
+        if training:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the loss only (per-token metrics are accumulated by `compute_loss` and reported by `log`)."""
@@ -615,6 +546,18 @@ class DistillationTrainer(StopOnNonFinite, Trainer):
                 "not continue the run. Resume from a checkpoint written with it, or start a new run (new output_dir)."
             )
         _load_projection(getattr(student, PROJECTION_NAME), path)
+
+
+def _split_batch(inputs: dict) -> tuple[dict, dict, torch.Tensor]:
+    """`(model inputs, teacher-cache columns, next-token targets [tokens])` of a collated batch."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
+    # Position t predicts token t + 1: shift once, keep the sequence length (the last position has no target).
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    inputs["use_cache"] = False
+    return inputs, CachedTeacher.pop_columns(inputs), targets
 
 
 def _check_student(student: nn.Module, teacher: nn.Module | None, args) -> None:

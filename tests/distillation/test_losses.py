@@ -6,9 +6,12 @@ import torch.nn.functional as F
 
 from hf_minitron.distillation.losses import (
     KD_LOSSES,
+    KDLossOptions,
     forward_kl,
     fused_kd_loss,
+    fused_kd_loss_with_options,
     fused_topk_kd_loss,
+    fused_topk_kd_loss_with_options,
     intermediate_state_loss,
     jensen_shannon,
     kd_loss,
@@ -317,3 +320,56 @@ def test_fused_topk_softcap_and_values_without_grad():
     torch.testing.assert_close(evaluated[0], loss.detach())
     with pytest.raises(ValueError, match="top_k=11 exceeds the 10 tokens"):
         fused_topk_kd_loss(sh, sw, ids, log_p, rest, labels, top_k=11)
+
+
+# ---------------------------------------------------------------------------------------------- loss options
+def test_loss_options_from_config_and_defaults(tmp_path):
+    import dataclasses
+
+    from hf_minitron.distillation.config import DistillationConfig
+
+    config = DistillationConfig(
+        output_dir=str(tmp_path), kd_loss="jsd", kd_temperature=2, jsd_beta=0.3, kd_top_k=5, kd_loss_weight=2,
+        ce_loss_weight=0.5, kd_chunk_size=7, report_to="none", use_cpu=True,
+    )  # fmt: skip
+    options = KDLossOptions.from_config(config, student_softcap=3.0, teacher_softcap=4.0)
+    assert options == KDLossOptions("jsd", 2.0, 0.3, 5, 2.0, 0.5, 7, 3.0, 4.0)
+    assert all(type(getattr(options, name)) is float for name in ("temperature", "beta", "kd_weight", "ce_weight"))
+    assert options.divergence == {"loss_type": "jsd", "temperature": 2.0, "beta": 0.3, "top_k": 5}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.kd_weight = 1.0
+    # The options' defaults are the config's (the papers'): forward KL, T = 1, KD only, no top-k.
+    assert KDLossOptions.from_config(DistillationConfig(output_dir=str(tmp_path))) == KDLossOptions()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"loss_type": "reverse_kl", "temperature": 2.0, "ce_weight": 0.3, "chunk_size": 5},
+     {"loss_type": "jsd", "beta": 0.3, "top_k": 6, "kd_weight": 0.5, "student_softcap": 4.0, "teacher_softcap": 5.0}],
+    ids=["defaults", "reverse_kl_t2_ce", "jsd_top_k_softcap"],
+)  # fmt: skip
+def test_fused_losses_equal_their_options_versions(settings):
+    """The public keyword functions are the options functions: same values and gradients, bit for bit."""
+    sh, sw, sb, th, tw, labels = _inputs(seed=10, bias=True)
+    options = KDLossOptions(**settings)
+    results = []
+    for fused in (
+        lambda: fused_kd_loss(sh, sw, th, tw, labels, **settings, student_bias=sb),
+        lambda: fused_kd_loss_with_options(sh, sw, th, tw, labels, options, student_bias=sb),
+    ):
+        loss, kd, ce = fused()
+        results.append((loss, kd, ce, *torch.autograd.grad(loss, [sh, sw, sb])))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+    topk = _teacher_topk(F.linear(th, tw), 10)
+    settings = {k: v for k, v in settings.items() if k != "teacher_softcap"}
+    results = []
+    for fused in (
+        lambda: fused_topk_kd_loss(sh, sw, *topk, labels, **settings, student_bias=sb),
+        lambda: fused_topk_kd_loss_with_options(sh, sw, *topk, labels, options, student_bias=sb),
+    ):
+        loss, kd, ce = fused()
+        results.append((loss, kd, ce, *torch.autograd.grad(loss, [sh, sw, sb])))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

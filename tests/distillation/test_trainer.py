@@ -317,3 +317,39 @@ def test_intermediate_states_are_normed_by_the_norm_that_reads_them_and_emb_maps
     assert all(log["is_loss"] > 0 for log in trainer.state.log_history if "is_loss" in log)
     with pytest.raises(ValueError, match="maps an embedding output to a layer output"):
         _args(tmp_path, intermediate_layer_mapping="emb:3")
+
+
+def test_trainer_builds_its_teacher_and_loss_options_once(tmp_path):
+    from hf_minitron.distillation.losses import KDLossOptions
+    from hf_minitron.distillation.teachers import LiveTeacher
+
+    student = tiny_model("gemma2", seed=1, num_hidden_layers=2, final_logit_softcapping=3.0)
+    teacher = tiny_model("gemma2", seed=0, final_logit_softcapping=5.0)
+    args = _args(tmp_path, kd_loss="jsd", jsd_beta=0.3, ce_loss_weight=0.5, kd_chunk_size=7)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_dataset())
+    assert type(trainer.teacher) is LiveTeacher and trainer.teacher.unwrapped is teacher
+    assert trainer.loss_options == KDLossOptions.from_config(args, student_softcap=3.0, teacher_softcap=5.0)
+
+
+def test_sharded_teacher_gives_the_live_teacher_loss(tmp_path, monkeypatch):
+    """A teacher whose lm_head weight is sharded (FSDP2, ZeRO-3) is a `ShardedTeacher`: the same loss and gradients,
+    from a copy of the weight taken inside its forward."""
+    import hf_minitron.distillation.trainer as trainer_module
+    from hf_minitron.distillation.teachers import LiveTeacher, ShardedTeacher
+
+    batch = DataCollatorForDistillation()(random_samples(4))
+    results = []
+    for kind in (LiveTeacher, ShardedTeacher):
+        sharded = kind is ShardedTeacher
+        monkeypatch.setattr(trainer_module, "_is_sharded", lambda param, sharded=sharded: sharded)
+        student = _student()
+        args = _args(tmp_path / kind.__name__, intermediate_layer_mapping="1:3", ce_loss_weight=0.5)
+        trainer = DistillationTrainer(model=student, teacher_model=tiny_model("llama"), args=args)
+        assert type(trainer.teacher) is kind
+        student.train().zero_grad()
+        loss = trainer.compute_loss(student, batch, num_items_in_batch=batch["labels"][:, 1:].ne(-100).sum())
+        loss.backward()
+        results.append((loss.detach(), *(p.grad for p in student.parameters())))
+        assert set(trainer._metrics["train"]) == {"kd_loss", "ce_loss", "is_loss", "is_loss_weight", "tokens"}
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
