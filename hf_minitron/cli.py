@@ -195,7 +195,9 @@ def _run(argv):
             _store_help("run", text)
         print(text, end="")
         return
-    from .commands.run import load_pipeline_config, parse_overrides, quiet_third_party_output, run_pipeline
+    from .commands.run import run_pipeline
+    from .commands.run_config import load_pipeline_config, parse_overrides
+    from .commands.run_console import quiet_third_party_output
 
     quiet_third_party_output()
     config_path, overrides = parse_overrides(["--config", *argv] if not argv[0].startswith("--") else argv)
@@ -204,13 +206,13 @@ def _run(argv):
 
 
 def _run_help() -> str:
-    from .commands import run as pipeline
+    from .commands import run, run_config
 
     formatter = _HelpFormatter("hf-minitron run", width=_terminal_width())
     formatter.add_usage("hf-minitron run RECIPE.yaml [--key value] [--section.key value] ...", None, [])
     formatter.add_text(_description("run"))
     formatter.start_section("top-level options (MinitronArguments; --key value, or key: value in the recipe)")
-    for f in dataclasses.fields(pipeline.MinitronArguments):
+    for f in dataclasses.fields(run_config.MinitronArguments):
         default = f.default if f.default is not dataclasses.MISSING else None
         formatter.add_argument(
             argparse.Action([f"--{f.name}"], f.name, help=f"{f.metadata['help']} (default: {default})")
@@ -227,7 +229,7 @@ def _run_help() -> str:
     for option, text in sections:
         formatter.add_argument(argparse.Action([option], option, help=text))
     formatter.end_section()
-    formatter.add_text(pipeline.__doc__)
+    formatter.add_text(run.__doc__)
     return formatter.format_help()
 
 

@@ -18,7 +18,7 @@ from hf_minitron import PrunedConfig, estimate_importance, prune_model
 from hf_minitron.cli import main
 from hf_minitron.commands.distill import DistillArguments, distill_checkpoint
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
-from hf_minitron.commands.run import build_pipeline_config
+from hf_minitron.commands.run_config import build_pipeline_config
 from hf_minitron.distillation.config import DistillationConfig
 from hf_minitron.hub import HubUploadError, push_to_hub
 from hf_minitron.pruning.importance import ImportanceScores

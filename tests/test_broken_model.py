@@ -21,7 +21,8 @@ from hf_minitron import DistillationConfig, DistillationTrainer
 from hf_minitron.alignment import RPOConfig
 from hf_minitron.cli import main
 from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
-from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+from hf_minitron.commands.run import run_pipeline
+from hf_minitron.commands.run_config import build_pipeline_config
 from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig, correct_teacher
 from hf_minitron.hub import push_to_hub
 from hf_minitron.io import atomic_save_model

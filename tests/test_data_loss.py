@@ -21,7 +21,8 @@ from hf_minitron import PrunedConfig
 from hf_minitron.cli import main
 from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
-from hf_minitron.commands.run import MinitronArguments, build_pipeline_config, run_pipeline
+from hf_minitron.commands.run import run_pipeline
+from hf_minitron.commands.run_config import MinitronArguments, build_pipeline_config
 from hf_minitron.io import OUTPUT_MARKER, atomic_directory, atomic_write_json, is_own_output
 
 

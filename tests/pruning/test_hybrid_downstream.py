@@ -256,7 +256,8 @@ def test_distilling_a_pruned_hybrid_student(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- pipeline and card
 def test_pipeline_runs_a_hybrid_and_its_card_shows_the_mamba_axes(tmp_path, tokenizer):
-    from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+    from hf_minitron.commands.run import run_pipeline
+    from hf_minitron.commands.run_config import build_pipeline_config
 
     teacher = tmp_path / "teacher"
     tiny_model("nemotron_h").save_pretrained(teacher)

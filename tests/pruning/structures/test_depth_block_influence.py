@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_minitron import PrunedConfig, estimate_importance, prune_model
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
-from hf_minitron.commands.run import _pruning_settings
+from hf_minitron.commands.run_records import _pruning_settings
 from hf_minitron.evaluation import get_task_manager, make_lm_eval_scorer
 from hf_minitron.pruning.importance import ImportanceScores, random_importance
 from hf_minitron.pruning.structures import depth
@@ -309,7 +309,8 @@ def test_unknown_depth_scorer_task_is_refused_before_the_weights_load(tmp_path, 
 
 def test_pipeline_checks_the_depth_scorer_tasks_before_any_stage(tmp_path, checkpoint, monkeypatch):
     from hf_minitron import evaluation
-    from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+    from hf_minitron.commands.run import run_pipeline
+    from hf_minitron.commands.run_config import build_pipeline_config
 
     def refuse(tasks, *args, **kwargs):
         raise ValueError(f"checked {tasks}")
