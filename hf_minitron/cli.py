@@ -252,7 +252,7 @@ def _cache_teacher(argv):
 def _search(argv):
     from .commands.search import SearchArguments, print_search_summary, search_checkpoint
     from .distillation.config import DistillationConfig
-    from .pruning.search import SearchConfig
+    from .pruning.search_config import SearchConfig
 
     args, config, retraining = parse_dataclasses(
         (SearchArguments, SearchConfig, DistillationConfig), argv, "hf-minitron search"

@@ -15,7 +15,7 @@ from trl import TrlParser
 
 from hf_minitron.commands.search import SearchArguments, print_search_summary, search_checkpoint
 from hf_minitron.distillation.config import DistillationConfig
-from hf_minitron.pruning.search import SearchConfig
+from hf_minitron.pruning.search_config import SearchConfig
 
 
 def main(script_args: SearchArguments, search_config: SearchConfig, training_args: DistillationConfig):

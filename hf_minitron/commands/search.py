@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from ..data import EMBEDDED_CORPUS, load_text_datasets
 from ..distillation.config import DistillationConfig
 from ..io import check_not_overlapping
-from ..pruning.search import SearchConfig, enumerate_candidates, search_architectures
+from ..pruning.candidates import enumerate_candidates
+from ..pruning.search import search_architectures
+from ..pruning.search_config import SearchConfig
 from ..pruning.search_results import SearchResult
 from ..validation import check_sequence_length, load_model_config
 

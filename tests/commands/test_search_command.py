@@ -11,7 +11,8 @@ from transformers import HfArgumentParser, LlamaConfig
 from hf_minitron.cli import main
 from hf_minitron.commands.search import SearchArguments
 from hf_minitron.distillation.config import DistillationConfig
-from hf_minitron.pruning.search import SearchConfig, enumerate_candidates
+from hf_minitron.pruning.candidates import enumerate_candidates
+from hf_minitron.pruning.search_config import SearchConfig
 
 
 RECIPE = ROOT / "recipes" / "smollm2-135m" / "search.yaml"

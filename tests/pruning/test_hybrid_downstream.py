@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from hf_minitron import DistillationConfig, DistillationTrainer, PrunedConfig, count_parameters, prune_model
 from hf_minitron.architectures import get_decoder_layers
+from hf_minitron.pruning.candidates import enumerate_candidates
 from hf_minitron.pruning.importance import random_importance
 from hf_minitron.pruning.prune import load_pruning_record
-from hf_minitron.pruning.search import SearchConfig, enumerate_candidates, search_architectures
+from hf_minitron.pruning.search import search_architectures
+from hf_minitron.pruning.search_config import SearchConfig
 from hf_minitron.pruning.structures.depth import _SkippedLayer, sliced_layer_lists
 
 
