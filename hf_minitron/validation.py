@@ -312,3 +312,37 @@ def check_field_types(cls, values: dict, where: str) -> dict:
             )
         checked[name] = converted
     return checked
+
+
+def check_renamed_options(dataclass_types, argv: list[str]) -> None:
+    """Refuses an option that a command no longer has under that name, naming the new one.
+
+    The commands share one vocabulary (the model a command starts from is `teacher`, the folder it writes is
+    `output_dir`); a dataclass lists the names it used to have in a `RENAMED_OPTIONS` class attribute
+    (`{old: new}`). Both `--old value` on the command line and `old:` in the `--config` file are refused, before
+    any work, since argparse would otherwise call the flag unknown without saying what it became.
+    """
+    renamed = {
+        old: (cls.__name__, new) for cls in dataclass_types for old, new in getattr(cls, "RENAMED_OPTIONS", {}).items()
+    }
+    if not renamed:
+        return
+    found = [
+        (f"--{old}", "on the command line")
+        for old in renamed
+        if f"--{old}" in argv or any(a.startswith(f"--{old}=") for a in argv)
+    ]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        path = argv[argv.index("--config") + 1]
+        if os.path.isfile(path):
+            keys = read_config_file(path, "--config")
+            found += [(f"{old}:", f"in {path}") for old in renamed if old in keys]
+    if found:
+        option, where = found[0]
+        old = option.strip("-:")
+        owner, new = renamed[old]
+        spelled = f"--{new}" if option.startswith("--") else f"{new}:"
+        raise ValueError(
+            f"{option} ({where}) is now {spelled}: {owner}.{old} was renamed to {new}, the name every command uses. "
+            f"Replace {option} with {spelled}."
+        )

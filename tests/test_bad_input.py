@@ -58,7 +58,7 @@ def no_expensive_work(monkeypatch):
 
 
 def prune_args(model, output, **kwargs) -> PruneArguments:
-    return PruneArguments(model=str(model), output=str(output), **kwargs)
+    return PruneArguments(teacher=str(model), output_dir=str(output), **kwargs)
 
 
 SMALL = dict(
@@ -556,7 +556,7 @@ def test_cli_reports_a_full_disk_without_traceback(checkpoint, tmp_path, texts, 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
     output = tmp_path / "out"
-    argv = ["prune", "--model", str(checkpoint), "--output", str(output), "--calibration_data", texts]
+    argv = ["prune", "--teacher", str(checkpoint), "--output_dir", str(output), "--calibration_data", texts]
     argv += ["--text_column", "content", "--hidden_size", "16", "--num_attention_heads", "2"]
     argv += ["--calibration_samples", "4", "--calibration_seq_length", "16"]
     assert main(argv) == 2
@@ -605,7 +605,7 @@ def test_distill_student_checkpoint_missing(tmp_path, checkpoint, no_expensive_w
 def test_correct_teacher_sequence_too_long(checkpoint, tmp_path, capsys, no_expensive_work):
     # The output is a sibling of the teacher: a folder holding the teacher is refused by its own (earlier) check.
     output = str(tmp_path / "corrected")
-    argv = ["correct-teacher", "--model", str(checkpoint), "--seq_length", "4096", "--output_dir", output]
+    argv = ["correct-teacher", "--teacher", str(checkpoint), "--seq_length", "4096", "--output_dir", output]
     assert main(argv) == 2
     assert "CorrectTeacherArguments.seq_length=4096 is longer than the model's max_position_embeddings=128" in (
         capsys.readouterr().err

@@ -144,7 +144,7 @@ def test_a_pruned_nan_teacher_is_never_written(checkpoint, text_file, tmp_path):
     weights["model.layers.0.mlp.down_proj.weight"][0, 0] = math.inf
     save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
     output = tmp_path / "pruned"
-    argv = ["prune", "--model", str(checkpoint), "--output", str(output), "--hidden_size", "16"]
+    argv = ["prune", "--teacher", str(checkpoint), "--output_dir", str(output), "--hidden_size", "16"]
     argv += ["--num_attention_heads", "2", "--importance", "magnitude"]
     assert main(argv) == 2
     assert not output.exists()

@@ -142,8 +142,8 @@ def run_pipeline(
     if not reuse["pruned"]:
         prune_checkpoint(
             PruneArguments(
-                model=teacher_path,
-                output=str(pruned_dir),
+                teacher=teacher_path,
+                output_dir=str(pruned_dir),
                 calibration_data=args.dataset,
                 text_column=args.text_column,
                 overwrite=True,

@@ -221,6 +221,13 @@ def build_pipeline_config(data: dict):
     from ..distillation.teacher_correction import TeacherCorrectionConfig
 
     top = {k: v for k, v in data.items() if k not in SECTIONS}
+    for key, value in top.items():
+        # `--distilation.max_steps 5` lands here as a top-level key holding a mapping: a misspelt section.
+        guess = difflib.get_close_matches(key, SECTIONS, n=1)
+        if isinstance(value, dict) and guess and key not in {f.name for f in fields(MinitronArguments)}:
+            raise ValueError(
+                f"Unknown section {key!r} in the recipe: did you mean {guess[0]!r}? Sections: {SECTIONS}."
+            )
     args = _build(MinitronArguments, top, "top level")
     root = Path(args.output_dir)
     pruning = _build(PrunedConfig, data.get("pruning") or {}, "pruning")

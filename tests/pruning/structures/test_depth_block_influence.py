@@ -275,8 +275,8 @@ def test_depth_scorer_from_the_recipe_picks_the_block_the_task_ranks_best(tmp_pa
     assert direct[1] == 1.0 and max(direct[0], direct[2]) < 1.0  # the task separates the blocks
 
     args = PruneArguments(
-        model=str(checkpoint),
-        output=str(tmp_path / "pruned"),
+        teacher=str(checkpoint),
+        output_dir=str(tmp_path / "pruned"),
         calibration_data=str(text_file),
         text_column="content",
         save_scores=False,
@@ -300,7 +300,7 @@ def test_unknown_depth_scorer_task_is_refused_before_the_weights_load(tmp_path, 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     (tmp_path / "tasks").mkdir()
     args = PruneArguments(
-        model=str(checkpoint), output=str(tmp_path / "out"), lm_eval_include_path=str(tmp_path / "tasks")
+        teacher=str(checkpoint), output_dir=str(tmp_path / "out"), lm_eval_include_path=str(tmp_path / "tasks")
     )
     config = PrunedConfig(num_hidden_layers=2, depth_scorer="winogrand", calibration_seq_length=32)
     with pytest.raises(ValueError, match="Unknown lm-eval task.*'winogrand' \\(did you mean 'winogrande'"):
