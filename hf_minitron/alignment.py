@@ -27,6 +27,7 @@ from trl import DPOConfig, SFTConfig
 
 from .hub import keep_token_out_of_pickles
 from .io import atomic_directory, check_not_overlapping, check_output_dir, resume_checkpoint
+from .output_lock import output_locks
 from .validation import check_finite_fields, check_finite_weights
 
 
@@ -397,7 +398,26 @@ def run_sft(
     Returns:
         `PreTrainedModel`: the fine-tuned model (adapters merged), also saved (safetensors, tokenizer,
         `log_history.json`) to `final_model_dir` by the main process, atomically.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir, final_model_dir or os.path.join(args.output_dir, "final")):
+        return _run_sft(
+            model, tokenizer, train_dataset, args, peft_config, eval_dataset, chat_template, final_model_dir, callbacks
+        )
+
+
+def _run_sft(
+    model: nn.Module | str,
+    tokenizer,
+    train_dataset,
+    args: SFTConfig,
+    peft_config=None,
+    eval_dataset=None,
+    chat_template: str | None = None,
+    final_model_dir: str | None = None,
+    callbacks=None,
+) -> nn.Module:
     from trl import SFTTrainer
 
     check_finite_fields(args)  # a NaN learning rate would train silently into an all-NaN model
@@ -469,7 +489,36 @@ def run_dpo(
     Returns:
         `PreTrainedModel`: the aligned model (adapters merged), also saved to `final_model_dir` by the main process,
         atomically.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir, final_model_dir or os.path.join(args.output_dir, "final")):
+        return _run_dpo(
+            model,
+            tokenizer,
+            train_dataset,
+            args,
+            peft_config,
+            ref_model,
+            eval_dataset,
+            chat_template,
+            final_model_dir,
+            callbacks,
+        )
+
+
+def _run_dpo(
+    model: nn.Module | str,
+    tokenizer,
+    train_dataset,
+    args: DPOConfig,
+    peft_config=None,
+    ref_model: nn.Module | None = None,
+    eval_dataset=None,
+    chat_template: str | None = None,
+    final_model_dir: str | None = None,
+    callbacks=None,
+) -> nn.Module:
     from trl import DPOTrainer
 
     check_finite_fields(args)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..data import TextDataArguments
 from ..distillation.config import DistillationConfig
 from ..io import atomic_save_model, check_not_overlapping, check_output_dir, resume_checkpoint
+from ..output_lock import output_locks
 from ..validation import check_same_tokenizer, check_sequence_length, load_model_config
 
 
@@ -43,7 +44,14 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
 
     Returns:
         `DistillationTrainer`: the trainer after training (its `state.log_history` holds the losses).
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(config.output_dir, args.final_model_dir or os.path.join(config.output_dir, "final")):
+        return _distill_checkpoint(args, config)
+
+
+def _distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..distillation.trainer import DistillationTrainer

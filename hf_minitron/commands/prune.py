@@ -9,6 +9,7 @@ from typing import ClassVar
 from ..architectures import get_architecture
 from ..data import EMBEDDED_CORPUS, load_texts, pack_texts
 from ..io import atomic_directory, check_free_space, check_not_overlapping, check_output_dir
+from ..output_lock import output_locks
 from ..pruning.config import PrunedConfig
 from ..pruning.parameter_count import count_parameters
 from ..pruning.prune import check_not_offloaded, check_target_loads, compute_scores, prune_model
@@ -77,7 +78,14 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     """Loads, prunes and saves; returns `{"before", "after", "output"}` shape summaries.
 
     Everything that can be checked from the config alone is checked before the weights are loaded.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir):
+        return _prune_checkpoint(args, config, show_progress)
+
+
+def _prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: bool = True) -> dict:
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer

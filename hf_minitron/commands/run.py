@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from ..data import EMBEDDED_CORPUS, STDLIB_CORPUS, load_text_datasets
+from ..output_lock import output_locks
 from ..pruning.config import PrunedConfig
 from ..validation import (
     check_finite_weights,
@@ -66,7 +67,22 @@ def run_pipeline(
     `alignment` lists the alignment stages to run after distillation, in order (see [`build_pipeline_config`]).
     `show_progress` shows the progress bars; `report` prints (on the main process) a heading with the time as each
     stage starts (or says that it was reused), and at the end the teacher-vs-student table and each stage's wall time.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir):
+        return _run_pipeline(args, pruning, distillation, correction, alignment, show_progress, report)
+
+
+def _run_pipeline(
+    args: MinitronArguments,
+    pruning: PrunedConfig,
+    distillation,
+    correction,
+    alignment: list[AlignmentStage] | None = None,
+    show_progress: bool = True,
+    report: bool = True,
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

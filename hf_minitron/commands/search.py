@@ -13,6 +13,7 @@ from typing import ClassVar
 from ..data import EMBEDDED_CORPUS, load_text_datasets
 from ..distillation.config import DistillationConfig
 from ..io import check_not_overlapping
+from ..output_lock import output_locks
 from ..pruning.candidates import enumerate_candidates
 from ..pruning.search import search_architectures
 from ..pruning.search_config import SearchConfig
@@ -86,7 +87,17 @@ class SearchArguments:
 def search_checkpoint(
     args: SearchArguments, config: SearchConfig, distillation_config: DistillationConfig, show_progress: bool = True
 ) -> SearchResult:
-    """Loads the teacher and the data, searches, and writes the results to `distillation_config.output_dir`."""
+    """Loads the teacher and the data, searches, and writes the results to `distillation_config.output_dir`.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
+    """
+    with output_locks(distillation_config.output_dir):
+        return _search_checkpoint(args, config, distillation_config, show_progress)
+
+
+def _search_checkpoint(
+    args: SearchArguments, config: SearchConfig, distillation_config: DistillationConfig, show_progress: bool = True
+) -> SearchResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -52,6 +52,7 @@ from ..io import (
     format_bytes,
     resolve_output_path,
 )
+from ..output_lock import output_locks
 from .losses import LOG_PROB_FLOOR, chunk_rows, fused_kd_loss, fused_topk_kd_loss, kd_loss, topk_kd_loss
 
 
@@ -510,7 +511,42 @@ def cache_teacher(
 
     Returns:
         `datasets.Dataset`: the cache, as [`load_teacher_cache`] returns it.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(output_dir):
+        return _cache_teacher(
+            teacher,
+            dataset,
+            output_dir,
+            mode,
+            top_k,
+            dtype,
+            temperature,
+            tokenizer,
+            batch_size,
+            shard_size,
+            vocab_size,
+            overwrite,
+            show_progress,
+        )
+
+
+def _cache_teacher(
+    teacher,
+    dataset,
+    output_dir: str | os.PathLike,
+    mode: str = "hidden",
+    top_k: int | None = None,
+    dtype: str = "float32",
+    temperature: float = 1.0,
+    tokenizer=None,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+):
     from tqdm.auto import tqdm
 
     _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher)

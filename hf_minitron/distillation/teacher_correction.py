@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from ..hub import keep_token_out_of_pickles
 from ..io import atomic_directory, atomic_save_model, resume_checkpoint
+from ..output_lock import output_locks
 from ..validation import check_finite_fields, check_finite_weights
 from .trainer import DataCollatorForDistillation, StopOnNonFinite
 
@@ -113,7 +114,21 @@ def correct_teacher(
         `PreTrainedModel`: the corrected teacher (LoRA adapters merged), also saved (safetensors) to
         `args.corrected_model_dir` by the main process: written to a temporary sibling directory, then renamed, so
         a crash never leaves a half-written checkpoint.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir, args.corrected_model_dir):
+        return _correct_teacher(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+
+
+def _correct_teacher(
+    model: nn.Module | str,
+    args: TeacherCorrectionConfig,
+    train_dataset,
+    eval_dataset=None,
+    processing_class=None,
+    callbacks=None,
+) -> nn.Module:
     from ..validation import check_process_group
 
     check_process_group(args)
