@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from trl import DPOConfig, SFTConfig
 
+from .fingerprints import model_fingerprint
 from .hub import keep_token_out_of_pickles
 from .io import atomic_directory, check_not_overlapping, check_output_dir, resume_checkpoint
 from .output_lock import output_locks
@@ -424,6 +425,7 @@ def _run_sft(
     keep_token_out_of_pickles(args)  # checkpoints pickle these arguments (training_args.bin)
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     _check_outputs(model, args, final_model_dir)
+    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("messages", "text", "prompt", "input_ids"), "SFT")
     _prepare_chat_template(tokenizer, train_dataset, chat_template, "SFT")
@@ -449,7 +451,7 @@ def _run_sft(
         callbacks=callbacks,
     )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, {"model": source}))
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)
 
 
@@ -525,6 +527,7 @@ def _run_dpo(
     keep_token_out_of_pickles(args)
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     _check_outputs(model, args, final_model_dir)
+    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("chosen",), "DPO")
     if "rejected" not in (train_dataset.column_names or ()):
@@ -554,5 +557,5 @@ def _run_dpo(
             "is left to train on. Raise max_length or shorten the prompts."
         )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, {"model": source}))
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from ..fingerprints import model_fingerprint
 from ..hub import keep_token_out_of_pickles
 from ..io import atomic_directory, atomic_save_model, resume_checkpoint
 from ..output_lock import output_locks
@@ -132,6 +133,7 @@ def _correct_teacher(
     from ..validation import check_process_group
 
     check_process_group(args)
+    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another teacher is refused
     if isinstance(model, str):
         from ..embedded import resolve_model_path
         from ..validation import check_checkpoint
@@ -162,7 +164,7 @@ def _correct_teacher(
         callbacks=callbacks,
     )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, {"teacher": source}))
 
     if args.use_lora:
         # The merge needs the full weights: gather them (a no-op without sharding) into the unwrapped model.
