@@ -29,7 +29,7 @@ from .fingerprints import model_fingerprint
 from .hub import keep_token_out_of_pickles
 from .io import atomic_directory, check_not_overlapping, check_output_dir, resume_checkpoint
 from .output_lock import output_locks
-from .validation import check_finite_fields, check_finite_weights
+from .validation import check_finite_fields, check_finite_weights, check_numbers
 
 
 # ChatML, the format of SmolLM2 / Qwen instruct models, with `{% generation %}` markers around each assistant turn
@@ -425,6 +425,7 @@ def _run_sft(
     keep_token_out_of_pickles(args)  # checkpoints pickle these arguments (training_args.bin)
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     _check_outputs(model, args, final_model_dir)
+    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
     source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("messages", "text", "prompt", "input_ids"), "SFT")
@@ -527,6 +528,7 @@ def _run_dpo(
     keep_token_out_of_pickles(args)
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     _check_outputs(model, args, final_model_dir)
+    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
     source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("chosen",), "DPO")

@@ -187,6 +187,13 @@ def _run_pipeline(
         )
         # An interrupted distillation continues from its newest complete checkpoint.
         trainer.train(resume_from_checkpoint=resume_checkpoint(distillation))
+        if trainer.state.global_step == 0:
+            # A pruned model published as "distilled" (and carded as such) would be a wrong result reported as one.
+            raise ValueError(
+                f"The distillation stage trained 0 steps ({len(train) if hasattr(train, '__len__') else 'streamed'} training samples, max_steps="
+                f"{distillation.max_steps}, num_train_epochs={distillation.num_train_epochs}): raise max_train_samples "
+                "or max_steps. Nothing was written for this stage."
+            )
         history = json.dumps(trainer.state.log_history, indent=1)
         atomic_save_model(
             trainer, distilled_dir, write_extra=lambda tmp: (tmp / "log_history.json").write_text(history)
@@ -277,9 +284,16 @@ def _run_pipeline(
     if args.push_to_hub:
         stages.begin("push", False, args.hub_model_id)
         if state.is_main_process:
-            from ..hub import push_to_hub
+            from ..hub import HubUploadError, push_to_hub
 
-            push_to_hub(str(final_dir), args.hub_model_id, private=args.hub_private)
+            try:
+                push_to_hub(str(final_dir), args.hub_model_id, private=args.hub_private)
+            except HubUploadError as error:
+                # The run itself succeeded: say so, and how to upload the folder once the Hub answers.
+                raise ValueError(
+                    f"{error} The finished model stays in {str(final_dir)!r}; upload it with `hf-minitron push "
+                    f"--folder {final_dir} --repo_id {args.hub_model_id}`."
+                ) from None
         stages.end("push")
     summary["stage_times"] = stages.times
     if stages.report:

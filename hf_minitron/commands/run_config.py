@@ -11,6 +11,7 @@ from ..data import EMBEDDED_CORPUS
 from ..pruning.config import PrunedConfig
 from ..validation import (
     check_field_types,
+    check_numbers,
     read_config_file,
 )
 
@@ -62,6 +63,7 @@ class MinitronArguments:
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repository as private."})
 
     def __post_init__(self):
+        check_numbers(self)
         self.output_dir = os.path.expanduser(self.output_dir)  # as model paths: `~/runs/x`, not `./~/runs/x`
         if self.seq_length < 2:
             raise ValueError(f"MinitronArguments.seq_length={self.seq_length} is invalid: use at least 2 tokens.")

@@ -469,6 +469,11 @@ class TextDataArguments:
         default=64, metadata={"help": "Documents held out for validation when streaming."}
     )
 
+    def __post_init__(self):
+        from ..validation import check_numbers
+
+        check_numbers(self)
+
     def data_settings(self) -> dict:
         """The fields that decide which samples a run trains on (recorded with its resumable checkpoints)."""
         return {f.name: getattr(self, f.name) for f in fields(TextDataArguments)}

@@ -16,7 +16,7 @@ from ..fingerprints import model_fingerprint
 from ..hub import keep_token_out_of_pickles
 from ..io import atomic_directory, atomic_save_model, resume_checkpoint
 from ..output_lock import output_locks
-from ..validation import check_finite_fields, check_finite_weights
+from ..validation import check_finite_weights, check_numbers
 from .trainer import DataCollatorForDistillation, StopOnNonFinite
 
 
@@ -66,7 +66,7 @@ class TeacherCorrectionConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        check_finite_fields(self)
+        check_numbers(self)
         keep_token_out_of_pickles(self)  # checkpoints pickle these arguments (training_args.bin)
         if not 0 < self.learning_rate_fraction <= 1:
             raise ValueError(
