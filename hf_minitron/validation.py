@@ -359,7 +359,7 @@ _TRAINING_BOUNDS = {
     "per_device_train_batch_size": "at least 1",
     "learning_rate": "a non-negative number",
     "warmup_ratio": "a number in [0, 1]",
-    "kd_temperature": "a number in (0, 100] (1.0 is the Minitron default)",
+    "kd_temperature": "a positive number up to 100 (1.0 is the Minitron default)",
     "eval_limit": "a positive number of samples, or unset for all",
     "limit": "a positive number of samples, or unset for all",
     "max_train_samples": "a positive number of samples, or unset for all",

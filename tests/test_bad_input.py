@@ -325,11 +325,11 @@ def test_recipe_wrong_types():
 
 def test_cli_config_file_wrong_type_and_unknown_key(checkpoint, tmp_path, capsys, no_expensive_work):
     recipe = tmp_path / "prune.yaml"
-    recipe.write_text(f"model: {checkpoint}\noutput: {tmp_path / 'out'}\nhidden_size: [16, 32]\n")
+    recipe.write_text(f"teacher: {checkpoint}\noutput_dir: {tmp_path / 'out'}\nhidden_size: [16, 32]\n")
     assert main(["prune", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "PrunedConfig.hidden_size=[16, 32]" in err and "expected int" in err and "Fix the value" in err
-    recipe.write_text(f"model: {checkpoint}\nhiddn_size: 16\n")
+    recipe.write_text(f"teacher: {checkpoint}\nhiddn_size: 16\n")
     assert main(["prune", "--config", str(recipe)]) == 2
     assert "Unknown option(s) ['hiddn_size']" in capsys.readouterr().err
 

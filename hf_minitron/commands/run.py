@@ -302,9 +302,11 @@ def _run_pipeline(
 
 
 def _drop_checkpoints(root: Path, stage: str, keep: bool) -> None:
-    """Removes the `checkpoint-N` folders the Trainer wrote for `stage` once the stage's result is saved: they only
-    serve to resume it. Anything else in the folder (ours or not) stays."""
+    """Removes the `checkpoint-N` folders the Trainer wrote for `stage` once the stage's result is saved, and their
+    resume record: they only serve to resume it. Anything else in the folder (ours or not) stays."""
     import shutil
+
+    from ..io import RESUME_RECORD_NAME
 
     folder = root / CHECKPOINTS[stage]
     if keep or not (root / stage / "config.json").is_file() or not folder.is_dir():
@@ -312,6 +314,7 @@ def _drop_checkpoints(root: Path, stage: str, keep: bool) -> None:
     for checkpoint in folder.glob("checkpoint-*"):
         if checkpoint.is_dir() and not checkpoint.is_symlink():
             shutil.rmtree(checkpoint)
+    (folder / RESUME_RECORD_NAME).unlink(missing_ok=True)  # what the checkpoints were made with: gone with them
     if not any(folder.iterdir()):
         folder.rmdir()
 

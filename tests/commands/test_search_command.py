@@ -37,7 +37,7 @@ def _smollm2_config():
 def test_smollm2_recipe_parses_and_has_candidates():
     parser = HfArgumentParser((SearchArguments, SearchConfig, DistillationConfig))
     args, config, retraining = parser.parse_dict(yaml.safe_load(RECIPE.read_text()), allow_extra_keys=False)
-    assert args.model_name_or_path == "embedded" and args.scorer == "heldout_loss"
+    assert args.teacher == "embedded" and args.scorer == "heldout_loss"
     assert retraining.lr_scheduler_type == "constant" and retraining.report_to == []
     assert config.pruning["depth_method"] == "block_influence"
     candidates = enumerate_candidates(_smollm2_config(), config)
