@@ -803,7 +803,8 @@ def search_ready() -> str | None:
 
 def claim_i(bench: Bench) -> dict:
     from hf_minitron.pruning.parameter_count import count_parameters
-    from hf_minitron.pruning.search import SearchConfig, search_architectures
+    from hf_minitron.pruning.search import search_architectures
+    from hf_minitron.pruning.search_config import SearchConfig
 
     b = bench.budget
     target = count_parameters(bench.teacher.config, bench.pruned_config(**WIDTH))

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from torch import nn
 from trl import DPOConfig, SFTConfig
 
+from .fingerprints import model_fingerprint
 from .hub import keep_token_out_of_pickles
 from .io import atomic_directory, check_not_overlapping, check_output_dir, resume_checkpoint
-from .validation import check_finite_fields, check_finite_weights
+from .output_lock import output_locks
+from .validation import check_finite_fields, check_finite_weights, check_numbers
 
 
 # ChatML, the format of SmolLM2 / Qwen instruct models, with `{% generation %}` markers around each assistant turn
@@ -397,13 +399,34 @@ def run_sft(
     Returns:
         `PreTrainedModel`: the fine-tuned model (adapters merged), also saved (safetensors, tokenizer,
         `log_history.json`) to `final_model_dir` by the main process, atomically.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir, final_model_dir or os.path.join(args.output_dir, "final")):
+        return _run_sft(
+            model, tokenizer, train_dataset, args, peft_config, eval_dataset, chat_template, final_model_dir, callbacks
+        )
+
+
+def _run_sft(
+    model: nn.Module | str,
+    tokenizer,
+    train_dataset,
+    args: SFTConfig,
+    peft_config=None,
+    eval_dataset=None,
+    chat_template: str | None = None,
+    final_model_dir: str | None = None,
+    callbacks=None,
+) -> nn.Module:
     from trl import SFTTrainer
 
     check_finite_fields(args)  # a NaN learning rate would train silently into an all-NaN model
     keep_token_out_of_pickles(args)  # checkpoints pickle these arguments (training_args.bin)
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     _check_outputs(model, args, final_model_dir)
+    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
+    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("messages", "text", "prompt", "input_ids"), "SFT")
     _prepare_chat_template(tokenizer, train_dataset, chat_template, "SFT")
@@ -429,7 +452,7 @@ def run_sft(
         callbacks=callbacks,
     )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, {"model": source}))
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)
 
 
@@ -469,13 +492,44 @@ def run_dpo(
     Returns:
         `PreTrainedModel`: the aligned model (adapters merged), also saved to `final_model_dir` by the main process,
         atomically.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir, final_model_dir or os.path.join(args.output_dir, "final")):
+        return _run_dpo(
+            model,
+            tokenizer,
+            train_dataset,
+            args,
+            peft_config,
+            ref_model,
+            eval_dataset,
+            chat_template,
+            final_model_dir,
+            callbacks,
+        )
+
+
+def _run_dpo(
+    model: nn.Module | str,
+    tokenizer,
+    train_dataset,
+    args: DPOConfig,
+    peft_config=None,
+    ref_model: nn.Module | None = None,
+    eval_dataset=None,
+    chat_template: str | None = None,
+    final_model_dir: str | None = None,
+    callbacks=None,
+) -> nn.Module:
     from trl import DPOTrainer
 
     check_finite_fields(args)
     keep_token_out_of_pickles(args)
     final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
     _check_outputs(model, args, final_model_dir)
+    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
+    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
     model, tokenizer = _load(model, tokenizer, args)
     _check_columns(train_dataset, ("chosen",), "DPO")
     if "rejected" not in (train_dataset.column_names or ()):
@@ -505,5 +559,5 @@ def run_dpo(
             "is left to train on. Raise max_length or shorten the prompts."
         )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, {"model": source}))
     return _save_final(trainer, tokenizer, final_model_dir, merge=peft_config is not None)

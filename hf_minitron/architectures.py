@@ -519,7 +519,7 @@ def check_causal_lm(model, where: str) -> None:
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         raise TypeError(
             f"{where} takes a loaded model, got the path {str(model)!r}: load it first with "
-            "AutoModelForCausalLM.from_pretrained(path), or use the command line (`hf-minitron prune --model PATH`)."
+            "AutoModelForCausalLM.from_pretrained(path), or use the command line (`hf-minitron prune --teacher PATH`)."
         )
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"{where} takes a transformers `*ForCausalLM` model, got {type(model).__name__}.")

@@ -1,7 +1,7 @@
 """The `hf-minitron` command line.
 
-    hf-minitron prune --model embedded --config recipes/smollm2-135m/prune.yaml --output outputs/pruned
-    hf-minitron prune --model ./teacher --hidden_size 448 --num_attention_heads 8 --calibration_data data.jsonl ...
+    hf-minitron prune --teacher embedded --config recipes/smollm2-135m/prune.yaml --output_dir outputs/pruned
+    hf-minitron prune --teacher ./teacher --hidden_size 448 --num_attention_heads 8 --calibration_data data.jsonl ...
     hf-minitron run recipes/smollm2-135m/minitron.yaml --distillation.max_steps 20
     hf-minitron search --config recipes/smollm2-135m/search.yaml --retrain_steps 100
     hf-minitron distill --student outputs/pruned --teacher embedded --config recipes/smollm2-135m/distill.yaml
@@ -99,7 +99,7 @@ def parse_dataclasses(dataclass_types, argv, prog: str):
     Unknown keys in the file are an error that names them (a typo must not be silently ignored). `-h` / `--help`
     prints the options (and stores the text for the next `--help`, see [`cached_help`]) and exits.
     """
-    from .validation import check_field_types
+    from .validation import check_field_types, check_renamed_options
 
     command = prog.split()[-1]
     parser = build_parser(dataclass_types, prog, _description(command))
@@ -108,6 +108,8 @@ def parse_dataclasses(dataclass_types, argv, prog: str):
         _store_help(command, text)
         print(text, end="")
         raise SystemExit(0)
+    check_renamed_options(dataclass_types, argv)
+    _check_option_names(parser, argv)
     config_path = None
     if "--config" in argv:
         index = argv.index("--config")
@@ -129,6 +131,19 @@ def parse_dataclasses(dataclass_types, argv, prog: str):
         parser.set_defaults(**values)
     *instances, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     return instances
+
+
+def _check_option_names(parser, argv) -> None:
+    # argparse names an unknown option without a guess; a typo (`--hiden_size`) deserves the option it missed.
+    import difflib
+
+    valid = set(parser._option_string_actions)
+    for arg in argv:
+        if arg.startswith("--") and arg.split("=", 1)[0] not in valid:
+            name = arg.split("=", 1)[0]
+            guess = difflib.get_close_matches(name, sorted(valid), n=1)
+            hint = f" Did you mean {guess[0]}?" if guess else " `--help` lists the options."
+            raise ValueError(f"Unknown option {name}.{hint}")
 
 
 # ---------------------------------------------------------------------------------------------- help, fast
@@ -195,7 +210,9 @@ def _run(argv):
             _store_help("run", text)
         print(text, end="")
         return
-    from .commands.run import load_pipeline_config, parse_overrides, quiet_third_party_output, run_pipeline
+    from .commands.run import run_pipeline
+    from .commands.run_config import load_pipeline_config, parse_overrides
+    from .commands.run_console import quiet_third_party_output
 
     quiet_third_party_output()
     config_path, overrides = parse_overrides(["--config", *argv] if not argv[0].startswith("--") else argv)
@@ -204,16 +221,19 @@ def _run(argv):
 
 
 def _run_help() -> str:
-    from .commands import run as pipeline
+    from .commands import run, run_config
 
     formatter = _HelpFormatter("hf-minitron run", width=_terminal_width())
     formatter.add_usage("hf-minitron run RECIPE.yaml [--key value] [--section.key value] ...", None, [])
     formatter.add_text(_description("run"))
     formatter.start_section("top-level options (MinitronArguments; --key value, or key: value in the recipe)")
-    for f in dataclasses.fields(pipeline.MinitronArguments):
+    for f in dataclasses.fields(run_config.MinitronArguments):
         default = f.default if f.default is not dataclasses.MISSING else None
+        # SUPPRESS: the formatter would add its own "(default: None)" after ours (these actions hold no default).
         formatter.add_argument(
-            argparse.Action([f"--{f.name}"], f.name, help=f"{f.metadata['help']} (default: {default})")
+            argparse.Action(
+                [f"--{f.name}"], f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})"
+            )
         )
     formatter.end_section()
     formatter.start_section("stage sections (--section.key value, or a section of the recipe)")
@@ -225,9 +245,9 @@ def _run_help() -> str:
         ("--dpo.KEY", "a DPO / RPO stage field (see `hf-minitron dpo --help`)"),
     )
     for option, text in sections:
-        formatter.add_argument(argparse.Action([option], option, help=text))
+        formatter.add_argument(argparse.Action([option], option, default=argparse.SUPPRESS, help=text))
     formatter.end_section()
-    formatter.add_text(pipeline.__doc__)
+    formatter.add_text(run.__doc__)
     return formatter.format_help()
 
 
@@ -250,7 +270,7 @@ def _cache_teacher(argv):
 def _search(argv):
     from .commands.search import SearchArguments, print_search_summary, search_checkpoint
     from .distillation.config import DistillationConfig
-    from .pruning.search import SearchConfig
+    from .pruning.search_config import SearchConfig
 
     args, config, retraining = parse_dataclasses(
         (SearchArguments, SearchConfig, DistillationConfig), argv, "hf-minitron search"
@@ -325,7 +345,7 @@ COMMANDS = {
         _run,
         "Run (or resume) the whole chain from a recipe: correct -> prune -> distill -> evaluate -> card.",
         [
-            "hf-minitron run recipes/smollm2-135m/minitron.yaml    # the demo: ~10 min on a 2-core CPU",
+            "hf-minitron run recipes/smollm2-135m/minitron.yaml    # the demo: ~4 min on a quiet 2-core CPU",
             "hf-minitron run recipes/smollm2-135m/minitron.yaml --output_dir outputs/longer --distillation.max_steps 200",
             "hf-minitron run recipes/smollm2-135m/minitron.yaml --sft null    # without the SFT stage",
             "hf-minitron run recipes/smollm2-135m/minitron_stdlib.yaml    # a useful student: ~1 h on a 2-core CPU",
@@ -336,8 +356,8 @@ COMMANDS = {
         "Estimate Minitron importance and prune a checkpoint (depth and width).",
         [
             "hf-minitron prune --config recipes/smollm2-135m/prune.yaml",
-            "hf-minitron prune --model ./my-llama --hidden_size 3072 --num_attention_heads 32 "
-            "--calibration_data data.jsonl --output out/",
+            "hf-minitron prune --teacher ./my-llama --hidden_size 3072 --num_attention_heads 32 "
+            "--calibration_data data.jsonl --output_dir out/",
         ],
     ),
     "search": (
@@ -393,12 +413,21 @@ def _description(command: str) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"hf-minitron {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<16} {summary}" for name, (_, summary, _) in COMMANDS.items()]
         print("usage: hf-minitron <command> [options]\n\ncommands:\n" + "\n".join(lines))
         print("\nRun `hf-minitron <command> --help` for the options of a command, with examples.")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            import difflib
+
+            guess = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            hint = f": did you mean {guess[0]!r}?" if guess else ""
+            print(f"\nerror: unknown command {argv[0]!r}{hint}", file=sys.stderr)
             return 2
         return 0
     if argv[1:] in (["-h"], ["--help"]):

@@ -559,13 +559,24 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def resume_checkpoint(args) -> str | None:
+# Next to a training command's checkpoints: what they were made with (see `settings_records.py`).
+RESUME_RECORD_NAME = "resume_settings.json"
+
+
+def resume_checkpoint(args, inputs: dict | None = None) -> str | None:
     """The checkpoint a `Trainer` run should resume from, so that rerunning an interrupted command continues it.
 
     `args.resume_from_checkpoint` when it is a path (it must exist); otherwise (unset, or `"true"`) the newest complete
     checkpoint in `args.output_dir`, as TRL's scripts do with `get_last_checkpoint`. To start afresh, use a new
     `output_dir` or delete its `checkpoint-*` folders.
+
+    A run that starts afresh records its training settings and `inputs` (e.g. content fingerprints of the student, the
+    teacher and the data files) in `output_dir/resume_settings.json`; resuming from `output_dir` under other settings
+    or from other inputs is refused, naming what changed, instead of silently continuing (and returning) the earlier
+    run's model.
     """
+    from .settings_records import changes, read_record, training_settings
+
     requested = args.resume_from_checkpoint
     if isinstance(requested, str) and requested.lower() not in ("true", ""):
         if not os.path.isdir(requested):
@@ -580,8 +591,23 @@ def resume_checkpoint(args) -> str | None:
             f"resume_from_checkpoint=true, but {args.output_dir!r} holds no complete checkpoint: leave it unset to "
             "start a new run."
         )
+    record = {"training": training_settings(args), **(inputs or {})}
+    path = Path(args.output_dir) / RESUME_RECORD_NAME
     if found is not None:
+        previous = read_record(path)
+        changed = changes(previous, record) if previous is not None else []
+        if changed:
+            raise ValueError(
+                f"{args.output_dir!r} holds checkpoints of a run with other settings or inputs; resuming {found!r} "
+                f"would continue (and return) that run's model. Changed: {'; '.join(changed)}. Rerun with the earlier "
+                "settings to resume it, or start afresh with a new output_dir (or delete its checkpoint-* folders)."
+            )
+        if previous is None:
+            logger.warning("%s holds no %s: resuming without checking its settings.", args.output_dir, path.name)
         logger.warning("Resuming from %s (the newest complete checkpoint in %s).", found, args.output_dir)
+    elif getattr(args, "process_index", 0) == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"settings": record})
     return found
 
 

@@ -312,3 +312,99 @@ def check_field_types(cls, values: dict, where: str) -> dict:
             )
         checked[name] = converted
     return checked
+
+
+def check_renamed_options(dataclass_types, argv: list[str]) -> None:
+    """Refuses an option that a command no longer has under that name, naming the new one.
+
+    The commands share one vocabulary (the model a command starts from is `teacher`, the folder it writes is
+    `output_dir`); a dataclass lists the names it used to have in a `RENAMED_OPTIONS` class attribute
+    (`{old: new}`). Both `--old value` on the command line and `old:` in the `--config` file are refused, before
+    any work, since argparse would otherwise call the flag unknown without saying what it became.
+    """
+    renamed = {
+        old: (cls.__name__, new) for cls in dataclass_types for old, new in getattr(cls, "RENAMED_OPTIONS", {}).items()
+    }
+    if not renamed:
+        return
+    found = [
+        (f"--{old}", "on the command line")
+        for old in renamed
+        if f"--{old}" in argv or any(a.startswith(f"--{old}=") for a in argv)
+    ]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        path = argv[argv.index("--config") + 1]
+        if os.path.isfile(path):
+            keys = read_config_file(path, "--config")
+            found += [(f"{old}:", f"in {path}") for old in renamed if old in keys]
+    if found:
+        option, where = found[0]
+        old = option.strip("-:")
+        owner, new = renamed[old]
+        spelled = f"--{new}" if option.startswith("--") else f"{new}:"
+        raise ValueError(
+            f"{option} ({where}) is now {spelled}: {owner}.{old} was renamed to {new}, the name every command uses. "
+            f"Replace {option} with {spelled}."
+        )
+
+
+# Bounds of the numbers every training command takes (TrainingArguments' own and ours), checked before any work:
+# `(low, high, low_inclusive, what it means)`; a bound of None is open. transformers accepts most of these silently
+# (a negative learning rate trains uphill, 0 accumulation steps divides by zero hours later, 0 epochs writes an
+# untrained model and a card for it).
+_TRAINING_BOUNDS = {
+    "max_steps": "-1 (train for num_train_epochs) or a positive number of steps",
+    "num_train_epochs": "a positive number of epochs (it bounds training when max_steps is -1)",
+    "gradient_accumulation_steps": "at least 1",
+    "per_device_train_batch_size": "at least 1",
+    "learning_rate": "a non-negative number",
+    "warmup_ratio": "a number in [0, 1]",
+    "kd_temperature": "a positive number up to 100 (1.0 is the Minitron default)",
+    "eval_limit": "a positive number of samples, or unset for all",
+    "limit": "a positive number of samples, or unset for all",
+    "max_train_samples": "a positive number of samples, or unset for all",
+    "max_eval_samples": "a positive number of samples",
+    "num_fewshot": "0 or more examples",
+    "batch_size": "at least 1",
+}
+# Beyond this a run never ends on any hardware: a typo (an extra zero run of digits), not a plan.
+_MAX_STEPS_LIMIT = 10**9
+
+
+def _within(name: str, value, args) -> bool:
+    if name == "max_steps":
+        return value == -1 or 0 < value <= _MAX_STEPS_LIMIT
+    if name == "num_train_epochs":
+        return getattr(args, "max_steps", -1) not in (-1, None) or value > 0
+    if name in ("gradient_accumulation_steps", "per_device_train_batch_size", "batch_size"):
+        return value >= 1
+    if name == "learning_rate":
+        return value >= 0
+    if name == "warmup_ratio":
+        return 0 <= value <= 1
+    if name == "kd_temperature":
+        return 0 < value <= 100
+    if name in ("eval_limit", "limit", "max_train_samples"):
+        return value is None or value >= 1
+    if name == "max_eval_samples":
+        return value >= 1
+    if name == "num_fewshot":
+        return value is None or value >= 0
+    return True
+
+
+def check_numbers(args, name: str | None = None) -> None:
+    """Refuses a number of the dataclass `args` outside its meaningful range (steps, accumulation, batch sizes,
+    epochs, learning rate, warmup, temperature, sample limits), naming the field, the value and what is allowed."""
+    name = name or type(args).__name__
+    check_finite_fields(args, name)
+    for field_name, allowed in _TRAINING_BOUNDS.items():
+        if not hasattr(args, field_name):
+            continue
+        value = getattr(args, field_name)
+        if isinstance(value, bool) or not (value is None or isinstance(value, (int, float))):
+            continue  # types are checked where the values are parsed
+        if value is None and field_name not in ("eval_limit", "limit", "max_train_samples", "num_fewshot"):
+            continue
+        if not _within(field_name, value, args):
+            raise ValueError(f"{name}.{field_name}={value!r} is invalid: use {allowed}.")

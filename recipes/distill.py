@@ -5,7 +5,7 @@ Usage (a student pruned from the embedded SmolLM2-135M teacher, on the embedded 
     accelerate launch --config_file recipes/accelerate_configs/single_process.yaml \
         recipes/distill.py --config recipes/smollm2-135m/distill.yaml
 
-Make the student first with `hf-minitron prune --config recipes/smollm2-135m/prune.yaml --output outputs/pruned`.
+Make the student first with `hf-minitron prune --config recipes/smollm2-135m/prune.yaml --output_dir outputs/pruned`.
 Any field can be overridden on the command line, e.g. `--max_steps 50 --kd_loss reverse_kl`. Multi-GPU: swap in
 `recipes/accelerate_configs/{ddp,fsdp,deepspeed_zero3}.yaml`. The same run is `hf-minitron distill --config ...`.
 """

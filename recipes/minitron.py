@@ -15,7 +15,8 @@ import sys
 
 from accelerate import PartialState
 
-from hf_minitron.commands.run import load_pipeline_config, parse_overrides, run_pipeline
+from hf_minitron.commands.run import run_pipeline
+from hf_minitron.commands.run_config import load_pipeline_config, parse_overrides
 
 
 def main(argv):

@@ -7,17 +7,20 @@ Usage (the embedded SmolLM2-135M-Instruct teacher to ~60% of its parameters by w
 
 Any PruneArguments / PrunedConfig field can be overridden on the command line, e.g. `--num_hidden_layers 24
 --depth_method contiguous` (add `--depth_scorer winogrande --depth_scorer_limit 200` to pick the block by Winogrande
-accuracy, one evaluation per candidate block, as paper 2 did) or `--model ./my-llama --calibration_data data.jsonl
+accuracy, one evaluation per candidate block, as paper 2 did) or `--teacher ./my-llama --calibration_data data.jsonl
 --text_column content`. Under several
 processes (`recipes/accelerate_configs/ddp.yaml`) the calibration samples are split across them and the statistics
 all-reduced; the main process writes the checkpoint. Same as `hf-minitron prune --config ...`; then distill the
 result with `recipes/distill.py`.
 """
 
+import sys
+
 from trl import TrlParser
 
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
 from hf_minitron.pruning.config import PrunedConfig
+from hf_minitron.validation import check_renamed_options
 
 
 def main(script_args: PruneArguments, pruning_config: PrunedConfig):
@@ -32,5 +35,6 @@ def main(script_args: PruneArguments, pruning_config: PrunedConfig):
 
 
 if __name__ == "__main__":
+    check_renamed_options((PruneArguments, PrunedConfig), sys.argv[1:])  # old option names, refused by name
     parser = TrlParser((PruneArguments, PrunedConfig))
     main(*parser.parse_args_and_config())

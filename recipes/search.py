@@ -11,11 +11,14 @@ retraining, as ModelOpt does) or `--scorer lm_eval`. Rerunning the same command 
 `hf-minitron search --config ...`; then prune to the winner with `recipes/prune.py` and distill it fully.
 """
 
+import sys
+
 from trl import TrlParser
 
 from hf_minitron.commands.search import SearchArguments, print_search_summary, search_checkpoint
 from hf_minitron.distillation.config import DistillationConfig
-from hf_minitron.pruning.search import SearchConfig
+from hf_minitron.pruning.search_config import SearchConfig
+from hf_minitron.validation import check_renamed_options
 
 
 def main(script_args: SearchArguments, search_config: SearchConfig, training_args: DistillationConfig):
@@ -29,5 +32,8 @@ def main(script_args: SearchArguments, search_config: SearchConfig, training_arg
 
 
 if __name__ == "__main__":
+    check_renamed_options(
+        (SearchArguments, SearchConfig, DistillationConfig), sys.argv[1:]
+    )  # old option names, refused by name
     parser = TrlParser((SearchArguments, SearchConfig, DistillationConfig))
     main(*parser.parse_args_and_config())

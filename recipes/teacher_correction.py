@@ -9,10 +9,13 @@ Any field can be overridden on the command line, e.g. `--use_lora true --max_ste
 `recipes/accelerate_configs/{ddp,fsdp,deepspeed_zero3}.yaml`.
 """
 
+import sys
+
 from trl import TrlParser
 
 from hf_minitron.commands.correct_teacher import CorrectTeacherArguments, correct_teacher_checkpoint
 from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig
+from hf_minitron.validation import check_renamed_options
 
 
 def main(script_args: CorrectTeacherArguments, training_args: TeacherCorrectionConfig):
@@ -25,5 +28,8 @@ def main(script_args: CorrectTeacherArguments, training_args: TeacherCorrectionC
 
 
 if __name__ == "__main__":
+    check_renamed_options(
+        (CorrectTeacherArguments, TeacherCorrectionConfig), sys.argv[1:]
+    )  # old option names, refused by name
     parser = TrlParser((CorrectTeacherArguments, TeacherCorrectionConfig))
     main(*parser.parse_args_and_config())

@@ -45,9 +45,9 @@ def _siblings(target: Path) -> list[Path]:
 
 
 def _prune(checkpoint, text_file, output, hidden_size):
-    argv = ["prune", "--model", str(checkpoint), "--calibration_data", str(text_file), "--text_column", "content"]
+    argv = ["prune", "--teacher", str(checkpoint), "--calibration_data", str(text_file), "--text_column", "content"]
     argv += ["--hidden_size", str(hidden_size), "--intermediate_size", "48", "--num_attention_heads", "2"]
-    argv += ["--calibration_samples", "4", "--calibration_seq_length", "16", "--output", str(output)]
+    argv += ["--calibration_samples", "4", "--calibration_seq_length", "16", "--output_dir", str(output)]
     assert cli_main([*argv, "--overwrite", "true"]) in (0, None)
 
 

@@ -18,7 +18,7 @@ from hf_minitron import PrunedConfig, estimate_importance, prune_model
 from hf_minitron.cli import main
 from hf_minitron.commands.distill import DistillArguments, distill_checkpoint
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
-from hf_minitron.commands.run import build_pipeline_config
+from hf_minitron.commands.run_config import build_pipeline_config
 from hf_minitron.distillation.config import DistillationConfig
 from hf_minitron.hub import HubUploadError, push_to_hub
 from hf_minitron.pruning.importance import ImportanceScores
@@ -58,7 +58,7 @@ def no_expensive_work(monkeypatch):
 
 
 def prune_args(model, output, **kwargs) -> PruneArguments:
-    return PruneArguments(model=str(model), output=str(output), **kwargs)
+    return PruneArguments(teacher=str(model), output_dir=str(output), **kwargs)
 
 
 SMALL = dict(
@@ -325,11 +325,11 @@ def test_recipe_wrong_types():
 
 def test_cli_config_file_wrong_type_and_unknown_key(checkpoint, tmp_path, capsys, no_expensive_work):
     recipe = tmp_path / "prune.yaml"
-    recipe.write_text(f"model: {checkpoint}\noutput: {tmp_path / 'out'}\nhidden_size: [16, 32]\n")
+    recipe.write_text(f"teacher: {checkpoint}\noutput_dir: {tmp_path / 'out'}\nhidden_size: [16, 32]\n")
     assert main(["prune", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "PrunedConfig.hidden_size=[16, 32]" in err and "expected int" in err and "Fix the value" in err
-    recipe.write_text(f"model: {checkpoint}\nhiddn_size: 16\n")
+    recipe.write_text(f"teacher: {checkpoint}\nhiddn_size: 16\n")
     assert main(["prune", "--config", str(recipe)]) == 2
     assert "Unknown option(s) ['hiddn_size']" in capsys.readouterr().err
 
@@ -556,7 +556,7 @@ def test_cli_reports_a_full_disk_without_traceback(checkpoint, tmp_path, texts, 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
     output = tmp_path / "out"
-    argv = ["prune", "--model", str(checkpoint), "--output", str(output), "--calibration_data", texts]
+    argv = ["prune", "--teacher", str(checkpoint), "--output_dir", str(output), "--calibration_data", texts]
     argv += ["--text_column", "content", "--hidden_size", "16", "--num_attention_heads", "2"]
     argv += ["--calibration_samples", "4", "--calibration_seq_length", "16"]
     assert main(argv) == 2
@@ -605,7 +605,7 @@ def test_distill_student_checkpoint_missing(tmp_path, checkpoint, no_expensive_w
 def test_correct_teacher_sequence_too_long(checkpoint, tmp_path, capsys, no_expensive_work):
     # The output is a sibling of the teacher: a folder holding the teacher is refused by its own (earlier) check.
     output = str(tmp_path / "corrected")
-    argv = ["correct-teacher", "--model", str(checkpoint), "--seq_length", "4096", "--output_dir", output]
+    argv = ["correct-teacher", "--teacher", str(checkpoint), "--seq_length", "4096", "--output_dir", output]
     assert main(argv) == 2
     assert "CorrectTeacherArguments.seq_length=4096 is longer than the model's max_position_embeddings=128" in (
         capsys.readouterr().err

@@ -241,7 +241,7 @@ def test_unknown_lm_eval_task_is_refused_before_any_model_loads(monkeypatch, tmp
     [({"sft": 5}, "sft"), ({"pruning": [1, 2]}, "pruning"), ({"distillation": "fast"}, "distillation")],
 )
 def test_recipe_sections_of_the_wrong_yaml_type_are_named(recipe, section):
-    from hf_minitron.commands.run import build_pipeline_config
+    from hf_minitron.commands.run_config import build_pipeline_config
 
     with pytest.raises(ValueError, match=rf"The '{section}' section of the recipe is a \w+ .*must be a mapping"):
         build_pipeline_config(recipe)

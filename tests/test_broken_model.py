@@ -21,7 +21,8 @@ from hf_minitron import DistillationConfig, DistillationTrainer
 from hf_minitron.alignment import RPOConfig
 from hf_minitron.cli import main
 from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
-from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+from hf_minitron.commands.run import run_pipeline
+from hf_minitron.commands.run_config import build_pipeline_config
 from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig, correct_teacher
 from hf_minitron.hub import push_to_hub
 from hf_minitron.io import atomic_save_model
@@ -143,7 +144,7 @@ def test_a_pruned_nan_teacher_is_never_written(checkpoint, text_file, tmp_path):
     weights["model.layers.0.mlp.down_proj.weight"][0, 0] = math.inf
     save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
     output = tmp_path / "pruned"
-    argv = ["prune", "--model", str(checkpoint), "--output", str(output), "--hidden_size", "16"]
+    argv = ["prune", "--teacher", str(checkpoint), "--output_dir", str(output), "--hidden_size", "16"]
     argv += ["--num_attention_heads", "2", "--importance", "magnitude"]
     assert main(argv) == 2
     assert not output.exists()

@@ -21,7 +21,8 @@ from hf_minitron import PrunedConfig
 from hf_minitron.cli import main
 from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
-from hf_minitron.commands.run import MinitronArguments, build_pipeline_config, run_pipeline
+from hf_minitron.commands.run import run_pipeline
+from hf_minitron.commands.run_config import MinitronArguments, build_pipeline_config
 from hf_minitron.io import OUTPUT_MARKER, atomic_directory, atomic_write_json, is_own_output
 
 
@@ -45,7 +46,11 @@ def kept_copies(target: Path) -> list[Path]:
 
 def prune_args(checkpoint, output, text_file, **kwargs):
     return PruneArguments(
-        model=str(checkpoint), output=str(output), calibration_data=str(text_file), text_column="content", **kwargs
+        teacher=str(checkpoint),
+        output_dir=str(output),
+        calibration_data=str(text_file),
+        text_column="content",
+        **kwargs,
     )
 
 
@@ -71,9 +76,9 @@ def test_overwrite_refuses_a_project_folder_with_a_config_json(checkpoint, text_
     (project / "data" / "rows.csv").write_text("a,b\n1,2\n")
     before = snapshot(project)
 
-    argv = ["prune", "--model", str(checkpoint), "--calibration_data", str(text_file), "--text_column", "content"]
+    argv = ["prune", "--teacher", str(checkpoint), "--calibration_data", str(text_file), "--text_column", "content"]
     argv += ["--hidden_size", "16", "--num_attention_heads", "2", "--calibration_samples", "4"]
-    argv += ["--calibration_seq_length", "16", "--output", str(project), "--overwrite", "true"]
+    argv += ["--calibration_seq_length", "16", "--output_dir", str(project), "--overwrite", "true"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "refusing to replace it even with --overwrite" in err and OUTPUT_MARKER in err
@@ -240,7 +245,9 @@ def test_tilde_paths_are_expanded(checkpoint, text_file, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
     (home / "teacher").symlink_to(checkpoint)
-    args = PruneArguments(model="~/teacher", output="~/pruned", calibration_data=str(text_file), text_column="content")
+    args = PruneArguments(
+        teacher="~/teacher", output_dir="~/pruned", calibration_data=str(text_file), text_column="content"
+    )
     prune_checkpoint(args, PrunedConfig(**SMALL), show_progress=False)
     atomic_write_json("~/results.json", {"model": "x"})
     assert AutoModelForCausalLM.from_pretrained(home / "pruned").config.hidden_size == 16

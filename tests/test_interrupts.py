@@ -120,7 +120,7 @@ def test_distillation_with_projection_resumes_after_kill(checkpoint, student_che
 def test_teacher_correction_resumes_after_kill(checkpoint, text_file, tmp_path):
     def command(output_dir):
         return (
-            ["correct-teacher", "--model", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
+            ["correct-teacher", "--teacher", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
             + ["--seq_length", "32", "--max_train_samples", "16", "--learning_rate", "1e-3"]
             + ["--output_dir", str(output_dir), *TRAIN, *CHECKPOINTS]
         )

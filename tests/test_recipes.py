@@ -32,7 +32,7 @@ def test_prune_then_evaluate_recipes(checkpoint, tmp_path):
     out = _run(
         "prune.py",
         "--config", RECIPES / "smollm2-135m" / "prune.yaml",
-        "--model", checkpoint, "--output", pruned,
+        "--teacher", checkpoint, "--output_dir", pruned,
         "--hidden_size", 24, "--intermediate_size", 48, "--num_attention_heads", 2,
         "--calibration_samples", 8, "--calibration_seq_length", 32, "--calibration_batch_size", 4,
     )  # fmt: skip
@@ -78,7 +78,7 @@ def test_teacher_correction_recipe_on_local_files(checkpoint, text_file, tmp_pat
     _run(
         "teacher_correction.py",
         "--config", RECIPES / "smollm2-135m" / "teacher_correction.yaml",
-        "--model", checkpoint, "--dataset", text_file, "--text_column", "content",
+        "--teacher", checkpoint, "--dataset", text_file, "--text_column", "content",
         "--seq_length", 16, "--max_train_samples", 4, "--max_steps", 1, "--warmup_steps", 0, "--eval_strategy", "no",
         "--save_strategy", "no", "--output_dir", tmp_path / "run", "--corrected_model_dir", corrected,
     )  # fmt: skip

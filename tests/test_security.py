@@ -126,7 +126,7 @@ def test_pruned_checkpoint_holds_no_pickle(checkpoint, text_file, tmp_path):
     output = tmp_path / "pruned"
     config = PrunedConfig(hidden_size=16, num_attention_heads=2, calibration_samples=4, calibration_seq_length=16)
     args = PruneArguments(
-        model=str(checkpoint), output=str(output), calibration_data=str(text_file), text_column="content"
+        teacher=str(checkpoint), output_dir=str(output), calibration_data=str(text_file), text_column="content"
     )
     prune_checkpoint(args, config, show_progress=False)
     written = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file())
@@ -144,7 +144,7 @@ def test_remote_code_in_a_checkpoint_is_not_executed(checkpoint, tmp_path):
         f"open({str(marker)!r}, 'w').write('pwned')\n"
         "from transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
     )
-    args = PruneArguments(model=str(checkpoint), output=str(tmp_path / "out"))
+    args = PruneArguments(teacher=str(checkpoint), output_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="trust_remote_code"):
         prune_checkpoint(args, PrunedConfig(hidden_size=16, num_attention_heads=2))
     assert not marker.exists()
@@ -395,7 +395,7 @@ def test_remote_code_is_never_run_nor_asked_about(
             "distill": ["distill", "--student", str(student), "--teacher", str(checkpoint), *data, *training],
             "run": ["run", str(_recipe(checkpoint, tmp_path))],
             "evaluate": ["evaluate", "--model", str(checkpoint), "--output_file", str(tmp_path / "eval.json")],
-            "correct-teacher": ["correct-teacher", "--model", str(checkpoint), *data, *training],
+            "correct-teacher": ["correct-teacher", "--teacher", str(checkpoint), *data, *training],
             "sft": ["sft", "--model_name_or_path", str(checkpoint), "--bf16", "false", *training],
         }[entry_point]
         assert main(argv) == 2

@@ -50,11 +50,15 @@ def cache_teacher_checkpoint(args: CacheTeacherArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..embedded import resolve_model_path
-    from ..validation import check_checkpoint
+    from ..io import check_not_overlapping
+    from ..validation import check_checkpoint, check_sequence_length, load_model_config
 
     state = PartialState()  # joins the launched processes (each writes its own shards)
     path = resolve_model_path(args.teacher)
     check_checkpoint(path)
+    # Everything the teacher's config and the paths can tell fails here, before the weights and the data are read.
+    check_not_overlapping(args.output_dir, path, "the teacher")
+    check_sequence_length(load_model_config(path), args.seq_length, "CacheTeacherArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     kwargs = {} if args.teacher_dtype is None else {"dtype": getattr(torch, args.teacher_dtype)}
     teacher = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)

@@ -1,6 +1,7 @@
 """`hf-minitron correct-teacher` and `recipes/teacher_correction.py`: its arguments and the one function that runs it."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
@@ -15,10 +16,12 @@ class CorrectTeacherArguments(TextDataArguments):
     [`~hf_minitron.data.TextDataArguments`] (the distillation data), then the teacher.
 
     Args:
-        model (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, or `embedded`.
+        teacher (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, or `embedded`.
     """
 
-    model: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
+    RENAMED_OPTIONS: ClassVar[dict[str, str]] = {"model": "teacher"}  # refused with the new name
+
+    teacher: str = field(default="embedded", metadata={"help": "Teacher checkpoint or 'embedded'."})
 
 
 def correct_teacher_checkpoint(args: CorrectTeacherArguments, config: TeacherCorrectionConfig) -> nn.Module:
@@ -31,7 +34,7 @@ def correct_teacher_checkpoint(args: CorrectTeacherArguments, config: TeacherCor
 
     # Everything that can be checked from the config and the tokenizer fails here, before data packing and weights.
     args.check_steps(config.max_steps)
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(args.teacher)
     check_output_dir(config.corrected_model_dir, overwrite=True, sources=[model_path])
     check_not_overlapping(config.output_dir, model_path, "the teacher")
     check_sequence_length(load_model_config(model_path), args.seq_length, "CorrectTeacherArguments.seq_length")

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from ..data import TextDataArguments
 from ..distillation.config import DistillationConfig
+from ..fingerprints import files_fingerprint, model_fingerprint
 from ..io import atomic_save_model, check_not_overlapping, check_output_dir, resume_checkpoint
+from ..output_lock import output_locks
 from ..validation import check_same_tokenizer, check_sequence_length, load_model_config
 
 
@@ -43,7 +45,14 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
 
     Returns:
         `DistillationTrainer`: the trainer after training (its `state.log_history` holds the losses).
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(config.output_dir, args.final_model_dir or os.path.join(config.output_dir, "final")):
+        return _distill_checkpoint(args, config)
+
+
+def _distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..distillation.trainer import DistillationTrainer
@@ -83,7 +92,12 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
         processing_class=tokenizer,
     )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
+    inputs = {
+        "student": model_fingerprint(student_path),
+        "teacher": model_fingerprint(teacher_path or teacher),
+        "data": {**args.data_settings(), "files": files_fingerprint(args.dataset.split(","))},
+    }
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config, inputs))
     # Gathers FSDP / ZeRO-3 shards; the main process writes a temporary sibling and renames it into place.
     atomic_save_model(trainer, final_model_dir)
     return trainer

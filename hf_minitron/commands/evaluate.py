@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..data import EMBEDDED_CORPUS
-from ..validation import check_same_tokenizer, check_sequence_length, load_model_config
+from ..validation import check_numbers, check_same_tokenizer, check_sequence_length, load_model_config
 
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class EvaluateArguments:
     dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16 or float16."})
 
     def __post_init__(self):
+        check_numbers(self)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of {list(DTYPES)}.")
         if not [t for t in self.tasks.split(",") if t.strip()] and self.heldout_dataset is None:

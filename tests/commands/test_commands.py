@@ -55,7 +55,7 @@ def test_distill_streams_a_corpus(checkpoint, student, text_file, tmp_path):
 
 def test_streaming_without_max_steps_fails_before_loading(checkpoint, text_file, tmp_path, capsys):
     code = main(
-        ["correct-teacher", "--model", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
+        ["correct-teacher", "--teacher", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
         + ["--streaming", "true", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
     )
     assert code == 2
@@ -95,7 +95,7 @@ def test_evaluate_bad_dtype_exits_2(checkpoint, capsys):
     [
         ("distill", ["--student", "--teacher", "--dataset", "--text_column", "--seq_length", "--max_train_samples"]),
         ("distill", ["--kd_loss", "--kd_temperature", "--intermediate_layer_mapping", "--output_dir"]),
-        ("correct-teacher", ["--model", "--dataset", "--seq_length", "--use_lora", "--corrected_model_dir"]),
+        ("correct-teacher", ["--teacher", "--dataset", "--seq_length", "--use_lora", "--corrected_model_dir"]),
         ("sft", ["--dataset_name", "--chat_template", "--final_model_dir", "--model_name_or_path", "--use_peft"]),
         ("dpo", ["--dataset_name", "--rpo_alpha", "--beta", "--model_name_or_path"]),
         ("evaluate", ["--model", "--teacher", "--tasks", "--num_fewshot", "--limit", "--output_file"]),
@@ -143,7 +143,7 @@ def test_push_offline_fails_clearly(checkpoint, monkeypatch, capsys):
 def test_correct_teacher_smoke(checkpoint, text_file, tmp_path):
     output = tmp_path / "corrected"
     code = main(
-        ["correct-teacher", "--model", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
+        ["correct-teacher", "--teacher", str(checkpoint), "--dataset", str(text_file), "--text_column", "content"]
         + ["--seq_length", "16", "--max_train_samples", "4", "--max_steps", "1", "--save_strategy", "no"]
         + ["--output_dir", str(tmp_path / "run"), "--corrected_model_dir", str(output), *TRAIN_OPTIONS]
     )

@@ -12,7 +12,8 @@ import yaml
 from conftest import _ALIGNMENT, ROOT, _tiny_recipe
 from transformers import AutoModelForCausalLM
 
-from hf_minitron.commands.run import build_pipeline_config, load_pipeline_config, run_pipeline
+from hf_minitron.commands.run import run_pipeline
+from hf_minitron.commands.run_config import build_pipeline_config, load_pipeline_config
 
 
 RECIPES = ROOT / "recipes"

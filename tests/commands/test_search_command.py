@@ -11,7 +11,8 @@ from transformers import HfArgumentParser, LlamaConfig
 from hf_minitron.cli import main
 from hf_minitron.commands.search import SearchArguments
 from hf_minitron.distillation.config import DistillationConfig
-from hf_minitron.pruning.search import SearchConfig, enumerate_candidates
+from hf_minitron.pruning.candidates import enumerate_candidates
+from hf_minitron.pruning.search_config import SearchConfig
 
 
 RECIPE = ROOT / "recipes" / "smollm2-135m" / "search.yaml"
@@ -36,7 +37,7 @@ def _smollm2_config():
 def test_smollm2_recipe_parses_and_has_candidates():
     parser = HfArgumentParser((SearchArguments, SearchConfig, DistillationConfig))
     args, config, retraining = parser.parse_dict(yaml.safe_load(RECIPE.read_text()), allow_extra_keys=False)
-    assert args.model_name_or_path == "embedded" and args.scorer == "heldout_loss"
+    assert args.teacher == "embedded" and args.scorer == "heldout_loss"
     assert retraining.lr_scheduler_type == "constant" and retraining.report_to == []
     assert config.pruning["depth_method"] == "block_influence"
     candidates = enumerate_candidates(_smollm2_config(), config)
@@ -57,7 +58,7 @@ TINY = [
 
 def test_search_command_on_a_tiny_model(checkpoint, text_file, tmp_path, capsys):
     output = tmp_path / "search"
-    argv = ["search", "--config", str(RECIPE), "--model_name_or_path", str(checkpoint), "--dataset", str(text_file),
+    argv = ["search", "--config", str(RECIPE), "--teacher", str(checkpoint), "--dataset", str(text_file),
             "--text_column", "content", "--output_dir", str(output), *TINY]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -79,7 +80,7 @@ def test_search_command_bad_budget_fails_before_loading(checkpoint, tmp_path, ca
         raise AssertionError("weights were loaded before the budget was checked")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
-    argv = ["search", "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "s"), "--report_to",
+    argv = ["search", "--teacher", str(checkpoint), "--output_dir", str(tmp_path / "s"), "--report_to",
             "none"]  # fmt: skip
     assert main([*argv, "--target_ratio", "0.05"]) == 2
     assert "No candidate architecture within ±5%" in capsys.readouterr().err

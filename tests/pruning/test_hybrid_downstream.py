@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from hf_minitron import DistillationConfig, DistillationTrainer, PrunedConfig, count_parameters, prune_model
 from hf_minitron.architectures import get_decoder_layers
+from hf_minitron.pruning.candidates import enumerate_candidates
 from hf_minitron.pruning.importance import random_importance
 from hf_minitron.pruning.prune import load_pruning_record
-from hf_minitron.pruning.search import SearchConfig, enumerate_candidates, search_architectures
+from hf_minitron.pruning.search import search_architectures
+from hf_minitron.pruning.search_config import SearchConfig
 from hf_minitron.pruning.structures.depth import _SkippedLayer, sliced_layer_lists
 
 
@@ -256,7 +258,8 @@ def test_distilling_a_pruned_hybrid_student(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- pipeline and card
 def test_pipeline_runs_a_hybrid_and_its_card_shows_the_mamba_axes(tmp_path, tokenizer):
-    from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+    from hf_minitron.commands.run import run_pipeline
+    from hf_minitron.commands.run_config import build_pipeline_config
 
     teacher = tmp_path / "teacher"
     tiny_model("nemotron_h").save_pretrained(teacher)

@@ -100,8 +100,8 @@ def test_prune_checkpoint_with_device_map_auto(checkpoint, text_file, tmp_path):
     from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
 
     args = PruneArguments(
-        model=str(checkpoint),
-        output=str(tmp_path / "pruned"),
+        teacher=str(checkpoint),
+        output_dir=str(tmp_path / "pruned"),
         calibration_data=str(text_file),
         text_column="content",
         device_map="auto",

@@ -388,7 +388,10 @@ def test_prune_a_moe_checkpoint_on_disk(tmp_path, tokenizer, text_file):
     tiny_model("mixtral").save_pretrained(source)
     tokenizer.save_pretrained(source)
     args = PruneArguments(
-        model=str(source), output=str(tmp_path / "pruned"), calibration_data=str(text_file), text_column="content"
+        teacher=str(source),
+        output_dir=str(tmp_path / "pruned"),
+        calibration_data=str(text_file),
+        text_column="content",
     )
     config = PrunedConfig(num_experts=2, calibration_samples=4, calibration_batch_size=2, calibration_seq_length=16)
     result = prune_checkpoint(args, config, show_progress=False)

@@ -7,16 +7,12 @@ from conftest import random_samples, tiny_config, tiny_model
 
 from hf_minitron import PrunedConfig, prune_model
 from hf_minitron.distillation.trainer import DistillationTrainer
+from hf_minitron.pruning.candidates import candidate_name, enumerate_candidates
 from hf_minitron.pruning.importance import magnitude_importance
-from hf_minitron.pruning.search import (
-    SearchConfig,
-    SearchResult,
-    candidate_name,
-    count_parameters,
-    enumerate_candidates,
-    search_architectures,
-)
-from hf_minitron.pruning.search_results import CandidateResult
+from hf_minitron.pruning.parameter_count import count_parameters
+from hf_minitron.pruning.search import search_architectures
+from hf_minitron.pruning.search_config import SearchConfig
+from hf_minitron.pruning.search_results import CandidateResult, SearchResult
 
 
 # A space that reaches several shapes of the tiny models (hidden 32, MLP 64, 4 layers, 4 heads / 2 KV heads).

@@ -52,10 +52,10 @@ def main(mode: str, target: str, marker: str, *rest: str) -> int:
 
         modeling_utils.PreTrainedModel.save_pretrained = sharded
         return cli_main(
-            ["prune", "--model", checkpoint, "--calibration_data", calibration, "--text_column", "content"]
+            ["prune", "--teacher", checkpoint, "--calibration_data", calibration, "--text_column", "content"]
             + ["--hidden_size", "24", "--intermediate_size", "48", "--num_attention_heads", "2"]
             + ["--calibration_samples", "4", "--calibration_seq_length", "16"]
-            + ["--output", target, "--overwrite", "true"]
+            + ["--output_dir", target, "--overwrite", "true"]
         )
     if mode == "scores":
         import safetensors.torch

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_minitron import PrunedConfig, estimate_importance, prune_model
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
-from hf_minitron.commands.run import _pruning_settings
+from hf_minitron.commands.run_records import _pruning_settings
 from hf_minitron.evaluation import get_task_manager, make_lm_eval_scorer
 from hf_minitron.pruning.importance import ImportanceScores, random_importance
 from hf_minitron.pruning.structures import depth
@@ -275,8 +275,8 @@ def test_depth_scorer_from_the_recipe_picks_the_block_the_task_ranks_best(tmp_pa
     assert direct[1] == 1.0 and max(direct[0], direct[2]) < 1.0  # the task separates the blocks
 
     args = PruneArguments(
-        model=str(checkpoint),
-        output=str(tmp_path / "pruned"),
+        teacher=str(checkpoint),
+        output_dir=str(tmp_path / "pruned"),
         calibration_data=str(text_file),
         text_column="content",
         save_scores=False,
@@ -300,7 +300,7 @@ def test_unknown_depth_scorer_task_is_refused_before_the_weights_load(tmp_path, 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     (tmp_path / "tasks").mkdir()
     args = PruneArguments(
-        model=str(checkpoint), output=str(tmp_path / "out"), lm_eval_include_path=str(tmp_path / "tasks")
+        teacher=str(checkpoint), output_dir=str(tmp_path / "out"), lm_eval_include_path=str(tmp_path / "tasks")
     )
     config = PrunedConfig(num_hidden_layers=2, depth_scorer="winogrand", calibration_seq_length=32)
     with pytest.raises(ValueError, match="Unknown lm-eval task.*'winogrand' \\(did you mean 'winogrande'"):
@@ -309,7 +309,8 @@ def test_unknown_depth_scorer_task_is_refused_before_the_weights_load(tmp_path, 
 
 def test_pipeline_checks_the_depth_scorer_tasks_before_any_stage(tmp_path, checkpoint, monkeypatch):
     from hf_minitron import evaluation
-    from hf_minitron.commands.run import build_pipeline_config, run_pipeline
+    from hf_minitron.commands.run import run_pipeline
+    from hf_minitron.commands.run_config import build_pipeline_config
 
     def refuse(tasks, *args, **kwargs):
         raise ValueError(f"checked {tasks}")

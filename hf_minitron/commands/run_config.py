@@ -1,0 +1,280 @@
+"""The recipe of `hf-minitron run`: its top-level `MinitronArguments`, one section per stage, and how a YAML file
+plus `--key value` / `--section.key value` overrides become the configs of every stage (unknown keys and wrong types
+refused before any work)."""
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..data import EMBEDDED_CORPUS
+from ..pruning.config import PrunedConfig
+from ..validation import (
+    check_field_types,
+    check_numbers,
+    read_config_file,
+)
+
+
+@dataclass
+class MinitronArguments:
+    """Top-level options of the Minitron pipeline.
+
+    Args:
+        teacher (`str`, *optional*, defaults to `"embedded"`): teacher checkpoint, Hub id, or `embedded` (SmolLM2).
+        output_dir (`str`, *optional*, defaults to `"outputs/minitron"`): one sub-directory per stage.
+        dataset (`str`, *optional*, defaults to `"embedded"`): distillation/calibration text: `embedded` (CPython's
+            reference documentation), `stdlib` (the standard library's source code), local text/jsonl/parquet/csv
+            files, or a Hub dataset.
+        text_column (`str`, *optional*, defaults to `"text"`): column holding the text.
+        seq_length (`int`, *optional*, defaults to `256`): packed sample length for distillation and evaluation.
+        max_train_samples (`int`, *optional*): cap on packed training samples.
+        max_eval_samples (`int`, *optional*, defaults to `64`): packed validation samples for held-out loss.
+        correct_teacher (`bool`, *optional*, defaults to `False`): fine-tune the teacher on the data first (paper 2).
+        eval_tasks (`str`, *optional*, defaults to `"pydoc_topics"`): comma-separated lm-eval tasks; `""` skips.
+        eval_limit (`int`, *optional*): samples per lm-eval task.
+        write_model_card (`bool`, *optional*, defaults to `True`): render README.md with the results.
+        keep_checkpoints (`bool`, *optional*, defaults to `False`): keep a training stage's resumable `checkpoint-N`
+            folders (model, optimizer and scheduler states) once the stage has saved its result; they serve only to
+            resume that stage (about 1 GB each for SmolLM2-135M).
+        push_to_hub (`bool`, *optional*, defaults to `False`): upload the final folder.
+        hub_model_id (`str`, *optional*): repository id for the upload.
+        hub_private (`bool`, *optional*, defaults to `True`): create the repository as private.
+    """
+
+    teacher: str = field(default="embedded", metadata={"help": "Teacher checkpoint, Hub id, or 'embedded'."})
+    output_dir: str = field(default="outputs/minitron", metadata={"help": "Root directory; one folder per stage."})
+    dataset: str = field(
+        default=EMBEDDED_CORPUS, metadata={"help": "'embedded', 'stdlib', local files, or a Hub dataset."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    seq_length: int = field(default=256, metadata={"help": "Packed sample length (tokens)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on packed training samples."})
+    max_eval_samples: int = field(default=64, metadata={"help": "Packed validation samples for held-out loss."})
+    correct_teacher: bool = field(default=False, metadata={"help": "Fine-tune the teacher on the data first."})
+    eval_tasks: str = field(default="pydoc_topics", metadata={"help": "Comma-separated lm-eval tasks ('' skips)."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Samples per lm-eval task."})
+    write_model_card: bool = field(default=True, metadata={"help": "Render the model card (README.md)."})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep each training stage's checkpoint-N folders after the stage finished."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id for the upload."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub repository as private."})
+
+    def __post_init__(self):
+        check_numbers(self)
+        self.output_dir = os.path.expanduser(self.output_dir)  # as model paths: `~/runs/x`, not `./~/runs/x`
+        if self.seq_length < 2:
+            raise ValueError(f"MinitronArguments.seq_length={self.seq_length} is invalid: use at least 2 tokens.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("MinitronArguments.push_to_hub=True needs hub_model_id (e.g. 'me/my-minitron-80m').")
+
+
+SECTIONS = ("pruning", "distillation", "teacher_correction", "sft", "dpo")
+
+
+ALIGNMENT_STAGES = ("sft", "dpo")
+
+
+def _build(cls, values: dict, where: str, **forced):
+    if not isinstance(values, dict):
+        # e.g. `sft: 5` or `pruning: [1, 2]` in the YAML: a section is a mapping of field names to values.
+        raise ValueError(
+            f"The {where!r} section of the recipe is a {type(values).__name__} ({values!r}): it must be a mapping of "
+            f"{cls.__name__} fields (`{where}:` followed by indented `field: value` lines), empty for the defaults, "
+            "or null to skip the stage."
+        )
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        guesses = {key: difflib.get_close_matches(key, valid, n=1) for key in unknown}
+        hint = "; ".join(f"{key!r}: did you mean {match[0]!r}?" for key, match in guesses.items() if match)
+        raise ValueError(
+            f"Unknown key(s) {unknown} in the {where!r} section: valid keys are the fields of {cls.__name__}."
+            + (f" {hint}" if hint else "")
+        )
+    # A quoted number or a list where a number belongs would otherwise fail deep inside training, or not at all.
+    location = "the top level of the recipe" if where == "top level" else f"the {where!r} section of the recipe"
+    values = check_field_types(cls, values, location)
+    return cls(**{**values, **forced})
+
+
+def lora_fields() -> set[str]:
+    # The ModelConfig fields that `trl.get_peft_config` reads; the model itself is the previous stage's output.
+    from trl import ModelConfig
+
+    return {f.name for f in fields(ModelConfig) if f.name.startswith("lora_") or f.name in _PEFT_SWITCHES}
+
+
+_PEFT_SWITCHES = ("use_peft", "use_dora", "use_rslora")
+
+
+@dataclass
+class AlignmentStage:
+    """One alignment stage of the chain (paper 2, §4): `"sft"` ([`~trl.SFTTrainer`]) or `"dpo"` (DPO / RPO with
+    [`~trl.DPOTrainer`]), run by `hf_minitron.alignment.run_sft` / `run_dpo` as `recipes/sft.py` / `recipes/dpo.py`
+    do.
+
+    Args:
+        name (`str`): `"sft"` or `"dpo"`; also the stage's folder under `output_dir`.
+        script_args (`AlignmentArguments`): the data and `final_model_dir`.
+        training_args (`trl.SFTConfig` or `RPOConfig`): the trainer's arguments.
+        model_args (`trl.ModelConfig`): its LoRA fields (`use_peft`, `lora_r`, ...); the model is the previous stage's.
+    """
+
+    name: str
+    script_args: object
+    training_args: object
+    model_args: object
+
+    def run(self, model_dir: str | os.PathLike) -> None:
+        """Trains on the checkpoint at `model_dir` and writes the stock result to `script_args.final_model_dir`."""
+        from trl import get_peft_config
+
+        from ..alignment import build_preference_dataset, build_sft_dataset, run_dpo, run_sft
+        from .align import load_alignment_data
+
+        build, train_stage = (
+            (build_sft_dataset, run_sft) if self.name == "sft" else (build_preference_dataset, run_dpo)
+        )
+        train, evaluation = load_alignment_data(self.script_args, build)
+        train_stage(
+            str(model_dir),
+            None,  # the tokenizer (and its chat template) comes with the previous stage's checkpoint
+            train,
+            self.training_args,
+            peft_config=get_peft_config(self.model_args),
+            eval_dataset=evaluation,
+            chat_template=self.script_args.chat_template,
+            final_model_dir=self.script_args.final_model_dir,
+        )
+
+    def describe(self) -> dict:
+        """What the summary and the model card record about this stage."""
+        args = self.training_args
+        described = {
+            "dataset": self.script_args.dataset_name,
+            "max_steps": args.max_steps,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "lora_r": self.model_args.lora_r if self.model_args.use_peft else None,
+            "path": self.script_args.final_model_dir,
+        }
+        if self.name == "dpo":
+            described.update(beta=args.beta, rpo_alpha=getattr(args, "rpo_alpha", None), loss_type=args.loss_type)
+        return described
+
+
+def _build_alignment_stage(name: str, values: dict, root: Path) -> AlignmentStage:
+    from trl import ModelConfig, SFTConfig
+
+    from ..alignment import RPOConfig
+    from .align import AlignmentArguments
+
+    if not isinstance(values, dict):
+        raise ValueError(f"The {name!r} section must be a mapping of field names to values, got {values!r}.")
+    classes = (AlignmentArguments, SFTConfig if name == "sft" else RPOConfig)
+    forced = {
+        "output_dir": str(root / f"{name}_checkpoints"),
+        "final_model_dir": str(root / name),
+        "model_name_or_path": None,
+    }
+    for key in forced:
+        if key in values:
+            raise ValueError(
+                f"{name}.{key} is set by the pipeline ({forced[key] or 'the previous stage output'}): remove it."
+            )
+    valid = {f.name for cls in classes for f in fields(cls)} | lora_fields()
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in the {name!r} section: valid keys are the fields of "
+            f"{' / '.join(cls.__name__ for cls in classes)} and the LoRA fields of ModelConfig "
+            f"({sorted(lora_fields())})."
+        )
+    built = []
+    for cls in (*classes, ModelConfig):
+        own = {f.name for f in fields(cls)}
+        mine, fixed = {k: v for k, v in values.items() if k in own}, {k: v for k, v in forced.items() if k in own}
+        try:
+            built.append(_build(cls, mine, name, **fixed))
+        except ValueError as error:
+            # TRL's own checks (e.g. its bf16 default on a CPU-only machine) do not say which section they come from.
+            raise ValueError(f"In the {name!r} section of the recipe: {error}") from error
+    return AlignmentStage(name, *built)
+
+
+def load_pipeline_config(path: str | os.PathLike, overrides: dict | None = None):
+    """`(MinitronArguments, PrunedConfig, DistillationConfig, TeacherCorrectionConfig, list[AlignmentStage])` from a
+    YAML file.
+
+    `overrides` maps `key` or `section.key` to values (the CLI's `--section.key value`).
+    """
+    data = read_config_file(path, "recipe")
+    for key, value in (overrides or {}).items():
+        section, _, name = key.rpartition(".")
+        (data.setdefault(section, {}) if section else data)[name] = value
+    return build_pipeline_config(data)
+
+
+def build_pipeline_config(data: dict):
+    from ..distillation.config import DistillationConfig
+    from ..distillation.teacher_correction import TeacherCorrectionConfig
+
+    top = {k: v for k, v in data.items() if k not in SECTIONS}
+    for key, value in top.items():
+        # `--distilation.max_steps 5` lands here as a top-level key holding a mapping: a misspelt section.
+        guess = difflib.get_close_matches(key, SECTIONS, n=1)
+        if isinstance(value, dict) and guess and key not in {f.name for f in fields(MinitronArguments)}:
+            raise ValueError(
+                f"Unknown section {key!r} in the recipe: did you mean {guess[0]!r}? Sections: {SECTIONS}."
+            )
+    args = _build(MinitronArguments, top, "top level")
+    root = Path(args.output_dir)
+    pruning = _build(PrunedConfig, data.get("pruning") or {}, "pruning")
+    distillation = _build(
+        DistillationConfig,
+        data.get("distillation") or {},
+        "distillation",
+        output_dir=str(root / "distill_checkpoints"),
+    )
+    # Each trainer's arguments set up the process group anew: with `distillation.use_cpu` the other trainers must use
+    # the CPU too, or they would re-create a single-process state under a multi-process launch (every process writing).
+    device = {"use_cpu": True} if distillation.use_cpu else {}
+    correction = _build(
+        TeacherCorrectionConfig,
+        {**device, **(data.get("teacher_correction") or {})},
+        "teacher_correction",
+        output_dir=str(root / "teacher_correction_checkpoints"),
+        corrected_model_dir=str(root / "teacher_correction"),
+    )
+    # A present section (even empty: all defaults) enables its stage; absent or null skips it.
+    for name in ALIGNMENT_STAGES:
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            _build(dict, data[name], name)  # refuses a section that is not a mapping, naming it
+    alignment = [
+        _build_alignment_stage(name, {**device, **(data[name] or {})}, root)
+        for name in ALIGNMENT_STAGES
+        if name in data and data[name] is not None
+    ]
+    return args, pruning, distillation, correction, alignment
+
+
+def parse_overrides(argv: list[str]) -> tuple[str, dict]:
+    """`--config FILE` plus `--key value` / `--section.key value` pairs; values are parsed as YAML scalars."""
+    import yaml
+
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        raise ValueError("Pass the recipe with --config FILE (e.g. recipes/smollm2-135m/minitron.yaml).")
+    argv = list(argv)
+    index = argv.index("--config")
+    config_path = argv[index + 1]
+    del argv[index : index + 2]
+    overrides = {}
+    while argv:
+        key = argv.pop(0)
+        if not key.startswith("--") or not argv:
+            raise ValueError(f"Expected `--key value` pairs after --config, got {key!r}.")
+        overrides[key[2:]] = yaml.safe_load(argv.pop(0))
+    return config_path, overrides
