@@ -12,6 +12,9 @@ The token is only ever handed to `HfApi`: it is not printed, logged, written to 
 import logging
 import os
 import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -158,6 +161,38 @@ def check_push_ready(repo_id: str, token: str | None = None, endpoint: str | Non
     return resolve_token(token), resolve_endpoint(endpoint)
 
 
+_QUICK_START_ID = re.compile(r'^model_id = "[^"\n]*"', re.M)
+
+
+@contextmanager
+def _with_repo_id_in_card(folder: Path, repo_id: str):
+    """`folder`, or, when its card's quick start names another model id (a placeholder, a local path), a
+    hard-linked copy of it whose `README.md` names `repo_id`: the published card loads what it describes, and the
+    local folder is left as it is."""
+    readme = folder / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    updated = _QUICK_START_ID.sub(f'model_id = "{repo_id}"', text)
+    if updated == text:
+        yield folder
+        return
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
+    try:
+        for path in folder.rglob("*"):
+            target = staging / path.relative_to(folder)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif path != readme:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, target)  # no copy of the weights
+                except OSError:
+                    shutil.copy2(path, target)
+        (staging / "README.md").write_text(updated, encoding="utf-8")
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -232,14 +267,15 @@ def push_to_hub(
     except Exception as err:
         raise _hub_error(err, endpoint, f"create the repository {repo_id}", token) from None
     try:
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            revision=revision,
-            ignore_patterns=ignore_patterns,
-            repo_type="model",
-        )
+        with _with_repo_id_in_card(folder, repo_id) as upload:
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=upload,
+                commit_message=commit_message,
+                revision=revision,
+                ignore_patterns=ignore_patterns,
+                repo_type="model",
+            )
     except ValueError as err:  # e.g. invalid README.md metadata, reported by the Hub's YAML validation
         raise ValueError(redact(str(err), token)) from None
     except Exception as err:

@@ -291,6 +291,32 @@ def _steps(summary: PipelineSummary) -> list[str]:
     return steps
 
 
+def _placeholder_id(model_name: str | None) -> str:
+    name = model_name or "<student>"
+    return name if "/" in name else f"<namespace>/{name}"
+
+
+# The papers distil on ~94-100B tokens; far below this a student shows that the chain runs, not what it can do.
+_SMOKE_TEST_TOKENS = 10**8
+
+
+def _limitations(summary: PipelineSummary) -> list[str]:
+    tokens = (summary.distillation or {}).get("tokens")
+    lines = []
+    if tokens is not None and tokens < _SMOKE_TEST_TOKENS:
+        lines.append(
+            f"**A smoke test, not a model to use.** It was distilled on {tokens:,} tokens; the Minitron papers distil "
+            "on about 100 billion. At this budget the run shows that pruning and distillation work end to end: expect "
+            "the student to be far worse than its teacher."
+        )
+    lines += [
+        "It inherits its teacher's limitations and biases, its tokenizer, chat template and context length.",
+        "Pruning removes capacity that distillation recovers only in part: check it on your own task before use; the "
+        "numbers above cover only the benchmarks listed.",
+    ]
+    return lines
+
+
 def _eval_results(summary: PipelineSummary) -> list:
     from huggingface_hub import EvalResult
 
@@ -375,7 +401,8 @@ def render_model_card(
     context = {
         "card_data": card_data.to_yaml(),
         "title": title,
-        "repo_id": summary.model_id or summary.model_name or "<namespace>/<student>",
+        # A placeholder until `push` writes the repository's id (a local path would not load anywhere else).
+        "repo_id": summary.model_id or _placeholder_id(summary.model_name),
         "teacher_id": summary.teacher_id,
         "teacher_name": summary.teacher_name,
         "steps": _steps(summary),
@@ -390,6 +417,7 @@ def render_model_card(
         "alignment_rows": _rows(summary.alignment),
         "evaluation_table": evaluation_table,
         "has_heldout": all("heldout" in m for m in models.values()) and bool(models),
+        "limitations": _limitations(summary),
     }
     template_str = Path(template_path or TEMPLATE_PATH).read_text(encoding="utf-8")
     # trim_blocks/lstrip_blocks: `{% if %}` lines leave no stray blank lines or indentation in the Markdown.

@@ -144,3 +144,15 @@ def test_only_main_process_pushes(hub, checkpoint, monkeypatch):
     monkeypatch.setattr(PartialState, "is_main_process", property(lambda self: False))
     assert push_to_hub(checkpoint, "tester/tiny-minitron", token=TOKEN, endpoint=hub.url) is None
     assert hub.requests == []
+
+
+def test_push_writes_the_repository_id_into_the_cards_quick_start(hub, checkpoint):
+    card = '---\nlibrary_name: transformers\n---\n\n```python\nmodel_id = "<namespace>/Tiny"  # or the local folder\n```\n'
+    (checkpoint / "README.md").write_text(card)
+    push_to_hub(checkpoint, "tester/tiny-minitron", token=TOKEN, endpoint=hub.url)
+    published = hub.repos["tester/tiny-minitron"]["files"]["README.md"].decode()
+    assert 'model_id = "tester/tiny-minitron"  # or the local folder' in published
+    assert (checkpoint / "README.md").read_text() == card  # the local folder is left as it was
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["final"]  # no staging copy left behind
+    files = hub.repos["tester/tiny-minitron"]["files"]
+    assert files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()

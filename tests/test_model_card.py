@@ -274,3 +274,22 @@ def test_card_says_how_the_dropped_layers_were_chosen(tmp_path, pruned, says):
     summary = PipelineSummary(pruned_config=pruned, dropped_layers=[3, 4])
     body = front_matter(save_model_card(summary, tmp_path).read_text())[1]
     assert "removed layers 3, 4" in body and says in body
+
+
+def test_a_short_distillation_is_called_a_smoke_test_and_every_card_has_limitations(tmp_path):
+    import dataclasses
+
+    long_run = save_model_card(full_summary(), tmp_path / "long").read_text()
+    assert "## Limitations" in long_run and "smoke test" not in long_run
+    short = dataclasses.replace(full_summary(), distillation={"loss": "forward_kl", "tokens": 20480, "max_steps": 40})
+    text = save_model_card(short, tmp_path / "short").read_text()
+    assert "**A smoke test, not a model to use.** It was distilled on 20,480 tokens" in text
+
+
+def test_quick_start_names_no_local_path(tmp_path):
+    import dataclasses
+
+    text = save_model_card(
+        dataclasses.replace(full_summary(), model_name="Tiny-Minitron-1M"), tmp_path / "f"
+    ).read_text()
+    assert 'model_id = "<namespace>/Tiny-Minitron-1M"' in text and str(tmp_path) not in text

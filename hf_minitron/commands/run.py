@@ -136,6 +136,8 @@ def _run_pipeline(
         if args.dataset in (EMBEDDED_CORPUS, STDLIB_CORPUS) or Path(args.dataset.split(",")[0]).exists()
         else [args.dataset],
         "hub_model_id": args.hub_model_id,
+        # A student is a derivative of its teacher: it carries the teacher's license.
+        "license": _teacher_license(args.teacher, teacher_path),
         "stages": {},
     }
 
@@ -150,7 +152,12 @@ def _run_pipeline(
         stages.end("teacher_correction")
         _drop_checkpoints(root, "teacher_correction", args.keep_checkpoints or not state.is_main_process)
         teacher_path = str(corrected)
-        summary["stages"]["teacher_correction"] = {"path": str(corrected), "max_steps": correction.max_steps}
+        # Settings, not the local path of the corrected teacher: the card is published.
+        summary["stages"]["teacher_correction"] = {
+            "max_steps": correction.max_steps,
+            "learning_rate": correction.learning_rate,
+            "dataset": ", ".join(Path(d).name for d in args.dataset.split(",")),
+        }
 
     # 2. Importance estimation + pruning (one pass of forward hooks; scores saved next to the student).
     pruned_dir = root / "pruned"
@@ -274,8 +281,8 @@ def _run_pipeline(
             check_finite_weights(tmp)  # never card (or push) a model with NaN/inf weights
             if args.write_model_card:
                 # The quick start loads the model from where it is going to be: its Hub repository, else this folder.
-                model_id = args.hub_model_id or str(final_dir.resolve())
-                _write_card(tmp, summary, pruned_dir, model_id=model_id)
+                # No local path in a card meant for the Hub: `push` writes the repository id in its place.
+                _write_card(tmp, summary, pruned_dir, model_id=args.hub_model_id)
     state.wait_for_everyone()
     stages.end("final")
     summary["final_dir"] = str(final_dir)
@@ -337,6 +344,24 @@ def _teacher_hub_id(teacher: str) -> str | None:
     return None if Path(os.path.expanduser(teacher)).exists() else teacher
 
 
+def _teacher_license(teacher: str, teacher_path: str) -> str | None:
+    """The license in the teacher's model card (its `README.md` metadata), or the embedded teacher's (SmolLM2 is
+    Apache 2.0); `None` when the teacher says nothing, and the card then says nothing either."""
+    from ..embedded import EMBEDDED_ALIASES
+
+    if teacher in EMBEDDED_ALIASES:
+        return "apache-2.0"
+    readme = Path(teacher_path) / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a README without valid metadata: no license is known, which the card then shows
+        return None
+
+
 def _student_name(teacher_name: str, parameters: int) -> str:
     """`SmolLM2-135M-Instruct-Minitron-80M`: the teacher's name and the student's size (NVIDIA's Minitron naming)."""
     base = Path(teacher_name.rstrip("/")).name or "model"
@@ -364,7 +389,7 @@ def _tokens_seen(log_history, config, seq_length: int, processes: int) -> int:
     )
 
 
-def _write_card(directory: Path, summary: dict, pruned_dir: Path, model_id: str) -> None:
+def _write_card(directory: Path, summary: dict, pruned_dir: Path, model_id: str | None) -> None:
     """Model card + plots from what the stages recorded (importance from the scores saved with the pruned model)."""
     from ..model_card import PipelineSummary, save_model_card
     from ..pruning.importance import ImportanceScores
@@ -395,6 +420,7 @@ def _write_card(directory: Path, summary: dict, pruned_dir: Path, model_id: str)
         teacher_id=summary.get("teacher_hub_id"),
         teacher_name=summary.get("teacher_name"),
         datasets=summary.get("datasets"),
+        license=summary.get("license"),
         teacher_config={k: v for k, v in pruning["before"].items() if k != "parameters"},
         student_config={k: v for k, v in pruning["after"].items() if k != "parameters"},
         pruned_config=pruning["pruned_config"],
