@@ -43,21 +43,46 @@ def _is_ours(cls) -> bool:
     return cls.__module__.split(".")[0] == "hf_minitron"
 
 
-def _group_options(parser, dataclass_types) -> None:
+# The options of a base class (`TrainingArguments`, TRL's `_BaseConfig`) that `--help` shows; `--help-all` lists the
+# other few hundred. These are the ones a Minitron run sets.
+COMMON_INHERITED_OPTIONS = (
+    "output_dir", "max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "weight_decay", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "gradient_checkpointing", "bf16", "fp16", "use_cpu", "logging_steps", "eval_strategy", "eval_steps",
+    "save_strategy", "save_steps", "save_total_limit", "report_to", "seed", "resume_from_checkpoint", "push_to_hub",
+    "hub_model_id", "deepspeed", "fsdp",
+)  # fmt: skip
+
+
+def _group_options(parser, dataclass_types, full: bool = True) -> None:
     """One help section per dataclass, hf-minitron's own first: a subclass of `TrainingArguments` (or of a TRL config)
-    lists its inherited options in a section of their own, after ours, instead of burying ours at the end."""
+    lists its inherited options in a section of their own, after ours, instead of burying ours at the end. Among the
+    inherited sections, the one that names the model to train comes first. Unless `full`, a base class's section
+    shows only its common options and says how many more `--help-all` lists (all of them still parse)."""
     sections: dict[tuple[int, str], list[str]] = {}
+    based: set[str] = set()
     for cls in dataclass_types:
         for f in dataclasses.fields(cls):
             owner = _owner(cls, f.name)
-            key = (0, cls.__name__) if _is_ours(owner) else (1, f"{owner.__module__.split('.')[0]}.{owner.__name__}")
+            title = f"{owner.__module__.split('.')[0]}.{owner.__name__}"
+            key = (0, cls.__name__) if _is_ours(owner) else (1, title)
+            if not _is_ours(owner) and owner not in dataclass_types:
+                based.add(title)
             sections.setdefault(key, []).append(f.name)
     actions = {}
     for action in parser._optionals._group_actions:
         actions.setdefault(action.dest, []).append(action)
-    for (theirs, title), names in sorted(sections.items(), key=lambda item: item[0][0]):  # stable: ours in order
+
+    def order(item):
+        (theirs, title), names = item
+        return (theirs, 0 if "model_name_or_path" in names else 1, title in based)  # stable within each rank
+
+    for (theirs, title), names in sorted(sections.items(), key=order):
+        hidden = [n for n in names if n not in COMMON_INHERITED_OPTIONS] if title in based and not full else []
         if theirs:
             description = f"Inherited from {title}: the standard options of the trainer."
+            if hidden:
+                description += f" {len(hidden)} more: `--help-all` lists them."
             group = parser.add_argument_group(f"{title} options", description)
         else:
             group = parser.add_argument_group(f"{title} options (hf-minitron)")
@@ -65,6 +90,8 @@ def _group_options(parser, dataclass_types) -> None:
             for action in actions.pop(name, []):
                 parser._optionals._group_actions.remove(action)
                 group._group_actions.append(action)
+                if name in hidden:
+                    action.help = argparse.SUPPRESS
 
 
 def _fix_negative_flags(parser) -> None:
@@ -76,8 +103,9 @@ def _fix_negative_flags(parser) -> None:
             action.default = argparse.SUPPRESS  # the positive flag's action holds the default
 
 
-def build_parser(dataclass_types, prog: str, description: str | None = None):
-    """The `HfArgumentParser` of a command: one option per dataclass field, `--config FILE`, grouped help."""
+def build_parser(dataclass_types, prog: str, description: str | None = None, full_help: bool = True):
+    """The `HfArgumentParser` of a command: one option per dataclass field, `--config FILE`, grouped help (with
+    `full_help=False`, the common inherited options only)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(
@@ -88,7 +116,8 @@ def build_parser(dataclass_types, prog: str, description: str | None = None):
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML/JSON file of option values (CLI options override it).")
-    _group_options(parser, dataclass_types)
+    parser.add_argument("--help-all", action="store_true", help="List every option, the inherited ones too.")
+    _group_options(parser, dataclass_types, full_help)
     _fix_negative_flags(parser)
     return parser
 
@@ -102,12 +131,13 @@ def parse_dataclasses(dataclass_types, argv, prog: str):
     from .validation import check_field_types, check_renamed_options
 
     command = prog.split()[-1]
-    parser = build_parser(dataclass_types, prog, _description(command))
-    if argv in (["-h"], ["--help"]):
-        text = parser.format_help()
-        _store_help(command, text)
+    if argv in (["-h"], ["--help"], ["--help-all"]):
+        full = argv == ["--help-all"]
+        text = build_parser(dataclass_types, prog, _description(command), full_help=full).format_help()
+        _store_help(command + ("-all" if full else ""), text)
         print(text, end="")
         raise SystemExit(0)
+    parser = build_parser(dataclass_types, prog, _description(command))
     check_renamed_options(dataclass_types, argv)
     _check_option_names(parser, argv)
     config_path = None
@@ -430,8 +460,8 @@ def main(argv=None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}{hint}", file=sys.stderr)
             return 2
         return 0
-    if argv[1:] in (["-h"], ["--help"]):
-        text = cached_help(argv[0])
+    if argv[1:] in (["-h"], ["--help"], ["--help-all"]):
+        text = cached_help(argv[0] + ("-all" if argv[1:] == ["--help-all"] else ""))
         if text is not None:
             print(text, end="")
             return 0

@@ -112,3 +112,15 @@ def test_distill_needs_a_student(checkpoint, tmp_path, capsys):
     code = main(["distill", "--teacher", str(checkpoint), "--output_dir", str(tmp_path / "run")])
     assert code == 2
     assert "--student" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_alignment_help_puts_the_model_first_and_the_trainer_options_in_short(help_cache, capsys):
+    text = _help("sft", capsys)
+    model = text.index("\n  --model_name_or_path ")
+    assert model < text.index("trl.SFTConfig options") < text.index("transformers.TrainingArguments options")
+    assert text[:model].count("\n") < 40 and len(text.splitlines()) < 400  # was 713 lines, the model near the end
+    assert "--learning_rate" in text and "--adam_beta2" not in text and "more: `--help-all` lists them" in text
+    assert main(["sft", "--help-all"]) == 0
+    full = capsys.readouterr().out
+    assert "--adam_beta2" in full and len(full.splitlines()) > len(text.splitlines())
+    assert main(["sft", "--help"]) == 0 and capsys.readouterr().out == text  # the short one is cached apart
