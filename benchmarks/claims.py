@@ -1,4 +1,4 @@
-"""The Minitron papers' claims, reproduced at small scale on SmolLM2-135M and the offline corpus (issue 5, section 2).
+"""The Minitron papers' claims, reproduced at small scale on SmolLM2-135M and the offline corpus.
 
     python benchmarks/claims.py                      # every claim, 3 training seeds per arm (~3 h on a 2-core CPU)
     python benchmarks/claims.py --claims a,b         # a subset (finished claims are read from the cache)
@@ -20,7 +20,7 @@ h. residual head merge off vs on the query rows (the paper's) vs on the o_proj c
 i. the architecture search's pick vs the hand-chosen width architecture at the same budget (paper 1 §3).
 
 The embedded corpus (CPython's reference docs) is text the teacher was never trained on, where paper 2 says KD needs
-teacher correction first (issue 14). Claims c and g are therefore also run where their premise holds, each at the same
+teacher correction first. Claims c and g are therefore also run where their premise holds, each at the same
 tokens and on its own held-out split: the standard library's source (in-distribution code for SmolLM2), text sampled
 from the teacher itself (temperature 1 from 8-token prompts of the corpus; cached on disk), and the embedded corpus
 after teacher correction (the teacher is corrected, pruned, and distils its own student: the paper-2 recipe). Each
@@ -36,7 +36,7 @@ c, the "width" arm of d, the "off" arm of f and h, the "logits" arm of g) are tr
 
 Finished claims and arms (per seed) are cached under benchmarks/results/claims_cache/ (keyed by the budget and the
 seed or seeds), so a rerun or a crash recomputes nothing that finished; `--fresh` ignores the cache. Arms distil from
-one exact cache of their teacher's outputs over their training split (`hf_minitron.cache_teacher`, issue 15), written
+one exact cache of their teacher's outputs over their training split (`hf_minitron.cache_teacher`), written
 once per teacher and data, instead of running the teacher at every step; `--live-teacher` runs it in every arm.
 
 Writes benchmarks/results/claims.{json,md,png} and prints the table.
@@ -81,7 +81,7 @@ LOSSES = {
     "kd+is": dict(intermediate_layer_mapping={9: 9, 19: 19, 29: 29}),
 }
 # The data (and teacher) of the arms of claims c and g. "embedded" is the setting of every other claim; the others are
-# where the claims' premise holds (issue 14): data the teacher models well, or a teacher corrected on the data.
+# where the claims' premise holds: data the teacher models well, or a teacher corrected on the data.
 DOMAINS = {
     "embedded": "pydoc topics",
     "stdlib": "stdlib source",
@@ -360,7 +360,7 @@ class Bench:
         return train, calibration, validation, info
 
     def teacher_cache(self, domain: str = "embedded"):
-        """One exact (hidden-state) cache of a domain's teacher over its training split (issue 15), written once under
+        """One exact (hidden-state) cache of a domain's teacher over its training split, written once under
         the claims cache: every arm of that domain reads it instead of running the teacher."""
         if domain not in self._teacher_caches:
             from hf_minitron import cache_teacher
@@ -750,8 +750,8 @@ def claim_g(bench: Bench) -> dict:
 
     def group(domain):
         arms = {"logits": _width_arm(bench, domain, "kd"), "logits+ce": _width_arm(bench, domain, "kd+ce")}
-        # The intermediate-state arm runs the live teacher's layers: only in the claim's own setting (issue 14 asks
-        # for the premise of logits vs +CE).
+        # The intermediate-state arm runs the live teacher's layers: only in the claim's own setting (the premise
+        # arms are about logits vs +CE).
         if domain == "embedded":
             arms["logits+intermediate"] = _width_arm(bench, domain, "kd+is")
         comparisons = [compare(arms, "logits", other) for other in list(arms)[1:]]

@@ -1,5 +1,5 @@
-"""Pruning benchmark on the embedded real models and the offline corpus (issue: pruning core, section 6; Gemma-3-270M:
-issue 14).
+"""Pruning benchmark on the embedded real models and the offline corpus (SmolLM2-135M, and
+Gemma-3-270M as a second real model).
 
     python benchmarks/prune_quality.py                       # SmolLM2-135M, defaults: ~10 minutes on a 2-core CPU
     python benchmarks/prune_quality.py --model gemma3        # Gemma-3-270M: ~1.5x the time (estimated)

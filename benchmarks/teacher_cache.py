@@ -1,4 +1,4 @@
-"""Offline teacher (issue 15 §4): distillation from a teacher cache vs a live teacher, on SmolLM2-135M.
+"""Offline teacher: distillation from a teacher cache vs a live teacher, on SmolLM2-135M.
 
 Teacher: the embedded SmolLM2-135M-Instruct; student: the teacher pruned to hidden 384 / MLP 1024 / 6 heads (as in
 `distill_throughput.py`); data: the embedded corpus packed to `--seq-length` tokens. Caches: `hidden` in fp32 and

@@ -12,6 +12,9 @@ trainers ([`~trl.SFTTrainer`] and [`~trl.DPOTrainer`]) through two thin wrappers
 [`build_sft_dataset`] and [`build_preference_dataset`] make small offline chat sets from the embedded Python reference
 docs. They are toy data, deterministic and download-free, for the CPU recipes and the tests; use a real instruction /
 preference set (e.g. `HuggingFaceH4/ultrachat_200k`, `HuggingFaceH4/ultrafeedback_binarized`) for a real model.
+
+One module, past 500 lines: SFT and DPO / RPO share the loading, the chat template, the offline data and the atomic
+final save; each trainer is one function.
 """
 
 import copy

@@ -10,6 +10,9 @@ architecture search can maximise (`make_lm_eval_scorer`).
 
 The papers' benchmarks (`PAPER_TASKS`) are downloaded from the Hub by lm-eval. `pydoc_topics`, a multiple-choice task
 built from CPython's bundled documentation, ships with the package (`hf_minitron/data/tasks/`) and runs offline.
+
+One module, past 500 lines: lm-eval, held-out perplexity and the teacher-vs-student comparison produce and read one
+results format.
 """
 
 import logging

@@ -15,6 +15,9 @@ names.
 Trainer checkpoints (`checkpoint-N`) are written in place by `transformers`; [`last_checkpoint`] skips one that a kill
 interrupted mid-save, and [`resume_checkpoint`] makes every training entry point continue an interrupted run when it
 is rerun with the same command.
+
+One module, past 500 lines: every writer's guarantees (temporary siblings, the output marker, no-replace commits, file
+modes, resumable checkpoints) rest on the same few invariants, which are easier to keep when they are read together.
 """
 
 import ctypes
@@ -37,8 +40,8 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 # Written into every directory we commit, listing its files: `overwrite=True` replaces a directory only when this
-# marker shows we wrote it and it holds nothing else. A `config.json` or `*.safetensors` proves nothing (issue 16: a
-# project folder with an app config.json was wiped).
+# marker shows we wrote it and it holds nothing else. A `config.json` or `*.safetensors` proves nothing: a project
+# folder holding an application's own config.json looks like a checkpoint.
 OUTPUT_MARKER = ".hf_minitron_output.json"
 
 

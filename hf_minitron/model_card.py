@@ -8,6 +8,9 @@ neuron and embedding-channel importance with the cut-off, layer importance when 
 
 The template ships inside the package (`hf_minitron/templates/`); `model_cards/minitron_card.md.j2` at the top of
 the repository is the same file, kept for readers and for copying into a custom template (a test keeps them equal).
+
+One module, past 500 lines: the card's metadata, its tables and the plots it links are rendered from one
+`PipelineSummary`; the plots are a few small functions that only the card uses.
 """
 
 import math

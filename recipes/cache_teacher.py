@@ -1,4 +1,4 @@
-"""Offline teacher: run the teacher once over the distillation data and store its outputs (issue 15).
+"""Offline teacher: run the teacher once over the distillation data and store its outputs.
 
 Usage (the embedded SmolLM2-135M teacher on the embedded corpus, one process; several processes each write their own
 shards of the same cache):

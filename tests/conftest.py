@@ -53,7 +53,7 @@ MOE_OVERRIDES = {
     "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
 }
 
-# Hybrid Mamba2-attention families (issue 13): 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.
+# Hybrid Mamba2-attention families: 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.
 # Bamba and Falcon-H1: their tiny configs and tests are in test_hybrid_families.py.
 HYBRID_ARCHITECTURE_NAMES = ["nemotron_h", "bamba", "falcon_h1"]
 HYBRID_PATTERN = ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]

@@ -1,4 +1,4 @@
-"""A save killed midway leaves the previous output or none, never a half-written one (issue 6, point 2).
+"""A save killed midway leaves the previous output or none, never a half-written one.
 
 `tests/scripts/kill_mid_save.py` runs one of our saves in its own process (forked by `tests/scripts/killable.py`)
 and blocks in the middle of it: after the first shard of a sharded model, after the scores' weights file, halfway

@@ -1,4 +1,4 @@
-"""The bad-input catalog (issue 6, point 3): every case fails with an error naming the cause and the fix, before
+"""The bad-input catalog: every case fails with an error naming the cause and the fix, before
 expensive work (weights loaded, importance estimated, training started) where it can, and leaves what was already
 written byte-identical. Tiny random models, loopback only."""
 

@@ -1,4 +1,4 @@
-"""The bad-input catalog, Python API side (issue 16 §4): field types, calibration batches, models, importance scores
+"""The bad-input catalog, Python API side: field types, calibration batches, models, importance scores
 and files we read back. Every case raises hf-minitron's own ValueError/TypeError naming the field or file, the value
 and the fix, before any forward pass (a hook on the embedding fails the test if one runs)."""
 

@@ -1,4 +1,4 @@
-"""Never produce or publish a broken model (issue 16, section 3).
+"""Never produce or publish a broken model.
 
 Non-finite loss weights, temperatures and learning rates are refused; training stops at the first NaN/inf loss or
 gradient norm, before that update is applied; weights with a NaN or an infinity are never saved, carded or pushed;

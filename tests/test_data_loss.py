@@ -1,4 +1,4 @@
-"""No run of ours deletes or replaces files it did not write (issue 16, section 1).
+"""No run of ours deletes or replaces files it did not write.
 
 `--overwrite` replaces only an earlier output of hf-minitron (its `.hf_minitron_output.json` marker lists the files we
 wrote, and nothing else is there); outputs that overlap the source model are refused; a target that appears while we

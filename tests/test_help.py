@@ -1,4 +1,4 @@
-"""`hf-minitron <command> --help` (issue 17): fast, our options first and grouped, examples, and correct flags."""
+"""`hf-minitron <command> --help`: fast, our options first and grouped, examples, and correct flags."""
 
 import os
 import subprocess

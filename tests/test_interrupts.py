@@ -1,5 +1,5 @@
 """`kill -9` mid-training, then the same command again: it resumes from the last checkpoint and ends where an
-uninterrupted run ends (issue 6, point 1).
+uninterrupted run ends.
 
 Each case runs an `hf-minitron` command in its own process (`tests/scripts/interrupt_worker.py`, forked by
 `tests/scripts/killable.py`), which pauses right after checkpoint `k` (a seeded random step) is written; the test

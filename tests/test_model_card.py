@@ -205,7 +205,7 @@ def test_card_only_on_main_process(tmp_path, monkeypatch):
 
 
 def test_card_names_the_model_and_links_only_what_exists(tmp_path):
-    """Issue 17: titled with the model, quick start from a real place, the teacher by its name, no invented links."""
+    """Titled with the model, quick start from a real place, the teacher by its name, no invented links."""
     summary = PipelineSummary(
         model_name="SmolLM2-135M-Instruct-Minitron-80M",
         model_id=str(tmp_path / "final"),

@@ -1,4 +1,4 @@
-"""Security (issue 6, point 4): safetensors only for weights we write, no unpickling of user files, no remote code
+"""Security: safetensors only for weights we write, no unpickling of user files, no remote code
 unless the user asks for it, and the Hub token never lands in an output, a log or the console."""
 
 import ast
@@ -239,7 +239,7 @@ def test_token_never_written_by_a_pipeline_run(hub, checkpoint, tmp_path, debug_
     assert not [name for name in uploaded if name.endswith(PICKLE_SUFFIXES)]
 
 
-# ---------------------------------------------------------------------------------------------- issue 16, section 2
+# ---------------------------------------------------------------------------------------------- secrets in what we write
 def test_hub_token_is_not_pickled_into_training_args_bin(checkpoint, text_file, tmp_path):
     """`distill --hub_token ...`: every `checkpoint-N/training_args.bin` (a pickle of the arguments) leaves it out."""
     import pickle

@@ -16,6 +16,10 @@ chunk by chunk over tokens, so the `[tokens, vocab]` logits of student and teach
 the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`). Their settings travel as one
 [`KDLossOptions`] (what the trainer builds once from its config): `fused_kd_loss_with_options` and
 `fused_topk_kd_loss_with_options` take it, and the keyword functions build it from their arguments.
+
+One module, past 500 lines: the logit losses, their top-k forms and the fused chunked kernels are one family of
+functions with shared identities (identical logits give 0, chunked equals unchunked); the tests check them against each
+other here.
 """
 
 import math

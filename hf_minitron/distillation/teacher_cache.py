@@ -29,6 +29,10 @@ Writing is streamed shard by shard (`shard_size` samples each, a file written as
 finished cache is moved into place atomically ([`atomic_directory`]). Under `torch.distributed` (e.g. `accelerate
 launch`), process r writes shards r, r + N, r + 2N, ... with its own full copy of the teacher: the result is the
 one-process cache.
+
+One module, past 500 lines: writing a cache and reading it back (the `CachedTeacher`) share one on-disk format, its
+fingerprints and its checks; split, a change to the format would have to be made in two places that tests could not
+keep in step.
 """
 
 import hashlib
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fingerprints import weights_fingerprint
 from ..io import (
     atomic_directory,
     atomic_write_json,
@@ -73,24 +78,10 @@ TEACHER_COLUMNS = (HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST)
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
-def _sampled_values(tensor: torch.Tensor, count: int = 1024) -> bytes:
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() > 3 * count:
-        flat = torch.cat([flat[:count], flat[:: flat.numel() // count][:count], flat[-count:]])
-    # Rounded to bf16: the same teacher loaded in fp32, bf16 or fp16 has the same fingerprint.
-    return flat.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
-
-
-def teacher_fingerprint(teacher) -> str:
-    """A hash of the teacher's parameter names, shapes and 3072 values of each tensor (first, strided, last).
-
-    Any training (teacher correction) changes it; loading the same weights in another dtype does not.
-    """
-    digest = hashlib.sha256()
-    for name, param in teacher.named_parameters():
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(_sampled_values(param))
-    return digest.hexdigest()[:16]
+def teacher_fingerprint(teacher) -> str | None:
+    """[`~hf_minitron.fingerprints.weights_fingerprint`] of the teacher: any training (teacher correction) changes it;
+    loading the same weights in another dtype does not."""
+    return weights_fingerprint(teacher)
 
 
 def tokenizer_fingerprint(tokenizer) -> str | None:

@@ -6,6 +6,9 @@ loss (the default), neither model runs its `lm_head` on the whole batch: a forwa
 final (post-norm) hidden states and hands the `lm_head` an empty slice, and [`fused_kd_loss`] computes the loss chunk
 by chunk from the hidden states and the `lm_head` weights. The hook runs inside each model's forward, so the weights it
 sees are gathered under FSDP2 / ZeRO-3 and the gradients flow through the ordinary parameters.
+
+One module, past 500 lines: the trainer's hooks, its teacher placement and its checkpoint hooks for the projection of
+intermediate states belong to one `Trainer` subclass; `compute_loss` itself is one screen, one method per step.
 """
 
 import contextlib

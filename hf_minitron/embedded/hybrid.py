@@ -62,6 +62,9 @@ stream; 10 KD steps at LR 2e-5 took a student pruned to MLP 1024 from 4.83 to 6.
 
 [`embedded_hybrid_path`] builds the model once into `$HF_MINITRON_CACHE` (see `embedded.cache_dir`), written
 atomically, and reuses it after; [`load_embedded_hybrid`] returns `(model, tokenizer)`.
+
+One module, past 500 lines: the conversion is one recipe (attention to Mamba2 mixers, layer by layer), documented step
+by step above; its steps are only meaningful in this order.
 """
 
 import logging

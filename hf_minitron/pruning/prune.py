@@ -22,6 +22,7 @@ from .config import PRUNED_CONFIG_NAME, PrunedConfig
 from .importance import ImportanceScores, estimate_importance, magnitude_importance, model_shape, random_importance
 from .structures import structures_of
 from .structures.depth import drop_layers, layers_to_drop_by_type, select_layers_to_drop, sliced_layer_lists
+from .verify import check_pruned_model, spec_hint
 
 
 PRUNING_RECORD_NAME = "pruning_record.json"
@@ -219,6 +220,7 @@ def prune_model(
         raise TypeError(f"config must be a PrunedConfig, got {type(config).__name__}.")
     check_causal_lm(model, "prune_model")
     check_not_offloaded(model)
+    custom_spec = spec is not None
     spec = get_architecture(model.config, spec)
     target = config.resolve(model.config)  # every ValueError before any forward pass
     check_target_loads(model.config, target, spec)
@@ -300,8 +302,18 @@ def prune_model(
     else:
         dropped = []
     # Weights freed while slicing go back to the OS at once (see large_buffers_returned_to_os).
-    with large_buffers_returned_to_os():
-        return _slice(model, spec, config, scores, source, target, dropped)
+    try:
+        with large_buffers_returned_to_os():
+            model = _slice(model, spec, config, scores, source, target, dropped)
+    except (IndexError, RuntimeError) as error:
+        if not custom_spec:
+            raise
+        # A spec naming the wrong modules slices tensors of other shapes than it expects.
+        raise ValueError(
+            f"Slicing failed ({type(error).__name__}: {error}). The model in memory is unusable.{spec_hint(True)}"
+        ) from error
+    check_pruned_model(model, custom_spec)  # a sliced model that cannot run is never returned as pruned
+    return model
 
 
 def _slice(model, spec, config: PrunedConfig, scores, source: dict, target: dict, dropped: list[int]):
