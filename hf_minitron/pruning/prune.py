@@ -131,6 +131,7 @@ def check_target_loads(model_config, target: dict, spec=None):
             f"would change head_dim from {source['head_dim']}. Fix PrunedConfig: prune the two together so that "
             f"hidden_size = num_attention_heads x {source['head_dim']} (here hidden_size={heads * source['head_dim']})."
         )
+    _check_expert_alignment(model_config, spec, source, target)
     data = model_config.to_dict()
     # Which layers depth pruning keeps is not known yet: the first ones stand in for them (the config classes check
     # the lists' lengths, not their entries).
@@ -149,6 +150,25 @@ def check_target_loads(model_config, target: dict, spec=None):
             f"hidden_size={hidden} with num_attention_heads={heads} ({reason}). "
             f"Fix PrunedConfig: e.g. hidden_size={lower} or {upper} (multiples of {heads}), or another head count."
         ) from None
+
+
+# transformers runs the experts of most MoE families with grouped matrix products (`_experts_implementation:
+# grouped_mm`), whose operands need 16-byte aligned rows: 8 values in (b)float16, which covers float32 too.
+_GROUPED_MM_MULTIPLE = 8
+
+
+def _check_expert_alignment(model_config, spec, source: dict, target: dict) -> None:
+    if spec.moe is None or getattr(model_config, "_experts_implementation", None) != "grouped_mm":
+        return
+    for name in ("moe_intermediate_size", "hidden_size"):
+        value = target.get(name)
+        if value is not None and value != source.get(name) and value % _GROUPED_MM_MULTIPLE:
+            lower = value - value % _GROUPED_MM_MULTIPLE
+            raise ValueError(
+                f"PrunedConfig.{name}={value} would give a model that cannot run: transformers' grouped expert kernels "
+                f"need rows of a multiple of {_GROUPED_MM_MULTIPLE} values. Use {lower or _GROUPED_MM_MULTIPLE} or "
+                f"{lower + _GROUPED_MM_MULTIPLE}."
+            )
 
 
 def check_not_offloaded(model) -> None:

@@ -48,3 +48,14 @@ def test_a_model_that_cannot_run_is_refused(monkeypatch):
 def test_a_right_model_passes_for_every_kind_of_family():
     for model_type in ("llama", "qwen3_moe", "nemotron_h", "jetmoe"):
         check_pruned_model(tiny_model(model_type))  # raises on any mismatch
+
+
+@pytest.mark.parametrize("target, field", [({"moe_intermediate_size": 22}, "moe_intermediate_size=22"),
+                                           ({"hidden_size": 30, "num_attention_heads": 2}, "hidden_size=30")])  # fmt: skip
+def test_an_unaligned_moe_width_is_refused_before_any_forward(target, field):
+    model = tiny_model("mixtral")
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    with pytest.raises(ValueError, match=rf"PrunedConfig\.{field} would give a model that cannot run.*Use \d+ or \d+"):
+        prune_model(model, PrunedConfig(**target), random_samples(4), show_progress=False)
+    assert forwards == []

@@ -41,12 +41,13 @@ def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_in
 
 
 def slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
-    """Slices a (RMS/Layer)Norm over the hidden size: weight, bias, and LayerNorm's `normalized_shape`."""
+    """Slices a (RMS/Layer)Norm over the hidden size: weight, bias, and the `normalized_shape` that torch's own
+    `LayerNorm` and `RMSNorm` check the weight against."""
     for name in ("weight", "bias"):
         param = getattr(norm, name, None)
         if isinstance(param, nn.Parameter):
             replace_parameter(norm, name, param.data.index_select(0, index.to(param.device)))
-    if isinstance(norm, nn.LayerNorm):
+    if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
         norm.normalized_shape = (index.numel(),)
 
 

@@ -303,13 +303,6 @@ def test_pruned_expert_width_runs_and_matches_the_count_terms(model_type):
     assert out.shape == (2, 10, 96) and torch.isfinite(out).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="An expert width whose fused rows are not 16-byte aligned (22 float32 values = 88 bytes) is neither refused "
-    "nor runnable: transformers' default experts implementation (grouped_mm) raises 'strides should be multiple of 16 "
-    "bytes' at the first forward of the pruned model (and of its reload). PrunedConfig.validate_for / "
-    "check_target_loads accept it.",
-)
 def test_an_expert_width_grouped_mm_cannot_run_is_refused_before_any_work_or_runs():
     model = _model("mixtral")
     try:

@@ -251,12 +251,6 @@ def test_pruned_hidden_size_runs_caches_and_matches_the_count_terms(model_type):
     assert count_parameters(source_config, PrunedConfig(hidden_size=24)) == n_params(model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A hidden size whose rows are not 16-byte aligned (30 float32 values = 120 bytes) is neither refused nor "
-    "runnable in a transformers-layout MoE model: the default experts implementation (grouped_mm) raises 'strides "
-    "should be multiple of 16 bytes' at the first forward. PrunedConfig.validate_for / check_target_loads accept it.",
-)
 def test_an_moe_hidden_size_grouped_mm_cannot_run_is_refused_before_any_work_or_runs():
     model = tiny_model("mixtral")
     try:

@@ -141,11 +141,6 @@ def test_slice_norm_of_a_transformers_rms_norm():
     assert norm(torch.randn(2, 2)).shape == (2, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="slice_norm updates only nn.LayerNorm's normalized_shape: torch.nn.RMSNorm keeps the old one, and its "
-    "forward (F.rms_norm) then refuses the sliced weight (a custom family built with torch.nn.RMSNorm)",
-)
 def test_slice_norm_of_a_torch_rms_norm():
     norm = nn.RMSNorm(6)
     slice_norm(norm, torch.tensor([0, 3]))
