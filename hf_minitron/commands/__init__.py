@@ -3,7 +3,7 @@ dataclass and one function. `hf_minitron/cli.py` parses the command line into th
 
 | command | module |
 |---|---|
-| `run` (the whole chain from one YAML) | `run.py` |
+| `run` (the whole chain from one YAML) | `run.py` (the stages), `run_config.py` (the recipe), `run_records.py` (what is reused), `run_console.py` (what it prints) |
 | `prune` | `prune.py` |
 | `distill` | `distill.py` |
 | `search` | `search.py` |
