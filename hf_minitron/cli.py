@@ -399,7 +399,7 @@ COMMANDS = {
         _distill,
         "Distill a (pruned) student from a teacher with the Minitron KD loss.",
         [
-            "hf-minitron distill --student outputs/smollm2-135m/pruned --teacher embedded "
+            "hf-minitron distill --student outputs/smollm2-135m-stages/pruned --teacher embedded "
             "--config recipes/smollm2-135m/distill.yaml",
         ],
     ),
@@ -466,10 +466,17 @@ def main(argv=None) -> int:
             print(text, end="")
             return 0
     command, _, _ = COMMANDS[argv[0]]
+    return report_errors(lambda: command(argv[1:]))
+
+
+def report_errors(function) -> int:
+    """Runs `function()` as a command does: our input checks, missing files, a full disk or a diverged training run
+    print one line, `error: ...`, and return 2 instead of a traceback; `--help` and argparse's own refusals return their
+    exit code. The recipes under `recipes/` end with `sys.exit(report_errors(...))` too."""
     from .validation import NonFiniteError
 
     try:
-        command(argv[1:])
+        function()
     # Our input checks, missing files, a full disk, a diverged training run: no traceback needed.
     except (ValueError, OSError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,8 +12,11 @@ teacher. Rerunning an interrupted command computes only the missing shards. The 
 `hf-minitron cache-teacher --config ...`.
 """
 
+import sys
+
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.cache_teacher import CacheTeacherArguments, cache_teacher_checkpoint
 from hf_minitron.distillation.teacher_cache import read_cache_info
 
@@ -32,6 +35,11 @@ def main(args: CacheTeacherArguments):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((CacheTeacherArguments,))
-    (script_args,) = parser.parse_args_and_config()
-    main(script_args)
+
+    def run():
+        parser = TrlParser((CacheTeacherArguments,))
+        (script_args,) = parser.parse_args_and_config()
+        main(script_args)
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

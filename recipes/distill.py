@@ -10,8 +10,11 @@ Any field can be overridden on the command line, e.g. `--max_steps 50 --kd_loss 
 `recipes/accelerate_configs/{ddp,fsdp,deepspeed_zero3}.yaml`. The same run is `hf-minitron distill --config ...`.
 """
 
+import sys
+
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.distill import DistillArguments, distill_checkpoint
 from hf_minitron.distillation.config import DistillationConfig
 
@@ -30,5 +33,10 @@ def main(script_args: DistillArguments, training_args: DistillationConfig):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((DistillArguments, DistillationConfig))
-    main(*parser.parse_args_and_config())
+
+    def run():
+        parser = TrlParser((DistillArguments, DistillationConfig))
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

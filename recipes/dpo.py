@@ -11,9 +11,12 @@ NLL term on the chosen answers (unset: plain DPO). Any RPOConfig / ModelConfig f
 line, e.g. `--beta 0.05`.
 """
 
+import sys
+
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from hf_minitron.alignment import RPOConfig, build_preference_dataset, run_dpo
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.align import AlignmentArguments, load_alignment_data
 
 
@@ -36,5 +39,10 @@ def main(script_args: AlignmentArguments, training_args: RPOConfig, model_args: 
 
 
 if __name__ == "__main__":
-    parser = TrlParser((AlignmentArguments, RPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+
+    def run():
+        parser = TrlParser((AlignmentArguments, RPOConfig, ModelConfig))
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

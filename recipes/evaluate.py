@@ -10,8 +10,11 @@ lm-eval); `--teacher null` evaluates the student alone. Any EvaluateArguments fi
 line, e.g. `--limit 20`. The main process evaluates and writes `output_file`. Same as `hf-minitron evaluate --config ...`.
 """
 
+import sys
+
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.evaluate import EvaluateArguments, evaluate_checkpoints
 
 
@@ -25,5 +28,10 @@ def main(script_args: EvaluateArguments):
 
 
 if __name__ == "__main__":
-    parser = TrlParser(EvaluateArguments)
-    main(*parser.parse_args_and_config())
+
+    def run():
+        parser = TrlParser(EvaluateArguments)
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

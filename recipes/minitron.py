@@ -15,6 +15,7 @@ import sys
 
 from accelerate import PartialState
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.run import run_pipeline
 from hf_minitron.commands.run_config import load_pipeline_config, parse_overrides
 
@@ -33,4 +34,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+
+    def run():
+        main(sys.argv[1:])
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

@@ -18,6 +18,7 @@ import sys
 
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
 from hf_minitron.pruning.config import PrunedConfig
 from hf_minitron.validation import check_renamed_options
@@ -35,6 +36,11 @@ def main(script_args: PruneArguments, pruning_config: PrunedConfig):
 
 
 if __name__ == "__main__":
-    check_renamed_options((PruneArguments, PrunedConfig), sys.argv[1:])  # old option names, refused by name
-    parser = TrlParser((PruneArguments, PrunedConfig))
-    main(*parser.parse_args_and_config())
+
+    def run():
+        check_renamed_options((PruneArguments, PrunedConfig), sys.argv[1:])  # old option names, refused by name
+        parser = TrlParser((PruneArguments, PrunedConfig))
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

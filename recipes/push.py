@@ -10,8 +10,11 @@ Any PushArguments field can be overridden on the command line, e.g. `--private f
 `hf-minitron push --config ...`; `recipes/minitron.py` does it at the end of the chain with `push_to_hub: true`.
 """
 
+import sys
+
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.push import PushArguments, push_folder
 
 
@@ -26,5 +29,10 @@ def main(script_args: PushArguments):
 
 
 if __name__ == "__main__":
-    parser = TrlParser(PushArguments)
-    main(*parser.parse_args_and_config())
+
+    def run():
+        parser = TrlParser(PushArguments)
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

@@ -15,6 +15,7 @@ import sys
 
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.search import SearchArguments, print_search_summary, search_checkpoint
 from hf_minitron.distillation.config import DistillationConfig
 from hf_minitron.pruning.search_config import SearchConfig
@@ -32,8 +33,13 @@ def main(script_args: SearchArguments, search_config: SearchConfig, training_arg
 
 
 if __name__ == "__main__":
-    check_renamed_options(
-        (SearchArguments, SearchConfig, DistillationConfig), sys.argv[1:]
-    )  # old option names, refused by name
-    parser = TrlParser((SearchArguments, SearchConfig, DistillationConfig))
-    main(*parser.parse_args_and_config())
+
+    def run():
+        check_renamed_options(
+            (SearchArguments, SearchConfig, DistillationConfig), sys.argv[1:]
+        )  # old option names, refused by name
+        parser = TrlParser((SearchArguments, SearchConfig, DistillationConfig))
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

@@ -11,9 +11,12 @@ adapters, merged into the weights before saving. Any SFTConfig / ModelConfig fie
 line, e.g. `--max_steps 5`. Then run `recipes/dpo.py` on the result.
 """
 
+import sys
+
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config
 
 from hf_minitron.alignment import build_sft_dataset, run_sft
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.align import AlignmentArguments, load_alignment_data
 
 
@@ -35,5 +38,10 @@ def main(script_args: AlignmentArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    parser = TrlParser((AlignmentArguments, SFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+
+    def run():
+        parser = TrlParser((AlignmentArguments, SFTConfig, ModelConfig))
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

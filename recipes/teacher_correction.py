@@ -13,6 +13,7 @@ import sys
 
 from trl import TrlParser
 
+from hf_minitron.cli import report_errors
 from hf_minitron.commands.correct_teacher import CorrectTeacherArguments, correct_teacher_checkpoint
 from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig
 from hf_minitron.validation import check_renamed_options
@@ -28,8 +29,13 @@ def main(script_args: CorrectTeacherArguments, training_args: TeacherCorrectionC
 
 
 if __name__ == "__main__":
-    check_renamed_options(
-        (CorrectTeacherArguments, TeacherCorrectionConfig), sys.argv[1:]
-    )  # old option names, refused by name
-    parser = TrlParser((CorrectTeacherArguments, TeacherCorrectionConfig))
-    main(*parser.parse_args_and_config())
+
+    def run():
+        check_renamed_options(
+            (CorrectTeacherArguments, TeacherCorrectionConfig), sys.argv[1:]
+        )  # old option names, refused by name
+        parser = TrlParser((CorrectTeacherArguments, TeacherCorrectionConfig))
+        main(*parser.parse_args_and_config())
+
+    # Our errors (a bad value, a missing file, a run made with other settings) as one line, not a traceback.
+    sys.exit(report_errors(run))

@@ -58,7 +58,7 @@ def test_cached_help_follows_the_terminal_width(help_cache, capsys, monkeypatch)
 def test_distill_help_lists_our_options_first_in_groups(help_cache, capsys):
     text = _help("distill", capsys)
     assert text.startswith("usage: hf-minitron distill [--config FILE] [--option value ...]")
-    assert "examples:\n  hf-minitron distill --student outputs/smollm2-135m/pruned" in text
+    assert "examples:\n  hf-minitron distill --student outputs/smollm2-135m-stages/pruned" in text
     ours = text.index("DistillArguments options (hf-minitron)")
     config = text.index("DistillationConfig options (hf-minitron)")
     theirs = text.index("transformers.TrainingArguments options")

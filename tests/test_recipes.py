@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from hub_server import FakeHub
 from transformers import AutoModelForCausalLM
@@ -85,3 +86,34 @@ def test_teacher_correction_recipe_on_local_files(checkpoint, text_file, tmp_pat
     before = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     after = AutoModelForCausalLM.from_pretrained(corrected).state_dict()
     assert any(not (after[name] == before[name]).all() for name in before)
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("minitron.py", ["--config", RECIPES / "smollm2-135m" / "minitron.yaml", "--distillation.max_steps", "-5"],
+         "DistillationConfig.max_steps=-5 is invalid"),
+        ("prune.py", ["--config", RECIPES / "smollm2-135m" / "prune.yaml", "--output", "x"],
+         "--output (on the command line) is now --output_dir"),
+    ],
+)  # fmt: skip
+def test_a_recipe_reports_our_errors_in_one_line(script, args, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(RECIPES / script), *map(str, args)], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {message}" in result.stderr
+
+
+def test_stage_recipes_write_apart_from_the_demo():
+    # After `make demo` (outputs/smollm2-135m), each stage recipe runs as written: none writes into the demo's folder.
+    import yaml
+
+    for path in sorted((RECIPES / "smollm2-135m").glob("*.yaml")):
+        if path.stem.startswith("minitron"):
+            continue
+        values = yaml.safe_load(path.read_text())
+        for key in ("output_dir", "final_model_dir", "corrected_model_dir", "output_file"):
+            if key in values:
+                assert not str(values[key]).startswith("outputs/smollm2-135m/"), (path.name, key, values[key])

@@ -61,7 +61,7 @@ def _distill_checkpoint(args: DistillArguments, config: DistillationConfig):
     if not args.student:
         raise ValueError(
             "DistillArguments.student is not set: pass --student with the checkpoint to distil into, e.g. the "
-            "output of `hf-minitron prune` (outputs/smollm2-135m/pruned)."
+            "output of `hf-minitron prune` (outputs/smollm2-135m-stages/pruned)."
         )
     teacher = args.teacher or config.teacher_model_name_or_path
     if teacher is None:
