@@ -339,6 +339,7 @@ def compare_models(
     student_name: str = "student",
     output_file: str | os.PathLike | None = None,
     teacher_tokenizer=None,
+    report: bool = False,
     **evaluate_kwargs,
 ) -> dict:
     """Evaluates teacher and student on the same tasks (and held-out data) and returns them side by side.
@@ -360,6 +361,9 @@ def compare_models(
             Labels of the models (e.g. Hub ids) in the result and tables.
         output_file (`str` or `os.PathLike`, *optional*):
             Where to write the result as JSON (main process only, atomically).
+        report (`bool`, *optional*, defaults to `False`):
+            Print a line as each evaluation starts (which model, which task or held-out set, how many samples): on a
+            CPU each can take minutes.
         evaluate_kwargs:
             Passed on to `evaluate_model` (e.g. `max_length`, `seed`).
 
@@ -385,6 +389,9 @@ def compare_models(
     for role, model, name, model_tokenizer in models:
         results = {}
         if task_list:
+            if report:
+                samples = "all" if limit is None else limit
+                print(f"Evaluating the {role} ({name}) on {', '.join(task_list)} ({samples} samples each)", flush=True)
             results = evaluate_model(
                 model,
                 model_tokenizer,
@@ -398,6 +405,8 @@ def compare_models(
             results.pop("raw", None)
         entry = {"name": name, "num_parameters": _num_parameters(model), "results": results}
         if heldout_dataset is not None:
+            if report:
+                print(f"Held-out loss of the {role} ({name}) on {len(heldout_dataset)} samples", flush=True)
             entry["heldout"] = heldout_perplexity(model, heldout_dataset, batch_size=batch_size)
         comparison["models"][role] = entry
     for task in task_list:

@@ -258,6 +258,7 @@ def _run_pipeline(
                 teacher_name=summary["teacher_name"],
                 student_name=student_name,
                 output_file=eval_path,  # written atomically
+                report=stages.report,
             )
         state.wait_for_everyone()
     stages.end("evaluation")

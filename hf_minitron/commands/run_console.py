@@ -128,13 +128,12 @@ def print_run_summary(summary: dict, console=None) -> None:
         table = Table(title="Wall time per stage")
         table.add_column("stage", no_wrap=True)
         table.add_column("wall time", justify="right")
-        table.add_column("")
         for name, entry in times.items():
-            table.add_row(
-                _STAGE_TITLES.get(name, name), _duration(entry["seconds"]), "reused" if entry["reused"] else ""
-            )
+            # A reused stage shows what it took when it ran, marked as such: no column that is empty in a fresh run.
+            took = _duration(entry["seconds"]) + (" (reused)" if entry["reused"] else "")
+            table.add_row(_STAGE_TITLES.get(name, name), took)
         total = sum(entry["seconds"] or 0 for entry in times.values() if not entry["reused"])
-        table.add_row("this run", _duration(total), "")
+        table.add_row("this run", _duration(total))
         console.print(table)
 
 

@@ -245,3 +245,16 @@ def test_use_cpu_of_distillation_carries_to_the_other_trainers():
     _, _, distillation, correction, (sft, dpo) = build_pipeline_config(recipe)
     assert distillation.use_cpu and correction.use_cpu and sft.training_args.use_cpu
     assert not dpo.training_args.use_cpu  # an explicit value wins
+
+
+def test_the_closing_report_says_what_is_evaluated_and_has_no_empty_column(checkpoint, tmp_path, capsys):
+    recipe = _tiny_recipe(tmp_path / "x", tmp_path / "run", eval_tasks="pydoc_topics", eval_limit=2)
+    recipe["teacher"] = str(checkpoint)
+    run_pipeline(*build_pipeline_config(recipe), show_progress=False)
+    printed = capsys.readouterr().out
+    assert "Evaluating the teacher (" in printed and "on pydoc_topics (2 samples each)" in printed
+    assert "Held-out loss of the student (" in printed
+    table = printed[printed.index("Wall time per stage") :]
+    rows = [line for line in table.splitlines() if line.startswith("│")]
+    assert rows and all(line.count("│") == 3 for line in rows)  # two columns, each filled
+    assert "(reused)" not in table
