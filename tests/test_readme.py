@@ -1,5 +1,5 @@
-"""The README as a new user reads it (issue 17): its Python snippets run top to bottom as pasted, in one session, and
-its set-up commands install what they say."""
+"""The README as a new user reads it: its Python example runs as pasted, and its set-up commands install what they
+say. `tests/test_docs.py` does the same for each page of `docs/`, with the helpers defined here."""
 
 import ast
 import builtins
@@ -14,8 +14,8 @@ ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", README.read_text(encoding="utf-8"), re.S | re.M)
+def python_blocks(path: Path = README) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", path.read_text(encoding="utf-8"), re.S | re.M)
 
 
 def _stored_names(tree: ast.AST) -> set[str]:
@@ -30,25 +30,40 @@ def _stored_names(tree: ast.AST) -> set[str]:
     return names
 
 
-def test_snippets_use_only_names_defined_before_them():
-    """A fast check of what the slow test runs: no snippet uses a name that no earlier snippet (or itself) defines."""
-    blocks = python_blocks()
-    assert len(blocks) >= 5
+def check_names_defined(path: Path) -> None:
+    """No block of `path` uses a name that no earlier block of the same file (or itself) defines."""
     defined = set(dir(builtins))
-    for number, block in enumerate(blocks, 1):
+    for number, block in enumerate(python_blocks(path), 1):
         tree = ast.parse(block)
         stored = _stored_names(tree)
         loaded = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
         missing = sorted(loaded - defined - stored)
-        assert not missing, f"README python block {number} uses {missing}, which no earlier block defines"
+        assert not missing, f"{path.name} python block {number} uses {missing}, which no earlier block defines"
         defined |= stored
 
 
-def test_snippets_never_prune_the_teacher_they_distil_from():
-    blocks = "\n".join(python_blocks())
-    # prune_model slices in place: a teacher pruned by one snippet would be the student's teacher in the next.
-    for call in re.findall(r"prune_model\((\w[\w.()]*)", blocks):
-        assert call != "teacher", "prune_model(teacher, ...) prunes the teacher itself: pass copy.deepcopy(teacher)"
+def check_teacher_never_pruned(path: Path) -> None:
+    # prune_model slices in place: a teacher pruned by one block would be the student's teacher in the next.
+    for call in re.findall(r"prune_model\((\w[\w.()]*)", "\n".join(python_blocks(path))):
+        assert call != "teacher", f"{path.name}: prune_model(teacher, ...): pass copy.deepcopy(teacher)"
+
+
+def run_blocks(path: Path) -> dict:
+    """Every ```python block of `path`, in order, in one namespace, in the current folder: as a user pastes them."""
+    namespace = {"__name__": "__main__"}
+    for number, block in enumerate(python_blocks(path), 1):
+        exec(compile(block, f"{path.name} python block {number}", "exec"), namespace)
+    return namespace
+
+
+def test_snippets_use_only_names_defined_before_them():
+    """A fast check of what the slow test runs."""
+    assert len(python_blocks()) == 1, "the README keeps one example; the other snippets live in docs/"
+    check_names_defined(README)
+
+
+def test_snippets_never_prune_the_teacher():
+    check_teacher_never_pruned(README)
 
 
 def test_demo_installs_what_running_needs_and_test_everything():
@@ -68,14 +83,12 @@ def test_demo_installs_what_running_needs_and_test_everything():
 
 @pytest.mark.slow
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
-    """Every ```python block of the README, in order, in one namespace, in an empty folder: as a user pastes them."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__main__"}
-    for number, block in enumerate(python_blocks(), 1):
-        exec(compile(block, f"README.md python block {number}", "exec"), namespace)
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "distilled").config.hidden_size == 456
-    assert namespace["teacher"].config.hidden_size == 576  # the snippets pruned copies, never the teacher
-    assert namespace["model"].config.intermediate_size == 768
-    assert namespace["result"].best is not None
+    namespace = run_blocks(README)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "pruned")
+    shape = pruned.config.hidden_size, pruned.config.intermediate_size, pruned.config.num_attention_heads
+    assert shape == (456, 1024, 6)  # the demo's width target
+    assert (tmp_path / "out" / "pruned" / "pruning_record.json").is_file()
+    assert namespace["teacher"].config.hidden_size == 576  # the example pruned a copy, never the teacher
