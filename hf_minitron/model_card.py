@@ -177,7 +177,7 @@ def _layers_by_type(config: dict) -> dict[str, int] | None:
 
 
 def _pruning_rows(summary: PipelineSummary) -> list[tuple[str, str, str, str]]:
-    from .pruning.structures import STRUCTURES, depth  # they import torch: not to import this module
+    from .pruning.structures import STRUCTURES, depth  # here: they import torch, and this module does not
 
     # Each structure's rows, in the order of the structures (paper 1, Table 1: depth, width: embedding, MLP,
     # attention heads; then experts and Mamba), each config key once.

@@ -383,7 +383,7 @@ class PrunedConfig:
         shape = model_shape(model_config)
         spec = ARCHITECTURES.get(model_config.model_type)
         # First whether each target applies to this model, then whether it is within the source's size, then what
-        # each structure asks of its targets: a target wrong in several ways is refused for the first.
+        # each structure asks of its targets; each step walks the structures in order, and the first error is raised.
         for structure in STRUCTURES:
             structure.check_applies(self, model_config, shape, spec)
         for name in target_fields():
