@@ -31,6 +31,10 @@ that computes each expert once, as transformers' eager path does; the ScatterMoE
 module and second projection, which already see each expert's tokens. Either way every expert's second-projection
 input and output reach the observers of this module and of `expert_neurons.py`: the pass costs no second expert
 computation.
+
+One module past 500 lines: a structure's targets, checks, statistics, selection, slicing and counting are its module
+(`CONTRIBUTING.md`), and the two expert layouts they all read are described here, for `expert_neurons.py` and
+`attention_experts.py` too.
 """
 
 import weakref
