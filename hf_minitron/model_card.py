@@ -30,25 +30,8 @@ NEURON_IMPORTANCE_PLOT = "mlp_importance.png"
 HIDDEN_IMPORTANCE_PLOT = "embedding_importance.png"
 LOSS_PLOT = "loss_curves.png"
 
-# Pruning axes, in the order of paper 1, Table 1 (depth, width: embedding, MLP, attention heads).
-_AXES = {
-    "num_hidden_layers": "Layers (depth)",
-    "hidden_size": "Hidden size (embedding)",
-    "intermediate_size": "MLP intermediate size",
-    "num_attention_heads": "Attention heads",
-    "num_key_value_heads": "KV heads",
-    "head_dim": "Head dimension",
-    "num_local_experts": "Routed experts",
-    "num_experts": "Routed experts",
-    "num_experts_per_tok": "Experts per token",
-    "moe_intermediate_size": "Expert FFN width",
-    "shared_expert_intermediate_size": "Shared-expert width",
-    "mamba_num_heads": "Mamba heads",
-    "mamba_head_dim": "Mamba head dimension",
-    "vocab_size": "Vocabulary",
-}
-# A hybrid's layers of each block type (Minitron-SSM), as `PrunedConfig.num_layers_by_type` names the types.
-_LAYER_TYPES = {"mamba": "Mamba layers", "attention": "Attention layers", "mlp": "MLP layers", "moe": "MoE layers"}
+# The rows of the pruning table besides each structure's `CARD_ROWS`.
+_OTHER_ROWS = {"vocab_size": "Vocabulary"}
 # Hub dataset ids of the papers' benchmarks, so `model-index` entries link to them; other tasks keep their name.
 _TASK_DATASETS = {
     "mmlu": ("cais/mmlu", "all"),
@@ -197,6 +180,11 @@ def _layers_by_type(config: dict) -> dict[str, int] | None:
 
 
 def _pruning_rows(summary: PipelineSummary) -> list[tuple[str, str, str, str]]:
+    from .pruning.structures import STRUCTURES, depth  # here: they import torch, and this module does not
+
+    # Each structure's rows, in the order of the structures (paper 1, Table 1: depth, width: embedding, MLP,
+    # attention heads; then experts and Mamba), each config key once.
+    labels = {key: label for structure in STRUCTURES for key, label in structure.CARD_ROWS.items()} | _OTHER_ROWS
     rows = []
     before, after = summary.teacher_config or {}, summary.student_config or {}
     if before and after:
@@ -205,15 +193,15 @@ def _pruning_rows(summary: PipelineSummary) -> list[tuple[str, str, str, str]]:
             # Nemotron-H's config derives num_hidden_layers from layers_block_type: its dict does not hold it.
             before = {"num_hidden_layers": sum(by_type[0].values()), **before}
             after = {"num_hidden_layers": sum(by_type[1].values()), **after}
-        for key, label in _AXES.items():
+        for key, label in labels.items():
             if before.get(key) is not None and after.get(key) is not None:
                 b, a = before[key], after[key]
                 rows.append((label, _fmt(b), _fmt(a), f"{a / b:.0%}" if b else "-"))
-            if key == "num_hidden_layers" and all(by_type):
+            if key in depth.CARD_ROWS and all(by_type):  # a hybrid's layers of each type, under its depth
                 kept = by_type[1]
                 for block, b in by_type[0].items():
-                    a = kept.get(block, 0)
-                    rows.append((_LAYER_TYPES.get(block, f"{block} layers"), _fmt(b), _fmt(a), f"{a / b:.0%}"))
+                    a, name = kept.get(block, 0), depth.CARD_BLOCK_ROWS.get(block, f"{block} layers")
+                    rows.append((name, _fmt(b), _fmt(a), f"{a / b:.0%}"))
     t, s = summary.teacher_parameters, summary.student_parameters
     if t and s:
         rows.append(("Parameters", _fmt(t), _fmt(s), f"{s / t:.1%}"))

@@ -11,8 +11,10 @@ from .config import PrunedConfig
 from .importance import model_shape
 from .parameter_count import dtype_size, parameter_counter
 from .search_config import SearchConfig
-from .search_results import LAYER_TYPE_AXES, MAMBA_AXES, MOE_AXES, axes_of
+from .search_results import axes_of
+from .structures import depth, structures_of
 from .structures.depth import layer_counts_by_type
+from .structures.search_axis import SearchAxis
 
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class Candidate:
 
 
 def candidate_name(shape: dict) -> str:
-    return "-".join(f"{short}{shape[name]}" for name, short in axes_of(shape))
+    return "-".join(f"{axis.short}{shape[axis.name]}" for axis in axes_of(shape))
 
 
 def search_shape(model_config) -> dict:
@@ -65,21 +67,19 @@ def search_shape(model_config) -> dict:
     return shape
 
 
-def searched_axes(model_config) -> tuple[tuple[str, str], ...]:
-    """The axes of `model_config`'s family: the dense ones (no dense MLP axis for an all-MoE family), the MoE ones, a
-    hybrid's Mamba axes and its layers of each block type."""
-    spec = get_architecture(model_config)
+def searched_axes(model_config) -> tuple[SearchAxis, ...]:
+    """The axes of `model_config`'s family: those of depth and of its structures (`AXES`). A hybrid has those of the
+    block types its layers hold (a Nemotron-H without MoE layers: no expert axes), and its depth per block type."""
     blocks = layer_counts_by_type(model_config)
-    # A hybrid has the axes of the block types its layers hold (a Nemotron-H without MoE layers: no expert axes).
-    absent = set() if blocks is None else {block for block in ("mlp", "moe", "mamba") if block not in blocks}
-    skipped = {name for name, _ in MOE_AXES} if "moe" in absent else set()
-    skipped |= {name for name, _ in MAMBA_AXES} if "mamba" in absent else set()
-    if spec.mlp is None or "mlp" in absent:
-        skipped.add("intermediate_size")
-    return tuple((name, short) for name, short in axes_of(search_shape(model_config)) if name not in skipped)
+    structures = [
+        s for s in structures_of(get_architecture(model_config)) if blocks is None or s.BLOCK in (None, *blocks)
+    ]
+    names = {axis.name for structure in (depth, *structures) for axis in structure.AXES}
+    names |= {axis.name for axis in depth.BLOCK_TYPE_AXES}
+    return tuple(axis for axis in axes_of(search_shape(model_config)) if axis.name in names)
 
 
-_LAYER_TYPE_NAMES = {name: name[len("num_") : -len("_layers")] for name, _ in LAYER_TYPE_AXES}
+_LAYER_TYPE_NAMES = {axis.name: axis.name[len("num_") : -len("_layers")] for axis in depth.BLOCK_TYPE_AXES}
 
 
 def target_fields(shape: dict) -> dict:
@@ -99,30 +99,26 @@ def _counted_shape(shape: dict) -> dict:
     return fields
 
 
-def _axis_values(config: SearchConfig, name: str, source: int, floor: int = 1, step: int = 1) -> list[int]:
+def _axis_values(config: SearchConfig, axis: SearchAxis, source: dict) -> list[int]:
+    """The values of `axis` a candidate takes: its grid, or its own values (`axis.values`), or the multiples within its
+    cap, from its floor (`axis.floor`), always with the teacher's size."""
+    name = axis.name
     grid = getattr(config, f"{name}_grid")
     if grid is not None:
-        too_large = [v for v in grid if v > source]
+        too_large = [v for v in grid if v > source[name]]
         if too_large:
             raise ValueError(
-                f"SearchConfig.{name}_grid holds {too_large}, larger than the teacher's {name}={source}: pruning only "
-                f"removes structure. Use values <= {source}."
+                f"SearchConfig.{name}_grid holds {too_large}, larger than the teacher's {name}={source[name]}: pruning "
+                f"only removes structure. Use values <= {source[name]}."
             )
         return grid
-    if name == "num_key_value_heads":
-        if not config.search_kv_heads:
-            return [source]
-        low = math.ceil(source * (1 - config.max_width_pruning))
-        return [v for v in range(1, source + 1) if source % v == 0 and v >= low]
-    if name == "num_hidden_layers":
-        cap, multiple = config.max_depth_pruning, config.num_hidden_layers_multiple
-    elif name in _LAYER_TYPE_NAMES:
-        cap, multiple = config.max_depth_pruning, 1
-    else:
-        cap, multiple = config.width_cap(name), getattr(config, f"{name}_multiple")
-    multiple = math.lcm(multiple, step)
-    low = max(floor, math.ceil(source * (1 - cap)))
-    return sorted({v for v in range(multiple, source + 1, multiple) if v >= low} | {source})
+    if axis.values is not None:
+        return axis.values(config, source[name])
+    cap = config.max_depth_pruning if axis.depth else config.width_cap(name)
+    multiple = getattr(config, f"{name}_multiple") if axis.multiple else 1
+    multiple = math.lcm(multiple, source[axis.step] if axis.step else 1)
+    low = max(source[axis.floor] if axis.floor else 1, math.ceil(source[name] * (1 - cap)))
+    return sorted({v for v in range(multiple, source[name] + 1, multiple) if v >= low} | {source[name]})
 
 
 def _budget(config: SearchConfig, counts: dict) -> int:
@@ -159,28 +155,20 @@ def enumerate_candidates(model_config, config: SearchConfig) -> list[Candidate]:
         )
     counter = parameter_counter(model_config)
     searched = searched_axes(model_config)
-    # A token is routed to num_experts_per_tok experts: never fewer experts than that. Every B/C group of a Mamba
-    # mixer keeps as many heads: Mamba head counts are multiples of n_groups.
-    groups = source.get("n_groups", 1)
-    floors = {"num_experts": source.get("num_experts_per_tok", 1), "mamba_num_heads": groups}
-    steps = {"mamba_num_heads": groups}
-    axes = {
-        name: _axis_values(config, name, source[name], floors.get(name, 1), steps.get(name, 1)) for name, _ in searched
-    }
-    if "mamba_num_heads" in axes and any(v % groups for v in axes["mamba_num_heads"]):
-        raise ValueError(
-            f"SearchConfig.mamba_num_heads_grid={config.mamba_num_heads_grid} holds counts that are not multiples of "
-            f"the teacher's n_groups={groups}: every B/C group keeps the same number of heads. Use multiples of "
-            f"{groups}."
-        )
-    per_group = source["num_attention_heads"] // source["num_key_value_heads"]
+    axes = {axis.name: _axis_values(config, axis, source) for axis in searched}
+    for axis in searched:
+        step = source[axis.step] if axis.step else 1
+        if any(v % step for v in axes[axis.name]):  # only a grid can be off the step
+            raise ValueError(
+                f"SearchConfig.{axis.name}_grid={getattr(config, f'{axis.name}_grid')} holds counts that are not "
+                f"multiples of the teacher's {axis.step}={step}: {axis.step_reason}. Use multiples of {step}."
+            )
+    fits = [axis.fits for axis in searched if axis.fits is not None]
     low, high = target * (1 - config.tolerance), target * (1 + config.tolerance)
     in_budget, reachable, rejected, refused = [], [], [], []
-    for values in product(*(axes[name] for name, _ in searched)):
-        shape = dict(zip((name for name, _ in searched), values))
-        heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
-        # Grouped-query structure: whole groups are removed, and a group keeps the same number of heads.
-        if heads % kv or heads // kv > per_group:
+    for values in product(*axes.values()):
+        shape = dict(zip(axes, values))
+        if not all(fit(shape, source) for fit in fits):
             continue
         counts = counter(_counted_shape(shape))
         value = _budget(config, counts)

@@ -6,7 +6,6 @@ Like a PEFT config, it is a plain dataclass that saves and loads as JSON next to
 
 import json
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -22,17 +21,13 @@ IMPORTANCE_METHODS = ("activation", "magnitude", "random")
 EXPERT_IMPORTANCE = ("output_norm", "reap", "frequency")
 # Residual head merge (paper 1 §2.3): off, on the query (MHA: query/key/value) rows, or on the `o_proj` columns.
 HEAD_MERGES = ("none", "query", "o_proj")
-_TARGET_FIELDS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
-# Mixture-of-Experts targets, named the same for every family (each family's config field is in its spec).
-_MOE_FIELDS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
-# Mamba2 targets of hybrid models (Nemotron-H).
-_MAMBA_FIELDS = ("mamba_num_heads", "mamba_head_dim")
+
+
+def target_fields() -> tuple[str, ...]:
+    """The target sizes of `PrunedConfig`: every structure's `FIELDS`, in the order of `structures.STRUCTURES`."""
+    from .structures import STRUCTURES  # the structures import torch: not when the command line only builds its help
+
+    return tuple(dict.fromkeys(name for structure in STRUCTURES for name in structure.FIELDS))
 
 
 @dataclass
@@ -133,6 +128,8 @@ class PrunedConfig:
             Seed of the `"random"` baseline.
     """
 
+    # The targets (every `int | None` field whose help says "target") are the structures' `FIELDS`, in the order of
+    # `structures.STRUCTURES`: written out for the docstring, `--help` and IDE completion; a test keeps them equal.
     num_hidden_layers: int | None = field(default=None, metadata={"help": "Target number of decoder layers."})
     num_layers_by_type: dict[str, int] | str | None = field(
         default=None,
@@ -252,7 +249,7 @@ class PrunedConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate_standalone(self):
-        for name in _TARGET_FIELDS + _MOE_FIELDS + _MAMBA_FIELDS:
+        for name in target_fields():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(
@@ -318,16 +315,10 @@ class PrunedConfig:
                 f"PrunedConfig.layers_to_drop={self.layers_to_drop} has duplicates: list each layer once."
             )
         self._validate_depth_scoring()
-        if (
-            self.num_attention_heads is not None
-            and self.num_key_value_heads is not None
-            and self.num_attention_heads % self.num_key_value_heads
-        ):
-            raise ValueError(
-                f"PrunedConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}: every KV group must keep the same number of query "
-                "heads. Pick a multiple."
-            )
+        from .structures import STRUCTURES
+
+        for structure in STRUCTURES:  # what each structure asks of its targets alone (e.g. head groups)
+            structure.check_target(self)
 
     def _validate_depth_scoring(self):
         """`contiguous_score` and the `depth_scorer` fields, against the depth method they refine."""
@@ -387,166 +378,23 @@ class PrunedConfig:
         Called by `prune_model` and `estimate_importance` before any forward pass.
         """
         from ..architectures import ARCHITECTURES, model_shape
+        from .structures import STRUCTURES
 
         shape = model_shape(model_config)
         spec = ARCHITECTURES.get(model_config.model_type)
-        for name in _MOE_FIELDS:
-            if getattr(self, name) is not None and name not in shape:
-                moe = sorted(k for k, v in ARCHITECTURES.items() if v.moe is not None)
-                what = "routed experts" if name != "shared_expert_intermediate_size" else "a shared expert"
-                raise ValueError(
-                    f"PrunedConfig.{name}={getattr(self, name)} does not apply: model_type={model_config.model_type!r} "
-                    f"has no {what}. Leave it None (families with experts: {', '.join(moe)})."
-                )
-            kind = dict(spec.block_types).get("moe") if spec is not None and spec.block_types_field else None
-            if getattr(self, name) is not None and kind and kind not in getattr(model_config, spec.block_types_field):
-                # A hybrid without MoE layers still has the config fields (e.g. Nemotron-H 8B: n_routed_experts=8).
-                raise ValueError(
-                    f"PrunedConfig.{name}={getattr(self, name)} does not apply: this model_type="
-                    f"{model_config.model_type!r} model has no {kind!r} blocks in {spec.block_types_field}. Leave it "
-                    "None."
-                )
-        if self.intermediate_size is not None and spec is not None and spec.moe is not None and spec.mlp is None:
-            raise ValueError(
-                f"PrunedConfig.intermediate_size={self.intermediate_size} does not apply: every feed-forward block of "
-                f"model_type={model_config.model_type!r} is a mixture of experts, with no dense MLP. Use "
-                "moe_intermediate_size for each expert's width (and shared_expert_intermediate_size for a shared "
-                "expert)."
-            )
-        for name in _MAMBA_FIELDS:
-            if getattr(self, name) is not None and name not in shape:
-                hybrids = sorted(k for k, v in ARCHITECTURES.items() if v.mamba is not None)
-                raise ValueError(
-                    f"PrunedConfig.{name}={getattr(self, name)} does not apply: model_type={model_config.model_type!r} "
-                    f"has no Mamba layers. Leave it None (families with Mamba layers: {', '.join(hybrids)})."
-                )
-        source = {name: shape[name] for name in _TARGET_FIELDS + _MOE_FIELDS + _MAMBA_FIELDS if name in shape}
-        for name, value in source.items():
+        # First whether each target applies to this model, then whether it is within the source's size, then what
+        # each structure asks of its targets; each step walks the structures in order, and the first error is raised.
+        for structure in STRUCTURES:
+            structure.check_applies(self, model_config, shape, spec)
+        for name in target_fields():
             target = getattr(self, name)
-            if target is not None and target > value:
+            if name in shape and target is not None and target > shape[name]:
                 raise ValueError(
-                    f"PrunedConfig.{name}={target} is larger than the source model's {name}={value}: pruning only "
-                    f"removes structure. Use a value <= {value}, or None to keep it."
+                    f"PrunedConfig.{name}={target} is larger than the source model's {name}={shape[name]}: pruning "
+                    f"only removes structure. Use a value <= {shape[name]}, or None to keep it."
                 )
-        heads = self.num_attention_heads or source["num_attention_heads"]
-        kv = self.num_key_value_heads or source["num_key_value_heads"]
-        if heads % kv:
-            raise ValueError(
-                f"PrunedConfig.num_attention_heads={heads} is not a multiple of the number of KV heads ({kv}): every KV "
-                f"group must keep the same number of query heads. Use a multiple of {kv}, e.g. "
-                f"{max(kv, heads // kv * kv)}."
-            )
-        if kv > heads:
-            raise ValueError(
-                f"PrunedConfig.num_key_value_heads={kv} exceeds num_attention_heads={heads}: prune KV heads too."
-            )
-        source_per_group = source["num_attention_heads"] // source["num_key_value_heads"]
-        if heads // kv > source_per_group:
-            # Pruning removes whole KV groups and heads inside groups; it never moves heads between groups.
-            raise ValueError(
-                f"PrunedConfig keeps {heads // kv} query heads per KV group (num_attention_heads={heads}, "
-                f"num_key_value_heads={kv}), but the source model's groups hold {source_per_group}: use "
-                f"num_attention_heads <= {kv * source_per_group}, or keep more KV heads."
-            )
-        groups = shape.get("n_groups")
-        if self.mamba_num_heads is not None and self.mamba_num_heads % groups:
-            # Stock transformers gives every B/C group the same number of heads (heads // n_groups).
-            lower = max(groups, self.mamba_num_heads - self.mamba_num_heads % groups)
-            raise ValueError(
-                f"PrunedConfig.mamba_num_heads={self.mamba_num_heads} is not a multiple of the model's n_groups="
-                f"{groups}: every B/C group keeps the same number of heads. Use a multiple of {groups}, e.g. {lower}"
-                + (f" or {lower + groups}." if lower + groups <= shape["mamba_num_heads"] else ".")
-            )
-        if self.num_experts is not None and self.num_experts < shape["num_experts_per_tok"]:
-            raise ValueError(
-                f"PrunedConfig.num_experts={self.num_experts} is fewer than the experts each token is routed to "
-                f"(num_experts_per_tok={shape['num_experts_per_tok']}): keep at least that many experts."
-            )
-        if self.num_experts is not None and "n_group" in shape:
-            self._check_expert_groups(shape)
-        layers = source["num_hidden_layers"]
-        if self.layers_to_drop is not None:
-            bad = [i for i in self.layers_to_drop if not 0 <= i < layers]
-            if bad:
-                raise ValueError(
-                    f"PrunedConfig.layers_to_drop contains {bad}, out of range for a model with {layers} layers: use "
-                    f"indices in [0, {layers - 1}]."
-                )
-            if len(self.layers_to_drop) >= layers:
-                raise ValueError(f"PrunedConfig.layers_to_drop removes all {layers} layers: keep at least one.")
-            from .structures.depth import check_hybrid_depth
-
-            check_hybrid_depth(model_config, [i for i in range(layers) if i not in set(self.layers_to_drop)])
-            if self.num_hidden_layers is not None and self.num_hidden_layers != layers - len(self.layers_to_drop):
-                raise ValueError(
-                    f"PrunedConfig.num_hidden_layers={self.num_hidden_layers} contradicts layers_to_drop (removing "
-                    f"{len(self.layers_to_drop)} of {layers} layers leaves {layers - len(self.layers_to_drop)}): set "
-                    "only one of them."
-                )
-        if self.num_layers_by_type is not None:
-            self._validate_layers_by_type(model_config)
-
-    def _validate_layers_by_type(self, model_config) -> None:
-        """`num_layers_by_type` against the model: known block types, counts it has, consistent with the other depth
-        fields, and a block that `depth_method="contiguous"` can remove."""
-        from .structures.depth import block_names, layers_to_drop_by_type, matching_blocks, resolve_layers_by_type
-
-        targets = resolve_layers_by_type(model_config, self.num_layers_by_type)
-        total = sum(targets.values())
-        field = f"PrunedConfig.num_layers_by_type={self.num_layers_by_type}"
-        if self.num_hidden_layers is not None and self.num_hidden_layers != total:
-            raise ValueError(
-                f"PrunedConfig.num_hidden_layers={self.num_hidden_layers} contradicts {field}, which keeps {total} "
-                "layers: set only one of them."
-            )
-        names = block_names(model_config)
-        if self.layers_to_drop is not None:
-            kept = Counter(name for i, name in enumerate(names) if i not in set(self.layers_to_drop))
-            if any(kept[block] != count for block, count in targets.items()):
-                raise ValueError(
-                    f"PrunedConfig.layers_to_drop={self.layers_to_drop} keeps {dict(kept)} layers, which contradicts "
-                    f"{field}: set only one of them."
-                )
-        drops = layers_to_drop_by_type(model_config, self.num_layers_by_type)
-        if self.depth_method == "contiguous" and self.importance == "activation" and sum(drops.values()):
-            if not matching_blocks(model_config, drops):
-                n = sum(drops.values())
-                seen = list(dict.fromkeys(str(dict(Counter(names[s : s + n]))) for s in range(len(names) - n + 1)))
-                raise ValueError(
-                    f"{field} removes {drops} layers, and no block of {n} consecutive layers holds exactly those "
-                    f"(depth_method='contiguous' removes one block; blocks of {n} hold {', '.join(seen[:4])}). Use "
-                    "depth_method='block_influence' or 'lm_loss', which choose the layers of each type, or counts "
-                    "that a block matches."
-                )
-
-    def _check_expert_groups(self, shape: dict) -> None:
-        """A grouped router (`n_group`, `topk_group`; Nemotron-H) views the experts as `n_group` equal groups, scores
-        each group by its 2 best experts and lets a token pick its `num_experts_per_tok` experts among its
-        `topk_group` best groups: the pruned count must fit all three."""
-        groups, top_groups, top_k = shape["n_group"], shape["topk_group"], shape["num_experts_per_tok"]
-        per_group = max(2, -(-top_k // top_groups))  # the fewest experts a group may keep
-        valid = list(range(groups * per_group, shape["num_experts"] + 1, groups))
-        if len(valid) <= 12:
-            choose = f"Choose one of {valid}"
-        else:
-            choose = f"Choose a multiple of {groups} in [{valid[0]}, {valid[-1]}]"
-        choose += f" (multiples of n_group={groups}, at least {per_group} per group)."
-        n = self.num_experts
-        if n % groups:
-            raise ValueError(
-                f"PrunedConfig.num_experts={n} is not a multiple of the model's n_group={groups}: the router groups the "
-                f"experts in {groups} equal groups, and pruning keeps the same number in each. {choose}"
-            )
-        if n // groups < per_group:
-            why = (
-                "the router scores each group by its 2 best experts"
-                if n // groups < 2
-                else f"a token's topk_group={top_groups} groups must hold its num_experts_per_tok={top_k} experts"
-            )
-            raise ValueError(
-                f"PrunedConfig.num_experts={n} leaves {n // groups} experts in each of the n_group={groups} groups, too "
-                f"few: {why}. {choose}"
-            )
+        for structure in STRUCTURES:
+            structure.check_target(self, model_config, shape)
 
     def resolve(self, model_config) -> dict:
         """The full target shape (source values filled in), after `validate_for`."""
@@ -554,7 +402,7 @@ class PrunedConfig:
 
         self.validate_for(model_config)
         shape = model_shape(model_config)
-        names = [name for name in _TARGET_FIELDS + _MOE_FIELDS + _MAMBA_FIELDS if name in shape]
+        names = [name for name in target_fields() if name in shape]
         target = {name: getattr(self, name) or shape[name] for name in names}
         if self.layers_to_drop is not None:
             target["num_hidden_layers"] = model_config.num_hidden_layers - len(self.layers_to_drop)

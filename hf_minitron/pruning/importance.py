@@ -26,6 +26,8 @@ from ..runtime import all_reduce_, dist_info, input_device, release_freed_memory
 from ..validation import check_sequence_length
 from .config import BATCH_AGGREGATIONS, PrunedConfig
 from .structures import (
+    STRUCTURES,
+    WIDTH_STRUCTURES,
     attention_experts,
     attention_heads,
     expert_neurons,
@@ -44,8 +46,22 @@ from .structures import depth as depth_structure
 
 SCORES_WEIGHTS_NAME = "importance.safetensors"
 SCORES_META_NAME = "importance.json"
-# The per-structure statistics of `ImportanceScores`, saved as `{axis}.{statistic}` tensors.
-_AXES = ("heads", "neurons", "hidden", "experts", "expert_neurons", "shared_neurons", "mamba", "attention_experts")
+# The per-structure statistics of `ImportanceScores` (each width structure's `SCORE_KEYS`), saved as
+# `{axis}.{statistic}` tensors.
+_AXES = tuple(dict.fromkeys(key for structure in WIDTH_STRUCTURES for key in structure.SCORE_KEYS))
+# A seed means a selection: the random baseline draws every score from one generator, in this order (`block_influence`
+# is the layers'), whatever the order of the structures. The keys of a structure not listed are drawn after these.
+_RANDOM_DRAWS = (
+    "hidden",
+    "heads",
+    "neurons",
+    depth_structure.KEY,
+    "experts",
+    "expert_neurons",
+    "shared_neurons",
+    "mamba",
+    "attention_experts",
+)
 
 
 @dataclass
@@ -86,6 +102,7 @@ class ImportanceScores:
     num_samples: int
     num_tokens: int
     model_shape: dict
+    # The `dict` fields are the width structures' `SCORE_KEYS` (a test keeps them equal).
     heads: dict[str, torch.Tensor]
     neurons: dict[str, torch.Tensor]
     hidden: dict[str, torch.Tensor]
@@ -256,21 +273,13 @@ class ImportanceScores:
             raise ValueError(f"{meta_path!r} is not a valid {SCORES_META_NAME} (missing {error}): {fix}") from None
 
     def _expected_shapes(self) -> dict[str, tuple]:
-        """`{axis: shape}` of the statistics (leading dims) for this model shape."""
+        """`{axis: shape}` of the statistics (leading dims) for this model shape: those of every structure whose
+        targets the shape has."""
         s = self.model_shape
-        layers = s["num_hidden_layers"]
-        shapes = {"heads": (layers, s["num_attention_heads"]), "hidden": (layers, 2, s["hidden_size"])}
-        if self.neurons:
-            shapes["neurons"] = (layers, s["intermediate_size"])
-        if self.experts:
-            shapes["experts"] = (layers, s["num_experts"])
-            shapes["expert_neurons"] = (layers, s["num_experts"])
-        if self.shared_neurons:
-            shapes["shared_neurons"] = (layers, s["shared_expert_intermediate_size"])
-        if self.mamba:
-            shapes["mamba"] = (layers, s["mamba_num_heads"] * s["mamba_head_dim"])
-        if self.attention_experts:
-            shapes["attention_experts"] = (layers, s["num_experts"])
+        shapes = {}
+        for structure in STRUCTURES:
+            if structure is not depth_structure and all(name in s for name in structure.FIELDS):
+                shapes |= {key: (s["num_hidden_layers"], *dims) for key, dims in structure.score_shapes(s).items()}
         return shapes
 
     def check_compatible(self, model_config, model=None) -> None:
@@ -483,31 +492,9 @@ def estimate_importance(
         release_freed_memory()  # the activations' heap blocks would otherwise add to the pruning step's peak
 
     shape = model_shape(model.config)
-    per_sample = ("sum", "sumsq")
-    structures = set(collector.structures)
-    heads = neurons = {}
-    if attention_heads in structures or attention_experts in structures:  # JetMoE's query heads: attention_experts
-        heads = collector.stacked(attention_heads.KEY, shape["num_attention_heads"], 1, per_sample, device)
-    if mlp_neurons in structures:
-        neurons = collector.stacked(mlp_neurons.KEY, shape["intermediate_size"], 1, per_sample, device)
-    hidden = collector.stacked(hidden_channels.KEY, shape["hidden_size"], 2, per_sample, device)
-    moe = {}
-    if mamba_heads in structures:
-        width = shape["mamba_num_heads"] * shape["mamba_head_dim"]
-        moe["mamba"] = collector.stacked(mamba_heads.KEY, width, 1, per_sample, device)
-    if routed_experts in structures:
-        num_experts = shape["num_experts"]
-        moe["experts"] = collector.stacked(routed_experts.KEY, num_experts, 1, routed_experts.STATISTICS, device)
-        neurons_sum = collector.stacked(
-            expert_neurons.KEY, (num_experts, shape["moe_intermediate_size"]), 1, ("sum",), device
-        )
-        moe["expert_neurons"] = neurons_sum | collector.stacked(expert_neurons.KEY, num_experts, 1, ("count",), device)
-    if shared_expert_neurons in structures:
-        width = shape["shared_expert_intermediate_size"]
-        moe["shared_neurons"] = collector.stacked(shared_expert_neurons.KEY, width, 1, per_sample, device)
-    if attention_experts in structures:
-        stats = routed_experts.STATISTICS
-        moe["attention_experts"] = collector.stacked(attention_experts.KEY, shape["num_experts"], 1, stats, device)
+    stats = {}
+    for structure in structures_of(spec):
+        stats |= structure.collect(collector, shape, device)
     counts = all_reduce_(torch.tensor([len(samples[rank::world_size]), num_tokens], dtype=torch.float64), device)
     total_samples, total_tokens = int(counts[0]), int(counts[1])
     block_influence = block_influence_matrix = None
@@ -524,13 +511,10 @@ def estimate_importance(
         num_samples=total_samples,
         num_tokens=total_tokens,
         model_shape=shape,
-        heads=heads,
-        neurons=neurons,
-        hidden=hidden,
         block_influence=block_influence,
         block_influence_matrix=block_influence_matrix,
         model_fingerprint=weights_fingerprint(model),
-        **moe,
+        **{axis: stats.get(axis, {}) for axis in _AXES},
     )
 
 
@@ -542,32 +526,18 @@ def magnitude_importance(model, spec=None) -> ImportanceScores:
     spec = get_architecture(model.config, spec)
     shape = model_shape(model.config)
     decoder_layers = get_decoder_layers(model)
-    structures = structures_of(spec)
-
-    def per_layer(structure, magnitude=None):
-        if structure not in structures:
-            return {}
-        magnitude = magnitude or structure.magnitude
-        return {"score": torch.stack([magnitude(layer, spec, shape) for layer in decoder_layers]).double()}
-
-    heads = per_layer(attention_heads) or per_layer(attention_experts, attention_experts.head_magnitude)
-
+    scores = {}
+    for structure in structures_of(spec):
+        scores |= structure.magnitude_scores(model, decoder_layers, spec, shape)
     return ImportanceScores(
         method="magnitude",
         sequence_aggregation="none",
         num_samples=0,
         num_tokens=0,
         model_shape=shape,
-        heads=heads,
-        neurons=per_layer(mlp_neurons),
-        hidden={"score": hidden_channels.magnitude_all(model, spec, decoder_layers)},
         block_influence=torch.stack([depth_structure.magnitude(layer) for layer in decoder_layers]).double(),
-        mamba=per_layer(mamba_heads),
-        experts=per_layer(routed_experts),
-        expert_neurons=per_layer(expert_neurons),
-        shared_neurons=per_layer(shared_expert_neurons),
-        attention_experts=per_layer(attention_experts),
         model_fingerprint=weights_fingerprint(model),
+        **{axis: scores.get(axis, {}) for axis in _AXES},
     )
 
 
@@ -575,33 +545,25 @@ def random_importance(model_config, seed: int = 0, spec=None) -> ImportanceScore
     """Random baseline: uniform scores from a seeded generator (the same seed gives the same selection). `spec`: a
     family's own `ArchitectureSpec` (see `get_architecture`)."""
     shape = model_shape(model_config)
-    structures = structures_of(get_architecture(model_config, spec))
     g = torch.Generator().manual_seed(seed)
     num_layers = shape["num_hidden_layers"]
 
-    def rand(structure, *width):
-        if structure not in structures:
-            return {}
-        return {"score": torch.rand(num_layers, *width, generator=g, dtype=torch.float64)}
+    def draw(*dims):
+        return torch.rand(num_layers, *dims, generator=g, dtype=torch.float64)
 
-    # The draw order (hidden, heads, neurons, layers, the MoE structures, Mamba, then attention experts) is part of what
-    # a seed means: keep it (keyword arguments are evaluated in order).
-    hidden = rand(hidden_channels, shape["hidden_size"])["score"]
-    num_heads = shape["num_attention_heads"]  # JetMoE's query heads belong to its attention experts
-    heads = rand(attention_heads, num_heads) or rand(attention_experts, num_heads)
+    owners = {key: s for s in structures_of(get_architecture(model_config, spec)) for key in s.SCORE_KEYS}
+    scores, block_influence = {}, None
+    for key in [*_RANDOM_DRAWS, *(key for key in owners if key not in _RANDOM_DRAWS)]:
+        if key == depth_structure.KEY:
+            block_influence = draw()
+        elif key in owners:
+            scores[key] = owners[key].random_scores(key, shape, draw)
     return ImportanceScores(
         method="random",
         sequence_aggregation="none",
         num_samples=0,
         num_tokens=0,
         model_shape=shape,
-        heads=heads,
-        neurons=rand(mlp_neurons, shape["intermediate_size"]),
-        hidden={"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)},
-        block_influence=torch.rand(num_layers, generator=g, dtype=torch.float64),
-        experts=rand(routed_experts, shape.get("num_experts")),
-        expert_neurons=rand(expert_neurons, shape.get("num_experts"), shape.get("moe_intermediate_size")),
-        shared_neurons=rand(shared_expert_neurons, shape.get("shared_expert_intermediate_size")),
-        mamba=rand(mamba_heads, shape.get("mamba_num_heads", 0) * shape.get("mamba_head_dim", 0)),
-        attention_experts=rand(attention_experts, shape.get("num_experts")),
+        block_influence=block_influence,
+        **{axis: scores.get(axis, {}) for axis in _AXES},
     )

@@ -10,7 +10,7 @@ import json
 import os
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -20,19 +20,22 @@ from ..io import atomic_write_json
 from ..runtime import large_buffers_returned_to_os, release_freed_memory
 from .config import PRUNED_CONFIG_NAME, PrunedConfig
 from .importance import ImportanceScores, estimate_importance, magnitude_importance, model_shape, random_importance
-from .structures import structures_of
+from .structures import STRUCTURES, depth, structures_of
 from .structures.depth import drop_layers, layers_to_drop_by_type, select_layers_to_drop, sliced_layer_lists
 from .verify import check_pruned_model, spec_hint
 
 
 PRUNING_RECORD_NAME = "pruning_record.json"
+# Entries written only when a structure filled them, so that a dense model's record keeps its file layout.
+_OMITTED_WHEN_EMPTY = {"omitted_when_empty": True}
 
 
 @dataclass
 class PruningRecord:
     """What was kept, per axis and per layer (indices into the source model), for audit and reproduction.
 
-    `mamba_heads[layer]` lists the kept Mamba heads of a hybrid's Mamba layers, `mamba_head_channels[layer]` the
+    The per-layer entries (`{new layer index: kept indices}`) are the structures' `RECORD`s; their order here is the
+    file's. `mamba_heads[layer]` lists the kept Mamba heads of a hybrid's Mamba layers, `mamba_head_channels[layer]` the
     channels kept in every one of them (indices into the source head_dim).
     `experts[layer]` lists the kept routed experts; `expert_neurons[layer][e]` the kept neurons of the e-th KEPT
     expert (indices into the source expert's width); `attention_experts[layer]` the kept attention experts (JetMoE).
@@ -48,12 +51,12 @@ class PruningRecord:
     kv_heads: dict[int, list[int]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     importance: dict = field(default_factory=dict)
-    mamba_heads: dict[int, list[int]] = field(default_factory=dict)
-    mamba_head_channels: dict[int, list[int]] = field(default_factory=dict)
-    experts: dict[int, list[int]] = field(default_factory=dict)
-    expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict)
-    shared_neurons: dict[int, list[int]] = field(default_factory=dict)
-    attention_experts: dict[int, list[int]] = field(default_factory=dict)
+    mamba_heads: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
+    mamba_head_channels: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
+    experts: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
+    expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
+    shared_neurons: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
+    attention_experts: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
 
     def to_dict(self) -> dict:
         return {
@@ -81,10 +84,8 @@ class PruningRecord:
             ) from None
 
 
-_MOE_KEYED = ("experts", "expert_neurons", "shared_neurons", "attention_experts")
-_MAMBA_KEYED = ("mamba_heads", "mamba_head_channels")
-_OPTIONAL_KEYED = _MOE_KEYED + _MAMBA_KEYED
-_LAYER_KEYED = ("heads", "kv_heads", "neurons") + _MOE_KEYED + _MAMBA_KEYED
+_OPTIONAL_KEYED = tuple(f.name for f in fields(PruningRecord) if f.metadata.get("omitted_when_empty"))
+_LAYER_KEYED = tuple(dict.fromkeys(name for structure in STRUCTURES for name in structure.RECORD))
 
 
 # ---------------------------------------------------------------------------------------------- the entry point
@@ -285,7 +286,7 @@ def prune_model(
             f"depth_method={config.depth_method!r} scores layer removals by LM loss and needs calibration_data: pass "
             "it, pass depth_scorer=..., or use depth_method='block_influence' with precomputed scores."
         )
-    needs_width = any(target[name] < source[name] for name in target if name != "num_hidden_layers")
+    needs_width = any(target[name] < source[name] for name in target if name not in depth.FIELDS)
     needs_layer_scores = num_to_drop > 0 and (
         config.depth_method == "block_influence" or config.importance != "activation" or block_influence_ranks
     )

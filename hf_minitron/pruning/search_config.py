@@ -4,9 +4,8 @@ parameter budget and what counts towards it, the axes and their steps, the retra
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .config import _MAMBA_FIELDS, _MOE_FIELDS, _TARGET_FIELDS, PrunedConfig
+from .config import PrunedConfig, target_fields
 from .parameter_count import COUNT_KINDS, dtype_size
-from .search_results import AXES, LAYER_TYPE_AXES, MAMBA_AXES, MOE_AXES
 
 
 @dataclass
@@ -177,36 +176,17 @@ class SearchConfig:
                 f"SearchConfig.tolerance={self.tolerance!r} is invalid: expected a relative tolerance strictly between "
                 "0 and 1 (e.g. 0.05 for ±5%)."
             )
-        for name in (
-            "max_depth_pruning",
-            "max_width_pruning",
-            "max_hidden_size_pruning",
-            "max_intermediate_size_pruning",
-            "max_num_attention_heads_pruning",
-            "max_num_experts_pruning",
-            "max_moe_intermediate_size_pruning",
-            "max_mamba_num_heads_pruning",
-            "max_mamba_head_dim_pruning",
-        ):
+        # The search space's fields, one per axis (`SearchAxis`) where it has one: `max_<axis>_pruning`,
+        # `<axis>_multiple`, `<axis>_grid`.
+        names = [f.name for f in fields(self)]
+        for name in (name for name in names if name.startswith("max_") and name.endswith("_pruning")):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise ValueError(
                     f"SearchConfig.{name}={value!r} is invalid: expected the largest fraction removed, in [0, 1)."
                 )
-        for name in (
-            "num_hidden_layers_multiple",
-            "hidden_size_multiple",
-            "intermediate_size_multiple",
-            "num_attention_heads_multiple",
-            "num_experts_multiple",
-            "moe_intermediate_size_multiple",
-            "shared_expert_intermediate_size_multiple",
-            "mamba_num_heads_multiple",
-            "mamba_head_dim_multiple",
-            "eval_interval",
-            "eval_batch_size",
-            "stability_top_k",
-        ):
+        multiples = [name for name in names if name.endswith("_multiple")]
+        for name in (*multiples, "eval_interval", "eval_batch_size", "stability_top_k"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(
                     f"SearchConfig.{name}={getattr(self, name)!r} is invalid: expected a positive integer."
@@ -220,14 +200,14 @@ class SearchConfig:
                 f"SearchConfig.retrain_steps={self.retrain_steps!r} is invalid: expected an integer >= 0 (0 ranks "
                 "the pruned candidates without retraining)."
             )
-        for name, _ in AXES + MOE_AXES + MAMBA_AXES + LAYER_TYPE_AXES:
-            grid = getattr(self, f"{name}_grid")
+        for name in (name for name in names if name.endswith("_grid")):
+            grid = getattr(self, name)
             if grid is not None:
                 if not grid or any(not _is_int(v) or v <= 0 for v in grid):
                     raise ValueError(
-                        f"SearchConfig.{name}_grid={grid!r} is invalid: expected a non-empty list of positive integers."
+                        f"SearchConfig.{name}={grid!r} is invalid: expected a non-empty list of positive integers."
                     )
-                setattr(self, f"{name}_grid", sorted(set(grid)))
+                setattr(self, name, sorted(set(grid)))
         if isinstance(self.pruning, str):
             try:
                 self.pruning = json.loads(self.pruning) if self.pruning.strip() else None
@@ -241,10 +221,7 @@ class SearchConfig:
                 raise ValueError(
                     f"SearchConfig.pruning={self.pruning!r} is invalid: pass a mapping of PrunedConfig options."
                 )
-            shape_keys = sorted(
-                set(self.pruning)
-                & {*_TARGET_FIELDS, *_MOE_FIELDS, *_MAMBA_FIELDS, "layers_to_drop", "num_layers_by_type"}
-            )
+            shape_keys = sorted(set(self.pruning) & {*target_fields(), "layers_to_drop", "num_layers_by_type"})
             if shape_keys:
                 raise ValueError(
                     f"SearchConfig.pruning sets {shape_keys}: the search chooses the shape. Use the *_grid fields to "

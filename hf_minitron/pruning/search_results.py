@@ -14,46 +14,20 @@ from .config import PrunedConfig
 
 
 RESULTS_NAME = "search_results"
-# The target-shape axes in the order of a candidate's name: (PrunedConfig field, short name).
-AXES = (
-    ("num_hidden_layers", "layers"),
-    ("hidden_size", "hidden"),
-    ("intermediate_size", "mlp"),
-    ("num_attention_heads", "heads"),
-    ("num_key_value_heads", "kv"),
-)
-# Searched for MoE families (the dense `intermediate_size` axis is dropped where every block is a mixture of experts).
-MOE_AXES = (
-    ("num_experts", "experts"),
-    ("moe_intermediate_size", "expertmlp"),
-    ("shared_expert_intermediate_size", "sharedmlp"),
-)
-# Searched for hybrids (Minitron-SSM): Mamba heads (multiples of the B/C groups) and channels per head.
-MAMBA_AXES = (("mamba_num_heads", "mambaheads"), ("mamba_head_dim", "mambadim"))
-# A hybrid's depth, searched as its layers of each block type in place of `num_hidden_layers`: which types depth
-# pruning removes decides the size. `num_<block>_layers` is `PrunedConfig.num_layers_by_type[<block>]`.
-LAYER_TYPE_AXES = (
-    ("num_mamba_layers", "mambalayers"),
-    ("num_attention_layers", "attnlayers"),
-    ("num_mlp_layers", "mlplayers"),
-    ("num_moe_layers", "moelayers"),
-)
-_COLUMNS = {
-    "num_hidden_layers": "layers",
-    "hidden_size": "hidden",
-    "intermediate_size": "MLP",
-    "num_attention_heads": "heads",
-}
-_COLUMNS |= {"num_key_value_heads": "KV", "num_experts": "experts", "moe_intermediate_size": "expert MLP"}
-_COLUMNS |= {"shared_expert_intermediate_size": "shared MLP"}
-_COLUMNS |= {"mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dim"}
-_COLUMNS |= {"num_mamba_layers": "Mamba layers", "num_attention_layers": "attention layers"}
-_COLUMNS |= {"num_mlp_layers": "MLP layers", "num_moe_layers": "MoE layers"}
 
 
-def axes_of(shape: dict) -> tuple[tuple[str, str], ...]:
-    """The searched axes of a candidate shape: the dense ones it has, then the MoE, Mamba and per-type layer ones."""
-    return tuple(axis for axis in AXES + MOE_AXES + MAMBA_AXES + LAYER_TYPE_AXES if axis[0] in shape)
+def search_axes() -> tuple:
+    """Every searched axis (`SearchAxis`), in the order of a candidate's name: each structure's `AXES`, in the order of
+    the structures, then a hybrid's layers of each block type (`depth.BLOCK_TYPE_AXES`), its depth's other form."""
+    from .structures import STRUCTURES, depth  # they import torch: loading a saved search does not need it
+
+    axes = {axis.name: axis for structure in STRUCTURES for axis in structure.AXES}
+    return (*axes.values(), *depth.BLOCK_TYPE_AXES)
+
+
+def axes_of(shape: dict) -> tuple:
+    """The searched axes (`SearchAxis`) of a candidate shape, those it has values of, in the order of its name."""
+    return tuple(axis for axis in search_axes() if axis.name in shape)
 
 
 @dataclass
@@ -242,8 +216,8 @@ class SearchResult:
         return "\n".join(lines).rstrip("\n") + "\n"
 
     def _table(self) -> str:
-        axes = axes_of(self.candidates[0].shape) if self.candidates else AXES
-        header = ["rank", "candidate", *(_COLUMNS[name] for name, _ in axes), "parameters"]
+        axes = axes_of(self.candidates[0].shape) if self.candidates else ()  # none: `ranking` refuses below
+        header = ["rank", "candidate", *(axis.column for axis in axes), "parameters"]
         if self.count != "total":
             header.append(self.count.replace("_", "-"))
         header += [f"step {step}" for step in self.steps]
@@ -253,7 +227,7 @@ class SearchResult:
         for candidate in ranked + rest:
             rank = candidate.rank.get(self.steps[-1])
             cells = [str(rank) if rank else "-", candidate.name]
-            cells += [str(candidate.shape[name]) for name, _ in axes]
+            cells += [str(candidate.shape[axis.name]) for axis in axes]
             cells.append(f"{candidate.num_parameters:,}")
             if self.count != "total":
                 cells.append(f"{candidate.budget_value:,}")

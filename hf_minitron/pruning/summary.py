@@ -2,12 +2,9 @@
 
 from torch import nn
 
-from ..architectures import get_architecture, get_decoder_layers, mamba_shape
+from ..architectures import get_architecture, get_decoder_layers, model_shape
+from .structures import STRUCTURES
 from .structures.depth import layer_counts_by_type
-
-
-SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-HYBRID_FIELDS = ("mamba_num_heads", "mamba_head_dim")
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
@@ -44,12 +41,9 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 def shape_summary(model: nn.Module) -> dict:
     """Shape fields and parameter counts of `model`, as plain data (for tables, cards and JSON)."""
     config = model.config
-    summary = {
-        **{name: getattr(config, name) for name in SHAPE_FIELDS},
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-    }
-    # Hybrids (Minitron-SSM): the Mamba axes, and the layers of each block type that depth pruning keeps.
-    summary |= {name: value for name, value in mamba_shape(config).items() if name in HYBRID_FIELDS}
+    shape = model_shape(config)
+    # Each structure's `SUMMARY` sizes the model has (a hybrid's Mamba sizes), then a hybrid's layers of each block type.
+    summary = {name: shape[name] for structure in STRUCTURES for name in structure.SUMMARY if name in shape}
     if layer_counts_by_type(config) is not None:
         summary["num_layers_by_type"] = layer_counts_by_type(config)
     return summary | {"parameters": parameter_breakdown(model)}
@@ -58,7 +52,7 @@ def shape_summary(model: nn.Module) -> dict:
 def comparison_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
     """`(quantity, before, after, ratio)` rows comparing two `shape_summary` results."""
     rows = []
-    for name in (*SHAPE_FIELDS, "head_dim", *(name for name in HYBRID_FIELDS if name in before)):
+    for name in (name for name in before if name not in ("num_layers_by_type", "parameters")):
         rows.append((name, str(before[name]), str(after[name]), f"{after[name] / before[name]:.2f}"))
     for block, count in (before.get("num_layers_by_type") or {}).items():
         new = after["num_layers_by_type"].get(block, 0)

@@ -1,23 +1,30 @@
 """The prunable structures, one module each.
 
-| structure | module | config fields |
+| structure | module | `PrunedConfig` targets (`FIELDS`) |
 |---|---|---|
-| attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
-| attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | `num_experts`, `num_key_value_heads` |
+| layers (depth) | `depth.py` | `num_hidden_layers` (or `layers_to_drop`, `num_layers_by_type`) |
+| hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
 | MLP neurons | `mlp_neurons.py` | `intermediate_size` |
-| shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
+| attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
+| attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | those, and `num_experts` |
 | routed experts (MoE) | `routed_experts.py` | `num_experts` |
 | expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
+| shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
 | Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
-| hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
-| layers (depth) | `depth.py` | `num_hidden_layers` |
 
-Each width structure's module owns its activation hooks (`hooks`, `sites`), its scores (`scores`, `magnitude`), its
-selection and in-place slicing (`prune`, `slice_hidden`), the config fields it changes (`update_config`,
-`sync_modules`) and its parameter-count terms (`count_roles`, `count_sizes`). `estimate_importance`, `prune_model`
-and `count_parameters` walk the structures a family has (`structures_of`); an `ArchitectureSpec` says where their
-modules live. In a hybrid family (Nemotron-H) each decoder layer holds one block: a structure's `BLOCK` names the
-block it prunes, and every per-layer loop skips the layers without it (`in_layer`); their statistics rows stay zero.
+Each module declares what the rest of the package derives from it (the contract is in `CONTRIBUTING.md`): its
+`PrunedConfig` target fields (`FIELDS`), its search axes (`AXES`), its model-card and summary rows (`CARD_ROWS`,
+`SUMMARY`), its `PruningRecord` entries (`RECORD`), the checks of its targets (`check_applies`, `check_target`) and,
+for a width structure, its importance statistics (`SCORE_KEYS`). `PrunedConfig`, the search, the card and the summary
+walk `STRUCTURES`; `importance.py` and `prune.py` walk the width structures a family has.
+
+Each width structure's module also owns its activation hooks (`hooks`, `sites`), its scores (`scores`, `collect`,
+`magnitude_scores`, `random_scores`), its selection and in-place slicing (`prune`, `slice_hidden`), the config fields
+it changes (`update_config`, `sync_modules`) and its parameter-count terms (`count_roles`, `count_sizes`).
+`estimate_importance`, `prune_model` and `count_parameters` walk the structures a family has (`structures_of`); an
+`ArchitectureSpec` says where their modules live. In a hybrid family (Nemotron-H) each decoder layer holds one block: a
+structure's `BLOCK` names the block it prunes, and every per-layer loop skips the layers without it (`in_layer`); their
+statistics rows stay zero.
 """
 
 from . import (
@@ -33,8 +40,26 @@ from . import (
 )
 
 
+# Every structure, in the order of the targets (paper 1, Table 1: depth, then the widths: embedding, MLP, attention;
+# then the MoE and Mamba structures). `PrunedConfig`'s target fields, the search axes and the card and summary rows
+# follow it.
+STRUCTURES = (
+    depth,
+    hidden_channels,
+    mlp_neurons,
+    attention_heads,
+    attention_experts,
+    routed_experts,
+    expert_neurons,
+    shared_expert_neurons,
+    mamba_heads,
+)
+
 # Order of the width structures when pruning: whole experts before the neurons of the kept experts; hidden channels
-# last, so the embedding's new copy reuses the memory freed by every other slice.
+# last, so the embedding's new copy reuses the memory freed by every other slice. It is also the order in which the
+# magnitude baseline adds the other structures' weights into the hidden channels' float32 scores: another order
+# changes their last bits, hence possibly the channels kept. The same structures as `STRUCTURES`, depth aside (a test
+# checks it).
 WIDTH_STRUCTURES = (
     attention_heads,
     attention_experts,
@@ -61,6 +86,7 @@ def in_layer(spec, layer, structure) -> bool:
 
 
 __all__ = [
+    "STRUCTURES",
     "WIDTH_STRUCTURES",
     "attention_experts",
     "attention_heads",

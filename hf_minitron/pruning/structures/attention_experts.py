@@ -23,15 +23,33 @@ import torch
 
 from . import attention_heads, routed_experts
 from .slicing import head_rows, slice_linear, slice_parameter, topk_sorted
-from .statistics import add_per_sample
+from .statistics import add_per_sample, static_scores
 
 
 KEY = "attention_experts"
+SCORE_KEYS = (attention_heads.KEY, KEY)  # its query heads are scored as attention heads
+# The head counts, and the expert count it shares with the MoE block (`routed_experts`).
+FIELDS = (*attention_heads.FIELDS, *routed_experts.FIELDS)
 BLOCK = "attention"
+AXES = attention_heads.AXES  # the expert count is searched with the MoE block's (`routed_experts.AXES`)
+CARD_ROWS = attention_heads.CARD_ROWS
+SUMMARY = attention_heads.SUMMARY
+RECORD = (*attention_heads.RECORD, "attention_experts")
+_EXPERTS = routed_experts.FIELDS[0]
 
 
 def present(spec) -> bool:
     return spec.attention_experts is not None
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Its targets are attention's and the MoE block's: `attention_heads` and `routed_experts` check them."""
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """The head counts' grouped-query structure is checked by `attention_heads` for every model, and their relation to
+    the experts per token by `update_config`, which `check_target_loads` calls before any work."""
 
 
 def expert_tensors(spec) -> routed_experts.ExpertTensors:
@@ -71,6 +89,34 @@ def hooks(collector, index: int, layer) -> list:
 def sites(spec) -> list[tuple[int, str, int, str]]:
     second = _second(spec)
     return [(1, attention_heads.KEY, 0, f"input of {second}"), (1, KEY, 0, f"output of {second}")]
+
+
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with."""
+    return attention_heads.score_shapes(shape) | {KEY: (shape[_EXPERTS],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    stats = routed_experts.STATISTICS
+    return attention_heads.collect(collector, shape, device) | {
+        KEY: collector.stacked(KEY, shape[_EXPERTS], 1, stats, device)
+    }
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores of `key` (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    if key == attention_heads.KEY:
+        return attention_heads.random_scores(key, shape, draw)
+    return {"score": draw(shape[_EXPERTS])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {
+        attention_heads.KEY: static_scores([head_magnitude(layer, spec, shape) for layer in layers]),
+        KEY: static_scores([magnitude(layer, spec, shape) for layer in layers]),
+    }
 
 
 def expert_scores(importance, expert_importance: str = "reap") -> torch.Tensor:
@@ -122,11 +168,10 @@ def slice_kv_heads(layer, spec, kept: torch.Tensor, num_kv: int, head_dim: int) 
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
-    field = routed_experts.FIELD
-    if target[field] < source[field]:
+    if target[_EXPERTS] < source[_EXPERTS]:
         scores = expert_scores(importance, config.expert_importance)
         for new_idx, src_idx in enumerate(kept_layers):
-            kept = topk_sorted(scores[src_idx], target[field])
+            kept = topk_sorted(scores[src_idx], target[_EXPERTS])
             routed_experts.slice_experts(layers[new_idx], expert_tensors(spec), kept)
             record.attention_experts[new_idx] = kept.tolist()
     num_kv, target_kv = source["num_key_value_heads"], target["num_key_value_heads"]

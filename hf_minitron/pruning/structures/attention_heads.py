@@ -8,19 +8,86 @@
   `o_proj` columns, and any per-head parameter (GPT-OSS attention sinks) or per-head norm (`qk_norm_over_heads`).
 """
 
+import math
+
 import torch
 
+from .search_axis import SearchAxis
 from .slicing import head_rows, slice_linear, slice_norm, slice_parameter, topk_sorted
-from .statistics import add_per_sample, reduce_per_sample
+from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
 
 
 KEY = "heads"
+SCORE_KEYS = (KEY,)
 FIELDS = ("num_attention_heads", "num_key_value_heads")
 BLOCK = "attention"
+CARD_ROWS = {"num_attention_heads": "Attention heads", "num_key_value_heads": "KV heads", "head_dim": "Head dimension"}
+SUMMARY = (*FIELDS, "head_dim")
+RECORD = ("heads", "kv_heads")
 
 
 def present(spec) -> bool:
     return spec.attention is not None and spec.attention_experts is None  # else: `attention_experts.py`
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Every family has attention heads (JetMoE's are its attention experts')."""
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Refuses head counts that break the grouped-query structure: query heads not a multiple of the KV heads, more
+    KV heads than query heads, or (against the model's `shape`) more query heads per KV group than the source has."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if shape is None:  # the config alone, when it is built
+        if heads is not None and kv is not None and heads % kv:
+            raise ValueError(
+                f"PrunedConfig.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}: every KV "
+                "group must keep the same number of query heads. Pick a multiple."
+            )
+        return
+    heads = heads or shape["num_attention_heads"]
+    kv = kv or shape["num_key_value_heads"]
+    if heads % kv:
+        raise ValueError(
+            f"PrunedConfig.num_attention_heads={heads} is not a multiple of the number of KV heads ({kv}): every KV "
+            f"group must keep the same number of query heads. Use a multiple of {kv}, e.g. "
+            f"{max(kv, heads // kv * kv)}."
+        )
+    if kv > heads:
+        raise ValueError(
+            f"PrunedConfig.num_key_value_heads={kv} exceeds num_attention_heads={heads}: prune KV heads too."
+        )
+    source_per_group = shape["num_attention_heads"] // shape["num_key_value_heads"]
+    if heads // kv > source_per_group:
+        # Pruning removes whole KV groups and heads inside groups; it never moves heads between groups.
+        raise ValueError(
+            f"PrunedConfig keeps {heads // kv} query heads per KV group (num_attention_heads={heads}, "
+            f"num_key_value_heads={kv}), but the source model's groups hold {source_per_group}: use "
+            f"num_attention_heads <= {kv * source_per_group}, or keep more KV heads."
+        )
+
+
+def keeps_groups(target: dict, source: dict) -> bool:
+    """Whether a candidate shape keeps the grouped-query structure: whole groups are removed, and a group keeps the
+    same number of heads, no more than it had."""
+    heads, kv = target["num_attention_heads"], target["num_key_value_heads"]
+    return not (heads % kv or heads // kv > source["num_attention_heads"] // source["num_key_value_heads"])
+
+
+def kv_head_values(config, source: int) -> list[int]:
+    """The searched KV head counts: the teacher's only, unless `search_kv_heads` (then the divisors of its count within
+    `max_width_pruning`, so that the groups stay equal)."""
+    if not config.search_kv_heads:
+        return [source]
+    low = math.ceil(source * (1 - config.max_width_pruning))
+    return [v for v in range(1, source + 1) if source % v == 0 and v >= low]
+
+
+AXES = (
+    SearchAxis("num_attention_heads", "heads", "heads"),
+    SearchAxis("num_key_value_heads", "kv", "KV", multiple=False, values=kv_head_values, fits=keeps_groups),
+)
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -39,6 +106,26 @@ def hooks(collector, index: int, layer) -> list:
 def sites(spec) -> list[tuple[int, str, int, str]]:
     """`(forward position, key, slot, description)` of the statistics, for error messages in forward order."""
     return [(1, KEY, 0, f"input of {spec.attention}.{spec.o_proj}")]
+
+
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with."""
+    return {KEY: (shape["num_attention_heads"],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    return {KEY: collector.stacked(KEY, shape["num_attention_heads"], 1, PER_SAMPLE, device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    return {"score": draw(shape["num_attention_heads"])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: static_scores([magnitude(layer, spec, shape) for layer in layers])}
 
 
 def scores(importance, batch_aggregation: str) -> torch.Tensor:

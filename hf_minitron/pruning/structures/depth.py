@@ -15,6 +15,9 @@ blocks of consecutive layers that hold exactly the layers to remove).
 
 Dropping renumbers the kept layers (the KV cache is indexed by `layer_idx`) and slices the per-layer config lists
 (`layer_types`, a hybrid's `layers_block_type`, ...) so the pattern of the kept layers is preserved.
+
+One module past 500 lines: a structure's targets, their checks, its scores, its selection and its slicing are its
+module (`CONTRIBUTING.md`), and depth has four selection methods and a hybrid's layers of each block type.
 """
 
 import logging
@@ -31,11 +34,29 @@ from ...architectures import ARCHITECTURES, get_architecture, get_base_model, ge
 from ...data import shard_batches
 from ...runtime import all_reduce_, dist_info, input_device
 from ..config import CONTIGUOUS_SCORES
+from .search_axis import SearchAxis
 
 
 KEY = "block_influence"
 BLOCKS_KEY = "block_influence_matrix"  # the BI of every block of contiguous layers, on request
 BLOCK = None  # every layer
+# The target, also given as `PrunedConfig.layers_to_drop` or, in a hybrid, `num_layers_by_type`.
+FIELDS = ("num_hidden_layers",)
+AXES = (SearchAxis("num_hidden_layers", "layers", "layers", depth=True),)
+# A hybrid's depth is searched as its layers of each block type instead, `num_<block>_layers` standing for
+# `PrunedConfig.num_layers_by_type[<block>]`: these come after every other axis in a candidate's name.
+BLOCK_TYPE_AXES = (
+    SearchAxis("num_mamba_layers", "mambalayers", "Mamba layers", depth=True, multiple=False),
+    SearchAxis("num_attention_layers", "attnlayers", "attention layers", depth=True, multiple=False),
+    SearchAxis("num_mlp_layers", "mlplayers", "MLP layers", depth=True, multiple=False),
+    SearchAxis("num_moe_layers", "moelayers", "MoE layers", depth=True, multiple=False),
+)
+CARD_ROWS = {"num_hidden_layers": "Layers (depth)"}
+# A hybrid's layers of each block type (Minitron-SSM), as `PrunedConfig.num_layers_by_type` names the types: card rows
+# under the depth row.
+CARD_BLOCK_ROWS = {"mamba": "Mamba layers", "attention": "Attention layers", "mlp": "MLP layers", "moe": "MoE layers"}
+SUMMARY = ("num_hidden_layers",)
+RECORD = ()  # the record's `kept_layers` and `dropped_layers`, written by `prune_model` itself
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +74,70 @@ PER_LAYER_CONFIG_LISTS = (
 # Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`): the indices of
 # the kept layers are renumbered, those of dropped layers removed.
 LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices")
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Every model has layers: the depth targets are checked against each other and the model in `check_target`."""
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Refuses depth targets that contradict each other or the model (`PrunedConfig.validate_for`): layers to drop out
+    of range, every layer, a hybrid's last attention layer; `num_layers_by_type` that another depth target contradicts
+    or that no block of consecutive layers holds (`depth_method="contiguous"`). Nothing to check on the config alone."""
+    if model_config is None:
+        return
+    layers = shape["num_hidden_layers"]
+    if config.layers_to_drop is not None:
+        bad = [i for i in config.layers_to_drop if not 0 <= i < layers]
+        if bad:
+            raise ValueError(
+                f"PrunedConfig.layers_to_drop contains {bad}, out of range for a model with {layers} layers: use "
+                f"indices in [0, {layers - 1}]."
+            )
+        if len(config.layers_to_drop) >= layers:
+            raise ValueError(f"PrunedConfig.layers_to_drop removes all {layers} layers: keep at least one.")
+        check_hybrid_depth(model_config, [i for i in range(layers) if i not in set(config.layers_to_drop)])
+        if config.num_hidden_layers is not None and config.num_hidden_layers != layers - len(config.layers_to_drop):
+            raise ValueError(
+                f"PrunedConfig.num_hidden_layers={config.num_hidden_layers} contradicts layers_to_drop (removing "
+                f"{len(config.layers_to_drop)} of {layers} layers leaves {layers - len(config.layers_to_drop)}): set "
+                "only one of them."
+            )
+    if config.num_layers_by_type is not None:
+        _check_layers_by_type(config, model_config)
+
+
+def _check_layers_by_type(config, model_config) -> None:
+    """`num_layers_by_type` against the model: known block types, counts it has, consistent with the other depth
+    fields, and a block that `depth_method="contiguous"` can remove."""
+    targets = resolve_layers_by_type(model_config, config.num_layers_by_type)
+    total = sum(targets.values())
+    field = f"PrunedConfig.num_layers_by_type={config.num_layers_by_type}"
+    if config.num_hidden_layers is not None and config.num_hidden_layers != total:
+        raise ValueError(
+            f"PrunedConfig.num_hidden_layers={config.num_hidden_layers} contradicts {field}, which keeps {total} "
+            "layers: set only one of them."
+        )
+    names = block_names(model_config)
+    if config.layers_to_drop is not None:
+        kept = Counter(name for i, name in enumerate(names) if i not in set(config.layers_to_drop))
+        if any(kept[block] != count for block, count in targets.items()):
+            raise ValueError(
+                f"PrunedConfig.layers_to_drop={config.layers_to_drop} keeps {dict(kept)} layers, which contradicts "
+                f"{field}: set only one of them."
+            )
+    drops = layers_to_drop_by_type(model_config, config.num_layers_by_type)
+    if config.depth_method == "contiguous" and config.importance == "activation" and sum(drops.values()):
+        if not matching_blocks(model_config, drops):
+            n = sum(drops.values())
+            seen = list(dict.fromkeys(str(dict(Counter(names[s : s + n]))) for s in range(len(names) - n + 1)))
+            raise ValueError(
+                f"{field} removes {drops} layers, and no block of {n} consecutive layers holds exactly those "
+                f"(depth_method='contiguous' removes one block; blocks of {n} hold {', '.join(seen[:4])}). Use "
+                "depth_method='block_influence' or 'lm_loss', which choose the layers of each type, or counts "
+                "that a block matches."
+            )
 
 
 # ---------------------------------------------------------------------------------------------- Block Influence

@@ -14,6 +14,7 @@ Both expert layouts (transformers' experts module, JetMoE's ScatterMoE weights) 
 import torch
 
 from .routed_experts import (
+    check_moe_target,
     expert_tensors,
     first_width_dim,
     gather_per_expert,
@@ -22,17 +23,32 @@ from .routed_experts import (
     second_width_dim,
     tensor_owner,
 )
+from .search_axis import SearchAxis
 from .slicing import topk_sorted
-from .statistics import per_token_mean, zeros_like
+from .statistics import per_token_mean, static_scores, zeros_like
 
 
 KEY = "expert_neurons"
-FIELD = "moe_intermediate_size"
+SCORE_KEYS = (KEY,)
+FIELDS = ("moe_intermediate_size",)
 BLOCK = "moe"
+AXES = (SearchAxis("moe_intermediate_size", "expertmlp", "expert MLP"),)
+CARD_ROWS = {"moe_intermediate_size": "Expert FFN width"}
+SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
+RECORD = ("expert_neurons",)
+_FIELD = FIELDS[0]
 
 
 def present(spec) -> bool:
     return spec.moe is not None
+
+
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    check_moe_target(config, _FIELD, "routed experts", model_config, shape, spec)
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Any width up to the source's (checked by `PrunedConfig.validate_for` for every target)."""
 
 
 def hooks(collector, index: int, layer) -> list:
@@ -57,6 +73,29 @@ def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(3, KEY, 0, f"input of {spec.moe}.{spec.experts}.down_proj")]
 
 
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with (`count` is per expert)."""
+    return {KEY: (shape["num_experts"],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes: per-expert neuron sums and the
+    per-expert token counts."""
+    num_experts = shape["num_experts"]
+    sums = collector.stacked(KEY, (num_experts, shape[_FIELD]), 1, ("sum",), device)
+    return {KEY: sums | collector.stacked(KEY, num_experts, 1, ("count",), device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    return {"score": draw(shape["num_experts"], shape[_FIELD])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: static_scores([magnitude(layer, spec, shape) for layer in layers])}
+
+
 def scores(importance) -> torch.Tensor:
     """`[num_layers, num_experts, moe_intermediate_size]` expert-neuron importance."""
     return per_token_mean(importance.expert_neurons, "sum")
@@ -65,7 +104,7 @@ def scores(importance) -> torch.Tensor:
 def magnitude(layer, spec, shape) -> torch.Tensor:
     """`[num_experts, width]`: L2 norm of each neuron's gate/up rows and down column, per expert."""
     if not spec.has(layer, BLOCK):  # a hybrid's layer without an MoE block: a zero row, never used
-        return torch.zeros(shape["num_experts"], shape[FIELD])
+        return torch.zeros(shape["num_experts"], shape[_FIELD])
     t = expert_tensors(layer, spec)
     first = get_tensor(layer, t.first).float().pow(2)
     first = first.sum(dim=1) if t.transposed else first.sum(dim=2)  # [E, 2I] or [E, I]
@@ -101,7 +140,7 @@ def slice_expert_neurons(layer, spec, kept: torch.Tensor, width: int) -> None:
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
-    if target[FIELD] >= source[FIELD]:
+    if target[_FIELD] >= source[_FIELD]:
         return
     neuron_scores = scores(importance)
     for new_idx, src_idx in enumerate(kept_layers):
@@ -111,13 +150,13 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
         kept_experts = record.experts.get(new_idx)
         if kept_experts is not None:  # experts were pruned first: their rows only
             per_expert = per_expert[kept_experts]
-        kept = torch.stack([topk_sorted(row, target[FIELD]) for row in per_expert])
-        slice_expert_neurons(layers[new_idx], spec, kept, source[FIELD])
+        kept = torch.stack([topk_sorted(row, target[_FIELD]) for row in per_expert])
+        slice_expert_neurons(layers[new_idx], spec, kept, source[_FIELD])
         record.expert_neurons[new_idx] = kept.tolist()
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    setattr(model_config, spec.expert_width_field, target[FIELD])
+    setattr(model_config, spec.expert_width_field, target[_FIELD])
 
 
 def sync_modules(model, model_config, spec) -> None:
@@ -140,4 +179,4 @@ def count_roles(spec, layer) -> dict[str, tuple]:
 
 
 def count_sizes(shape: dict) -> dict[str, int]:
-    return {"fe": shape[FIELD], "2fe": 2 * shape[FIELD]}
+    return {"fe": shape[_FIELD], "2fe": 2 * shape[_FIELD]}

@@ -9,13 +9,20 @@
 import torch
 
 from ...runtime import release_freed_memory
+from .search_axis import SearchAxis
 from .slicing import replace_parameter, slice_linear, slice_norm, topk_sorted
-from .statistics import add_per_sample, reduce_per_sample
+from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample
 
 
 KEY = "hidden"
-FIELD = "hidden_size"
+SCORE_KEYS = (KEY,)
+FIELDS = ("hidden_size",)
 BLOCK = None  # every layer
+AXES = (SearchAxis("hidden_size", "hidden", "hidden"),)
+CARD_ROWS = {"hidden_size": "Hidden size (embedding)"}
+SUMMARY = FIELDS
+RECORD = ()  # the record's `hidden`: one list of kept channels for the whole model
+_FIELD = FIELDS[0]
 # The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba in a hybrid layer), then
 # the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays zero.
 SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
@@ -23,6 +30,14 @@ SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
 
 def present(spec) -> bool:
     return True
+
+
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Every model has a hidden size."""
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Any size up to the source's (checked by `PrunedConfig.validate_for` for every target)."""
 
 
 def _others(spec):
@@ -68,6 +83,28 @@ def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(0, KEY, 0, first), (2, KEY, 1, second)]
 
 
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with: one slot per norm."""
+    return {KEY: (2, shape[_FIELD])}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    return {KEY: collector.stacked(KEY, shape[_FIELD], 2, PER_SAMPLE, device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`): the first slot only, as a static
+    score is one ranking per layer."""
+    hidden = draw(shape[_FIELD])
+    return {"score": torch.stack([hidden, torch.zeros_like(hidden)], dim=1)}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: {"score": magnitude_all(model, spec, layers)}}
+
+
 def scores_per_layer(importance, batch_aggregation: str) -> torch.Tensor:
     """`[num_layers, hidden_size]`: per layer, the two norm outputs reduced separately, then added."""
     return reduce_per_sample(importance.hidden, batch_aggregation, importance.num_samples).sum(dim=1)
@@ -105,9 +142,9 @@ def magnitude_all(model, spec, layers) -> torch.Tensor:
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
-    if target[FIELD] >= source[FIELD]:
+    if target[_FIELD] >= source[_FIELD]:
         return
-    kept = topk_sorted(scores(importance, config.batch_aggregation, layers=kept_layers), target[FIELD])
+    kept = topk_sorted(scores(importance, config.batch_aggregation, layers=kept_layers), target[_FIELD])
     # Decoder layers first, and their freed weights handed back, so that the embedding's new copy (the largest
     # single tensor) reuses that memory instead of adding to the peak.
     others = _others(spec)
@@ -140,7 +177,7 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    model_config.hidden_size = target[FIELD]
+    model_config.hidden_size = target[_FIELD]
 
 
 def sync_modules(model, model_config, spec) -> None:
@@ -150,7 +187,7 @@ def sync_modules(model, model_config, spec) -> None:
     # ScatterMoE-layout blocks (JetMoE) call their expert width `hidden_size`: routed_experts sets their sizes.
     skip = {id(block) for layer in get_decoder_layers(model) for block in parallel_blocks(layer, spec)}
     for module in model.modules():
-        if isinstance(getattr(module, FIELD, None), int) and not isinstance(module, torch.nn.Linear):
+        if isinstance(getattr(module, _FIELD, None), int) and not isinstance(module, torch.nn.Linear):
             if id(module) not in skip:
                 module.hidden_size = model_config.hidden_size
 
@@ -160,4 +197,4 @@ def count_roles(spec, layer) -> dict[str, tuple]:
 
 
 def count_sizes(shape: dict) -> dict[str, int]:
-    return {"h": shape[FIELD]}
+    return {"h": shape[_FIELD]}

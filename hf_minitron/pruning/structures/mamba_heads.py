@@ -25,17 +25,64 @@ are those every transformers Mamba2 mixer uses; the config fields are each famil
 
 import torch
 
+from .search_axis import SearchAxis
 from .slicing import slice_linear, slice_norm, slice_parameter, topk_sorted
-from .statistics import add_per_sample, reduce_per_sample
+from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
 
 
 KEY = "mamba"
+SCORE_KEYS = (KEY,)
 FIELDS = ("mamba_num_heads", "mamba_head_dim")
 BLOCK = "mamba"
+AXES = (
+    # Every B/C group of a mixer keeps as many heads: head counts are multiples of n_groups.
+    SearchAxis(
+        "mamba_num_heads",
+        "mambaheads",
+        "Mamba heads",
+        floor="n_groups",
+        step="n_groups",
+        step_reason="every B/C group keeps the same number of heads",
+    ),
+    SearchAxis("mamba_head_dim", "mambadim", "Mamba head dim"),
+)
+CARD_ROWS = {"mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dimension"}
+SUMMARY = FIELDS
+RECORD = ("mamba_heads", "mamba_head_channels")
 
 
 def present(spec) -> bool:
     return spec.mamba is not None
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Refuses Mamba targets for a model without Mamba layers."""
+    for name in FIELDS:
+        if getattr(config, name) is not None and name not in shape:
+            from ...architectures import ARCHITECTURES
+
+            hybrids = sorted(k for k, v in ARCHITECTURES.items() if v.mamba is not None)
+            raise ValueError(
+                f"PrunedConfig.{name}={getattr(config, name)} does not apply: model_type={model_config.model_type!r} "
+                f"has no Mamba layers. Leave it None (families with Mamba layers: {', '.join(hybrids)})."
+            )
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Refuses a head count that is not a multiple of the B/C groups (stock transformers gives every group
+    `heads // n_groups` heads)."""
+    heads = config.mamba_num_heads
+    if shape is None or heads is None:
+        return
+    groups = shape["n_groups"]
+    if heads % groups:
+        lower = max(groups, heads - heads % groups)
+        raise ValueError(
+            f"PrunedConfig.mamba_num_heads={heads} is not a multiple of the model's n_groups={groups}: every B/C group "
+            f"keeps the same number of heads. Use a multiple of {groups}, e.g. {lower}"
+            + (f" or {lower + groups}." if lower + groups <= shape["mamba_num_heads"] else ".")
+        )
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -50,6 +97,26 @@ def hooks(collector, index: int, layer) -> list:
 
 def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(1, KEY, 0, f"input of {spec.mamba}.out_proj")]
+
+
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with: the channels of every head."""
+    return {KEY: (shape["mamba_num_heads"] * shape["mamba_head_dim"],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    return {KEY: collector.stacked(KEY, *score_shapes(shape)[KEY], 1, PER_SAMPLE, device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    return {"score": draw(*score_shapes(shape)[KEY])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: static_scores([magnitude(layer, spec, shape) for layer in layers])}
 
 
 def scores(importance, batch_aggregation: str) -> torch.Tensor:

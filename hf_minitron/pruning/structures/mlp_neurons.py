@@ -11,17 +11,40 @@ The same functions serve any gated or plain MLP at another path (the shared expe
 
 import torch
 
+from .search_axis import SearchAxis
 from .slicing import slice_linear, topk_sorted
-from .statistics import add_per_sample, reduce_per_sample
+from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
 
 
 KEY = "neurons"
-FIELD = "intermediate_size"
+SCORE_KEYS = (KEY,)
+FIELDS = ("intermediate_size",)
 BLOCK = "mlp"
+AXES = (SearchAxis("intermediate_size", "mlp", "MLP"),)
+CARD_ROWS = {"intermediate_size": "MLP intermediate size"}
+SUMMARY = FIELDS
+RECORD = ("neurons",)
+_FIELD = FIELDS[0]
 
 
 def present(spec) -> bool:
     return spec.mlp is not None
+
+
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Refuses an MLP width for a family whose feed-forward blocks are all mixtures of experts."""
+    width = getattr(config, _FIELD)
+    if width is not None and spec is not None and spec.moe is not None and spec.mlp is None:
+        raise ValueError(
+            f"PrunedConfig.{_FIELD}={width} does not apply: every feed-forward block of "
+            f"model_type={model_config.model_type!r} is a mixture of experts, with no dense MLP. Use "
+            "moe_intermediate_size for each expert's width (and shared_expert_intermediate_size for a shared "
+            "expert)."
+        )
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Any width up to the source's (checked by `PrunedConfig.validate_for` for every target)."""
 
 
 def mlp_hooks(collector, index: int, mlp, spec, key: str) -> list:
@@ -107,6 +130,26 @@ def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(3, KEY, 0, f"input of {spec.mlp}.{spec.down_proj}")]
 
 
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with."""
+    return {KEY: (shape[_FIELD],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    return {KEY: collector.stacked(KEY, shape[_FIELD], 1, PER_SAMPLE, device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    return {"score": draw(shape[_FIELD])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: static_scores([magnitude(layer, spec, shape) for layer in layers])}
+
+
 def scores(importance, batch_aggregation: str) -> torch.Tensor:
     """`[num_layers, intermediate_size]` MLP-neuron importance."""
     return reduce_per_sample(importance.neurons, batch_aggregation, importance.num_samples)
@@ -114,8 +157,8 @@ def scores(importance, batch_aggregation: str) -> torch.Tensor:
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
     if not spec.has(layer, BLOCK):  # a hybrid's layer without an MLP: a zero row, never used
-        return torch.zeros(shape[FIELD])
-    return mlp_magnitude(getattr(layer, spec.mlp), spec, shape[FIELD])
+        return torch.zeros(shape[_FIELD])
+    return mlp_magnitude(getattr(layer, spec.mlp), spec, shape[_FIELD])
 
 
 def hidden_weights(layer, spec) -> tuple[list, list]:
@@ -127,20 +170,20 @@ def slice_hidden(layer, spec, kept: torch.Tensor) -> None:
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
-    if target[FIELD] < source[FIELD]:
+    if target[_FIELD] < source[_FIELD]:
         neuron_scores = scores(importance, config.batch_aggregation)
         record.neurons.update(
-            prune_mlps(layers, spec.mlp, spec, neuron_scores, source[FIELD], target[FIELD], kept_layers)
+            prune_mlps(layers, spec.mlp, spec, neuron_scores, source[_FIELD], target[_FIELD], kept_layers)
         )
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    model_config.intermediate_size = target[FIELD]
+    model_config.intermediate_size = target[_FIELD]
 
 
 def sync_modules(model, model_config, spec) -> None:
     for module in model.modules():
-        if isinstance(getattr(module, FIELD, None), int) and not isinstance(module, torch.nn.Linear):
+        if isinstance(getattr(module, _FIELD, None), int) and not isinstance(module, torch.nn.Linear):
             module.intermediate_size = model_config.intermediate_size
 
 
@@ -150,4 +193,4 @@ def count_roles(spec, layer) -> dict[str, tuple]:
 
 
 def count_sizes(shape: dict) -> dict[str, int]:
-    return {"f": shape[FIELD], "2f": 2 * shape[FIELD]}
+    return {"f": shape[_FIELD], "2f": 2 * shape[_FIELD]}

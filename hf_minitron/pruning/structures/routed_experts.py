@@ -31,6 +31,10 @@ that computes each expert once, as transformers' eager path does; the ScatterMoE
 module and second projection, which already see each expert's tokens. Either way every expert's second-projection
 input and output reach the observers of this module and of `expert_neurons.py`: the pass costs no second expert
 computation.
+
+One module past 500 lines: a structure's targets, checks, statistics, selection, slicing and counting are its module
+(`CONTRIBUTING.md`), and the two expert layouts they all read are described here, for `expert_neurons.py` and
+`attention_experts.py` too.
 """
 
 import weakref
@@ -40,19 +44,103 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .search_axis import SearchAxis
 from .slicing import replace_parameter, slice_linear, slice_parameter, topk_sorted
-from .statistics import zeros_like
+from .statistics import static_scores, zeros_like
 
 
 KEY = "experts"
-FIELD = "num_experts"
+SCORE_KEYS = (KEY,)
+FIELDS = ("num_experts",)
 BLOCK = "moe"
+# A token is routed to num_experts_per_tok experts: never fewer experts than that.
+AXES = (SearchAxis("num_experts", "experts", "experts", floor="num_experts_per_tok"),)
+# Keyed by the config's own names (Mixtral and GPT-OSS: num_local_experts), as the card reads full configs too.
+CARD_ROWS = {
+    "num_local_experts": "Routed experts",
+    "num_experts": "Routed experts",
+    "num_experts_per_tok": "Experts per token",
+}
+SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows these
+RECORD = ("experts",)
 EXPERT_IMPORTANCE = ("output_norm", "reap", "frequency")
 STATISTICS = ("output_norm", "reap", "count")
+_FIELD = FIELDS[0]
 
 
 def present(spec) -> bool:
     return spec.moe is not None
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def check_moe_target(config, name: str, what: str, model_config, shape: dict, spec) -> None:
+    """Refuses the MoE target `name` for a model without `what` (routed experts, a shared expert), or a hybrid whose
+    layers hold no MoE block."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    if name not in shape:
+        from ...architectures import ARCHITECTURES
+
+        moe = sorted(k for k, v in ARCHITECTURES.items() if v.moe is not None)
+        raise ValueError(
+            f"PrunedConfig.{name}={value} does not apply: model_type={model_config.model_type!r} has no {what}. Leave "
+            f"it None (families with experts: {', '.join(moe)})."
+        )
+    kind = dict(spec.block_types).get(BLOCK) if spec is not None and spec.block_types_field else None
+    if kind and kind not in getattr(model_config, spec.block_types_field):
+        # A hybrid without MoE layers still has the config fields (e.g. Nemotron-H 8B: n_routed_experts=8).
+        raise ValueError(
+            f"PrunedConfig.{name}={value} does not apply: this model_type={model_config.model_type!r} model has no "
+            f"{kind!r} blocks in {spec.block_types_field}. Leave it None."
+        )
+
+
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    check_moe_target(config, _FIELD, "routed experts", model_config, shape, spec)
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Refuses fewer experts than a token is routed to, and counts a grouped router cannot keep (`n_group`)."""
+    num_experts = getattr(config, _FIELD)
+    if shape is None or num_experts is None:
+        return
+    if num_experts < shape["num_experts_per_tok"]:
+        raise ValueError(
+            f"PrunedConfig.num_experts={num_experts} is fewer than the experts each token is routed to "
+            f"(num_experts_per_tok={shape['num_experts_per_tok']}): keep at least that many experts."
+        )
+    if "n_group" in shape:
+        _check_expert_groups(num_experts, shape)
+
+
+def _check_expert_groups(n: int, shape: dict) -> None:
+    """A grouped router (`n_group`, `topk_group`; Nemotron-H) views the experts as `n_group` equal groups, scores
+    each group by its 2 best experts and lets a token pick its `num_experts_per_tok` experts among its
+    `topk_group` best groups: the pruned count must fit all three."""
+    groups, top_groups, top_k = shape["n_group"], shape["topk_group"], shape["num_experts_per_tok"]
+    per_group = max(2, -(-top_k // top_groups))  # the fewest experts a group may keep
+    valid = list(range(groups * per_group, shape["num_experts"] + 1, groups))
+    if len(valid) <= 12:
+        choose = f"Choose one of {valid}"
+    else:
+        choose = f"Choose a multiple of {groups} in [{valid[0]}, {valid[-1]}]"
+    choose += f" (multiples of n_group={groups}, at least {per_group} per group)."
+    if n % groups:
+        raise ValueError(
+            f"PrunedConfig.num_experts={n} is not a multiple of the model's n_group={groups}: the router groups the "
+            f"experts in {groups} equal groups, and pruning keeps the same number in each. {choose}"
+        )
+    if n // groups < per_group:
+        why = (
+            "the router scores each group by its 2 best experts"
+            if n // groups < 2
+            else f"a token's topk_group={top_groups} groups must hold its num_experts_per_tok={top_k} experts"
+        )
+        raise ValueError(
+            f"PrunedConfig.num_experts={n} leaves {n // groups} experts in each of the n_group={groups} groups, too "
+            f"few: {why}. {choose}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the two layouts
@@ -299,6 +387,26 @@ def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(3, KEY, 0, f"output of {spec.moe}.{experts}")]
 
 
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with."""
+    return {KEY: (shape[_FIELD],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    return {KEY: collector.stacked(KEY, shape[_FIELD], 1, STATISTICS, device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    return {"score": draw(shape[_FIELD])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: static_scores([magnitude(layer, spec, shape) for layer in layers])}
+
+
 def reduce_stats(stats: dict, expert_importance: str) -> torch.Tensor:
     """`[num_layers, num_experts]` from expert statistics: output norm / REAP means, routed-token counts, or static
     scores (`{"score"}`) as they are."""
@@ -325,7 +433,7 @@ def weights_magnitude(layer, t: ExpertTensors) -> torch.Tensor:
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
     if not spec.has(layer, BLOCK):  # a hybrid's layer without an MoE block: a zero row, never used
-        return torch.zeros(shape[FIELD])
+        return torch.zeros(shape[_FIELD])
     return weights_magnitude(layer, expert_tensors(layer, spec))
 
 
@@ -397,20 +505,20 @@ def select_experts(expert_scores: torch.Tensor, k: int, groups: int = 1) -> torc
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
-    if target[FIELD] >= source[FIELD]:
+    if target[_FIELD] >= source[_FIELD]:
         return
     expert_scores = scores(importance, config.expert_importance)
     groups = source.get("n_group", 1)  # `PrunedConfig.validate_for` keeps num_experts a multiple of it
     for new_idx, src_idx in enumerate(kept_layers):
         if not spec.has(layers[new_idx], BLOCK):
             continue
-        kept = select_experts(expert_scores[src_idx], target[FIELD], groups)
+        kept = select_experts(expert_scores[src_idx], target[_FIELD], groups)
         slice_experts(layers[new_idx], expert_tensors(layers[new_idx], spec), kept)
         record.experts[new_idx] = kept.tolist()
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    setattr(model_config, spec.num_experts_field, target[FIELD])
+    setattr(model_config, spec.num_experts_field, target[_FIELD])
 
 
 def sync_modules(model, model_config, spec) -> None:
@@ -469,4 +577,4 @@ def count_roles(spec, layer) -> dict[str, tuple]:
 
 
 def count_sizes(shape: dict) -> dict[str, int]:
-    return {"E": shape[FIELD], "R": shape[FIELD]}
+    return {"E": shape[_FIELD], "R": shape[_FIELD]}

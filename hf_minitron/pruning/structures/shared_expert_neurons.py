@@ -9,17 +9,33 @@ hidden pruning slices its columns. Nemotron-H's has none (`shared_expert_gate=No
 import torch
 
 from .mlp_neurons import mlp_count_roles, mlp_hidden_weights, mlp_hooks, mlp_magnitude, prune_mlps, slice_mlp_hidden
+from .routed_experts import check_moe_target
+from .search_axis import SearchAxis
 from .slicing import slice_linear
-from .statistics import reduce_per_sample
+from .statistics import PER_SAMPLE, reduce_per_sample, static_scores
 
 
 KEY = "shared_neurons"
-FIELD = "shared_expert_intermediate_size"
+SCORE_KEYS = (KEY,)
+FIELDS = ("shared_expert_intermediate_size",)
 BLOCK = "moe"
+AXES = (SearchAxis("shared_expert_intermediate_size", "sharedmlp", "shared MLP"),)
+CARD_ROWS = {"shared_expert_intermediate_size": "Shared-expert width"}
+SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
+RECORD = ("shared_neurons",)
+_FIELD = FIELDS[0]
 
 
 def present(spec) -> bool:
     return spec.moe is not None and spec.shared_expert is not None
+
+
+def check_applies(config, model_config, shape: dict, spec) -> None:
+    check_moe_target(config, _FIELD, "a shared expert", model_config, shape, spec)
+
+
+def check_target(config, model_config=None, shape: dict | None = None) -> None:
+    """Any width up to the source's (checked by `PrunedConfig.validate_for` for every target)."""
 
 
 def _path(spec) -> str:
@@ -35,6 +51,26 @@ def sites(spec) -> list[tuple[int, str, int, str]]:
     return [(3, KEY, 0, f"input of {_path(spec)}.{spec.down_proj}")]
 
 
+def score_shapes(shape: dict) -> dict[str, tuple]:
+    """`{score key: per-layer dims}` that every statistic of the key starts with."""
+    return {KEY: (shape[_FIELD],)}
+
+
+def collect(collector, shape: dict, device) -> dict[str, dict]:
+    """`{score key: statistics}` of the importance pass, summed over processes."""
+    return {KEY: collector.stacked(KEY, shape[_FIELD], 1, PER_SAMPLE, device)}
+
+
+def random_scores(key: str, shape: dict, draw) -> dict:
+    """The random baseline's scores (`draw(*dims)` draws `[num_layers, *dims]`)."""
+    return {"score": draw(shape[_FIELD])}
+
+
+def magnitude_scores(model, layers, spec, shape: dict) -> dict[str, dict]:
+    """`{score key: {"score": ...}}` of the weight-magnitude baseline."""
+    return {KEY: static_scores([magnitude(layer, spec, shape) for layer in layers])}
+
+
 def scores(importance, batch_aggregation: str) -> torch.Tensor:
     """`[num_layers, shared_expert_intermediate_size]` shared-expert neuron importance."""
     return reduce_per_sample(importance.shared_neurons, batch_aggregation, importance.num_samples)
@@ -42,8 +78,8 @@ def scores(importance, batch_aggregation: str) -> torch.Tensor:
 
 def magnitude(layer, spec, shape) -> torch.Tensor:
     if not spec.has(layer, BLOCK):  # a hybrid's layer without an MoE block: a zero row, never used
-        return torch.zeros(shape[FIELD])
-    return mlp_magnitude(layer.get_submodule(_path(spec)), spec, shape[FIELD])
+        return torch.zeros(shape[_FIELD])
+    return mlp_magnitude(layer.get_submodule(_path(spec)), spec, shape[_FIELD])
 
 
 def hidden_weights(layer, spec) -> tuple[list, list]:
@@ -60,15 +96,15 @@ def slice_hidden(layer, spec, kept: torch.Tensor) -> None:
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
-    if target[FIELD] < source[FIELD]:
+    if target[_FIELD] < source[_FIELD]:
         neuron_scores = scores(importance, config.batch_aggregation)
         record.shared_neurons.update(
-            prune_mlps(layers, _path(spec), spec, neuron_scores, source[FIELD], target[FIELD], kept_layers, BLOCK)
+            prune_mlps(layers, _path(spec), spec, neuron_scores, source[_FIELD], target[_FIELD], kept_layers, BLOCK)
         )
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    setattr(model_config, spec.shared_expert_width_field, target[FIELD])
+    setattr(model_config, spec.shared_expert_width_field, target[_FIELD])
 
 
 def sync_modules(model, model_config, spec) -> None:
@@ -88,4 +124,4 @@ def count_roles(spec, layer) -> dict[str, tuple]:
 
 
 def count_sizes(shape: dict) -> dict[str, int]:
-    return {"fs": shape[FIELD], "2fs": 2 * shape[FIELD]}
+    return {"fs": shape[_FIELD], "2fs": 2 * shape[_FIELD]}

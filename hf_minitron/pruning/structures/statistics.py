@@ -14,6 +14,10 @@ Both are sums: they add up exactly across batches and across processes.
 import torch
 
 
+# The running sums of a per-sample statistic.
+PER_SAMPLE = ("sum", "sumsq")
+
+
 def sequence_reduce(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """`[B, S, D]` activations, `[B, S]` float mask -> `[B, D]` per-sample values over the unmasked tokens.
 
@@ -79,3 +83,8 @@ def per_token_mean(stats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     while count.dim() < stats[name].dim():
         count = count.unsqueeze(-1)
     return stats[name].double() / count.clamp_min(1)
+
+
+def static_scores(per_layer: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Static scores (`{"score"}`, float64, `[num_layers, ...]`) of the baselines, from one tensor per layer."""
+    return {"score": torch.stack(per_layer).double()}
