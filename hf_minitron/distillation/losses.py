@@ -13,9 +13,11 @@ Conventions shared by every function here:
 The fused loss (`fused_kd_loss`) computes the same values from the final hidden states and the `lm_head` weights,
 chunk by chunk over tokens, so the `[tokens, vocab]` logits of student and teacher never exist for the whole batch.
 `topk_kd_loss` / `fused_topk_kd_loss` do the same from a cached top-k teacher (ids, log-probabilities and the mass of
-the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`). Their settings travel as one
-[`KDLossOptions`] (what the trainer builds once from its config): `fused_kd_loss_with_options` and
-`fused_topk_kd_loss_with_options` take it, and the keyword functions build it from their arguments.
+the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`), and `sampled_kd_loss` /
+`fused_sampled_kd_loss_with_options` from tokens sampled from the teacher (forward KL, unbiased). Their settings travel
+as one [`KDLossOptions`] (what the trainer builds once from its config): `fused_kd_loss_with_options`,
+`fused_topk_kd_loss_with_options` and `fused_sampled_kd_loss_with_options` take it, and the keyword functions build it
+from their arguments.
 """
 
 import math
