@@ -13,7 +13,10 @@ loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (a
   (`teacher_topk_rest`). The tail is one bucket: the divergence is taken between the `top_k + 1`-bucket distributions
   of teacher and student ([`topk_kd_loss`]), which for forward KL is a lower bound of the full KL and equals it at
   `top_k` = vocabulary size. `top_k * (2 + 4) + 4` bytes per token (uint16 ids, fp32 log-probabilities; 2-byte
-  log-probabilities with `dtype="float16"` / `"bfloat16"`).
+  log-probabilities with `dtype="float16"` / `"bfloat16"`). With `compress=True` the ids are bit-packed to
+  `ceil(log2(vocab_size))` bits (`teacher_topk_packed_ids`) and the log-probabilities quantised to `dtype="uint8"` or
+  `"uint16"` (`teacher_topk_quantized_logprobs`, within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]):
+  `top_k * (bits / 8 + 1 or 2) + 4` bytes per token.
 - `mode="sampled"` (Sparse Logit Sampling, [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)): per token
   `num_samples` = K tokens drawn with replacement from the teacher's distribution at the cache's `temperature`, kept
   as the distinct ids (`teacher_sample_ids`, uint16) and how often each came up (`teacher_sample_counts`, uint8), and
@@ -89,7 +92,14 @@ TOPK_REST = "teacher_topk_rest"
 SAMPLE_IDS = "teacher_sample_ids"
 SAMPLE_COUNTS = "teacher_sample_counts"
 ENTROPY = "teacher_entropy"
-TEACHER_COLUMNS = (HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST, SAMPLE_IDS, SAMPLE_COUNTS, ENTROPY)
+TOPK_PACKED_IDS = "teacher_topk_packed_ids"
+TOPK_QUANTIZED = "teacher_topk_quantized_logprobs"
+TEACHER_COLUMNS = (
+    HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST, TOPK_PACKED_IDS, TOPK_QUANTIZED, SAMPLE_IDS, SAMPLE_COUNTS, ENTROPY
+)  # fmt: skip
+QUANTIZED_DTYPES = ("uint8", "uint16")
+# Quantised log-probabilities cover [QUANTIZED_LOG_PROB_MIN, 0] in 2**bits - 1 equal steps (see `quantize_log_probs`).
+QUANTIZED_LOG_PROB_MIN = -25.0
 # Counts are stored as uint8.
 MAX_NUM_SAMPLES = 255
 
@@ -416,7 +426,46 @@ def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.to("cpu", getattr(torch, dtype)).numpy()
 
 
-def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool):
+def id_bits(vocab_size: int) -> int:
+    """Bits of a bit-packed token id: `ceil(log2(vocab_size))` (16 for SmolLM2's 49152 tokens, 7 for 96)."""
+    return max(1, (vocab_size - 1).bit_length())
+
+
+def pack_ids(ids: torch.Tensor, bits: int) -> np.ndarray:
+    """`ids` (any shape, each `< 2**bits`) as a little-endian bit stream of `bits` bits per id, `ceil(n * bits / 8)`
+    uint8 bytes."""
+    flat = ids.reshape(-1).cpu().long()
+    stream = (flat[:, None] >> torch.arange(bits)) & 1
+    return np.packbits(stream.numpy().astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_ids(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` ids `[..., count]` (int64) of bit streams `packed` `[..., bytes]` (uint8, zero-padded) written
+    by [`pack_ids`]."""
+    stream = (packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1
+    stream = stream.flatten(-2)
+    if stream.shape[-1] < count * bits:
+        stream = F.pad(stream, (0, count * bits - stream.shape[-1]))
+    stream = stream[..., : count * bits].unflatten(-1, (count, bits))
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+def quantize_log_probs(log_probs: torch.Tensor, dtype: str) -> np.ndarray:
+    """Log-probabilities as `uint8` / `uint16` codes of `Q = 2**bits - 1` equal steps over `[m, 0]`, `m =
+    QUANTIZED_LOG_PROB_MIN`, rounded to the nearest: [`dequantize_log_probs`] gives back `log p` within half a step,
+    `|m| / (2 Q)` (0.049 nats for uint8, i.e. each probability within 5%, and 1.9e-4 for uint16) where `log p >= m`;
+    below, `m` (`p < exp(m) = 1.4e-11`)."""
+    levels = np.iinfo(dtype).max
+    codes = ((log_probs.float().clamp(QUANTIZED_LOG_PROB_MIN, 0) / -QUANTIZED_LOG_PROB_MIN + 1) * levels).round()
+    return codes.cpu().numpy().astype(dtype)
+
+
+def dequantize_log_probs(codes: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The fp32 log-probabilities of [`quantize_log_probs`]'s `codes`."""
+    return (codes.float() / np.iinfo(dtype).max - 1) * -QUANTIZED_LOG_PROB_MIN
+
+
+def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool, compress: bool = False):
     from datasets import Features, List, Value
 
     stored = "uint16" if dtype == "bfloat16" else dtype
@@ -425,6 +474,8 @@ def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool):
         columns["labels"] = List(Value("int32"))
     if mode == "hidden":
         columns[HIDDEN] = List(Value(stored))
+    elif compress:
+        columns.update({TOPK_PACKED_IDS: List(Value("uint8")), TOPK_QUANTIZED: List(Value(dtype)), TOPK_REST: List(Value("float32"))})  # fmt: skip
     elif mode == "sampled":
         columns.update({SAMPLE_IDS: List(Value(id_dtype)), SAMPLE_COUNTS: List(Value("uint8")), ENTROPY: List(Value(stored))})  # fmt: skip
     else:
@@ -450,7 +501,7 @@ def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> 
 
     mode, dtype = settings["mode"], settings["dtype"]
     with_labels = settings["with_labels"]
-    features = _features(mode, dtype, settings["id_dtype"], with_labels)
+    features = _features(mode, dtype, settings["id_dtype"], with_labels, settings.get("compress") or False)
     head = teacher.get_output_embeddings()
     if mode == "sampled":
         generator = torch.Generator().manual_seed(_sample_seed(settings["seed"], _shard_hash(rows)))
@@ -488,8 +539,13 @@ def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> 
                         settings["temperature"],
                     )  # fmt: skip
                     splits = np.cumsum(lengths)[:-1]
-                    columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
-                    columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
+                    if settings["compress"]:
+                        bits = id_bits(settings["vocab_size"])
+                        columns[TOPK_PACKED_IDS] = [pack_ids(part, bits) for part in ids.split(lengths)]
+                        columns[TOPK_QUANTIZED] = np.split(quantize_log_probs(log_probs, dtype), splits)
+                    else:
+                        columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
+                        columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
                     columns[TOPK_REST] = np.split(rest.cpu().numpy().astype(np.float32), splits)
                 teacher_bytes += sum(part.nbytes for name in TEACHER_COLUMNS for part in columns.get(name, ()))
                 arrays = [_list_array(columns[name]) for name in features]
@@ -514,8 +570,9 @@ def _barrier() -> None:
 
 
 def _settings(
-    teacher, mode, top_k, num_samples, seed, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels
-) -> dict:
+    teacher, mode, top_k, num_samples, seed, compress, dtype, temperature, tokenizer, vocab_size, shard_size,
+    with_labels,
+) -> dict:  # fmt: skip
     head = teacher.get_output_embeddings()
     vocab = vocab_size or head.weight.shape[0]
     return {
@@ -525,6 +582,8 @@ def _settings(
         "top_k": top_k if mode == "topk" else None,
         "num_samples": num_samples if mode == "sampled" else None,
         "seed": seed if mode == "sampled" else None,
+        # Absent from older caches: compare as None, like an uncompressed cache's.
+        "compress": True if compress else None,
         "temperature": float(temperature) if mode != "hidden" else None,
         "vocab_size": vocab,
         "id_dtype": "uint16" if vocab <= 2**16 else "int32",
@@ -541,7 +600,7 @@ def _settings(
 def estimated_cache_bytes(settings: dict, samples: int, seq_length: int) -> int:
     """Bytes a cache of `samples` rows of `seq_length` tokens will take with these settings (Arrow's per-row
     overhead aside): every position's stored values, the labels, and the teacher's output layer for `hidden` mode."""
-    value_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[settings["dtype"]]
+    value_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "uint16": 2, "uint8": 1}[settings["dtype"]]
     id_bytes = 2 if settings["id_dtype"] == "uint16" else 4
     if settings["mode"] == "hidden":
         per_token = settings["hidden_size"] * value_bytes
@@ -549,20 +608,30 @@ def estimated_cache_bytes(settings: dict, samples: int, seq_length: int) -> int:
     elif settings["mode"] == "sampled":
         per_token = settings["num_samples"] * (id_bytes + 1) + value_bytes  # at most K distinct ids, the entropy
         head = 0
+    elif settings.get("compress"):
+        per_token = settings["top_k"] * (id_bits(settings["vocab_size"]) / 8 + value_bytes) + 4
+        head = 0
     else:
         per_token = settings["top_k"] * (id_bytes + value_bytes) + value_bytes  # ids, log-probs, the rest's mass
         head = 0
     per_token += 4 * (2 if settings["with_labels"] else 1)  # input ids, labels
-    return samples * seq_length * per_token + head
+    return int(samples * seq_length * per_token) + head
 
 
 def _check_arguments(
-    mode, top_k, num_samples, seed, dtype, temperature, batch_size, shard_size, vocab_size, teacher
+    mode, top_k, num_samples, seed, compress, dtype, temperature, batch_size, shard_size, vocab_size, teacher
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"cache_teacher mode={mode!r} is not supported: choose one of {list(MODES)}.")
+    if compress and mode != "topk":
+        raise ValueError(f"cache_teacher compress=True is for mode='topk': drop it (mode={mode!r}).")
+    if compress and dtype not in QUANTIZED_DTYPES:
+        raise ValueError(
+            f"cache_teacher compress=True quantises the top-k log-probabilities: pass dtype='uint8' (within 0.049 "
+            f"nats) or dtype='uint16' (within 1.9e-4 nats), not dtype={dtype!r}."
+        )
     allowed = ("float32", "bfloat16") if mode == "hidden" else STORAGE_DTYPES
-    if dtype not in allowed:
+    if not compress and dtype not in allowed:
         raise ValueError(
             f"cache_teacher dtype={dtype!r} is not supported for mode={mode!r}: choose one of {list(allowed)} (hidden "
             "states may exceed the float16 range)."
@@ -623,6 +692,7 @@ def cache_teacher(
     overwrite: bool = False,
     show_progress: bool = True,
     seed: int = 0,
+    compress: bool = False,
 ):
     """Runs `teacher` once over `dataset` and writes its outputs as a `datasets.Dataset` in `output_dir`.
 
@@ -651,6 +721,9 @@ def cache_teacher(
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar (samples).
         seed (`int`, *optional*, defaults to `0`): seed of the draws of `mode="sampled"`: the same seed, teacher and
             data give the same cache (on any device, in any number of processes).
+        compress (`bool`, *optional*, defaults to `False`): `mode="topk"` only: ids bit-packed to
+            `ceil(log2(vocab_size))` bits and log-probabilities quantised to `dtype="uint8"` or `"uint16"` (see
+            [`quantize_log_probs`] for the error bound).
 
     Returns:
         `datasets.Dataset`: the cache, as [`load_teacher_cache`] returns it.
@@ -674,6 +747,7 @@ def cache_teacher(
             overwrite,
             show_progress,
             seed,
+            compress,
         )
 
 
@@ -693,17 +767,21 @@ def _cache_teacher(
     overwrite: bool = False,
     show_progress: bool = True,
     seed: int = 0,
+    compress: bool = False,
 ):
     from tqdm.auto import tqdm
 
-    _check_arguments(mode, top_k, num_samples, seed, dtype, temperature, batch_size, shard_size, vocab_size, teacher)
+    _check_arguments(
+        mode, top_k, num_samples, seed, compress, dtype, temperature, batch_size, shard_size, vocab_size, teacher
+    )
     first, dataset = _first_row(dataset)
     if first is None:
         raise ValueError("cache_teacher got an empty dataset: pass at least one tokenized sample.")
     with_labels = isinstance(first, dict) and first.get("labels") is not None
     settings = _settings(
-        teacher, mode, top_k, num_samples, seed, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels
-    )
+        teacher, mode, top_k, num_samples, seed, compress, dtype, temperature, tokenizer, vocab_size, shard_size,
+        with_labels,
+    )  # fmt: skip
     target = resolve_output_path(output_dir)  # `~` and links, as every other writer resolves its output
     # A cache written into (or over) the teacher's own folder would replace the teacher, `overwrite` or not.
     check_not_overlapping(output_dir, getattr(teacher.config, "name_or_path", None) or None, "the teacher")
@@ -816,7 +894,13 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
         "teacher_bytes_per_token": sum(s["teacher_bytes"] for s in shards) / max(tokens, 1),
         "shards": shards,
     }
-    features = _features(settings["mode"], settings["dtype"], settings["id_dtype"], settings["with_labels"])
+    features = _features(
+        settings["mode"],
+        settings["dtype"],
+        settings["id_dtype"],
+        settings["with_labels"],
+        settings["compress"] or False,
+    )
     with atomic_directory(target, overwrite=overwrite, expected_bytes=info["bytes"]) as tmp:
         for entry in shards:  # hard links: the work directory keeps its shards until the cache is in place
             os.link(partial / entry["file"], tmp / entry["file"])
@@ -880,14 +964,22 @@ def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torc
     batch = {}
     if SAMPLE_IDS in features[0]:
         batch.update(_collate_samples(features, length))
-    names = [name for name in TEACHER_COLUMNS if name in features[0] and name not in (SAMPLE_IDS, SAMPLE_COUNTS)]
+    if TOPK_PACKED_IDS in features[0]:
+        # Bit streams, one per sample: zero-padded to the longest; `CachedTeacher` unpacks them.
+        rows = [torch.from_numpy(np.asarray(f[TOPK_PACKED_IDS]).astype(np.uint8)) for f in features]
+        packed = torch.zeros(len(rows), max(r.numel() for r in rows), dtype=torch.uint8)
+        for i, r in enumerate(rows):
+            packed[i, : r.numel()] = r
+        batch[TOPK_PACKED_IDS] = packed
+    skip = (SAMPLE_IDS, SAMPLE_COUNTS, TOPK_PACKED_IDS)
+    names = [name for name in TEACHER_COLUMNS if name in features[0] and name not in skip]
     for name in names:
         rows = []
         for f in features:
             tokens = len(f["input_ids"])
             value = _as_array(f[name], bf16_bits=name in (HIDDEN, TOPK_LOGPROBS, ENTROPY))
             rows.append(value.reshape(tokens) if name in (TOPK_REST, ENTROPY) else value.reshape(tokens, -1))
-        if name == TOPK_IDS:
+        if name in (TOPK_IDS, TOPK_QUANTIZED):
             rows = [r.long() for r in rows]
         elif name in (TOPK_LOGPROBS, TOPK_REST, ENTROPY):
             rows = [r.float() for r in rows]
@@ -924,7 +1016,10 @@ class CachedTeacher(Teacher):
         return cls(cache_directory(dataset))
 
     def __repr__(self) -> str:
-        k = {"topk": f", top_k={self.info['top_k']}", "sampled": f", num_samples={self.info.get('num_samples')}"}
+        k = {
+            "topk": f", top_k={self.info['top_k']}{', compressed' if self.info.get('compress') else ''}",
+            "sampled": f", num_samples={self.info.get('num_samples')}",
+        }
         k = k.get(self.mode, "")
         return f"teacher cache {str(self.directory)!r} (mode={self.mode!r}{k}, dtype={self.info['dtype']})"
 
@@ -993,7 +1088,14 @@ class CachedTeacher(Teacher):
         return hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
 
     def _topk(self, columns: dict) -> tuple:
-        ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]
+        if self.info.get("compress"):
+            codes = columns[TOPK_QUANTIZED]  # [batch, length, k]
+            batch, length, k = codes.shape
+            ids = unpack_ids(columns[TOPK_PACKED_IDS], id_bits(self.info["vocab_size"]), length * k)
+            ids = ids.reshape(batch, length, k).clamp_max_(self.info["vocab_size"] - 1)  # padding decodes to junk
+            log_probs = dequantize_log_probs(codes, self.info["dtype"])
+        else:
+            ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]
         return (
             ids.reshape(-1, ids.shape[-1]),
             log_probs.reshape(-1, log_probs.shape[-1]),
