@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import TextDataArguments
-from ..distillation.teacher_cache import MODES, STORAGE_DTYPES, cache_teacher
+from ..distillation.teacher_cache import MODES, QUANTIZED_DTYPES, STORAGE_DTYPES, cache_teacher
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -22,6 +22,9 @@ class CacheTeacherArguments(TextDataArguments):
         mode (`str`, *optional*, defaults to `"hidden"`): `hidden` (exact), `topk` or `sampled`.
         top_k (`int`, *optional*): tokens per position for `mode=topk`.
         num_samples (`int`, *optional*): tokens drawn per position for `mode=sampled` (1 to 255).
+        seed (`int`, *optional*, defaults to `0`): seed of the draws of `mode=sampled`.
+        compress (`bool`, *optional*, defaults to `False`): `mode=topk` with bit-packed ids and quantised
+            log-probabilities (`dtype` `uint8` or `uint16`).
         dtype (`str`, *optional*, defaults to `"float32"`): storage dtype (see [`cache_teacher`]).
         temperature (`float`, *optional*, defaults to `1.0`): temperature of the top-k log-probabilities or of the
             sampled distributions.
@@ -39,7 +42,15 @@ class CacheTeacherArguments(TextDataArguments):
     mode: str = field(default="hidden", metadata={"help": "What is stored.", "choices": list(MODES)})
     top_k: int | None = field(default=None, metadata={"help": "Tokens per position for mode=topk."})
     num_samples: int | None = field(default=None, metadata={"help": "Tokens drawn per position for mode=sampled."})
-    dtype: str = field(default="float32", metadata={"help": "Storage dtype.", "choices": list(STORAGE_DTYPES)})
+    seed: int = field(default=0, metadata={"help": "Seed of the draws of mode=sampled."})
+    compress: bool = field(
+        default=False,
+        metadata={"help": "mode=topk: bit-packed ids, log-probabilities quantised to dtype uint8/uint16."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Storage dtype.", "choices": list(STORAGE_DTYPES) + list(QUANTIZED_DTYPES)},
+    )
     temperature: float = field(default=1.0, metadata={"help": "Temperature of the top-k log-probabilities."})
     batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward."})
     shard_size: int = field(default=256, metadata={"help": "Samples per Arrow shard (the unit of resumption)."})
@@ -75,6 +86,8 @@ def cache_teacher_checkpoint(args: CacheTeacherArguments):
         mode=args.mode,
         top_k=args.top_k,
         num_samples=args.num_samples,
+        seed=args.seed,
+        compress=args.compress,
         dtype=args.dtype,
         temperature=args.temperature,
         tokenizer=tokenizer,

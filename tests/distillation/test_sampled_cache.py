@@ -297,10 +297,11 @@ def test_cli_cache_teacher_sampled(checkpoint, text_file, tmp_path):
     output = tmp_path / "cache"
     argv = [
         "cache-teacher", "--teacher", str(checkpoint), "--dataset", str(text_file), "--text_column", "content",
-        "--seq_length", "16", "--max_train_samples", "4", "--mode", "sampled", "--num_samples", "8",
+        "--seq_length", "16", "--max_train_samples", "4", "--mode", "sampled", "--num_samples", "8", "--seed", "3",
         "--output_dir", str(output),
     ]  # fmt: skip
     assert cli_main(argv) == 0
     cache = load_teacher_cache(output)
-    assert json.loads((output / "teacher_cache.json").read_text())["num_samples"] == 8
+    info = json.loads((output / "teacher_cache.json").read_text())
+    assert info["num_samples"] == 8 and info["seed"] == 3
     assert cache[0]["teacher_sample_counts"].sum() == 16 * 8
