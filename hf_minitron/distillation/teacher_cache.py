@@ -28,8 +28,8 @@ loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (a
 The teacher columns are flat lists (`[tokens * hidden_size]`, `[tokens * top_k]`, one entry per position of
 `input_ids`: position t holds the teacher's prediction of token t + 1; the sampled ids and counts, position after
 position, need no boundaries since each position's counts sum to K, see [`unpack_samples`]); bf16 values are stored
-as their uint16 bit patterns (Arrow has no bf16). [`load_teacher_cache`] (or `datasets.load_from_disk`) returns the dataset with numpy
-formatting.
+as their uint16 bit patterns (Arrow has no bf16). [`load_teacher_cache`] (or `datasets.load_from_disk`) returns the
+dataset with numpy formatting.
 
 `teacher_cache.json` holds a fingerprint of the teacher's weights (a sample of every tensor), the tokenizer's
 vocabulary, the data (every sample's ids) and the sequence length: a cache is refused for another teacher (teacher
@@ -875,7 +875,8 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
                 f"Shard {index} of the teacher cache in {str(partial)!r} is missing or holds other data: did a "
                 "process fail? Rerun the same command to compute it."
             )
-        entry.update(file=stored["file"], bytes=stored["bytes"], teacher_bytes=stored["teacher_bytes"])
+        # A shard resumed from a write by an older version has no `teacher_bytes`: the total is then unknown.
+        entry.update(file=stored["file"], bytes=stored["bytes"], teacher_bytes=stored.get("teacher_bytes"))
     tokens = sum(s["tokens"] for s in shards)
     info = {
         **settings,
@@ -891,7 +892,9 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
         "bytes": sum(s["bytes"] for s in shards),
         "bytes_per_token": sum(s["bytes"] for s in shards) / max(tokens, 1),
         # The teacher's values alone (no token ids, no Arrow framing): what the mode and its settings cost.
-        "teacher_bytes_per_token": sum(s["teacher_bytes"] for s in shards) / max(tokens, 1),
+        "teacher_bytes_per_token": None
+        if any(s["teacher_bytes"] is None for s in shards)
+        else sum(s["teacher_bytes"] for s in shards) / max(tokens, 1),
         "shards": shards,
     }
     features = _features(
@@ -924,9 +927,9 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
         (tmp / CACHE_INFO_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
     shutil.rmtree(partial, ignore_errors=True)
     logger.info(
-        "Teacher cache written to %s: %d samples, %d tokens, %s (%.1f bytes per token, %.1f of them the teacher's).",
+        "Teacher cache written to %s: %d samples, %d tokens, %s (%.1f bytes per token, %s of them the teacher's).",
         target, info["samples"], tokens, format_bytes(info["bytes"]), info["bytes_per_token"],
-        info["teacher_bytes_per_token"],
+        "?" if info["teacher_bytes_per_token"] is None else f"{info['teacher_bytes_per_token']:.1f}",
     )  # fmt: skip
 
 
