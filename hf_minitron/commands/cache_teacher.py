@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import TextDataArguments
-from ..distillation.teacher_cache import MODES, STORAGE_DTYPES, cache_teacher
+from ..distillation.teacher_cache import MODES, QUANTIZED_DTYPES, STORAGE_DTYPES, cache_teacher
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -19,10 +19,15 @@ class CacheTeacherArguments(TextDataArguments):
         teacher_dtype (`str`, *optional*): dtype the teacher is loaded in (`float32`, `bfloat16`); default: as saved.
         output_dir (`str`, *optional*, defaults to `"outputs/teacher_cache"`): the cache directory.
         split (`str`, *optional*, defaults to `"train"`): which split of the packed data to cache.
-        mode (`str`, *optional*, defaults to `"hidden"`): `hidden` (exact) or `topk`.
+        mode (`str`, *optional*, defaults to `"hidden"`): `hidden` (exact), `topk` or `sampled`.
         top_k (`int`, *optional*): tokens per position for `mode=topk`.
+        num_samples (`int`, *optional*): tokens drawn per position for `mode=sampled` (1 to 255).
+        seed (`int`, *optional*, defaults to `0`): seed of the draws of `mode=sampled`.
+        compress (`bool`, *optional*, defaults to `False`): `mode=topk` with bit-packed ids and quantised
+            log-probabilities (`dtype` `uint8` or `uint16`).
         dtype (`str`, *optional*, defaults to `"float32"`): storage dtype (see [`cache_teacher`]).
-        temperature (`float`, *optional*, defaults to `1.0`): temperature of the top-k log-probabilities.
+        temperature (`float`, *optional*, defaults to `1.0`): temperature of the top-k log-probabilities or of the
+            sampled distributions.
         batch_size (`int`, *optional*, defaults to `8`): samples per teacher forward.
         shard_size (`int`, *optional*, defaults to `256`): samples per Arrow shard.
         overwrite (`bool`, *optional*, defaults to `False`): replace a cache made with other settings.
@@ -36,7 +41,16 @@ class CacheTeacherArguments(TextDataArguments):
     split: str = field(default="train", metadata={"help": "Split of the packed data to cache (train, validation)."})
     mode: str = field(default="hidden", metadata={"help": "What is stored.", "choices": list(MODES)})
     top_k: int | None = field(default=None, metadata={"help": "Tokens per position for mode=topk."})
-    dtype: str = field(default="float32", metadata={"help": "Storage dtype.", "choices": list(STORAGE_DTYPES)})
+    num_samples: int | None = field(default=None, metadata={"help": "Tokens drawn per position for mode=sampled."})
+    seed: int = field(default=0, metadata={"help": "Seed of the draws of mode=sampled."})
+    compress: bool = field(
+        default=False,
+        metadata={"help": "mode=topk: bit-packed ids, log-probabilities quantised to dtype uint8/uint16."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Storage dtype.", "choices": list(STORAGE_DTYPES) + list(QUANTIZED_DTYPES)},
+    )
     temperature: float = field(default=1.0, metadata={"help": "Temperature of the top-k log-probabilities."})
     batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward."})
     shard_size: int = field(default=256, metadata={"help": "Samples per Arrow shard (the unit of resumption)."})
@@ -71,6 +85,9 @@ def cache_teacher_checkpoint(args: CacheTeacherArguments):
         args.output_dir,
         mode=args.mode,
         top_k=args.top_k,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        compress=args.compress,
         dtype=args.dtype,
         temperature=args.temperature,
         tokenizer=tokenizer,

@@ -13,13 +13,15 @@ Conventions shared by every function here:
 The fused loss (`fused_kd_loss`) computes the same values from the final hidden states and the `lm_head` weights,
 chunk by chunk over tokens, so the `[tokens, vocab]` logits of student and teacher never exist for the whole batch.
 `topk_kd_loss` / `fused_topk_kd_loss` do the same from a cached top-k teacher (ids, log-probabilities and the mass of
-the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`). Their settings travel as one
-[`KDLossOptions`] (what the trainer builds once from its config): `fused_kd_loss_with_options` and
-`fused_topk_kd_loss_with_options` take it, and the keyword functions build it from their arguments.
+the rest of the vocabulary per token; see `hf_minitron.distillation.teacher_cache`), and `sampled_kd_loss` /
+`fused_sampled_kd_loss_with_options` from tokens sampled from the teacher (forward KL, unbiased). Their settings travel
+as one [`KDLossOptions`] (what the trainer builds once from its config): `fused_kd_loss_with_options`,
+`fused_topk_kd_loss_with_options` and `fused_sampled_kd_loss_with_options` take it, and the keyword functions build it
+from their arguments.
 
-One module, past 500 lines: the logit losses, their top-k forms and the fused chunked kernels are one family of
-functions with shared identities (identical logits give 0, chunked equals unchunked); the tests check them against each
-other here.
+One module, past 500 lines: the logit losses, their top-k and sampled forms and the fused chunked kernels are one
+family of functions with shared identities (identical logits give 0, chunked equals unchunked); the tests check them
+against each other here.
 """
 
 import math
@@ -306,6 +308,65 @@ def topk_kd_loss(
     return _reduce(_divergence(log_q, log_p, loss_type, beta) * temperature**2, labels, reduction)
 
 
+# ---------------------------------------------------------------------------------------------- sampled teacher
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    num_samples: int,
+    teacher_entropy: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Forward KL from tokens sampled from the teacher (Sparse Logit Sampling, [Anshumann et al., 2025](
+    https://arxiv.org/abs/2503.16870)), on full student logits (the reference of the fused version).
+
+    With `q = softmax(z / T)` the student's distribution (`z` = `student_logits`), `p = softmax(z_t / T)` the
+    teacher's, and `c_v` the number of times token `v` came up in `K = num_samples` draws with replacement from `p`,
+    `p^_v = c_v / K` is an unbiased estimator of `p_v` (`E[c_v] = K p_v`). The loss is
+
+        L^ = T**2 * (-sum_v p^_v log q_v - H(p)),    dL^/dz = T (q - p^)    (as sum_v p^_v = 1),
+
+        E[dL^/dz] = T (q - p) = d/dz [T**2 KL(p || q)],
+
+    the gradient of the forward KL of [`kd_loss`] (a live teacher, divergence at temperature `T` times `T**2`): an
+    unbiased estimate, of covariance `T**2 (diag(p) - p p^T) / K` per token. With the teacher's entropy `H(p)` at `T`
+    the value is unbiased too, `E[L^] = T**2 KL(p || q)` (a single token's estimate may be negative); without it
+    `L^` is that plus the constant `T**2 H(p)`, with the same gradient. Only forward KL has this property: the other
+    divergences are not linear in `p`.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `[..., vocab]`): Student logits.
+        sample_ids (`torch.Tensor` of shape `[..., w]`): The distinct sampled tokens of each position (`w <= K`;
+            padding slots have count 0 and any id in the vocabulary).
+        sample_counts (`torch.Tensor` of shape `[..., w]`): How many of the `K` draws gave each; they sum to `K`.
+        num_samples (`int`): `K`, the draws per position.
+        teacher_entropy (`torch.Tensor` of shape `[...]`, *optional*): `H(p)` in nats at `temperature`.
+        labels (`torch.Tensor` of shape `[...]`, *optional*): As in [`kd_loss`].
+        temperature (`float`, *optional*, defaults to `1.0`): `T`; the samples must come from `softmax(z_t / T)`.
+        reduction (`str`, *optional*, defaults to `"sum"`): As in [`kd_loss`].
+
+    Returns:
+        `torch.Tensor`: a scalar, or `[...]` for `reduction="none"`.
+    """
+    return _reduce(
+        _sampled_divergence(student_logits, sample_ids, sample_counts, num_samples, teacher_entropy, temperature),
+        labels,
+        reduction,
+    )
+
+
+def _sampled_divergence(student_logits, sample_ids, sample_counts, num_samples, teacher_entropy, temperature):
+    """Per-token `T**2 * (-sum_v p^_v log q_v - H(p))` `[...]` (fp32), see [`sampled_kd_loss`]."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p_hat = sample_counts.float() / num_samples
+    cross_entropy = -(p_hat * log_q.gather(-1, sample_ids.long())).sum(-1)
+    if teacher_entropy is not None:
+        cross_entropy = cross_entropy - teacher_entropy.float()
+    return cross_entropy * temperature**2
+
+
 # ---------------------------------------------------------------------------------------------- fused chunked loss
 def _softcap(logits, cap):
     return logits if cap is None else cap * torch.tanh(logits / cap)
@@ -589,6 +650,30 @@ def _fused_topk_forward(student_hidden, student_weight, student_bias, teacher, l
     return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
 
 
+def _fused_sampled_forward(
+    student_hidden, student_weight, student_bias, teacher, labels, options, num_samples, need_grads
+):
+    """[`_chunk_loop`] with a sampled teacher `teacher = (ids, counts, entropy)` (autograd on each chunk's logits:
+    the loss is a gather and a log-softmax, cheap next to the matmuls)."""
+    rows = min(chunk_rows(student_weight.shape[0], options.chunk_size), max(student_hidden.shape[0], 1))
+    weights = (student_weight, student_bias)
+
+    def chunk_loss(start, h, target, need_grad):
+        chunk = tuple(None if t is None else t[start : start + h.shape[0]] for t in teacher)
+        z = F.linear(h, *weights).float()
+        grad = None
+        with torch.enable_grad():
+            z.requires_grad_(need_grad)
+            capped = _softcap(z, options.student_softcap)
+            kd = _sampled_divergence(capped, *chunk[:2], num_samples, chunk[2], options.temperature).sum()
+            ce = F.cross_entropy(capped, target, reduction="sum")
+            if need_grad:
+                (grad,) = torch.autograd.grad(options.kd_weight * kd + options.ce_weight * ce, z)
+        return kd.detach(), ce.detach(), grad
+
+    return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
+
+
 class _FusedKDLoss(torch.autograd.Function):
     """Chunked KD (+ CE) loss whose gradients are computed chunk by chunk in `forward` and replayed in `backward`.
 
@@ -781,4 +866,44 @@ def fused_topk_kd_loss_with_options(
         teacher = tuple(t[keep] for t in teacher)
     teacher = tuple(t.detach() for t in teacher)
     forward = partial(_fused_topk_forward, teacher=teacher, labels=labels, options=options)
+    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)
+
+
+def fused_sampled_kd_loss_with_options(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    num_samples: int,
+    teacher_entropy: torch.Tensor | None,
+    labels: torch.Tensor,
+    options: KDLossOptions,
+    student_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD (+ CE) loss from the student's final hidden states and a sampled teacher, chunk by chunk.
+
+    Equal in value and gradient to `kd_weight * sampled_kd_loss(...) + ce_weight * cross_entropy(...)` on the full
+    student logits, with only `[chunk_size, vocab]` logits at a time, like [`fused_kd_loss`]. Of the options only
+    `temperature`, `kd_weight`, `ce_weight`, `chunk_size` and `student_softcap` apply: the loss is forward KL.
+
+    Args:
+        student_hidden (`torch.Tensor` of shape `[tokens, hidden]`): Post-norm final hidden states of the student.
+        student_weight (`torch.Tensor` of shape `[vocab, hidden]`): Student `lm_head` weight.
+        sample_ids, sample_counts (`torch.Tensor` of shape `[tokens, w]`), num_samples (`int`), teacher_entropy
+            (`torch.Tensor` of shape `[tokens]`, *optional*): The sampled teacher, see [`sampled_kd_loss`].
+        labels (`torch.Tensor` of shape `[tokens]`): Next-token targets; `-100` rows are dropped before the loop.
+        options ([`KDLossOptions`]): The loss settings.
+        student_bias (`torch.Tensor` of shape `[vocab]`, *optional*): The student's `lm_head` bias.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: the weighted loss sum (differentiable), and the KD and CE
+        sums (detached, for logging).
+    """
+    keep = labels.ne(-100)
+    teacher = (sample_ids, sample_counts, teacher_entropy)
+    if not bool(keep.all()):
+        student_hidden, labels = student_hidden[keep], labels[keep]
+        teacher = tuple(None if t is None else t[keep] for t in teacher)
+    teacher = tuple(None if t is None else t.detach() for t in teacher)
+    forward = partial(_fused_sampled_forward, teacher=teacher, labels=labels, options=options, num_samples=num_samples)
     return _apply_fused(forward, student_hidden, student_weight, student_bias, options)

@@ -13,12 +13,23 @@ loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (a
   (`teacher_topk_rest`). The tail is one bucket: the divergence is taken between the `top_k + 1`-bucket distributions
   of teacher and student ([`topk_kd_loss`]), which for forward KL is a lower bound of the full KL and equals it at
   `top_k` = vocabulary size. `top_k * (2 + 4) + 4` bytes per token (uint16 ids, fp32 log-probabilities; 2-byte
-  log-probabilities with `dtype="float16"` / `"bfloat16"`).
+  log-probabilities with `dtype="float16"` / `"bfloat16"`). With `compress=True` the ids are bit-packed to
+  `ceil(log2(vocab_size))` bits (`teacher_topk_packed_ids`) and the log-probabilities quantised to `dtype="uint8"` or
+  `"uint16"` (`teacher_topk_quantized_logprobs`, within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]):
+  `top_k * (bits / 8 + 1 or 2) + 4` bytes per token.
+- `mode="sampled"` (Sparse Logit Sampling, [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)): per token
+  `num_samples` = K tokens drawn with replacement from the teacher's distribution at the cache's `temperature`, kept
+  as the distinct ids (`teacher_sample_ids`, uint16) and how often each came up (`teacher_sample_counts`, uint8), and
+  the teacher's entropy (`teacher_entropy`). With `p^ = counts / K` the loss `-sum p^ log q` has an unbiased gradient
+  of the forward KL ([`sampled_kd_loss`]): noisier than the exact loss, but not biased towards the head of the
+  distribution as a top-k cache is. At most `K * (2 + 1) + 4` bytes per token, fewer the more peaked the teacher (a
+  confident position repeats its token). The draws come from a generator seeded from `seed` and each shard's data.
 
 The teacher columns are flat lists (`[tokens * hidden_size]`, `[tokens * top_k]`, one entry per position of
-`input_ids`: position t holds the teacher's prediction of token t + 1); bf16 values are stored as their uint16 bit
-patterns (Arrow has no bf16). [`load_teacher_cache`] (or `datasets.load_from_disk`) returns the dataset with numpy
-formatting.
+`input_ids`: position t holds the teacher's prediction of token t + 1; the sampled ids and counts, position after
+position, need no boundaries since each position's counts sum to K, see [`unpack_samples`]); bf16 values are stored
+as their uint16 bit patterns (Arrow has no bf16). [`load_teacher_cache`] (or `datasets.load_from_disk`) returns the
+dataset with numpy formatting.
 
 `teacher_cache.json` holds a fingerprint of the teacher's weights (a sample of every tensor), the tokenizer's
 vocabulary, the data (every sample's ids) and the sequence length: a cache is refused for another teacher (teacher
@@ -58,7 +69,16 @@ from ..io import (
     resolve_output_path,
 )
 from ..output_lock import output_locks
-from .losses import LOG_PROB_FLOOR, chunk_rows, fused_topk_kd_loss_with_options, kd_loss, topk_kd_loss
+from .losses import (
+    CHUNK_BYTES,
+    LOG_PROB_FLOOR,
+    chunk_rows,
+    fused_sampled_kd_loss_with_options,
+    fused_topk_kd_loss_with_options,
+    kd_loss,
+    sampled_kd_loss,
+    topk_kd_loss,
+)
 from .teachers import Teacher, TeacherOutput
 
 
@@ -68,13 +88,25 @@ CACHE_INFO_NAME = "teacher_cache.json"
 LM_HEAD_NAME = "teacher_lm_head.safetensors"
 SETTINGS_NAME = "settings.json"
 FORMAT_VERSION = 1
-MODES = ("hidden", "topk")
+MODES = ("hidden", "topk", "sampled")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN = "teacher_hidden"
 TOPK_IDS = "teacher_topk_ids"
 TOPK_LOGPROBS = "teacher_topk_logprobs"
 TOPK_REST = "teacher_topk_rest"
-TEACHER_COLUMNS = (HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST)
+SAMPLE_IDS = "teacher_sample_ids"
+SAMPLE_COUNTS = "teacher_sample_counts"
+ENTROPY = "teacher_entropy"
+TOPK_PACKED_IDS = "teacher_topk_packed_ids"
+TOPK_QUANTIZED = "teacher_topk_quantized_logprobs"
+TEACHER_COLUMNS = (
+    HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST, TOPK_PACKED_IDS, TOPK_QUANTIZED, SAMPLE_IDS, SAMPLE_COUNTS, ENTROPY
+)  # fmt: skip
+QUANTIZED_DTYPES = ("uint8", "uint16")
+# Quantised log-probabilities cover [QUANTIZED_LOG_PROB_MIN, 0] in 2**bits - 1 equal steps (see `quantize_log_probs`).
+QUANTIZED_LOG_PROB_MIN = -25.0
+# Counts are stored as uint8.
+MAX_NUM_SAMPLES = 255
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -304,13 +336,127 @@ def _topk(hidden, head, softcap, vocab_size, top_k, temperature):
     return tuple(torch.cat(parts) for parts in zip(*results))
 
 
+def draw_samples(log_probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`K` draws with replacement from each row's distribution, by inversion of its CDF, as distinct tokens and counts.
+
+    Inversion (not `torch.multinomial`) with uniforms drawn by the caller makes a cache independent of the device
+    and of the chunking; the CDF is summed in float64 so that tokens far below fp32's resolution of 1 keep their
+    probability (a token of probability 0 is never drawn).
+
+    Args:
+        log_probs (`torch.Tensor` of shape `[rows, vocab]`): Log-probabilities.
+        uniforms (`torch.Tensor` of shape `[rows, K]`): Independent uniforms in `[0, 1)` (float64).
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: `ids [n]` (int64) and `counts [n]` (int64) of the distinct
+        tokens of every row, row after row and in increasing id within a row, and `distinct [rows]`, how many each
+        row has (each row's counts sum to `K`).
+    """
+    rows, k = uniforms.shape
+    cdf = log_probs.double().exp().cumsum(-1)
+    x = uniforms.to(cdf.device, torch.float64) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, x, right=True).clamp_max_(cdf.shape[-1] - 1).sort(-1).values.reshape(-1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first.view(rows, k)[:, 1:] = ids.view(rows, k)[:, 1:] != ids.view(rows, k)[:, :-1]
+    starts = first.nonzero().squeeze(-1)
+    counts = torch.diff(starts, append=starts.new_tensor([ids.numel()]))
+    return ids[starts], counts, first.view(rows, k).sum(-1)
+
+
+def unpack_samples(ids, counts, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's stored `(ids [n], counts [n])` (as [`draw_samples`] gives them, for its `tokens` positions) as
+    `(ids [tokens, w], counts [tokens, w])` (int64), `w` the most distinct tokens of a position, padded with count 0.
+
+    Every position's counts sum to `num_samples`, so the positions need no stored boundaries: the entries of position
+    t are those whose running count lies in `(K t, K (t + 1)]`.
+    """
+    ids, counts = torch.as_tensor(np.asarray(ids)).long(), torch.as_tensor(np.asarray(counts)).long()
+    total = int(counts.sum())
+    tokens = total // num_samples
+    if tokens * num_samples != total or bool((counts <= 0).any()):
+        raise ValueError(
+            f"A sampled teacher cache's counts sum to {total}, not a multiple of num_samples={num_samples} (or hold a "
+            "zero): the cache is damaged, rewrite it (cache_teacher(..., overwrite=True))."
+        )
+    position = (counts.cumsum(0) - 1) // num_samples
+    starts = torch.searchsorted(position, torch.arange(tokens))
+    slot = torch.arange(ids.numel()) - starts[position]
+    width = int(slot.max()) + 1 if ids.numel() else 1
+    dense_ids, dense_counts = ids.new_zeros(tokens, width), counts.new_zeros(tokens, width)
+    dense_ids[position, slot], dense_counts[position, slot] = ids, counts
+    return dense_ids, dense_counts
+
+
+@torch.no_grad()
+def _sample(hidden, head, softcap, vocab_size, uniforms, temperature):
+    """`draw_samples` of the teacher's distributions at `temperature` for `hidden` `[tokens, hidden]`, chunk by chunk,
+    and their entropies `[tokens]` (nats)."""
+    results = []
+    vocab = vocab_size or head.weight.shape[0]
+    rows = max(1, CHUNK_BYTES // (16 * vocab))  # fp32 logits and log-probabilities, the float64 CDF
+    for start in range(0, hidden.shape[0], rows):
+        chunk = hidden[start : start + rows]
+        logits = F.linear(chunk, head.weight[:vocab], None if head.bias is None else head.bias[:vocab]).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        log_p = torch.log_softmax(logits / temperature, -1)
+        entropy = torch.special.entr(log_p.exp()).sum(-1)
+        results.append((*draw_samples(log_p, uniforms[start : start + rows]), entropy))
+    return tuple(torch.cat(parts) for parts in zip(*results))
+
+
+def _sample_seed(seed: int, data_hash: str) -> int:
+    """The generator seed of a shard: from the cache's `seed` and the shard's data, not its index or process, so that
+    a resumed or distributed write draws what one uninterrupted process does."""
+    return int(hashlib.sha256(f"{seed}-{data_hash}".encode()).hexdigest()[:15], 16)
+
+
 def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return values.to("cpu", torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return values.to("cpu", getattr(torch, dtype)).numpy()
 
 
-def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool):
+def id_bits(vocab_size: int) -> int:
+    """Bits of a bit-packed token id: `ceil(log2(vocab_size))` (16 for SmolLM2's 49152 tokens, 7 for 96)."""
+    return max(1, (vocab_size - 1).bit_length())
+
+
+def pack_ids(ids: torch.Tensor, bits: int) -> np.ndarray:
+    """`ids` (any shape, each `< 2**bits`) as a little-endian bit stream of `bits` bits per id, `ceil(n * bits / 8)`
+    uint8 bytes."""
+    flat = ids.reshape(-1).cpu().long()
+    stream = (flat[:, None] >> torch.arange(bits)) & 1
+    return np.packbits(stream.numpy().astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_ids(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` ids `[..., count]` (int64) of bit streams `packed` `[..., bytes]` (uint8, zero-padded) written
+    by [`pack_ids`]."""
+    stream = (packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1
+    stream = stream.flatten(-2)
+    if stream.shape[-1] < count * bits:
+        stream = F.pad(stream, (0, count * bits - stream.shape[-1]))
+    stream = stream[..., : count * bits].unflatten(-1, (count, bits))
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+def quantize_log_probs(log_probs: torch.Tensor, dtype: str) -> np.ndarray:
+    """Log-probabilities as `uint8` / `uint16` codes of `Q = 2**bits - 1` equal steps over `[m, 0]`, `m =
+    QUANTIZED_LOG_PROB_MIN`, rounded to the nearest: [`dequantize_log_probs`] gives back `log p` within half a step,
+    `|m| / (2 Q)` (0.049 nats for uint8, i.e. each probability within 5%, and 1.9e-4 for uint16) where `log p >= m`;
+    below, `m` (`p < exp(m) = 1.4e-11`)."""
+    levels = np.iinfo(dtype).max
+    codes = ((log_probs.float().clamp(QUANTIZED_LOG_PROB_MIN, 0) / -QUANTIZED_LOG_PROB_MIN + 1) * levels).round()
+    return codes.cpu().numpy().astype(dtype)
+
+
+def dequantize_log_probs(codes: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The fp32 log-probabilities of [`quantize_log_probs`]'s `codes`."""
+    return (codes.float() / np.iinfo(dtype).max - 1) * -QUANTIZED_LOG_PROB_MIN
+
+
+def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool, compress: bool = False):
     from datasets import Features, List, Value
 
     stored = "uint16" if dtype == "bfloat16" else dtype
@@ -319,6 +465,10 @@ def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool):
         columns["labels"] = List(Value("int32"))
     if mode == "hidden":
         columns[HIDDEN] = List(Value(stored))
+    elif compress:
+        columns.update({TOPK_PACKED_IDS: List(Value("uint8")), TOPK_QUANTIZED: List(Value(dtype)), TOPK_REST: List(Value("float32"))})  # fmt: skip
+    elif mode == "sampled":
+        columns.update({SAMPLE_IDS: List(Value(id_dtype)), SAMPLE_COUNTS: List(Value("uint8")), ENTROPY: List(Value(stored))})  # fmt: skip
     else:
         columns.update({TOPK_IDS: List(Value(id_dtype)), TOPK_LOGPROBS: List(Value(stored)), TOPK_REST: List(Value("float32"))})  # fmt: skip
     return Features(columns)
@@ -342,9 +492,12 @@ def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> 
 
     mode, dtype = settings["mode"], settings["dtype"]
     with_labels = settings["with_labels"]
-    features = _features(mode, dtype, settings["id_dtype"], with_labels)
+    features = _features(mode, dtype, settings["id_dtype"], with_labels, settings.get("compress") or False)
     head = teacher.get_output_embeddings()
+    if mode == "sampled":
+        generator = torch.Generator().manual_seed(_sample_seed(settings["seed"], _shard_hash(rows)))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    teacher_bytes = 0
     try:
         with ArrowWriter(features=features, path=str(tmp)) as writer:
             for batch in _batched(rows, batch_size):
@@ -359,22 +512,40 @@ def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> 
                 states = torch.cat([hidden[i, :n] for i, n in enumerate(lengths)])  # drop the padding
                 if mode == "hidden":
                     columns[HIDDEN] = np.split(_to_storage(states, dtype), np.cumsum(lengths)[:-1])
+                elif mode == "sampled":
+                    # Sample by sample, so that the draws do not depend on batch_size.
+                    k = settings["num_samples"]
+                    uniforms = torch.cat([torch.rand(n, k, dtype=torch.float64, generator=generator) for n in lengths])
+                    ids, counts, distinct, entropy = _sample(
+                        states, head, settings["teacher_softcap"], settings["vocab_size"], uniforms,
+                        settings["temperature"],
+                    )  # fmt: skip
+                    entries = np.cumsum([int(d.sum()) for d in distinct.split(lengths)])[:-1]
+                    columns[SAMPLE_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), entries)
+                    columns[SAMPLE_COUNTS] = np.split(counts.cpu().numpy().astype(np.uint8), entries)
+                    columns[ENTROPY] = np.split(_to_storage(entropy, dtype), np.cumsum(lengths)[:-1])
                 else:
                     ids, log_probs, rest = _topk(
                         states, head, settings["teacher_softcap"], settings["vocab_size"], settings["top_k"],
                         settings["temperature"],
                     )  # fmt: skip
                     splits = np.cumsum(lengths)[:-1]
-                    columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
-                    columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
+                    if settings["compress"]:
+                        bits = id_bits(settings["vocab_size"])
+                        columns[TOPK_PACKED_IDS] = [pack_ids(part, bits) for part in ids.split(lengths)]
+                        columns[TOPK_QUANTIZED] = np.split(quantize_log_probs(log_probs, dtype), splits)
+                    else:
+                        columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
+                        columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
                     columns[TOPK_REST] = np.split(rest.cpu().numpy().astype(np.float32), splits)
+                teacher_bytes += sum(part.nbytes for name in TEACHER_COLUMNS for part in columns.get(name, ()))
                 arrays = [_list_array(columns[name]) for name in features]
                 writer.write_table(pa.Table.from_arrays(arrays, names=list(features)))
             writer.finalize()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"file": path.name, "bytes": path.stat().st_size}
+    return {"file": path.name, "bytes": path.stat().st_size, "teacher_bytes": teacher_bytes}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -389,7 +560,10 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels) -> dict:
+def _settings(
+    teacher, mode, top_k, num_samples, seed, compress, dtype, temperature, tokenizer, vocab_size, shard_size,
+    with_labels,
+) -> dict:  # fmt: skip
     head = teacher.get_output_embeddings()
     vocab = vocab_size or head.weight.shape[0]
     return {
@@ -397,7 +571,11 @@ def _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, s
         "mode": mode,
         "dtype": dtype,
         "top_k": top_k if mode == "topk" else None,
-        "temperature": float(temperature) if mode == "topk" else None,
+        "num_samples": num_samples if mode == "sampled" else None,
+        "seed": seed if mode == "sampled" else None,
+        # Absent from older caches: compare as None, like an uncompressed cache's.
+        "compress": True if compress else None,
+        "temperature": float(temperature) if mode != "hidden" else None,
         "vocab_size": vocab,
         "id_dtype": "uint16" if vocab <= 2**16 else "int32",
         "hidden_size": head.weight.shape[1],
@@ -413,23 +591,38 @@ def _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, s
 def estimated_cache_bytes(settings: dict, samples: int, seq_length: int) -> int:
     """Bytes a cache of `samples` rows of `seq_length` tokens will take with these settings (Arrow's per-row
     overhead aside): every position's stored values, the labels, and the teacher's output layer for `hidden` mode."""
-    value_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[settings["dtype"]]
+    value_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "uint16": 2, "uint8": 1}[settings["dtype"]]
     id_bytes = 2 if settings["id_dtype"] == "uint16" else 4
     if settings["mode"] == "hidden":
         per_token = settings["hidden_size"] * value_bytes
         head = settings["vocab_size"] * settings["hidden_size"] * 4  # saved in float32
+    elif settings["mode"] == "sampled":
+        per_token = settings["num_samples"] * (id_bytes + 1) + value_bytes  # at most K distinct ids, the entropy
+        head = 0
+    elif settings.get("compress"):
+        per_token = settings["top_k"] * (id_bits(settings["vocab_size"]) / 8 + value_bytes) + 4
+        head = 0
     else:
         per_token = settings["top_k"] * (id_bytes + value_bytes) + value_bytes  # ids, log-probs, the rest's mass
         head = 0
     per_token += 4 * (2 if settings["with_labels"] else 1)  # input ids, labels
-    return samples * seq_length * per_token + head
+    return int(samples * seq_length * per_token) + head
 
 
-def _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher) -> None:
+def _check_arguments(
+    mode, top_k, num_samples, seed, compress, dtype, temperature, batch_size, shard_size, vocab_size, teacher
+) -> None:
     if mode not in MODES:
         raise ValueError(f"cache_teacher mode={mode!r} is not supported: choose one of {list(MODES)}.")
+    if compress and mode != "topk":
+        raise ValueError(f"cache_teacher compress=True is for mode='topk': drop it (mode={mode!r}).")
+    if compress and dtype not in QUANTIZED_DTYPES:
+        raise ValueError(
+            f"cache_teacher compress=True quantises the top-k log-probabilities: pass dtype='uint8' (within 0.049 "
+            f"nats) or dtype='uint16' (within 1.9e-4 nats), not dtype={dtype!r}."
+        )
     allowed = ("float32", "bfloat16") if mode == "hidden" else STORAGE_DTYPES
-    if dtype not in allowed:
+    if not compress and dtype not in allowed:
         raise ValueError(
             f"cache_teacher dtype={dtype!r} is not supported for mode={mode!r}: choose one of {list(allowed)} (hidden "
             "states may exceed the float16 range)."
@@ -439,8 +632,19 @@ def _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vo
             f"cache_teacher mode='topk' needs top_k, a positive number of tokens per position (got {top_k!r}); e.g. "
             "top_k=128, or the vocabulary size for the exact loss."
         )
-    if mode == "hidden" and top_k is not None:
-        raise ValueError("cache_teacher top_k is for mode='topk': drop it (mode='hidden' is exact).")
+    if mode != "topk" and top_k is not None:
+        raise ValueError(f"cache_teacher top_k is for mode='topk': drop it (mode={mode!r}).")
+    if mode == "sampled" and (
+        not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 0 < num_samples <= MAX_NUM_SAMPLES
+    ):
+        raise ValueError(
+            f"cache_teacher mode='sampled' needs num_samples, the tokens drawn per position, from 1 to "
+            f"{MAX_NUM_SAMPLES} (stored as uint8 counts), got {num_samples!r}; e.g. num_samples=12."
+        )
+    if mode != "sampled" and num_samples is not None:
+        raise ValueError(f"cache_teacher num_samples is for mode='sampled': drop it (mode={mode!r}).")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"cache_teacher seed={seed!r} is invalid: use a non-negative integer.")
     if not temperature > 0:
         raise ValueError(f"cache_teacher temperature={temperature!r} is invalid: use a positive number (1.0).")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
@@ -469,6 +673,7 @@ def cache_teacher(
     output_dir: str | os.PathLike,
     mode: str = "hidden",
     top_k: int | None = None,
+    num_samples: int | None = None,
     dtype: str = "float32",
     temperature: float = 1.0,
     tokenizer=None,
@@ -477,6 +682,8 @@ def cache_teacher(
     vocab_size: int | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    seed: int = 0,
+    compress: bool = False,
 ):
     """Runs `teacher` once over `dataset` and writes its outputs as a `datasets.Dataset` in `output_dir`.
 
@@ -487,12 +694,15 @@ def cache_teacher(
             than memory.
         output_dir (`str` or `os.PathLike`): the cache directory, written atomically. An existing cache of the same
             teacher, data and settings is returned as is (no teacher pass).
-        mode (`str`, *optional*, defaults to `"hidden"`): `"hidden"` (exact) or `"topk"` (see the module docstring).
+        mode (`str`, *optional*, defaults to `"hidden"`): `"hidden"` (exact), `"topk"` or `"sampled"` (see the module
+            docstring).
         top_k (`int`, *optional*): tokens per position of `mode="topk"` (the vocabulary size gives the exact loss).
+        num_samples (`int`, *optional*): tokens drawn per position by `mode="sampled"` (1 to 255).
         dtype (`str`, *optional*, defaults to `"float32"`): storage dtype of the hidden states (`"float32"` or
-            `"bfloat16"`) or of the top-k log-probabilities (also `"float16"`).
+            `"bfloat16"`), of the top-k log-probabilities or of the sampled mode's entropies (also `"float16"`).
         temperature (`float`, *optional*, defaults to `1.0`): `mode="topk"` stores `log_softmax(logits /
-            temperature)`; distil with the same `kd_temperature`.
+            temperature)`, `mode="sampled"` draws from `softmax(logits / temperature)`; distil with the same
+            `kd_temperature`.
         tokenizer (*optional*): recorded in the fingerprint, so that a student with another tokenizer is refused.
         batch_size (`int`, *optional*, defaults to `8`): samples per teacher forward.
         shard_size (`int`, *optional*, defaults to `256`): samples per Arrow shard (the unit of resumption).
@@ -500,6 +710,11 @@ def cache_teacher(
             beyond it (`mode="topk"` normalises over these tokens, as the trainer does with a live teacher).
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing cache made with other settings.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar (samples).
+        seed (`int`, *optional*, defaults to `0`): seed of the draws of `mode="sampled"`: the same seed, teacher and
+            data give the same cache (on any device, in any number of processes).
+        compress (`bool`, *optional*, defaults to `False`): `mode="topk"` only: ids bit-packed to
+            `ceil(log2(vocab_size))` bits and log-probabilities quantised to `dtype="uint8"` or `"uint16"` (see
+            [`quantize_log_probs`] for the error bound).
 
     Returns:
         `datasets.Dataset`: the cache, as [`load_teacher_cache`] returns it.
@@ -513,6 +728,7 @@ def cache_teacher(
             output_dir,
             mode,
             top_k,
+            num_samples,
             dtype,
             temperature,
             tokenizer,
@@ -521,6 +737,8 @@ def cache_teacher(
             vocab_size,
             overwrite,
             show_progress,
+            seed,
+            compress,
         )
 
 
@@ -530,6 +748,7 @@ def _cache_teacher(
     output_dir: str | os.PathLike,
     mode: str = "hidden",
     top_k: int | None = None,
+    num_samples: int | None = None,
     dtype: str = "float32",
     temperature: float = 1.0,
     tokenizer=None,
@@ -538,15 +757,22 @@ def _cache_teacher(
     vocab_size: int | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    seed: int = 0,
+    compress: bool = False,
 ):
     from tqdm.auto import tqdm
 
-    _check_arguments(mode, top_k, dtype, temperature, batch_size, shard_size, vocab_size, teacher)
+    _check_arguments(
+        mode, top_k, num_samples, seed, compress, dtype, temperature, batch_size, shard_size, vocab_size, teacher
+    )
     first, dataset = _first_row(dataset)
     if first is None:
         raise ValueError("cache_teacher got an empty dataset: pass at least one tokenized sample.")
     with_labels = isinstance(first, dict) and first.get("labels") is not None
-    settings = _settings(teacher, mode, top_k, dtype, temperature, tokenizer, vocab_size, shard_size, with_labels)
+    settings = _settings(
+        teacher, mode, top_k, num_samples, seed, compress, dtype, temperature, tokenizer, vocab_size, shard_size,
+        with_labels,
+    )  # fmt: skip
     target = resolve_output_path(output_dir)  # `~` and links, as every other writer resolves its output
     # A cache written into (or over) the teacher's own folder would replace the teacher, `overwrite` or not.
     check_not_overlapping(output_dir, getattr(teacher.config, "name_or_path", None) or None, "the teacher")
@@ -640,7 +866,8 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
                 f"Shard {index} of the teacher cache in {str(partial)!r} is missing or holds other data: did a "
                 "process fail? Rerun the same command to compute it."
             )
-        entry.update(file=stored["file"], bytes=stored["bytes"])
+        # A shard resumed from a write by an older version has no `teacher_bytes`: the total is then unknown.
+        entry.update(file=stored["file"], bytes=stored["bytes"], teacher_bytes=stored.get("teacher_bytes"))
     tokens = sum(s["tokens"] for s in shards)
     info = {
         **settings,
@@ -655,9 +882,19 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
         "tokens": tokens,
         "bytes": sum(s["bytes"] for s in shards),
         "bytes_per_token": sum(s["bytes"] for s in shards) / max(tokens, 1),
+        # The teacher's values alone (no token ids, no Arrow framing): what the mode and its settings cost.
+        "teacher_bytes_per_token": None
+        if any(s["teacher_bytes"] is None for s in shards)
+        else sum(s["teacher_bytes"] for s in shards) / max(tokens, 1),
         "shards": shards,
     }
-    features = _features(settings["mode"], settings["dtype"], settings["id_dtype"], settings["with_labels"])
+    features = _features(
+        settings["mode"],
+        settings["dtype"],
+        settings["id_dtype"],
+        settings["with_labels"],
+        settings["compress"] or False,
+    )
     with atomic_directory(target, overwrite=overwrite, expected_bytes=info["bytes"]) as tmp:
         for entry in shards:  # hard links: the work directory keeps its shards until the cache is in place
             os.link(partial / entry["file"], tmp / entry["file"])
@@ -681,8 +918,9 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
         (tmp / CACHE_INFO_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
     shutil.rmtree(partial, ignore_errors=True)
     logger.info(
-        "Teacher cache written to %s: %d samples, %d tokens, %s (%.0f bytes per token).",
+        "Teacher cache written to %s: %d samples, %d tokens, %s (%.1f bytes per token, %s of them the teacher's).",
         target, info["samples"], tokens, format_bytes(info["bytes"]), info["bytes_per_token"],
+        "?" if info["teacher_bytes_per_token"] is None else f"{info['teacher_bytes_per_token']:.1f}",
     )  # fmt: skip
 
 
@@ -694,21 +932,50 @@ def _as_array(value, bf16_bits: bool = False) -> torch.Tensor:
     return torch.from_numpy(np.array(array))
 
 
+def _collate_samples(features: list[dict], length: int) -> dict[str, torch.Tensor]:
+    """`teacher_sample_ids` and `teacher_sample_counts` `[batch, length, w]` (int64) of a sampled cache's `features`,
+    `w` the most distinct tokens of a position in the batch."""
+    unpacked = []
+    for f in features:
+        # Each position's counts sum to K: the stored counts of a sample sum to K times its length.
+        num_samples = int(np.asarray(f[SAMPLE_COUNTS]).sum()) // max(len(f["input_ids"]), 1)
+        unpacked.append(unpack_samples(f[SAMPLE_IDS], f[SAMPLE_COUNTS], max(num_samples, 1)))
+    width = max(ids.shape[1] for ids, _ in unpacked)
+    ids = torch.zeros(len(features), length, width, dtype=torch.long)
+    counts = torch.zeros_like(ids)
+    for i, (row_ids, row_counts) in enumerate(unpacked):
+        ids[i, : row_ids.shape[0], : row_ids.shape[1]] = row_ids
+        counts[i, : row_counts.shape[0], : row_counts.shape[1]] = row_counts
+    return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts}
+
+
 def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torch.Tensor]:
     """The teacher columns of `features`, right-padded to `length` positions (with zeros; the padding's labels are
     -100): `teacher_hidden` `[batch, length, hidden]` (stored dtype), `teacher_topk_ids` `[batch, length, k]` (int64),
-    `teacher_topk_logprobs` `[batch, length, k]` (fp32) and `teacher_topk_rest` `[batch, length]` (fp32)."""
+    `teacher_topk_logprobs` `[batch, length, k]` (fp32), `teacher_topk_rest` `[batch, length]` (fp32),
+    `teacher_sample_ids` and `teacher_sample_counts` `[batch, length, w]` (int64, see [`unpack_samples`]) and
+    `teacher_entropy` `[batch, length]` (fp32)."""
     batch = {}
-    names = [name for name in TEACHER_COLUMNS if name in features[0]]
+    if SAMPLE_IDS in features[0]:
+        batch.update(_collate_samples(features, length))
+    if TOPK_PACKED_IDS in features[0]:
+        # Bit streams, one per sample: zero-padded to the longest; `CachedTeacher` unpacks them.
+        rows = [torch.from_numpy(np.asarray(f[TOPK_PACKED_IDS]).astype(np.uint8)) for f in features]
+        packed = torch.zeros(len(rows), max(r.numel() for r in rows), dtype=torch.uint8)
+        for i, r in enumerate(rows):
+            packed[i, : r.numel()] = r
+        batch[TOPK_PACKED_IDS] = packed
+    skip = (SAMPLE_IDS, SAMPLE_COUNTS, TOPK_PACKED_IDS)
+    names = [name for name in TEACHER_COLUMNS if name in features[0] and name not in skip]
     for name in names:
         rows = []
         for f in features:
             tokens = len(f["input_ids"])
-            value = _as_array(f[name], bf16_bits=name in (HIDDEN, TOPK_LOGPROBS))
-            rows.append(value.reshape(tokens, -1) if name != TOPK_REST else value.reshape(tokens))
-        if name == TOPK_IDS:
+            value = _as_array(f[name], bf16_bits=name in (HIDDEN, TOPK_LOGPROBS, ENTROPY))
+            rows.append(value.reshape(tokens) if name in (TOPK_REST, ENTROPY) else value.reshape(tokens, -1))
+        if name in (TOPK_IDS, TOPK_QUANTIZED):
             rows = [r.long() for r in rows]
-        elif name in (TOPK_LOGPROBS, TOPK_REST):
+        elif name in (TOPK_LOGPROBS, TOPK_REST, ENTROPY):
             rows = [r.float() for r in rows]
         padded = rows[0].new_zeros((len(rows), length, *rows[0].shape[1:]))
         for i, r in enumerate(rows):
@@ -743,7 +1010,11 @@ class CachedTeacher(Teacher):
         return cls(cache_directory(dataset))
 
     def __repr__(self) -> str:
-        k = f", top_k={self.info['top_k']}" if self.mode == "topk" else ""
+        k = {
+            "topk": f", top_k={self.info['top_k']}{', compressed' if self.info.get('compress') else ''}",
+            "sampled": f", num_samples={self.info.get('num_samples')}",
+        }
+        k = k.get(self.mode, "")
         return f"teacher cache {str(self.directory)!r} (mode={self.mode!r}{k}, dtype={self.info['dtype']})"
 
     def to(self, device) -> "CachedTeacher":
@@ -765,19 +1036,34 @@ class CachedTeacher(Teacher):
                 f"The student's vocabulary ({student_vocab} rows) is larger than the cached teacher's output layer "
                 f"({info['vocab_size']} rows): logit distillation needs a shared tokenizer ({self})."
             )
-        if self.mode == "topk":
+        if self.mode in ("topk", "sampled"):
+            what = {"topk": "top-k log-probabilities", "sampled": "distributions the tokens were sampled from"}
             if student_vocab != info["vocab_size"]:
                 raise ValueError(
                     f"The student's vocabulary ({student_vocab} rows) differs from the {info['vocab_size']} tokens "
-                    f"the top-k teacher cache was normalised over: rewrite the cache with vocab_size={student_vocab} "
-                    f"if the teacher's extra rows are padding ({self})."
+                    f"the {self.mode} teacher cache was normalised over: rewrite the cache with vocab_size="
+                    f"{student_vocab} if the teacher's extra rows are padding ({self})."
                 )
             if args.kd_temperature != info["temperature"]:
                 raise ValueError(
                     f"DistillationConfig.kd_temperature={args.kd_temperature} differs from the temperature "
-                    f"{info['temperature']} of the cached top-k log-probabilities: set kd_temperature="
+                    f"{info['temperature']} of the cached {what[self.mode]}: set kd_temperature="
                     f"{info['temperature']}, or rewrite the cache with temperature={args.kd_temperature} ({self})."
                 )
+        if self.mode == "sampled":
+            # Only forward KL is linear in the teacher's probabilities, so only its gradient is unbiased from samples.
+            if args.kd_loss != "forward_kl":
+                raise ValueError(
+                    f"DistillationConfig.kd_loss={args.kd_loss!r} cannot be estimated without bias from sampled "
+                    "teacher tokens (its gradient is not linear in the teacher's probabilities): use kd_loss="
+                    f"'forward_kl', or a hidden or top-k cache ({self})."
+                )
+            if args.kd_top_k is not None:
+                raise ValueError(
+                    f"DistillationConfig.kd_top_k={args.kd_top_k} needs the teacher's top-k tokens, which a sampled "
+                    f"cache does not hold: drop kd_top_k, or use a top-k cache ({self})."
+                )
+        if self.mode == "topk":
             if args.kd_top_k is not None and args.kd_top_k > info["top_k"]:
                 raise ValueError(
                     f"DistillationConfig.kd_top_k={args.kd_top_k} exceeds the {info['top_k']} tokens per position of "
@@ -796,11 +1082,27 @@ class CachedTeacher(Teacher):
         return hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
 
     def _topk(self, columns: dict) -> tuple:
-        ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]
+        if self.info.get("compress"):
+            codes = columns[TOPK_QUANTIZED]  # [batch, length, k]
+            batch, length, k = codes.shape
+            ids = unpack_ids(columns[TOPK_PACKED_IDS], id_bits(self.info["vocab_size"]), length * k)
+            ids = ids.reshape(batch, length, k).clamp_max_(self.info["vocab_size"] - 1)  # padding decodes to junk
+            log_probs = dequantize_log_probs(codes, self.info["dtype"])
+        else:
+            ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]
         return (
             ids.reshape(-1, ids.shape[-1]),
             log_probs.reshape(-1, log_probs.shape[-1]),
             columns[TOPK_REST].reshape(-1),
+        )
+
+    def _sampled(self, columns: dict) -> tuple:
+        ids, counts = columns[SAMPLE_IDS], columns[SAMPLE_COUNTS]
+        return (
+            ids.reshape(-1, ids.shape[-1]),
+            counts.reshape(-1, counts.shape[-1]),
+            self.info["num_samples"],
+            columns[ENTROPY].reshape(-1),
         )
 
     def forward(self, inputs, columns, layers, fused):
@@ -808,12 +1110,18 @@ class CachedTeacher(Teacher):
             return None
         if self.mode == "hidden":
             return TeacherOutput(hidden=self._hidden(columns), weight=self.weight, bias=self.bias)
+        if self.mode == "sampled":
+            return TeacherOutput(sampled=self._sampled(columns))
         return TeacherOutput(topk=self._topk(columns))
 
     def fused_loss(self, output, hidden, head, targets, options):
         if self.mode == "hidden":
             return super().fused_loss(output, hidden, head, targets, options)
         hidden = hidden.reshape(-1, hidden.shape[-1])
+        if self.mode == "sampled":
+            return fused_sampled_kd_loss_with_options(
+                hidden, head.weight, *output.sampled, targets, options, head.bias
+            )
         return fused_topk_kd_loss_with_options(hidden, head.weight, *output.topk, targets, options, head.bias)
 
     def kd_loss(self, output, logits, targets, options):
@@ -822,4 +1130,6 @@ class CachedTeacher(Teacher):
             if self.softcap is not None:
                 teacher_logits = self.softcap * torch.tanh(teacher_logits / self.softcap)
             return kd_loss(logits, teacher_logits, targets, **options.divergence)
+        if self.mode == "sampled":
+            return sampled_kd_loss(logits, *output.sampled, targets, temperature=options.temperature)
         return topk_kd_loss(logits, *output.topk, targets, **options.divergence)

@@ -34,6 +34,8 @@ class TeacherOutput:
         logits (`torch.Tensor` of shape `[batch, seq, vocab_t]`, *optional*): The logits, when the `lm_head` ran.
         topk (`tuple` of `torch.Tensor`, *optional*): A top-k cache's `(ids [tokens, k], log_probs [tokens, k],
             rest [tokens])`, see [`topk_kd_loss`].
+        sampled (`tuple`, *optional*): A sampled cache's `(ids [tokens, w], counts [tokens, w], num_samples,
+            entropy [tokens])`, see [`sampled_kd_loss`].
         states (`dict[int, torch.Tensor]`): Normed intermediate states `[batch, seq, hidden]` by layer index.
     """
 
@@ -42,6 +44,7 @@ class TeacherOutput:
     bias: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     topk: tuple | None = None
+    sampled: tuple | None = None
     states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
