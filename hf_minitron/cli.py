@@ -54,6 +54,10 @@ COMMON_INHERITED_OPTIONS = (
 )  # fmt: skip
 
 
+# The trainers' common base classes: their few hundred options are the same in every command.
+_BASE_CONFIGS = ("TrainingArguments", "_BaseConfig")
+
+
 def _group_options(parser, dataclass_types, full: bool = True) -> None:
     """One help section per dataclass, hf-minitron's own first: a subclass of `TrainingArguments` (or of a TRL config)
     lists its inherited options in a section of their own, after ours, instead of burying ours at the end. Among the
@@ -66,7 +70,7 @@ def _group_options(parser, dataclass_types, full: bool = True) -> None:
             owner = _owner(cls, f.name)
             title = f"{owner.__module__.split('.')[0]}.{owner.__name__}"
             key = (0, cls.__name__) if _is_ours(owner) else (1, title)
-            if not _is_ours(owner) and owner not in dataclass_types:
+            if owner.__name__ in _BASE_CONFIGS:
                 based.add(title)
             sections.setdefault(key, []).append(f.name)
     actions = {}

@@ -76,5 +76,5 @@ def test_recipe_yaml_parses_into_the_dataclasses():
     parser = TrlParser((CorrectTeacherArguments, TeacherCorrectionConfig))
     config = os.path.join(RECIPES, "smollm2-135m", "teacher_correction.yaml")
     script_args, args = parser.parse_args_and_config(["--config", config, "--max_steps", "3"])
-    assert script_args.model == "embedded" and script_args.dataset == "embedded"
+    assert script_args.teacher == "embedded" and script_args.dataset == "embedded"
     assert args.max_steps == 3 and args.learning_rate == pytest.approx(6e-4)
