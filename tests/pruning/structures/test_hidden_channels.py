@@ -17,52 +17,21 @@ from conftest import (
     n_params,
     tiny_model,
 )
+from structure_helpers import collect, prune_steps
+from structure_helpers import samples as _samples
 
 from hf_minitron import PrunedConfig, count_parameters, prune_model, random_importance
-from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers, model_shape
-from hf_minitron.pruning.importance import _Collector
-from hf_minitron.pruning.prune import PruningRecord
-from hf_minitron.pruning.structures import hidden_channels, in_layer, structures_of
+from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_decoder_layers
+from hf_minitron.pruning.structures import hidden_channels, structures_of
+
+
+def _collect(model, batch, how: str = "mean"):
+    return collect(model, hidden_channels, batch, how)
 
 
 HIDDEN = 32
 # OLMoE derives head_dim from hidden / heads: its hidden size is pruned only together with its heads (test_moe.py).
 FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m != "olmoe"] + ["nemotron_h"]
-
-
-def _padded(samples):
-    length = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    for i, s in enumerate(samples):
-        ids[i, : len(s["input_ids"])] = s["input_ids"]
-        mask[i, : len(s["input_ids"])] = 1
-    return ids, mask
-
-
-def _samples(n: int = 4, lengths=(10, 7, 9, 5)):
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(3, 96, (lengths[i % len(lengths)],), generator=g)} for i in range(n)]
-
-
-def _collect(model, samples, how: str = "mean"):
-    """`samples` (one right-padded batch) through `model` with only this structure's hooks: the collector."""
-    collector = _Collector(model, how, depth=False)
-    ids, mask = _padded(samples)
-    collector.mask = mask.float()
-    collector.token_mask = collector.mask.reshape(-1)
-    collector.sample_mask = None if bool(mask.all()) else collector.mask
-    handles = []
-    for i, layer in enumerate(collector.layers):
-        if in_layer(collector.spec, layer, hidden_channels):
-            handles += hidden_channels.hooks(collector, i, layer)
-    try:
-        with torch.no_grad():
-            get_base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return collector
 
 
 def _random_scores(model, seed: int = 1):
@@ -72,21 +41,7 @@ def _random_scores(model, seed: int = 1):
 
 
 def _prune(model, scores, **targets):
-    """This structure's steps of `prune_model` (it slices every block through the other structures' `slice_hidden`),
-    then its config field and every structure's cached sizes, in order, as `prune_model` does."""
-    spec = get_architecture(model.config)
-    source = model_shape(model.config)
-    config = PrunedConfig(**targets)
-    target = config.resolve(model.config)
-    kept_layers = list(range(source["num_hidden_layers"]))
-    record = PruningRecord({}, source, target, kept_layers, [])
-    layers = get_decoder_layers(model)
-    with torch.no_grad():
-        hidden_channels.prune(model, layers, spec, scores, source, target, kept_layers, record, config)
-    hidden_channels.update_config(model.config, spec, source, target)
-    for structure in structures_of(spec):
-        structure.sync_modules(model, model.config, spec)
-    return record
+    return prune_steps(model, scores, (hidden_channels,), (hidden_channels,), None, **targets)
 
 
 # ---------------------------------------------------------------------------------------------- which families

@@ -9,12 +9,15 @@ import copy
 import pytest
 import torch
 from conftest import HYBRID_PATTERN, _static_scores, logits, n_params, tiny_model
+from structure_helpers import collect, prune_steps
 
 from hf_minitron import PrunedConfig, count_parameters
-from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers, model_shape
-from hf_minitron.pruning.importance import _Collector
-from hf_minitron.pruning.prune import PruningRecord
-from hf_minitron.pruning.structures import in_layer, mamba_heads, structures_of
+from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_decoder_layers, model_shape
+from hf_minitron.pruning.structures import mamba_heads
+
+
+def _collect(model, batch):
+    return collect(model, mamba_heads, batch)
 
 
 # The tiny hybrids: 8 Mamba heads in 2 B/C groups, state 8 (Bamba and Falcon-H1 as in test_hybrid_families.py).
@@ -59,36 +62,6 @@ def _head_dim(model) -> int:
     return model_shape(model.config)["mamba_head_dim"]
 
 
-def _padded(samples):
-    length = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    for i, s in enumerate(samples):
-        ids[i, : len(s["input_ids"])] = s["input_ids"]
-        mask[i, : len(s["input_ids"])] = 1
-    return ids, mask
-
-
-def _collect(model, samples):
-    """`samples` (one right-padded batch) through `model` with only this structure's hooks: the collector."""
-    collector = _Collector(model, "mean", depth=False)
-    ids, mask = _padded(samples)
-    collector.mask = mask.float()
-    collector.token_mask = collector.mask.reshape(-1)
-    collector.sample_mask = None if bool(mask.all()) else collector.mask
-    handles = []
-    for i, layer in enumerate(collector.layers):
-        if in_layer(collector.spec, layer, mamba_heads):
-            handles += mamba_heads.hooks(collector, i, layer)
-    try:
-        with torch.no_grad():
-            get_base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return collector
-
-
 def _importance(model, mamba: dict):
     scores = _static_scores(model)
     scores.mamba = mamba
@@ -102,21 +75,7 @@ def _random_scores(model, seed: int = 1):
 
 
 def _prune(model, scores, **targets):
-    """This structure's steps of `prune_model`, then every structure's config fields and cached sizes, in order, as
-    `prune_model` does."""
-    spec = get_architecture(model.config)
-    source = model_shape(model.config)
-    config = PrunedConfig(**targets)
-    target = config.resolve(model.config)
-    kept_layers = list(range(source["num_hidden_layers"]))
-    record = PruningRecord({}, source, target, kept_layers, [])
-    with torch.no_grad():
-        mamba_heads.prune(model, get_decoder_layers(model), spec, scores, source, target, kept_layers, record, config)
-    for structure in structures_of(spec):
-        structure.update_config(model.config, spec, source, target)
-    for structure in structures_of(spec):
-        structure.sync_modules(model, model.config, spec)
-    return record
+    return prune_steps(model, scores, (mamba_heads,), None, None, **targets)
 
 
 # ---------------------------------------------------------------------------------------------- which families

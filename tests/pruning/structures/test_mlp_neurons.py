@@ -7,69 +7,21 @@ import copy
 import pytest
 import torch
 from conftest import ARCHITECTURE_NAMES, HYBRID_PATTERN, _static_scores, logits, n_params, tiny_model
+from structure_helpers import collect as _collect
+from structure_helpers import prune_steps
+from structure_helpers import samples as _samples
 
 from hf_minitron import ImportanceScores, PrunedConfig, count_parameters
-from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers, model_shape
-from hf_minitron.pruning.importance import _Collector
-from hf_minitron.pruning.prune import PruningRecord
-from hf_minitron.pruning.structures import in_layer, mlp_neurons, structures_of
+from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_decoder_layers, model_shape
+from hf_minitron.pruning.structures import mlp_neurons, structures_of
 
 
 WIDTH = 64
 MLP_LAYERS = [i for i, kind in enumerate(HYBRID_PATTERN) if kind == "mlp"]  # Nemotron-H's dense MLP layers
 
 
-def _padded(samples):
-    length = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    for i, s in enumerate(samples):
-        ids[i, : len(s["input_ids"])] = s["input_ids"]
-        mask[i, : len(s["input_ids"])] = 1
-    return ids, mask
-
-
-def _samples(n: int = 4, lengths=(10, 7, 9, 5)):
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(3, 96, (lengths[i % len(lengths)],), generator=g)} for i in range(n)]
-
-
-def _collect(model, structure, samples, how: str = "mean"):
-    """`samples` (one right-padded batch) through `model` with only `structure`'s hooks: the collector."""
-    collector = _Collector(model, how, depth=False)
-    ids, mask = _padded(samples)
-    collector.mask = mask.float()
-    collector.token_mask = collector.mask.reshape(-1)
-    collector.sample_mask = None if bool(mask.all()) else collector.mask
-    handles = []
-    for i, layer in enumerate(collector.layers):
-        if in_layer(collector.spec, layer, structure):
-            handles += structure.hooks(collector, i, layer)
-    try:
-        with torch.no_grad():
-            get_base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return collector
-
-
 def _prune(model, scores, **targets):
-    """This structure's steps of `prune_model`: select and slice, then its config field; then every structure's cached
-    sizes in order, as `prune_model` does (`intermediate_size` is also a Mamba mixer's and a shared expert's width,
-    which their own structures set back)."""
-    spec = get_architecture(model.config)
-    source = model_shape(model.config)
-    config = PrunedConfig(**targets)
-    target = config.resolve(model.config)
-    kept_layers = list(range(source["num_hidden_layers"]))
-    record = PruningRecord({}, source, target, kept_layers, [])
-    with torch.no_grad():
-        mlp_neurons.prune(model, get_decoder_layers(model), spec, scores, source, target, kept_layers, record, config)
-    mlp_neurons.update_config(model.config, spec, source, target)
-    for structure in structures_of(spec):
-        structure.sync_modules(model, model.config, spec)
-    return record
+    return prune_steps(model, scores, (mlp_neurons,), (mlp_neurons,), None, **targets)
 
 
 def _random_neuron_scores(model, seed: int = 1):

@@ -8,12 +8,14 @@ import copy
 import pytest
 import torch
 from conftest import MOE_ARCHITECTURE_NAMES, _static_scores, logits, n_params, tiny_model
+from structure_helpers import collect as _collect
+from structure_helpers import padded as _padded
+from structure_helpers import samples as _samples
 
 from hf_minitron import PrunedConfig, count_parameters
-from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers, model_shape
-from hf_minitron.pruning.importance import _Collector
+from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_decoder_layers, model_shape
 from hf_minitron.pruning.prune import PruningRecord
-from hf_minitron.pruning.structures import attention_experts, in_layer, routed_experts, structures_of
+from hf_minitron.pruning.structures import attention_experts, routed_experts, structures_of
 
 
 # Nemotron-H with MoE blocks (as in test_hybrid_moe.py): 8 ungated routed experts in 2 groups behind a sigmoid router.
@@ -49,41 +51,6 @@ def _moe_layers(model) -> list:
 
 def _num_experts(model) -> int:
     return model_shape(model.config)["num_experts"]
-
-
-def _padded(samples):
-    length = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    for i, s in enumerate(samples):
-        ids[i, : len(s["input_ids"])] = s["input_ids"]
-        mask[i, : len(s["input_ids"])] = 1
-    return ids, mask
-
-
-def _samples(n: int = 4, lengths=(10, 7, 9, 5)):
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(3, 96, (lengths[i % len(lengths)],), generator=g)} for i in range(n)]
-
-
-def _collect(model, structure, samples):
-    """`samples` (one right-padded batch) through `model` with only `structure`'s hooks: the collector."""
-    collector = _Collector(model, "mean", depth=False)
-    ids, mask = _padded(samples)
-    collector.mask = mask.float()
-    collector.token_mask = collector.mask.reshape(-1)
-    collector.sample_mask = None if bool(mask.all()) else collector.mask
-    handles = []
-    for i, layer in enumerate(collector.layers):
-        if in_layer(collector.spec, layer, structure):
-            handles += structure.hooks(collector, i, layer)
-    try:
-        with torch.no_grad():
-            get_base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return collector
 
 
 def _importance(model, experts: dict):
