@@ -11,6 +11,9 @@
 
 Every dataclass field is an option (`--help` lists them with their help text); `--config` reads a YAML/JSON file
 whose keys are those field names, and options given on the command line override it.
+
+One module, past 500 lines: the parsing shared by every command, the fast help path and the table of commands are what
+`hf-minitron` is; each command's work lives in `hf_minitron/commands/`.
 """
 
 import argparse

@@ -10,6 +10,10 @@ Activations are reduced over the tokens of each sample first (`sequence_aggregat
 (`batch_aggregation`). We keep the running *sum* and *sum of squares* of the per-sample values, in float64, so that
 (a) any batch aggregation can be chosen after the fact, (b) scores add up exactly across batches and processes:
 several processes over shards of the data give the same scores as one process over all of it.
+
+One module, past 500 lines: the one calibration pass, its collector and `ImportanceScores` (saved, loaded and checked
+against a model) share one layout of the statistics; what each structure records and how it is scored lives in its own
+module.
 """
 
 import json
