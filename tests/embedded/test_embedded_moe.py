@@ -172,10 +172,23 @@ def test_embedded_moe_is_a_stock_sparse_moe_that_models_text_and_prunes(tmp_path
         chosen = layer_logits.topk(2, dim=-1).indices
         assert chosen.unique().numel() > 2
 
-    def pruned_loss(**kwargs):
-        target = PrunedConfig(num_experts=4, calibration_samples=8, calibration_batch_size=4, **kwargs)
-        return lm_loss(prune_model(copy.deepcopy(model), target, calibration, show_progress=False), validation)
+    # The routing statistics carry signal: keeping the 4 experts per layer the router used most costs less than keeping
+    # the 4 it used least. Beating random selection is not asserted, and neither is output_norm: on the build of
+    # 2026-12-07 (bit-identical only at a fixed thread count) keeping output_norm's top 4 experts gave 4.027 and its
+    # bottom 4 gave 4.001, against 3.938 for the better of 2 random seeds; docs/moe.md's benchmark also has random
+    # selection ahead of output_norm at 8 -> 4.
+    from hf_minitron import estimate_importance
+    from hf_minitron.pruning.structures.routed_experts import reduce_stats
 
-    activation = pruned_loss(expert_importance="output_norm")
-    random = min(pruned_loss(importance="random", seed=s) for s in range(2))
-    assert activation < random, (activation, random)
+    target = PrunedConfig(
+        num_experts=4, calibration_samples=8, calibration_batch_size=4, expert_importance="frequency"
+    )
+    scores = estimate_importance(model, calibration, target, show_progress=False)
+    ranked = reduce_stats(scores.experts, "frequency")
+
+    def loss_keeping(expert_scores):
+        scores.experts = {"score": expert_scores}
+        return lm_loss(prune_model(copy.deepcopy(model), target, scores=scores, show_progress=False), validation)
+
+    highest, lowest = loss_keeping(ranked), loss_keeping(-ranked)
+    assert highest < lowest, (highest, lowest)
