@@ -8,7 +8,7 @@ differences are named in the refusal.
 
 import hashlib
 import json
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 
@@ -34,9 +34,12 @@ def as_json(value):
 
 def training_settings(config) -> dict:
     # to_dict() leaves tokens out; enums become their values.
-    values = (
-        config.to_dict() if hasattr(config, "to_dict") else {f.name: getattr(config, f.name) for f in fields(config)}
-    )
+    if hasattr(config, "to_dict"):
+        values = config.to_dict()
+    elif is_dataclass(config):
+        values = {f.name: getattr(config, f.name) for f in fields(config)}
+    else:  # any object with the training arguments as attributes
+        values = dict(vars(config))
     return as_json({k: v for k, v in values.items() if k not in NEUTRAL_FIELDS and not k.startswith(NEUTRAL_PREFIXES)})
 
 

@@ -3,6 +3,7 @@ targets, score keys, record entries, search axes and card rows is walked from `S
 without one of its declarations fails here."""
 
 import dataclasses
+import typing
 
 import pytest
 import torch
@@ -80,10 +81,13 @@ def test_pruned_config_targets_are_the_union_of_the_structures_fields_in_order()
     union = tuple(dict.fromkeys(name for structure in STRUCTURES for name in structure.FIELDS))
     assert target_fields() == union
     # PrunedConfig's documented integer targets, in the order of the dataclass (the user-facing API).
+    # From the class's annotations: transformers' HfArgumentParser rewrites `Field.type` in place (int | None -> int)
+    # once any command line has parsed a PrunedConfig in this process.
+    hints = typing.get_type_hints(PrunedConfig)
     documented = [
         f.name
         for f in dataclasses.fields(PrunedConfig)
-        if f.type == (int | None) and "target" in f.metadata["help"].lower()
+        if hints[f.name] == (int | None) and "target" in f.metadata["help"].lower()
     ]
     assert tuple(documented) == union
 
