@@ -609,6 +609,12 @@ def resume_checkpoint(args, inputs: dict | None = None) -> str | None:
             logger.warning("%s holds no %s: resuming without checking its settings.", args.output_dir, path.name)
         logger.warning("Resuming from %s (the newest complete checkpoint in %s).", found, args.output_dir)
     elif getattr(args, "process_index", 0) == 0:
+        if path.exists() and read_record(path) is None:
+            # A file of that name that is not our record is the user's: never overwritten.
+            raise ValueError(
+                f"{str(path)!r} exists and is not an hf-minitron resume record: choose another output_dir, or move the "
+                "file away."
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"settings": record})
     return found

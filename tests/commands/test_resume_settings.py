@@ -85,3 +85,27 @@ def test_run_does_not_reuse_stages_of_a_teacher_replaced_by_one_of_the_same_size
     assert weights.stat().st_size == size
     with pytest.raises(ValueError, match=r"teacher_files\.model\.safetensors"):
         run_pipeline(*build_pipeline_config(recipe), show_progress=False, report=False)
+
+
+def test_a_users_file_named_like_the_resume_record_is_never_overwritten(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_minitron.io import resume_checkpoint
+
+    run = tmp_path / "theirs"
+    run.mkdir()
+    (run / "resume_settings.json").write_text("my notes\n")
+    with pytest.raises(ValueError, match="is not an hf-minitron resume record"):
+        resume_checkpoint(SimpleNamespace(output_dir=str(run), resume_from_checkpoint=None, learning_rate=1e-3))
+    assert (run / "resume_settings.json").read_text() == "my notes\n"
+    # Our own record from an earlier fresh start is replaced by the new run's.
+    other = tmp_path / "ours"
+    assert (
+        resume_checkpoint(SimpleNamespace(output_dir=str(other), resume_from_checkpoint=None, learning_rate=1e-3))
+        is None
+    )
+    assert (
+        resume_checkpoint(SimpleNamespace(output_dir=str(other), resume_from_checkpoint=None, learning_rate=2e-3))
+        is None
+    )
+    assert '"learning_rate": 0.002' in (other / "resume_settings.json").read_text()
