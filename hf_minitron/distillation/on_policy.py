@@ -5,7 +5,7 @@ Logit distillation on a fixed corpus (the KD stage) teaches the student the teac
 never taught to recover from. GKD ([Agarwal et al. 2024](https://arxiv.org/abs/2306.13649)) trains on the student's
 own continuations instead: for each prompt the student samples a completion, the teacher's next-token distribution is
 computed on that same completion, and the loss is the generalised Jensen-Shannon divergence between the two (`beta=1`
-the reverse KL the paper finds best on-policy, `beta=0.5` the symmetric JSD, `beta=0` the forward KL).
+the mode-seeking reverse KL, TRL's default; `beta=0.5` the symmetric JSD; `beta=0` the forward KL).
 
 The trainer is TRL's [`~trl.DistillationTrainer`] (generation, GKD loss chunked over the vocabulary, vLLM, FSDP /
 ZeRO-3). This module adds what our pipeline needs around it: [`OnPolicyConfig`] (TRL's config plus how prompts are cut
@@ -48,8 +48,8 @@ class OnPolicyConfig(TRLDistillationConfig):
         # TRL's own range check of beta does not say what the values mean: ours runs first and does.
         if isinstance(self.beta, (int, float)) and not 0.0 <= self.beta <= 1.0:
             raise ValueError(
-                f"OnPolicyConfig.beta={self.beta!r} is invalid: use a value in [0, 1] (1.0 reverse KL, the GKD "
-                "on-policy default; 0.5 the symmetric JSD; 0.0 forward KL)."
+                f"OnPolicyConfig.beta={self.beta!r} is invalid: use a value in [0, 1] (1.0 reverse KL, the default; "
+                "0.5 the symmetric JSD; 0.0 forward KL)."
             )
         super().__post_init__()
         check_numbers(self)  # finite floats, steps, batch sizes, learning rate in range
@@ -171,9 +171,11 @@ def build_on_policy_trainer(student, teacher, args: OnPolicyConfig, train_datase
             "on-policy loss compares the two next-token distributions token by token, so both must share the "
             "tokenizer. Distil from the teacher the student was pruned from."
         )
+    # Prompts cut from packed samples are `prompt_length` tokens long; given prompts have lengths of their own.
+    cut = "prompt" not in _columns(train_dataset)
     limit = getattr(student.config.get_text_config(), "max_position_embeddings", None)
     total = args.prompt_length + args.max_completion_length
-    if limit is not None and total > limit:
+    if cut and limit is not None and total > limit:
         raise ValueError(
             f"OnPolicyConfig.prompt_length + max_completion_length = {args.prompt_length} + "
             f"{args.max_completion_length} = {total} exceeds the student's max_position_embeddings={limit}: lower "
