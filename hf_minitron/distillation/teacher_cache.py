@@ -63,6 +63,7 @@ from .teacher_cache_format import (
     TOPK_QUANTIZED,
     TOPK_REST,
     cache_directory,
+    check_cache_files,
     check_teacher_cache,
     data_fingerprint,
     dequantize_log_probs,
@@ -85,8 +86,8 @@ __all__ = [
     "CACHE_INFO_NAME", "ENTROPY", "FORMAT_VERSION", "HIDDEN", "LM_HEAD_NAME", "MAX_NUM_SAMPLES", "MODES",
     "QUANTIZED_DTYPES", "QUANTIZED_LOG_PROB_MIN", "SAMPLE_COUNTS", "SAMPLE_IDS", "SETTINGS_NAME", "STORAGE_DTYPES",
     "TEACHER_COLUMNS", "TOPK_IDS", "TOPK_LOGPROBS", "TOPK_PACKED_IDS", "TOPK_QUANTIZED", "TOPK_REST", "CachedTeacher",
-    "cache_directory", "cache_teacher", "check_teacher_cache", "collate_teacher_columns", "data_fingerprint",
-    "dequantize_log_probs", "draw_samples", "estimated_cache_bytes", "id_bits", "is_teacher_cache",
+    "cache_directory", "cache_teacher", "check_cache_files", "check_teacher_cache", "collate_teacher_columns",
+    "data_fingerprint", "dequantize_log_probs", "draw_samples", "estimated_cache_bytes", "id_bits", "is_teacher_cache",
     "load_teacher_cache", "pack_ids", "quantize_log_probs", "read_cache_info", "teacher_fingerprint",
     "tokenizer_fingerprint", "unpack_ids", "unpack_samples",
 ]  # fmt: skip

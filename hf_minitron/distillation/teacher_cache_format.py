@@ -138,11 +138,16 @@ def read_cache_info(directory: str | os.PathLike) -> dict:
             f"{str(directory)!r} is not a teacher cache (no {CACHE_INFO_NAME}): write one with "
             "hf_minitron.cache_teacher(teacher, dataset, output_dir) or `hf-minitron cache-teacher`."
         )
-    info = json.loads(path.read_text(encoding="utf-8"))
+    info = _read_json(directory, CACHE_INFO_NAME)
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"The teacher cache {str(directory)!r} has format version {info.get('format_version')!r}, this "
             f"hf-minitron reads version {FORMAT_VERSION}: rewrite the cache with this version (cache_teacher)."
+        )
+    # Absent from caches written before it was recorded: those are checked by their files alone.
+    if "metadata_hash" in info and info["metadata_hash"] != metadata_hash(info):
+        raise _damaged(
+            directory, CACHE_INFO_NAME, "was edited by hand (its content no longer matches the hash written with it)"
         )
     return info
 
@@ -167,7 +172,8 @@ def cache_directory(dataset) -> Path:
 
 
 def check_teacher_cache(cache, teacher=None, tokenizer=None, dataset=None, seq_length: int | None = None) -> dict:
-    """Refuses a teacher cache made from another teacher, tokenizer, data or sequence length than those given.
+    """Refuses a teacher cache whose files are damaged ([`check_cache_files`]), or made from another teacher,
+    tokenizer, data or sequence length than those given.
 
     Args:
         cache (`str`, `os.PathLike` or `datasets.Dataset`): the cache directory, or the dataset loaded from it.
@@ -184,6 +190,7 @@ def check_teacher_cache(cache, teacher=None, tokenizer=None, dataset=None, seq_l
     """
     directory = cache_directory(cache) if hasattr(cache, "cache_files") else Path(cache)
     info = read_cache_info(directory)
+    check_cache_files(directory, info)
     saved = info["fingerprint"]
     fix = (
         f"Rewrite the cache (cache_teacher(..., overwrite=True) or a new output_dir), or use the {{}} it was made "
@@ -238,6 +245,156 @@ def load_teacher_cache(
 
     check_teacher_cache(directory, teacher, tokenizer, dataset, seq_length)
     return load_from_disk(str(directory))
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+DAMAGED_FIX = (
+    "rewrite the cache: rerun `hf-minitron cache-teacher` with the same arguments and --overwrite (or "
+    "cache_teacher(..., overwrite=True))"
+)
+# Bytes read per file by `content_hash`: 8 blocks of 4 KiB spread over the file, so that checking a cache of thousands
+# of shards on every load stays far cheaper than reading it.
+_HASH_BLOCK, _HASH_BLOCKS = 4096, 8
+
+
+def _damaged(directory, name: str, problem: str) -> ValueError:
+    return ValueError(
+        f"The teacher cache {str(directory)!r} is damaged: {str(Path(directory) / name)!r} {problem}. It is not as "
+        f"cache_teacher wrote it; {DAMAGED_FIX}."
+    )
+
+
+def _read_json(directory, name: str) -> dict:
+    try:
+        value = json.loads((Path(directory) / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _damaged(directory, name, "is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _damaged(directory, name, f"is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise _damaged(directory, name, f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def metadata_hash(info: dict) -> str:
+    """A hash of `teacher_cache.json`'s content (less this hash): an edit by hand (e.g. of the temperature, which
+    would make the trainer accept a loss the stored values were not computed for) is refused when it is read."""
+    content = {k: v for k, v in info.items() if k != "metadata_hash"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def content_hash(path: Path) -> str:
+    """A hash of a file's size and of a few blocks spread over it: tells a file from another of the same size (a
+    shard of another cache of the same shape) at the cost of a few reads."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(_HASH_BLOCKS):
+            f.seek(max(size - _HASH_BLOCK, 0) * i // (_HASH_BLOCKS - 1))
+            digest.update(f.read(_HASH_BLOCK))
+    return digest.hexdigest()[:16]
+
+
+def _check_size(directory, name: str, expected: int) -> None:
+    path = Path(directory) / name
+    if not path.is_file():
+        raise _damaged(directory, name, "is missing")
+    size = path.stat().st_size
+    if size == 0:
+        raise _damaged(directory, name, f"is empty (0 bytes, {expected} were written)")
+    if size != expected:
+        what = "truncated, or replaced by another file" if size < expected else "replaced by another file"
+        raise _damaged(directory, name, f"holds {size} bytes, not the {expected} written: {what}")
+
+
+def _check_shard_schema(directory, name: str, features) -> None:
+    import pyarrow as pa
+
+    try:
+        with pa.OSFile(str(Path(directory) / name)) as source:
+            schema = pa.ipc.open_stream(source).schema  # the header only
+    except (pa.ArrowInvalid, OSError) as error:
+        raise _damaged(directory, name, f"is not an Arrow file ({error})") from None
+    found, expected = [(f.name, f.type) for f in schema], [(f.name, f.type) for f in features.arrow_schema]
+    if found != expected:
+        columns = ", ".join(f"{n}: {t}" for n, t in found)
+        raise _damaged(directory, name, f"holds the columns of another cache ({columns})")
+
+
+def _check_lm_head(directory, info: dict) -> None:
+    """The output layer's safetensors header: float32 `weight` `[rows >= vocab_size, hidden_size]`, a `bias` `[rows]`
+    when the teacher has one, and the bytes the header promises."""
+    path = Path(directory) / LM_HEAD_NAME
+    if not path.is_file():
+        raise _damaged(directory, LM_HEAD_NAME, "is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(8)
+        length = int.from_bytes(start, "little") if len(start) == 8 else size
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise _damaged(directory, LM_HEAD_NAME, f"has no readable safetensors header ({size} bytes): it was truncated")
+    expected = {"weight": [None, info["hidden_size"]]} | ({"bias": [None]} if info["teacher_bias"] else {})
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    rows = tensors.get("weight", {}).get("shape", [0])[0]
+    for key, shape in expected.items():
+        shape = [rows if s is None else s for s in shape]
+        if (
+            sorted(tensors) != sorted(expected)
+            or tensors[key].get("dtype") != "F32"
+            or tensors[key].get("shape") != shape
+        ):
+            found = ", ".join(f"{k}: {v.get('dtype')} {v.get('shape')}" for k, v in tensors.items())
+            raise _damaged(
+                directory, LM_HEAD_NAME, f"holds {found}, not the float32 output layer [rows, {info['hidden_size']}]"
+            )
+    if rows < info["vocab_size"]:
+        raise _damaged(directory, LM_HEAD_NAME, f"has {rows} rows, fewer than the cache's {info['vocab_size']} tokens")
+    end = max(v.get("data_offsets", [0, 0])[1] for v in tensors.values())
+    if 8 + length + end != size:
+        raise _damaged(directory, LM_HEAD_NAME, f"holds {size} bytes, not the {8 + length + end} of its header")
+
+
+def check_cache_files(directory: str | os.PathLike, info: dict | None = None) -> None:
+    """Refuses a cache whose files are not those [`cache_teacher`] wrote: a shard missing, truncated, emptied, or of
+    another cache (its columns; its content hash, for a cache that recorded it); `state.json` or `dataset_info.json`
+    unreadable or listing other shards or columns; the output layer of `mode="hidden"` of another shape, dtype or
+    size. Reads the files' sizes, headers and a few blocks of each, not their data.
+
+    Raises:
+        `ValueError`: naming the file and the fix (rewrite the cache with `--overwrite`).
+    """
+    from datasets import Features
+
+    info = read_cache_info(directory) if info is None else info
+    features = _features(
+        info["mode"], info["dtype"], info["id_dtype"], info["with_labels"], info.get("compress") or False
+    )
+    for entry in info["shards"]:
+        _check_size(directory, entry["file"], entry["bytes"])
+        _check_shard_schema(directory, entry["file"], features)
+        if "content_hash" in entry and content_hash(Path(directory) / entry["file"]) != entry["content_hash"]:
+            raise _damaged(directory, entry["file"], "holds other data than was written (a shard of another cache?)")
+    listed = [f.get("filename") for f in _read_json(directory, "state.json").get("_data_files", [])]
+    if listed != [entry["file"] for entry in info["shards"]]:
+        raise _damaged(directory, "state.json", f"lists the shards {listed}, not the {len(info['shards'])} written")
+    described = _read_json(directory, "dataset_info.json").get("features") or {}
+    try:
+        stored = Features.from_dict(described)
+    except (TypeError, ValueError, KeyError):
+        stored = None
+    if stored != features:
+        raise _damaged(directory, "dataset_info.json", "describes other columns than the cache holds")
+    if info["mode"] == "hidden":
+        _check_lm_head(directory, info)
+        recorded = info.get("lm_head")
+        if recorded is not None:
+            _check_size(directory, LM_HEAD_NAME, recorded["bytes"])
+            if content_hash(Path(directory) / LM_HEAD_NAME) != recorded["content_hash"]:
+                raise _damaged(directory, LM_HEAD_NAME, "holds other weights than were written")
 
 
 # ---------------------------------------------------------------------------------------------- encodings

@@ -29,6 +29,7 @@ from .teacher_cache_format import (
     TOPK_QUANTIZED,
     TOPK_REST,
     cache_directory,
+    check_cache_files,
     check_teacher_cache,
     dequantize_log_probs,
     id_bits,
@@ -110,6 +111,7 @@ class CachedTeacher(Teacher):
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.info = read_cache_info(self.directory)
+        check_cache_files(self.directory, self.info)  # before training, not at its first step
         self.mode = self.info["mode"]
         self.softcap = self.info["teacher_softcap"]
         self.weight = self.bias = None

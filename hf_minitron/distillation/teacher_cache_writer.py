@@ -48,8 +48,11 @@ from .teacher_cache_format import (
     _features,
     _shard_hash,
     _shards,
+    check_cache_files,
+    content_hash,
     id_bits,
     load_teacher_cache,
+    metadata_hash,
     pack_ids,
     quantize_log_probs,
     read_cache_info,
@@ -284,8 +287,16 @@ def write_teacher_cache(
     check_not_overlapping(output_dir, getattr(teacher.config, "name_or_path", None) or None, "the teacher")
     partial = target.with_name(f".{target.name}.partial")
     rank, world = _distributed()
+    existing = None
     if (target / CACHE_INFO_NAME).is_file():
-        existing = read_cache_info(target)
+        try:
+            existing = read_cache_info(target)
+            check_cache_files(target, existing)
+        except ValueError:  # damaged, or another format version: rewritten with overwrite
+            if not overwrite:
+                raise
+            existing = None
+    if existing is not None:
         if {k: existing.get(k) for k in settings} == settings:
             # The data is checked too (cheap: token ids only); then the cache is reused without a teacher pass.
             try:
@@ -305,7 +316,7 @@ def write_teacher_cache(
                 "another teacher, or a corrected one): pass overwrite=True to replace it, or choose another "
                 "output_dir."
             )
-    else:
+    elif not (target / CACHE_INFO_NAME).is_file():
         check_output_dir(target, overwrite)  # a folder that is not a cache fails now, not after the teacher pass
     if hasattr(dataset, "__len__") and isinstance(first, dict):
         # What the shards and the output layer will take, counted before the teacher pass rather than found short
@@ -368,6 +379,7 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
             )
         # A shard resumed from a write by an older version has no `teacher_bytes`: the total is then unknown.
         entry.update(file=stored["file"], bytes=stored["bytes"], teacher_bytes=stored.get("teacher_bytes"))
+        entry["content_hash"] = content_hash(partial / entry["file"])  # checked on every load (`check_cache_files`)
     tokens = sum(s["tokens"] for s in shards)
     info = {
         **settings,
@@ -404,6 +416,10 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
             if head.bias is not None:
                 tensors["bias"] = head.bias.detach().cpu().contiguous()
             save_file(tensors, tmp / LM_HEAD_NAME, metadata={"format": "pt"})
+            info["lm_head"] = {
+                "bytes": (tmp / LM_HEAD_NAME).stat().st_size,
+                "content_hash": content_hash(tmp / LM_HEAD_NAME),
+            }
         DatasetInfo(features=features, description="hf-minitron teacher cache").write_to_directory(str(tmp))
         state = {
             "_data_files": [{"filename": entry["file"]} for entry in shards],
@@ -415,6 +431,7 @@ def _finish(teacher, target: Path, partial: Path, settings: dict, shards: list[d
             "_split": None,
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        info["metadata_hash"] = metadata_hash(json.loads(json.dumps(info)))  # of the content as it is read back
         (tmp / CACHE_INFO_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
     shutil.rmtree(partial, ignore_errors=True)
     logger.info(
