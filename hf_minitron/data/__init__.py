@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .local_files import check_local_files
+
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +268,11 @@ def _open_source(source: str, split: str, text_column: str, streaming: bool = Fa
         empty = [p for p in paths if os.path.getsize(p) == 0]
         if empty:
             raise ValueError(f"Data file(s) {empty} are empty: pass files that hold text.")
-        dataset = load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train", streaming=streaming)
+        builder = _LOCAL_FORMATS[suffixes.pop()]
+        encoding = check_local_files(paths, builder, text_column, streaming)
+        # UTF-8 files keep the builder's defaults (and `datasets`' cache of them); others are read as their mark says.
+        options = {} if encoding is None else {"encoding": encoding}
+        dataset = load_dataset(builder, data_files=paths, split="train", streaming=streaming, **options)
     else:
         try:
             dataset = load_dataset(source, split=split, streaming=streaming)
