@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .local_files import check_local_files
+from .local_files import check_local_files, named_decode_errors
 
 
 logger = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def _open_source(source: str, split: str, text_column: str, streaming: bool = Fa
                 f"{EMBEDDED_CORPUS!r}, or a Hub dataset reachable from here (HF_DATASETS_OFFLINE unset)."
             ) from None
     # A stream of json files may not know its columns until the first row is read.
-    columns = dataset.column_names or list(next(iter(dataset), {}))
+    columns = dataset.column_names or list(next(named_decode_errors(source, dataset), {}))
     if text_column not in columns:
         raise ValueError(
             f"Column {text_column!r} not found in {source!r} (columns: {columns}): pass the column that holds the "
@@ -317,7 +317,7 @@ def stream_texts(source: str, text_column: str = "text", skip: int = 0) -> Itera
     """The non-empty documents of a large source read lazily (`datasets` streaming): nothing is downloaded or
     loaded up front, so a corpus far larger than memory (or disk) can be trained on."""
     dataset = _open_source(source, "train", text_column, streaming=True)
-    texts = (row[text_column] for row in dataset)
+    texts = named_decode_errors(source, (row[text_column] for row in dataset))
     return itertools.islice((t for t in texts if isinstance(t, str) and t.strip()), skip, None)
 
 

@@ -162,3 +162,16 @@ def check_local_files(paths: list[str], builder: str, text_column: str, streamin
         )
     encoding = kinds.pop()
     return None if encoding == "utf-8" else encoding
+
+
+def named_decode_errors(source: str, texts):
+    """`texts`, a stream of `source`, with a decoding error met past the start [`check_local_files`] read (streaming
+    checks only `STREAMING_CHECK_BYTES`) raised as one naming the source and the fix."""
+    try:
+        yield from texts
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"Data source {source!r} holds bytes that are not {error.encoding} past its first {STREAMING_CHECK_BYTES} "
+            f"bytes (the ones checked before streaming): {error.reason}. Convert it to UTF-8, e.g. from Latin-1: "
+            "`iconv -f latin1 -t utf-8 FILE > FILE.utf8.txt`, and pass the converted file."
+        ) from None

@@ -90,6 +90,13 @@ def test_latin1_past_the_first_megabyte_is_found(tmp_path):
     assert "line 70001" in _refused(_write(tmp_path, "late.txt", data), "not UTF-8")
 
 
+def test_latin1_past_the_checked_start_of_a_stream_is_named(tmp_path):
+    """Streaming checks the first megabyte only: a later bad byte is found as the stream reaches it."""
+    path = _write(tmp_path, "late.txt", b"plain ascii line\n" * 70_000 + "café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="late.txt.*not utf-8 past its first.*iconv -f latin1"):
+        list(stream_texts(path))
+
+
 def test_latin1_is_refused_before_streaming(tmp_path):
     _refused(_write(tmp_path, "latin1.txt", "\n".join(DOCS).encode("latin-1")), "not UTF-8", streaming=True)
 
