@@ -307,7 +307,7 @@ def _check_size(directory, name: str, expected: int) -> None:
         raise _damaged(directory, name, f"holds {size} bytes, not the {expected} written: {what}")
 
 
-def _check_shard_schema(directory, name: str, features) -> None:
+def _check_shard_schema(directory, name: str, expected: list) -> None:
     import pyarrow as pa
 
     try:
@@ -315,7 +315,7 @@ def _check_shard_schema(directory, name: str, features) -> None:
             schema = pa.ipc.open_stream(source).schema  # the header only
     except (pa.ArrowInvalid, OSError) as error:
         raise _damaged(directory, name, f"is not an Arrow file ({error})") from None
-    found, expected = [(f.name, f.type) for f in schema], [(f.name, f.type) for f in features.arrow_schema]
+    found = [(f.name, f.type) for f in schema]
     if found != expected:
         columns = ", ".join(f"{n}: {t}" for n, t in found)
         raise _damaged(directory, name, f"holds the columns of another cache ({columns})")
@@ -373,9 +373,10 @@ def check_cache_files(directory: str | os.PathLike, info: dict | None = None) ->
     features = _features(
         info["mode"], info["dtype"], info["id_dtype"], info["with_labels"], info.get("compress") or False
     )
+    columns = [(f.name, f.type) for f in features.arrow_schema]
     for entry in info["shards"]:
         _check_size(directory, entry["file"], entry["bytes"])
-        _check_shard_schema(directory, entry["file"], features)
+        _check_shard_schema(directory, entry["file"], columns)
         if "content_hash" in entry and content_hash(Path(directory) / entry["file"]) != entry["content_hash"]:
             raise _damaged(directory, entry["file"], "holds other data than was written (a shard of another cache?)")
     listed = [f.get("filename") for f in _read_json(directory, "state.json").get("_data_files", [])]

@@ -178,3 +178,16 @@ def test_rewriting_repairs_a_damaged_cache(cache, caches):
 def test_undamaged_caches_load(caches):
     for name in ("hidden", "other_data", "bf16", "topk"):
         assert len(load_teacher_cache(caches / name)) == 7
+
+
+def test_caches_written_before_the_hashes_load_and_are_checked_by_their_files(cache):
+    """A cache without the recorded hashes (written by an earlier version) loads; its sizes and headers still count."""
+    path = cache / "teacher_cache.json"
+    info = json.loads(path.read_text())
+    del info["metadata_hash"], info["lm_head"]
+    for entry in info["shards"]:
+        del entry["content_hash"]
+    path.write_text(json.dumps(info, indent=1))
+    assert len(load_teacher_cache(cache)) == 7 and CachedTeacher(cache).mode == "hidden"
+    (cache / "shard-00002.arrow").write_bytes(b"")
+    _refused(cache, "shard-00002.arrow")
