@@ -128,6 +128,12 @@ def check_local_files(paths: list[str], builder: str, text_column: str, streamin
     Raises:
         `ValueError`: naming the file, what is wrong and the fix.
     """
+    folders = [path for path in paths if not os.path.isfile(path)]
+    if folders:
+        raise ValueError(
+            f"Data path(s) {folders} are folders, not files: pass the files in them, comma separated (e.g. "
+            f"{os.path.join(folders[0], 'part-1.txt')},{os.path.join(folders[0], 'part-2.txt')})."
+        )
     if builder == "parquet":
         for path in paths:
             with open(path, "rb") as f:

@@ -275,6 +275,18 @@ def estimated_cache_bytes(settings: dict, samples: int, seq_length: int) -> int:
     return int(samples * seq_length * per_token) + head
 
 
+def _finished(sidecar: Path, path: Path, data_hash: str) -> bool:
+    """Whether a shard of the work folder was written for these samples and is whole (a rerun reuses it): its sidecar
+    reads, names this data, and the shard has the size it was written with. Anything else is computed again."""
+    try:
+        stored = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(stored, dict) or stored.get("data_hash") != data_hash or not path.is_file():
+        return False
+    return path.stat().st_size == stored.get("bytes")
+
+
 def write_teacher_cache(
     teacher, dataset, first: dict, settings: dict, output_dir, batch_size: int, overwrite: bool, show_progress: bool
 ):
@@ -346,8 +358,7 @@ def write_teacher_cache(
             shards.append(entry)
             if index % world == rank:
                 sidecar, path = partial / f"shard-{index:05d}.json", partial / f"shard-{index:05d}.arrow"
-                done = sidecar.is_file() and json.loads(sidecar.read_text()).get("data_hash") == entry["data_hash"]
-                if not (done and path.is_file()):
+                if not _finished(sidecar, path, entry["data_hash"]):
                     entry.update(_write_shard(teacher, rows, path, settings, batch_size))
                     atomic_write_json(sidecar, entry)
                     computed += 1

@@ -151,3 +151,10 @@ def test_the_training_loader_refuses_before_tokenizing(tmp_path, tokenizer):
     path = _write(tmp_path, "latin1.txt", "\n".join(DOCS * 50).encode("latin-1"))
     with pytest.raises(ValueError, match="iconv -f latin1"):
         load_text_datasets(path, tokenizer, seq_length=8)
+
+
+def test_a_folder_named_like_a_file_is_refused(tmp_path):
+    folder = tmp_path / "corpus.txt"
+    folder.mkdir()
+    (folder / "part.txt").write_text("some text\n")
+    _refused(str(folder), "are folders, not files")

@@ -11,6 +11,7 @@ from conftest import random_samples, tiny_model
 from datasets import Dataset
 from safetensors.torch import save_file
 
+import hf_minitron.distillation.teacher_cache_writer as teacher_cache_writer
 from hf_minitron import DistillationConfig, DistillationTrainer, cache_teacher, load_teacher_cache
 from hf_minitron.distillation.teacher_cache import CachedTeacher, read_cache_info
 
@@ -191,3 +192,35 @@ def test_caches_written_before_the_hashes_load_and_are_checked_by_their_files(ca
     assert len(load_teacher_cache(cache)) == 7 and CachedTeacher(cache).mode == "hidden"
     (cache / "shard-00002.arrow").write_bytes(b"")
     _refused(cache, "shard-00002.arrow")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_damaged_work_folder_of_an_interrupted_write_is_recomputed(caches, tmp_path, monkeypatch):
+    """Killed after two shards, then a finished shard truncated and a sidecar emptied: the rerun computes those again
+    (it reused the truncated shard, finishing a cache that did not load, and failed on the empty sidecar)."""
+    real, written = teacher_cache_writer._write_shard, []
+
+    def dies_at_the_third_shard(*args, **kwargs):
+        if len(written) == 2:
+            raise _Killed
+        written.append(args[2].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", dies_at_the_third_shard)
+    kwargs = {"shard_size": 3, "batch_size": 2, "show_progress": False}
+    with pytest.raises(_Killed):
+        cache_teacher(tiny_model("llama"), _dataset(), tmp_path / "cache", **kwargs)
+    partial = tmp_path / ".cache.partial"
+    shard = partial / "shard-00000.arrow"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (partial / "shard-00001.json").write_bytes(b"")
+    written.clear()
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", lambda *args, **kwargs: (written.append(args[2].name),
+                        real(*args, **kwargs))[1])  # fmt: skip
+    cache_teacher(tiny_model("llama"), _dataset(), tmp_path / "cache", **kwargs)
+    assert written == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
+    for name in ("shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow", "teacher_lm_head.safetensors"):
+        assert (tmp_path / "cache" / name).read_bytes() == (caches / "hidden" / name).read_bytes()
