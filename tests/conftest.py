@@ -68,6 +68,22 @@ HYBRID_OVERRIDES = {
         chunk_size=8,
     ),
 }
+# Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5's text model): 4 layers, DeltaNet and gated attention alternating; 4
+# DeltaNet value heads of dim 8 in 2 key heads of dim 8 (Qwen3-Next: with the MoE shapes of MOE_OVERRIDES).
+HYBRID_ARCHITECTURE_NAMES += ["qwen3_next", "qwen3_5_text"]
+DELTANET_PATTERN = ["linear_attention", "full_attention"] * 2
+_DELTANET = dict(
+    layer_types=DELTANET_PATTERN,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+)
+HYBRID_OVERRIDES["qwen3_next"] = dict(
+    _DELTANET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+)
+HYBRID_OVERRIDES["qwen3_5_text"] = _DELTANET
 
 
 def tiny_config(model_type: str = "llama", **overrides):

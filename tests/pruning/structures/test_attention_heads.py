@@ -267,4 +267,4 @@ def test_count_roles_name_every_head_facing_tensor_of_each_layout():
     assert olmo2["self_attn.q_norm"] == ("q",) and olmo2["self_attn.k_norm"] == ("kv",)
     assert attention_heads.count_roles(ARCHITECTURES["gpt_oss"], None)["self_attn.sinks"] == ("heads",)
     shape = {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16}
-    assert attention_heads.count_sizes(shape) == {"heads": 6, "q": 96, "kv": 32, "qkv": 160}
+    assert attention_heads.count_sizes(shape) == {"heads": 6, "q": 96, "qg": 192, "kv": 32, "qkv": 160}
