@@ -23,9 +23,10 @@ CARD_ROWS = {"hidden_size": "Hidden size (embedding)"}
 SUMMARY = FIELDS
 RECORD = ()  # the record's `hidden`: one list of kept channels for the whole model
 _FIELD = FIELDS[0]
-# The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba in a hybrid layer), then
-# the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays zero.
-SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
+# The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba / Gated DeltaNet in a
+# hybrid layer), then the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays
+# zero.
+SLOT_BLOCKS = (("attention", "mamba", "deltanet"), ("mlp", "moe"))
 
 
 def present(spec) -> bool:
