@@ -8,6 +8,7 @@ hidden pruning slices its columns. Nemotron-H's has none (`shared_expert_gate=No
 
 import torch
 
+from .fields import ConfigField, target_names
 from .mlp_neurons import mlp_count_roles, mlp_hidden_weights, mlp_hooks, mlp_magnitude, prune_mlps, slice_mlp_hidden
 from .routed_experts import check_moe_target
 from .search_axis import SearchAxis
@@ -17,9 +18,16 @@ from .statistics import PER_SAMPLE, reduce_per_sample, static_scores
 
 KEY = "shared_neurons"
 SCORE_KEYS = (KEY,)
-FIELDS = ("shared_expert_intermediate_size",)
+CONFIG_FIELDS = (
+    ConfigField(
+        "shared_expert_intermediate_size",
+        doc="MoE: target width of the shared expert (Qwen2-MoE).",
+        help="MoE: target width of the shared expert.",
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
-AXES = (SearchAxis("shared_expert_intermediate_size", "sharedmlp", "shared MLP"),)
+AXES = (SearchAxis("shared_expert_intermediate_size", "sharedmlp", "shared MLP", multiple_default=64),)
 CARD_ROWS = {"shared_expert_intermediate_size": "Shared-expert width"}
 SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
 RECORD = ("shared_neurons",)
@@ -28,6 +36,12 @@ _FIELD = FIELDS[0]
 
 def present(spec) -> bool:
     return spec.moe is not None and spec.shared_expert is not None
+
+
+def shape(model_config, spec) -> dict:
+    if spec is None or spec.moe is None or spec.shared_expert is None:
+        return {}
+    return {"shared_expert_intermediate_size": getattr(model_config, spec.shared_expert_width_field)}
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:
