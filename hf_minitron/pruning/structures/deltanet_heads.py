@@ -23,6 +23,7 @@ gated norm acts over one value head's `dv` channels, shared by every head: it is
 import torch
 
 from .attention_heads import select
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import head_rows, slice_linear, slice_parameter
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
@@ -30,7 +31,21 @@ from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_sc
 
 KEY = "deltanet"
 SCORE_KEYS = (KEY,)
-FIELDS = ("linear_num_value_heads", "linear_num_key_heads")
+CONFIG_FIELDS = (
+    ConfigField(
+        "linear_num_value_heads",
+        doc="""Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5): target number of value heads per DeltaNet layer, a multiple of
+the key heads kept (`linear_num_key_heads`): every key head keeps the same number of its own value heads.""",
+        help="Gated DeltaNet hybrids: target value heads per DeltaNet layer (a multiple of the key heads).",
+    ),
+    ConfigField(
+        "linear_num_key_heads",
+        doc="""Gated DeltaNet hybrids: target number of query/key heads per DeltaNet layer. Kept by default; pruning them
+removes whole key heads with their value heads.""",
+        help="Gated DeltaNet hybrids: target key heads per DeltaNet layer (kept unless set).",
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "deltanet"
 CARD_ROWS = {
     "linear_num_value_heads": "Gated DeltaNet value heads",
@@ -68,6 +83,7 @@ AXES = (
         floor=_KEY,
         step=_KEY,
         step_reason="every key head keeps the same number of value heads",
+        cap=True,
         fits=_fits,
     ),
     # Key heads are searched at the teacher's count unless a grid gives others: a key head carries its value heads.
