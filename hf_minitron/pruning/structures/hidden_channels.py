@@ -72,7 +72,7 @@ def hooks(collector, index: int, layer) -> list:
     handles = []
     sources = ((spec.attn_input_norm, spec.attention or spec.mamba), (spec.mlp_input_norm, spec.mlp or spec.moe))
     for slot, (norm, block) in enumerate(sources):
-        if not any(spec.has(layer, name) for name in SLOT_BLOCKS[slot]):
+        if not any(getattr(spec, name) is not None and spec.has(layer, name) for name in SLOT_BLOCKS[slot]):
             continue
         store = collector.store(KEY, index, slot)
 
