@@ -14,8 +14,16 @@ import torch
 from conftest import DELTANET_PATTERN, random_samples, tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_minitron import PrunedConfig, count_parameters, estimate_importance, prune_model
+from hf_minitron import (
+    PrunedConfig,
+    SearchConfig,
+    count_parameters,
+    estimate_importance,
+    prune_model,
+    random_importance,
+)
 from hf_minitron.architectures import get_decoder_layers
+from hf_minitron.pruning.candidates import enumerate_candidates
 
 
 IDS = torch.arange(3, 19)[None]
@@ -158,3 +166,34 @@ def test_baselines_prune_the_deltanet_and_attention_heads(family, importance, tm
 def test_bad_targets_are_refused_before_any_work(fields, message):
     with pytest.raises(ValueError, match=message):
         prune_model(tiny_model("qwen3_next"), PrunedConfig(**fields), calibration_data=None)
+
+
+@pytest.mark.parametrize("family", list(AXES))
+def test_search_enumerates_deltanet_heads_and_layers_by_type_with_exact_counts(family):
+    model = tiny_model(family)
+    grids = dict(
+        hidden_size_grid=[32],
+        linear_num_value_heads_grid=[2, 4],
+        linear_num_key_heads_grid=[1, 2],
+        num_deltanet_layers_grid=[1, 2],
+    )
+    search = SearchConfig(target_ratio=0.8, tolerance=0.3, pruning={"depth_method": "block_influence"}, **grids)
+    candidates = enumerate_candidates(model.config, search)
+    # 4 value heads in 1 key head would move value heads between key heads: no candidate.
+    pairs = {(c.shape["linear_num_value_heads"], c.shape["linear_num_key_heads"]) for c in candidates}
+    assert pairs == {(2, 1), (2, 2), (4, 2)}
+    assert "dnvalues" in candidates[0].name and "dnlayers" in candidates[0].name
+    scores = random_importance(model.config)
+    for candidate in candidates[:3]:
+        pruned = prune_model(copy.deepcopy(model), candidate.pruned_config, scores=scores)
+        assert sum(p.numel() for p in pruned.parameters()) == candidate.num_parameters
+        kinds = pruned.config.layer_types
+        assert kinds.count("linear_attention") == candidate.shape["num_deltanet_layers"]
+    # Generated: value heads in multiples of the key heads, key heads kept unless a grid gives others.
+    generated = enumerate_candidates(
+        model.config, SearchConfig(target_ratio=0.9, tolerance=0.2, max_width_pruning=0.5)
+    )
+    assert {(c.shape["linear_num_value_heads"], c.shape["linear_num_key_heads"]) for c in generated} <= {
+        (2, 2),
+        (4, 2),
+    }
