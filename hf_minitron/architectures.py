@@ -6,7 +6,7 @@ feed attention and the MLP, which norms sit on the residual stream. Adding an ar
 to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`. A family of the
 user's own (remote code) is described by a spec passed in as `spec=` (see `get_architecture`), never registered.
 
-Past 500 lines because it is a table: one `ArchitectureSpec` entry per family (28 of them); the code around it is
+Past 500 lines because it is a table: one `ArchitectureSpec` entry per family (29 of them); the code around it is
 small.
 """
 
@@ -442,6 +442,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         **_GATED_DELTANET_LAYER,
         notes="Qwen3.5's text model: Gated DeltaNet (separate in_proj_qkv / z / b / a) or gated attention per layer, "
         "then a SwiGLU MLP",
+    ),
+    "qwen3_5_moe_text": ArchitectureSpec(
+        **_GATED_DELTANET_LAYER,
+        mlp=None,
+        moe="mlp",
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+        notes="Qwen3.5-MoE's text model: Qwen3.5's layers with routed experts + a gated shared expert in every layer; "
+        "its config has no intermediate_size",
     ),
 }
 

@@ -1,7 +1,7 @@
-"""The Gated DeltaNet hybrids of transformers: Qwen3-Next and Qwen3.5's text model.
+"""The Gated DeltaNet hybrids of transformers: Qwen3-Next and Qwen3.5's text models (dense and MoE).
 
 Each layer holds a Gated DeltaNet mixer (`linear_attention`) or gated attention (`full_attention`, q_proj rows
-`[query; gate]` per head), then Qwen3-Next's routed experts with a gated shared expert, or Qwen3.5's SwiGLU MLP. Every
+`[query; gate]` per head), then Qwen3-Next's and Qwen3.5-MoE's routed experts with a gated shared expert, or Qwen3.5's SwiGLU MLP. Every
 axis is pruned end to end with `prune_model`; the output reloads with stock transformers, without missing or unexpected
 keys, computes the same logits, has as many parameters as `count_parameters` says and a fresh model of its config has,
 and generates the same with and without its cache (KV cache and DeltaNet conv / recurrent states).
@@ -50,6 +50,20 @@ AXES = {
             "num_experts": 3,
             "moe_intermediate_size": 16,
             "num_layers_by_type": {"linear_attention": 1},
+            "depth_method": "block_influence",
+        },
+    },
+    "qwen3_5_moe_text": COMMON
+    | {
+        "shared_expert": {"shared_expert_intermediate_size": 24},
+        "all": {
+            "linear_num_value_heads": 2,
+            "linear_num_key_heads": 1,
+            "num_attention_heads": 2,
+            "hidden_size": 24,
+            "num_experts": 3,
+            "moe_intermediate_size": 16,
+            "num_layers_by_type": {"full_attention": 1},
             "depth_method": "block_influence",
         },
     },

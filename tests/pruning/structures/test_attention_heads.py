@@ -21,7 +21,7 @@ HEAD_DIM = 8
 # Every family with query heads of its own (JetMoE's belong to its attention experts); OLMoE derives head_dim from
 # hidden / heads, so its heads are pruned only together with the hidden size (tested in test_moe.py).
 HEAD_FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m not in ("jetmoe", "olmoe")]
-HEAD_FAMILIES += ["nemotron_h", "qwen3_next", "qwen3_5_text"]
+HEAD_FAMILIES += ["nemotron_h", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
 GATED = ["qwen3_next", "qwen3_5_text"]  # q_proj rows [query; gate] per head
 
 

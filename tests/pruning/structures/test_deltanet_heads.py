@@ -16,7 +16,8 @@ from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_decod
 from hf_minitron.pruning.structures import deltanet_heads
 
 
-FAMILIES = ["qwen3_next", "qwen3_5_text"]
+FAMILIES = ["qwen3_next", "qwen3_5_text"]  # the two projection layouts
+ALL_FAMILIES = [*FAMILIES, "qwen3_5_moe_text"]  # Qwen3.5's layout, with experts (in test_gated_deltanet_families.py)
 KEYS, VALUES, DK, DV = 2, 4, 8, 8  # conftest's tiny mixers: 2 key heads, each read by 2 value heads
 PER_KEY = VALUES // KEYS
 DELTANET_LAYERS = [i for i, kind in enumerate(DELTANET_PATTERN) if kind == "linear_attention"]
@@ -88,7 +89,7 @@ def _z_proj(mixer, fused: bool):
 
 # ---------------------------------------------------------------------------------------------- which families
 def test_present_exactly_for_the_gated_deltanet_families():
-    assert {name for name, spec in ARCHITECTURES.items() if deltanet_heads.present(spec)} == set(FAMILIES)
+    assert {name for name, spec in ARCHITECTURES.items() if deltanet_heads.present(spec)} == set(ALL_FAMILIES)
     assert deltanet_heads.shape(tiny_model("llama").config, ARCHITECTURES["llama"]) == {}
     config = tiny_model("qwen3_5_text").config
     assert deltanet_heads.shape(config, get_architecture(config)) == {

@@ -34,7 +34,7 @@ HIDDEN = 32
 FAMILIES = (
     ARCHITECTURE_NAMES
     + [m for m in MOE_ARCHITECTURE_NAMES if m != "olmoe"]
-    + ["nemotron_h", "qwen3_next", "qwen3_5_text"]
+    + ["nemotron_h", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
 )
 
 
