@@ -492,7 +492,25 @@ def get_architecture(config, spec: ArchitectureSpec | None = None) -> Architectu
     spec = ARCHITECTURES[model_type]
     if spec.block_types_field is not None:
         check_block_types(spec, config)
+    if spec.moe is not None and spec.mlp is None:
+        check_sparse_layers(config)
     return spec
+
+
+def check_sparse_layers(config) -> None:
+    """Refuses a MoE family whose config makes some layers dense (Qwen-MoE's and Qwen3-Next's `mlp_only_layers` and
+    `decoder_sparse_step`): its spec holds the MoE block at the path where those layers hold a dense MLP."""
+    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1)
+    if step != 1:
+        dense = sorted(set(dense) | {i for i in range(config.num_hidden_layers) if (i + 1) % step})
+    if dense:
+        raise ValueError(
+            f"model_type={config.model_type!r} with dense MLP layers {dense} (mlp_only_layers="
+            f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step={step}) is not supported: hf-minitron "
+            "prunes this family with a MoE block in every layer. Use a model with mlp_only_layers=[] and "
+            "decoder_sparse_step=1."
+        )
 
 
 def check_block_types(spec: ArchitectureSpec, config) -> None:

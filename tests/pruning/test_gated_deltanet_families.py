@@ -211,3 +211,13 @@ def test_search_enumerates_deltanet_heads_and_layers_by_type_with_exact_counts(f
         (2, 2),
         (4, 2),
     }
+
+
+@pytest.mark.parametrize(
+    "family,fields", [("qwen3_next", {"mlp_only_layers": [1]}), ("qwen2_moe", {"decoder_sparse_step": 2})]
+)
+def test_moe_families_with_dense_layers_are_refused_naming_them(family, fields):
+    with pytest.raises(
+        ValueError, match=r"dense MLP layers \[(1|0, 2)\].*mlp_only_layers=\[\] and decoder_sparse_step=1"
+    ):
+        prune_model(tiny_model(family, **fields), PrunedConfig(num_experts=3), calibration_data=None)
