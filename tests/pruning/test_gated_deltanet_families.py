@@ -221,3 +221,15 @@ def test_moe_families_with_dense_layers_are_refused_naming_them(family, fields):
         ValueError, match=r"dense MLP layers \[(1|0, 2)\].*mlp_only_layers=\[\] and decoder_sparse_step=1"
     ):
         prune_model(tiny_model(family, **fields), PrunedConfig(num_experts=3), calibration_data=None)
+
+
+@pytest.mark.parametrize("family", list(AXES))
+def test_the_parameter_breakdown_counts_the_deltanet_mixers_as_attention(family):
+    from hf_minitron.pruning.summary import parameter_breakdown
+
+    model = tiny_model(family)
+    breakdown = parameter_breakdown(model)
+    assert breakdown["norms"] == (2 * len(DELTANET_PATTERN) + 1) * 32  # two per layer and the final norm
+    mixers = [layer.linear_attn for layer in get_decoder_layers(model) if layer.block_type == "linear_attention"]
+    attention = [layer.self_attn for layer in get_decoder_layers(model) if layer.block_type == "full_attention"]
+    assert breakdown["attention"] == sum(p.numel() for m in mixers + attention for p in m.parameters())
