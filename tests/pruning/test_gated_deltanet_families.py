@@ -53,8 +53,9 @@ AXES = {
             "depth_method": "block_influence",
         },
     },
-    "qwen3_5_moe_text": COMMON
-    | {
+    # Qwen3.5's DeltaNet layout with Qwen3-Next's MoE block: the axes each already has elsewhere, once together.
+    "qwen3_5_moe_text": {
+        "deltanet_keys": COMMON["deltanet_keys"],
         "shared_expert": {"shared_expert_intermediate_size": 24},
         "all": {
             "linear_num_value_heads": 2,
