@@ -188,7 +188,7 @@ def key_scores(value_scores: torch.Tensor, num_keys: int) -> torch.Tensor:
     return value_scores.view(*value_scores.shape[:-1], num_keys, -1).norm(dim=-1)
 
 
-def _value_rows(mixer, spec, shape: dict) -> dict[str, torch.Tensor]:
+def _value_rows(spec, shape: dict) -> dict[str, torch.Tensor]:
     """`{input projection: its rows of each value head}` (`[value heads, rows per head]`): v and z rows, b and a."""
     dk, dv = shape["linear_key_head_dim"], shape["linear_value_head_dim"]
     values, keys = shape[_VALUE], shape[_KEY]
@@ -219,7 +219,7 @@ def magnitude(layer, spec, shape) -> torch.Tensor:
     mixer = getattr(layer, spec.deltanet)
     dv = shape["linear_value_head_dim"]
     total = torch.zeros(values)
-    for name, rows in _value_rows(mixer, spec, shape).items():
+    for name, rows in _value_rows(spec, shape).items():
         total += getattr(mixer, name).weight.float().pow(2).sum(dim=1)[rows].sum(dim=1)
     conv = mixer.conv1d.weight.float().pow(2).flatten(1).sum(dim=1)
     total += conv[2 * shape[_KEY] * shape["linear_key_head_dim"] :].view(values, dv).sum(dim=1)
