@@ -153,11 +153,18 @@ BLOCK_TYPE_AXES = (
     SearchAxis("num_attention_layers", "attnlayers", "attention layers", depth=True, multiple=False),
     SearchAxis("num_mlp_layers", "mlplayers", "MLP layers", depth=True, multiple=False),
     SearchAxis("num_moe_layers", "moelayers", "MoE layers", depth=True, multiple=False),
+    SearchAxis("num_deltanet_layers", "dnlayers", "Gated DeltaNet layers", depth=True, multiple=False),
 )
 CARD_ROWS = {"num_hidden_layers": "Layers (depth)"}
 # A hybrid's layers of each block type (Minitron-SSM), as `PrunedConfig.num_layers_by_type` names the types: card rows
 # under the depth row.
-CARD_BLOCK_ROWS = {"mamba": "Mamba layers", "attention": "Attention layers", "mlp": "MLP layers", "moe": "MoE layers"}
+CARD_BLOCK_ROWS = {
+    "mamba": "Mamba layers",
+    "attention": "Attention layers",
+    "mlp": "MLP layers",
+    "moe": "MoE layers",
+    "deltanet": "Gated DeltaNet layers",
+}
 SUMMARY = ("num_hidden_layers",)
 RECORD = ()  # the record's `kept_layers` and `dropped_layers`, written by `prune_model` itself
 
