@@ -222,6 +222,34 @@ class ArchitectureSpec:
         return getattr(layer, self.block_type_attribute) == kinds[block]
 
 
+@dataclass(frozen=True)
+class BlockType:
+    """A kind of block a hybrid's decoder layer may hold, named as `PrunedConfig.num_layers_by_type` names it.
+
+    Args:
+        name (`str`): the block's name, also the `ArchitectureSpec` field of its module path.
+        role (`str`): `"mixer"` (a sequence mixer, fed by the layer's first norm) or `"ffn"` (fed by the second).
+        column (`str`): its layers' column in the search report; capitalised, its model-card row.
+        short (`str`): the prefix of its layer count in a candidate's name.
+    """
+
+    name: str
+    role: str
+    column: str
+    short: str
+
+
+# The block types, in the order of the card rows and search axes. A new kind of sequence mixer or feed-forward block
+# is one entry here (and the spec field of its module path); depth, hidden channels and the summary read this table.
+BLOCK_TYPES = (
+    BlockType("mamba", "mixer", "Mamba layers", "mambalayers"),
+    BlockType("attention", "mixer", "attention layers", "attnlayers"),
+    BlockType("mlp", "ffn", "MLP layers", "mlplayers"),
+    BlockType("moe", "ffn", "MoE layers", "moelayers"),
+    BlockType("deltanet", "mixer", "Gated DeltaNet layers", "dnlayers"),
+)
+
+
 _LLAMA_LIKE = ArchitectureSpec()
 
 # Bamba and Falcon-H1 share transformers' Mamba2 layer layout (the mixer `mamba`, the MLP `feed_forward` after

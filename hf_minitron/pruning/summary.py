@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from ..architectures import get_architecture, get_decoder_layers, model_shape
+from ..architectures import BLOCK_TYPES, get_architecture, get_decoder_layers, model_shape
 from .structures import STRUCTURES
 from .structures.depth import layer_counts_by_type
 
@@ -25,13 +25,10 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
         add("embeddings", model.get_output_embeddings())
     # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer (their sequence
     # mixers count as attention), JetMoE's attention experts sit inside its attention module.
-    blocks = (
-        ("attention", "attention", spec.attention),
-        ("attention", "mamba", spec.mamba),
-        ("attention", "deltanet", spec.deltanet),
-        ("mlp", "mlp", spec.mlp),
-        ("mlp", "moe", spec.moe),
-    )
+    blocks = [
+        ("attention" if block.role == "mixer" else "mlp", block.name, getattr(spec, block.name))
+        for block in sorted(BLOCK_TYPES, key=lambda block: block.role != "mixer")
+    ]
     for layer in get_decoder_layers(model):
         for key, block, path in blocks:
             if path is not None and spec.has(layer, block) and hasattr(layer, path.split(".")[0]):

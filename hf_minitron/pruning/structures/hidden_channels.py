@@ -8,6 +8,7 @@
 
 import torch
 
+from ...architectures import BLOCK_TYPES
 from ...runtime import release_freed_memory
 from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
@@ -34,7 +35,7 @@ _FIELD = FIELDS[0]
 # The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba / Gated DeltaNet in a
 # hybrid layer), then the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays
 # zero.
-SLOT_BLOCKS = (("attention", "mamba", "deltanet"), ("mlp", "moe"))
+SLOT_BLOCKS = tuple(tuple(block.name for block in BLOCK_TYPES if block.role == role) for role in ("mixer", "ffn"))
 
 
 def present(spec) -> bool:
