@@ -85,7 +85,7 @@ def structures_of(spec) -> tuple:
 def in_layer(spec, layer, structure) -> bool:
     """Whether decoder `layer` holds the block `structure` prunes: always in a family whose layers are alike; in a
     hybrid, when the layer's block type is the structure's `BLOCK`."""
-    return spec.block_type_attribute is None or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
+    return not spec.block_types or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
 
 
 __all__ = [

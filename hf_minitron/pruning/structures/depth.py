@@ -153,11 +153,18 @@ BLOCK_TYPE_AXES = (
     SearchAxis("num_attention_layers", "attnlayers", "attention layers", depth=True, multiple=False),
     SearchAxis("num_mlp_layers", "mlplayers", "MLP layers", depth=True, multiple=False),
     SearchAxis("num_moe_layers", "moelayers", "MoE layers", depth=True, multiple=False),
+    SearchAxis("num_short_conv_layers", "convlayers", "short-conv layers", depth=True, multiple=False),
 )
 CARD_ROWS = {"num_hidden_layers": "Layers (depth)"}
 # A hybrid's layers of each block type (Minitron-SSM), as `PrunedConfig.num_layers_by_type` names the types: card rows
 # under the depth row.
-CARD_BLOCK_ROWS = {"mamba": "Mamba layers", "attention": "Attention layers", "mlp": "MLP layers", "moe": "MoE layers"}
+CARD_BLOCK_ROWS = {
+    "mamba": "Mamba layers",
+    "attention": "Attention layers",
+    "mlp": "MLP layers",
+    "moe": "MoE layers",
+    "short_conv": "Short-conv layers",
+}
 SUMMARY = ("num_hidden_layers",)
 RECORD = ()  # the record's `kept_layers` and `dropped_layers`, written by `prune_model` itself
 
@@ -174,9 +181,9 @@ PER_LAYER_CONFIG_LISTS = (
     "num_attention_heads_per_layer",
     "num_key_value_heads_per_layer",
 )
-# Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`): the indices of
-# the kept layers are renumbered, those of dropped layers removed.
-LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices")
+# Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`, LFM2's
+# `full_attn_idxs`): the indices of the kept layers are renumbered, those of dropped layers removed.
+LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices", "full_attn_idxs")
 
 
 # ---------------------------------------------------------------------------------------------- targets
