@@ -117,8 +117,8 @@ class ArchitectureSpec:
             what its reload will.
         short_conv (`str`, *optional*):
             A gated short-convolution operator inside a decoder layer (LFM2's `conv`: `in_proj` with output rows `[B,
-            C, x]`, each `hidden_size` wide, a depthwise `conv` and `out_proj`): its channels are the hidden size's,
-            so hidden pruning is refused for a model with such layers.
+            C, x]`, each `hidden_size` wide, a depthwise `conv` and `out_proj`): its channels are as many as the hidden
+            size's, and pruned with it (`short_conv_channels.py`).
         mlp_auto_adjust_field (`str`, *optional*):
             A config flag by which the modeling code rescales `intermediate_size` when it builds the MLP (LFM2's
             `block_auto_adjust_ff_dim`: 2/3 of it, times `block_ffn_dim_multiplier`, rounded up to a multiple of
@@ -469,8 +469,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         block_types=(("attention", "full_attention"), ("short_conv", "conv")),
         notes="hybrid: short-conv or attention per layer (layer_types; full_attn_idxs renumbered), a SwiGLU MLP (w1, w3, "
         "w2) in every layer; q/k layernorms over head_dim; head_dim written to the config; the saved "
-        "intermediate_size is the built width (block_auto_adjust_ff_dim written False); the conv channels are the "
-        "hidden size's, so hidden pruning needs a model without conv layers",
+        "intermediate_size is the built width (block_auto_adjust_ff_dim written False); the conv operators' channels, "
+        "hidden_size of them, are scored and pruned to the pruned hidden size",
     ),
 }
 

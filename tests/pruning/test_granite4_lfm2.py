@@ -41,9 +41,15 @@ AXES = {
     "lfm2": {
         "mlp": {"intermediate_size": 40},
         "heads": {"num_attention_heads": 2, "num_key_value_heads": 1},
+        "hidden": {"hidden_size": 16},  # the conv operators keep 16 of their own channels
         "depth_by_type": {"num_layers_by_type": {"conv": 1}, "depth_method": "block_influence"},
         "depth": {"layers_to_drop": [0, 4]},
-        "all": {"intermediate_size": 48, "num_attention_heads": 2, "num_layers_by_type": {"short_conv": 2}},
+        "all": {
+            "intermediate_size": 48,
+            "num_attention_heads": 2,
+            "hidden_size": 24,
+            "num_layers_by_type": {"short_conv": 2},
+        },
     },
 }
 CASES = [(family, axis) for family, axes in AXES.items() for axis in axes]
@@ -77,6 +83,8 @@ def test_prune_axis_reloads_with_stock_transformers_and_generates(family, axis, 
         assert model.config.mamba_expand * model.config.hidden_size == model.config.mamba_n_heads * 8
         assert count_parameters(source, target, "active") < n  # 2 of the routed experts per token
     else:
+        conv_layers = [i for i, kind in enumerate(kept_types) if kind == "conv"]
+        assert sorted(record.conv_channels) == (conv_layers if "hidden_size" in fields else [])
         assert model.config.full_attn_idxs is None or model.config.full_attn_idxs == [
             i for i, kind in enumerate(kept_types) if kind == "full_attention"
         ]
@@ -106,7 +114,7 @@ SAME = {
         mamba_num_heads=c.mamba_n_heads,
         mamba_head_dim=c.mamba_d_head,
     ),
-    "lfm2": lambda c: dict(intermediate_size=96, num_attention_heads=c.num_attention_heads),
+    "lfm2": lambda c: dict(intermediate_size=96, num_attention_heads=c.num_attention_heads, hidden_size=c.hidden_size),
 }
 
 
@@ -171,8 +179,7 @@ def test_dead_units_are_the_ones_removed():
 @pytest.mark.parametrize(
     "family,fields,overrides,message",
     [
-        # LFM2's conv operators are hidden_size channels wide inside, and no structure scores those channels.
-        ("lfm2", {"hidden_size": 16}, {}, r"hidden_size=16 is not supported .* 'conv' layers \(\[0, 2, 3\]\)"),
+        ("lfm2", {"hidden_size": 40}, {}, "larger than the source model's hidden_size=32"),
         ("lfm2", {"num_layers_by_type": {"attention": 0}}, {}, "removes every attention layer"),
         ("lfm2", {"num_layers_by_type": {"mamba": 1}}, {}, "names the block type 'mamba'"),
         ("lfm2", {"num_experts": 2}, {}, "num_experts=2 does not apply"),

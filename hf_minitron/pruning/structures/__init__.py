@@ -11,6 +11,7 @@
 | expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
 | Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
+| short-conv channels (LFM2) | `short_conv_channels.py` | none: they follow `hidden_size` |
 
 Each module declares what the rest of the package derives from it (the contract is in `CONTRIBUTING.md`): its
 `PrunedConfig` fields with their docs and `--help` (`CONFIG_FIELDS`, `fields.py`; the targets among them are
@@ -40,6 +41,7 @@ from . import (
     mlp_neurons,
     routed_experts,
     shared_expert_neurons,
+    short_conv_channels,
 )
 
 
@@ -56,6 +58,7 @@ STRUCTURES = (
     expert_neurons,
     shared_expert_neurons,
     mamba_heads,
+    short_conv_channels,
 )
 
 # Order of the width structures when pruning: whole experts before the neurons of the kept experts; hidden channels
@@ -73,6 +76,9 @@ WIDTH_STRUCTURES = (
     # After attention heads and MLP neurons: their `sync_modules` set `num_heads` / `intermediate_size` on every
     # module that has one, the Mamba mixer included, and this one sets the mixer's back.
     mamba_heads,
+    # Before hidden channels, whose count it prunes its channels to: it slices in_proj's rows while they are still
+    # the source's [B, C, x] thirds.
+    short_conv_channels,
     hidden_channels,
 )
 
@@ -101,5 +107,6 @@ __all__ = [
     "mlp_neurons",
     "routed_experts",
     "shared_expert_neurons",
+    "short_conv_channels",
     "structures_of",
 ]

@@ -45,21 +45,7 @@ def shape(model_config, spec) -> dict:
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:
-    """Refuses a smaller hidden size for a model with short-conv layers (LFM2): their operators are built
-    `hidden_size` channels wide inside (`[B, C, x]` rows of `in_proj`, the depthwise `conv`, `out_proj`), channels that
-    no structure scores, so they cannot follow a pruned hidden size."""
-    width = getattr(config, _FIELD)
-    if width is None or width >= shape[_FIELD] or spec is None or spec.short_conv is None:
-        return
-    conv = dict(spec.block_types)["short_conv"]
-    layers = [i for i, kind in enumerate(getattr(model_config, spec.block_types_field)) if kind == conv]
-    if layers:
-        raise ValueError(
-            f"PrunedConfig.{_FIELD}={width} is not supported for model_type={model_config.model_type!r} with "
-            f"{conv!r} layers ({layers}): their short-conv operators are built hidden_size channels wide inside, and "
-            f"hf-minitron does not prune those channels. Leave {_FIELD}=None (or {shape[_FIELD]}) and prune the MLP, "
-            "attention heads or depth (num_layers_by_type) instead."
-        )
+    """Every model has a hidden size."""
 
 
 def check_target(config, model_config=None, shape: dict | None = None) -> None:
