@@ -139,7 +139,7 @@ class ArchitectureSpec:
             The config list giving each layer's block type (Nemotron-H: `layers_block_type`).
         block_types (`tuple[tuple[str, str], ...]`):
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
-            `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
+            `"moe"`, `"mamba"`, `"short_conv"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
             module for (`None`) is refused with a clear error. A block not named here is in every layer (Bamba's
             MLP follows the Mamba mixer or the attention of each layer).
         expert_layout (`ParallelExperts`, *optional*):
@@ -159,7 +159,7 @@ class ArchitectureSpec:
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
-    feed-forward blocks are all experts) holds MLP neurons.
+    feed-forward blocks are all experts) holds MLP neurons, `short_conv` short-conv channels.
     """
 
     q_proj: str | None = "q_proj"

@@ -23,8 +23,10 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
     if model.get_output_embeddings() is not None:
         add("embeddings", model.get_output_embeddings())
     # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer, JetMoE's
-    # attention experts sit inside its attention module.
+    # attention experts sit inside its attention module; Granite 4's shared MLP sits beside its MoE block.
     blocks = (("attention", "attention", spec.attention), ("mlp", "mlp", spec.mlp), ("mlp", "moe", spec.moe))
+    if spec.shared_expert_in_layer:
+        blocks += (("mlp", "moe", spec.shared_expert),)
     for layer in get_decoder_layers(model):
         for key, block, path in blocks:
             if path is not None and spec.has(layer, block) and hasattr(layer, path.split(".")[0]):

@@ -195,3 +195,11 @@ def test_dead_units_are_the_ones_removed():
 def test_bad_targets_are_refused_before_any_work(family, fields, overrides, message):
     with pytest.raises(ValueError, match=message):
         prune_model(tiny_model(family, **overrides), PrunedConfig(**fields), calibration_data=None)
+
+
+def test_granite4_breakdown_counts_the_shared_mlp_as_mlp():
+    from hf_minitron.pruning.summary import parameter_breakdown
+
+    model = tiny_model("granitemoehybrid")
+    blocks = [m for layer in get_decoder_layers(model) for m in (layer.block_sparse_moe, layer.shared_mlp)]
+    assert parameter_breakdown(model)["mlp"] == sum(p.numel() for m in blocks for p in m.parameters())
