@@ -88,7 +88,8 @@ def test_the_dead_channel_is_the_one_removed():
 
 @pytest.mark.parametrize("importance", ["activation", "magnitude", "random"])
 def test_pruned_model_reloads_generates_and_is_counted_exactly(importance, tmp_path):
-    model = tiny_model("lfm2")
+    # One of them with the biases of in_proj, conv and out_proj, and an untied LM head.
+    model = tiny_model("lfm2", **(dict(conv_bias=True, tie_word_embeddings=False) if importance == "random" else {}))
     source = copy.deepcopy(model.config)
     config = PrunedConfig(hidden_size=16, num_attention_heads=2, calibration_samples=8, calibration_batch_size=4)
     scores = {
