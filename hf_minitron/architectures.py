@@ -6,7 +6,7 @@ feed attention and the MLP, which norms sit on the residual stream. Adding an ar
 to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`. A family of the
 user's own (remote code) is described by a spec passed in as `spec=` (see `get_architecture`), never registered.
 
-Past 500 lines because it is a table: one `ArchitectureSpec` entry per family (29 of them); the code around it is
+Past 500 lines because it is a table: one `ArchitectureSpec` entry per family; the code around it is
 small.
 """
 
@@ -89,6 +89,9 @@ class ArchitectureSpec:
             The router (`weight` `[experts, hidden]`, optional `bias`) and the experts module inside `moe`.
         shared_expert, shared_expert_gate (`str`, *optional*):
             An always-active MLP inside `moe` (Qwen2-MoE) and its sigmoid gate `Linear(hidden, 1)`.
+        shared_expert_in_layer (`bool`):
+            `shared_expert` is a module of the decoder layer beside `moe`, not inside it (Granite 4's `shared_mlp`,
+            whose output the layer adds to the MoE block's).
         num_experts_field, expert_width_field, shared_expert_width_field (`str`):
             The config fields holding the routed-expert count, each routed expert's FFN width and the shared
             expert's width (Mixtral: `num_local_experts` and `intermediate_size`; Qwen-MoE: `num_experts` and
@@ -112,6 +115,15 @@ class ArchitectureSpec:
             Buffers of the mixer laid out like the output rows of `in_proj` (Falcon-H1's muP `mup_vector`, `[1, 1,
             rows]`, rebuilt from the config at load): sliced with those rows so the pruned model in memory computes
             what its reload will.
+        short_conv (`str`, *optional*):
+            A gated short-convolution operator inside a decoder layer (LFM2's `conv`: `in_proj` with output rows `[B,
+            C, x]`, each `hidden_size` wide, a depthwise `conv` and `out_proj`): its channels are as many as the hidden
+            size's, and pruned with it (`short_conv_channels.py`).
+        mlp_auto_adjust_field (`str`, *optional*):
+            A config flag by which the modeling code rescales `intermediate_size` when it builds the MLP (LFM2's
+            `block_auto_adjust_ff_dim`: 2/3 of it, times `block_ffn_dim_multiplier`, rounded up to a multiple of
+            `block_multiple_of`): the MLP width is read as built, and the flag is written `False` with the pruned
+            width, so that the saved `intermediate_size` is the width a reload builds.
         layer_returns_tuple (`bool`):
             The decoder layers return a tuple `(hidden_states, ...)` rather than the hidden states (Bamba: `(hidden
             states, attention weights)`, unpacked as two; Falcon-H1: `(hidden_states,)`, read as `[0]`): a layer
@@ -121,12 +133,13 @@ class ArchitectureSpec:
         block_type_attribute (`str`, *optional*):
             For hybrid families whose decoder layers hold different blocks (Nemotron-H, Bamba), the attribute of a
             decoder layer naming its block type; `None` when every layer holds every block of the spec (Falcon-H1,
-            whose layers run attention and Mamba side by side).
+            whose layers run attention and Mamba side by side), or, with `block_types`, when a layer's block type is
+            told by which of their modules it holds (LFM2's layers hold `self_attn` or `conv`).
         block_types_field (`str`, *optional*):
             The config list giving each layer's block type (Nemotron-H: `layers_block_type`).
         block_types (`tuple[tuple[str, str], ...]`):
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
-            `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
+            `"moe"`, `"mamba"`, `"short_conv"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
             module for (`None`) is refused with a clear error. A block not named here is in every layer (Bamba's
             MLP follows the Mamba mixer or the attention of each layer).
         expert_layout (`ParallelExperts`, *optional*):
@@ -160,7 +173,7 @@ class ArchitectureSpec:
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
-    feed-forward blocks are all experts) holds MLP neurons.
+    feed-forward blocks are all experts) holds MLP neurons, `short_conv` short-conv channels.
     """
 
     q_proj: str | None = "q_proj"
@@ -186,6 +199,7 @@ class ArchitectureSpec:
     experts: str = "experts"
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    shared_expert_in_layer: bool = False
     num_experts_field: str = "num_experts"
     expert_width_field: str = "moe_intermediate_size"
     shared_expert_width_field: str = "shared_expert_intermediate_size"
@@ -197,6 +211,8 @@ class ArchitectureSpec:
     mamba_inner_field: str | None = None
     mamba_expand_field: str | None = None
     mamba_projection_buffers: tuple[str, ...] = ()
+    short_conv: str | None = None
+    mlp_auto_adjust_field: str | None = None
     layer_returns_tuple: bool = False
     final_norm: str = "norm"
     block_type_attribute: str | None = None
@@ -217,9 +233,18 @@ class ArchitectureSpec:
         itself). In a family whose layers are alike, every layer holds all of the family's blocks; in a hybrid, a
         layer holds the block its block type names, and every block that `block_types` does not name."""
         kinds = dict(self.block_types)
-        if block is None or self.block_type_attribute is None or block not in kinds:
+        if block is None or block not in kinds:
             return True
-        return getattr(layer, self.block_type_attribute) == kinds[block]
+        return self.block_type_of(layer) in (kinds[block], None)
+
+    def block_type_of(self, layer) -> str | None:
+        """The block type of decoder `layer` (a `block_types_field` entry); `None` when the layers are alike."""
+        if self.block_type_attribute is not None:
+            return getattr(layer, self.block_type_attribute)
+        for block, kind in self.block_types:  # told by the block module the layer holds
+            if getattr(layer, getattr(self, block), None) is not None:
+                return kind
+        return None
 
 
 @dataclass(frozen=True)
@@ -247,6 +272,7 @@ BLOCK_TYPES = (
     BlockType("mlp", "ffn", "MLP layers", "mlplayers"),
     BlockType("moe", "ffn", "MoE layers", "moelayers"),
     BlockType("deltanet", "mixer", "Gated DeltaNet layers", "dnlayers"),
+    BlockType("short_conv", "mixer", "short-conv layers", "convlayers"),
 )
 
 
@@ -480,6 +506,55 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         notes="Qwen3.5-MoE's text model: Qwen3.5's layers with routed experts + a gated shared expert in every layer; "
         "its config has no intermediate_size",
     ),
+    # Granite 4 (hybrid): each layer holds a Mamba2 mixer (Bamba's) OR attention, then an MoE block (a transformers 5
+    # experts module) plus an always-active gated MLP beside it, its shared expert.
+    "granitemoehybrid": ArchitectureSpec(
+        mamba="mamba",
+        mamba_num_heads_field="mamba_n_heads",
+        mamba_head_dim_field="mamba_d_head",
+        mamba_groups_field="mamba_n_groups",
+        mamba_state_field="mamba_d_state",
+        mamba_expand_field="mamba_expand",
+        mlp=None,
+        moe="block_sparse_moe",
+        router="router",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        shared_expert="shared_mlp",
+        shared_expert_in_layer=True,
+        shared_expert_width_field="shared_intermediate_size",
+        gate_proj=None,
+        up_proj=None,
+        gate_up_proj="input_linear",
+        down_proj="output_linear",
+        block_type_attribute="block_type",
+        block_types_field="layer_types",
+        block_types=(("attention", "full_attention"), ("mamba", "linear_attention")),
+        notes="hybrid: mamba or attention per layer (layer_types), then routed experts plus a shared gated MLP "
+        "(shared_mlp, fused input_linear) beside the MoE block in every layer; head_dim written to the config; the "
+        "Mamba width is mamba_expand x hidden_size; embedding/residual/attention multipliers and logits scaling kept",
+    ),
+    # LFM2: each layer holds a gated short convolution OR attention (layer_types), then a SwiGLU MLP; the final norm is
+    # `embedding_norm`.
+    "lfm2": ArchitectureSpec(
+        o_proj="out_proj",
+        mlp="feed_forward",
+        gate_proj="w1",
+        up_proj="w3",
+        down_proj="w2",
+        short_conv="conv",
+        attn_input_norm="operator_norm",
+        mlp_input_norm="ffn_norm",
+        residual_norms=("operator_norm", "ffn_norm"),
+        final_norm="embedding_norm",
+        mlp_auto_adjust_field="block_auto_adjust_ff_dim",
+        block_types_field="layer_types",
+        block_types=(("attention", "full_attention"), ("short_conv", "conv")),
+        notes="hybrid: short-conv or attention per layer (layer_types; full_attn_idxs renumbered), a SwiGLU MLP (w1, w3, "
+        "w2) in every layer; q/k layernorms over head_dim; head_dim written to the config; the saved "
+        "intermediate_size is the built width (block_auto_adjust_ff_dim written False); the conv operators' channels, "
+        "hidden_size of them, are scored and pruned to the pruned hidden size",
+    ),
 }
 
 
@@ -542,8 +617,9 @@ def check_sparse_layers(config) -> None:
 
 
 def check_block_types(spec: ArchitectureSpec, config) -> None:
-    """Refuses a hybrid model with a block type the spec has no structures for, or with MoE blocks whose experts
-    work in a latent space (`moe_latent_size`, LatentMoE), which the expert structures do not slice."""
+    """Refuses a hybrid model with a block type the spec has no structures for, without its MoE blocks (zero experts),
+    or with MoE blocks whose experts work in a latent space (`moe_latent_size`, LatentMoE), which the expert
+    structures do not slice."""
     supported = {kind: block for block, kind in spec.block_types if getattr(spec, block) is not None}
     kinds = list(getattr(config, spec.block_types_field))
     unsupported = sorted({kind for kind in kinds if kind not in supported})
@@ -553,6 +629,14 @@ def check_block_types(spec: ArchitectureSpec, config) -> None:
             f"model_type={config.model_type!r} with {spec.block_types_field} {unsupported} (layers {layers}) is not "
             f"supported: hf-minitron prunes its {', '.join(repr(k) for k in supported)} blocks. Use a model without "
             f"{' / '.join(unsupported)} blocks."
+        )
+    if spec.moe is not None and getattr(config, spec.num_experts_field, None) == 0:
+        # Granite 4 builds no MoE block with zero experts (its dense variants): the expert structures would hook and
+        # count a module that is not there.
+        raise ValueError(
+            f"model_type={config.model_type!r} with {spec.num_experts_field}=0 (no MoE block) is not supported: "
+            f"hf-minitron prunes the MoE families with their routed experts. Use a model with {spec.num_experts_field} "
+            "> 0."
         )
     latent = getattr(config, "moe_latent_size", None)
     if latent is not None and dict(spec.block_types).get("moe") in kinds:

@@ -87,6 +87,38 @@ HYBRID_OVERRIDES["qwen3_5_text"] = _DELTANET
 HYBRID_OVERRIDES["qwen3_5_moe_text"] = dict(
     _DELTANET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
 )
+# Granite 4 (Mamba2 or attention, then routed experts and a shared MLP in every layer) and LFM2 (short conv or
+# attention, then a SwiGLU MLP whose config width 90 is built 96 wide: block_auto_adjust_ff_dim).
+GRANITE4_PATTERN = ["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"]
+LFM2_PATTERN = ["conv", "full_attention", "conv", "conv", "full_attention"]
+HYBRID_ARCHITECTURE_NAMES += ["granitemoehybrid", "lfm2"]
+HYBRID_OVERRIDES |= {
+    "granitemoehybrid": dict(
+        num_hidden_layers=len(GRANITE4_PATTERN),
+        layer_types=GRANITE4_PATTERN,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=24,
+        shared_intermediate_size=40,
+        mamba_n_heads=8,  # 8 x 8 = 64 = mamba_expand (2) x hidden_size
+        mamba_d_head=8,
+        mamba_n_groups=2,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+        position_embedding_type="rope",
+        embedding_multiplier=1.3,
+        residual_multiplier=0.7,
+        attention_multiplier=0.3,
+        logits_scaling=2.0,
+    ),
+    "lfm2": dict(
+        num_hidden_layers=len(LFM2_PATTERN),
+        layer_types=LFM2_PATTERN,
+        intermediate_size=90,
+        block_multiple_of=8,
+        block_ffn_dim_multiplier=1.5,
+    ),
+}
 
 
 def tiny_config(model_type: str = "llama", **overrides):

@@ -92,9 +92,7 @@ def _terms_from_json(
         embedding_modules.add(module_names[id(output)])
     final_norm = module_names[id(getattr(get_base_model(model), spec.final_norm))]
     # Layers are grouped by block type (one group when they are alike): each group is described by its first layer.
-    kinds = [
-        None if spec.block_type_attribute is None else getattr(layer, spec.block_type_attribute) for layer in layers
-    ]
+    kinds = [spec.block_type_of(layer) for layer in layers]
     first = {}
     for index, kind in enumerate(kinds):
         first.setdefault(kind, index)

@@ -29,6 +29,8 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
         ("attention" if block.role == "mixer" else "mlp", block.name, getattr(spec, block.name))
         for block in sorted(BLOCK_TYPES, key=lambda block: block.role != "mixer")
     ]
+    if spec.shared_expert_in_layer:  # Granite 4's shared MLP sits beside its MoE block
+        blocks.append(("mlp", "moe", spec.shared_expert))
     for layer in get_decoder_layers(model):
         for key, block, path in blocks:
             if path is not None and spec.has(layer, block) and hasattr(layer, path.split(".")[0]):

@@ -12,6 +12,7 @@
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
 | Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
 | Gated DeltaNet heads (Qwen3-Next, Qwen3.5) | `deltanet_heads.py` | `linear_num_value_heads`, `linear_num_key_heads` |
+| short-conv channels (LFM2) | `short_conv_channels.py` | none: they follow `hidden_size` |
 
 Each module declares what the rest of the package derives from it (the contract is in `CONTRIBUTING.md`): its
 `PrunedConfig` fields with their docs and `--help` (`CONFIG_FIELDS`, `fields.py`; the targets among them are
@@ -42,6 +43,7 @@ from . import (
     mlp_neurons,
     routed_experts,
     shared_expert_neurons,
+    short_conv_channels,
 )
 
 
@@ -59,6 +61,7 @@ STRUCTURES = (
     shared_expert_neurons,
     mamba_heads,
     deltanet_heads,
+    short_conv_channels,
 )
 
 # Order of the width structures when pruning: whole experts before the neurons of the kept experts; hidden channels
@@ -77,6 +80,9 @@ WIDTH_STRUCTURES = (
     # module that has one, the Mamba mixer included, and this one sets the mixer's back.
     mamba_heads,
     deltanet_heads,
+    # Before hidden channels, whose count it prunes its channels to: it slices in_proj's rows while they are still
+    # the source's [B, C, x] thirds.
+    short_conv_channels,
     hidden_channels,
 )
 
@@ -89,7 +95,7 @@ def structures_of(spec) -> tuple:
 def in_layer(spec, layer, structure) -> bool:
     """Whether decoder `layer` holds the block `structure` prunes: always in a family whose layers are alike; in a
     hybrid, when the layer's block type is the structure's `BLOCK`."""
-    return spec.block_type_attribute is None or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
+    return not spec.block_types or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
 
 
 __all__ = [
@@ -106,5 +112,6 @@ __all__ = [
     "mlp_neurons",
     "routed_experts",
     "shared_expert_neurons",
+    "short_conv_channels",
     "structures_of",
 ]

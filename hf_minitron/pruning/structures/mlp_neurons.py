@@ -39,8 +39,22 @@ def present(spec) -> bool:
 
 def shape(model_config, spec) -> dict:
     # A family whose feed-forward blocks are all experts may have no dense width (Qwen3.5-MoE's config).
-    width = getattr(model_config, _FIELD, None)
-    return {} if width is None else {_FIELD: width}
+    if getattr(model_config, _FIELD, None) is None:
+        return {}
+    return {_FIELD: built_width(model_config, spec)}
+
+
+def built_width(model_config, spec) -> int:
+    """The MLP width the modeling code builds: `intermediate_size`, or LFM2's rescaling of it when the config's
+    `mlp_auto_adjust_field` flag is on (see `ArchitectureSpec`)."""
+    width = model_config.intermediate_size
+    if spec is None or spec.mlp_auto_adjust_field is None or not getattr(model_config, spec.mlp_auto_adjust_field):
+        return width
+    width = int(2 * width / 3)
+    multiplier, multiple = model_config.block_ffn_dim_multiplier, model_config.block_multiple_of
+    if multiplier is not None:
+        width = multiple * ((int(multiplier * width) + multiple - 1) // multiple)
+    return width
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:
@@ -191,6 +205,8 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
     model_config.intermediate_size = target[_FIELD]
+    if spec.mlp_auto_adjust_field is not None:  # the saved width is the built one (see `built_width`)
+        setattr(model_config, spec.mlp_auto_adjust_field, False)
 
 
 def sync_modules(model, model_config, spec) -> None:

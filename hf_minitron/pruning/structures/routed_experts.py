@@ -568,6 +568,10 @@ def sync_modules(model, model_config, spec) -> None:
             module.num_experts = num_experts
         if isinstance(getattr(module, "hidden_dim", None), int):
             module.hidden_dim = model_config.hidden_size
+    for layer in get_decoder_layers(model):
+        # Granite's MoE blocks reshape their output with the hidden size they cached as `input_size`.
+        if spec.has(layer, BLOCK) and isinstance(getattr(layer.get_submodule(spec.moe), "input_size", None), int):
+            layer.get_submodule(spec.moe).input_size = model_config.hidden_size
     if spec.expert_layout is not None:
         width = getattr(model_config, spec.expert_width_field)
         for layer in get_decoder_layers(model):

@@ -3,7 +3,8 @@ MLP-neuron structure of `mlp_neurons.py` at another path, with its own config fi
 (`shared_expert_intermediate_size`; Nemotron-H's `moe_shared_expert_intermediate_size`).
 
 Qwen2-MoE's shared expert has a gate (`shared_expert_gate`, `Linear(hidden, 1)`), which reads the hidden size only:
-hidden pruning slices its columns. Nemotron-H's has none (`shared_expert_gate=None`).
+hidden pruning slices its columns. Nemotron-H's has none (`shared_expert_gate=None`). Granite 4's sits beside the MoE block, in the decoder layer
+(`shared_expert_in_layer`).
 """
 
 import torch
@@ -53,7 +54,7 @@ def check_target(config, model_config=None, shape: dict | None = None) -> None:
 
 
 def _path(spec) -> str:
-    return f"{spec.moe}.{spec.shared_expert}"
+    return spec.shared_expert if spec.shared_expert_in_layer else f"{spec.moe}.{spec.shared_expert}"
 
 
 def hooks(collector, index: int, layer) -> list:

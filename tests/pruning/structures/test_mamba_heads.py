@@ -43,8 +43,10 @@ HYBRIDS = {
         mamba_rms_norm=True,
         ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.7],
     ),
+    "granitemoehybrid": {},  # Bamba's mixers, mamba_expand x hidden wide (HYBRID_OVERRIDES)
 }
 HEADS, GROUPS, STATE = 8, 2, 8
+EXPANDED = ("bamba", "granitemoehybrid")  # mixers mamba_expand x hidden_size wide (8 x 8 = 2 x 32)
 MAMBA_LAYERS = [i for i, kind in enumerate(HYBRID_PATTERN) if kind == "linear_attention"]  # Nemotron-H's
 
 
@@ -153,7 +155,7 @@ def test_prune_keeps_exactly_the_rows_channels_and_per_head_values_of_the_select
     inner, bc = HEADS * head_dim, 2 * GROUPS * STATE
     channels, scores = _random_scores(model)
     # Bamba's mixers stay a multiple of the hidden size wide (8 x 4 = 32): its heads are all kept, its channels halved.
-    target_heads = HEADS if model_type == "bamba" else 4
+    target_heads = HEADS if model_type in EXPANDED else 4
     record = _prune(model, scores, mamba_num_heads=target_heads, mamba_head_dim=head_dim // 2)
     source_mixers = _mixers(original)
     assert sorted(record.mamba_heads) == sorted(source_mixers)
@@ -217,7 +219,7 @@ def test_pruned_mixers_cache_their_sizes_and_match_the_count_terms(model_type):
     model = _model(model_type)
     source_config = copy.deepcopy(model.config)
     spec = get_architecture(model.config)
-    head_dim = _head_dim(model) // 2 if model_type != "bamba" else _head_dim(model)  # Bamba: 4 x 8 = 1 x hidden
+    head_dim = _head_dim(model) // 2 if model_type not in EXPANDED else _head_dim(model)  # 4 x 8 = 1 x hidden
     targets = dict(mamba_num_heads=4, mamba_head_dim=head_dim)
     _prune(model, _random_scores(model)[1], **targets)
     inner = 4 * head_dim

@@ -30,6 +30,7 @@ NEMOTRON_H_MOE = dict(
     moe_shared_expert_intermediate_size=40,
 )
 FAMILIES = MOE_ARCHITECTURE_NAMES + ["nemotron_h", "qwen3_next", "qwen3_5_moe_text"]
+FAMILIES += ["granitemoehybrid"]
 TRANSFORMERS_LAYOUT = [m for m in FAMILIES if m != "jetmoe"]
 WIDTH = 24
 
