@@ -6,7 +6,7 @@ feed attention and the MLP, which norms sit on the residual stream. Adding an ar
 to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`. A family of the
 user's own (remote code) is described by a spec passed in as `spec=` (see `get_architecture`), never registered.
 
-Past 500 lines because it is a table: one `ArchitectureSpec` entry per family (26 of them); the code around it is
+Past 500 lines because it is a table: one `ArchitectureSpec` entry per family; the code around it is
 small.
 """
 
@@ -143,6 +143,10 @@ class ArchitectureSpec:
         kv_proj (`str`):
             The shared key/value projection of a mixture of attention experts: output rows `[k (kv_heads x
             head_dim), v (kv_heads x head_dim)]`.
+        expert_score_bias (`str`, *optional*):
+            A `[experts]` buffer of the MoE block itself (not of its router) added to the sigmoid router scores to
+            choose the experts (MiniMax-M2's `e_score_correction_bias`, passed to the router by the block): sliced
+            with the experts. A router's own `e_score_correction_bias` (Nemotron-H) needs no field.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -192,6 +196,7 @@ class ArchitectureSpec:
     attention_experts: str | None = None
     attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
     kv_proj: str = "kv_proj"
+    expert_score_bias: str | None = None
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -356,6 +361,16 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         expert_width_field="intermediate_size",
         notes="mixture of attention experts (per-expert query/output projections, shared kv_proj, query heads = "
         "kv heads x top-k) and MoE experts, one expert count for both; ScatterMoE [E, out, in] weights; tied embeddings",
+    ),
+    "minimax_m2": ArchitectureSpec(
+        mlp=None,
+        moe="mlp",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        expert_score_bias="e_score_correction_bias",
+        qk_norm_over_heads=True,
+        notes="sigmoid router with the block's e_score_correction_bias (sliced with the experts); q_norm/k_norm over "
+        "all heads x head_dim, sliced with the heads; partial rotary",
     ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(

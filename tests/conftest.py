@@ -32,6 +32,7 @@ ARCHITECTURE_NAMES += [
     "arcee",
 ]
 MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "jetmoe"]
+MOE_ARCHITECTURE_NAMES += ["minimax_m2"]
 VOCAB_SIZE = 96
 # Tiny MoE shapes: 4 routed experts of width 24, 2 per token (each family names its fields its own way).
 MOE_OVERRIDES = {
@@ -51,6 +52,7 @@ MOE_OVERRIDES = {
     # JetMoE: 4 attention experts and 4 MoE experts; head_dim is its kv_channels, and its 4 query heads are the 2 KV
     # heads x 2 experts per token.
     "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
 }
 
 # Hybrid Mamba2-attention families: 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.

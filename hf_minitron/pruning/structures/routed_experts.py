@@ -194,6 +194,7 @@ class ExpertTensors:
         output_bias (`str`, *optional*): a `[hidden]` bias the block adds after combining the experts (JetMoE).
         experts (`str`, *optional*): transformers' experts module (its forward is instrumented).
         gating (`str`, *optional*): the ScatterMoE layout's top-k gating module (hooked, with `second`'s module).
+        score_bias (`str`, *optional*): a `[E]` buffer of the block biasing the expert choice (MiniMax-M2).
     """
 
     first: str
@@ -208,6 +209,7 @@ class ExpertTensors:
     output_bias: str | None = None
     experts: str | None = None
     gating: str | None = None
+    score_bias: str | None = None
 
 
 def parallel_tensors(block: str, layout) -> ExpertTensors:
@@ -242,6 +244,7 @@ def expert_tensors(layer, spec) -> ExpertTensors:
         first_bias=f"{path}.{first}_bias" if experts.has_bias else None,
         second_bias=f"{path}.down_proj_bias" if experts.has_bias else None,
         experts=path,
+        score_bias=f"{spec.moe}.{spec.expert_score_bias}" if spec.expert_score_bias else None,
     )
 
 
@@ -506,6 +509,10 @@ def slice_experts(layer, t: ExpertTensors, kept: torch.Tensor) -> None:
         bias = getattr(router, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             router.e_score_correction_bias = bias.index_select(0, kept.to(bias.device))
+    if t.score_bias is not None:  # a buffer: saved with the weights, so the reload routes as the pruned model does
+        owner, name = tensor_owner(layer, t.score_bias)
+        bias = getattr(owner, name)
+        setattr(owner, name, bias.index_select(0, kept.to(bias.device)))
     # The cached counts (routers, experts, gating) follow in `sync_modules`; these two are read before it runs.
     if t.experts is not None:
         layer.get_submodule(t.experts).num_experts = kept.numel()
@@ -605,6 +612,8 @@ def tensors_count_roles(t: ExpertTensors, width: str) -> dict[str, tuple]:
         roles[t.second_bias] = ("E", "h")
     if t.output_bias is not None:
         roles[t.output_bias] = ("h",)
+    if t.score_bias is not None:
+        roles[t.score_bias] = ("R",)
     return roles
 
 
