@@ -147,6 +147,15 @@ class ArchitectureSpec:
             A `[experts]` buffer of the MoE block itself (not of its router) added to the sigmoid router scores to
             choose the experts (MiniMax-M2's `e_score_correction_bias`, passed to the router by the block): sliced
             with the experts. A router's own `e_score_correction_bias` (Nemotron-H) needs no field.
+        experts_scale_input (`bool`):
+            The MoE block multiplies each token by its router score *before* the experts and runs every expert on
+            every token (Llama 4's `Llama4TextMoe`: the experts module gets `[experts x tokens, hidden]` and no
+            routing; `gate_up_proj` `[E, H, 2I]`, `down_proj` `[E, I, H]`, no biases; the router, a `Linear`, returns
+            `(scores, logits)`). An expert's output for a token not routed to it is then zero.
+        moe_layers_field (`str`, *optional*):
+            A config list of the indices of the layers that hold the MoE block (Llama 4's `moe_layers`, from
+            `interleave_moe_layer_step`); depth pruning renumbers it. The other layers would hold a dense MLP of
+            their own width (`intermediate_size_mlp`), which is not supported yet: such a model is refused.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -197,6 +206,8 @@ class ArchitectureSpec:
     attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
     kv_proj: str = "kv_proj"
     expert_score_bias: str | None = None
+    experts_scale_input: bool = False
+    moe_layers_field: str | None = None
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -372,6 +383,21 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         notes="sigmoid router with the block's e_score_correction_bias (sliced with the experts); q_norm/k_norm over "
         "all heads x head_dim, sliced with the heads; partial rotary",
     ),
+    "llama4_text": ArchitectureSpec(
+        mlp=None,
+        moe="feed_forward",
+        router="router",
+        shared_expert="shared_expert",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        # The shared expert is built with the routed experts' width: one config field for both.
+        shared_expert_width_field="intermediate_size",
+        experts_scale_input=True,
+        moe_layers_field="moe_layers",
+        notes="top-1 sigmoid router whose score scales the experts' input; a shared expert as wide as the routed "
+        "ones (one intermediate_size: pruned to the same width); every layer MoE (moe_layers); no-RoPE layers, "
+        "weightless q/k norm, chunked attention",
+    ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(
         attention="mixer",
@@ -449,7 +475,24 @@ def get_architecture(config, spec: ArchitectureSpec | None = None) -> Architectu
     spec = ARCHITECTURES[model_type]
     if spec.block_types_field is not None:
         check_block_types(spec, config)
+    if spec.moe_layers_field is not None:
+        check_moe_layers(spec, config)
     return spec
+
+
+def check_moe_layers(spec: ArchitectureSpec, config) -> None:
+    """Refuses a model whose layers are not all MoE layers (Llama 4 with `interleave_moe_layer_step` > 1): its dense
+    layers' MLP has a width of its own (`intermediate_size_mlp`), which the MLP-neuron structure does not read, and
+    the parameter count would have to tell the two kinds of layers apart."""
+    moe_layers = sorted(getattr(config, spec.moe_layers_field))
+    dense = [i for i in range(config.num_hidden_layers) if i not in set(moe_layers)]
+    if dense:
+        raise ValueError(
+            f"model_type={config.model_type!r} with dense layers {dense} ({spec.moe_layers_field}={moe_layers}) is "
+            "not supported: hf-minitron prunes Llama 4 models whose every layer is an MoE layer "
+            f"({spec.moe_layers_field}=list(range(num_hidden_layers)), interleave_moe_layer_step=1, as "
+            "Llama-4-Scout). Use such a model."
+        )
 
 
 def check_block_types(spec: ArchitectureSpec, config) -> None:
@@ -516,7 +559,7 @@ def check_causal_lm(model, where: str) -> None:
 
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The `ModuleList` of decoder layers of a `*ForCausalLM` (or of its base model)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    base = get_base_model(model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
@@ -527,4 +570,7 @@ def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def get_base_model(model: nn.Module) -> nn.Module:
-    return getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    """The base model of a `*ForCausalLM` (itself for a base model). `Llama4ForCausalLM` names the prefix of the
+    multimodal model that wraps it (`language_model`) but holds its own base model at `model`."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    return base if base is not None else getattr(model, "model", model)

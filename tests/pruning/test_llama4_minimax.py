@@ -1,17 +1,21 @@
-"""MiniMax-M2 and Llama 4 (text): the MoE families whose routers or layer patterns differ from the others'.
+"""MiniMax-M2 and Llama 4 (text): MoE families whose routing differs from the others'.
 
-MiniMax-M2 keeps its routing bias on the MoE block rather than the router; the parametrised tests of `test_moe.py`
-prune it along every axis, these check what is particular to it.
+MiniMax-M2 keeps its routing bias on the MoE block rather than the router. Llama 4 scales the experts' input by the
+router score and runs every expert on every token, sizes its shared expert with the routed experts' field, skips RoPE
+in some layers and attends in chunks. The parametrised tests of `test_moe.py` prune both along every axis; these
+check what is particular to them.
 """
 
 import copy
 
+import pytest
 import torch
 from conftest import random_samples, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron import PrunedConfig, count_parameters, prune_model
 from hf_minitron.architectures import get_decoder_layers
+from hf_minitron.pruning.structures.routed_experts import expert_tensors, instrument
 
 
 IDS = torch.arange(3, 19)[None]
@@ -68,3 +72,92 @@ def test_minimax_m2_heads_slice_the_qk_norms_over_all_heads(tmp_path):
     assert attn.q_norm.weight.shape == (2 * 8,) and attn.k_norm.weight.shape == (1 * 8,)
     _check_counts(model, source, config)
     torch.testing.assert_close(_reload(model, tmp_path)(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_llama4_instrumented_experts_compute_what_the_block_does():
+    model = tiny_model("llama4_text", num_experts_per_tok=2)  # top-2: tokens reach several experts
+    layers = get_decoder_layers(model)
+    before = model(IDS).logits
+    routed = [torch.zeros(4) for _ in layers]
+    handles = [
+        instrument(layer, expert_tensors(layer, _spec(model)), _counter(routed[i])) for i, layer in enumerate(layers)
+    ]
+    logits = model(IDS).logits
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(logits, before, rtol=1e-5, atol=1e-6)
+    assert all(counts.sum() == 2 * IDS.numel() for counts in routed)  # each token reached its top-2 experts
+    torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)  # the forward is restored
+
+
+def _spec(model):
+    from hf_minitron import get_architecture
+
+    return get_architecture(model.config)
+
+
+def _counter(counts):
+    def observe(e, token_idx, weights, act, out):
+        assert (weights > 0).all()
+        counts[e] += token_idx.numel()
+
+    return observe
+
+
+def test_llama4_dead_expert_and_dead_shared_neuron_are_removed(tmp_path):
+    model = tiny_model("llama4_text")
+    source = copy.deepcopy(model.config)
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):
+            layer.feed_forward.experts.gate_up_proj[2].zero_()
+            layer.feed_forward.experts.down_proj[2].zero_()
+            layer.feed_forward.shared_expert.up_proj.weight[5].zero_()
+    config = PrunedConfig(
+        num_experts=3,
+        expert_importance="output_norm",
+        moe_intermediate_size=23,
+        shared_expert_intermediate_size=23,
+        **_calibration(),
+    )
+    prune_model(model, config, random_samples(8), show_progress=False)
+
+    record = model.pruning_record
+    assert all(kept == [0, 1, 3] for kept in record.experts.values())
+    assert all(5 not in kept and len(kept) == 23 for kept in record.shared_neurons.values())
+    assert model.config.intermediate_size == 23
+    _check_counts(model, source, config)
+    reloaded = _reload(model, tmp_path)
+    torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_llama4_per_layer_lists_follow_depth_pruning(tmp_path):
+    model = tiny_model("llama4_text")
+    source = copy.deepcopy(model.config)
+    assert source.no_rope_layers == [1, 1, 1, 0] and source.layer_types[3] == "full_attention"
+    config = PrunedConfig(layers_to_drop=[1])
+    prune_model(model, config, calibration_data=None, show_progress=False)
+    assert model.config.no_rope_layers == [1, 1, 0]
+    assert model.config.layer_types == ["chunked_attention", "chunked_attention", "full_attention"]
+    assert model.config.moe_layers == [0, 1, 2]
+    _check_counts(model, source, config)
+    reloaded = _reload(model, tmp_path)
+    ids = torch.arange(3, 23)[None]  # longer than two attention chunks
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    cached = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(cached, reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+@pytest.mark.parametrize(
+    "overrides,fields,message",
+    [
+        ({}, {"moe_intermediate_size": 16}, "without shared_expert_intermediate_size=16: .* one config field"),
+        ({}, {"shared_expert_intermediate_size": 16}, "Set moe_intermediate_size=16 too"),
+        ({}, {"intermediate_size": 16}, "moe_intermediate_size"),
+        ({}, {"num_experts": 0}, "positive integer"),
+        ({"interleave_moe_layer_step": 2}, {"num_experts": 2}, r"dense layers \[0, 2\] \(moe_layers=\[1, 3\]\)"),
+    ],
+)
+def test_llama4_impossible_targets_are_refused_before_any_work(overrides, fields, message):
+    model = tiny_model("llama4_text", **overrides)
+    with pytest.raises(ValueError, match=message):
+        prune_model(model, PrunedConfig(**fields), calibration_data=None)

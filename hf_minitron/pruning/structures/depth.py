@@ -174,9 +174,9 @@ PER_LAYER_CONFIG_LISTS = (
     "num_attention_heads_per_layer",
     "num_key_value_heads_per_layer",
 )
-# Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`): the indices of
-# the kept layers are renumbered, those of dropped layers removed.
-LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices")
+# Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`, Llama 4's
+# `moe_layers`): the indices of the kept layers are renumbered, those of dropped layers removed.
+LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices", "moe_layers")
 
 
 # ---------------------------------------------------------------------------------------------- targets

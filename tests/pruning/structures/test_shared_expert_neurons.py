@@ -75,7 +75,9 @@ def _random_scores(model, seed: int = 1):
 
 # ---------------------------------------------------------------------------------------------- which families
 def test_present_exactly_for_families_with_a_shared_expert():
-    assert {name for name, spec in ARCHITECTURES.items() if shared_expert_neurons.present(spec)} == set(FAMILIES)
+    # Llama 4's shared expert takes the routed experts' width: pruned with them in test_llama4_minimax.py.
+    present = {name for name, spec in ARCHITECTURES.items() if shared_expert_neurons.present(spec)}
+    assert present == {*FAMILIES, "llama4_text"}
 
 
 # ---------------------------------------------------------------------------------------------- scores
