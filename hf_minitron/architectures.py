@@ -124,11 +124,12 @@ class ArchitectureSpec:
             whose layers run attention and Mamba side by side).
         block_types_field (`str`, *optional*):
             The config list giving each layer's block type (Nemotron-H: `layers_block_type`).
-        block_types (`tuple[tuple[str, str], ...]`):
+        block_types (`tuple[tuple[str, str | bool], ...]`):
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
             `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
             module for (`None`) is refused with a clear error. A block not named here is in every layer (Bamba's
-            MLP follows the Mamba mixer or the attention of each layer).
+            MLP follows the Mamba mixer or the attention of each layer). A block type is the value of `block_type_attribute`: a string, or
+            Llama 4's `is_moe_layer` (`True` / `False`).
         expert_layout (`ParallelExperts`, *optional*):
             The experts of `moe` in the ScatterMoE layout (JetMoE); `None`: a transformers 5 experts module at
             `experts` routed by `router`.
@@ -154,8 +155,11 @@ class ArchitectureSpec:
             `(scores, logits)`). An expert's output for a token not routed to it is then zero.
         moe_layers_field (`str`, *optional*):
             A config list of the indices of the layers that hold the MoE block (Llama 4's `moe_layers`, from
-            `interleave_moe_layer_step`); depth pruning renumbers it. The other layers would hold a dense MLP of
-            their own width (`intermediate_size_mlp`), which is not supported yet: such a model is refused.
+            `interleave_moe_layer_step`), the others holding the dense MLP, at the same path (`block_type_attribute`
+            tells them apart in a model, this list in a config, for the parameter count); depth pruning renumbers it.
+        mlp_width_field (`str`):
+            The config field of the dense MLP's width, which `PrunedConfig.intermediate_size` targets (Llama 4:
+            `intermediate_size_mlp`, its `intermediate_size` being the experts' width).
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -200,7 +204,7 @@ class ArchitectureSpec:
     final_norm: str = "norm"
     block_type_attribute: str | None = None
     block_types_field: str | None = None
-    block_types: tuple[tuple[str, str], ...] = ()
+    block_types: tuple[tuple[str, str | bool], ...] = ()
     expert_layout: ParallelExperts | None = None
     attention_experts: str | None = None
     attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
@@ -208,6 +212,7 @@ class ArchitectureSpec:
     expert_score_bias: str | None = None
     experts_scale_input: bool = False
     moe_layers_field: str | None = None
+    mlp_width_field: str = "intermediate_size"
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -384,7 +389,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         "all heads x head_dim, sliced with the heads; partial rotary",
     ),
     "llama4_text": ArchitectureSpec(
-        mlp=None,
+        mlp="feed_forward",
+        mlp_width_field="intermediate_size_mlp",
         moe="feed_forward",
         router="router",
         shared_expert="shared_expert",
@@ -393,10 +399,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         # The shared expert is built with the routed experts' width: one config field for both.
         shared_expert_width_field="intermediate_size",
         experts_scale_input=True,
+        # Each layer holds an MoE block or a dense MLP (of width intermediate_size_mlp) at `feed_forward`.
         moe_layers_field="moe_layers",
+        block_type_attribute="is_moe_layer",
+        block_types=(("moe", True), ("mlp", False)),
         notes="top-1 sigmoid router whose score scales the experts' input; a shared expert as wide as the routed "
-        "ones (one intermediate_size: pruned to the same width); every layer MoE (moe_layers); no-RoPE layers, "
-        "weightless q/k norm, chunked attention",
+        "ones (one intermediate_size: pruned to the same width); MoE and dense layers interleaved (moe_layers), the "
+        "dense MLPs' width intermediate_size_mlp; no-RoPE layers, weightless q/k norm, chunked attention",
     ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(
@@ -475,24 +484,7 @@ def get_architecture(config, spec: ArchitectureSpec | None = None) -> Architectu
     spec = ARCHITECTURES[model_type]
     if spec.block_types_field is not None:
         check_block_types(spec, config)
-    if spec.moe_layers_field is not None:
-        check_moe_layers(spec, config)
     return spec
-
-
-def check_moe_layers(spec: ArchitectureSpec, config) -> None:
-    """Refuses a model whose layers are not all MoE layers (Llama 4 with `interleave_moe_layer_step` > 1): its dense
-    layers' MLP has a width of its own (`intermediate_size_mlp`), which the MLP-neuron structure does not read, and
-    the parameter count would have to tell the two kinds of layers apart."""
-    moe_layers = sorted(getattr(config, spec.moe_layers_field))
-    dense = [i for i in range(config.num_hidden_layers) if i not in set(moe_layers)]
-    if dense:
-        raise ValueError(
-            f"model_type={config.model_type!r} with dense layers {dense} ({spec.moe_layers_field}={moe_layers}) is "
-            "not supported: hf-minitron prunes Llama 4 models whose every layer is an MoE layer "
-            f"({spec.moe_layers_field}=list(range(num_hidden_layers)), interleave_moe_layer_step=1, as "
-            "Llama-4-Scout). Use such a model."
-        )
 
 
 def check_block_types(spec: ArchitectureSpec, config) -> None:

@@ -2,7 +2,8 @@
 
 MiniMax-M2 keeps its routing bias on the MoE block rather than the router. Llama 4 scales the experts' input by the
 router score and runs every expert on every token, sizes its shared expert with the routed experts' field, skips RoPE
-in some layers and attends in chunks. The parametrised tests of `test_moe.py` prune both along every axis; these
+in some layers, attends in chunks and may interleave dense layers (whose MLP width is `intermediate_size_mlp`) with
+its MoE layers. The parametrised tests of `test_moe.py` prune both along every axis; these
 check what is particular to them.
 """
 
@@ -154,10 +155,46 @@ def test_llama4_per_layer_lists_follow_depth_pruning(tmp_path):
         ({}, {"shared_expert_intermediate_size": 16}, "Set moe_intermediate_size=16 too"),
         ({}, {"intermediate_size": 16}, "moe_intermediate_size"),
         ({}, {"num_experts": 0}, "positive integer"),
-        ({"interleave_moe_layer_step": 2}, {"num_experts": 2}, r"dense layers \[0, 2\] \(moe_layers=\[1, 3\]\)"),
     ],
 )
 def test_llama4_impossible_targets_are_refused_before_any_work(overrides, fields, message):
     model = tiny_model("llama4_text", **overrides)
     with pytest.raises(ValueError, match=message):
         prune_model(model, PrunedConfig(**fields), calibration_data=None)
+
+
+def test_llama4_interleaved_dense_layers_prune_their_own_width(tmp_path):
+    # interleave_moe_layer_step=2: layers 1 and 3 are MoE, layers 0 and 2 dense MLPs of width intermediate_size_mlp.
+    model = tiny_model("llama4_text", interleave_moe_layer_step=2)
+    assert model.config.moe_layers == [1, 3] and model.config.intermediate_size_mlp == 40
+    before = model(IDS).logits
+    same = PrunedConfig(intermediate_size=40, num_experts=4, **_calibration())
+    identity = copy.deepcopy(model)
+    prune_model(identity, same, random_samples(8), show_progress=False)
+    torch.testing.assert_close(identity(IDS).logits, before, rtol=0, atol=0)
+
+    source = copy.deepcopy(model.config)
+    layers = get_decoder_layers(model)
+    with torch.no_grad():
+        for i in (0, 2):
+            layers[i].feed_forward.up_proj.weight[7].zero_()
+        for i in (1, 3):
+            layers[i].feed_forward.experts.gate_up_proj[0].zero_()
+            layers[i].feed_forward.experts.down_proj[0].zero_()
+    config = PrunedConfig(
+        intermediate_size=39, num_experts=3, expert_importance="output_norm", layers_to_drop=[2], **_calibration()
+    )
+    prune_model(model, config, random_samples(8), show_progress=False)
+    record = model.pruning_record
+    assert sorted(record.neurons) == [0] and 7 not in record.neurons[0]  # the dense layers left: 0
+    assert sorted(record.experts) == [1, 2] and all(0 not in kept for kept in record.experts.values())
+    assert model.config.moe_layers == [1, 2] and model.config.intermediate_size_mlp == 39
+    assert model.config.intermediate_size == 24  # the experts' width, untouched
+    _check_counts(model, source, config)
+    reloaded = _reload(model, tmp_path)
+    torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    cached = reloaded.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(cached, reloaded.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=False))
+    # Which layers a depth target drops decides the size of an interleaved model: counted from layers_to_drop only.
+    with pytest.raises(ValueError, match="dense layers differ in size.*layers_to_drop"):
+        count_parameters(source, PrunedConfig(num_hidden_layers=3))
