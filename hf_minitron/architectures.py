@@ -156,7 +156,8 @@ class ArchitectureSpec:
         moe_layers_field (`str`, *optional*):
             A config list of the indices of the layers that hold the MoE block (Llama 4's `moe_layers`, from
             `interleave_moe_layer_step`), the others holding the dense MLP, at the same path (`block_type_attribute`
-            tells them apart in a model, this list in a config, for the parameter count); depth pruning renumbers it.
+            tells them apart in a model, this list in a config: `depth.layer_block_types`); depth pruning renumbers
+            it, and `num_layers_by_type` counts `"moe"` and `"mlp"` layers as a hybrid's.
         mlp_width_field (`str`):
             The config field of the dense MLP's width, which `PrunedConfig.intermediate_size` targets (Llama 4:
             `intermediate_size_mlp`, its `intermediate_size` being the experts' width).

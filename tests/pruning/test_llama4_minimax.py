@@ -198,3 +198,30 @@ def test_llama4_interleaved_dense_layers_prune_their_own_width(tmp_path):
     # Which layers a depth target drops decides the size of an interleaved model: counted from layers_to_drop only.
     with pytest.raises(ValueError, match="dense layers differ in size.*layers_to_drop"):
         count_parameters(source, PrunedConfig(num_hidden_layers=3))
+
+
+def test_llama4_depth_by_layer_type_and_the_search_count_exactly():
+    from hf_minitron import SearchConfig, enumerate_candidates, magnitude_importance
+
+    model = tiny_model("llama4_text", interleave_moe_layer_step=2)
+    source = copy.deepcopy(model.config)
+    config = PrunedConfig(num_layers_by_type={"mlp": 1}, **_calibration())
+    pruned = prune_model(copy.deepcopy(model), config, random_samples(8), show_progress=False)
+    assert pruned.config.moe_layers == [1, 2] and pruned.pruning_record.dropped_layers in ([0], [2])
+    _check_counts(pruned, source, config)
+
+    widths = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+    space = {f"{name}_multiple": 8 for name in widths} | dict(max_width_pruning=0.5, max_depth_pruning=0.25)
+    search = SearchConfig(target_ratio=0.7, tolerance=0.1, count="active", **space)
+    candidates = enumerate_candidates(source, search)
+    assert candidates and all("mlplayers" in c.name and "moelayers" in c.name for c in candidates)
+    # One config field sizes the shared and the routed experts: candidates where they differ are refused.
+    assert all(c.shape["moe_intermediate_size"] == c.shape["shared_expert_intermediate_size"] for c in candidates)
+    scores = magnitude_importance(model)
+    for candidate in (candidates[0], candidates[-1]):
+        pruned = prune_model(copy.deepcopy(model), candidate.pruned_config, scores=scores)
+        assert candidate.num_parameters == sum(p.numel() for p in pruned.parameters())
+        assert candidate.budget_value == count_parameters(source, candidate.pruned_config, "active")
+    # Every layer MoE: no dense-MLP axis, the depth counts MoE layers.
+    all_moe = enumerate_candidates(tiny_model("llama4_text").config, search)
+    assert all("-mlp" not in c.name and "moelayers" in c.name for c in all_moe)
