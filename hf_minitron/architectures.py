@@ -128,8 +128,8 @@ class ArchitectureSpec:
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
             `"moe"`, `"mamba"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
             module for (`None`) is refused with a clear error. A block not named here is in every layer (Bamba's
-            MLP follows the Mamba mixer or the attention of each layer). A block type is the value of `block_type_attribute`: a string, or
-            Llama 4's `is_moe_layer` (`True` / `False`).
+            MLP follows the Mamba mixer or the attention of each layer). A block type is a value of
+            `block_type_attribute`: a string, or Llama 4's `is_moe_layer` (`True` / `False`).
         expert_layout (`ParallelExperts`, *optional*):
             The experts of `moe` in the ScatterMoE layout (JetMoE); `None`: a transformers 5 experts module at
             `experts` routed by `router`.

@@ -15,7 +15,7 @@ from conftest import random_samples, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron import PrunedConfig, count_parameters, prune_model
-from hf_minitron.architectures import get_decoder_layers
+from hf_minitron.architectures import get_architecture, get_decoder_layers
 from hf_minitron.pruning.structures.routed_experts import expert_tensors, instrument
 
 
@@ -81,7 +81,8 @@ def test_llama4_instrumented_experts_compute_what_the_block_does():
     before = model(IDS).logits
     routed = [torch.zeros(4) for _ in layers]
     handles = [
-        instrument(layer, expert_tensors(layer, _spec(model)), _counter(routed[i])) for i, layer in enumerate(layers)
+        instrument(layer, expert_tensors(layer, get_architecture(model.config)), _counter(routed[i]))
+        for i, layer in enumerate(layers)
     ]
     logits = model(IDS).logits
     for handle in handles:
@@ -89,12 +90,6 @@ def test_llama4_instrumented_experts_compute_what_the_block_does():
     torch.testing.assert_close(logits, before, rtol=1e-5, atol=1e-6)
     assert all(counts.sum() == 2 * IDS.numel() for counts in routed)  # each token reached its top-2 experts
     torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)  # the forward is restored
-
-
-def _spec(model):
-    from hf_minitron import get_architecture
-
-    return get_architecture(model.config)
 
 
 def _counter(counts):
