@@ -137,11 +137,12 @@ class ArchitectureSpec:
             told by which of their modules it holds (LFM2's layers hold `self_attn` or `conv`).
         block_types_field (`str`, *optional*):
             The config list giving each layer's block type (Nemotron-H: `layers_block_type`).
-        block_types (`tuple[tuple[str, str], ...]`):
+        block_types (`tuple[tuple[str, str | bool], ...]`):
             `(block, block type)` pairs: which block type holds each of the spec's blocks (`"attention"`, `"mlp"`,
             `"moe"`, `"mamba"`, `"short_conv"`), e.g. `("mamba", "linear_attention")`. A block type whose block the spec has no
             module for (`None`) is refused with a clear error. A block not named here is in every layer (Bamba's
-            MLP follows the Mamba mixer or the attention of each layer).
+            MLP follows the Mamba mixer or the attention of each layer). A block type is a value of
+            `block_type_attribute`: a string, or Llama 4's `is_moe_layer` (`True` / `False`).
         expert_layout (`ParallelExperts`, *optional*):
             The experts of `moe` in the ScatterMoE layout (JetMoE); `None`: a transformers 5 experts module at
             `experts` routed by `router`.
@@ -170,6 +171,23 @@ class ArchitectureSpec:
             `[q (dk), k (dk), v (its value heads x dv), z (same)]` for each key head in turn, `in_proj_ba` with rows
             `[b (its value heads), a (same)]` for each key head. `False`: separate `in_proj_qkv` (rows `[q (all key
             heads), k (same), v (all value heads)]`), `in_proj_z`, `in_proj_b` and `in_proj_a` (Qwen3.5).
+        expert_score_bias (`str`, *optional*):
+            A `[experts]` buffer of the MoE block itself (not of its router) added to the sigmoid router scores to
+            choose the experts (MiniMax-M2's `e_score_correction_bias`, passed to the router by the block): sliced
+            with the experts. A router's own `e_score_correction_bias` (Nemotron-H) needs no field.
+        experts_scale_input (`bool`):
+            The MoE block multiplies each token by its router score *before* the experts and runs every expert on
+            every token (Llama 4's `Llama4TextMoe`: the experts module gets `[experts x tokens, hidden]` and no
+            routing; `gate_up_proj` `[E, H, 2I]`, `down_proj` `[E, I, H]`, no biases; the router, a `Linear`, returns
+            `(scores, logits)`). An expert's output for a token not routed to it is then zero.
+        moe_layers_field (`str`, *optional*):
+            A config list of the indices of the layers that hold the MoE block (Llama 4's `moe_layers`, from
+            `interleave_moe_layer_step`), the others holding the dense MLP, at the same path (`block_type_attribute`
+            tells them apart in a model, this list in a config: `depth.layer_block_types`); depth pruning renumbers
+            it, and `num_layers_by_type` counts `"moe"` and `"mlp"` layers as a hybrid's.
+        mlp_width_field (`str`):
+            The config field of the dense MLP's width, which `PrunedConfig.intermediate_size` targets (Llama 4:
+            `intermediate_size_mlp`, its `intermediate_size` being the experts' width).
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -217,7 +235,7 @@ class ArchitectureSpec:
     final_norm: str = "norm"
     block_type_attribute: str | None = None
     block_types_field: str | None = None
-    block_types: tuple[tuple[str, str], ...] = ()
+    block_types: tuple[tuple[str, str | bool], ...] = ()
     expert_layout: ParallelExperts | None = None
     attention_experts: str | None = None
     attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
@@ -225,6 +243,10 @@ class ArchitectureSpec:
     attention_output_gate: bool = False
     deltanet: str | None = None
     deltanet_fused: bool = False
+    expert_score_bias: str | None = None
+    experts_scale_input: bool = False
+    moe_layers_field: str | None = None
+    mlp_width_field: str = "intermediate_size"
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -437,6 +459,35 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         expert_width_field="intermediate_size",
         notes="mixture of attention experts (per-expert query/output projections, shared kv_proj, query heads = "
         "kv heads x top-k) and MoE experts, one expert count for both; ScatterMoE [E, out, in] weights; tied embeddings",
+    ),
+    "minimax_m2": ArchitectureSpec(
+        mlp=None,
+        moe="mlp",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        expert_score_bias="e_score_correction_bias",
+        qk_norm_over_heads=True,
+        notes="sigmoid router with the block's e_score_correction_bias (sliced with the experts); q_norm/k_norm over "
+        "all heads x head_dim, sliced with the heads; partial rotary",
+    ),
+    "llama4_text": ArchitectureSpec(
+        mlp="feed_forward",
+        mlp_width_field="intermediate_size_mlp",
+        moe="feed_forward",
+        router="router",
+        shared_expert="shared_expert",
+        num_experts_field="num_local_experts",
+        expert_width_field="intermediate_size",
+        # The shared expert is built with the routed experts' width: one config field for both.
+        shared_expert_width_field="intermediate_size",
+        experts_scale_input=True,
+        # Each layer holds an MoE block or a dense MLP (of width intermediate_size_mlp) at `feed_forward`.
+        moe_layers_field="moe_layers",
+        block_type_attribute="is_moe_layer",
+        block_types=(("moe", True), ("mlp", False)),
+        notes="top-1 sigmoid router whose score scales the experts' input; a shared expert as wide as the routed "
+        "ones (one intermediate_size: pruned to the same width); MoE and dense layers interleaved (moe_layers), the "
+        "dense MLPs' width intermediate_size_mlp; no-RoPE layers, weightless q/k norm, chunked attention",
     ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(
@@ -689,7 +740,7 @@ def check_causal_lm(model, where: str) -> None:
 
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The `ModuleList` of decoder layers of a `*ForCausalLM` (or of its base model)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    base = get_base_model(model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
@@ -700,4 +751,7 @@ def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def get_base_model(model: nn.Module) -> nn.Module:
-    return getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    """The base model of a `*ForCausalLM` (itself for a base model). `Llama4ForCausalLM` names the prefix of the
+    multimodal model that wraps it (`language_model`) but holds its own base model at `model`."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    return base if base is not None else getattr(model, "model", model)

@@ -32,6 +32,7 @@ ARCHITECTURE_NAMES += [
     "arcee",
 ]
 MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "jetmoe"]
+MOE_ARCHITECTURE_NAMES += ["minimax_m2", "llama4_text"]
 VOCAB_SIZE = 96
 # Tiny MoE shapes: 4 routed experts of width 24, 2 per token (each family names its fields its own way).
 MOE_OVERRIDES = {
@@ -51,6 +52,16 @@ MOE_OVERRIDES = {
     # JetMoE: 4 attention experts and 4 MoE experts; head_dim is its kv_channels, and its 4 query heads are the 2 KV
     # heads x 2 experts per token.
     "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    # Llama 4: top-1 routing (its default); layer 3 skips RoPE (no_rope_layer_interval=4), the others attend in chunks
+    # of 8 tokens, shorter than the tests' inputs. Every layer is MoE; intermediate_size is the shared expert's too.
+    "llama4_text": dict(
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        intermediate_size=24,
+        intermediate_size_mlp=40,
+        attention_chunk_size=8,
+    ),
 }
 
 # Hybrid Mamba2-attention families: 5 layers of mixed block types; 8 Mamba heads of dim 4 in 2 B/C groups.

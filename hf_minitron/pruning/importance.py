@@ -23,7 +23,7 @@ from dataclasses import field, make_dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import check_causal_lm, get_architecture, get_decoder_layers, model_shape
+from ..architectures import check_causal_lm, get_architecture, get_base_model, get_decoder_layers, model_shape
 from ..data import shard_batches, take_samples
 from ..fingerprints import weights_fingerprint
 from ..runtime import all_reduce_, dist_info, input_device, release_freed_memory
@@ -464,7 +464,7 @@ def estimate_importance(
     rank, world_size = dist_info()
     batches = shard_batches(samples, config.calibration_batch_size, rank, world_size)
     device = input_device(model)
-    base = getattr(model, model.base_model_prefix)
+    base = get_base_model(model)
     was_training = model.training
     model.eval()
     num_tokens = 0

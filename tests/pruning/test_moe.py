@@ -47,6 +47,9 @@ def _axes(moe_type):
     if moe_type == "qwen2_moe":
         axes["shared_expert"] = {"shared_expert_intermediate_size": 24}
         axes["all"]["shared_expert_intermediate_size"] = 24
+    if moe_type == "llama4_text":  # one config field sizes its shared and routed experts: both are given
+        axes["expert_width"]["shared_expert_intermediate_size"] = 16
+        axes["all"]["shared_expert_intermediate_size"] = 16
     return axes
 
 

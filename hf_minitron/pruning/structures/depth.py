@@ -173,8 +173,9 @@ PER_LAYER_CONFIG_LISTS = (
     "num_key_value_heads_per_layer",
 )
 # Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`, LFM2's
-# `full_attn_idxs`): the indices of the kept layers are renumbered, those of dropped layers removed.
-LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices", "full_attn_idxs")
+# `full_attn_idxs`, Llama 4's `moe_layers`): the indices of the kept layers are renumbered, those of dropped layers
+# removed.
+LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices", "full_attn_idxs", "moe_layers")
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -659,11 +660,23 @@ def matching_blocks(model_config, drops: dict[str, int]) -> list[int]:
 def block_names(model_config) -> list[str] | None:
     """Each layer's block type under the spec's block name (`"mamba"`, `"attention"`, `"mlp"`, `"moe"`, as NVIDIA's
     Nemotron-H configs and papers name them), or `None` for a family whose layers are alike."""
+    kinds = layer_block_types(model_config)
+    if kinds is None:
+        return None
+    block_of = {kind: block for block, kind in ARCHITECTURES[model_config.model_type].block_types}
+    return [block_of.get(kind, kind) for kind in kinds]
+
+
+def layer_block_types(model_config) -> list | None:
+    """Each layer's block type as its `block_type_attribute` reads (a hybrid's `layers_block_type` entries; Llama 4's
+    `is_moe_layer`, from `moe_layers`), or `None` for a family whose layers are alike."""
     spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
+    if spec is not None and spec.moe_layers_field is not None:
+        moe = set(getattr(model_config, spec.moe_layers_field))
+        return [i in moe for i in range(model_config.num_hidden_layers)]
     if spec is None or spec.block_types_field is None:
         return None
-    block_of = {kind: block for block, kind in spec.block_types}
-    return [block_of.get(kind, kind) for kind in getattr(model_config, spec.block_types_field)]
+    return list(getattr(model_config, spec.block_types_field))
 
 
 def layer_counts_by_type(model_config) -> dict[str, int] | None:
@@ -726,11 +739,10 @@ def kept_block_types(model_config, num_layers_by_type: dict) -> list[str]:
     """The config's block types (`layers_block_type` entries) of a model with `num_layers_by_type` layers of each type,
     in the order of the source's first layers of each type: the layers' count per type (all that parameter counts
     need), not which ones depth pruning will choose."""
-    spec = get_architecture(model_config)
     targets = resolve_layers_by_type(model_config, num_layers_by_type)
     seen = Counter()
     kept = []
-    for block, kind in zip(block_names(model_config), getattr(model_config, spec.block_types_field)):
+    for block, kind in zip(block_names(model_config), layer_block_types(model_config)):
         seen[block] += 1
         if seen[block] <= targets[block]:
             kept.append(kind)

@@ -168,7 +168,9 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
         for structure in others:
             if _in_layer(spec, layer, structure):
                 structure.slice_hidden(layer, spec, kept)
-    base = getattr(model, model.base_model_prefix, model)
+    from ...architectures import get_base_model
+
+    base = get_base_model(model)
     slice_norm(getattr(base, spec.final_norm), kept)
     release_freed_memory()
 

@@ -21,7 +21,9 @@ KEY = "neurons"
 SCORE_KEYS = (KEY,)
 CONFIG_FIELDS = (
     ConfigField(
-        "intermediate_size", doc="Target number of MLP neurons per layer.", help="Target MLP intermediate size."
+        "intermediate_size",
+        doc="Target number of MLP neurons per layer (of the dense layers' MLP: Llama 4's `intermediate_size_mlp`).",
+        help="Target MLP intermediate size.",
     ),
 )
 FIELDS = target_names(CONFIG_FIELDS)
@@ -37,9 +39,14 @@ def present(spec) -> bool:
     return spec.mlp is not None
 
 
+def _width_field(spec) -> str:
+    """The family's config field of the dense MLP's width (a spec passed in describes a usual dense family)."""
+    return "intermediate_size" if spec is None else spec.mlp_width_field
+
+
 def shape(model_config, spec) -> dict:
     # A family whose feed-forward blocks are all experts may have no dense width (Qwen3.5-MoE's config).
-    if getattr(model_config, _FIELD, None) is None:
+    if getattr(model_config, _width_field(spec), None) is None:
         return {}
     return {_FIELD: built_width(model_config, spec)}
 
@@ -47,7 +54,7 @@ def shape(model_config, spec) -> dict:
 def built_width(model_config, spec) -> int:
     """The MLP width the modeling code builds: `intermediate_size`, or LFM2's rescaling of it when the config's
     `mlp_auto_adjust_field` flag is on (see `ArchitectureSpec`)."""
-    width = model_config.intermediate_size
+    width = getattr(model_config, _width_field(spec))
     if spec is None or spec.mlp_auto_adjust_field is None or not getattr(model_config, spec.mlp_auto_adjust_field):
         return width
     width = int(2 * width / 3)
@@ -58,12 +65,17 @@ def built_width(model_config, spec) -> int:
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:
-    """Refuses an MLP width for a family whose feed-forward blocks are all mixtures of experts."""
+    """Refuses an MLP width for a model whose feed-forward blocks are all mixtures of experts."""
     width = getattr(config, _FIELD)
-    if width is not None and spec is not None and spec.moe is not None and spec.mlp is None:
+    if width is None or spec is None or spec.moe is None:
+        return
+    all_moe = spec.mlp is None
+    if spec.moe_layers_field is not None:  # Llama 4: dense MLPs in the layers moe_layers does not list
+        all_moe = set(range(model_config.num_hidden_layers)) <= set(getattr(model_config, spec.moe_layers_field))
+    if all_moe:
         raise ValueError(
-            f"PrunedConfig.{_FIELD}={width} does not apply: every feed-forward block of "
-            f"model_type={model_config.model_type!r} is a mixture of experts, with no dense MLP. Use "
+            f"PrunedConfig.{_FIELD}={width} does not apply: every feed-forward block of this "
+            f"model_type={model_config.model_type!r} model is a mixture of experts, with no dense MLP. Use "
             "moe_intermediate_size for each expert's width (and shared_expert_intermediate_size for a shared "
             "expert)."
         )
@@ -210,6 +222,8 @@ def update_config(model_config, spec, source: dict, target: dict) -> None:
 
 
 def sync_modules(model, model_config, spec) -> None:
+    if _width_field(spec) != "intermediate_size":
+        return  # Llama 4's dense MLP caches no width; its experts' `intermediate_size` is theirs (expert_neurons)
     for module in model.modules():
         if isinstance(getattr(module, _FIELD, None), int) and not isinstance(module, torch.nn.Linear):
             module.intermediate_size = model_config.intermediate_size

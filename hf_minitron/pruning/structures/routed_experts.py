@@ -7,6 +7,8 @@ each tensor lives inside the decoder layer, and how it is laid out):
   `[E, H, 2I]` / `[E, I, H]`, with biases and interleaved gate/up columns for GPT-OSS), described by the attributes
   transformers' `use_experts_implementation` sets on the module (`has_gate`, `has_bias`, `is_transposed`,
   `is_concatenated`);
+  Llama 4's experts module, without those attributes, has one fixed layout (transposed, gated, no biases) and takes
+  the tokens already scaled by their router scores (`ArchitectureSpec.experts_scale_input`);
 * the ScatterMoE layout (JetMoE, `ArchitectureSpec.expert_layout`): two modules with `weight` `[E, out, in]`, a top-k
   gating module holding the router `Linear`, and an output bias `[H]` of the block. JetMoE's mixture of attention
   experts has the same layout (`attention_experts.py` uses the functions here for it).
@@ -27,10 +29,10 @@ Scores, per layer, from the tokens routed to each expert during ONE calibration 
 * and, with `importance="magnitude"` / `"random"`, the L2 norm of its weights / a seeded random score.
 
 The statistics come from instrumenting the experts (`instrument`): transformers' experts module gets an eager forward
-that computes each expert once, as transformers' eager path does; the ScatterMoE layout gets hooks on its gating
-module and second projection, which already see each expert's tokens. Either way every expert's second-projection
-input and output reach the observers of this module and of `expert_neurons.py`: the pass costs no second expert
-computation.
+that computes each expert once, as transformers' eager path does (Llama 4's on its routed tokens, read from a hook on
+its router); the ScatterMoE layout gets hooks on its gating module and second projection, which already see each
+expert's tokens. Either way every expert's second-projection input and output reach the observers of this module and
+of `expert_neurons.py`: the pass costs no second expert computation.
 
 One module past 500 lines: a structure's targets, checks, statistics, selection, slicing and counting are its module
 (`CONTRIBUTING.md`), and the two expert layouts they all read are described here, for `expert_neurons.py` and
@@ -194,6 +196,9 @@ class ExpertTensors:
         output_bias (`str`, *optional*): a `[hidden]` bias the block adds after combining the experts (JetMoE).
         experts (`str`, *optional*): transformers' experts module (its forward is instrumented).
         gating (`str`, *optional*): the ScatterMoE layout's top-k gating module (hooked, with `second`'s module).
+        score_bias (`str`, *optional*): a `[E]` buffer of the block biasing the expert choice (MiniMax-M2).
+        scaled_input (`bool`): the block scales the experts' input by the router score (Llama 4,
+            `ArchitectureSpec.experts_scale_input`).
     """
 
     first: str
@@ -208,6 +213,8 @@ class ExpertTensors:
     output_bias: str | None = None
     experts: str | None = None
     gating: str | None = None
+    score_bias: str | None = None
+    scaled_input: bool = False
 
 
 def parallel_tensors(block: str, layout) -> ExpertTensors:
@@ -229,6 +236,17 @@ def expert_tensors(layer, spec) -> ExpertTensors:
     if spec.expert_layout is not None:
         return parallel_tensors(spec.moe, spec.expert_layout)
     path = f"{spec.moe}.{spec.experts}"
+    if spec.experts_scale_input:  # Llama 4: no `use_experts_implementation` attributes, one fixed layout
+        first, second = f"{path}.gate_up_proj", f"{path}.down_proj"
+        return ExpertTensors(
+            first=first,
+            second=second,
+            router=f"{spec.moe}.{spec.router}",
+            weights=(first, second),
+            transposed=True,
+            experts=path,
+            scaled_input=True,
+        )
     experts = layer.get_submodule(path)
     first = "gate_up_proj" if experts.has_gate else "up_proj"
     return ExpertTensors(
@@ -242,6 +260,7 @@ def expert_tensors(layer, spec) -> ExpertTensors:
         first_bias=f"{path}.{first}_bias" if experts.has_bias else None,
         second_bias=f"{path}.down_proj_bias" if experts.has_bias else None,
         experts=path,
+        score_bias=f"{spec.moe}.{spec.expert_score_bias}" if spec.expert_score_bias else None,
     )
 
 
@@ -374,11 +393,52 @@ class _Hooked:
             handle.remove()
 
 
+class _ScaledInstrumented:
+    """Llama 4's experts get every token once per expert, already multiplied by its router score (zero for the
+    experts not chosen), and no routing. A hook on the router keeps each token's top-k experts and scores; the
+    experts' forward is replaced (an instance attribute, removed by `remove()`) by a loop that computes each expert
+    on its routed tokens only, which is exact: without biases, a zero input gives a zero output. Observers get the
+    router score as the weight and the expert's output on the scaled input, what the block adds."""
+
+    def __init__(self, experts, router):
+        self.experts, self.observers, self.routing = experts, [], None
+        self.handle = router.register_forward_hook(self._routing)
+        experts.forward = self.forward
+
+    def _routing(self, module, args, output):
+        router_scores, router_logits = output
+        self.routing = (router_scores, torch.topk(router_logits, module.top_k, dim=1).indices)
+
+    def forward(self, hidden_states):
+        experts = self.experts
+        router_scores, top_k_index = self.routing
+        x = hidden_states.view(router_scores.shape[1], -1, hidden_states.shape[-1])
+        final = torch.zeros_like(x)
+        for e in torch.unique(top_k_index).tolist():
+            token_idx, _ = torch.where(top_k_index == e)
+            gate, up = (x[e, token_idx] @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+            act = up * experts.act_fn(gate)
+            out = act @ experts.down_proj[e]
+            for observer in self.observers:
+                observer(e, token_idx, router_scores[token_idx, e], act, out)
+            final[e, token_idx] = out.to(final.dtype)
+        self.routing = None
+        return final.view(-1, hidden_states.shape[-1])
+
+    def remove(self):
+        _INSTALLED.pop(self.experts, None)
+        self.handle.remove()
+        if "forward" in vars(self.experts):
+            del self.experts.forward
+
+
 # The instrumented module -> its instrumentation, so that several structures share one (and one pass).
-_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, _Instrumented | _Hooked]" = weakref.WeakKeyDictionary()
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, _Instrumented | _ScaledInstrumented | _Hooked]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def instrument(layer, t: ExpertTensors, observer) -> _Instrumented | _Hooked | None:
+def instrument(layer, t: ExpertTensors, observer) -> _Instrumented | _ScaledInstrumented | _Hooked | None:
     """Adds `observer(e, token_idx, weights, second_input, output)` to the instrumentation of `t`'s experts; returns
     a handle when it installed it (the caller removes it), `None` when it joined an existing one."""
     key = layer.get_submodule(t.experts if t.experts is not None else t.gating)
@@ -386,7 +446,9 @@ def instrument(layer, t: ExpertTensors, observer) -> _Instrumented | _Hooked | N
     if handle is not None:
         handle.observers.append(observer)
         return None
-    if t.experts is not None:
+    if t.scaled_input:
+        handle = _ScaledInstrumented(key, layer.get_submodule(t.router))
+    elif t.experts is not None:
         handle = _Instrumented(key)
     else:
         handle = _Hooked(key, layer.get_submodule(t.second.rpartition(".")[0]))
@@ -506,6 +568,10 @@ def slice_experts(layer, t: ExpertTensors, kept: torch.Tensor) -> None:
         bias = getattr(router, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             router.e_score_correction_bias = bias.index_select(0, kept.to(bias.device))
+    if t.score_bias is not None:  # a buffer: saved with the weights, so the reload routes as the pruned model does
+        owner, name = tensor_owner(layer, t.score_bias)
+        bias = getattr(owner, name)
+        setattr(owner, name, bias.index_select(0, kept.to(bias.device)))
     # The cached counts (routers, experts, gating) follow in `sync_modules`; these two are read before it runs.
     if t.experts is not None:
         layer.get_submodule(t.experts).num_experts = kept.numel()
@@ -609,6 +675,8 @@ def tensors_count_roles(t: ExpertTensors, width: str) -> dict[str, tuple]:
         roles[t.second_bias] = ("E", "h")
     if t.output_bias is not None:
         roles[t.output_bias] = ("h",)
+    if t.score_bias is not None:
+        roles[t.score_bias] = ("R",)
     return roles
 
 

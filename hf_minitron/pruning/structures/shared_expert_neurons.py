@@ -47,6 +47,21 @@ def shape(model_config, spec) -> dict:
 
 def check_applies(config, model_config, shape: dict, spec) -> None:
     check_moe_target(config, _FIELD, "a shared expert", model_config, shape, spec)
+    if spec is not None and spec.shared_expert_width_field == spec.expert_width_field and _FIELD in shape:
+        # One config field sizes both (Llama 4's intermediate_size): the reload builds them alike.
+        shared, routed = getattr(config, _FIELD), config.moe_intermediate_size
+        shared_width = shared if shared is not None else shape[_FIELD]
+        routed_width = routed if routed is not None else shape["moe_intermediate_size"]
+        if shared_width != routed_width:
+            set_field, other = (
+                ("moe_intermediate_size", _FIELD) if routed is not None else (_FIELD, "moe_intermediate_size")
+            )
+            value = routed_width if routed is not None else shared_width
+            raise ValueError(
+                f"PrunedConfig.{set_field}={value} without {other}={value}: model_type={model_config.model_type!r} "
+                f"sizes its shared expert and its routed experts with one config field ({spec.expert_width_field}), so "
+                f"both are pruned to one width. Set {other}={value} too (or leave both None)."
+            )
 
 
 def check_target(config, model_config=None, shape: dict | None = None) -> None:

@@ -237,7 +237,8 @@ def test_nothing_to_prune_leaves_the_model_untouched():
 
 
 # ---------------------------------------------------------------------------------------------- config, counts
-@pytest.mark.parametrize("model_type", FAMILIES)
+# Llama 4's shared expert takes the experts' width (one config field): pruned with them in test_llama4_minimax.py.
+@pytest.mark.parametrize("model_type", [m for m in FAMILIES if m != "llama4_text"])
 def test_pruned_expert_width_runs_and_matches_the_count_terms(model_type):
     model = _model(model_type)
     source_config = copy.deepcopy(model.config)

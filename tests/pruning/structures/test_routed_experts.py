@@ -31,7 +31,8 @@ NEMOTRON_H_MOE = dict(
 )
 FAMILIES = MOE_ARCHITECTURE_NAMES + ["nemotron_h", "qwen3_next", "qwen3_5_moe_text"]
 FAMILIES += ["granitemoehybrid"]
-TRANSFORMERS_LAYOUT = [m for m in FAMILIES if m != "jetmoe"]
+# transformers' `use_experts_implementation` modules (Llama 4's experts module is not one: no routing argument).
+TRANSFORMERS_LAYOUT = [m for m in FAMILIES if m not in ("jetmoe", "llama4_text")]
 WIDTH = 24
 
 
@@ -109,7 +110,8 @@ def test_expert_tensors_describe_every_expert_parameter_and_where_the_width_lies
     assert set(t.weights) == per_expert
     assert all(routed_experts.get_tensor(layer, path).shape[0] == experts for path in t.weights)
     assert layer.get_submodule(t.router).weight.shape == (experts, 32)
-    assert (t.transposed, t.concatenated) == ((True, False) if model_type == "gpt_oss" else (False, True))
+    layouts = {"gpt_oss": (True, False), "llama4_text": (True, True)}
+    assert (t.transposed, t.concatenated) == layouts.get(model_type, (False, True))
     assert t.gated == (model_type != "nemotron_h")
 
 

@@ -75,9 +75,10 @@ def _random_scores(model, seed: int = 1):
 
 # ---------------------------------------------------------------------------------------------- which families
 def test_present_exactly_for_families_with_a_shared_expert():
-    # Granite 4's shared MLP (beside the MoE block, a fused input_linear) is tested in test_granite4_lfm2.py.
+    # Granite 4's shared MLP (beside the MoE block, a fused input_linear) is tested in test_granite4_lfm2.py; Llama 4's
+    # shared expert takes the routed experts' width: pruned with them in test_llama4_minimax.py.
     present = {name for name, spec in ARCHITECTURES.items() if shared_expert_neurons.present(spec)}
-    assert present == {*FAMILIES, "granitemoehybrid"}
+    assert present == {*FAMILIES, "granitemoehybrid", "llama4_text"}
 
 
 # ---------------------------------------------------------------------------------------------- scores
