@@ -143,6 +143,17 @@ class ArchitectureSpec:
         kv_proj (`str`):
             The shared key/value projection of a mixture of attention experts: output rows `[k (kv_heads x
             head_dim), v (kv_heads x head_dim)]`.
+        kv_b_proj (`str`, *optional*):
+            Multi-head latent attention (DeepSeek-V2/V3's MLA) when set: the up-projection of the key/value latent,
+            output rows `[heads, qk_nope_head_dim + v_head_dim]`. Its heads are `latent_attention_heads.py`'s.
+        q_a_proj, q_b_proj, kv_a_proj (`str`):
+            MLA's query down- and up-projections (`q_b_proj` rows `[heads, qk_nope_head_dim + qk_rope_head_dim]`;
+            `q_proj` instead when the config's `q_lora_rank` is `None`) and the key/value down-projection, whose
+            output is the latent and the one rotary key shared by every head (`[kv_lora_rank + qk_rope_head_dim]`).
+        dense_layers_field (`str`, *optional*):
+            The config field counting the leading decoder layers whose feed-forward block is a dense MLP, the later
+            ones holding the MoE block at the same path (DeepSeek-V3's `first_k_dense_replace`): their block type
+            ("mlp" or "moe") is read from the module, and depth pruning rewrites the count.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -192,6 +203,11 @@ class ArchitectureSpec:
     attention_experts: str | None = None
     attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
     kv_proj: str = "kv_proj"
+    kv_b_proj: str | None = None
+    q_a_proj: str = "q_a_proj"
+    q_b_proj: str = "q_b_proj"
+    kv_a_proj: str = "kv_a_proj_with_mqa"
+    dense_layers_field: str | None = None
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -199,10 +215,30 @@ class ArchitectureSpec:
         """Whether decoder `layer` holds `block` (`"attention"`, `"mlp"`, `"moe"`, `"mamba"`; `None`: the layer
         itself). In a family whose layers are alike, every layer holds all of the family's blocks; in a hybrid, a
         layer holds the block its block type names, and every block that `block_types` does not name."""
+        if self.dense_layers_field is not None and block in ("mlp", "moe"):
+            return self.block_type(layer) == block
         kinds = dict(self.block_types)
         if block is None or self.block_type_attribute is None or block not in kinds:
             return True
         return getattr(layer, self.block_type_attribute) == kinds[block]
+
+    def block_type(self, layer) -> str | None:
+        """The block type of decoder `layer` in a family whose layers differ (`None` when they are alike): a hybrid's
+        `block_type_attribute`, or with `dense_layers_field` whether the feed-forward block holds routed experts."""
+        if self.block_type_attribute is not None:
+            return getattr(layer, self.block_type_attribute)
+        if self.dense_layers_field is not None:
+            return "moe" if hasattr(layer.get_submodule(self.moe), self.experts) else "mlp"
+        return None
+
+    def layer_block_types(self, config) -> list[str] | None:
+        """Each layer's `block_type` from `config` alone (`None` when the layers are alike)."""
+        if self.block_types_field is not None:
+            return list(getattr(config, self.block_types_field))
+        if self.dense_layers_field is not None:
+            dense = min(getattr(config, self.dense_layers_field) or 0, config.num_hidden_layers)
+            return ["mlp"] * dense + ["moe"] * (config.num_hidden_layers - dense)
+        return None
 
 
 _LLAMA_LIKE = ArchitectureSpec()
@@ -356,6 +392,20 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         expert_width_field="intermediate_size",
         notes="mixture of attention experts (per-expert query/output projections, shared kv_proj, query heads = "
         "kv heads x top-k) and MoE experts, one expert count for both; ScatterMoE [E, out, in] weights; tied embeddings",
+    ),
+    # DeepSeek-V3: multi-head latent attention, then a dense MLP in the first `first_k_dense_replace` layers and an
+    # MoE block (grouped sigmoid router, one shared MLP) at the same path in the others.
+    "deepseek_v3": ArchitectureSpec(
+        k_proj=None,
+        v_proj=None,
+        kv_b_proj="kv_b_proj",
+        moe="mlp",
+        shared_expert="shared_experts",
+        num_experts_field="n_routed_experts",
+        dense_layers_field="first_k_dense_replace",
+        notes="MLA heads (q_b_proj / kv_b_proj rows, o_proj columns; latents kept); dense MLP layers then MoE layers "
+        "(first_k_dense_replace); sigmoid router with e_score_correction_bias and grouped top-k (experts kept per "
+        "group); the shared MLP is n_shared_experts x moe_intermediate_size wide",
     ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(

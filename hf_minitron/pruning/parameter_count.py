@@ -92,9 +92,7 @@ def _terms_from_json(
         embedding_modules.add(module_names[id(output)])
     final_norm = module_names[id(getattr(get_base_model(model), spec.final_norm))]
     # Layers are grouped by block type (one group when they are alike): each group is described by its first layer.
-    kinds = [
-        None if spec.block_type_attribute is None else getattr(layer, spec.block_type_attribute) for layer in layers
-    ]
+    kinds = [spec.block_type(layer) for layer in layers]
     first = {}
     for index, kind in enumerate(kinds):
         first.setdefault(kind, index)
@@ -166,18 +164,20 @@ def _block_types(
 ) -> list[str] | None:
     """The block type of each layer that remains (`None` for a family whose layers are alike); with
     `num_layers_by_type`, as many of each type (`PrunedConfig.num_layers_by_type`), which is all a count needs."""
-    if spec.block_types_field is None:
+    source_kinds = spec.layer_block_types(model_config)
+    if source_kinds is None:
         return None
     if num_layers_by_type is not None and layers_to_drop is None:
         from .structures.depth import kept_block_types
 
         return kept_block_types(model_config, num_layers_by_type)
     drop = set(layers_to_drop or ())
-    kinds = [kind for i, kind in enumerate(getattr(model_config, spec.block_types_field)) if i not in drop]
+    kinds = [kind for i, kind in enumerate(source_kinds) if i not in drop]
     if len(kinds) != num_layers:
+        field = spec.block_types_field or spec.dense_layers_field
         raise ValueError(
             f"count_parameters cannot count num_hidden_layers={num_layers} of model_type={model_config.model_type!r} "
-            f"from the config alone: its layers differ by block type ({spec.block_types_field}), and which ones depth "
+            f"from the config alone: its layers differ by block type ({field}), and which ones depth "
             "pruning drops is chosen from the importance scores. Count with PrunedConfig(layers_to_drop=[...]) (e.g. "
             "the pruning record's dropped_layers) or PrunedConfig(num_layers_by_type={...}) (layers of each type)."
         )

@@ -454,10 +454,11 @@ def block_names(model_config) -> list[str] | None:
     """Each layer's block type under the spec's block name (`"mamba"`, `"attention"`, `"mlp"`, `"moe"`, as NVIDIA's
     Nemotron-H configs and papers name them), or `None` for a family whose layers are alike."""
     spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
-    if spec is None or spec.block_types_field is None:
+    kinds = None if spec is None else spec.layer_block_types(model_config)
+    if kinds is None:
         return None
     block_of = {kind: block for block, kind in spec.block_types}
-    return [block_of.get(kind, kind) for kind in getattr(model_config, spec.block_types_field)]
+    return [block_of.get(kind, kind) for kind in kinds]
 
 
 def layer_counts_by_type(model_config) -> dict[str, int] | None:
@@ -482,6 +483,7 @@ def resolve_layers_by_type(model_config, num_layers_by_type: dict) -> dict[str, 
             "num_hidden_layers instead."
         )
     block_of = {kind: block for block, kind in spec.block_types} | {block: block for block, _ in spec.block_types}
+    block_of |= {block: block for block in source}  # DeepSeek-V3's dense and MoE layers have no config names
     have = ", ".join(f"{block!r} ({count})" for block, count in source.items())
     targets = {}
     for key, value in num_layers_by_type.items():
@@ -524,7 +526,7 @@ def kept_block_types(model_config, num_layers_by_type: dict) -> list[str]:
     targets = resolve_layers_by_type(model_config, num_layers_by_type)
     seen = Counter()
     kept = []
-    for block, kind in zip(block_names(model_config), getattr(model_config, spec.block_types_field)):
+    for block, kind in zip(block_names(model_config), spec.layer_block_types(model_config)):
         seen[block] += 1
         if seen[block] <= targets[block]:
             kept.append(kind)
@@ -571,6 +573,10 @@ def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
         value = values.get(key)
         if isinstance(value, (list, tuple)):
             sliced[key] = type(value)(renumber[i] for i in value if i in renumber)
+    if spec is not None and spec.dense_layers_field is not None:
+        # The dense layers stay the leading ones, whichever layers are dropped: the field counts those kept.
+        dense = values.get(spec.dense_layers_field) or 0
+        sliced[spec.dense_layers_field] = sum(i < dense for i in kept)
     return sliced
 
 
