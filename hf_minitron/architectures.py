@@ -93,6 +93,11 @@ class ArchitectureSpec:
             The config fields holding the routed-expert count, each routed expert's FFN width and the shared
             expert's width (Mixtral: `num_local_experts` and `intermediate_size`; Qwen-MoE: `num_experts` and
             `moe_intermediate_size`). `PrunedConfig` names them the same for every family.
+        shared_expert_count_field (`str`, *optional*):
+            A config field by which the modeling code multiplies the routed experts' width to get the shared expert's
+            (DeepSeek-V3's `n_shared_experts`: one MLP of `n_shared_experts x moe_intermediate_size`), which then has
+            no width field of its own: a pruned shared width must be a multiple of the pruned expert width, and the
+            count is rewritten.
         mamba (`str`, *optional*):
             A Mamba2 mixer inside a decoder layer (`in_proj` with output rows `[z, x, B, C, dt]`, a depthwise
             `conv1d` over `[x, B, C]`, per-head `A_log` / `D` / `dt_bias`, a gated group norm `norm` and `out_proj`).
@@ -186,6 +191,7 @@ class ArchitectureSpec:
     num_experts_field: str = "num_experts"
     expert_width_field: str = "moe_intermediate_size"
     shared_expert_width_field: str = "shared_expert_intermediate_size"
+    shared_expert_count_field: str | None = None
     mamba: str | None = None
     mamba_num_heads_field: str = "mamba_num_heads"
     mamba_head_dim_field: str = "mamba_head_dim"
@@ -402,6 +408,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         moe="mlp",
         shared_expert="shared_experts",
         num_experts_field="n_routed_experts",
+        shared_expert_count_field="n_shared_experts",
         dense_layers_field="first_k_dense_replace",
         notes="MLA heads (q_b_proj / kv_b_proj rows, o_proj columns; latents kept); dense MLP layers then MoE layers "
         "(first_k_dense_replace); sigmoid router with e_score_correction_bias and grouped top-k (experts kept per "
