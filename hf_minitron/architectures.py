@@ -414,6 +414,17 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         "(first_k_dense_replace); sigmoid router with e_score_correction_bias and grouped top-k (experts kept per "
         "group); the shared MLP is n_shared_experts x moe_intermediate_size wide",
     ),
+    # GLM-4.5 (GLM-4-MoE): DeepSeek-V3's MoE side with grouped-query attention.
+    "glm4_moe": ArchitectureSpec(
+        moe="mlp",
+        shared_expert="shared_experts",
+        num_experts_field="n_routed_experts",
+        shared_expert_count_field="n_shared_experts",
+        dense_layers_field="first_k_dense_replace",
+        notes="dense MLP layers then MoE layers (first_k_dense_replace); sigmoid router with e_score_correction_bias "
+        "and grouped top-k; the shared MLP is n_shared_experts x moe_intermediate_size wide; q/k/v biases, optional "
+        "q/k norms over head_dim, partial rotary",
+    ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(
         attention="mixer",
@@ -562,7 +573,10 @@ def moe_shape(config) -> dict:
         "moe_intermediate_size": getattr(config, spec.expert_width_field),
     }
     if spec.shared_expert is not None:
-        shape["shared_expert_intermediate_size"] = getattr(config, spec.shared_expert_width_field)
+        from .pruning.structures import shared_expert_neurons  # it imports this module
+
+        # Its own field, or n_shared_experts x the expert width (DeepSeek-V3, GLM-4.5).
+        shape["shared_expert_intermediate_size"] = shared_expert_neurons.width(config, spec)
     if getattr(config, "n_group", None) is not None:
         # Grouped routing (transformers' DeepSeek-V3-style routers, Nemotron-H): the experts form `n_group` equal
         # groups by position and a token picks its experts among its `topk_group` best groups. Kept, not pruned:

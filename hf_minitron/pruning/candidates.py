@@ -70,10 +70,11 @@ def search_shape(model_config) -> dict:
 def searched_axes(model_config) -> tuple[SearchAxis, ...]:
     """The axes of `model_config`'s family: those of depth and of its structures (`AXES`). A hybrid has those of the
     block types its layers hold (a Nemotron-H without MoE layers: no expert axes), and its depth per block type."""
+    spec = get_architecture(model_config)
     blocks = layer_counts_by_type(model_config)
-    structures = [
-        s for s in structures_of(get_architecture(model_config)) if blocks is None or s.BLOCK in (None, *blocks)
-    ]
+    if blocks is not None and spec.dense_layers_field is not None:
+        blocks = {**blocks, "attention": 0}  # dense then MoE layers: only the feed-forward block differs
+    structures = [s for s in structures_of(spec) if blocks is None or s.BLOCK in (None, *blocks)]
     names = {axis.name for structure in (depth, *structures) for axis in structure.AXES}
     names |= {axis.name for axis in depth.BLOCK_TYPE_AXES}
     return tuple(axis for axis in axes_of(search_shape(model_config)) if axis.name in names)
