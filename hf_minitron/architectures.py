@@ -6,8 +6,7 @@ feed attention and the MLP, which norms sit on the residual stream. Adding an ar
 to `ARCHITECTURES` (and its tiny-model test); nothing else in the package branches on `model_type`. A family of the
 user's own (remote code) is described by a spec passed in as `spec=` (see `get_architecture`), never registered.
 
-Past 500 lines because it is a table: one `ArchitectureSpec` entry per family (26 of them); the code around it is
-small.
+Past 500 lines because it is a table: one `ArchitectureSpec` entry per family; the code around it is small.
 """
 
 from dataclasses import dataclass, field

@@ -18,9 +18,10 @@ from hf_minitron.pruning.structures import attention_heads, structures_of
 
 
 HEAD_DIM = 8
-# Every family with query heads of its own (JetMoE's belong to its attention experts); OLMoE derives head_dim from
-# hidden / heads, so its heads are pruned only together with the hidden size (tested in test_moe.py).
-HEAD_FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m not in ("jetmoe", "olmoe")]
+# Every family with grouped-query heads (JetMoE's belong to its attention experts, DeepSeek-V3's are MLA's:
+# test_latent_attention_heads.py); OLMoE derives head_dim from hidden / heads, so its heads are pruned only together
+# with the hidden size (tested in test_moe.py).
+HEAD_FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m not in ("jetmoe", "olmoe", "deepseek_v3")]
 HEAD_FAMILIES += ["nemotron_h"]
 
 

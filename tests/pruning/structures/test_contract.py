@@ -192,10 +192,11 @@ def test_search_axes_cover_every_structure_the_family_has(family):
     config = tiny_config(model_type, **overrides)
     spec = ARCHITECTURES[model_type]
     names = {axis.name for axis in searched_axes(config)}
-    hybrid = spec.block_types_field is not None
+    hybrid = depth.block_names(config) is not None  # layers of different block types (DeepSeek-V3's dense then MoE)
     blocks = set(depth.block_names(config) or ())
+    held = blocks | ({"attention"} if spec.dense_layers_field else set())  # attention in each of its layers
     for structure in structures_of(spec):
-        if hybrid and structure.BLOCK is not None and structure.BLOCK not in blocks:
+        if hybrid and structure.BLOCK is not None and structure.BLOCK not in held:
             continue  # a hybrid searches the structures of the block types its layers name
         assert set(structure.FIELDS) <= names | (set(depth.FIELDS) if hybrid else set()), structure.__name__
     if hybrid:
