@@ -301,6 +301,20 @@ def _load(model, tokenizer, args):
     return model, tokenizer
 
 
+def _prepare(model, tokenizer, args, final_model_dir: str | None):
+    """What SFT and DPO do first: every check that needs no model, then the model loaded. Returns the model, the
+    tokenizer, the source's fingerprint (recorded with the checkpoints: a resume from another model is refused) and
+    the final folder."""
+    check_finite_fields(args)  # a NaN learning rate would train silently into an all-NaN model
+    keep_token_out_of_pickles(args)  # checkpoints pickle these arguments (training_args.bin)
+    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
+    _check_outputs(model, args, final_model_dir)
+    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
+    source = model_fingerprint(model)
+    model, tokenizer = _load(model, tokenizer, args)
+    return model, tokenizer, source, final_model_dir
+
+
 def _check_outputs(model, args, final_model_dir: str) -> None:
     """Before any weights are loaded: the result can be written, and neither it nor the checkpoints land in (or
     around) the input model's folder."""
@@ -424,13 +438,7 @@ def _run_sft(
 ) -> nn.Module:
     from trl import SFTTrainer
 
-    check_finite_fields(args)  # a NaN learning rate would train silently into an all-NaN model
-    keep_token_out_of_pickles(args)  # checkpoints pickle these arguments (training_args.bin)
-    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
-    _check_outputs(model, args, final_model_dir)
-    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
-    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
-    model, tokenizer = _load(model, tokenizer, args)
+    model, tokenizer, source, final_model_dir = _prepare(model, tokenizer, args, final_model_dir)
     _check_columns(train_dataset, ("messages", "text", "prompt", "input_ids"), "SFT")
     _prepare_chat_template(tokenizer, train_dataset, chat_template, "SFT")
     if args.assistant_only_loss:
@@ -527,13 +535,7 @@ def _run_dpo(
 ) -> nn.Module:
     from trl import DPOTrainer
 
-    check_finite_fields(args)
-    keep_token_out_of_pickles(args)
-    final_model_dir = final_model_dir or os.path.join(args.output_dir, "final")
-    _check_outputs(model, args, final_model_dir)
-    check_numbers(args)  # steps, batch sizes, learning rate in range, before the model is loaded
-    source = model_fingerprint(model)  # recorded with the checkpoints: a resume from another model is refused
-    model, tokenizer = _load(model, tokenizer, args)
+    model, tokenizer, source, final_model_dir = _prepare(model, tokenizer, args, final_model_dir)
     _check_columns(train_dataset, ("chosen",), "DPO")
     if "rejected" not in (train_dataset.column_names or ()):
         raise ValueError(

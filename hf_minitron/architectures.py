@@ -529,58 +529,14 @@ def check_block_types(spec: ArchitectureSpec, config) -> None:
 
 
 def model_shape(config) -> dict:
-    """The prunable sizes of `config`, under `PrunedConfig`'s names (MoE sizes too, for MoE families)."""
-    heads = config.num_attention_heads
-    return (
-        {
-            "model_type": config.model_type,
-            "num_hidden_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-            "num_attention_heads": heads,
-            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        }
-        | moe_shape(config)
-        | mamba_shape(config)
-    )
+    """The prunable sizes of `config`, under `PrunedConfig`'s names: each structure's `shape` (MoE sizes for MoE
+    families, Mamba sizes for hybrids), read from the family's own config fields where its spec names them."""
+    from .pruning.structures import STRUCTURES  # they import this module
 
-
-def mamba_shape(config) -> dict:
-    """The Mamba2 sizes of `config` (`{}` for a family without Mamba blocks) under `PrunedConfig`'s names, read from
-    the family's own fields (its spec's `mamba_*_field`): heads and head dim (prunable), and the B/C groups and state
-    size (kept) that the projections' sizes depend on."""
     spec = ARCHITECTURES.get(config.model_type)
-    if spec is None or spec.mamba is None:
-        return {}
-    return {
-        "mamba_num_heads": getattr(config, spec.mamba_num_heads_field),
-        "mamba_head_dim": getattr(config, spec.mamba_head_dim_field),
-        "n_groups": getattr(config, spec.mamba_groups_field),
-        "ssm_state_size": getattr(config, spec.mamba_state_field),
-    }
-
-
-def moe_shape(config) -> dict:
-    """The MoE sizes of `config` under `PrunedConfig`'s names (`{}` for a dense family)."""
-    spec = ARCHITECTURES.get(config.model_type)
-    if spec is None or spec.moe is None:
-        return {}
-    shape = {
-        "num_experts": getattr(config, spec.num_experts_field),
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "moe_intermediate_size": getattr(config, spec.expert_width_field),
-    }
-    if spec.shared_expert is not None:
-        from .pruning.structures import shared_expert_neurons  # it imports this module
-
-        # Its own field, or n_shared_experts x the expert width (DeepSeek-V3, GLM-4.5).
-        shape["shared_expert_intermediate_size"] = shared_expert_neurons.width(config, spec)
-    if getattr(config, "n_group", None) is not None:
-        # Grouped routing (transformers' DeepSeek-V3-style routers, Nemotron-H): the experts form `n_group` equal
-        # groups by position and a token picks its experts among its `topk_group` best groups. Kept, not pruned:
-        # expert pruning keeps as many experts in every group (`routed_experts.py`).
-        shape["n_group"], shape["topk_group"] = config.n_group, config.topk_group
+    shape = {"model_type": config.model_type}
+    for structure in STRUCTURES:
+        shape |= structure.shape(config, spec)
     return shape
 
 

@@ -5,6 +5,7 @@
     hf-minitron run recipes/smollm2-135m/minitron.yaml --distillation.max_steps 20
     hf-minitron search --config recipes/smollm2-135m/search.yaml --retrain_steps 100
     hf-minitron distill --student outputs/pruned --teacher embedded --config recipes/smollm2-135m/distill.yaml
+    hf-minitron on-policy --student outputs/distilled/final --teacher embedded --max_steps 50
     hf-minitron cache-teacher --config recipes/smollm2-135m/cache_teacher.yaml --mode topk --top_k 128
     hf-minitron evaluate --model outputs/distilled/final --teacher embedded --limit 50
     hf-minitron push --folder outputs/distilled/final --repo_id me/smollm2-minitron
@@ -304,6 +305,7 @@ def _run_help() -> str:
         ("--pruning.KEY", "a PrunedConfig field: the target shape and importance (see `hf-minitron prune --help`)"),
         ("--distillation.KEY", "a DistillationConfig field (see `hf-minitron distill --help`)"),
         ("--teacher_correction.KEY", "a TeacherCorrectionConfig field (see `hf-minitron correct-teacher --help`)"),
+        ("--on_policy.KEY", "an OnPolicyConfig field (see `hf-minitron on-policy --help`); off unless present"),
         ("--sft.KEY", "an SFT stage field (see `hf-minitron sft --help`); `--sft null` drops the stage"),
         ("--dpo.KEY", "a DPO / RPO stage field (see `hf-minitron dpo --help`)"),
     )
@@ -320,6 +322,15 @@ def _distill(argv):
 
     args, config = parse_dataclasses((DistillArguments, DistillationConfig), argv, "hf-minitron distill")
     distill_checkpoint(args, config)
+
+
+def _on_policy(argv):
+    from .commands.on_policy import OnPolicyArguments, on_policy_checkpoint
+    from .distillation.on_policy import OnPolicyConfig
+
+    args, config = parse_dataclasses((OnPolicyArguments, OnPolicyConfig), argv, "hf-minitron on-policy")
+    on_policy_checkpoint(args, config)
+    print(f"On-policy distilled model: {args.final_model_dir or Path(config.output_dir) / 'final'}")
 
 
 def _cache_teacher(argv):
@@ -434,6 +445,14 @@ COMMANDS = {
         [
             "hf-minitron distill --student outputs/smollm2-135m-stages/pruned --teacher embedded "
             "--config recipes/smollm2-135m/distill.yaml",
+        ],
+    ),
+    "on-policy": (
+        _on_policy,
+        "After KD: the student samples continuations, the teacher scores them (GKD, TRL DistillationTrainer).",
+        [
+            "hf-minitron on-policy --student outputs/distilled/final --teacher embedded "
+            "--config recipes/smollm2-135m/on_policy.yaml",
         ],
     ),
     "cache-teacher": (

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .data import iter_samples, shard_batches
 from .io import atomic_write_json
+from .runtime import all_reduce_, dist_info, input_device
 
 
 logger = logging.getLogger(__name__)
@@ -276,6 +277,31 @@ def primary_score(task_result: dict) -> float:
 
 
 @torch.no_grad()
+def loss_sums(model, samples: list[dict], batch_size: int = 8, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """`[summed loss, tokens]` (float64) of next-token cross-entropy over the unmasked tokens of this process's share
+    of `samples` (every `world_size`-th batch from `rank`): the one held-out loss of the package, which
+    `heldout_perplexity`, depth selection (`lm_loss`) and the search's ranking all reduce."""
+    device = input_device(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in shard_batches(samples, batch_size, rank, world_size):
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        total += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64)
+    return total
+
+
+@torch.no_grad()
+def lm_loss(model, samples: list[dict], batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over the unmasked tokens of `samples`, summed across processes (each process
+    takes its share of the batches)."""
+    rank, world_size = dist_info()
+    total = all_reduce_(loss_sums(model, samples, batch_size, rank, world_size), input_device(model))
+    return float(total[0] / total[1].clamp_min(1))
+
+
+@torch.no_grad()
 def heldout_perplexity(model, dataset, batch_size: int = 8) -> dict:
     """Token-level cross-entropy and perplexity of `model` on tokenized held-out data.
 
@@ -299,22 +325,13 @@ def heldout_perplexity(model, dataset, batch_size: int = 8) -> dict:
     samples = list(iter_samples(dataset))
     if not samples:
         raise ValueError("heldout_perplexity got an empty dataset: pass at least one tokenized sample.")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64)
-    total_tokens = 0
     try:
-        for batch in shard_batches(samples, batch_size):
-            input_ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-            labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            total_loss += loss.double().cpu()
-            total_tokens += int((labels != -100).sum())
+        total_loss, total_tokens = loss_sums(model, samples, batch_size)
     finally:
         model.train(was_training)
+    total_tokens = int(total_tokens)
     if total_tokens == 0:
         raise ValueError("heldout_perplexity found no token to predict: samples need at least 2 unmasked tokens.")
     loss = float(total_loss / total_tokens)

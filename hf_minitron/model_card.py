@@ -96,6 +96,8 @@ class PipelineSummary:
             `Trainer.state.log_history` of distillation, plotted as loss curves.
         evaluation (`dict`, *optional*):
             The output of `hf_minitron.evaluation.compare_models`.
+        on_policy (`dict`, *optional*):
+            Settings of on-policy distillation after KD (GKD: the student samples, the teacher scores).
         alignment (`dict`, *optional*):
             Settings of instruction tuning / alignment after distillation.
     """
@@ -123,6 +125,7 @@ class PipelineSummary:
     distillation: dict | None = field(default=None, metadata={"help": "Distillation settings."})
     log_history: list[dict] | None = field(default=None, metadata={"help": "Trainer log_history."})
     evaluation: dict | None = field(default=None, metadata={"help": "compare_models output."})
+    on_policy: dict | None = field(default=None, metadata={"help": "On-policy distillation settings."})
     alignment: dict | None = field(default=None, metadata={"help": "Alignment settings."})
 
     def __post_init__(self):
@@ -275,6 +278,13 @@ def _steps(summary: PipelineSummary) -> list[str]:
     if summary.distillation is not None or summary.log_history:
         loss = (summary.distillation or {}).get("loss") or (summary.distillation or {}).get("kd_loss")
         steps.append(f"**Distillation** from the teacher's logits{f' ({loss})' if loss else ''}.")
+    if summary.on_policy is not None:
+        beta = summary.on_policy.get("beta")
+        loss = {1.0: "reverse KL", 0.0: "forward KL"}.get(beta, f"generalised JSD, beta {beta}")
+        steps.append(
+            "**On-policy distillation** ([GKD](https://arxiv.org/abs/2306.13649)): the student continued prompts from "
+            f"the training text and learned the teacher's distribution on its own samples ({loss})."
+        )
     if summary.alignment is not None:
         steps.append("**Alignment** of the distilled model.")
     if summary.evaluation is not None:
@@ -405,6 +415,7 @@ def render_model_card(
         "pruning_plots": pruning_plots or [],
         "distillation_rows": _rows(summary.distillation),
         "loss_plot": loss_plot,
+        "on_policy_rows": _rows(summary.on_policy),
         "alignment_rows": _rows(summary.alignment),
         "evaluation_table": evaluation_table,
         "has_heldout": all("heldout" in m for m in models.values()) and bool(models),

@@ -268,7 +268,9 @@ def test_hub_token_is_not_pickled_into_training_args_bin(checkpoint, text_file, 
     assert files_holding(tmp_path, TOKEN) == []
 
 
-@pytest.mark.parametrize("config_class", ["DistillationConfig", "TeacherCorrectionConfig", "RPOConfig", "SFTConfig"])
+@pytest.mark.parametrize(
+    "config_class", ["DistillationConfig", "TeacherCorrectionConfig", "RPOConfig", "SFTConfig", "OnPolicyConfig"]
+)
 def test_hub_token_is_left_out_of_every_training_config_pickle(config_class, tmp_path):
     import copy
     import pickle
@@ -277,10 +279,12 @@ def test_hub_token_is_left_out_of_every_training_config_pickle(config_class, tmp
 
     from hf_minitron import DistillationConfig
     from hf_minitron.alignment import RPOConfig
+    from hf_minitron.distillation.on_policy import OnPolicyConfig
     from hf_minitron.distillation.teacher_correction import TeacherCorrectionConfig
     from hf_minitron.hub import keep_token_out_of_pickles
 
-    cls = {c.__name__: c for c in (DistillationConfig, TeacherCorrectionConfig, RPOConfig, SFTConfig)}[config_class]
+    classes = (DistillationConfig, TeacherCorrectionConfig, RPOConfig, SFTConfig, OnPolicyConfig)
+    cls = {c.__name__: c for c in classes}[config_class]
     config = cls(output_dir=str(tmp_path), report_to="none", hub_token=TOKEN, bf16=False)
     keep_token_out_of_pickles(config)  # what run_sft does with a TRL config; our own configs do it themselves
     assert config.hub_token == TOKEN and copy.deepcopy(config).hub_token == TOKEN  # still usable in this process

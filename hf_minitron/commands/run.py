@@ -1,7 +1,7 @@
 """The whole Minitron chain, stage by stage, resumable:
 
-    correct teacher (optional) -> estimate importance -> prune -> distill -> SFT (optional) -> DPO / RPO (optional)
-    -> evaluate teacher and student -> model card -> push (optional)
+    correct teacher (optional) -> estimate importance -> prune -> distill -> on-policy distillation (optional)
+    -> SFT (optional) -> DPO / RPO (optional) -> evaluate teacher and student -> model card -> push (optional)
 
 Every stage writes one directory under `output_dir` atomically, and records the settings and inputs it is made from
 in `{stage}.settings.json` next to it. A finished stage whose record matches this run is reused, not recomputed, so
@@ -12,10 +12,11 @@ final folder (card) are redone instead when only their own settings changed.
 
 The YAML config has top-level `MinitronArguments` keys and one section per stage whose keys are exactly the fields
 of that stage's dataclass: `pruning` (`PrunedConfig`), `distillation` (`DistillationConfig`), `teacher_correction`
-(`TeacherCorrectionConfig`), and the alignment stages (paper 2, §4) `sft` (`AlignmentArguments` + `trl.SFTConfig` +
-the LoRA fields of `trl.ModelConfig`) and `dpo` (the same with `RPOConfig`). An alignment stage runs when its section
-is present (`--sft null` drops it); SFT starts from the distilled student and DPO from the SFT result (or the distilled
-student without SFT). `output_dir` of the trainer sections, `final_model_dir` and the model path are set by the
+(`TeacherCorrectionConfig`), `on_policy` (`OnPolicyConfig`: after KD, the student samples continuations of prompts
+cut from the training samples and the live teacher scores them, GKD), and the alignment stages (paper 2, §4) `sft`
+(`AlignmentArguments` + `trl.SFTConfig` + the LoRA fields of `trl.ModelConfig`) and `dpo` (the same with `RPOConfig`).
+These three run when their section is present (`--sft null` drops it), each on the previous one's result: on-policy
+distillation starts from the distilled student, SFT from that (or the distilled student), DPO from the SFT result. `output_dir` of the trainer sections, `final_model_dir` and the model path are set by the
 pipeline.
 """
 
@@ -33,7 +34,7 @@ from ..validation import (
     check_sequence_length,
     load_model_config,
 )
-from .run_config import ALIGNMENT_STAGES, AlignmentStage, MinitronArguments
+from .run_config import ALIGNMENT_STAGES, AlignmentStage, MinitronArguments, OnPolicyStage
 from .run_console import StageLog, print_run_summary, stage_titles
 from .run_records import CHECKPOINTS, STAGES, plan_stages, stage_records, write_records
 
@@ -58,13 +59,14 @@ def run_pipeline(
     pruning: PrunedConfig,
     distillation,
     correction,
-    alignment: list[AlignmentStage] | None = None,
+    alignment: list[OnPolicyStage | AlignmentStage] | None = None,
     show_progress: bool = True,
     report: bool = True,
 ) -> dict:
     """Runs (or resumes) the chain; returns the summary dict that also goes into the model card.
 
-    `alignment` lists the alignment stages to run after distillation, in order (see [`build_pipeline_config`]).
+    `alignment` lists the stages to run after distillation, in order: on-policy distillation, SFT, DPO, each present
+    only when its recipe section is (see [`build_pipeline_config`]).
     `show_progress` shows the progress bars; `report` prints (on the main process) a heading with the time as each
     stage starts (or says that it was reused), and at the end the teacher-vs-student table and each stage's wall time.
 
@@ -79,7 +81,7 @@ def _run_pipeline(
     pruning: PrunedConfig,
     distillation,
     correction,
-    alignment: list[AlignmentStage] | None = None,
+    alignment: list[OnPolicyStage | AlignmentStage] | None = None,
     show_progress: bool = True,
     report: bool = True,
 ) -> dict:
@@ -98,6 +100,11 @@ def _run_pipeline(
     # Bad checkpoints, lengths, outputs and credentials fail here, in seconds, not after hours of training.
     teacher_config = load_model_config(teacher_path)
     check_sequence_length(teacher_config, args.seq_length, "MinitronArguments.seq_length")
+    for stage in alignment or []:
+        if stage.name == "on_policy":  # the student keeps the teacher's positions: pruning never changes them
+            on_policy = stage.training_args
+            length = on_policy.prompt_length + on_policy.max_completion_length
+            check_sequence_length(teacher_config, length, "on_policy.prompt_length + on_policy.max_completion_length")
     for name in (*STAGES, *CHECKPOINTS.values(), "evaluation.json"):
         check_not_overlapping(root / name, teacher_path, "the teacher")
     if args.push_to_hub:
@@ -218,12 +225,16 @@ def _run_pipeline(
         "log_history": log_history,
     }
 
-    # 4. Alignment (paper 2, §4): SFT, then DPO / RPO, each on the previous stage's checkpoint.
+    # 4. On-policy distillation (GKD), then alignment (paper 2, §4): SFT, then DPO / RPO, each on the previous stage's
+    # checkpoint.
     model_dir = distilled_dir
     for stage in alignment or []:
         stage_dir = root / stage.name
         stages.begin(stage.name, reuse[stage.name], stage_dir)
-        if not reuse[stage.name]:
+        if not reuse[stage.name] and stage.name == "on_policy":
+            # The live (corrected) teacher scores the student's samples of prompts cut from the training samples.
+            stage.run(model_dir, teacher_path, train, tokenizer)
+        elif not reuse[stage.name]:
             # An interrupted stage continues from its newest complete checkpoint (if it saved any).
             stage.training_args.resume_from_checkpoint = resume_checkpoint(stage.training_args)
             stage.run(model_dir)
@@ -231,7 +242,9 @@ def _run_pipeline(
         _drop_checkpoints(root, stage.name, args.keep_checkpoints or not state.is_main_process)
         summary["stages"][stage.name] = stage.describe()
         model_dir = stage_dir
-    made = " + ".join(["Minitron-pruned", "distilled", *(stage.name.upper() for stage in alignment or [])])
+    made = " + ".join(
+        ["Minitron-pruned", "distilled", *(_MADE.get(stage.name, stage.name.upper()) for stage in alignment or [])]
+    )
     model_name = args.hub_model_id or _student_name(
         summary["teacher_name"], summary["stages"]["pruning"]["after"]["parameters"]["total"]
     )
@@ -307,6 +320,10 @@ def _run_pipeline(
     if stages.report:
         print_run_summary(summary)
     return summary
+
+
+# How the evaluation names a student made by each stage after distillation (alignment stages by their acronym).
+_MADE = {"on_policy": "on-policy distilled"}
 
 
 def _drop_checkpoints(root: Path, stage: str, keep: bool) -> None:
@@ -433,6 +450,7 @@ def _write_card(directory: Path, summary: dict, pruned_dir: Path, model_id: str 
         distillation=distillation,
         log_history=summary["stages"]["distillation"]["log_history"],
         evaluation=summary.get("evaluation"),
+        on_policy={k: v for k, v in summary["stages"].get("on_policy", {}).items() if k != "path"} or None,
         alignment=_alignment_rows(summary["stages"]),
     )
     save_model_card(card, directory)

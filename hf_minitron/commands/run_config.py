@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data import EMBEDDED_CORPUS
 from ..pruning.config import PrunedConfig
+from ..settings_records import training_settings
 from ..validation import (
     check_field_types,
     check_numbers,
@@ -71,7 +72,7 @@ class MinitronArguments:
             raise ValueError("MinitronArguments.push_to_hub=True needs hub_model_id (e.g. 'me/my-minitron-80m').")
 
 
-SECTIONS = ("pruning", "distillation", "teacher_correction", "sft", "dpo")
+SECTIONS = ("pruning", "distillation", "teacher_correction", "on_policy", "sft", "dpo")
 
 
 ALIGNMENT_STAGES = ("sft", "dpo")
@@ -150,6 +151,14 @@ class AlignmentStage:
             final_model_dir=self.script_args.final_model_dir,
         )
 
+    def settings(self) -> dict:
+        """What the stage's record holds of its own settings (a changed one is refused on a rerun)."""
+        return {
+            **training_settings(self.script_args),
+            **training_settings(self.training_args),
+            **{name: getattr(self.model_args, name) for name in sorted(lora_fields())},
+        }
+
     def describe(self) -> dict:
         """What the summary and the model card record about this stage."""
         args = self.training_args
@@ -164,6 +173,88 @@ class AlignmentStage:
         if self.name == "dpo":
             described.update(beta=args.beta, rpo_alpha=getattr(args, "rpo_alpha", None), loss_type=args.loss_type)
         return described
+
+
+@dataclass
+class OnPolicyStage:
+    """The on-policy distillation stage after KD ([GKD](https://arxiv.org/abs/2306.13649)): the distilled student
+    samples continuations of prompts cut from the run's training samples, the live (corrected) teacher scores them
+    (`hf_minitron.distillation.on_policy`). Its result is the model the alignment stages start from.
+
+    Args:
+        training_args (`OnPolicyConfig`): the trainer's arguments (`output_dir` set by the pipeline).
+        final_model_dir (`str`): where the trained student is written (`{output_dir}/on_policy`).
+    """
+
+    training_args: object
+    final_model_dir: str
+    name: str = "on_policy"
+
+    def settings(self) -> dict:
+        """What the stage's record holds of its own settings (a changed one is refused on a rerun)."""
+        return training_settings(self.training_args)
+
+    def run(self, model_dir: str | os.PathLike, teacher_path: str, train_dataset, tokenizer) -> None:
+        """Trains the checkpoint at `model_dir` on its own samples scored by the teacher at `teacher_path`; writes the
+        stock result (with `log_history.json`) to `final_model_dir`."""
+        import json
+
+        from transformers import AutoModelForCausalLM
+
+        from ..distillation.on_policy import build_on_policy_trainer
+        from ..io import atomic_save_model, resume_checkpoint
+
+        trainer = build_on_policy_trainer(
+            AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False),
+            AutoModelForCausalLM.from_pretrained(teacher_path, trust_remote_code=False),
+            self.training_args,
+            train_dataset,
+            tokenizer,
+        )
+        # An interrupted stage continues from its newest complete checkpoint.
+        trainer.train(resume_from_checkpoint=resume_checkpoint(self.training_args))
+        if trainer.state.global_step == 0:
+            raise ValueError(
+                f"The on_policy stage trained 0 steps (max_steps={self.training_args.max_steps}, num_train_epochs="
+                f"{self.training_args.num_train_epochs}): raise max_train_samples or on_policy.max_steps. Nothing was "
+                "written for this stage."
+            )
+        history = json.dumps(trainer.state.log_history, indent=1)
+        atomic_save_model(
+            trainer, self.final_model_dir, write_extra=lambda tmp: (tmp / "log_history.json").write_text(history)
+        )
+
+    def describe(self) -> dict:
+        """What the summary and the model card record about this stage."""
+        args = self.training_args
+        return {
+            "beta": args.beta,
+            "temperature": args.temperature,
+            "prompt_length": args.prompt_length,
+            "max_completion_length": args.max_completion_length,
+            "max_steps": args.max_steps,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "path": self.final_model_dir,
+        }
+
+
+def _build_on_policy_stage(values: dict, root: Path, seq_length: int) -> OnPolicyStage:
+    from ..distillation.on_policy import OnPolicyConfig
+
+    if "output_dir" in values:
+        raise ValueError(f"on_policy.output_dir is set by the pipeline ({root / 'on_policy_checkpoints'}): remove it.")
+    try:
+        config = _build(OnPolicyConfig, values, "on_policy", output_dir=str(root / "on_policy_checkpoints"))
+    except ValueError as error:
+        # TRL's own checks (e.g. its bf16 default on a CPU-only machine) do not say which section they come from.
+        raise ValueError(f"In the 'on_policy' section of the recipe: {error}") from error
+    if config.prompt_length > seq_length:
+        raise ValueError(
+            f"on_policy.prompt_length={config.prompt_length} is longer than the packed training samples it is cut "
+            f"from (seq_length={seq_length}): use on_policy.prompt_length <= seq_length."
+        )
+    return OnPolicyStage(config, str(root / "on_policy"))
 
 
 def _build_alignment_stage(name: str, values: dict, root: Path) -> AlignmentStage:
@@ -206,8 +297,8 @@ def _build_alignment_stage(name: str, values: dict, root: Path) -> AlignmentStag
 
 
 def load_pipeline_config(path: str | os.PathLike, overrides: dict | None = None):
-    """`(MinitronArguments, PrunedConfig, DistillationConfig, TeacherCorrectionConfig, list[AlignmentStage])` from a
-    YAML file.
+    """`(MinitronArguments, PrunedConfig, DistillationConfig, TeacherCorrectionConfig, stages after distillation)` from
+    a YAML file: the last item lists the `OnPolicyStage` and `AlignmentStage`s to run after distillation, in order.
 
     `overrides` maps `key` or `section.key` to values (the CLI's `--section.key value`).
     """
@@ -250,15 +341,19 @@ def build_pipeline_config(data: dict):
         corrected_model_dir=str(root / "teacher_correction"),
     )
     # A present section (even empty: all defaults) enables its stage; absent or null skips it.
-    for name in ALIGNMENT_STAGES:
+    for name in ("on_policy", *ALIGNMENT_STAGES):
         if data.get(name) is not None and not isinstance(data[name], dict):
             _build(dict, data[name], name)  # refuses a section that is not a mapping, naming it
-    alignment = [
+    # The stages after distillation, in the order they run, each on the previous one's result.
+    after = []
+    if data.get("on_policy") is not None:
+        after.append(_build_on_policy_stage({**device, **data["on_policy"]}, root, args.seq_length))
+    after += [
         _build_alignment_stage(name, {**device, **(data[name] or {})}, root)
         for name in ALIGNMENT_STAGES
         if name in data and data[name] is not None
     ]
-    return args, pruning, distillation, correction, alignment
+    return args, pruning, distillation, correction, after
 
 
 def parse_overrides(argv: list[str]) -> tuple[str, dict]:

@@ -15,6 +15,7 @@ _STAGE_TITLES = {
     "teacher_correction": "Teacher correction (fine-tuning on the data)",
     "pruned": "Importance estimation and pruning",
     "distilled": "Distillation from the teacher",
+    "on_policy": "On-policy distillation (the student samples, the teacher scores)",
     "sft": "SFT (supervised fine-tuning)",
     "dpo": "DPO / RPO (preference optimisation)",
     "evaluation": "Evaluation of teacher and student",

@@ -7,10 +7,9 @@ from pathlib import Path
 from ..fingerprints import files_fingerprint
 from ..pruning.config import PrunedConfig
 from ..settings_records import as_json, changes, digest, read_record, training_settings
-from .run_config import lora_fields
 
 
-STAGES = ("teacher_correction", "pruned", "distilled", "sft", "dpo", "evaluation", "final")
+STAGES = ("teacher_correction", "pruned", "distilled", "on_policy", "sft", "dpo", "evaluation", "final")
 
 
 def _done(directory: Path) -> bool:
@@ -62,12 +61,9 @@ def stage_records(args, pruning, distillation, correction, alignment, teacher_pa
     }
     model = "distilled"
     for stage in alignment or []:
-        settings = {
-            **training_settings(stage.script_args),
-            **training_settings(stage.training_args),
-            **{name: getattr(stage.model_args, name) for name in sorted(lora_fields())},
-        }
-        records[stage.name] = {model: digest(records[model]), stage.name: as_json(settings)}
+        # On-policy distillation also reads the teacher (it scores the samples) and the training samples (prompts).
+        inputs = {**teacher, **train} if stage.name == "on_policy" else {}
+        records[stage.name] = {model: digest(records[model]), **inputs, stage.name: as_json(stage.settings())}
         model = stage.name
     records["evaluation"] = {
         "student": digest(records[model]),
@@ -89,6 +85,7 @@ def stage_records(args, pruning, distillation, correction, alignment, teacher_pa
 CHECKPOINTS = {
     "teacher_correction": "teacher_correction_checkpoints",
     "distilled": "distill_checkpoints",
+    "on_policy": "on_policy_checkpoints",
     "sft": "sft_checkpoints",
     "dpo": "dpo_checkpoints",
 }

@@ -8,4 +8,5 @@
 | `losses.py` | the KD losses as pure functions (forward/reverse KL, JSD, top-k, fused with the LM head) |
 | `teacher_cache.py` | `cache_teacher` / `load_teacher_cache`: the teacher's outputs stored once, read while training |
 | `teacher_correction.py` | `correct_teacher`: fine-tuning the teacher on the distillation data first (paper 2, §2) |
+| `on_policy.py` | `OnPolicyConfig`, `build_on_policy_trainer`: on-policy distillation after KD (GKD) on TRL's `DistillationTrainer` |
 """

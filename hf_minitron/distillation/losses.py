@@ -602,21 +602,30 @@ def _topk_forward_kl_chunk(h, teacher, target, weights, buffers, kd_weight, ce_w
     return kd_sum, ce_sum, grad
 
 
-def _topk_generic_chunk(h, teacher, target, weights, options, need_grad):
-    """Any loss kind, temperature, `top_k` and soft-capping from a cached top-k teacher on one chunk (autograd on the
-    chunk's logits)."""
-    temperature = options.temperature
+def _autograd_chunk(h, target, weights, options, need_grad, kd_sum_of):
+    """One chunk with autograd on its logits, for a cached teacher: `kd_sum_of(student logits)` is the chunk's summed
+    KD term (the logits soft-capped like the student's); the CE term and the weighted gradient follow."""
     z = F.linear(h, *weights).float()
     grad = None
     with torch.enable_grad():
         z.requires_grad_(need_grad)
         capped = _softcap(z, options.student_softcap)
-        log_q, log_p = _topk_log_probs(capped, *teacher, temperature, options.top_k)
-        kd = _divergence(log_q, log_p, options.loss_type, options.beta).sum() * temperature**2
+        kd = kd_sum_of(capped)
         ce = F.cross_entropy(capped, target, reduction="sum")
         if need_grad:
             (grad,) = torch.autograd.grad(options.kd_weight * kd + options.ce_weight * ce, z)
     return kd.detach(), ce.detach(), grad
+
+
+def _topk_generic_chunk(h, teacher, target, weights, options, need_grad):
+    """Any loss kind, temperature, `top_k` and soft-capping from a cached top-k teacher on one chunk."""
+    temperature = options.temperature
+
+    def kd_sum_of(logits):
+        log_q, log_p = _topk_log_probs(logits, *teacher, temperature, options.top_k)
+        return _divergence(log_q, log_p, options.loss_type, options.beta).sum() * temperature**2
+
+    return _autograd_chunk(h, target, weights, options, need_grad, kd_sum_of)
 
 
 def _fused_topk_forward(student_hidden, student_weight, student_bias, teacher, labels, options, need_grads):
@@ -659,17 +668,12 @@ def _fused_sampled_forward(
     weights = (student_weight, student_bias)
 
     def chunk_loss(start, h, target, need_grad):
-        chunk = tuple(None if t is None else t[start : start + h.shape[0]] for t in teacher)
-        z = F.linear(h, *weights).float()
-        grad = None
-        with torch.enable_grad():
-            z.requires_grad_(need_grad)
-            capped = _softcap(z, options.student_softcap)
-            kd = _sampled_divergence(capped, *chunk[:2], num_samples, chunk[2], options.temperature).sum()
-            ce = F.cross_entropy(capped, target, reduction="sum")
-            if need_grad:
-                (grad,) = torch.autograd.grad(options.kd_weight * kd + options.ce_weight * ce, z)
-        return kd.detach(), ce.detach(), grad
+        ids, counts, entropy = (None if t is None else t[start : start + h.shape[0]] for t in teacher)
+
+        def kd_sum_of(logits):
+            return _sampled_divergence(logits, ids, counts, num_samples, entropy, options.temperature).sum()
+
+        return _autograd_chunk(h, target, weights, options, need_grad, kd_sum_of)
 
     return _chunk_loop(student_hidden, student_weight, student_bias, labels, rows, chunk_loss, need_grads)
 
@@ -720,6 +724,21 @@ def _apply_fused(forward, student_hidden, student_weight, student_bias, options)
         kd_sum, ce_sum, _ = run(need_grads=False)
         return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
     return _FusedKDLoss.apply(student_hidden, student_weight, student_bias, run, kd_weight, ce_weight)
+
+
+def _apply_fused_to_labelled(
+    forward, student_hidden, student_weight, student_bias, labels, options, teacher_rows, teacher_fixed=(), **kwargs
+):
+    """[`_apply_fused`] on the tokens whose label is not `-100`: those rows are dropped from the student's hidden
+    states, the labels and every per-token tensor of the teacher (`teacher_rows`; `None` stays `None`) before the loop,
+    and the teacher (`teacher_rows + teacher_fixed`, e.g. its `lm_head`) is detached."""
+    keep = labels.ne(-100)
+    if not bool(keep.all()):
+        student_hidden, labels = student_hidden[keep], labels[keep]
+        teacher_rows = tuple(None if t is None else t[keep] for t in teacher_rows)
+    teacher = tuple(None if t is None else t.detach() for t in (*teacher_rows, *teacher_fixed))
+    forward = partial(forward, teacher=teacher, labels=labels, options=options, **kwargs)
+    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)
 
 
 def fused_kd_loss(
@@ -788,16 +807,16 @@ def fused_kd_loss_with_options(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[`fused_kd_loss`] with its loss settings as one [`KDLossOptions`] (what the trainer holds); same tensors and
     shapes, same return value."""
-    keep = labels.ne(-100)
-    if not bool(keep.all()):
-        student_hidden, teacher_hidden, labels = student_hidden[keep], teacher_hidden[keep], labels[keep]
-    teacher = (
-        teacher_hidden.detach(),
-        teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
+    return _apply_fused_to_labelled(
+        _fused_kd_forward,
+        student_hidden,
+        student_weight,
+        student_bias,
+        labels,
+        options,
+        teacher_rows=(teacher_hidden,),
+        teacher_fixed=(teacher_weight, teacher_bias),
     )
-    forward = partial(_fused_kd_forward, teacher=teacher, labels=labels, options=options)
-    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)
 
 
 def fused_topk_kd_loss(
@@ -859,14 +878,10 @@ def fused_topk_kd_loss_with_options(
             f"top_k={options.top_k} exceeds the {teacher_ids.shape[-1]} tokens cached per position: use top_k <= "
             f"{teacher_ids.shape[-1]}, or write the cache with a larger top_k."
         )
-    keep = labels.ne(-100)
     teacher = (teacher_ids, teacher_log_probs, teacher_rest)
-    if not bool(keep.all()):
-        student_hidden, labels = student_hidden[keep], labels[keep]
-        teacher = tuple(t[keep] for t in teacher)
-    teacher = tuple(t.detach() for t in teacher)
-    forward = partial(_fused_topk_forward, teacher=teacher, labels=labels, options=options)
-    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)
+    return _apply_fused_to_labelled(
+        _fused_topk_forward, student_hidden, student_weight, student_bias, labels, options, teacher_rows=teacher
+    )
 
 
 def fused_sampled_kd_loss_with_options(
@@ -899,11 +914,14 @@ def fused_sampled_kd_loss_with_options(
         `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: the weighted loss sum (differentiable), and the KD and CE
         sums (detached, for logging).
     """
-    keep = labels.ne(-100)
     teacher = (sample_ids, sample_counts, teacher_entropy)
-    if not bool(keep.all()):
-        student_hidden, labels = student_hidden[keep], labels[keep]
-        teacher = tuple(None if t is None else t[keep] for t in teacher)
-    teacher = tuple(None if t is None else t.detach() for t in teacher)
-    forward = partial(_fused_sampled_forward, teacher=teacher, labels=labels, options=options, num_samples=num_samples)
-    return _apply_fused(forward, student_hidden, student_weight, student_bias, options)
+    return _apply_fused_to_labelled(
+        _fused_sampled_forward,
+        student_hidden,
+        student_weight,
+        student_bias,
+        labels,
+        options,
+        teacher_rows=teacher,
+        num_samples=num_samples,
+    )

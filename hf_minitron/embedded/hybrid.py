@@ -517,7 +517,7 @@ def _unfitted_weights(model, dense, copied: dict) -> dict:
 
 def _loss_without_attention(dense, layers: list[int], validation: list[dict]) -> float:
     """SmolLM2's held-out loss with the attention of `layers` removed (its output zeroed): what the mixers replace."""
-    from ..pruning.structures.depth import lm_loss
+    from ..evaluation import lm_loss
 
     def zero(module, args, output):
         return (torch.zeros_like(output[0]),) + tuple(output[1:])
@@ -550,7 +550,7 @@ def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..data import embedded_datasets
-    from ..pruning.structures.depth import lm_loss
+    from ..evaluation import lm_loss
 
     recipe = merged_recipe(RECIPE, recipe, validation_samples)
     started = time.perf_counter()

@@ -293,7 +293,7 @@ def build_embedded_moe(output_dir: str | Path, validation_samples: int | None = 
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
     from ..data import embedded_datasets
-    from ..pruning.structures.depth import lm_loss
+    from ..evaluation import lm_loss
 
     recipe = merged_recipe(RECIPE, recipe, validation_samples)
     started = time.perf_counter()

@@ -18,7 +18,7 @@ module.
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -68,26 +68,17 @@ _RANDOM_DRAWS = (
 )
 
 
-@dataclass
-class ImportanceScores:
-    """Importance statistics of one model, from which the kept structures are chosen.
+_DOC = """Importance statistics of one model, from which the kept structures are chosen.
 
-    Per-axis statistics are dicts of tensors: `{"sum", "sumsq"}` (accumulated over samples) for activation importance,
-    or `{"score"}` for the static baselines (weight magnitude, random).
+    Per-structure statistics are dicts of tensors, one field per score key of the width structures (`SCORE_KEYS`:
+    {keys}): `{{"sum", "sumsq"}}` (accumulated over samples) for activation importance, or `{{"score"}}` for the static
+    baselines (weight magnitude, random). Each statistic starts with `[num_layers, *dims]`, the dims of its structure's
+    `score_shapes` (e.g. `heads`: `[num_layers, num_attention_heads]`); what a structure records and how it reduces it
+    are in its module's docstring. In a hybrid, the rows of the layers without a structure's block stay zero.
 
     Args:
-        heads: statistics of shape `[num_layers, num_attention_heads]`.
-        neurons: statistics of shape `[num_layers, intermediate_size]`.
-        hidden: statistics of shape `[num_layers, 2, hidden_size]` (attention-input norm, MLP-input norm).
-        experts (MoE): per-token statistics `{"output_norm", "reap", "count"}` of shape `[num_layers, num_experts]`.
-        expert_neurons (MoE): `{"sum", "count"}` of shapes `[num_layers, num_experts, moe_intermediate_size]` and
-            `[num_layers, num_experts]`.
-        shared_neurons (MoE with a shared expert): like `neurons`, `[num_layers, shared_expert_intermediate_size]`.
-        mamba (hybrids with Mamba2 mixers): like `neurons`, `[num_layers, mamba_num_heads * mamba_head_dim]`, the
-            channels of each mixer's `out_proj` input (Minitron-SSM). In a hybrid, the rows of `heads`, `neurons` and
-            `mamba` of the layers without that block, and the `hidden` slot of the block a layer lacks, stay zero.
-        attention_experts (mixture of attention experts, JetMoE): like `experts`, for the attention experts. JetMoE's
-            `heads` are its query heads in its own order, `[top_k, num_key_value_heads]`.
+        method, sequence_aggregation, num_samples, num_tokens: how the statistics were gathered.
+        model_shape (`dict`): `model_shape` of the model they describe.
         block_influence (`torch.Tensor` of shape `[num_layers]`, *optional*): 1 - mean cos(input, output) per layer.
         block_influence_matrix (`torch.Tensor` of shape `[num_layers, num_layers]`, *optional*): `[i, j]` (i <= j) is
             the Block Influence of the contiguous layers i..j, 1 - mean cos(input of layer i, output of layer j) (paper
@@ -101,26 +92,25 @@ class ImportanceScores:
             pruning another model of the same shape with them is refused.
     """
 
-    method: str
-    sequence_aggregation: str
-    num_samples: int
-    num_tokens: int
-    model_shape: dict
-    # The `dict` fields are the width structures' `SCORE_KEYS` (a test keeps them equal).
-    heads: dict[str, torch.Tensor]
-    neurons: dict[str, torch.Tensor]
-    hidden: dict[str, torch.Tensor]
-    block_influence: torch.Tensor | None = None
-    block_influence_matrix: torch.Tensor | None = None
-    mamba: dict[str, torch.Tensor] = field(default_factory=dict)
-    experts: dict[str, torch.Tensor] = field(default_factory=dict)
-    expert_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
-    shared_neurons: dict[str, torch.Tensor] = field(default_factory=dict)
-    attention_experts: dict[str, torch.Tensor] = field(default_factory=dict)
-    model_fingerprint: str | None = None
-    layer_loss: torch.Tensor | None = None
-    base_loss: float | None = None
-    block_losses: dict[int, list[float]] = field(default_factory=dict)
+# The fields besides the structures' statistics (the layers' own scores are depth's, measured in the same pass).
+_FIELDS = [
+    ("method", str),
+    ("sequence_aggregation", str),
+    ("num_samples", int),
+    ("num_tokens", int),
+    ("model_shape", dict),
+    *((axis, dict[str, torch.Tensor], field(default_factory=dict, kw_only=True)) for axis in _AXES),
+    ("block_influence", torch.Tensor | None, field(default=None, kw_only=True)),
+    ("block_influence_matrix", torch.Tensor | None, field(default=None, kw_only=True)),
+    ("model_fingerprint", str | None, field(default=None, kw_only=True)),
+    ("layer_loss", torch.Tensor | None, field(default=None, kw_only=True)),
+    ("base_loss", float | None, field(default=None, kw_only=True)),
+    ("block_losses", dict[int, list[float]], field(default_factory=dict, kw_only=True)),
+]
+
+
+class _ImportanceScoresMethods:
+    """What `ImportanceScores` does with its statistics; their fields come from the structures' `SCORE_KEYS`."""
 
     # ------------------------------------------------------------------ reductions (each structure owns its own)
     def head_scores(self, batch_aggregation: str = "l2") -> torch.Tensor:
@@ -330,6 +320,15 @@ class ImportanceScores:
                     f"The importance scores hold inf/NaN ({axis}): they were estimated on an overflowing model. "
                     "Estimate them again with the model in bfloat16 or float32."
                 )
+
+
+# A dataclass like any other, with one statistics field per score key, so that a new structure's needs no edit here.
+ImportanceScores = make_dataclass(
+    "ImportanceScores",
+    _FIELDS,
+    bases=(_ImportanceScoresMethods,),
+    namespace={"__doc__": _DOC.format(keys=", ".join(f"`{axis}`" for axis in _AXES)), "__module__": __name__},
+)
 
 
 def _checked(batch_aggregation: str) -> str:

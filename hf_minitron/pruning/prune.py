@@ -10,7 +10,7 @@ import json
 import os
 import types
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import field, make_dataclass
 
 import torch
 
@@ -26,43 +26,38 @@ from .verify import check_pruned_model, spec_hint
 
 
 PRUNING_RECORD_NAME = "pruning_record.json"
-# Entries written only when a structure filled them, so that a dense model's record keeps its file layout.
-_OMITTED_WHEN_EMPTY = {"omitted_when_empty": True}
 
 
-@dataclass
-class PruningRecord:
-    """What was kept, per axis and per layer (indices into the source model), for audit and reproduction.
+_DOC = """What was kept, per axis and per layer (indices into the source model), for audit and reproduction.
 
-    The per-layer entries (`{new layer index: kept indices}`) are the structures' `RECORD`s; their order here is the
-    file's. `mamba_heads[layer]` lists the kept Mamba heads of a hybrid's Mamba layers, `mamba_head_channels[layer]` the
-    channels kept in every one of them (indices into the source head_dim).
-    `experts[layer]` lists the kept routed experts; `expert_neurons[layer][e]` the kept neurons of the e-th KEPT
-    expert (indices into the source expert's width); `attention_experts[layer]` the kept attention experts (JetMoE).
+    `hidden` lists the hidden channels kept in the whole model, `kept_layers` / `dropped_layers` the layers. The
+    per-layer entries (`{{new layer index: kept indices}}`) are the structures' `RECORD`s ({entries}), each written to
+    the file only when its structure filled it; what an entry's indices mean is in its structure's module (e.g.
+    `expert_neurons[layer][e]` lists the kept neurons of the e-th KEPT expert, `mamba_head_channels[layer]` the
+    channels kept in every Mamba head of the layer).
     """
 
-    pruned_config: dict
-    source_shape: dict
-    target_shape: dict
-    kept_layers: list[int]
-    dropped_layers: list[int]
-    hidden: list[int] | None = None
-    heads: dict[int, list[int]] = field(default_factory=dict)
-    kv_heads: dict[int, list[int]] = field(default_factory=dict)
-    neurons: dict[int, list[int]] = field(default_factory=dict)
-    importance: dict = field(default_factory=dict)
-    mamba_heads: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
-    mamba_head_channels: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
-    experts: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
-    expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
-    shared_neurons: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
-    attention_experts: dict[int, list[int]] = field(default_factory=dict, metadata=_OMITTED_WHEN_EMPTY)
+_LAYER_KEYED = tuple(dict.fromkeys(name for structure in STRUCTURES for name in structure.RECORD))
+_FIELDS = [
+    ("pruned_config", dict),
+    ("source_shape", dict),
+    ("target_shape", dict),
+    ("kept_layers", list[int]),
+    ("dropped_layers", list[int]),
+    ("hidden", list[int] | None, field(default=None)),
+    ("importance", dict, field(default_factory=dict)),
+    *((name, dict[int, list], field(default_factory=dict)) for name in _LAYER_KEYED),
+]
+
+
+class _PruningRecordMethods:
+    """Saving and loading; the per-layer entries come from the structures' `RECORD`s."""
 
     def to_dict(self) -> dict:
         return {
             k: ({str(i): v for i, v in val.items()} if isinstance(val, dict) and k in _LAYER_KEYED else val)
             for k, val in self.__dict__.items()
-            if k not in _OPTIONAL_KEYED or val  # dense records keep their file layout
+            if k not in _LAYER_KEYED or val  # a structure the model lacks leaves no empty entry
         }
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -84,8 +79,15 @@ class PruningRecord:
             ) from None
 
 
-_OPTIONAL_KEYED = tuple(f.name for f in fields(PruningRecord) if f.metadata.get("omitted_when_empty"))
-_LAYER_KEYED = tuple(dict.fromkeys(name for structure in STRUCTURES for name in structure.RECORD))
+PruningRecord = make_dataclass(
+    "PruningRecord",
+    _FIELDS,
+    bases=(_PruningRecordMethods,),
+    namespace={
+        "__doc__": _DOC.format(entries=", ".join(f"`{name}`" for name in _LAYER_KEYED)),
+        "__module__": __name__,
+    },
+)
 
 
 # ---------------------------------------------------------------------------------------------- the entry point
@@ -132,7 +134,10 @@ def check_target_loads(model_config, target: dict, spec=None):
             f"would change head_dim from {source['head_dim']}. Fix PrunedConfig: prune the two together so that "
             f"hidden_size = num_attention_heads x {source['head_dim']} (here hidden_size={heads * source['head_dim']})."
         )
-    _check_expert_alignment(model_config, spec, source, target)
+    for structure in structures_of(spec):  # what the family's kernels cannot run (grouped expert kernels' alignment)
+        check_runs = getattr(structure, "check_runs", None)
+        if check_runs is not None:
+            check_runs(model_config, source, target)
     data = model_config.to_dict()
     # Which layers depth pruning keeps is not known yet: the first ones stand in for them (the config classes check
     # the lists' lengths, not their entries).
@@ -151,25 +156,6 @@ def check_target_loads(model_config, target: dict, spec=None):
             f"hidden_size={hidden} with num_attention_heads={heads} ({reason}). "
             f"Fix PrunedConfig: e.g. hidden_size={lower} or {upper} (multiples of {heads}), or another head count."
         ) from None
-
-
-# transformers runs the experts of most MoE families with grouped matrix products (`_experts_implementation:
-# grouped_mm`), whose operands need 16-byte aligned rows: 8 values in (b)float16, which covers float32 too.
-_GROUPED_MM_MULTIPLE = 8
-
-
-def _check_expert_alignment(model_config, spec, source: dict, target: dict) -> None:
-    if spec.moe is None or getattr(model_config, "_experts_implementation", None) != "grouped_mm":
-        return
-    for name in ("moe_intermediate_size", "hidden_size"):
-        value = target.get(name)
-        if value is not None and value != source.get(name) and value % _GROUPED_MM_MULTIPLE:
-            lower = value - value % _GROUPED_MM_MULTIPLE
-            raise ValueError(
-                f"PrunedConfig.{name}={value} would give a model that cannot run: transformers' grouped expert kernels "
-                f"need rows of a multiple of {_GROUPED_MM_MULTIPLE} values. Use {lower or _GROUPED_MM_MULTIPLE} or "
-                f"{lower + _GROUPED_MM_MULTIPLE}."
-            )
 
 
 def check_not_offloaded(model) -> None:

@@ -2,15 +2,17 @@
 parameter budget and what counts towards it, the axes and their steps, the retraining and how candidates are scored."""
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import textwrap
+from dataclasses import asdict, field, fields, make_dataclass
 
-from .config import PrunedConfig, target_fields
+from .config import PrunedConfig, shape_fields
 from .parameter_count import COUNT_KINDS, dtype_size
 
 
-@dataclass
-class SearchConfig:
-    """The budget, the search space, and how candidates are retrained and ranked.
+_DOC = """The budget, the search space, and how candidates are retrained and ranked.
+
+    The search space's fields come from the structures' search axes (`AXES`, `structures/search_axis.py`): for every
+    axis `<name>_grid`, for an axis of multiples `<name>_multiple`, for an axis with its own cap `max_<name>_pruning`.
 
     Args:
         target_params (`int`, *optional*):
@@ -18,52 +20,38 @@ class SearchConfig:
         target_ratio (`float`, *optional*):
             The budget as a fraction of the teacher's `count`, in (0, 1) (e.g. `0.5`).
         count (`str`, *optional*, defaults to `"total"`):
-            What the budget counts: `"total"` parameters, `"non_embedding"` parameters, or `"memory"` (bytes of the
-            weights at `memory_dtype`).
+            What the budget counts: `"total"` parameters, `"non_embedding"` parameters, `"active"` parameters (those
+            one token runs through, for MoE) or `"memory"` (bytes of the weights at `memory_dtype`).
         memory_dtype (`str`, *optional*, defaults to `"bfloat16"`):
             Element type of the `"memory"` count.
         tolerance (`float`, *optional*, defaults to `0.05`):
             Candidates are within `target * (1 ± tolerance)`.
         max_depth_pruning (`float`, *optional*, defaults to `0.2`):
-            Largest fraction of the layers a candidate may remove.
+            Largest fraction of the layers a candidate may remove (of each block type's layers in a hybrid, where one
+            attention layer always stays).
         max_width_pruning (`float`, *optional*, defaults to `0.4`):
-            Largest fraction of each width axis (hidden, MLP, heads, KV heads) a candidate may remove. The defaults
-            (20% depth, 40% width) are those of NVIDIA ModelOpt's Minitron search.
-        max_hidden_size_pruning, max_intermediate_size_pruning, max_num_attention_heads_pruning (`float`, *optional*):
-            Per-axis caps that replace `max_width_pruning` for that axis.
-        num_hidden_layers_multiple, hidden_size_multiple, intermediate_size_multiple, num_attention_heads_multiple
-        (`int`, *optional*, defaults to `1`, `64`, `64`, `1`):
-            Generated sizes are multiples of these (the teacher's own size is always a candidate value). Heads are
-            also multiples of the KV heads, and a KV group never gains heads. Shapes stock transformers refuses are
-            skipped (Llama configs want the hidden size divisible by the head count): with 9 heads (SmolLM2), hidden
-            multiples of 64 leave only 384 and 576 within the default cap; 48 gives more.
-        num_experts_multiple, moe_intermediate_size_multiple, shared_expert_intermediate_size_multiple (`int`,
-        *optional*, defaults to `1`, `64`, `64`):
-            MoE axes: routed experts per layer, each expert's width, the shared expert's width (MoE families only;
-            capped by `max_width_pruning` or `max_num_experts_pruning` / `max_moe_intermediate_size_pruning`; the
-            expert count never drops below `num_experts_per_tok`). With `count="active"` the budget counts the
-            parameters one token runs through.
-        mamba_num_heads_multiple, mamba_head_dim_multiple (`int`, *optional*, defaults to `1`, `8`):
-            Hybrids (Minitron-SSM, https://arxiv.org/abs/2504.11409): Mamba heads per Mamba layer (always multiples
-            of the B/C groups `n_groups` too, so that every group keeps as many heads) and channels per Mamba head
-            (capped by `max_width_pruning` or `max_mamba_num_heads_pruning` / `max_mamba_head_dim_pruning`). A
-            hybrid's depth is searched per block type: `num_mamba_layers`, `num_attention_layers`, `num_mlp_layers`,
-            `num_moe_layers` (each type loses at most `max_depth_pruning` of its layers, and one attention layer
-            stays), the candidates' `PrunedConfig.num_layers_by_type`. With the default `depth_method="contiguous"`
-            only the counts that a block of consecutive layers holds are candidates: set
-            `pruning={"depth_method": "block_influence"}` (or `"lm_loss"`) to search every count.
-        search_kv_heads (`bool`, *optional*, defaults to `False`):
-            Also try removing whole KV groups (divisors of the teacher's KV heads). By default they are kept.
-        num_hidden_layers_grid, hidden_size_grid, intermediate_size_grid, num_attention_heads_grid,
-        num_key_value_heads_grid, num_experts_grid, moe_intermediate_size_grid, shared_expert_intermediate_size_grid,
-        mamba_num_heads_grid, mamba_head_dim_grid, num_mamba_layers_grid, num_attention_layers_grid,
-        num_mlp_layers_grid, num_moe_layers_grid (`list[int]`, *optional*):
-            Explicit values of an axis; they replace the generated ones (multiples and caps do not apply).
+            Largest fraction of each width axis a candidate may remove. The defaults (20% depth, 40% width) are those
+            of NVIDIA ModelOpt's Minitron search.
+        max_<axis>_pruning (`float`, *optional*):
+            Per-axis caps that replace `max_width_pruning` for that axis ({caps}).
+        <axis>_multiple (`int`, *optional*):
+            Generated sizes are multiples of these ({multiples}); the teacher's own size is always a candidate value.
+            Heads are also multiples of the KV heads, a KV group never gains heads, and Mamba heads are multiples of
+            the B/C groups. Shapes stock transformers refuses are skipped (Llama configs want the hidden size divisible
+            by the head count): with 9 heads (SmolLM2), hidden multiples of 64 leave only 384 and 576 within the
+            default cap; 48 gives more. The expert count never drops below `num_experts_per_tok`.
+{switches}
+        <axis>_grid (`list[int]`, *optional*):
+            Explicit values of an axis ({grids}); they replace the generated ones (multiples and caps do not apply). A
+            hybrid's depth is searched per block type (`num_mamba_layers`, ...: the candidates'
+            `PrunedConfig.num_layers_by_type`); with the default `depth_method="contiguous"` only the counts that a
+            block of consecutive layers holds are candidates: set `pruning={{"depth_method": "block_influence"}}` (or
+            `"lm_loss"`) to search every count.
         max_candidates (`int`, *optional*):
             Keep at most this many candidates, the closest to the target.
         pruning (`dict` or `str`, *optional*):
             `PrunedConfig` options shared by every candidate (importance and depth selection, e.g.
-            `{"depth_method": "block_influence", "calibration_samples": 256}`); no target-shape fields.
+            `{{"depth_method": "block_influence", "calibration_samples": 256}}`); no target-shape fields.
         retrain_steps (`int`, *optional*, defaults to `400`):
             Knowledge-distillation steps per candidate (paper 1: ~400). `0` ranks the pruned candidates without
             retraining.
@@ -77,77 +65,66 @@ class SearchConfig:
             How many of the best candidates must keep their order for the ranking to count as stable.
     """
 
-    target_params: int | None = field(default=None, metadata={"help": "Budget in units of `count` (or target_ratio)."})
-    target_ratio: float | None = field(
-        default=None, metadata={"help": "Budget as a fraction of the teacher, in (0, 1)."}
+
+def _field(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+_BUDGET_FIELDS = [
+    ("target_params", int | None, _field(None, "Budget in units of `count` (or target_ratio).")),
+    ("target_ratio", float | None, _field(None, "Budget as a fraction of the teacher, in (0, 1).")),
+    ("count", str, _field("total", "What is counted.", choices=list(COUNT_KINDS))),
+    ("memory_dtype", str, _field("bfloat16", "Element type of the 'memory' count.")),
+    ("tolerance", float, _field(0.05, "Relative tolerance around the target.")),
+    ("max_depth_pruning", float, _field(0.2, "Largest fraction of layers removed.")),
+    ("max_width_pruning", float, _field(0.4, "Largest fraction removed per width axis.")),
+]
+_RETRAINING_FIELDS = [
+    ("max_candidates", int | None, _field(None, "Keep the N candidates closest to target.")),
+    (
+        "pruning",
+        dict | str | None,
+        _field(None, "PrunedConfig options of every candidate (JSON on the command line)."),
+    ),
+    ("retrain_steps", int, _field(400, "KD steps per candidate (0: rank without retraining).")),
+    ("eval_interval", int, _field(50, "Evaluate every this many steps.")),
+    ("retrain_top_k", int | None, _field(None, "Retrain only the k best at step 0.")),
+    ("eval_batch_size", int, _field(8, "Batch size of the held-out loss.")),
+    ("stability_top_k", int, _field(3, "Top candidates whose order defines stability.")),
+]
+
+
+def _axis_fields(axes) -> tuple[list, list, list, list]:
+    """The search-space fields of `axes`: caps, multiples, switches, grids (in that order in the dataclass)."""
+    caps = [(f"max_{a.name}_pruning", float | None, _field(None, f"Cap for {a.column}.")) for a in axes if a.cap]
+    multiples = [
+        (f"{a.name}_multiple", int, _field(a.multiple_default, f"Generated {a.column} values are multiples of this."))
+        for a in axes
+        if a.multiple and a.values is None
+    ]
+    switches = [(a.switch[0], bool, _field(False, a.switch[1])) for a in axes if a.switch]
+    grids = [(f"{a.name}_grid", list[int] | None, _field(None, f"Explicit {a.column} values.")) for a in axes]
+    return caps, multiples, switches, grids
+
+
+def _assembled_doc(caps, multiples, switches, grids) -> str:
+    def names(entries):
+        return ", ".join(f"`{name}`" for name, _, _ in entries)
+
+    switch_doc = "\n".join(
+        f"        {name} (`bool`, *optional*, defaults to `False`):\n            {f.metadata['help']}"
+        for name, _, f in switches
     )
-    count: str = field(default="total", metadata={"help": "What is counted.", "choices": list(COUNT_KINDS)})
-    memory_dtype: str = field(default="bfloat16", metadata={"help": "Element type of the 'memory' count."})
-    tolerance: float = field(default=0.05, metadata={"help": "Relative tolerance around the target."})
-    max_depth_pruning: float = field(default=0.2, metadata={"help": "Largest fraction of layers removed."})
-    max_width_pruning: float = field(default=0.4, metadata={"help": "Largest fraction removed per width axis."})
-    max_hidden_size_pruning: float | None = field(default=None, metadata={"help": "Cap for the hidden size."})
-    max_intermediate_size_pruning: float | None = field(default=None, metadata={"help": "Cap for MLP neurons."})
-    max_num_attention_heads_pruning: float | None = field(default=None, metadata={"help": "Cap for heads."})
-    max_num_experts_pruning: float | None = field(default=None, metadata={"help": "MoE: cap for routed experts."})
-    max_moe_intermediate_size_pruning: float | None = field(
-        default=None, metadata={"help": "MoE: cap for expert width."}
+    defaults = ", ".join(f"`{name}`={f.default}" for name, _, f in multiples)
+    doc = _DOC.format(caps=names(caps), multiples=defaults, switches=switch_doc, grids=names(grids))
+    # The listed names make long lines: rewrap each paragraph of an entry at the docstring's width.
+    return "\n".join(
+        textwrap.fill(line, 119, subsequent_indent="            ", break_on_hyphens=False) for line in doc.split("\n")
     )
-    max_mamba_num_heads_pruning: float | None = field(default=None, metadata={"help": "Hybrids: cap for Mamba heads."})
-    max_mamba_head_dim_pruning: float | None = field(
-        default=None, metadata={"help": "Hybrids: cap for channels per Mamba head."}
-    )
-    num_hidden_layers_multiple: int = field(default=1, metadata={"help": "Layer counts are multiples of this."})
-    hidden_size_multiple: int = field(default=64, metadata={"help": "Hidden sizes are multiples of this."})
-    intermediate_size_multiple: int = field(default=64, metadata={"help": "MLP sizes are multiples of this."})
-    num_attention_heads_multiple: int = field(default=1, metadata={"help": "Head counts are multiples of this."})
-    num_experts_multiple: int = field(default=1, metadata={"help": "MoE: expert counts are multiples of this."})
-    moe_intermediate_size_multiple: int = field(
-        default=64, metadata={"help": "MoE: expert widths are multiples of this."}
-    )
-    shared_expert_intermediate_size_multiple: int = field(
-        default=64, metadata={"help": "MoE: shared-expert widths are multiples of this."}
-    )
-    mamba_num_heads_multiple: int = field(
-        default=1, metadata={"help": "Hybrids: Mamba head counts are multiples of this (and of n_groups)."}
-    )
-    mamba_head_dim_multiple: int = field(
-        default=8, metadata={"help": "Hybrids: channels per Mamba head are multiples of this."}
-    )
-    search_kv_heads: bool = field(default=False, metadata={"help": "Also try removing whole KV groups."})
-    num_hidden_layers_grid: list[int] | None = field(default=None, metadata={"help": "Explicit layer counts."})
-    hidden_size_grid: list[int] | None = field(default=None, metadata={"help": "Explicit hidden sizes."})
-    intermediate_size_grid: list[int] | None = field(default=None, metadata={"help": "Explicit MLP sizes."})
-    num_attention_heads_grid: list[int] | None = field(default=None, metadata={"help": "Explicit head counts."})
-    num_key_value_heads_grid: list[int] | None = field(default=None, metadata={"help": "Explicit KV head counts."})
-    num_experts_grid: list[int] | None = field(default=None, metadata={"help": "MoE: explicit expert counts."})
-    moe_intermediate_size_grid: list[int] | None = field(
-        default=None, metadata={"help": "MoE: explicit expert widths."}
-    )
-    shared_expert_intermediate_size_grid: list[int] | None = field(
-        default=None, metadata={"help": "MoE: explicit shared-expert widths."}
-    )
-    mamba_num_heads_grid: list[int] | None = field(
-        default=None, metadata={"help": "Hybrids: explicit Mamba head counts."}
-    )
-    mamba_head_dim_grid: list[int] | None = field(
-        default=None, metadata={"help": "Hybrids: explicit channels per Mamba head."}
-    )
-    num_mamba_layers_grid: list[int] | None = field(default=None, metadata={"help": "Hybrids: Mamba layer counts."})
-    num_attention_layers_grid: list[int] | None = field(
-        default=None, metadata={"help": "Hybrids: attention layer counts."}
-    )
-    num_mlp_layers_grid: list[int] | None = field(default=None, metadata={"help": "Hybrids: MLP layer counts."})
-    num_moe_layers_grid: list[int] | None = field(default=None, metadata={"help": "Hybrids: MoE layer counts."})
-    max_candidates: int | None = field(default=None, metadata={"help": "Keep the N candidates closest to target."})
-    pruning: dict | str | None = field(
-        default=None, metadata={"help": "PrunedConfig options of every candidate (JSON on the command line)."}
-    )
-    retrain_steps: int = field(default=400, metadata={"help": "KD steps per candidate (0: rank without retraining)."})
-    eval_interval: int = field(default=50, metadata={"help": "Evaluate every this many steps."})
-    retrain_top_k: int | None = field(default=None, metadata={"help": "Retrain only the k best at step 0."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the held-out loss."})
-    stability_top_k: int = field(default=3, metadata={"help": "Top candidates whose order defines stability."})
+
+
+class _SearchConfigMethods:
+    """What `SearchConfig` does with its fields; the search space's fields come from the structures' axes."""
 
     def __post_init__(self):
         if (self.target_params is None) == (self.target_ratio is None):
@@ -221,7 +198,7 @@ class SearchConfig:
                 raise ValueError(
                     f"SearchConfig.pruning={self.pruning!r} is invalid: pass a mapping of PrunedConfig options."
                 )
-            shape_keys = sorted(set(self.pruning) & {*target_fields(), "layers_to_drop", "num_layers_by_type"})
+            shape_keys = sorted(set(self.pruning) & set(shape_fields()))
             if shape_keys:
                 raise ValueError(
                     f"SearchConfig.pruning sets {shape_keys}: the search chooses the shape. Use the *_grid fields to "
@@ -259,3 +236,20 @@ class SearchConfig:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _build_search_config():
+    from .search_results import search_axes  # the structures import torch: built once, on first import of this module
+
+    caps, multiples, switches, grids = _axis_fields(search_axes())
+    return make_dataclass(
+        "SearchConfig",
+        [*_BUDGET_FIELDS, *caps, *multiples, *switches, *grids, *_RETRAINING_FIELDS],
+        bases=(_SearchConfigMethods,),
+        namespace={"__doc__": _assembled_doc(caps, multiples, switches, grids), "__module__": __name__},
+    )
+
+
+# A dataclass like any other (`HfArgumentParser`, `asdict`, the signature IDEs complete), assembled so that a new
+# structure's axes need no edit here.
+SearchConfig = _build_search_config()

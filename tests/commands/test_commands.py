@@ -72,6 +72,39 @@ def test_distill_bad_value_names_the_field(checkpoint, student, tmp_path, capsys
     assert "jsd_beta" in capsys.readouterr().err
 
 
+ON_POLICY_OPTIONS = ["--bf16", "false", "--gradient_checkpointing", "false", "--save_strategy", "no"]
+
+
+def test_on_policy_end_to_end(checkpoint, student, text_file, tmp_path):
+    output = tmp_path / "on_policy"
+    code = main(
+        ["on-policy", "--student", str(student), "--teacher", str(checkpoint), "--dataset", str(text_file)]
+        + ["--text_column", "content", "--seq_length", "16", "--max_train_samples", "4", "--prompt_length", "8"]
+        + ["--max_completion_length", "8", "--max_steps", "2", "--learning_rate", "0.01", "--use_cpu", "true"]
+        + ["--output_dir", str(tmp_path / "run"), "--final_model_dir", str(output), *ON_POLICY_OPTIONS, *TRAIN_OPTIONS]
+    )
+    assert code == 0
+    trained = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    before = AutoModelForCausalLM.from_pretrained(student).state_dict()
+    assert any(not torch.equal(p, before[name]) for name, p in trained.items())
+    assert (output / "tokenizer.json").is_file() and not (output / "training_args.bin").exists()
+
+
+def test_on_policy_refuses_bad_input_before_loading(checkpoint, student, tmp_path, capsys):
+    common = ["--student", str(student), "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+    common += ["--bf16", "false"]
+    assert main(["on-policy", *common, "--teacher", str(checkpoint), "--seq_length", "8", "--prompt_length", "9"]) == 2
+    assert "prompt_length=9 is longer than the packed samples" in capsys.readouterr().err
+    assert main(["on-policy", *common, "--teacher", str(checkpoint), "--beta", "2"]) == 2
+    assert "OnPolicyConfig.beta=2.0 is invalid" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "teacher_cache.json").write_text("{}")
+    assert main(["on-policy", *common, "--teacher", str(cache)]) == 2
+    assert "needs a live teacher" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_writes_both_models(checkpoint, student, tmp_path, capsys):
     output = tmp_path / "eval.json"
     code = main(
@@ -96,6 +129,7 @@ def test_evaluate_bad_dtype_exits_2(checkpoint, capsys):
         ("distill", ["--student", "--teacher", "--dataset", "--text_column", "--seq_length", "--max_train_samples"]),
         ("distill", ["--kd_loss", "--kd_temperature", "--intermediate_layer_mapping", "--output_dir"]),
         ("correct-teacher", ["--teacher", "--dataset", "--seq_length", "--use_lora", "--corrected_model_dir"]),
+        ("on-policy", ["--student", "--teacher", "--final_model_dir", "--prompt_length", "--beta", "--temperature"]),
         ("sft", ["--dataset_name", "--chat_template", "--final_model_dir", "--model_name_or_path", "--use_peft"]),
         ("dpo", ["--dataset_name", "--rpo_alpha", "--beta", "--model_name_or_path"]),
         ("evaluate", ["--model", "--teacher", "--tasks", "--num_fewshot", "--limit", "--output_file"]),
@@ -113,7 +147,7 @@ def test_help_lists_fields(command, fields, capsys):
 def test_top_level_help_lists_commands(capsys):
     assert main(["--help"]) == 0
     printed = capsys.readouterr().out
-    for command in ("distill", "correct-teacher", "sft", "dpo", "evaluate", "push"):
+    for command in ("distill", "on-policy", "correct-teacher", "sft", "dpo", "evaluate", "push"):
         assert command in printed
 
 

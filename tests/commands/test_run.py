@@ -122,6 +122,58 @@ def test_minitron_chain_with_sft_and_dpo_resumes_and_follows_config_changes(chec
     assert "DPO" not in (out / "final" / "README.md").read_text()
 
 
+_ON_POLICY = dict(
+    max_steps=2, per_device_train_batch_size=2, prompt_length=8, max_completion_length=8, learning_rate=1e-2,
+    logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
+)  # fmt: skip
+
+
+def test_on_policy_stage_runs_after_distillation_and_is_carded(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    recipe = _tiny_recipe(checkpoint, out, write_model_card=True)
+    recipe["on_policy"] = dict(_ON_POLICY)
+    summary = run_pipeline(*build_pipeline_config(recipe), show_progress=False, report=False)
+
+    # The stage trained the distilled student, and the final folder is its model.
+    distilled, on_policy = _weights(out / "distilled"), _weights(out / "on_policy")
+    assert not _same(on_policy, distilled) and _same(_weights(out / "final"), on_policy)
+    history = json.loads((out / "on_policy" / "log_history.json").read_text())
+    assert any("completions/mean_length" in entry for entry in history)  # trained on the student's own samples
+    assert summary["stages"]["on_policy"]["beta"] == 1.0
+    assert not (out / "on_policy_checkpoints").exists()
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["models"]["student"]["name"].endswith("(Minitron-pruned + distilled + on-policy distilled)")
+    card = (out / "final" / "README.md").read_text()
+    assert "### On-policy distillation" in card and "**On-policy distillation**" in card and "reverse KL" in card
+    assert "| max_completion_length | 8 |" in card
+
+    # Rerun: reused; a changed on-policy setting is refused, naming it, before any stage runs.
+    stamp = (out / "on_policy").stat().st_mtime_ns
+    run_pipeline(*build_pipeline_config(recipe), show_progress=False, report=False)
+    assert (out / "on_policy").stat().st_mtime_ns == stamp
+    recipe["on_policy"]["beta"] = 0.5
+    with pytest.raises(ValueError, match=r"the 'on_policy' stage there .* Changed: .*beta"):
+        run_pipeline(*build_pipeline_config(recipe), show_progress=False, report=False)
+
+
+def test_on_policy_section_is_checked_up_front():
+    *_, after = build_pipeline_config(
+        {"output_dir": "o", "seq_length": 16, "on_policy": {"bf16": False, "prompt_length": 8}}
+    )
+    assert [stage.name for stage in after] == ["on_policy"]
+    assert after[0].training_args.output_dir == "o/on_policy_checkpoints" and after[0].final_model_dir == "o/on_policy"
+    with pytest.raises(ValueError, match=r"on_policy.prompt_length=64 is longer than .*seq_length=16"):
+        build_pipeline_config({"seq_length": 16, "on_policy": {"bf16": False}})
+    with pytest.raises(ValueError, match=r"In the 'on_policy' section.*OnPolicyConfig.beta=2"):
+        build_pipeline_config({"on_policy": {"bf16": False, "beta": 2}})
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['prompt_lenght'\] in the 'on_policy' section"):
+        build_pipeline_config({"on_policy": {"prompt_lenght": 8}})
+    with pytest.raises(ValueError, match=r"on_policy.output_dir is set by the pipeline"):
+        build_pipeline_config({"on_policy": {"output_dir": "x"}})
+    *_, after = build_pipeline_config({"on_policy": {"bf16": False}, "sft": {"bf16": False}})
+    assert [stage.name for stage in after] == ["on_policy", "sft"]
+
+
 def test_alignment_sections_are_checked_up_front():
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['lora_rr'\] in the 'sft' section.*lora_r"):
         build_pipeline_config({"sft": {"lora_rr": 8}})
@@ -152,8 +204,8 @@ def test_every_pipeline_recipe_validates(path):
     assert args.output_dir and distillation.output_dir.startswith(args.output_dir)
     for key, value in data["pruning"].items():
         assert getattr(pruning, key) == value
-    assert [stage.name for stage in alignment] == [s for s in ("sft", "dpo") if data.get(s) is not None]
-    for stage in alignment:
+    assert [stage.name for stage in alignment] == [s for s in ("on_policy", "sft", "dpo") if data.get(s) is not None]
+    for stage in (stage for stage in alignment if stage.name != "on_policy"):
         assert stage.script_args.final_model_dir == str(Path(args.output_dir) / stage.name)
         for key, value in data[stage.name].items():
             owner = next(a for a in (stage.script_args, stage.training_args, stage.model_args) if hasattr(a, key))

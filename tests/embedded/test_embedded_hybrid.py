@@ -179,7 +179,7 @@ def test_converted_hybrid_fits_every_mamba_layer_saves_reloads_and_prunes(tmp_pa
 def test_embedded_hybrid_is_a_stock_bamba_that_models_text_and_generates():
     from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded.hybrid import embedded_hybrid_info, embedded_hybrid_path, load_embedded_hybrid
-    from hf_minitron.pruning.structures.depth import lm_loss
+    from hf_minitron.evaluation import lm_loss
 
     model, tokenizer = load_embedded_hybrid()
     model.eval()

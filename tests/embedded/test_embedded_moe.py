@@ -142,7 +142,7 @@ def test_embedded_moe_is_a_stock_sparse_moe_that_models_text_and_prunes(tmp_path
     from hf_minitron import PrunedConfig, prune_model
     from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded.moe import embedded_moe_info, embedded_moe_path, load_embedded_moe
-    from hf_minitron.pruning.structures.depth import lm_loss
+    from hf_minitron.evaluation import lm_loss
 
     model, tokenizer = load_embedded_moe()
     model.eval()

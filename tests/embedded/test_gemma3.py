@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_minitron import PrunedConfig, count_parameters, estimate_importance, prune_model
-from hf_minitron.pruning.structures.depth import lm_loss
+from hf_minitron.evaluation import lm_loss
 
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from conftest import TESTS, random_samples, tiny_model
 
 from hf_minitron import ImportanceScores, PrunedConfig, estimate_importance
-from hf_minitron.pruning.structures.depth import lm_loss
+from hf_minitron.evaluation import lm_loss
 
 
 @pytest.mark.distributed

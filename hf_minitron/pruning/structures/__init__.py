@@ -14,10 +14,13 @@
 | Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
 
 Each module declares what the rest of the package derives from it (the contract is in `CONTRIBUTING.md`): its
-`PrunedConfig` target fields (`FIELDS`), its search axes (`AXES`), its model-card and summary rows (`CARD_ROWS`,
-`SUMMARY`), its `PruningRecord` entries (`RECORD`), the checks of its targets (`check_applies`, `check_target`) and,
-for a width structure, its importance statistics (`SCORE_KEYS`). `PrunedConfig`, the search, the card and the summary
-walk `STRUCTURES`; `importance.py` and `prune.py` walk the width structures a family has.
+`PrunedConfig` fields with their docs and `--help` (`CONFIG_FIELDS`, `fields.py`; the targets among them are
+`FIELDS`), its sizes in `model_shape` (`shape`), its search axes (`AXES`, which give `SearchConfig` its fields), its
+model-card and summary rows (`CARD_ROWS`, `SUMMARY`), its `PruningRecord` entries (`RECORD`), the checks of its
+fields (`prepare_config`, `check_applies`, `check_target`) and, for a width structure, its importance statistics
+(`SCORE_KEYS`, the `ImportanceScores` fields). `PrunedConfig`, `SearchConfig`, `ImportanceScores`, `PruningRecord`,
+`model_shape`, the search, the card and the summary are assembled by walking `STRUCTURES`; `importance.py` and
+`prune.py` walk the width structures a family has.
 
 Each width structure's module also owns its activation hooks (`hooks`, `sites`), its scores (`scores`, `collect`,
 `magnitude_scores`, `random_scores`), its selection and in-place slicing (`prune`, `slice_hidden`), the config fields

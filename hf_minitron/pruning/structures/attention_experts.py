@@ -29,6 +29,7 @@ from .statistics import add_per_sample, static_scores
 KEY = "attention_experts"
 SCORE_KEYS = (attention_heads.KEY, KEY)  # its query heads are scored as attention heads
 # The head counts, and the expert count it shares with the MoE block (`routed_experts`).
+CONFIG_FIELDS = ()  # its targets are declared by attention_heads and routed_experts
 FIELDS = (*attention_heads.FIELDS, *routed_experts.FIELDS)
 BLOCK = "attention"
 AXES = attention_heads.AXES  # the expert count is searched with the MoE block's (`routed_experts.AXES`)
@@ -43,6 +44,10 @@ def present(spec) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- targets
+def shape(model_config, spec) -> dict:
+    return {}  # its sizes are attention_heads' and routed_experts'
+
+
 def check_applies(config, model_config, shape: dict, spec) -> None:
     """Its targets are attention's and the MoE block's: `attention_heads` and `routed_experts` check them."""
 

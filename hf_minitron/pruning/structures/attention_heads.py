@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import head_rows, slice_linear, slice_norm, slice_parameter, topk_sorted
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
@@ -19,7 +20,36 @@ from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_sc
 
 KEY = "heads"
 SCORE_KEYS = (KEY,)
-FIELDS = ("num_attention_heads", "num_key_value_heads")
+# Residual head merge (paper 1 §2.3): off, on the query (MHA: query/key/value) rows, or on the `o_proj` columns.
+HEAD_MERGES = ("none", "query", "o_proj")
+CONFIG_FIELDS = (
+    ConfigField(
+        "num_attention_heads",
+        doc="Target number of query heads per layer. `head_dim` never changes.",
+        help="Target query heads per layer.",
+    ),
+    ConfigField(
+        "num_key_value_heads",
+        doc="Target number of KV heads (groups). Kept by default; pruning them removes whole groups.",
+        help="Target KV heads per layer (kept unless set).",
+    ),
+    ConfigField(
+        "head_merge",
+        doc="""Residual head merge (paper 1, §2.3): before a pruned head is removed, the kept head paired with it becomes
+`head_i + (head_i - head_{2K-i+1})`. `"query"` applies it to the heads' own projection weights, as the
+paper describes: the query rows (and bias) of each kept/pruned pair within a KV group, and for MHA
+models the key and value rows too; `"o_proj"` applies it to the heads' `o_proj` columns instead;
+`"none"` turns it off. `true` / `false` (the boolean of earlier versions, in saved configs) read as
+`"o_proj"` / `"none"`, what they did then.""",
+        help="Residual head merge (paper 1 §2.3): 'query' (the heads' q rows; MHA: q/k/v), 'o_proj' (their "
+        "o_proj columns) or 'none'.",
+        type=str,
+        default="none",
+        choices=HEAD_MERGES,
+        target=False,
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "attention"
 CARD_ROWS = {"num_attention_heads": "Attention heads", "num_key_value_heads": "KV heads", "head_dim": "Head dimension"}
 SUMMARY = (*FIELDS, "head_dim")
@@ -32,6 +62,25 @@ def present(spec) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- targets
+def prepare_config(config) -> None:
+    """Saved configs of earlier versions hold a boolean `head_merge`, and `true` merged the o_proj columns."""
+    if isinstance(config.head_merge, bool):
+        config.head_merge = "o_proj" if config.head_merge else "none"
+
+
+def shape(model_config, spec) -> dict:
+    """Query and KV heads and the head dimension (kept: it sizes the rotary embedding); `{}` for multi-head latent
+    attention, whose heads and sizes are `latent_attention_heads`'."""
+    if spec is not None and spec.kv_b_proj is not None:
+        return {}
+    heads = model_config.num_attention_heads
+    return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(model_config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(model_config, "head_dim", None) or model_config.hidden_size // heads,
+    }
+
+
 def check_applies(config, model_config, shape: dict, spec) -> None:
     """Every family has attention heads (JetMoE's are its attention experts')."""
 
@@ -88,8 +137,16 @@ def kv_head_values(config, source: int) -> list[int]:
 
 
 AXES = (
-    SearchAxis("num_attention_heads", "heads", "heads"),
-    SearchAxis("num_key_value_heads", "kv", "KV", multiple=False, values=kv_head_values, fits=keeps_groups),
+    SearchAxis("num_attention_heads", "heads", "heads", cap=True),
+    SearchAxis(
+        "num_key_value_heads",
+        "kv",
+        "KV",
+        multiple=False,
+        values=kv_head_values,
+        fits=keeps_groups,
+        switch=("search_kv_heads", "Also try removing whole KV groups."),
+    ),
 )
 
 

@@ -20,6 +20,7 @@ One module past 500 lines: a structure's targets, their checks, its scores, its 
 module (`CONTRIBUTING.md`), and depth has four selection methods and a hybrid's layers of each block type.
 """
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -31,17 +32,119 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers
-from ...data import shard_batches
-from ...runtime import all_reduce_, dist_info, input_device
-from ..config import CONTIGUOUS_SCORES
+from ...evaluation import lm_loss
+from ...runtime import dist_info
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 
 
 KEY = "block_influence"
 BLOCKS_KEY = "block_influence_matrix"  # the BI of every block of contiguous layers, on request
 BLOCK = None  # every layer
-# The target, also given as `PrunedConfig.layers_to_drop` or, in a hybrid, `num_layers_by_type`.
-FIELDS = ("num_hidden_layers",)
+DEPTH_METHODS = ("contiguous", "block_influence", "lm_loss", "explicit")
+# What ranks the candidate blocks of `depth_method="contiguous"`: the LM loss without the block, or the block's own
+# Block Influence (paper 1 §2.2: 1 - cos between the block's input and its output).
+CONTIGUOUS_SCORES = ("lm_loss", "block_influence")
+# The target, `num_hidden_layers`, is also given as `layers_to_drop` or, in a hybrid, `num_layers_by_type`.
+CONFIG_FIELDS = (
+    ConfigField(
+        "num_hidden_layers",
+        doc="Target number of decoder layers (depth pruning).",
+        help="Target number of decoder layers.",
+    ),
+    ConfigField(
+        "num_layers_by_type",
+        doc="""Hybrids: target number of layers of each block type, e.g. `{"mamba": 20, "attention": 4, "mlp": 20}`, keyed
+by the block names of NVIDIA's Nemotron-H configs and papers (`"mamba"`, `"attention"`, `"mlp"`, `"moe"`:
+the `M`, `*`, `-`, `E` of its `hybrid_override_pattern`); transformers' own names of the block types
+(`"linear_attention"`, `"full_attention"`) are accepted too. A type left out keeps all its layers. The
+depth method then chooses within each type (`"contiguous"`: among the blocks of consecutive layers that
+hold exactly the layers to remove). On the command line, a JSON mapping.""",
+        help='Hybrids: target layers of each block type, a JSON mapping, e.g. \'{"mamba": 20, "attention": 4, '
+        '"mlp": 20}\' (types left out keep all their layers).',
+        type=dict[str, int] | str | None,
+        target=False,
+        sets_shape=True,
+    ),
+    ConfigField(
+        "layers_to_drop",
+        doc='Explicit 0-based indices of layers to remove (sets `depth_method="explicit"`).',
+        help="Explicit 0-based layer indices to remove (implies depth_method='explicit').",
+        type=list[int] | None,
+        target=False,
+        sets_shape=True,
+    ),
+    ConfigField(
+        "depth_method",
+        doc="""How layers are chosen: `"contiguous"` (the block of consecutive layers whose removal costs least, paper 2),
+`"block_influence"` (1 - cos(input, output) per layer), `"lm_loss"` (LM-loss increase when each single
+layer is dropped) or `"explicit"`.""",
+        help="Depth selection.",
+        type=str,
+        default="contiguous",
+        choices=DEPTH_METHODS,
+        target=False,
+    ),
+    ConfigField(
+        "contiguous_score",
+        doc="""What ranks the candidate blocks of `depth_method="contiguous"`: `"lm_loss"` (the LM loss with the block
+dropped, one forward over the depth samples per block) or `"block_influence"` (the Block Influence of the
+block, 1 - cos between the input of its first layer and the output of its last, averaged over tokens:
+paper 1 §2.2's extension of BI to several contiguous layers). Block Influence costs no extra forward: the
+importance pass measures it for every block, holding each layer's input for the batch meanwhile
+(num_layers x calibration_batch_size x sequence x hidden values, in the model's dtype).""",
+        help="Contiguous depth search: rank blocks by 'lm_loss' (a forward per block) or 'block_influence' "
+        "(1 - cos(block input, block output), measured in the importance pass).",
+        type=str,
+        default="lm_loss",
+        choices=CONTIGUOUS_SCORES,
+        target=False,
+    ),
+    ConfigField(
+        "depth_scorer",
+        doc="""lm-eval task(s), comma separated, e.g. `"winogrande"`: the layers to drop (`"contiguous"`, `"lm_loss"`) are
+the candidate whose removal keeps the mean accuracy (primary metric) highest, instead of the lowest LM
+loss. Paper 2 picked its contiguous block by Winogrande accuracy: the LM loss "fails to produce the most
+accurate" block. Costly: one lm-eval evaluation per candidate (SmolLM2, 6 of 30 layers: 25 blocks), so
+keep `depth_scorer_limit` small. `hf-minitron prune` and `recipes/prune.py` build the scorer with the
+model's tokenizer; with `prune_model`, pass `depth_scorer=make_lm_eval_scorer(tokenizer, ...)`.""",
+        help="lm-eval task(s), comma separated (e.g. winogrande), whose accuracy picks the layers to drop "
+        "instead of the LM loss: one evaluation per candidate.",
+        type=str | None,
+        target=False,
+    ),
+    ConfigField(
+        "depth_scorer_num_fewshot",
+        doc="Shots of `depth_scorer`'s tasks (`None`: each task's default).",
+        help="Shots of the depth_scorer tasks (None: each task's default).",
+        default=0,
+        target=False,
+    ),
+    ConfigField(
+        "depth_scorer_limit",
+        doc="Documents of each `depth_scorer` task per candidate (lm-eval takes the first ones); `None`: all of them.",
+        help="Documents of each depth_scorer task per candidate (None: all).",
+        target=False,
+    ),
+    ConfigField(
+        "depth_calibration_samples",
+        doc='Samples used to score each candidate removal for `"lm_loss"` and `"contiguous"` depth selection.',
+        help="Samples used to score candidate layer removals (lm_loss, contiguous).",
+        type=int,
+        default=64,
+        target=False,
+    ),
+    ConfigField(
+        "depth_screening_samples",
+        doc="""`"contiguous"` depth selection scores every candidate block on this many samples first and rescores only
+the 3 best on all `depth_calibration_samples` (2.7x fewer forwards for SmolLM2's 25 blocks). `None`
+scores every block on every sample.""",
+        help="Contiguous search: score every block on this many samples, rescore the best 3 on all.",
+        default=16,
+        target=False,
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 AXES = (SearchAxis("num_hidden_layers", "layers", "layers", depth=True),)
 # A hybrid's depth is searched as its layers of each block type instead, `num_<block>_layers` standing for
 # `PrunedConfig.num_layers_by_type[<block>]`: these come after every other axis in a candidate's name.
@@ -77,15 +180,54 @@ LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers", "attn_layer_indices")
 
 
 # ---------------------------------------------------------------------------------------------- targets
+def shape(model_config, spec) -> dict:
+    return {"num_hidden_layers": model_config.num_hidden_layers}
+
+
 def check_applies(config, model_config, shape: dict, spec) -> None:
     """Every model has layers: the depth targets are checked against each other and the model in `check_target`."""
 
 
+def prepare_config(config) -> None:
+    """Reads the depth fields as a user may write them: `num_layers_by_type` as JSON (the command line), an empty
+    `depth_scorer`, `layers_to_drop` in any order (which sets `depth_method="explicit"`)."""
+    if isinstance(config.num_layers_by_type, str):  # from the command line
+        try:
+            config.num_layers_by_type = (
+                json.loads(config.num_layers_by_type) if config.num_layers_by_type.strip() else None
+            )
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"PrunedConfig.num_layers_by_type={config.num_layers_by_type!r} is not valid JSON: pass a mapping of "
+                'block type to layer count, e.g. \'{"mamba": 20, "attention": 4, "mlp": 20}\'.'
+            ) from None
+    if isinstance(config.depth_scorer, str) and not config.depth_scorer.strip():  # `--depth_scorer ""`
+        config.depth_scorer = None
+    if config.layers_to_drop is not None:
+        # A string would iterate by character ("12" -> [1, 2]) and int() would truncate 1.5: both are typos.
+        if not isinstance(config.layers_to_drop, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in config.layers_to_drop
+        ):
+            raise ValueError(
+                f"PrunedConfig.layers_to_drop={config.layers_to_drop!r} is invalid: expected a list of 0-based layer "
+                "indices, e.g. [12, 13, 14] (in YAML: `layers_to_drop: [12, 13, 14]`)."
+            )
+        config.layers_to_drop = sorted(config.layers_to_drop)
+        if config.depth_method != "explicit":
+            config.depth_method = "explicit"
+
+
+def scorer_tasks(config) -> list[str]:
+    """The lm-eval task names of `depth_scorer` (empty without one)."""
+    return [task.strip() for task in config.depth_scorer.split(",")] if config.depth_scorer else []
+
+
 def check_target(config, model_config=None, shape: dict | None = None) -> None:
-    """Refuses depth targets that contradict each other or the model (`PrunedConfig.validate_for`): layers to drop out
-    of range, every layer, a hybrid's last attention layer; `num_layers_by_type` that another depth target contradicts
-    or that no block of consecutive layers holds (`depth_method="contiguous"`). Nothing to check on the config alone."""
+    """Refuses depth fields that contradict each other (on the config alone) or the model (`PrunedConfig.validate_for`):
+    layers to drop out of range, every layer, a hybrid's last attention layer; `num_layers_by_type` that another depth
+    target contradicts or that no block of consecutive layers holds (`depth_method="contiguous"`)."""
     if model_config is None:
+        _check_config(config)
         return
     layers = shape["num_hidden_layers"]
     if config.layers_to_drop is not None:
@@ -106,6 +248,90 @@ def check_target(config, model_config=None, shape: dict | None = None) -> None:
             )
     if config.num_layers_by_type is not None:
         _check_layers_by_type(config, model_config)
+
+
+def _check_config(config) -> None:
+    """The depth fields on their own and against each other."""
+    by_type = config.num_layers_by_type
+    if by_type is not None and (
+        not isinstance(by_type, dict)
+        or not by_type
+        or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in by_type.items()
+        )
+    ):
+        raise ValueError(
+            f"PrunedConfig.num_layers_by_type={by_type!r} is invalid: expected a mapping of block type to the number "
+            'of its layers to keep (an integer >= 0), e.g. {"mamba": 20, "attention": 4, "mlp": 20} (in YAML: '
+            "`num_layers_by_type: {mamba: 20, attention: 4, mlp: 20}`), or None."
+        )
+    value = config.depth_calibration_samples
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"PrunedConfig.depth_calibration_samples={value!r} is invalid: expected a positive integer.")
+    value = config.depth_screening_samples
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(
+            f"PrunedConfig.depth_screening_samples={value!r} is invalid: expected a positive integer, or None to "
+            "score every candidate block on every depth sample."
+        )
+    if config.depth_method == "explicit" and not config.layers_to_drop:
+        raise ValueError(
+            "PrunedConfig.depth_method='explicit' needs layers_to_drop: pass the 0-based layer indices to remove, "
+            "or choose depth_method 'contiguous', 'block_influence' or 'lm_loss'."
+        )
+    if config.layers_to_drop is not None and len(set(config.layers_to_drop)) != len(config.layers_to_drop):
+        raise ValueError(f"PrunedConfig.layers_to_drop={config.layers_to_drop} has duplicates: list each layer once.")
+    _check_scoring(config)
+
+
+def _check_scoring(config) -> None:
+    """`contiguous_score` and the `depth_scorer` fields, against the depth method they refine."""
+    method = f"depth_method={config.depth_method!r}" + (" (set by layers_to_drop)" if config.layers_to_drop else "")
+    if config.contiguous_score == "block_influence" and config.depth_method != "contiguous":
+        raise ValueError(
+            f"PrunedConfig.contiguous_score='block_influence' ranks the blocks of depth_method='contiguous', but "
+            f"{method}. Use depth_method='contiguous', or leave contiguous_score at 'lm_loss'."
+        )
+    if config.contiguous_score == "block_influence" and config.importance != "activation":
+        raise ValueError(
+            f"PrunedConfig.contiguous_score='block_influence' is measured on activations, but importance="
+            f"{config.importance!r} ranks layers by its own static scores. Use importance='activation', or leave "
+            "contiguous_score at 'lm_loss'."
+        )
+    shots, limit = config.depth_scorer_num_fewshot, config.depth_scorer_limit
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise ValueError(
+            f"PrunedConfig.depth_scorer_num_fewshot={shots!r} is invalid: expected an integer >= 0, or None for "
+            "each task's default."
+        )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(
+            f"PrunedConfig.depth_scorer_limit={limit!r} is invalid: expected a positive number of documents, or "
+            "None for all of them."
+        )
+    if config.depth_scorer is None:
+        return
+    if not isinstance(config.depth_scorer, str) or not all(scorer_tasks(config)):
+        raise ValueError(
+            f"PrunedConfig.depth_scorer={config.depth_scorer!r} is invalid: expected lm-eval task names, comma "
+            "separated, e.g. 'winogrande' or 'winogrande,hellaswag', or None to score by LM loss."
+        )
+    if config.depth_method not in ("contiguous", "lm_loss"):
+        raise ValueError(
+            f"PrunedConfig.depth_scorer={config.depth_scorer!r} scores the candidate removals of depth_method "
+            f"'contiguous' or 'lm_loss', but {method}. Use one of those, or leave depth_scorer None."
+        )
+    if config.contiguous_score == "block_influence":
+        raise ValueError(
+            f"PrunedConfig.depth_scorer={config.depth_scorer!r} and contiguous_score='block_influence' both rank the "
+            "contiguous blocks: set only one of them."
+        )
+    if config.importance != "activation":
+        raise ValueError(
+            f"PrunedConfig.depth_scorer={config.depth_scorer!r} applies with importance='activation': importance="
+            f"{config.importance!r} ranks layers by its own static scores. Leave depth_scorer None."
+        )
 
 
 def _check_layers_by_type(config, model_config) -> None:
@@ -259,24 +485,6 @@ def layers_skipped(model, layer_indices):
     finally:
         for i, layer in saved.items():
             layers[i] = layer
-
-
-@torch.no_grad()
-def lm_loss(model, samples: list[dict], batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over the unmasked tokens of `samples`, summed across processes."""
-    rank, world_size = dist_info()
-    device = input_device(model)
-    total = torch.zeros(2, dtype=torch.float64)
-    for batch in shard_batches(samples, batch_size, rank, world_size):
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64)
-    total = all_reduce_(total, device)
-    return float(total[0] / total[1].clamp_min(1))
 
 
 def score_layer_removals(

@@ -13,6 +13,7 @@ Both expert layouts (transformers' experts module, JetMoE's ScatterMoE weights) 
 
 import torch
 
+from .fields import ConfigField, target_names
 from .routed_experts import (
     check_moe_target,
     expert_tensors,
@@ -30,9 +31,17 @@ from .statistics import per_token_mean, static_scores, zeros_like
 
 KEY = "expert_neurons"
 SCORE_KEYS = (KEY,)
-FIELDS = ("moe_intermediate_size",)
+CONFIG_FIELDS = (
+    ConfigField(
+        "moe_intermediate_size",
+        doc="MoE: target FFN width of each routed expert (Mixtral and GPT-OSS call it `intermediate_size`). Every\n"
+        "expert keeps the same number of neurons, its own indices.",
+        help="MoE: target width of each expert.",
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
-AXES = (SearchAxis("moe_intermediate_size", "expertmlp", "expert MLP"),)
+AXES = (SearchAxis("moe_intermediate_size", "expertmlp", "expert MLP", multiple_default=64, cap=True),)
 CARD_ROWS = {"moe_intermediate_size": "Expert FFN width"}
 SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
 RECORD = ("expert_neurons",)
@@ -43,12 +52,39 @@ def present(spec) -> bool:
     return spec.moe is not None
 
 
+def shape(model_config, spec) -> dict:
+    if spec is None or spec.moe is None:
+        return {}
+    return {"moe_intermediate_size": getattr(model_config, spec.expert_width_field)}
+
+
 def check_applies(config, model_config, shape: dict, spec) -> None:
     check_moe_target(config, _FIELD, "routed experts", model_config, shape, spec)
 
 
+# transformers runs the experts of most MoE families with grouped matrix products (`_experts_implementation:
+# grouped_mm`), whose operands need 16-byte aligned rows: 8 values in (b)float16, which covers float32 too.
+GROUPED_MM_MULTIPLE = 8
+
+
 def check_target(config, model_config=None, shape: dict | None = None) -> None:
     """Any width up to the source's (checked by `PrunedConfig.validate_for` for every target)."""
+
+
+def check_runs(model_config, source: dict, target: dict) -> None:
+    """With grouped expert kernels, refuses expert rows (the expert width and the hidden size) that lose alignment
+    (`check_target_loads` asks it before any work)."""
+    if getattr(model_config, "_experts_implementation", None) != "grouped_mm":
+        return
+    for name in (_FIELD, "hidden_size"):
+        value = target.get(name)
+        if value is not None and value != source.get(name) and value % GROUPED_MM_MULTIPLE:
+            lower = value - value % GROUPED_MM_MULTIPLE
+            raise ValueError(
+                f"PrunedConfig.{name}={value} would give a model that cannot run: transformers' grouped expert kernels "
+                f"need rows of a multiple of {GROUPED_MM_MULTIPLE} values. Use {lower or GROUPED_MM_MULTIPLE} or "
+                f"{lower + GROUPED_MM_MULTIPLE}."
+            )
 
 
 def hooks(collector, index: int, layer) -> list:

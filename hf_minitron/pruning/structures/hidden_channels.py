@@ -9,6 +9,7 @@
 import torch
 
 from ...runtime import release_freed_memory
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import replace_parameter, slice_linear, slice_norm, topk_sorted
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample
@@ -16,9 +17,16 @@ from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample
 
 KEY = "hidden"
 SCORE_KEYS = (KEY,)
-FIELDS = ("hidden_size",)
+CONFIG_FIELDS = (
+    ConfigField(
+        "hidden_size",
+        doc="Target embedding (hidden) size. The same channels are removed from every layer (paper 1, §2.2).",
+        help="Target hidden (embedding) size.",
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = None  # every layer
-AXES = (SearchAxis("hidden_size", "hidden", "hidden"),)
+AXES = (SearchAxis("hidden_size", "hidden", "hidden", multiple_default=64, cap=True),)
 CARD_ROWS = {"hidden_size": "Hidden size (embedding)"}
 SUMMARY = FIELDS
 RECORD = ()  # the record's `hidden`: one list of kept channels for the whole model
@@ -30,6 +38,10 @@ SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
 
 def present(spec) -> bool:
     return True
+
+
+def shape(model_config, spec) -> dict:
+    return {"hidden_size": model_config.hidden_size}
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:

@@ -25,6 +25,7 @@ are those every transformers Mamba2 mixer uses; the config fields are each famil
 
 import torch
 
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import slice_linear, slice_norm, slice_parameter, topk_sorted
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
@@ -32,7 +33,29 @@ from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_sc
 
 KEY = "mamba"
 SCORE_KEYS = (KEY,)
-FIELDS = ("mamba_num_heads", "mamba_head_dim")
+CONFIG_FIELDS = (
+    ConfigField(
+        "mamba_num_heads",
+        doc="""Hybrids: target number of Mamba2 heads per Mamba layer, a multiple of the B/C groups (`n_groups`): every
+group keeps the same number of its own heads (Minitron-SSM, https://arxiv.org/abs/2504.11409).""",
+        help="Hybrids: target Mamba2 heads per Mamba layer (a multiple of n_groups).",
+    ),
+    ConfigField(
+        "mamba_head_dim",
+        doc="Hybrids: target channels per Mamba2 head (the same channels kept in every head).",
+        help="Hybrids: target channels per Mamba2 head.",
+    ),
+    ConfigField(
+        "mamba_group_aware",
+        doc="""Rank Mamba heads within each B/C group (the paper's method). `False` is the paper's group-blind baseline:
+the top heads overall, reassigned to groups by position (see `structures/mamba_heads.py`).""",
+        help="Rank Mamba heads within each B/C group (Minitron-SSM); false: the group-blind baseline.",
+        type=bool,
+        default=True,
+        target=False,
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "mamba"
 AXES = (
     # Every B/C group of a mixer keeps as many heads: head counts are multiples of n_groups.
@@ -43,8 +66,9 @@ AXES = (
         floor="n_groups",
         step="n_groups",
         step_reason="every B/C group keeps the same number of heads",
+        cap=True,
     ),
-    SearchAxis("mamba_head_dim", "mambadim", "Mamba head dim"),
+    SearchAxis("mamba_head_dim", "mambadim", "Mamba head dim", multiple_default=8, cap=True),
 )
 CARD_ROWS = {"mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dimension"}
 SUMMARY = FIELDS
@@ -56,6 +80,19 @@ def present(spec) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- targets
+def shape(model_config, spec) -> dict:
+    """Heads and head dim (prunable), and the B/C groups and state size (kept) that the projections' sizes depend on,
+    read from the family's own fields (its spec's `mamba_*_field`); `{}` for a family without Mamba blocks."""
+    if spec is None or spec.mamba is None:
+        return {}
+    return {
+        "mamba_num_heads": getattr(model_config, spec.mamba_num_heads_field),
+        "mamba_head_dim": getattr(model_config, spec.mamba_head_dim_field),
+        "n_groups": getattr(model_config, spec.mamba_groups_field),
+        "ssm_state_size": getattr(model_config, spec.mamba_state_field),
+    }
+
+
 def check_applies(config, model_config, shape: dict, spec) -> None:
     """Refuses Mamba targets for a model without Mamba layers."""
     for name in FIELDS:

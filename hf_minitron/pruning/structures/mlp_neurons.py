@@ -11,6 +11,7 @@ The same functions serve any gated or plain MLP at another path (the shared expe
 
 import torch
 
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import slice_linear, topk_sorted
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
@@ -18,9 +19,14 @@ from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_sc
 
 KEY = "neurons"
 SCORE_KEYS = (KEY,)
-FIELDS = ("intermediate_size",)
+CONFIG_FIELDS = (
+    ConfigField(
+        "intermediate_size", doc="Target number of MLP neurons per layer.", help="Target MLP intermediate size."
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "mlp"
-AXES = (SearchAxis("intermediate_size", "mlp", "MLP"),)
+AXES = (SearchAxis("intermediate_size", "mlp", "MLP", multiple_default=64, cap=True),)
 CARD_ROWS = {"intermediate_size": "MLP intermediate size"}
 SUMMARY = FIELDS
 RECORD = ("neurons",)
@@ -29,6 +35,10 @@ _FIELD = FIELDS[0]
 
 def present(spec) -> bool:
     return spec.mlp is not None
+
+
+def shape(model_config, spec) -> dict:
+    return {"intermediate_size": model_config.intermediate_size}
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:

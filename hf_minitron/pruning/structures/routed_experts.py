@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import replace_parameter, slice_linear, slice_parameter, topk_sorted
 from .statistics import static_scores, zeros_like
@@ -51,10 +52,30 @@ from .statistics import static_scores, zeros_like
 
 KEY = "experts"
 SCORE_KEYS = (KEY,)
-FIELDS = ("num_experts",)
+EXPERT_IMPORTANCE = ("output_norm", "reap", "frequency")
+CONFIG_FIELDS = (
+    ConfigField(
+        "num_experts",
+        doc="MoE: target number of routed experts per layer (the same in every layer, so the config stays uniform).",
+        help="MoE: target routed experts per layer.",
+    ),
+    ConfigField(
+        "expert_importance",
+        doc="""How routed experts are ranked with `importance="activation"`: `"output_norm"` (mean L2 norm of the
+expert's output over its routed tokens, NVIDIA ModelOpt's estimator), `"reap"` (mean router weight x
+output norm, https://arxiv.org/abs/2510.13999) or `"frequency"` (tokens routed to it). The default is the
+output-based estimator that kept the real-weight MoE of `benchmarks/moe_prune_quality.py` better.""",
+        help="MoE: how experts are ranked.",
+        type=str,
+        default="reap",
+        choices=EXPERT_IMPORTANCE,
+        target=False,
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
 # A token is routed to num_experts_per_tok experts: never fewer experts than that.
-AXES = (SearchAxis("num_experts", "experts", "experts", floor="num_experts_per_tok"),)
+AXES = (SearchAxis("num_experts", "experts", "experts", floor="num_experts_per_tok", cap=True),)
 # Keyed by the config's own names (Mixtral and GPT-OSS: num_local_experts), as the card reads full configs too.
 CARD_ROWS = {
     "num_local_experts": "Routed experts",
@@ -63,7 +84,6 @@ CARD_ROWS = {
 }
 SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows these
 RECORD = ("experts",)
-EXPERT_IMPORTANCE = ("output_norm", "reap", "frequency")
 STATISTICS = ("output_norm", "reap", "count")
 _FIELD = FIELDS[0]
 
@@ -94,6 +114,22 @@ def check_moe_target(config, name: str, what: str, model_config, shape: dict, sp
             f"PrunedConfig.{name}={value} does not apply: this model_type={model_config.model_type!r} model has no "
             f"{kind!r} blocks in {spec.block_types_field}. Leave it None."
         )
+
+
+def shape(model_config, spec) -> dict:
+    """The routed experts and how many a token uses (`{}` for a dense family), under `PrunedConfig`'s names."""
+    if spec is None or spec.moe is None:
+        return {}
+    shape = {
+        "num_experts": getattr(model_config, spec.num_experts_field),
+        "num_experts_per_tok": model_config.num_experts_per_tok,
+    }
+    if getattr(model_config, "n_group", None) is not None:
+        # Grouped routing (transformers' DeepSeek-V3-style routers, Nemotron-H): the experts form `n_group` equal
+        # groups by position and a token picks its experts among its `topk_group` best groups. Kept, not pruned:
+        # expert pruning keeps as many experts in every group.
+        shape["n_group"], shape["topk_group"] = model_config.n_group, model_config.topk_group
+    return shape
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:

@@ -19,6 +19,11 @@ class SearchAxis:
             by `max_<name>_pruning` where `SearchConfig` has one, else by `max_width_pruning`.
         multiple (`bool`, *optional*, defaults to `True`): generated values are multiples of
             `SearchConfig.<name>_multiple` (which `SearchConfig` then has); otherwise every count is tried.
+        multiple_default (`int`, *optional*, defaults to `1`): the default of `SearchConfig.<name>_multiple`.
+        cap (`bool`, *optional*, defaults to `False`): `SearchConfig` has its own `max_<name>_pruning`, replacing
+            `max_width_pruning` for this axis when set.
+        switch (`tuple[str, str]`, *optional*): `(name, help)` of a `SearchConfig` boolean, off by default, that the
+            axis's own `values` read (KV heads are searched on request only).
         floor (`str`, *optional*): the `model_shape` key of the smallest value (e.g. `num_experts_per_tok`).
         step (`str`, *optional*): a `model_shape` key the values are always multiples of, grids included.
         step_reason (`str`, *optional*): why, in the error that refuses a grid off `step`.
@@ -34,6 +39,9 @@ class SearchAxis:
     column: str
     depth: bool = False
     multiple: bool = True
+    multiple_default: int = 1
+    cap: bool = False
+    switch: tuple[str, str] | None = None
     floor: str | None = None
     step: str | None = None
     step_reason: str = ""

@@ -12,6 +12,7 @@ hidden pruning slices its columns. Nemotron-H's has none (`shared_expert_gate=No
 
 import torch
 
+from .fields import ConfigField, target_names
 from .mlp_neurons import mlp_count_roles, mlp_hidden_weights, mlp_hooks, mlp_magnitude, prune_mlps, slice_mlp_hidden
 from .routed_experts import check_moe_target
 from .search_axis import SearchAxis
@@ -21,9 +22,17 @@ from .statistics import PER_SAMPLE, reduce_per_sample, static_scores
 
 KEY = "shared_neurons"
 SCORE_KEYS = (KEY,)
-FIELDS = ("shared_expert_intermediate_size",)
+CONFIG_FIELDS = (
+    ConfigField(
+        "shared_expert_intermediate_size",
+        doc="MoE: target width of the shared expert (Qwen2-MoE; DeepSeek-V3 and GLM-4.5: a multiple of the expert "
+        "width, which sets n_shared_experts).",
+        help="MoE: target width of the shared expert.",
+    ),
+)
+FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
-AXES = (SearchAxis("shared_expert_intermediate_size", "sharedmlp", "shared MLP"),)
+AXES = (SearchAxis("shared_expert_intermediate_size", "sharedmlp", "shared MLP", multiple_default=64),)
 CARD_ROWS = {"shared_expert_intermediate_size": "Shared-expert width"}
 SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
 RECORD = ("shared_neurons",)
@@ -39,6 +48,12 @@ def width(model_config, spec) -> int:
     if spec.shared_expert_count_field is not None:
         return getattr(model_config, spec.shared_expert_count_field) * getattr(model_config, spec.expert_width_field)
     return getattr(model_config, spec.shared_expert_width_field)
+
+
+def shape(model_config, spec) -> dict:
+    if spec is None or spec.moe is None or spec.shared_expert is None:
+        return {}
+    return {"shared_expert_intermediate_size": width(model_config, spec)}
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:

@@ -96,7 +96,7 @@ def test_a_dead_head_scores_lowest_and_removing_it_keeps_the_logits():
     before = logits(model)
     collector = _collect(model, attention_heads, _samples())
     stacked = collector.stacked(attention_heads.KEY, 4, 1, ("sum", "sumsq"), "cpu")
-    importance = ImportanceScores("activation", "mean", 4, 0, model_shape(model.config), stacked, {}, {})
+    importance = ImportanceScores("activation", "mean", 4, 0, model_shape(model.config), heads=stacked)
     for agg in ("l2", "mean"):
         head_scores = attention_heads.scores(importance, agg)
         assert head_scores.shape == (4, 4)

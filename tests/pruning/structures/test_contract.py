@@ -13,18 +13,31 @@ from hf_minitron import ARCHITECTURES, PrunedConfig, estimate_importance, magnit
 from hf_minitron.architectures import get_architecture, model_shape
 from hf_minitron.pruning import importance
 from hf_minitron.pruning.candidates import searched_axes
-from hf_minitron.pruning.config import target_fields
+from hf_minitron.pruning.config import config_fields, target_fields
 from hf_minitron.pruning.importance import ImportanceScores
-from hf_minitron.pruning.prune import _LAYER_KEYED, _OPTIONAL_KEYED, PruningRecord
+from hf_minitron.pruning.prune import _LAYER_KEYED, PruningRecord
 from hf_minitron.pruning.search_config import SearchConfig
 from hf_minitron.pruning.search_results import search_axes
 from hf_minitron.pruning.structures import STRUCTURES, WIDTH_STRUCTURES, depth, structures_of
+from hf_minitron.pruning.structures.fields import ConfigField
 from hf_minitron.pruning.structures.search_axis import SearchAxis
 from hf_minitron.pruning.summary import shape_summary
 
 
 # What every structure module defines, and what a width structure (every one but depth) defines besides.
-EVERY_STRUCTURE = ("FIELDS", "AXES", "CARD_ROWS", "SUMMARY", "RECORD", "BLOCK", "KEY", "check_applies", "check_target")
+EVERY_STRUCTURE = (
+    "CONFIG_FIELDS",
+    "FIELDS",
+    "shape",
+    "AXES",
+    "CARD_ROWS",
+    "SUMMARY",
+    "RECORD",
+    "BLOCK",
+    "KEY",
+    "check_applies",
+    "check_target",
+)
 WIDTH_STRUCTURE = (
     "SCORE_KEYS",
     "present",
@@ -66,6 +79,10 @@ def test_every_structure_declares_the_contract(structure):
     assert isinstance(structure.FIELDS, tuple) and structure.FIELDS
     assert all(isinstance(name, str) for name in structure.FIELDS)
     assert not hasattr(structure, "FIELD")  # one spelling: FIELDS
+    assert all(isinstance(f, ConfigField) for f in structure.CONFIG_FIELDS)
+    # Its targets are its own declared fields, or (JetMoE's attention experts) those another structure declares.
+    declared = {f.name for s in STRUCTURES for f in s.CONFIG_FIELDS}
+    assert set(structure.FIELDS) <= declared
     assert all(isinstance(axis, SearchAxis) for axis in structure.AXES)
     assert isinstance(structure.CARD_ROWS, dict) and isinstance(structure.SUMMARY, tuple)
     assert isinstance(structure.RECORD, tuple)
@@ -90,6 +107,33 @@ def test_pruned_config_targets_are_the_union_of_the_structures_fields_in_order()
         if hints[f.name] == (int | None) and "target" in f.metadata["help"].lower()
     ]
     assert tuple(documented) == union
+
+
+def test_user_facing_classes_are_assembled_from_the_structures_declarations():
+    """`PrunedConfig`'s fields are the structures' `CONFIG_FIELDS` (then the importance pass's), `SearchConfig`'s
+    search space follows every axis, `model_shape` is the union of the structures' `shape`s: nothing lists them."""
+    assert [f.name for f in dataclasses.fields(PrunedConfig)] == [f.name for f in config_fields()]
+    declared = [f for structure in STRUCTURES for f in structure.CONFIG_FIELDS]
+    assert [f.name for f in config_fields()][: len(declared)] == [f.name for f in declared if f.target] + [
+        f.name for f in declared if not f.target
+    ]
+    for f in declared:  # each field's help, default and docstring entry come from its declaration
+        (field,) = [g for g in dataclasses.fields(PrunedConfig) if g.name == f.name]
+        assert field.metadata["help"] == f.help and field.default == f.default
+        assert f"        {f.name} (`" in PrunedConfig.__doc__
+    search = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    for axis in search_axes():
+        assert f"{axis.name}_grid" in search
+        assert (f"max_{axis.name}_pruning" in search) == axis.cap
+        if axis.multiple and axis.values is None:
+            assert search[f"{axis.name}_multiple"].default == axis.multiple_default
+        else:
+            assert f"{axis.name}_multiple" not in search
+    for family, overrides in FAMILIES.items():
+        config = tiny_config(family, **overrides)
+        spec = get_architecture(config)
+        union = {"model_type"} | {key for structure in STRUCTURES for key in structure.shape(config, spec)}
+        assert set(model_shape(config)) == union
 
 
 def test_standalone_validation_checks_every_target():
@@ -123,7 +167,6 @@ def test_record_entries_are_the_structures_records():
     assert set(_LAYER_KEYED) == entries
     per_layer = {f.name for f in dataclasses.fields(PruningRecord) if str(f.type).startswith("dict[int")}
     assert per_layer == entries
-    assert set(_OPTIONAL_KEYED) <= entries
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -69,7 +69,7 @@ def test_dead_neurons_score_zero_and_removing_them_keeps_the_logits(model_type):
             _up_rows(layer.mlp, spec)[dead] = 0  # act(gate) x 0, or relu(0)^2: these neurons output nothing
     before = logits(model)
     stacked = _collect(model, mlp_neurons, _samples()).stacked(mlp_neurons.KEY, WIDTH, 1, ("sum", "sumsq"), "cpu")
-    importance = ImportanceScores("activation", "mean", 4, 0, model_shape(model.config), {}, stacked, {})
+    importance = ImportanceScores("activation", "mean", 4, 0, model_shape(model.config), neurons=stacked)
     neuron_scores = mlp_neurons.scores(importance, "l2")
     assert neuron_scores.shape == (4, WIDTH)
     assert (neuron_scores[:, dead] == 0).all() and (neuron_scores.sum(1) > 0).all()
