@@ -409,7 +409,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         num_experts_field="n_routed_experts",
         shared_expert_count_field="n_shared_experts",
         dense_layers_field="first_k_dense_replace",
-        notes="MLA heads (q_b_proj / kv_b_proj rows, o_proj columns; latents kept); dense MLP layers then MoE layers "
+        notes="MLA heads (q_b_proj / kv_b_proj rows, o_proj columns) and latent ranks; dense MLP layers then MoE layers "
         "(first_k_dense_replace); sigmoid router with e_score_correction_bias and grouped top-k (experts kept per "
         "group); the shared MLP is n_shared_experts x moe_intermediate_size wide",
     ),

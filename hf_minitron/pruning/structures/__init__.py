@@ -7,7 +7,7 @@
 | MLP neurons | `mlp_neurons.py` | `intermediate_size` |
 | attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
 | attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | those, and `num_experts` |
-| heads of multi-head latent attention (DeepSeek-V3's MLA) | `latent_attention_heads.py` | `num_attention_heads` |
+| MLA heads and latent ranks | `latent_attention_heads.py` | `num_attention_heads`, `q_lora_rank`, `kv_lora_rank` |
 | routed experts (MoE) | `routed_experts.py` | `num_experts` |
 | expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
@@ -53,8 +53,9 @@ STRUCTURES = (
     hidden_channels,
     mlp_neurons,
     attention_heads,
-    attention_experts,
+    # Before attention_experts, whose FIELDS name routed_experts' expert count: the latent ranks come with the heads.
     latent_attention_heads,
+    attention_experts,
     routed_experts,
     expert_neurons,
     shared_expert_neurons,

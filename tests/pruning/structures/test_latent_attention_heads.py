@@ -1,6 +1,7 @@
-"""`structures/latent_attention_heads.py`: the heads of DeepSeek-V3's multi-head latent attention, pruned with
-activation, magnitude and random importance (with and without a query latent), reloaded with stock transformers and
-counted exactly; a silenced head is the one removed; the targets MLA cannot take are refused before any work."""
+"""`structures/latent_attention_heads.py`: the heads and the latents' ranks of DeepSeek-V3's multi-head latent
+attention, pruned with activation, magnitude and random importance (with and without a query latent), reloaded with
+stock transformers and counted exactly; a silenced head or latent channel is the one removed; the targets MLA cannot
+take are refused before any work."""
 
 import copy
 
@@ -95,10 +96,54 @@ def test_magnitude_is_the_norm_of_each_heads_rows_and_columns():
     torch.testing.assert_close(latent_attention_heads.magnitude(layer, spec, shape), (q + kv + o).sqrt())
 
 
+@pytest.mark.parametrize("importance", ["activation", "magnitude", "random"])
+def test_latent_ranks_reload_with_stock_transformers_count_exactly_and_generate(importance, tmp_path):
+    model = tiny_model("deepseek_v3")  # q_lora_rank 16, kv_lora_rank 12
+    source = copy.deepcopy(model.config)
+    config = PrunedConfig(q_lora_rank=10, kv_lora_rank=8, importance=importance, **_calibration())
+    prune_model(model, config, random_samples(4), show_progress=False)
+
+    for layer in get_decoder_layers(model):
+        attn = layer.self_attn
+        assert (attn.q_a_proj.out_features, attn.q_b_proj.in_features, attn.q_a_layernorm.weight.numel()) == (10,) * 3
+        assert attn.kv_a_proj_with_mqa.out_features == 8 + ROPE  # the rotary key's rows are kept
+        assert (attn.kv_b_proj.in_features, attn.kv_a_layernorm.weight.numel()) == (8, 8)
+    record = model.pruning_record
+    assert all(len(kept) == 10 for kept in record.q_latent.values())
+    assert all(len(kept) == 8 for kept in record.kv_latent.values()) and len(record.kv_latent) == 4
+    assert n_params(model) == count_parameters(source, config) == count_parameters(model.config)
+
+    before = logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (reloaded.config.q_lora_rank, reloaded.config.kv_lora_rank) == (10, 8)
+    torch.testing.assert_close(logits(reloaded.eval()), before, rtol=0, atol=0)
+    cached = reloaded.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = reloaded.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_silenced_latent_channel_is_the_one_removed():
+    model = tiny_model("deepseek_v3")
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # channel 3 of both latents is always zero
+            layer.self_attn.q_a_proj.weight[3] = 0
+            layer.self_attn.kv_a_proj_with_mqa.weight[3] = 0
+    config = PrunedConfig(q_lora_rank=15, kv_lora_rank=11, **_calibration())
+    prune_model(model, config, random_samples(4), show_progress=False)
+    record = model.pruning_record
+    assert all(kept == [c for c in range(16) if c != 3] for kept in record.q_latent.values())
+    assert all(kept == [c for c in range(12) if c != 3] for kept in record.kv_latent.values())
+
+
 @pytest.mark.parametrize(
     "targets,match",
     [
         (dict(num_attention_heads=2, num_key_value_heads=1), "num_key_value_heads=1 does not apply"),
+        (dict(kv_lora_rank=13), "kv_lora_rank"),
         (dict(num_attention_heads=2, head_merge="query"), "head_merge='query' is not supported"),
         (dict(num_attention_heads=5), "num_attention_heads"),
     ],
@@ -112,3 +157,15 @@ def test_targets_mla_cannot_take_are_refused_before_any_forward_pass(targets, ma
     model.register_forward_pre_hook(no_forward)
     with pytest.raises(ValueError, match=match):
         prune_model(model, PrunedConfig(**targets, **_calibration()), random_samples(4), show_progress=False)
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,match",
+    [
+        ("deepseek_v3", dict(q_lora_rank=None), r"q_lora_rank=8 does not apply.*no query latent"),
+        ("llama", {}, r"q_lora_rank=8 does not apply.*no MLA"),
+    ],
+)
+def test_a_query_rank_is_refused_for_a_model_without_a_query_latent(model_type, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PrunedConfig(q_lora_rank=8).resolve(tiny_model(model_type, **overrides).config)
