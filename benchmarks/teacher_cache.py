@@ -106,7 +106,8 @@ def write_caches(teacher, tokenizer, train, modes) -> dict:
     import torch
 
     from hf_minitron import cache_teacher
-    from hf_minitron.distillation.teacher_cache import _collate, read_cache_info
+    from hf_minitron.distillation.teacher_cache import read_cache_info
+    from hf_minitron.distillation.teacher_cache_writer import _collate
 
     shutil.rmtree(CACHES, ignore_errors=True)
     batch_size = 8

@@ -158,6 +158,20 @@ class ArchitectureSpec:
             The config field counting the leading decoder layers whose feed-forward block is a dense MLP, the later
             ones holding the MoE block at the same path (DeepSeek-V3's `first_k_dense_replace`): their block type
             ("mlp" or "moe") is read from the module, and depth pruning rewrites the count.
+        attention_output_gate (`bool`):
+            The query projection also produces a per-head output gate (Qwen3-Next and Qwen3.5's gated attention):
+            its rows are `[query (head_dim), gate (head_dim)]` for each head in turn, and `o_proj` reads the
+            attention output times `sigmoid(gate)`. Pruning a head removes both halves of its rows.
+        deltanet (`str`, *optional*):
+            A Gated DeltaNet mixer inside a decoder layer (Qwen3-Next, Qwen3.5's `linear_attn`): `linear_num_key_heads`
+            query/key heads, each read by `linear_num_value_heads / linear_num_key_heads` consecutive value heads; a
+            depthwise `conv1d` over `[q, k, v]`, per-value-head `A_log` / `dt_bias`, a gated norm over one value head
+            (`norm`) and `out_proj`.
+        deltanet_fused (`bool`):
+            The mixer's input projections are fused and laid out per key head (Qwen3-Next): `in_proj_qkvz` with rows
+            `[q (dk), k (dk), v (its value heads x dv), z (same)]` for each key head in turn, `in_proj_ba` with rows
+            `[b (its value heads), a (same)]` for each key head. `False`: separate `in_proj_qkv` (rows `[q (all key
+            heads), k (same), v (all value heads)]`), `in_proj_z`, `in_proj_b` and `in_proj_a` (Qwen3.5).
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -213,6 +227,9 @@ class ArchitectureSpec:
     q_b_proj: str = "q_b_proj"
     kv_a_proj: str = "kv_a_proj_with_mqa"
     dense_layers_field: str | None = None
+    attention_output_gate: bool = False
+    deltanet: str | None = None
+    deltanet_fused: bool = False
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -246,6 +263,34 @@ class ArchitectureSpec:
         return None
 
 
+@dataclass(frozen=True)
+class BlockType:
+    """A kind of block a hybrid's decoder layer may hold, named as `PrunedConfig.num_layers_by_type` names it.
+
+    Args:
+        name (`str`): the block's name, also the `ArchitectureSpec` field of its module path.
+        role (`str`): `"mixer"` (a sequence mixer, fed by the layer's first norm) or `"ffn"` (fed by the second).
+        column (`str`): its layers' column in the search report; capitalised, its model-card row.
+        short (`str`): the prefix of its layer count in a candidate's name.
+    """
+
+    name: str
+    role: str
+    column: str
+    short: str
+
+
+# The block types, in the order of the card rows and search axes. A new kind of sequence mixer or feed-forward block
+# is one entry here (and the spec field of its module path); depth, hidden channels and the summary read this table.
+BLOCK_TYPES = (
+    BlockType("mamba", "mixer", "Mamba layers", "mambalayers"),
+    BlockType("attention", "mixer", "attention layers", "attnlayers"),
+    BlockType("mlp", "ffn", "MLP layers", "mlplayers"),
+    BlockType("moe", "ffn", "MoE layers", "moelayers"),
+    BlockType("deltanet", "mixer", "Gated DeltaNet layers", "dnlayers"),
+)
+
+
 _LLAMA_LIKE = ArchitectureSpec()
 
 # Bamba and Falcon-H1 share transformers' Mamba2 layer layout (the mixer `mamba`, the MLP `feed_forward` after
@@ -261,6 +306,16 @@ _MAMBA2_LAYER = dict(
     mamba_groups_field="mamba_n_groups",
     mamba_state_field="mamba_d_state",
     layer_returns_tuple=True,
+)
+
+# Qwen3-Next and Qwen3.5 share the layout of their Gated DeltaNet / gated-attention layers (`block_type` from
+# `layer_types`) and their mixers' config fields (`linear_num_key_heads`, ...).
+_GATED_DELTANET_LAYER = dict(
+    deltanet="linear_attn",
+    attention_output_gate=True,
+    block_type_attribute="block_type",
+    block_types_field="layer_types",
+    block_types=(("attention", "full_attention"), ("deltanet", "linear_attention")),
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -465,6 +520,33 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         notes="parallel attention + Mamba2 in every layer, then a SwiGLU MLP; muP multipliers kept; mamba_d_ssm "
         "written; the mixers' mup_vector sliced with in_proj's rows",
     ),
+    # Gated DeltaNet hybrids: each layer holds a Gated DeltaNet mixer (`linear_attn`) OR gated attention
+    # (`layer_types`), then its feed-forward block; zero-centred RMSNorms `(1 + weight)`, q/k norms over head_dim.
+    "qwen3_next": ArchitectureSpec(
+        **_GATED_DELTANET_LAYER,
+        mlp=None,
+        moe="mlp",
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+        deltanet_fused=True,
+        notes="hybrid: Gated DeltaNet (in_proj_qkvz / in_proj_ba laid out per key head) or gated attention (q_proj "
+        "rows [query; gate] per head) per layer, then routed experts + a gated shared expert in every layer "
+        "(decoder_sparse_step=1, no mlp_only_layers)",
+    ),
+    "qwen3_5_text": ArchitectureSpec(
+        **_GATED_DELTANET_LAYER,
+        notes="Qwen3.5's text model: Gated DeltaNet (separate in_proj_qkv / z / b / a) or gated attention per layer, "
+        "then a SwiGLU MLP",
+    ),
+    "qwen3_5_moe_text": ArchitectureSpec(
+        **_GATED_DELTANET_LAYER,
+        mlp=None,
+        moe="mlp",
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+        notes="Qwen3.5-MoE's text model: Qwen3.5's layers with routed experts + a gated shared expert in every layer; "
+        "its config has no intermediate_size",
+    ),
 }
 
 
@@ -483,7 +565,11 @@ def get_architecture(config, spec: ArchitectureSpec | None = None) -> Architectu
     if spec is not None:
         if not isinstance(spec, ArchitectureSpec):
             raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}.")
-        extras = [name for name in ("moe", "mamba", "attention_experts", "block_types_field") if getattr(spec, name)]
+        extras = [
+            name
+            for name in ("moe", "mamba", "deltanet", "attention_experts", "block_types_field")
+            if getattr(spec, name)
+        ]
         if extras and spec != ARCHITECTURES.get(model_type):  # the table's own entry, passed on, is fine
             raise ValueError(
                 f"The spec passed in for model_type={model_type!r} sets {', '.join(extras)}: "
@@ -501,7 +587,25 @@ def get_architecture(config, spec: ArchitectureSpec | None = None) -> Architectu
     spec = ARCHITECTURES[model_type]
     if spec.block_types_field is not None:
         check_block_types(spec, config)
+    if spec.moe is not None and spec.mlp is None:
+        check_sparse_layers(config)
     return spec
+
+
+def check_sparse_layers(config) -> None:
+    """Refuses a MoE family whose config makes some layers dense (Qwen-MoE's and Qwen3-Next's `mlp_only_layers` and
+    `decoder_sparse_step`): its spec holds the MoE block at the path where those layers hold a dense MLP."""
+    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1)
+    if step != 1:
+        dense = sorted(set(dense) | {i for i in range(config.num_hidden_layers) if (i + 1) % step})
+    if dense:
+        raise ValueError(
+            f"model_type={config.model_type!r} with dense MLP layers {dense} (mlp_only_layers="
+            f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step={step}) is not supported: hf-minitron "
+            "prunes this family with a MoE block in every layer. Use a model with mlp_only_layers=[] and "
+            "decoder_sparse_step=1."
+        )
 
 
 def check_block_types(spec: ArchitectureSpec, config) -> None:

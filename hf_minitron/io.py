@@ -108,6 +108,9 @@ def resolve_output_path(path: str | os.PathLike) -> Path:
     A symlinked output is written where the link points (the link keeps pointing at the new output); a dangling link
     is refused rather than replaced by a real folder.
     """
+    if not os.fspath(path).strip():
+        # Path("") is the current directory: an empty setting would write (and, with --overwrite, replace) there.
+        raise ValueError("The output folder is empty (''): pass a folder name, e.g. outputs/my-run.")
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.is_symlink() and not path.exists():
         raise FileNotFoundError(

@@ -100,6 +100,25 @@ HYBRID_OVERRIDES = {
         chunk_size=8,
     ),
 }
+# Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5's text model): 4 layers, DeltaNet and gated attention alternating; 4
+# DeltaNet value heads of dim 8 in 2 key heads of dim 8 (Qwen3-Next: with the MoE shapes of MOE_OVERRIDES).
+HYBRID_ARCHITECTURE_NAMES += ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
+DELTANET_PATTERN = ["linear_attention", "full_attention"] * 2
+_DELTANET = dict(
+    layer_types=DELTANET_PATTERN,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+)
+HYBRID_OVERRIDES["qwen3_next"] = dict(
+    _DELTANET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+)
+HYBRID_OVERRIDES["qwen3_5_text"] = _DELTANET
+HYBRID_OVERRIDES["qwen3_5_moe_text"] = dict(
+    _DELTANET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+)
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -124,6 +143,8 @@ def tiny_config(model_type: str = "llama", **overrides):
         kwargs.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
     if model_type == "smollm3":
         kwargs.update(no_rope_layers=[1, 1, 1, 0])
+    if model_type == "qwen3_5_moe_text":
+        del kwargs["intermediate_size"]  # its config has none: every feed-forward block is a MoE block
     kwargs.update(MOE_OVERRIDES.get(model_type, {}))
     kwargs.update(HYBRID_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
@@ -249,7 +270,7 @@ def _static_scores(model, heads=None, neurons=None, hidden=None, layers=None):
     L, H, Inter, nH = (
         shape["num_hidden_layers"],
         shape["hidden_size"],
-        shape["intermediate_size"],
+        shape.get("intermediate_size", 0),  # 0: a family without a dense width (Qwen3.5-MoE)
         shape["num_attention_heads"],
     )
     hidden = torch.zeros(L, H, dtype=torch.float64) if hidden is None else hidden

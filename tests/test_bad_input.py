@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_samples, tiny_config, tiny_model, tiny_tokenizer
+from conftest import _tiny_recipe, random_samples, tiny_config, tiny_model, tiny_tokenizer
 from hub_server import FakeHub
 from transformers import AutoModelForCausalLM, Trainer
 
@@ -18,6 +18,7 @@ from hf_minitron import PrunedConfig, estimate_importance, prune_model
 from hf_minitron.cli import main
 from hf_minitron.commands.distill import DistillArguments, distill_checkpoint
 from hf_minitron.commands.prune import PruneArguments, prune_checkpoint
+from hf_minitron.commands.run import run_pipeline
 from hf_minitron.commands.run_config import build_pipeline_config
 from hf_minitron.distillation.config import DistillationConfig
 from hf_minitron.hub import HubUploadError, push_to_hub
@@ -321,6 +322,36 @@ def test_recipe_wrong_types():
     # YAML 1.1 reads 1e-4 as a string: a numeric string is a number, not an error.
     distillation = build_pipeline_config({"distillation": {"learning_rate": "1e-4", "report_to": "none"}})[2]
     assert distillation.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize("section", [None, {}, {"calibration_samples": 8}])
+def test_a_run_whose_pruning_sets_no_target_is_refused_before_any_work(
+    checkpoint, tmp_path, section, no_expensive_work
+):
+    """Without a target the importance pass would run for minutes and the "student" be the teacher itself."""
+    recipe = _tiny_recipe(checkpoint, tmp_path / "out")
+    recipe["pruning"] = section
+    with pytest.raises(ValueError, match=r"'pruning' section sets no target, so the student would be the teacher"):
+        run_pipeline(*build_pipeline_config(recipe), show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_output_folder_is_refused(checkpoint, tmp_path, monkeypatch, capsys, no_expensive_work):
+    """`Path("")` is the current directory: an empty output setting would write (or replace) there."""
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"MinitronArguments.output_dir is empty"):
+        build_pipeline_config({**_tiny_recipe(checkpoint, "x"), "output_dir": " "})
+    assert main(["prune", "--teacher", str(checkpoint), "--output_dir", "", "--hidden_size", "24"]) == 2
+    assert "The output folder is empty" in capsys.readouterr().err
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_a_required_section_that_is_not_a_mapping_does_not_offer_skipping_it():
+    with pytest.raises(ValueError, match=r"'pruning' section of the recipe is a list .*lines\)\.$"):
+        build_pipeline_config({"pruning": [1, 2]})
+    with pytest.raises(ValueError, match=r"'sft' section .* or null to skip the stage\.$"):
+        build_pipeline_config({"sft": [1, 2]})
 
 
 def test_cli_config_file_wrong_type_and_unknown_key(checkpoint, tmp_path, capsys, no_expensive_work):

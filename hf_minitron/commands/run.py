@@ -34,7 +34,7 @@ from ..validation import (
     check_sequence_length,
     load_model_config,
 )
-from .run_config import ALIGNMENT_STAGES, AlignmentStage, MinitronArguments, OnPolicyStage
+from .run_config import ALIGNMENT_STAGES, AlignmentStage, MinitronArguments, OnPolicyStage, check_prunes_something
 from .run_console import StageLog, print_run_summary, stage_titles
 from .run_records import CHECKPOINTS, STAGES, plan_stages, stage_records, write_records
 
@@ -94,6 +94,7 @@ def _run_pipeline(
     from ..io import atomic_directory, atomic_save_model, check_not_overlapping, resume_checkpoint
     from .prune import PruneArguments, prune_checkpoint
 
+    check_prunes_something(pruning)
     state = _process_group(distillation)
     root = Path(args.output_dir)
     teacher_path = resolve_model_path(args.teacher)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..data import EMBEDDED_CORPUS
-from ..pruning.config import PrunedConfig
+from ..pruning.config import PrunedConfig, shape_fields, target_fields
 from ..settings_records import training_settings
 from ..validation import (
     check_field_types,
@@ -65,6 +65,9 @@ class MinitronArguments:
 
     def __post_init__(self):
         check_numbers(self)
+        if not self.output_dir or not str(self.output_dir).strip():
+            # Path("") is the current directory: every stage folder would land there.
+            raise ValueError("MinitronArguments.output_dir is empty: pass the run's folder, e.g. outputs/my-run.")
         self.output_dir = os.path.expanduser(self.output_dir)  # as model paths: `~/runs/x`, not `./~/runs/x`
         if self.seq_length < 2:
             raise ValueError(f"MinitronArguments.seq_length={self.seq_length} is invalid: use at least 2 tokens.")
@@ -76,6 +79,8 @@ SECTIONS = ("pruning", "distillation", "teacher_correction", "on_policy", "sft",
 
 
 ALIGNMENT_STAGES = ("sft", "dpo")
+# The sections whose stage runs only when present (the others always run: pruning and distillation are the method).
+_OPTIONAL_SECTIONS = ("on_policy", *ALIGNMENT_STAGES)
 
 
 def _build(cls, values: dict, where: str, **forced):
@@ -83,8 +88,8 @@ def _build(cls, values: dict, where: str, **forced):
         # e.g. `sft: 5` or `pruning: [1, 2]` in the YAML: a section is a mapping of field names to values.
         raise ValueError(
             f"The {where!r} section of the recipe is a {type(values).__name__} ({values!r}): it must be a mapping of "
-            f"{cls.__name__} fields (`{where}:` followed by indented `field: value` lines), empty for the defaults, "
-            "or null to skip the stage."
+            f"{cls.__name__} fields (`{where}:` followed by indented `field: value` lines)"
+            + (", empty for the defaults, or null to skip the stage." if where in _OPTIONAL_SECTIONS else ".")
         )
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - valid)
@@ -354,6 +359,17 @@ def build_pipeline_config(data: dict):
         if name in data and data[name] is not None
     ]
     return args, pruning, distillation, correction, after
+
+
+def check_prunes_something(pruning: PrunedConfig) -> None:
+    """Refuses a run whose `pruning` sets no target: the importance pass would run for minutes and the "student" be
+    the teacher itself."""
+    if not any(getattr(pruning, name) is not None for name in shape_fields()):
+        raise ValueError(
+            "The recipe's 'pruning' section sets no target, so the student would be the teacher itself: set at least "
+            f"one of {list(target_fields())} (e.g. `hidden_size: 456`), layers_to_drop or num_layers_by_type. To "
+            "distill into a model you already have, use `hf-minitron distill`."
+        )
 
 
 def parse_overrides(argv: list[str]) -> tuple[str, dict]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .local_files import check_local_files, named_decode_errors
+
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +268,11 @@ def _open_source(source: str, split: str, text_column: str, streaming: bool = Fa
         empty = [p for p in paths if os.path.getsize(p) == 0]
         if empty:
             raise ValueError(f"Data file(s) {empty} are empty: pass files that hold text.")
-        dataset = load_dataset(_LOCAL_FORMATS[suffixes.pop()], data_files=paths, split="train", streaming=streaming)
+        builder = _LOCAL_FORMATS[suffixes.pop()]
+        encoding = check_local_files(paths, builder, text_column, streaming)
+        # UTF-8 files keep the builder's defaults (and `datasets`' cache of them); others are read as their mark says.
+        options = {} if encoding is None else {"encoding": encoding}
+        dataset = load_dataset(builder, data_files=paths, split="train", streaming=streaming, **options)
     else:
         try:
             dataset = load_dataset(source, split=split, streaming=streaming)
@@ -277,7 +283,7 @@ def _open_source(source: str, split: str, text_column: str, streaming: bool = Fa
                 f"{EMBEDDED_CORPUS!r}, or a Hub dataset reachable from here (HF_DATASETS_OFFLINE unset)."
             ) from None
     # A stream of json files may not know its columns until the first row is read.
-    columns = dataset.column_names or list(next(iter(dataset), {}))
+    columns = dataset.column_names or list(next(named_decode_errors(source, dataset), {}))
     if text_column not in columns:
         raise ValueError(
             f"Column {text_column!r} not found in {source!r} (columns: {columns}): pass the column that holds the "
@@ -311,7 +317,7 @@ def stream_texts(source: str, text_column: str = "text", skip: int = 0) -> Itera
     """The non-empty documents of a large source read lazily (`datasets` streaming): nothing is downloaded or
     loaded up front, so a corpus far larger than memory (or disk) can be trained on."""
     dataset = _open_source(source, "train", text_column, streaming=True)
-    texts = (row[text_column] for row in dataset)
+    texts = named_decode_errors(source, (row[text_column] for row in dataset))
     return itertools.islice((t for t in texts if isinstance(t, str) and t.strip()), skip, None)
 
 

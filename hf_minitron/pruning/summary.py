@@ -2,13 +2,14 @@
 
 from torch import nn
 
-from ..architectures import get_architecture, get_decoder_layers, model_shape
+from ..architectures import BLOCK_TYPES, get_architecture, get_decoder_layers, model_shape
 from .structures import STRUCTURES
 from .structures.depth import layer_counts_by_type
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
-    """Parameters per axis: embeddings (+ untied LM head), attention, MLP, norms, and the unique total."""
+    """Parameters per axis: embeddings (+ untied LM head), attention (with a hybrid's Mamba or Gated DeltaNet
+    mixers), MLP, norms, and the unique total."""
     spec = get_architecture(model.config)
     counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0}
     seen = set()
@@ -22,9 +23,12 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
     add("embeddings", model.get_input_embeddings())
     if model.get_output_embeddings() is not None:
         add("embeddings", model.get_output_embeddings())
-    # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer, JetMoE's
-    # attention experts sit inside its attention module.
-    blocks = (("attention", "attention", spec.attention), ("mlp", "mlp", spec.mlp), ("mlp", "moe", spec.moe))
+    # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer (their sequence
+    # mixers count as attention), JetMoE's attention experts sit inside its attention module.
+    blocks = [
+        ("attention" if block.role == "mixer" else "mlp", block.name, getattr(spec, block.name))
+        for block in sorted(BLOCK_TYPES, key=lambda block: block.role != "mixer")
+    ]
     for layer in get_decoder_layers(model):
         for key, block, path in blocks:
             if path is not None and spec.has(layer, block) and hasattr(layer, path.split(".")[0]):

@@ -67,7 +67,7 @@ def test_home_relative_output_is_written_under_home(checkpoint, text_file, tmp_p
 def test_too_little_disk_fails_before_the_teacher_pass(tmp_path, monkeypatch):
     import shutil
 
-    import hf_minitron.distillation.teacher_cache as module
+    import hf_minitron.distillation.teacher_cache_writer as module
 
     teacher = tiny_model("llama")
     calls = []

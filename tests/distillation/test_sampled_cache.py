@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import VOCAB_SIZE, tiny_model, tiny_tokenizer
 from test_teacher_cache import _args, _cache, _dataset, _loss_and_grads, _snapshot, _student
 
-import hf_minitron.distillation.teacher_cache as teacher_cache
+import hf_minitron.distillation.teacher_cache_writer as teacher_cache_writer
 from hf_minitron import DistillationTrainer, load_teacher_cache
 from hf_minitron.cli import main as cli_main
 from hf_minitron.distillation.losses import KDLossOptions, fused_sampled_kd_loss_with_options, kd_loss, sampled_kd_loss
@@ -182,7 +182,7 @@ class _Killed(Exception):
 def test_interrupted_sampled_write_resumes_to_the_same_cache(tmp_path, monkeypatch):
     teacher, data = tiny_model("llama"), _dataset(n=10)
     reference = _cache(teacher, data, tmp_path / "reference", mode="sampled", num_samples=6)
-    real, written = teacher_cache._write_shard, []
+    real, written = teacher_cache_writer._write_shard, []
 
     def dies_at_the_third_shard(*args, **kwargs):
         if len(written) == 2:
@@ -190,12 +190,12 @@ def test_interrupted_sampled_write_resumes_to_the_same_cache(tmp_path, monkeypat
         written.append(args[2].name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(teacher_cache, "_write_shard", dies_at_the_third_shard)
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", dies_at_the_third_shard)
     with pytest.raises(_Killed):
         _cache(teacher, data, tmp_path / "cache", mode="sampled", num_samples=6)
     assert not (tmp_path / "cache").exists()
     written.clear()
-    monkeypatch.setattr(teacher_cache, "_write_shard", lambda *args, **kwargs: (written.append(args[2].name),
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", lambda *args, **kwargs: (written.append(args[2].name),
                         real(*args, **kwargs))[1])  # fmt: skip
     cache = _cache(teacher, data, tmp_path / "cache", mode="sampled", num_samples=6)
     assert written == ["shard-00002.arrow", "shard-00003.arrow"]

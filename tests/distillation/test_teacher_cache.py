@@ -14,7 +14,7 @@ from conftest import ROOT, TESTS, VOCAB_SIZE, random_samples, tiny_model, tiny_t
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM
 
-import hf_minitron.distillation.teacher_cache as teacher_cache
+import hf_minitron.distillation.teacher_cache_writer as teacher_cache_writer
 from hf_minitron import DistillationConfig, DistillationTrainer, cache_teacher, load_teacher_cache
 from hf_minitron.cli import main as cli_main
 from hf_minitron.distillation.trainer import DataCollatorForDistillation
@@ -225,7 +225,7 @@ class _Killed(Exception):
 def test_interrupted_write_resumes_with_the_finished_shards(tmp_path, monkeypatch):
     teacher, data = tiny_model("llama"), _dataset(n=10)
     reference = _cache(teacher, data, tmp_path / "reference")
-    real = teacher_cache._write_shard
+    real = teacher_cache_writer._write_shard
     written = []
 
     def dies_at_the_third_shard(*args, **kwargs):
@@ -234,7 +234,7 @@ def test_interrupted_write_resumes_with_the_finished_shards(tmp_path, monkeypatc
         written.append(args[2].name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(teacher_cache, "_write_shard", dies_at_the_third_shard)
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", dies_at_the_third_shard)
     with pytest.raises(_Killed):
         _cache(teacher, data, tmp_path / "cache")
     partial = tmp_path / ".cache.partial"
@@ -242,7 +242,7 @@ def test_interrupted_write_resumes_with_the_finished_shards(tmp_path, monkeypatc
     assert sorted(p.name for p in partial.glob("shard-*.json")) == ["shard-00000.json", "shard-00001.json"]
 
     written.clear()
-    monkeypatch.setattr(teacher_cache, "_write_shard", lambda *args, **kwargs: (written.append(args[2].name),
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", lambda *args, **kwargs: (written.append(args[2].name),
                         real(*args, **kwargs))[1])  # fmt: skip
     cache = _cache(teacher, data, tmp_path / "cache")
     assert written == ["shard-00002.arrow", "shard-00003.arrow"]  # only the missing shards were computed

@@ -12,6 +12,7 @@
 | expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
 | Mamba2 heads and head channels (hybrids) | `mamba_heads.py` | `mamba_num_heads`, `mamba_head_dim` |
+| Gated DeltaNet heads (Qwen3-Next, Qwen3.5) | `deltanet_heads.py` | `linear_num_value_heads`, `linear_num_key_heads` |
 
 Each module declares what the rest of the package derives from it (the contract is in `CONTRIBUTING.md`): its
 `PrunedConfig` fields with their docs and `--help` (`CONFIG_FIELDS`, `fields.py`; the targets among them are
@@ -34,6 +35,7 @@ statistics rows stay zero.
 from . import (
     attention_experts,
     attention_heads,
+    deltanet_heads,
     depth,
     expert_neurons,
     hidden_channels,
@@ -60,6 +62,7 @@ STRUCTURES = (
     expert_neurons,
     shared_expert_neurons,
     mamba_heads,
+    deltanet_heads,
 )
 
 # Order of the width structures when pruning: whole experts before the neurons of the kept experts; hidden channels
@@ -78,6 +81,7 @@ WIDTH_STRUCTURES = (
     # After attention heads and MLP neurons: their `sync_modules` set `num_heads` / `intermediate_size` on every
     # module that has one, the Mamba mixer included, and this one sets the mixer's back.
     mamba_heads,
+    deltanet_heads,
     hidden_channels,
 )
 
@@ -100,6 +104,7 @@ __all__ = [
     "WIDTH_STRUCTURES",
     "attention_experts",
     "attention_heads",
+    "deltanet_heads",
     "depth",
     "expert_neurons",
     "hidden_channels",

@@ -6,6 +6,8 @@
   group, so the grouped-query structure (query head j attends with KV head j // group_size) survives.
 * Slicing: the query rows (and the key/value rows of kept groups) of q/k/v or a fused qkv projection, the matching
   `o_proj` columns, and any per-head parameter (GPT-OSS attention sinks) or per-head norm (`qk_norm_over_heads`).
+  With an output gate (`attention_output_gate`: Qwen3-Next, Qwen3.5), a head's query rows are followed by its gate
+  rows, and both go with the head. The score is unchanged: `o_proj` reads the gated output.
 """
 
 import math
@@ -203,6 +205,11 @@ def group_scores(importance, batch_aggregation: str) -> torch.Tensor:
     return heads.view(heads.shape[0], groups, -1).norm(dim=-1)
 
 
+def _q_rows_per_head(spec, head_dim: int) -> int:
+    """Rows of the query projection per head: its query, and its output gate where the family has one."""
+    return 2 * head_dim if spec.attention_output_gate else head_dim
+
+
 def _q_weight(attn, spec, shape):
     if spec.qkv_proj:
         return getattr(attn, spec.qkv_proj).weight[: shape["num_attention_heads"] * shape["head_dim"]]
@@ -217,7 +224,8 @@ def magnitude(layer, spec, shape) -> torch.Tensor:
     head_dim, heads = shape["head_dim"], shape["num_attention_heads"]
     o = getattr(attn, spec.o_proj).weight.float()
     q = _q_weight(attn, spec, shape).float()
-    head_sq = q.pow(2).view(heads, head_dim, -1).sum(dim=(1, 2)) + o.pow(2).view(o.shape[0], heads, head_dim).sum(
+    q_rows = _q_rows_per_head(spec, head_dim)
+    head_sq = q.pow(2).view(heads, q_rows, -1).sum(dim=(1, 2)) + o.pow(2).view(o.shape[0], heads, head_dim).sum(
         dim=(0, 2)
     )
     return head_sq.sqrt()
@@ -308,10 +316,13 @@ def merge_pruned_heads(attn, spec, shape: dict, head_scores: torch.Tensor, kept_
         blocks = [(spec.q_proj, 0)] + ([(spec.k_proj, 0), (spec.v_proj, 0)] if mha else [])
     for name, offset in blocks:
         proj = getattr(attn, name)
+        # A gated query projection's rows per head are [query; gate]: the query rows merge, each head keeps its gate.
+        width = _q_rows_per_head(spec, head_dim) if name == spec.q_proj else head_dim
         for tensor in (proj.weight, proj.bias):
             if tensor is None:
                 continue
-            rows = tensor.data[offset * head_dim : (offset + heads) * head_dim].view(heads, head_dim, -1)
+            rows = tensor.data[offset * head_dim : offset * head_dim + heads * width].view(heads, width, -1)
+            rows = rows[:, :head_dim]
             for h_i, h_p in pairs:
                 rows[h_i] += rows[h_i] - rows[h_p]
 
@@ -325,7 +336,7 @@ def slice_heads(attn, spec, shape: dict, kept_heads, kept_groups) -> None:
         rows = torch.cat([q_rows, kv_rows + heads * head_dim, kv_rows + (heads + kv) * head_dim])
         slice_linear(getattr(attn, spec.qkv_proj), out_index=rows)
     else:
-        slice_linear(getattr(attn, spec.q_proj), out_index=q_rows)
+        slice_linear(getattr(attn, spec.q_proj), out_index=head_rows(kept_heads, _q_rows_per_head(spec, head_dim)))
         slice_linear(getattr(attn, spec.k_proj), out_index=kv_rows)
         slice_linear(getattr(attn, spec.v_proj), out_index=kv_rows)
     slice_linear(getattr(attn, spec.o_proj), in_index=q_rows)
@@ -381,11 +392,12 @@ def sync_modules(model, model_config, spec) -> None:
 
 # ---------------------------------------------------------------------------------------------- counting
 def count_roles(spec, layer) -> dict[str, tuple]:
-    """Module path inside a decoder layer -> symbols of its (output, input) axes: `q` query rows, `kv` key/value
-    rows, `qkv` a fused projection, `h` the hidden size."""
+    """Module path inside a decoder layer -> symbols of its (output, input) axes: `q` query rows, `qg` query and
+    output-gate rows, `kv` key/value rows, `qkv` a fused projection, `h` the hidden size."""
     attn = spec.attention
     roles = {}
-    for name, rows in ((spec.q_proj, "q"), (spec.k_proj, "kv"), (spec.v_proj, "kv"), (spec.qkv_proj, "qkv")):
+    q = "qg" if spec.attention_output_gate else "q"
+    for name, rows in ((spec.q_proj, q), (spec.k_proj, "kv"), (spec.v_proj, "kv"), (spec.qkv_proj, "qkv")):
         if name:
             roles[f"{attn}.{name}"] = (rows, "h")
     roles[f"{attn}.{spec.o_proj}"] = ("h", "q")
@@ -401,4 +413,4 @@ def count_sizes(shape: dict) -> dict[str, int]:
     head_dim = shape["head_dim"]
     q = shape["num_attention_heads"] * head_dim
     kv = shape["num_key_value_heads"] * head_dim
-    return {"heads": shape["num_attention_heads"], "q": q, "kv": kv, "qkv": q + 2 * kv}
+    return {"heads": shape["num_attention_heads"], "q": q, "qg": 2 * q, "kv": kv, "qkv": q + 2 * kv}

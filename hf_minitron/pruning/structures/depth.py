@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...architectures import ARCHITECTURES, get_architecture, get_base_model, get_decoder_layers
+from ...architectures import ARCHITECTURES, BLOCK_TYPES, get_architecture, get_base_model, get_decoder_layers
 from ...evaluation import lm_loss
 from ...runtime import dist_info
 from .fields import ConfigField, target_names
@@ -148,16 +148,14 @@ FIELDS = target_names(CONFIG_FIELDS)
 AXES = (SearchAxis("num_hidden_layers", "layers", "layers", depth=True),)
 # A hybrid's depth is searched as its layers of each block type instead, `num_<block>_layers` standing for
 # `PrunedConfig.num_layers_by_type[<block>]`: these come after every other axis in a candidate's name.
-BLOCK_TYPE_AXES = (
-    SearchAxis("num_mamba_layers", "mambalayers", "Mamba layers", depth=True, multiple=False),
-    SearchAxis("num_attention_layers", "attnlayers", "attention layers", depth=True, multiple=False),
-    SearchAxis("num_mlp_layers", "mlplayers", "MLP layers", depth=True, multiple=False),
-    SearchAxis("num_moe_layers", "moelayers", "MoE layers", depth=True, multiple=False),
+BLOCK_TYPE_AXES = tuple(
+    SearchAxis(f"num_{block.name}_layers", block.short, block.column, depth=True, multiple=False)
+    for block in BLOCK_TYPES
 )
 CARD_ROWS = {"num_hidden_layers": "Layers (depth)"}
 # A hybrid's layers of each block type (Minitron-SSM), as `PrunedConfig.num_layers_by_type` names the types: card rows
 # under the depth row.
-CARD_BLOCK_ROWS = {"mamba": "Mamba layers", "attention": "Attention layers", "mlp": "MLP layers", "moe": "MoE layers"}
+CARD_BLOCK_ROWS = {block.name: block.column[0].upper() + block.column[1:] for block in BLOCK_TYPES}
 SUMMARY = ("num_hidden_layers",)
 RECORD = ()  # the record's `kept_layers` and `dropped_layers`, written by `prune_model` itself
 

@@ -8,6 +8,7 @@
 
 import torch
 
+from ...architectures import BLOCK_TYPES
 from ...runtime import release_freed_memory
 from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
@@ -31,9 +32,10 @@ CARD_ROWS = {"hidden_size": "Hidden size (embedding)"}
 SUMMARY = FIELDS
 RECORD = ()  # the record's `hidden`: one list of kept channels for the whole model
 _FIELD = FIELDS[0]
-# The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba in a hybrid layer), then
-# the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays zero.
-SLOT_BLOCKS = (("attention", "mamba"), ("mlp", "moe"))
+# The blocks each statistic slot reads the input of: the sequence mixer (attention, or Mamba / Gated DeltaNet in a
+# hybrid layer), then the feed-forward block (MLP or MoE). A hybrid layer holds one of them: the other slot's row stays
+# zero.
+SLOT_BLOCKS = tuple(tuple(block.name for block in BLOCK_TYPES if block.role == role) for role in ("mixer", "ffn"))
 
 
 def present(spec) -> bool:
@@ -71,7 +73,7 @@ def hooks(collector, index: int, layer) -> list:
     handles = []
     sources = ((spec.attn_input_norm, spec.attention or spec.mamba), (spec.mlp_input_norm, spec.mlp or spec.moe))
     for slot, (norm, block) in enumerate(sources):
-        if not any(spec.has(layer, name) for name in SLOT_BLOCKS[slot]):
+        if not any(getattr(spec, name) is not None and spec.has(layer, name) for name in SLOT_BLOCKS[slot]):
             continue
         store = collector.store(KEY, index, slot)
 

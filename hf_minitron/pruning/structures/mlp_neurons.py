@@ -38,7 +38,9 @@ def present(spec) -> bool:
 
 
 def shape(model_config, spec) -> dict:
-    return {"intermediate_size": model_config.intermediate_size}
+    # A family whose feed-forward blocks are all experts may have no dense width (Qwen3.5-MoE's config).
+    width = getattr(model_config, _FIELD, None)
+    return {} if width is None else {_FIELD: width}
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:

@@ -22,7 +22,8 @@ HEAD_DIM = 8
 # test_latent_attention_heads.py); OLMoE derives head_dim from hidden / heads, so its heads are pruned only together
 # with the hidden size (tested in test_moe.py).
 HEAD_FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m not in ("jetmoe", "olmoe", "deepseek_v3")]
-HEAD_FAMILIES += ["nemotron_h"]
+HEAD_FAMILIES += ["nemotron_h", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
+GATED = ["qwen3_next", "qwen3_5_text"]  # q_proj rows [query; gate] per head
 
 
 def _prune(model, scores, **targets):
@@ -204,14 +205,55 @@ def test_prune_keeps_exactly_the_selected_rows_columns_norms_and_sinks(model_typ
             assert torch.equal(getattr(dst, name), getattr(src, name)[heads])
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3", "olmo2", "gpt_oss"])
+@pytest.mark.parametrize("model_type", GATED)
+def test_a_gated_heads_query_and_gate_rows_go_with_it_and_a_dead_one_is_removed(model_type):
+    model = tiny_model(model_type, num_key_value_heads=4)  # MHA: each head owns its value rows
+    spec = get_architecture(model.config)
+    attention = [i for i, layer in enumerate(get_decoder_layers(model)) if spec.has(layer, attention_heads.BLOCK)]
+    with torch.no_grad():
+        for i in attention:
+            get_decoder_layers(model)[i].self_attn.v_proj.weight[1 * HEAD_DIM : 3 * HEAD_DIM] = 0  # heads 1, 2 dead
+    original = copy.deepcopy(model)
+    before = logits(model)
+    stacked = _collect(model, attention_heads, _samples()).stacked(attention_heads.KEY, 4, 1, ("sum", "sumsq"), "cpu")
+    importance = ImportanceScores("activation", "mean", 4, 0, model_shape(model.config), heads=stacked)
+    record = _prune(model, importance, num_attention_heads=2, num_key_value_heads=2)
+    assert record.heads == {i: [0, 3] for i in attention}
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+    for i in attention:
+        src, dst = get_decoder_layers(original)[i].self_attn, get_decoder_layers(model)[i].self_attn
+        rows = torch.cat([torch.arange(h * 2 * HEAD_DIM, (h + 1) * 2 * HEAD_DIM) for h in (0, 3)])  # query, gate
+        assert torch.equal(dst.q_proj.weight, src.q_proj.weight[rows])
+        columns = torch.cat([torch.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in (0, 3)])
+        assert torch.equal(dst.o_proj.weight, src.o_proj.weight[:, columns])
+        assert torch.equal(dst.q_norm.weight, src.q_norm.weight)  # over head_dim: kept
+
+
+def test_the_head_merge_of_a_gated_query_projection_merges_the_query_rows_and_keeps_the_gates():
+    model = tiny_model("qwen3_5_text")
+    spec, shape = get_architecture(model.config), model_shape(model.config)
+    attn = get_decoder_layers(model)[1].self_attn
+    q = attn.q_proj.weight.detach().clone().view(4, 2, HEAD_DIM, -1)  # [head, query / gate, head_dim, hidden]
+    scores = torch.tensor([0.9, 0.1, 0.2, 0.8])  # groups (0, 1), (2, 3): keep 0 and 3, merge 1 into 0, 2 into 3
+    with torch.no_grad():
+        attention_heads.merge_pruned_heads(attn, spec, shape, scores, torch.tensor([0, 3]))
+    merged = attn.q_proj.weight.detach().view(4, 2, HEAD_DIM, -1)
+    torch.testing.assert_close(merged[0, 0], 2 * q[0, 0] - q[1, 0])
+    torch.testing.assert_close(merged[3, 0], 2 * q[3, 0] - q[2, 0])
+    assert torch.equal(merged[:, 1], q[:, 1]) and torch.equal(merged[[1, 2]], q[[1, 2]])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "olmo2", "gpt_oss", *GATED])
 def test_slicing_every_head_keeps_the_logits_exactly(model_type):
     model = tiny_model(model_type)
     spec, shape = get_architecture(model.config), model_shape(model.config)
     before = logits(model)
     with torch.no_grad():
         for layer in get_decoder_layers(model):
-            attention_heads.slice_heads(getattr(layer, spec.attention), spec, shape, torch.arange(4), torch.arange(2))
+            if spec.has(layer, attention_heads.BLOCK):
+                attention_heads.slice_heads(
+                    layer.get_submodule(spec.attention), spec, shape, torch.arange(4), torch.arange(2)
+                )
     assert torch.equal(logits(model), before)
 
 
@@ -266,5 +308,6 @@ def test_count_roles_name_every_head_facing_tensor_of_each_layout():
     olmo2 = attention_heads.count_roles(ARCHITECTURES["olmo2"], None)
     assert olmo2["self_attn.q_norm"] == ("q",) and olmo2["self_attn.k_norm"] == ("kv",)
     assert attention_heads.count_roles(ARCHITECTURES["gpt_oss"], None)["self_attn.sinks"] == ("heads",)
+    assert attention_heads.count_roles(ARCHITECTURES["qwen3_next"], None)["self_attn.q_proj"] == ("qg", "h")
     shape = {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16}
-    assert attention_heads.count_sizes(shape) == {"heads": 6, "q": 96, "kv": 32, "qkv": 160}
+    assert attention_heads.count_sizes(shape) == {"heads": 6, "q": 96, "qg": 192, "kv": 32, "qkv": 160}

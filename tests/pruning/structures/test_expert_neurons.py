@@ -30,7 +30,7 @@ NEMOTRON_H_MOE = dict(
     moe_intermediate_size=24,
     moe_shared_expert_intermediate_size=40,
 )
-FAMILIES = MOE_ARCHITECTURE_NAMES + ["nemotron_h"]
+FAMILIES = MOE_ARCHITECTURE_NAMES + ["nemotron_h", "qwen3_next", "qwen3_5_moe_text"]
 LAYOUTS = ["mixtral", "gpt_oss", "jetmoe", "nemotron_h"]  # concatenated, interleaved + biases, ScatterMoE, ungated
 WIDTH = 24
 

@@ -31,7 +31,11 @@ def _collect(model, batch, how: str = "mean"):
 
 HIDDEN = 32
 # OLMoE derives head_dim from hidden / heads: its hidden size is pruned only together with its heads (test_moe.py).
-FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m != "olmoe"] + ["nemotron_h"]
+FAMILIES = (
+    ARCHITECTURE_NAMES
+    + [m for m in MOE_ARCHITECTURE_NAMES if m != "olmoe"]
+    + ["nemotron_h", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
+)
 
 
 def _random_scores(model, seed: int = 1):

@@ -29,7 +29,7 @@ NEMOTRON_H_MOE = dict(
     moe_intermediate_size=24,
     moe_shared_expert_intermediate_size=40,
 )
-FAMILIES = MOE_ARCHITECTURE_NAMES + ["nemotron_h"]
+FAMILIES = MOE_ARCHITECTURE_NAMES + ["nemotron_h", "qwen3_next", "qwen3_5_moe_text"]
 TRANSFORMERS_LAYOUT = [m for m in FAMILIES if m != "jetmoe"]
 WIDTH = 24
 
