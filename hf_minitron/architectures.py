@@ -96,6 +96,11 @@ class ArchitectureSpec:
             The config fields holding the routed-expert count, each routed expert's FFN width and the shared
             expert's width (Mixtral: `num_local_experts` and `intermediate_size`; Qwen-MoE: `num_experts` and
             `moe_intermediate_size`). `PrunedConfig` names them the same for every family.
+        shared_expert_count_field (`str`, *optional*):
+            A config field by which the modeling code multiplies the routed experts' width to get the shared expert's
+            (DeepSeek-V3's `n_shared_experts`: one MLP of `n_shared_experts x moe_intermediate_size`), which then has
+            no width field of its own: a pruned shared width must be a multiple of the pruned expert width, and the
+            count is rewritten.
         mamba (`str`, *optional*):
             A Mamba2 mixer inside a decoder layer (`in_proj` with output rows `[z, x, B, C, dt]`, a depthwise
             `conv1d` over `[x, B, C]`, per-head `A_log` / `D` / `dt_bias`, a gated group norm `norm` and `out_proj`).
@@ -157,6 +162,17 @@ class ArchitectureSpec:
         kv_proj (`str`):
             The shared key/value projection of a mixture of attention experts: output rows `[k (kv_heads x
             head_dim), v (kv_heads x head_dim)]`.
+        kv_b_proj (`str`, *optional*):
+            Multi-head latent attention (DeepSeek-V2/V3's MLA) when set: the up-projection of the key/value latent,
+            output rows `[heads, qk_nope_head_dim + v_head_dim]`. Its heads are `latent_attention_heads.py`'s.
+        q_a_proj, q_b_proj, kv_a_proj (`str`):
+            MLA's query down- and up-projections (`q_b_proj` rows `[heads, qk_nope_head_dim + qk_rope_head_dim]`;
+            `q_proj` instead when the config's `q_lora_rank` is `None`) and the key/value down-projection, whose
+            output is the latent and the one rotary key shared by every head (`[kv_lora_rank + qk_rope_head_dim]`).
+        dense_layers_field (`str`, *optional*):
+            The config field counting the leading decoder layers whose feed-forward block is a dense MLP, the later
+            ones holding the MoE block at the same path (DeepSeek-V3's `first_k_dense_replace`): their block type
+            ("mlp" or "moe") is read from the module, and depth pruning rewrites the count.
         attention_output_gate (`bool`):
             The query projection also produces a per-head output gate (Qwen3-Next and Qwen3.5's gated attention):
             its rows are `[query (head_dim), gate (head_dim)]` for each head in turn, and `o_proj` reads the
@@ -221,6 +237,7 @@ class ArchitectureSpec:
     num_experts_field: str = "num_experts"
     expert_width_field: str = "moe_intermediate_size"
     shared_expert_width_field: str = "shared_expert_intermediate_size"
+    shared_expert_count_field: str | None = None
     mamba: str | None = None
     mamba_num_heads_field: str = "mamba_num_heads"
     mamba_head_dim_field: str = "mamba_head_dim"
@@ -240,6 +257,11 @@ class ArchitectureSpec:
     attention_experts: str | None = None
     attention_expert_layout: ParallelExperts = ParallelExperts(gated=False)
     kv_proj: str = "kv_proj"
+    kv_b_proj: str | None = None
+    q_a_proj: str = "q_a_proj"
+    q_b_proj: str = "q_b_proj"
+    kv_a_proj: str = "kv_a_proj_with_mqa"
+    dense_layers_field: str | None = None
     attention_output_gate: bool = False
     deltanet: str | None = None
     deltanet_fused: bool = False
@@ -254,18 +276,37 @@ class ArchitectureSpec:
         """Whether decoder `layer` holds `block` (`"attention"`, `"mlp"`, `"moe"`, `"mamba"`; `None`: the layer
         itself). In a family whose layers are alike, every layer holds all of the family's blocks; in a hybrid, a
         layer holds the block its block type names, and every block that `block_types` does not name."""
+        if self.dense_layers_field is not None and block in ("mlp", "moe"):
+            return self.block_type_of(layer) == block
         kinds = dict(self.block_types)
         if block is None or block not in kinds:
             return True
         return self.block_type_of(layer) in (kinds[block], None)
 
-    def block_type_of(self, layer) -> str | None:
-        """The block type of decoder `layer` (a `block_types_field` entry); `None` when the layers are alike."""
+    def block_type_of(self, layer):
+        """The block type of decoder `layer` in a family whose layers differ (`None` when they are alike): a hybrid's
+        `block_type_attribute` (a `block_types_field` entry; Llama 4's `is_moe_layer`), with `dense_layers_field`
+        whether the feed-forward block holds routed experts, else the block module the layer holds (LFM2)."""
         if self.block_type_attribute is not None:
             return getattr(layer, self.block_type_attribute)
+        if self.dense_layers_field is not None:
+            return "moe" if hasattr(layer.get_submodule(self.moe), self.experts) else "mlp"
         for block, kind in self.block_types:  # told by the block module the layer holds
             if getattr(layer, getattr(self, block), None) is not None:
                 return kind
+        return None
+
+    def layer_block_types(self, config) -> list | None:
+        """Each layer's block type from `config` alone, as `block_type_of` reads it from a model (`None` when the
+        layers are alike)."""
+        if self.moe_layers_field is not None:
+            moe = set(getattr(config, self.moe_layers_field))
+            return [i in moe for i in range(config.num_hidden_layers)]
+        if self.block_types_field is not None:
+            return list(getattr(config, self.block_types_field))
+        if self.dense_layers_field is not None:
+            dense = min(getattr(config, self.dense_layers_field) or 0, config.num_hidden_layers)
+            return ["mlp"] * dense + ["moe"] * (config.num_hidden_layers - dense)
         return None
 
 
@@ -488,6 +529,32 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         notes="top-1 sigmoid router whose score scales the experts' input; a shared expert as wide as the routed "
         "ones (one intermediate_size: pruned to the same width); MoE and dense layers interleaved (moe_layers), the "
         "dense MLPs' width intermediate_size_mlp; no-RoPE layers, weightless q/k norm, chunked attention",
+    ),
+    # DeepSeek-V3: multi-head latent attention, then a dense MLP in the first `first_k_dense_replace` layers and an
+    # MoE block (grouped sigmoid router, one shared MLP) at the same path in the others.
+    "deepseek_v3": ArchitectureSpec(
+        k_proj=None,
+        v_proj=None,
+        kv_b_proj="kv_b_proj",
+        moe="mlp",
+        shared_expert="shared_experts",
+        num_experts_field="n_routed_experts",
+        shared_expert_count_field="n_shared_experts",
+        dense_layers_field="first_k_dense_replace",
+        notes="MLA heads (q_b_proj / kv_b_proj rows, o_proj columns) and latent ranks; dense MLP layers then MoE layers "
+        "(first_k_dense_replace); sigmoid router with e_score_correction_bias and grouped top-k (experts kept per "
+        "group); the shared MLP is n_shared_experts x moe_intermediate_size wide",
+    ),
+    # GLM-4.5 (GLM-4-MoE): DeepSeek-V3's MoE side with grouped-query attention.
+    "glm4_moe": ArchitectureSpec(
+        moe="mlp",
+        shared_expert="shared_experts",
+        num_experts_field="n_routed_experts",
+        shared_expert_count_field="n_shared_experts",
+        dense_layers_field="first_k_dense_replace",
+        notes="dense MLP layers then MoE layers (first_k_dense_replace); sigmoid router with e_score_correction_bias "
+        "and grouped top-k; the shared MLP is n_shared_experts x moe_intermediate_size wide; q/k/v biases, optional "
+        "q/k norms over head_dim, partial rotary",
     ),
     # Hybrid Mamba2-attention families: each decoder layer holds ONE block (its `mixer`) after one pre-norm.
     "nemotron_h": ArchitectureSpec(

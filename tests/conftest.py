@@ -33,6 +33,7 @@ ARCHITECTURE_NAMES += [
 ]
 MOE_ARCHITECTURE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "jetmoe"]
 MOE_ARCHITECTURE_NAMES += ["minimax_m2", "llama4_text"]
+MOE_ARCHITECTURE_NAMES += ["deepseek_v3", "glm4_moe"]
 VOCAB_SIZE = 96
 # Tiny MoE shapes: 4 routed experts of width 24, 2 per token (each family names its fields its own way).
 MOE_OVERRIDES = {
@@ -61,6 +62,38 @@ MOE_OVERRIDES = {
         intermediate_size=24,
         intermediate_size_mlp=40,
         attention_chunk_size=8,
+    ),
+    # DeepSeek-V3: a dense first layer (MLP 64) then MoE layers; 4 experts behind the sigmoid router in one group (its
+    # grouped routing is tested with 8 in test_deepseek_v3.py), a shared MLP of 2 x 24; multi-head latent attention
+    # with 4 heads (each its own KV head), latents of 16 and 12.
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        head_dim=4,  # the config's head_dim is the rotary part (qk_rope_head_dim): the rotary embedding reads it
+        v_head_dim=8,
+    ),
+    # GLM-4.5: DeepSeek-V3's MoE layout (dense first layer, grouped sigmoid router, shared MLP of 2 x 24) with
+    # grouped-query attention, q/k/v biases and q/k norms.
+    "glm4_moe": dict(
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        use_qk_norm=True,
     ),
 }
 

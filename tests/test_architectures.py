@@ -49,9 +49,11 @@ def test_count_parameters_is_exact_for_every_family(model_type):
     source = copy.deepcopy(model.config)
     assert count_parameters(source) == sum(p.numel() for p in model.parameters())
     hidden = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1} if model_type == "olmoe" else {}
-    target = {"num_hidden_layers": 3, "hidden_size": 24, **hidden}
+    # Dense then MoE layers (DeepSeek-V3): which layers go decides the count, so the depth target names them.
+    depth = {"layers_to_drop": [1]} if ARCHITECTURES[model_type].dense_layers_field else {"num_hidden_layers": 3}
+    target = {**depth, "hidden_size": 24, **hidden}
     target.update({"num_experts": 3} if model_type in MOE_ARCHITECTURE_NAMES else {"intermediate_size": 40})
-    config = PrunedConfig(**target, depth_method="block_influence")
+    config = PrunedConfig(**target, depth_method="explicit" if "layers_to_drop" in depth else "block_influence")
     prune_model(model, config, scores=random_importance(model.config), calibration_data=random_samples(2))
     assert count_parameters(source, config) == sum(p.numel() for p in model.parameters())
 

@@ -73,7 +73,8 @@ def searched_axes(model_config) -> tuple[SearchAxis, ...]:
     and its depth per block type."""
     blocks = layer_counts_by_type(model_config)
     spec = get_architecture(model_config)
-    typed = dict(spec.block_types)  # a block no block type names is in every layer (Llama 4's attention)
+    # A block no block type names is in every layer (Llama 4's or DeepSeek-V3's attention).
+    typed = dict(spec.block_types) | ({"mlp": "mlp", "moe": "moe"} if spec.dense_layers_field else {})
     structures = [s for s in structures_of(spec) if blocks is None or s.BLOCK not in typed or s.BLOCK in blocks]
     names = {axis.name for structure in (depth, *structures) for axis in structure.AXES}
     names |= {axis.name for axis in depth.BLOCK_TYPE_AXES}

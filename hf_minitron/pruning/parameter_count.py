@@ -164,38 +164,23 @@ def _block_types(
 ) -> list[str] | None:
     """The block type of each layer that remains (`None` for a family whose layers are alike); with
     `num_layers_by_type`, as many of each type (`PrunedConfig.num_layers_by_type`), which is all a count needs."""
-    if spec.block_types_field is None and spec.moe_layers_field is None:
+    source_kinds = spec.layer_block_types(model_config)
+    if source_kinds is None:
         return None
     if num_layers_by_type is not None and layers_to_drop is None:
         from .structures.depth import kept_block_types
 
         return kept_block_types(model_config, num_layers_by_type)
-    if spec.moe_layers_field is not None:
-        return _moe_layer_kinds(model_config, spec, num_layers, layers_to_drop)
     drop = set(layers_to_drop or ())
-    kinds = [kind for i, kind in enumerate(getattr(model_config, spec.block_types_field)) if i not in drop]
+    kinds = [kind for i, kind in enumerate(source_kinds) if i not in drop]
     if len(kinds) != num_layers:
+        if len(set(source_kinds)) == 1:  # every layer alike: which ones depth pruning drops does not matter
+            return source_kinds[:1] * num_layers
+        field = spec.block_types_field or spec.moe_layers_field or spec.dense_layers_field
         raise ValueError(
             f"count_parameters cannot count num_hidden_layers={num_layers} of model_type={model_config.model_type!r} "
-            f"from the config alone: its layers differ by block type ({spec.block_types_field}), and which ones depth "
-            "pruning drops is chosen from the importance scores. Count with PrunedConfig(layers_to_drop=[...]) (e.g. "
-            "the pruning record's dropped_layers) or PrunedConfig(num_layers_by_type={...}) (layers of each type)."
-        )
-    return kinds
-
-
-def _moe_layer_kinds(model_config, spec: ArchitectureSpec, num_layers: int, layers_to_drop) -> list[bool]:
-    """Whether each remaining layer holds the MoE block (Llama 4's `moe_layers`), as its `is_moe_layer` says."""
-    moe = set(getattr(model_config, spec.moe_layers_field))
-    drop = set(layers_to_drop or ())
-    kinds = [i in moe for i in range(model_config.num_hidden_layers) if i not in drop]
-    if len(kinds) != num_layers:
-        if len(set(kinds)) == 1:  # every layer alike: which ones depth pruning drops does not matter
-            return kinds[:1] * num_layers
-        raise ValueError(
-            f"count_parameters cannot count num_hidden_layers={num_layers} of model_type={model_config.model_type!r} "
-            f"from the config alone: its MoE layers ({spec.moe_layers_field}) and dense layers differ in size, and "
-            "which ones depth pruning drops is chosen from the importance scores. Count with "
+            f"from the config alone: its layers differ by block type ({field}: e.g. MoE and dense layers differ in "
+            "size), and which ones depth pruning drops is chosen from the importance scores. Count with "
             "PrunedConfig(layers_to_drop=[...]) (e.g. the pruning record's dropped_layers) or "
             "PrunedConfig(num_layers_by_type={...}) (layers of each type)."
         )

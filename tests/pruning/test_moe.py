@@ -50,6 +50,15 @@ def _axes(moe_type):
     if moe_type == "llama4_text":  # one config field sizes its shared and routed experts: both are given
         axes["expert_width"]["shared_expert_intermediate_size"] = 16
         axes["all"]["shared_expert_intermediate_size"] = 16
+    if moe_type in ("deepseek_v3", "glm4_moe"):
+        # Their first layer is a dense MLP: which layers go decides the parameter count, so depth names them. Their
+        # shared MLP is n_shared_experts x the expert width (2 x 24): 24 keeps one, 32 is 2 x the pruned 16.
+        axes["depth"] = {"layers_to_drop": [0, 2], "depth_method": "explicit"}
+        axes["all"] = {"num_experts": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32}
+        axes["all"] |= {"intermediate_size": 48, "num_attention_heads": 2, "layers_to_drop": [1], **hidden}
+        axes["all"]["depth_method"] = "explicit"
+        axes["shared_expert"] = {"shared_expert_intermediate_size": 24}
+        axes["dense_mlp"] = {"intermediate_size": 48}
     return axes
 
 
@@ -80,7 +89,8 @@ def test_prune_axis_reloads_with_stock_transformers_and_generates(moe_type, axis
     record = model.pruning_record
     if "num_experts" in config.to_dict() and config.num_experts:
         assert all(len(kept) == config.num_experts for kept in record.experts.values())
-        assert len(record.experts) == model.config.num_hidden_layers
+        moe_layers = [layer for layer in get_decoder_layers(model) if get_architecture(source).has(layer, "moe")]
+        assert len(record.experts) == len(moe_layers)
     if config.moe_intermediate_size:
         for per_expert in record.expert_neurons.values():
             assert all(len(kept) == config.moe_intermediate_size for kept in per_expert)

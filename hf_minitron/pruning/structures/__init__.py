@@ -7,6 +7,7 @@
 | MLP neurons | `mlp_neurons.py` | `intermediate_size` |
 | attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
 | attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | those, and `num_experts` |
+| MLA heads and latent ranks | `latent_attention_heads.py` | `num_attention_heads`, `q_lora_rank`, `kv_lora_rank` |
 | routed experts (MoE) | `routed_experts.py` | `num_experts` |
 | expert neurons (MoE expert width) | `expert_neurons.py` | `moe_intermediate_size` |
 | shared-expert neurons (MoE) | `shared_expert_neurons.py` | `shared_expert_intermediate_size` |
@@ -39,6 +40,7 @@ from . import (
     depth,
     expert_neurons,
     hidden_channels,
+    latent_attention_heads,
     mamba_heads,
     mlp_neurons,
     routed_experts,
@@ -55,6 +57,8 @@ STRUCTURES = (
     hidden_channels,
     mlp_neurons,
     attention_heads,
+    # Before attention_experts, whose FIELDS name routed_experts' expert count: the latent ranks come with the heads.
+    latent_attention_heads,
     attention_experts,
     routed_experts,
     expert_neurons,
@@ -72,6 +76,7 @@ STRUCTURES = (
 WIDTH_STRUCTURES = (
     attention_heads,
     attention_experts,
+    latent_attention_heads,
     mlp_neurons,
     shared_expert_neurons,
     routed_experts,
@@ -94,8 +99,10 @@ def structures_of(spec) -> tuple:
 
 def in_layer(spec, layer, structure) -> bool:
     """Whether decoder `layer` holds the block `structure` prunes: always in a family whose layers are alike; in a
-    hybrid, when the layer's block type is the structure's `BLOCK`."""
-    return not spec.block_types or spec.has(layer, structure.BLOCK)  # no BLOCK needed otherwise
+    hybrid (or a family of dense then MoE layers), when the layer's block type is the structure's `BLOCK`."""
+    if not spec.block_types and spec.dense_layers_field is None:
+        return True  # no BLOCK needed
+    return spec.has(layer, structure.BLOCK)
 
 
 __all__ = [
@@ -108,6 +115,7 @@ __all__ = [
     "expert_neurons",
     "hidden_channels",
     "in_layer",
+    "latent_attention_heads",
     "mamba_heads",
     "mlp_neurons",
     "routed_experts",

@@ -59,7 +59,8 @@ RECORD = ("heads", "kv_heads")
 
 
 def present(spec) -> bool:
-    return spec.attention is not None and spec.attention_experts is None  # else: `attention_experts.py`
+    # Else: `attention_experts.py` (JetMoE), `latent_attention_heads.py` (MLA).
+    return spec.attention is not None and spec.attention_experts is None and spec.kv_b_proj is None
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -70,7 +71,10 @@ def prepare_config(config) -> None:
 
 
 def shape(model_config, spec) -> dict:
-    """Query and KV heads and the head dimension (kept: it sizes the rotary embedding)."""
+    """Query and KV heads and the head dimension (kept: it sizes the rotary embedding); `{}` for multi-head latent
+    attention, whose heads and sizes are `latent_attention_heads`'."""
+    if spec is not None and spec.kv_b_proj is not None:
+        return {}
     heads = model_config.num_attention_heads
     return {
         "num_attention_heads": heads,
@@ -93,6 +97,8 @@ def check_target(config, model_config=None, shape: dict | None = None) -> None:
                 f"PrunedConfig.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}: every KV "
                 "group must keep the same number of query heads. Pick a multiple."
             )
+        return
+    if "num_key_value_heads" not in shape:  # no KV groups: a family without these heads (MLA's own check them)
         return
     heads = heads or shape["num_attention_heads"]
     kv = kv or shape["num_key_value_heads"]

@@ -671,12 +671,7 @@ def layer_block_types(model_config) -> list | None:
     """Each layer's block type as its `block_type_attribute` reads (a hybrid's `layers_block_type` entries; Llama 4's
     `is_moe_layer`, from `moe_layers`), or `None` for a family whose layers are alike."""
     spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
-    if spec is not None and spec.moe_layers_field is not None:
-        moe = set(getattr(model_config, spec.moe_layers_field))
-        return [i in moe for i in range(model_config.num_hidden_layers)]
-    if spec is None or spec.block_types_field is None:
-        return None
-    return list(getattr(model_config, spec.block_types_field))
+    return None if spec is None else spec.layer_block_types(model_config)
 
 
 def layer_counts_by_type(model_config) -> dict[str, int] | None:
@@ -701,6 +696,7 @@ def resolve_layers_by_type(model_config, num_layers_by_type: dict) -> dict[str, 
             "num_hidden_layers instead."
         )
     block_of = {kind: block for block, kind in spec.block_types} | {block: block for block, _ in spec.block_types}
+    block_of |= {block: block for block in source}  # DeepSeek-V3's dense and MoE layers have no config names
     have = ", ".join(f"{block!r} ({count})" for block, count in source.items())
     targets = {}
     for key, value in num_layers_by_type.items():
@@ -789,6 +785,10 @@ def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
         value = values.get(key)
         if isinstance(value, (list, tuple)):
             sliced[key] = type(value)(renumber[i] for i in value if i in renumber)
+    if spec is not None and spec.dense_layers_field is not None:
+        # The dense layers stay the leading ones, whichever layers are dropped: the field counts those kept.
+        dense = values.get(spec.dense_layers_field) or 0
+        sliced[spec.dense_layers_field] = sum(i < dense for i in kept)
     return sliced
 
 

@@ -2,6 +2,10 @@
 MLP-neuron structure of `mlp_neurons.py` at another path, with its own config field
 (`shared_expert_intermediate_size`; Nemotron-H's `moe_shared_expert_intermediate_size`).
 
+DeepSeek-V3's shared expert is one MLP of `n_shared_experts x moe_intermediate_size` (`shared_expert_count_field`),
+with no width field of its own: its pruned width must be a multiple of the pruned expert width, and `n_shared_experts`
+is rewritten to their ratio (exactly what the modeling code multiplies back at load).
+
 Qwen2-MoE's shared expert has a gate (`shared_expert_gate`, `Linear(hidden, 1)`), which reads the hidden size only:
 hidden pruning slices its columns. Nemotron-H's has none (`shared_expert_gate=None`). Granite 4's sits beside the MoE block, in the decoder layer
 (`shared_expert_in_layer`).
@@ -22,7 +26,8 @@ SCORE_KEYS = (KEY,)
 CONFIG_FIELDS = (
     ConfigField(
         "shared_expert_intermediate_size",
-        doc="MoE: target width of the shared expert (Qwen2-MoE).",
+        doc="MoE: target width of the shared expert (Qwen2-MoE; DeepSeek-V3 and GLM-4.5: a multiple of the expert "
+        "width, which sets n_shared_experts).",
         help="MoE: target width of the shared expert.",
     ),
 )
@@ -39,13 +44,23 @@ def present(spec) -> bool:
     return spec.moe is not None and spec.shared_expert is not None
 
 
+def width(model_config, spec) -> int:
+    """The shared expert's width in `model_config`: its own field, or the expert width times the shared count."""
+    if spec.shared_expert_count_field is not None:
+        return getattr(model_config, spec.shared_expert_count_field) * getattr(model_config, spec.expert_width_field)
+    return getattr(model_config, spec.shared_expert_width_field)
+
+
 def shape(model_config, spec) -> dict:
     if spec is None or spec.moe is None or spec.shared_expert is None:
         return {}
-    return {"shared_expert_intermediate_size": getattr(model_config, spec.shared_expert_width_field)}
+    return {"shared_expert_intermediate_size": width(model_config, spec)}
 
 
 def check_applies(config, model_config, shape: dict, spec) -> None:
+    """Refuses a shared expert on a model without one, a shared width other than the experts' where one config field
+    sizes both (Llama 4), and a shared width that is no multiple of the expert width where the config ties them
+    (`shared_expert_count_field`, DeepSeek-V3)."""
     check_moe_target(config, _FIELD, "a shared expert", model_config, shape, spec)
     if spec is not None and spec.shared_expert_width_field == spec.expert_width_field and _FIELD in shape:
         # One config field sizes both (Llama 4's intermediate_size): the reload builds them alike.
@@ -62,6 +77,19 @@ def check_applies(config, model_config, shape: dict, spec) -> None:
                 f"sizes its shared expert and its routed experts with one config field ({spec.expert_width_field}), so "
                 f"both are pruned to one width. Set {other}={value} too (or leave both None)."
             )
+    if spec is None or spec.shared_expert_count_field is None or _FIELD not in shape:
+        return
+    shared = getattr(config, _FIELD) or shape[_FIELD]
+    expert = config.moe_intermediate_size or shape["moe_intermediate_size"]
+    if shared % expert:
+        count = getattr(model_config, spec.shared_expert_count_field)
+        valid = [expert * k for k in range(1, shape[_FIELD] // expert + 1)]
+        raise ValueError(
+            f"PrunedConfig.{_FIELD}={shared} is not a multiple of the expert width moe_intermediate_size={expert}: "
+            f"model_type={model_config.model_type!r} builds its shared expert {spec.shared_expert_count_field} x "
+            f"moe_intermediate_size wide. Set {_FIELD} to one of {valid} (e.g. {expert * count}, keeping "
+            f"{spec.shared_expert_count_field}={count})."
+        )
 
 
 def check_target(config, model_config=None, shape: dict | None = None) -> None:
@@ -134,16 +162,20 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    setattr(model_config, spec.shared_expert_width_field, target[_FIELD])
+    if spec.shared_expert_count_field is not None:
+        # `check_applies` keeps the shared width a multiple of the expert width.
+        setattr(model_config, spec.shared_expert_count_field, target[_FIELD] // target["moe_intermediate_size"])
+    else:
+        setattr(model_config, spec.shared_expert_width_field, target[_FIELD])
 
 
 def sync_modules(model, model_config, spec) -> None:
     from ...architectures import get_decoder_layers
 
-    width = getattr(model_config, spec.shared_expert_width_field)
+    shared = width(model_config, spec)
     for layer in get_decoder_layers(model):
         if spec.has(layer, BLOCK):
-            layer.get_submodule(_path(spec)).intermediate_size = width
+            layer.get_submodule(_path(spec)).intermediate_size = shared
 
 
 def count_roles(spec, layer) -> dict[str, tuple]:

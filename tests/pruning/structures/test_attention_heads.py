@@ -18,9 +18,10 @@ from hf_minitron.pruning.structures import attention_heads, structures_of
 
 
 HEAD_DIM = 8
-# Every family with query heads of its own (JetMoE's belong to its attention experts); OLMoE derives head_dim from
-# hidden / heads, so its heads are pruned only together with the hidden size (tested in test_moe.py).
-HEAD_FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m not in ("jetmoe", "olmoe")]
+# Every family with grouped-query heads (JetMoE's belong to its attention experts, DeepSeek-V3's are MLA's:
+# test_latent_attention_heads.py); OLMoE derives head_dim from hidden / heads, so its heads are pruned only together
+# with the hidden size (tested in test_moe.py).
+HEAD_FAMILIES = ARCHITECTURE_NAMES + [m for m in MOE_ARCHITECTURE_NAMES if m not in ("jetmoe", "olmoe", "deepseek_v3")]
 HEAD_FAMILIES += ["nemotron_h", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
 GATED = ["qwen3_next", "qwen3_5_text"]  # q_proj rows [query; gate] per head
 
@@ -62,9 +63,8 @@ def _tensor(layer, path: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- which families
 def test_present_exactly_for_families_with_their_own_query_heads():
-    assert {name for name, spec in ARCHITECTURES.items() if attention_heads.present(spec)} == set(ARCHITECTURES) - {
-        "jetmoe"
-    }
+    present = {name for name, spec in ARCHITECTURES.items() if attention_heads.present(spec)}
+    assert present == set(ARCHITECTURES) - {"jetmoe", "deepseek_v3"}  # attention experts; latent attention heads
     assert attention_heads in structures_of(ARCHITECTURES["llama"])
     assert attention_heads not in structures_of(ARCHITECTURES["jetmoe"])
 

@@ -235,10 +235,12 @@ def test_search_axes_cover_every_structure_the_family_has(family):
     config = tiny_config(model_type, **overrides)
     spec = ARCHITECTURES[model_type]
     names = {axis.name for axis in searched_axes(config)}
-    hybrid = depth.block_names(config) is not None  # Llama 4's MoE / dense layers too
+    hybrid = depth.block_names(config) is not None  # Llama 4's MoE / dense layers, DeepSeek-V3's dense then MoE
     blocks = set(depth.block_names(config) or ())
+    # A block no block type names is in every layer (attention, and Llama 4's or DeepSeek-V3's).
+    typed = dict(spec.block_types) | ({"mlp": "mlp", "moe": "moe"} if spec.dense_layers_field else {})
     for structure in structures_of(spec):
-        if hybrid and structure.BLOCK in dict(spec.block_types) and structure.BLOCK not in blocks:
+        if hybrid and structure.BLOCK in typed and structure.BLOCK not in blocks:
             continue  # a hybrid searches the structures of the block types its layers name
         assert set(structure.FIELDS) <= names | (set(depth.FIELDS) if hybrid else set()), structure.__name__
     if hybrid:

@@ -76,9 +76,10 @@ def _random_scores(model, seed: int = 1):
 # ---------------------------------------------------------------------------------------------- which families
 def test_present_exactly_for_families_with_a_shared_expert():
     # Granite 4's shared MLP (beside the MoE block, a fused input_linear) is tested in test_granite4_lfm2.py; Llama 4's
-    # shared expert takes the routed experts' width: pruned with them in test_llama4_minimax.py.
+    # shared expert takes the routed experts' width: pruned with them in test_llama4_minimax.py; DeepSeek-V3's and
+    # GLM-4.5's shared MLP, n_shared_experts x the expert width: test_deepseek_v3.py, test_moe.py.
     present = {name for name, spec in ARCHITECTURES.items() if shared_expert_neurons.present(spec)}
-    assert present == {*FAMILIES, "granitemoehybrid", "llama4_text"}
+    assert present == {*FAMILIES, "granitemoehybrid", "llama4_text", "deepseek_v3", "glm4_moe"}
 
 
 # ---------------------------------------------------------------------------------------------- scores

@@ -1,0 +1,171 @@
+"""`structures/latent_attention_heads.py`: the heads and the latents' ranks of DeepSeek-V3's multi-head latent
+attention, pruned with activation, magnitude and random importance (with and without a query latent), reloaded with
+stock transformers and counted exactly; a silenced head or latent channel is the one removed; the targets MLA cannot
+take are refused before any work."""
+
+import copy
+
+import pytest
+import torch
+from conftest import logits, n_params, random_samples, tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_minitron import PrunedConfig, count_parameters, prune_model
+from hf_minitron.architectures import get_architecture, get_decoder_layers, model_shape
+from hf_minitron.pruning.structures import attention_heads, latent_attention_heads, structures_of
+
+
+NOPE, ROPE, V = 8, 4, 8  # the tiny config's qk_nope_head_dim, qk_rope_head_dim, v_head_dim (conftest.MOE_OVERRIDES)
+IDS = torch.arange(3, 19)[None]
+
+
+def _calibration():
+    return dict(calibration_samples=4, calibration_batch_size=4)
+
+
+def test_deepseek_v3_has_latent_heads_instead_of_grouped_query_heads():
+    spec = get_architecture(tiny_model("deepseek_v3").config)
+    structures = structures_of(spec)
+    assert latent_attention_heads in structures and attention_heads not in structures
+    shape = model_shape(tiny_model("deepseek_v3").config)
+    assert shape["num_attention_heads"] == 4 and "num_key_value_heads" not in shape  # every head has its own KV
+    assert (shape["qk_nope_head_dim"], shape["qk_rope_head_dim"], shape["v_head_dim"]) == (NOPE, ROPE, V)
+
+
+@pytest.mark.parametrize(
+    "importance,q_lora_rank", [("activation", 16), ("magnitude", 16), ("random", 16), ("activation", None)]
+)
+def test_pruned_heads_reload_with_stock_transformers_count_exactly_and_generate(importance, q_lora_rank, tmp_path):
+    model = tiny_model("deepseek_v3", q_lora_rank=q_lora_rank)
+    source = copy.deepcopy(model.config)
+    config = PrunedConfig(num_attention_heads=2, importance=importance, **_calibration())
+    prune_model(model, config, random_samples(4), show_progress=False)
+
+    for layer in get_decoder_layers(model):
+        attn = layer.self_attn
+        query = attn.q_proj if q_lora_rank is None else attn.q_b_proj
+        assert query.out_features == 2 * (NOPE + ROPE)
+        assert attn.kv_b_proj.out_features == 2 * (NOPE + V) and attn.o_proj.in_features == 2 * V
+        assert attn.kv_a_proj_with_mqa.out_features == source.kv_lora_rank + ROPE  # the latent is every head's
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 2)
+    assert all(len(kept) == 2 for kept in model.pruning_record.heads.values())
+
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    for count in ("total", "active"):
+        assert count_parameters(source, config, count=count) == count_parameters(model.config, count=count)
+    assert n_params(model) == count_parameters(source, config) == n_params(fresh) < count_parameters(source)
+
+    before = logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(logits(reloaded.eval()), before, rtol=0, atol=0)
+    cached = reloaded.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = reloaded.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_identity_pruning_keeps_logits_exactly():
+    model = tiny_model("deepseek_v3")
+    before = logits(model)
+    prune_model(model, PrunedConfig(num_attention_heads=4, **_calibration()), random_samples(4), show_progress=False)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+def test_a_silenced_head_is_the_one_removed():
+    model = tiny_model("deepseek_v3")
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # head 1 reads no key, no value: its o_proj input is zero
+            layer.self_attn.kv_b_proj.weight[1 * (NOPE + V) : 2 * (NOPE + V)] = 0
+    before = logits(model)
+    prune_model(model, PrunedConfig(num_attention_heads=3, **_calibration()), random_samples(4), show_progress=False)
+    assert all(kept == [0, 2, 3] for kept in model.pruning_record.heads.values())
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-6)  # it contributed nothing
+
+
+def test_magnitude_is_the_norm_of_each_heads_rows_and_columns():
+    model = tiny_model("deepseek_v3")
+    spec, shape = get_architecture(model.config), model_shape(model.config)
+    layer = get_decoder_layers(model)[1]
+    attn = layer.self_attn
+    q = attn.q_b_proj.weight.detach().view(4, NOPE + ROPE, -1).pow(2).sum((1, 2))
+    kv = attn.kv_b_proj.weight.detach().view(4, NOPE + V, -1).pow(2).sum((1, 2))
+    o = attn.o_proj.weight.detach().view(-1, 4, V).pow(2).sum((0, 2))
+    torch.testing.assert_close(latent_attention_heads.magnitude(layer, spec, shape), (q + kv + o).sqrt())
+
+
+@pytest.mark.parametrize("importance", ["activation", "magnitude", "random"])
+def test_latent_ranks_reload_with_stock_transformers_count_exactly_and_generate(importance, tmp_path):
+    model = tiny_model("deepseek_v3")  # q_lora_rank 16, kv_lora_rank 12
+    source = copy.deepcopy(model.config)
+    config = PrunedConfig(q_lora_rank=10, kv_lora_rank=8, importance=importance, **_calibration())
+    prune_model(model, config, random_samples(4), show_progress=False)
+
+    for layer in get_decoder_layers(model):
+        attn = layer.self_attn
+        assert (attn.q_a_proj.out_features, attn.q_b_proj.in_features, attn.q_a_layernorm.weight.numel()) == (10,) * 3
+        assert attn.kv_a_proj_with_mqa.out_features == 8 + ROPE  # the rotary key's rows are kept
+        assert (attn.kv_b_proj.in_features, attn.kv_a_layernorm.weight.numel()) == (8, 8)
+    record = model.pruning_record
+    assert all(len(kept) == 10 for kept in record.q_latent.values())
+    assert all(len(kept) == 8 for kept in record.kv_latent.values()) and len(record.kv_latent) == 4
+    assert n_params(model) == count_parameters(source, config) == count_parameters(model.config)
+
+    before = logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (reloaded.config.q_lora_rank, reloaded.config.kv_lora_rank) == (10, 8)
+    torch.testing.assert_close(logits(reloaded.eval()), before, rtol=0, atol=0)
+    cached = reloaded.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = reloaded.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_silenced_latent_channel_is_the_one_removed():
+    model = tiny_model("deepseek_v3")
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # channel 3 of both latents is always zero
+            layer.self_attn.q_a_proj.weight[3] = 0
+            layer.self_attn.kv_a_proj_with_mqa.weight[3] = 0
+    config = PrunedConfig(q_lora_rank=15, kv_lora_rank=11, **_calibration())
+    prune_model(model, config, random_samples(4), show_progress=False)
+    record = model.pruning_record
+    assert all(kept == [c for c in range(16) if c != 3] for kept in record.q_latent.values())
+    assert all(kept == [c for c in range(12) if c != 3] for kept in record.kv_latent.values())
+
+
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        (dict(num_attention_heads=2, num_key_value_heads=1), "num_key_value_heads=1 does not apply"),
+        (dict(kv_lora_rank=13), "kv_lora_rank"),
+        (dict(num_attention_heads=2, head_merge="query"), "head_merge='query' is not supported"),
+        (dict(num_attention_heads=5), "num_attention_heads"),
+    ],
+)
+def test_targets_mla_cannot_take_are_refused_before_any_forward_pass(targets, match):
+    model = tiny_model("deepseek_v3")
+
+    def no_forward(module, args):
+        raise AssertionError("a forward pass ran before the target was refused")
+
+    model.register_forward_pre_hook(no_forward)
+    with pytest.raises(ValueError, match=match):
+        prune_model(model, PrunedConfig(**targets, **_calibration()), random_samples(4), show_progress=False)
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,match",
+    [
+        ("deepseek_v3", dict(q_lora_rank=None), r"q_lora_rank=8 does not apply.*no query latent"),
+        ("llama", {}, r"q_lora_rank=8 does not apply.*no MLA"),
+    ],
+)
+def test_a_query_rank_is_refused_for_a_model_without_a_query_latent(model_type, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PrunedConfig(q_lora_rank=8).resolve(tiny_model(model_type, **overrides).config)
