@@ -216,7 +216,7 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:
-    model_config.intermediate_size = target[_FIELD]
+    setattr(model_config, _width_field(spec), target[_FIELD])
     if spec.mlp_auto_adjust_field is not None:  # the saved width is the built one (see `built_width`)
         setattr(model_config, spec.mlp_auto_adjust_field, False)
 
