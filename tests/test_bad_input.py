@@ -611,6 +611,7 @@ def test_pipeline_checks_the_teacher_before_any_stage(checkpoint, tmp_path, no_e
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     recipe = {"teacher": str(checkpoint), "output_dir": str(tmp_path / "run"), "seq_length": 32}
+    recipe["pruning"] = {"hidden_size": 24}
     with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):
         run_pipeline(*build_pipeline_config(recipe), show_progress=False)
     assert not (tmp_path / "run" / "pruned").exists()
@@ -620,6 +621,7 @@ def test_pipeline_sequence_longer_than_teacher_positions(checkpoint, tmp_path, n
     from hf_minitron.commands.run import run_pipeline
 
     recipe = {"teacher": str(checkpoint), "output_dir": str(tmp_path / "run"), "seq_length": 1024}
+    recipe["pruning"] = {"hidden_size": 24}
     with pytest.raises(
         ValueError, match=r"MinitronArguments.seq_length=1024 .* Use MinitronArguments.seq_length <= 128"
     ):
