@@ -256,11 +256,18 @@ def quality(teacher, student, train, validation, memo, steps, batch_size, learni
                   f"{run['kl_to_teacher'][-1]:.4f} ({run['train_seconds'][-1]:.0f} s)", flush=True)  # fmt: skip
             if progress is not None:
                 progress({**result, "runs": runs})
+    shutil.rmtree(tmp, ignore_errors=True)
+    return summarise(result, runs)
+
+
+def summarise(result: dict, runs: dict) -> dict:
+    """`result` with `arms`: each arm's mean ± std over seeds of `runs` (per-seed lists, the same seeds in the same
+    order for every arm) and its difference to exact KD (the `live` arm), also paired by seed."""
+    result = {**result, "arms": {}}
     for arm, run in runs.items():
         result["arms"][arm] = {"heldout_loss": _mean_std(run["heldout_loss"]),
                                "kl_to_teacher": _mean_std(run["kl_to_teacher"]),
                                "train_seconds": run["train_seconds"]}  # fmt: skip
-    shutil.rmtree(tmp, ignore_errors=True)
     exact = result["arms"]["live"]
     for arm, r in result["arms"].items():
         if arm == "live":
@@ -272,7 +279,47 @@ def quality(teacher, student, train, validation, memo, steps, batch_size, learni
             r[key]["minus_exact_paired"] = _mean_std(paired)
             # Within the seed spread of exact KD: the gap of the means is no larger than exact KD's std over seeds.
             r[key]["within_exact_spread"] = abs(delta) <= exact[key]["std"]
+            # Paired by seed: a difference of the same sign on every seed is a systematic one, however small.
+            r[key]["same_sign_every_seed"] = all(d > 0 for d in paired) or all(d < 0 for d in paired)
     return result
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from runs of the same settings on different seeds (`--seed-list`, in parallel processes): the
+    per-seed runs of each file's `quality` (or, for a run cut short, `quality_partial`) concatenated, in file order."""
+    import json
+
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    runs = {arm: {"heldout_loss": [], "kl_to_teacher": [], "train_seconds": [], "seeds": []} for arm in QUALITY_ARMS}
+    for part in parts:
+        seeds = part["args"].get("seed_list") or list(range(part["args"]["seeds"]))
+        if "quality" in part:
+            quality = part["quality"]
+            per_seed = {arm: {k: (r[k]["values"] if k != "train_seconds" else r[k]) for k in runs[arm] if k != "seeds"}
+                        for arm, r in quality["arms"].items()}  # fmt: skip
+        else:
+            quality = part["quality_partial"]
+            per_seed = quality["runs"]
+        for arm, run in per_seed.items():
+            done = len(run["heldout_loss"])
+            for key in ("heldout_loss", "kl_to_teacher", "train_seconds"):
+                runs[arm][key] += run[key][:done]
+            runs[arm]["seeds"] += seeds[:done]
+    # Only seeds every arm finished: the arms must be compared on the same seeds.
+    common = set.intersection(*(set(r["seeds"]) for r in runs.values()))
+    for run in runs.values():
+        keep = [i for i, seed in enumerate(run["seeds"]) if seed in common]
+        for key in run:
+            run[key] = [run[key][i] for i in keep]
+    first = parts[0]
+    base = {k: v for k, v in first["quality" if "quality" in first else "quality_partial"].items() if k != "runs"}
+    results = {k: v for k, v in first.items() if k not in ("quality", "quality_partial", "verdicts")}
+    results["args"] = {**first["args"], "seed_list": runs["live"]["seeds"], "merged_from": paths}
+    results["quality"] = summarise(base, {a: {k: v for k, v in r.items() if k != "seeds"} for a, r in runs.items()})
+    results["quality"]["seeds"] = runs["live"]["seeds"]
+    results["wall_seconds_per_part"] = [p.get("wall_seconds") for p in parts]
+    results["verdicts"] = verdicts(results)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -318,21 +365,22 @@ def print_tables(results: dict) -> None:
         a = q["arms"]
         n = len(a["live"]["heldout_loss"]["values"])
         print(f"\n| source | held-out loss, mean ± std ({n} seeds) | Δ vs exact (paired) | KL to teacher | "
-              "Δ KL vs exact (paired) | within exact's spread |")  # fmt: skip
-        print("|---|---|---|---|---|---|")
-        print(f"| teacher | {q['teacher']['heldout_loss']:.4f} | - | 0 | - | - |")
+              "Δ KL vs exact (paired) | within exact's spread | paired Δ loss, Δ KL: same sign every seed |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        print(f"| teacher | {q['teacher']['heldout_loss']:.4f} | - | 0 | - | - | - |")
         print(f"| student before KD | {q['before']['heldout_loss']:.4f} | - | {q['before']['kl_to_teacher']:.4f} | - "
-              "| - |")  # fmt: skip
+              "| - | - |")  # fmt: skip
         for arm, r in a.items():
             h, k = r["heldout_loss"], r["kl_to_teacher"]
             if arm == "live":
                 print(f"| live teacher (exact) | {h['mean']:.4f} ± {h['std']:.4f} | - | {k['mean']:.4f} ± "
-                      f"{k['std']:.4f} | - | - |")  # fmt: skip
+                      f"{k['std']:.4f} | - | - | - |")  # fmt: skip
                 continue
             hp, kp = h["minus_exact_paired"], k["minus_exact_paired"]
             print(f"| {arm} | {h['mean']:.4f} ± {h['std']:.4f} | {h['minus_exact']:+.4f} ({hp['mean']:+.4f} ± "
                   f"{hp['std']:.4f}) | {k['mean']:.4f} ± {k['std']:.4f} | {k['minus_exact']:+.4f} ({kp['mean']:+.4f} "
-                  f"± {kp['std']:.4f}) | {'yes' if h['within_exact_spread'] else 'no'} |")  # fmt: skip
+                  f"± {kp['std']:.4f}) | {'yes' if h['within_exact_spread'] else 'no'} | "
+                  f"{'yes' if h['same_sign_every_seed'] else 'no'}, {'yes' if k['same_sign_every_seed'] else 'no'} |")  # fmt: skip
     print()
     for line in verdicts(results):
         print("- " + line)
@@ -403,8 +451,21 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--seed-list", help="Comma-separated seeds (instead of 0 .. --seeds - 1): one process per seed, then --merge."
+    )
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="Merge the quality runs of these outputs.")
     parser.add_argument("--output", default=str(RESULTS / "cache_modes.json"))
     args = parser.parse_args()
+    args.seed_list = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    if args.merge:
+        from hf_minitron.io import atomic_write_json
+
+        results = merge(args.merge)
+        atomic_write_json(args.output, results, indent=1)
+        plot(results, Path(args.output).with_suffix(".png"))
+        print_tables(results)
+        return
     global CACHES
     CACHES = RESULTS / f".{Path(args.output).stem}_caches"  # one folder per output: runs in parallel do not collide
     if args.quick:
@@ -460,7 +521,7 @@ def main():
     if not args.skip_speed:
         results["speed"] = timed("speed", speed, teacher, student, train, args.batch_size, args.warmup, args.rounds)
     if not args.skip_quality:
-        seeds = list(range(args.seeds))
+        seeds = args.seed_list
         from hf_minitron.io import atomic_write_json
 
         def progress(partial):  # the runs so far, should the measurement be cut short
