@@ -305,8 +305,10 @@ def merge(paths: list[str]) -> dict:
             for key in ("heldout_loss", "kl_to_teacher", "train_seconds"):
                 runs[arm][key] += run[key][:done]
             runs[arm]["seeds"] += seeds[:done]
-    # Only seeds every arm finished: the arms must be compared on the same seeds.
-    common = set.intersection(*(set(r["seeds"]) for r in runs.values()))
+    # The arms are compared on the seeds exact KD finished: an arm that lacks one of them is left out (and named).
+    common = set(runs["live"]["seeds"])
+    unfinished = [arm for arm, run in runs.items() if not common <= set(run["seeds"])]
+    runs = {arm: run for arm, run in runs.items() if arm not in unfinished}
     for run in runs.values():
         keep = [i for i, seed in enumerate(run["seeds"]) if seed in common]
         for key in run:
@@ -314,9 +316,11 @@ def merge(paths: list[str]) -> dict:
     first = parts[0]
     base = {k: v for k, v in first["quality" if "quality" in first else "quality_partial"].items() if k != "runs"}
     results = {k: v for k, v in first.items() if k not in ("quality", "quality_partial", "verdicts")}
+    results["bytes"] = next(p["bytes"] for p in parts if "read_from" not in p["bytes"])
     results["args"] = {**first["args"], "seed_list": runs["live"]["seeds"], "merged_from": paths}
     results["quality"] = summarise(base, {a: {k: v for k, v in r.items() if k != "seeds"} for a, r in runs.items()})
     results["quality"]["seeds"] = runs["live"]["seeds"]
+    results["quality"]["unfinished_arms"] = unfinished
     results["wall_seconds_per_part"] = [p.get("wall_seconds") for p in parts]
     results["verdicts"] = verdicts(results)
     return results
@@ -337,6 +341,9 @@ def verdicts(results: dict) -> list[str]:
     if q:
         exact = q["arms"]["live"]["heldout_loss"]
         for arm in ("sampled12", "sampled32", "topk64", "topk64_uint8", "topk128_uint8"):
+            if arm not in q["arms"]:
+                lines.append(f"{arm}: not finished on every seed of exact KD, left out")
+                continue
             r = q["arms"][arm]
             h, k = r["heldout_loss"], r["kl_to_teacher"]
             lines.append(
@@ -454,6 +461,9 @@ def main():
     parser.add_argument(
         "--seed-list", help="Comma-separated seeds (instead of 0 .. --seeds - 1): one process per seed, then --merge."
     )
+    parser.add_argument(
+        "--caches", help="Read the caches another run of the same settings wrote (its folder) instead of writing them."
+    )
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="Merge the quality runs of these outputs.")
     parser.add_argument("--output", default=str(RESULTS / "cache_modes.json"))
     args = parser.parse_args()
@@ -515,9 +525,17 @@ def main():
         },
     }  # fmt: skip
     memo = MemoizedTeacher(teacher)
-    with memo:
-        timed("teacher pass", memo.fill, [train[i] for i in range(len(train))])
-    results["bytes"] = timed("bytes", write_caches, teacher, tokenizer, train, memo)
+    if args.caches:  # another run's caches of the same settings: the teacher runs only for the live arm
+        from hf_minitron.distillation.teacher_cache import read_cache_info
+
+        CACHES = Path(args.caches)
+        for name in CACHE_MODES:
+            read_cache_info(CACHES / name)
+        results["bytes"] = {"read_from": str(CACHES)}
+    else:
+        with memo:
+            timed("teacher pass", memo.fill, [train[i] for i in range(len(train))])
+        results["bytes"] = timed("bytes", write_caches, teacher, tokenizer, train, memo)
     if not args.skip_speed:
         results["speed"] = timed("speed", speed, teacher, student, train, args.batch_size, args.warmup, args.rounds)
     if not args.skip_quality:
@@ -534,7 +552,8 @@ def main():
     results["verdicts"] = verdicts(results)
     results["seconds"] = timings
     results["wall_seconds"] = time.time() - started
-    shutil.rmtree(CACHES, ignore_errors=True)
+    if not args.caches:
+        shutil.rmtree(CACHES, ignore_errors=True)
     from hf_minitron.io import atomic_write_json
 
     atomic_write_json(args.output, results, indent=1)
