@@ -316,7 +316,6 @@ def merge(paths: list[str]) -> dict:
     first = parts[0]
     base = {k: v for k, v in first["quality" if "quality" in first else "quality_partial"].items() if k != "runs"}
     results = {k: v for k, v in first.items() if k not in ("quality", "quality_partial", "verdicts")}
-    results["bytes"] = next(p["bytes"] for p in parts if "read_from" not in p["bytes"])
     results["args"] = {**first["args"], "seed_list": runs["live"]["seeds"], "merged_from": paths}
     results["quality"] = summarise(base, {a: {k: v for k, v in r.items() if k != "seeds"} for a, r in runs.items()})
     results["quality"]["seeds"] = runs["live"]["seeds"]
@@ -536,9 +535,12 @@ def main():
         from hf_minitron.distillation.teacher_cache import read_cache_info
 
         CACHES = Path(args.caches)
-        for name in CACHE_MODES:
-            read_cache_info(CACHES / name)
-        results["bytes"] = {"read_from": str(CACHES)}
+        results["bytes"] = {}
+        for name, settings in CACHE_MODES.items():
+            info = read_cache_info(CACHES / name)
+            results["bytes"][name] = {"settings": settings, "read_from": str(CACHES / name)} | {
+                key: info[key] for key in ("bytes_per_token", "teacher_bytes_per_token", "bytes", "tokens")
+            }
     else:
         with memo:
             timed("teacher pass", memo.fill, [train[i] for i in range(len(train))])
