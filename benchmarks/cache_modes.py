@@ -440,6 +440,8 @@ def plot(results: dict, path: Path) -> None:
                 f"{title} after {results['args'].get('max_steps') or results['args']['steps']} steps (mean ± std; band: exact ± std)"
             )
             ax.tick_params(axis="x", labelsize=8, rotation=30)
+    for ax in [axes[1]] * (not results.get("speed")) + list(axes[2:]) * (not results.get("quality")):
+        ax.axis("off")  # a section this run skipped
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
