@@ -5,8 +5,11 @@ Teacher: the embedded SmolLM2-135M-Instruct. Student: the teacher pruned with `p
 `stdlib` corpus (CPython's own source, in distribution for the teacher) packed to `--seq-length` tokens; the held-out
 split is the corpus's own (modules never trained on).
 
-    python benchmarks/cache_modes.py            # the default budget, ~40 min on a busy 2-core CPU
+    python benchmarks/cache_modes.py            # the default budget (20 steps, 3 seeds, every section in one process)
     python benchmarks/cache_modes.py --quick    # tiny settings (a few minutes), to check the script
+
+On a busy 2-core CPU the committed results were run in parts (docs/benchmarks.md gives the commands): the caches
+written once, then one `--skip-speed --max-steps 10 --seed-list S --caches DIR` process per seed, then `--merge`.
 
 1. **Bytes per token** of each cache written over the training samples, read from the cache's `teacher_cache.json`:
    `bytes_per_token` (the whole cache on disk: token ids, mask, teacher columns and Arrow framing) and
