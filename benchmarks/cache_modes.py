@@ -440,7 +440,8 @@ def plot(results: dict, path: Path) -> None:
             low, high = min(means) - 3 * max(stds + [1e-3]), max(means) + 3 * max(stds + [1e-3])
             ax.set_ylim(low, high)
             ax.set_title(
-                f"{title} after {results['args'].get('max_steps') or results['args']['steps']} steps (mean ± std; band: exact ± std)"
+                f"{title} after {results['args'].get('max_steps') or results['args']['steps']} steps\n"
+                "(mean ± std over seeds; band: exact KD ± std)"
             )
             ax.tick_params(axis="x", labelsize=8, rotation=30)
     for ax in [axes[1]] * (not results.get("speed")) + list(axes[2:]) * (not results.get("quality")):
