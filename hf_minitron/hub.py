@@ -161,6 +161,14 @@ def check_push_ready(repo_id: str, token: str | None = None, endpoint: str | Non
     return resolve_token(token), resolve_endpoint(endpoint)
 
 
+def check_trainer_push_ready(args) -> None:
+    """A trainer whose arguments set `push_to_hub` uploads checkpoints as it trains: the repo id, offline mode and
+    token are checked before any weights are loaded (transformers derives the repo from `output_dir` without
+    `hub_model_id`)."""
+    if getattr(args, "push_to_hub", False):
+        check_push_ready(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), args.hub_token)
+
+
 _QUICK_START_ID = re.compile(r'^model_id = "[^"\n]*"', re.M)
 
 

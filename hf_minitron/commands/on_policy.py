@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..data import TextDataArguments
 from ..distillation.on_policy import OnPolicyConfig
 from ..fingerprints import files_fingerprint, model_fingerprint
+from ..hub import check_trainer_push_ready
 from ..io import atomic_save_model, check_not_overlapping, check_output_dir, resume_checkpoint
 from ..output_lock import output_locks
 from ..validation import check_same_tokenizer, check_sequence_length, load_model_config
@@ -78,6 +79,7 @@ def _on_policy_checkpoint(args: OnPolicyArguments, config: OnPolicyConfig):
         )
     final_model_dir = args.final_model_dir or os.path.join(config.output_dir, "final")
     check_output_dir(final_model_dir, overwrite=True, sources=[student_path, teacher_path])
+    check_trainer_push_ready(config)  # a missing token fails now, not after loading and training
     for source, what in ((student_path, "the student"), (teacher_path, "the teacher")):
         check_not_overlapping(config.output_dir, source, what)
     student_config = load_model_config(student_path)

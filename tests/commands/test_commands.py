@@ -105,6 +105,23 @@ def test_on_policy_refuses_bad_input_before_loading(checkpoint, student, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["distill", "on-policy"])
+def test_trainer_push_without_a_token_fails_before_loading(command, checkpoint, student, tmp_path, capsys, hub_env):
+    """`push_to_hub` makes the trainer upload its checkpoints: no token is an error before any weights are loaded."""
+    import transformers
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights were loaded although the upload could not work")
+
+    argv = [command, "--student", str(student), "--teacher", str(checkpoint), "--output_dir", str(tmp_path / "run")]
+    argv += ["--report_to", "none", "--bf16", "false", "--push_to_hub", "true", "--hub_model_id", "me/tiny"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+        assert main(argv) == 2
+    assert "HF_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_writes_both_models(checkpoint, student, tmp_path, capsys):
     output = tmp_path / "eval.json"
     code = main(
