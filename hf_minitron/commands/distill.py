@@ -53,29 +53,40 @@ def distill_checkpoint(args: DistillArguments, config: DistillationConfig):
         return _distill_checkpoint(args, config)
 
 
-def _distill_checkpoint(args: DistillArguments, config: DistillationConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..distillation.trainer import DistillationTrainer
+def check_student_and_teacher(args, config, student_hint: str):
+    """What a student-from-teacher command checks before reading any weights: a student and a teacher are given,
+    the steps are in bounds, the outputs neither are nor hold either model, and an upload the trainer would make has
+    its credentials. Returns `(student_path, teacher, teacher_path, final_model_dir)`; `teacher_path` is `None` for
+    a teacher passed as a loaded model."""
     from ..embedded import resolve_model_path
 
     if not args.student:
-        raise ValueError(
-            "DistillArguments.student is not set: pass --student with the checkpoint to distil into, e.g. the "
-            "output of `hf-minitron prune` (outputs/smollm2-135m-stages/pruned)."
-        )
+        raise ValueError(f"{type(args).__name__}.student is not set: pass --student with {student_hint}.")
     teacher = args.teacher or config.teacher_model_name_or_path
     if teacher is None:
         raise ValueError("No teacher: pass --teacher PATH (or set teacher_model_name_or_path).")
     student_path = resolve_model_path(args.student)
     teacher_path = resolve_model_path(teacher) if isinstance(teacher, str) else None
-    # Everything that can be checked from configs and tokenizers fails here, before data packing and weights.
     args.check_steps(config.max_steps)
     final_model_dir = args.final_model_dir or os.path.join(config.output_dir, "final")
     check_output_dir(final_model_dir, overwrite=True, sources=[student_path, teacher_path])
     check_trainer_push_ready(config)  # a missing token fails now, not after loading and training
     for source, what in ((student_path, "the student"), (teacher_path, "the teacher")):
         check_not_overlapping(config.output_dir, source, what)
+    return student_path, teacher, teacher_path, final_model_dir
+
+
+def _distill_checkpoint(args: DistillArguments, config: DistillationConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..distillation.trainer import DistillationTrainer
+
+    # Everything that can be checked from configs and tokenizers fails here, before data packing and weights.
+    student_path, teacher, teacher_path, final_model_dir = check_student_and_teacher(
+        args,
+        config,
+        "the checkpoint to distil into, e.g. the output of `hf-minitron prune` (outputs/smollm2-135m-stages/pruned)",
+    )
     student_config = load_model_config(student_path)
     check_sequence_length(student_config, args.seq_length, "DistillArguments.seq_length")
     # Custom modeling code in a checkpoint is never run from here: transformers would otherwise ask on stdin.

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from ..data import TextDataArguments
 from ..distillation.on_policy import OnPolicyConfig
 from ..fingerprints import files_fingerprint, model_fingerprint
-from ..hub import check_trainer_push_ready
-from ..io import atomic_save_model, check_not_overlapping, check_output_dir, resume_checkpoint
+from ..io import atomic_save_model, resume_checkpoint
 from ..output_lock import output_locks
 from ..validation import check_same_tokenizer, check_sequence_length, load_model_config
+from .distill import check_student_and_teacher
 
 
 @dataclass
@@ -58,30 +58,17 @@ def _on_policy_checkpoint(args: OnPolicyArguments, config: OnPolicyConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..distillation.on_policy import build_on_policy_trainer, check_live_teacher
-    from ..embedded import resolve_model_path
 
-    if not args.student:
-        raise ValueError(
-            "OnPolicyArguments.student is not set: pass --student with the checkpoint to train, e.g. the output of "
-            "`hf-minitron distill` (outputs/distilled/final)."
-        )
-    teacher = args.teacher or config.teacher_model_name_or_path
-    if teacher is None:
-        raise ValueError("No teacher: pass --teacher PATH (or set teacher_model_name_or_path).")
-    student_path, teacher_path = resolve_model_path(args.student), resolve_model_path(teacher)
-    check_live_teacher(teacher_path)
     # Everything that can be checked from configs and tokenizers fails here, before data packing and weights.
-    args.check_steps(config.max_steps)
     if config.prompt_length > args.seq_length:
         raise ValueError(
             f"OnPolicyConfig.prompt_length={config.prompt_length} is longer than the packed samples it is cut from "
             f"(OnPolicyArguments.seq_length={args.seq_length}): use prompt_length <= seq_length."
         )
-    final_model_dir = args.final_model_dir or os.path.join(config.output_dir, "final")
-    check_output_dir(final_model_dir, overwrite=True, sources=[student_path, teacher_path])
-    check_trainer_push_ready(config)  # a missing token fails now, not after loading and training
-    for source, what in ((student_path, "the student"), (teacher_path, "the teacher")):
-        check_not_overlapping(config.output_dir, source, what)
+    student_path, teacher, teacher_path, final_model_dir = check_student_and_teacher(
+        args, config, "the checkpoint to train, e.g. the output of `hf-minitron distill` (outputs/distilled/final)"
+    )
+    check_live_teacher(teacher_path)
     student_config = load_model_config(student_path)
     check_sequence_length(
         student_config, config.prompt_length + config.max_completion_length, "prompt_length + max_completion_length"
