@@ -23,7 +23,7 @@ gated norm acts over one value head's `dv` channels, shared by every head: it is
 import torch
 
 from .attention_heads import select
-from .fields import ConfigField, target_names
+from .fields import ConfigField, refuse_absent_target, target_names
 from .search_axis import SearchAxis
 from .slicing import head_rows, slice_linear, slice_parameter
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
@@ -97,14 +97,7 @@ AXES = (
 def check_applies(config, model_config, shape: dict, spec) -> None:
     """Refuses Gated DeltaNet targets for a model without Gated DeltaNet layers."""
     for name in FIELDS:
-        if getattr(config, name) is not None and name not in shape:
-            from ...architectures import ARCHITECTURES
-
-            families = sorted(k for k, v in ARCHITECTURES.items() if v.deltanet is not None)
-            raise ValueError(
-                f"PrunedConfig.{name}={getattr(config, name)} does not apply: model_type={model_config.model_type!r} "
-                f"has no Gated DeltaNet layers. Leave it None (families with them: {', '.join(families)})."
-            )
+        refuse_absent_target(config, name, model_config, shape, "Gated DeltaNet layers", "deltanet")
 
 
 def check_target(config, model_config=None, shape: dict | None = None) -> None:

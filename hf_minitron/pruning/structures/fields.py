@@ -65,3 +65,18 @@ def _type_name(annotation) -> str:
 def target_names(config_fields) -> tuple[str, ...]:
     """The names of the targets among `config_fields` (a structure's `FIELDS`)."""
     return tuple(f.name for f in config_fields if f.target)
+
+
+def refuse_absent_target(config, name: str, model_config, shape: dict, what: str, block: str) -> None:
+    """Refuses target `name` when the model's shape has no such size: `model_config` has no `what`. The error names
+    the families that have it (their spec's `block` field is set)."""
+    value = getattr(config, name)
+    if value is None or name in shape:
+        return
+    from ...architectures import ARCHITECTURES
+
+    families = sorted(k for k, v in ARCHITECTURES.items() if getattr(v, block) is not None)
+    raise ValueError(
+        f"PrunedConfig.{name}={value} does not apply: model_type={model_config.model_type!r} has no {what}. Leave it "
+        f"None (families with {what}: {', '.join(families)})."
+    )

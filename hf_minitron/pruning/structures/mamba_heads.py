@@ -25,7 +25,7 @@ are those every transformers Mamba2 mixer uses; the config fields are each famil
 
 import torch
 
-from .fields import ConfigField, target_names
+from .fields import ConfigField, refuse_absent_target, target_names
 from .search_axis import SearchAxis
 from .slicing import slice_linear, slice_norm, slice_parameter, topk_sorted
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
@@ -96,14 +96,7 @@ def shape(model_config, spec) -> dict:
 def check_applies(config, model_config, shape: dict, spec) -> None:
     """Refuses Mamba targets for a model without Mamba layers."""
     for name in FIELDS:
-        if getattr(config, name) is not None and name not in shape:
-            from ...architectures import ARCHITECTURES
-
-            hybrids = sorted(k for k, v in ARCHITECTURES.items() if v.mamba is not None)
-            raise ValueError(
-                f"PrunedConfig.{name}={getattr(config, name)} does not apply: model_type={model_config.model_type!r} "
-                f"has no Mamba layers. Leave it None (families with Mamba layers: {', '.join(hybrids)})."
-            )
+        refuse_absent_target(config, name, model_config, shape, "Mamba layers", "mamba")
 
 
 def check_target(config, model_config=None, shape: dict | None = None) -> None:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fields import ConfigField, target_names
+from .fields import ConfigField, refuse_absent_target, target_names
 from .search_axis import SearchAxis
 from .slicing import replace_parameter, slice_linear, slice_parameter, topk_sorted
 from .statistics import static_scores, zeros_like
@@ -101,14 +101,7 @@ def check_moe_target(config, name: str, what: str, model_config, shape: dict, sp
     value = getattr(config, name)
     if value is None:
         return
-    if name not in shape:
-        from ...architectures import ARCHITECTURES
-
-        moe = sorted(k for k, v in ARCHITECTURES.items() if v.moe is not None)
-        raise ValueError(
-            f"PrunedConfig.{name}={value} does not apply: model_type={model_config.model_type!r} has no {what}. Leave "
-            f"it None (families with experts: {', '.join(moe)})."
-        )
+    refuse_absent_target(config, name, model_config, shape, what, "shared_expert" if "shared" in what else "moe")
     kind = dict(spec.block_types).get(BLOCK) if spec is not None and spec.block_types_field else None
     if kind and kind not in getattr(model_config, spec.block_types_field):
         # A hybrid without MoE layers still has the config fields (e.g. Nemotron-H 8B: n_routed_experts=8).
