@@ -125,10 +125,10 @@ def write_caches(teacher, tokenizer, train, memo) -> dict:
     from hf_minitron.distillation.teacher_cache import read_cache_info
 
     shutil.rmtree(CACHES, ignore_errors=True)
-    result = {}
+    result, caches = {}, {}
     with memo:
         for name, settings in CACHE_MODES.items():
-            cache_teacher(teacher, train, CACHES / name, tokenizer=tokenizer, show_progress=False, **settings)
+            cache = cache_teacher(teacher, train, CACHES / name, tokenizer=tokenizer, show_progress=False, **settings)
             info = read_cache_info(CACHES / name)
             result[name] = {
                 "settings": settings,
@@ -137,9 +137,31 @@ def write_caches(teacher, tokenizer, train, memo) -> dict:
                 "bytes": info["bytes"],
                 "tokens": info["tokens"],
             }
+            caches[name] = cache
             print(f"  {name}: {info['bytes_per_token']:.1f} bytes/token "
                   f"({info['teacher_bytes_per_token']:.1f} teacher values)", flush=True)  # fmt: skip
+    # Read times in interleaved rounds (each cache once per round, the best round kept), so that load from other jobs
+    # falls on every cache alike.
+    best = dict.fromkeys(caches, float("inf"))
+    for _ in range(5):
+        for name, cache in caches.items():
+            best[name] = min(best[name], read_time(cache))
+    for name, seconds in best.items():
+        result[name]["read_ms_per_batch"] = seconds * 1e3
+        print(f"  {name}: read {seconds * 1e3:.2f} ms per batch of 4", flush=True)
     return result
+
+
+def read_time(cache, batch_size: int = 4) -> float:
+    """Seconds per batch to read a cache as the trainer does: rows from the Arrow shards, then the collator (which
+    decodes a compressed cache's streams), over the whole cache."""
+    from hf_minitron.distillation.trainer import DataCollatorForDistillation
+
+    collator = DataCollatorForDistillation()
+    start = time.perf_counter()
+    for first in range(0, len(cache), batch_size):
+        collator([cache[i] for i in range(first, min(first + batch_size, len(cache)))])
+    return (time.perf_counter() - start) / -(-len(cache) // batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- 2. step time
@@ -359,17 +381,22 @@ def verdicts(results: dict) -> list[str]:
 
 def print_tables(results: dict) -> None:
     b, s, q = results.get("bytes"), results.get("speed"), results.get("quality")
-    print("\n| mode | bytes/token on disk | teacher values bytes/token | KD step / CE step, median [min, max] |")
-    print("|---|---|---|---|")
+    print("\n| mode | bytes/token on disk | teacher values bytes/token | read ms/batch | KD step / CE step, median [min, "
+          "max] |")  # fmt: skip
+    print("|---|---|---|---|---|")
     if s:
         r = s["over_ce"]["live"]
-        print(f"| live teacher | - | - | {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |")
+        print(f"| live teacher | - | - | - | {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |")
     for name in CACHE_MODES:
         ratio = "-"
         if s:
             r = s["over_ce"][name]
             ratio = f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
-        print(f"| {name} | {b[name]['bytes_per_token']:.1f} | {b[name]['teacher_bytes_per_token']:.1f} | {ratio} |")
+        read = b[name].get("read_ms_per_batch")
+        read = "-" if read is None else f"{read:.2f}"
+        print(
+            f"| {name} | {b[name]['bytes_per_token']:.1f} | {b[name]['teacher_bytes_per_token']:.1f} | {read} | {ratio} |"
+        )
     if q:
         a = q["arms"]
         n = len(a["live"]["heldout_loss"]["values"])

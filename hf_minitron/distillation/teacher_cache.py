@@ -13,10 +13,11 @@ loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (a
   (`teacher_topk_rest`). The tail is one bucket: the divergence is taken between the `top_k + 1`-bucket distributions
   of teacher and student ([`topk_kd_loss`]), which for forward KL is a lower bound of the full KL and equals it at
   `top_k` = vocabulary size. `top_k * (2 + 4) + 4` bytes per token (uint16 ids, fp32 log-probabilities; 2-byte
-  log-probabilities with `dtype="float16"` / `"bfloat16"`). With `compress=True` the ids are bit-packed to
-  `ceil(log2(vocab_size))` bits (`teacher_topk_packed_ids`) and the log-probabilities quantised to `dtype="uint8"` or
-  `"uint16"` (`teacher_topk_quantized_logprobs`, within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]):
-  `top_k * (bits / 8 + 1 or 2) + 4` bytes per token.
+  log-probabilities with `dtype="float16"` / `"bfloat16"`). With `compress=True` the log-probabilities are quantised
+  to `dtype="uint8"` or `"uint16"` (within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]) and each sample's ids
+  and codes are compressed losslessly with zstd ([`encode_topk`]: codes as differences between ranks;
+  `teacher_topk_packed_ids`, `teacher_topk_quantized_logprobs`): 136 bytes per token at k = 64 on the embedded
+  SmolLM2 against `64 * 6 + 4` = 388 raw, at most `top_k * (2 or 4 + 1 or 2) + 4` (ids of up to 16 bits or more; uint8 or uint16 codes).
 - `mode="sampled"` (Sparse Logit Sampling, [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)): per token
   `num_samples` = K tokens drawn with replacement from the teacher's distribution at the cache's `temperature`, kept
   as the distinct ids (`teacher_sample_ids`, uint16) and how often each came up (`teacher_sample_counts`, uint8), and
@@ -44,6 +45,7 @@ import os
 from ..output_lock import output_locks
 from .teacher_cache_format import (
     CACHE_INFO_NAME,
+    COMPRESS_CODEC,
     ENTROPY,
     FORMAT_VERSION,
     HIDDEN,
@@ -66,16 +68,16 @@ from .teacher_cache_format import (
     check_cache_files,
     check_teacher_cache,
     data_fingerprint,
+    decode_topk,
     dequantize_log_probs,
+    encode_topk,
     id_bits,
     is_teacher_cache,
     load_teacher_cache,
-    pack_ids,
     quantize_log_probs,
     read_cache_info,
     teacher_fingerprint,
     tokenizer_fingerprint,
-    unpack_ids,
     unpack_samples,
 )
 from .teacher_cache_reader import CachedTeacher, collate_teacher_columns
@@ -83,13 +85,13 @@ from .teacher_cache_writer import draw_samples, estimated_cache_bytes, write_tea
 
 
 __all__ = [
-    "CACHE_INFO_NAME", "ENTROPY", "FORMAT_VERSION", "HIDDEN", "LM_HEAD_NAME", "MAX_NUM_SAMPLES", "MODES",
+    "CACHE_INFO_NAME", "COMPRESS_CODEC", "ENTROPY", "FORMAT_VERSION", "HIDDEN", "LM_HEAD_NAME", "MAX_NUM_SAMPLES", "MODES",
     "QUANTIZED_DTYPES", "QUANTIZED_LOG_PROB_MIN", "SAMPLE_COUNTS", "SAMPLE_IDS", "SETTINGS_NAME", "STORAGE_DTYPES",
     "TEACHER_COLUMNS", "TOPK_IDS", "TOPK_LOGPROBS", "TOPK_PACKED_IDS", "TOPK_QUANTIZED", "TOPK_REST", "CachedTeacher",
     "cache_directory", "cache_teacher", "check_cache_files", "check_teacher_cache", "collate_teacher_columns",
-    "data_fingerprint", "dequantize_log_probs", "draw_samples", "estimated_cache_bytes", "id_bits", "is_teacher_cache",
-    "load_teacher_cache", "pack_ids", "quantize_log_probs", "read_cache_info", "teacher_fingerprint",
-    "tokenizer_fingerprint", "unpack_ids", "unpack_samples",
+    "data_fingerprint", "decode_topk", "dequantize_log_probs", "draw_samples", "encode_topk", "estimated_cache_bytes",
+    "id_bits", "is_teacher_cache", "load_teacher_cache", "quantize_log_probs", "read_cache_info", "teacher_fingerprint",
+    "tokenizer_fingerprint", "unpack_samples",
 ]  # fmt: skip
 
 
@@ -107,7 +109,7 @@ def _settings(
         "num_samples": num_samples if mode == "sampled" else None,
         "seed": seed if mode == "sampled" else None,
         # Absent from older caches: compare as None, like an uncompressed cache's.
-        "compress": True if compress else None,
+        "compress": COMPRESS_CODEC if compress else None,
         "temperature": float(temperature) if mode != "hidden" else None,
         "vocab_size": vocab,
         "id_dtype": "uint16" if vocab <= 2**16 else "int32",
@@ -224,9 +226,9 @@ def cache_teacher(
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar (samples).
         seed (`int`, *optional*, defaults to `0`): seed of the draws of `mode="sampled"`: the same seed, teacher and
             data give the same cache (on any device, in any number of processes).
-        compress (`bool`, *optional*, defaults to `False`): `mode="topk"` only: ids bit-packed to
-            `ceil(log2(vocab_size))` bits and log-probabilities quantised to `dtype="uint8"` or `"uint16"` (see
-            [`quantize_log_probs`] for the error bound).
+        compress (`bool`, *optional*, defaults to `False`): `mode="topk"` only: log-probabilities quantised to
+            `dtype="uint8"` or `"uint16"` (see [`quantize_log_probs`] for the error bound), ids and codes compressed
+            losslessly (zstd, see [`encode_topk`]).
 
     Returns:
         `datasets.Dataset`: the cache, as [`load_teacher_cache`] returns it.

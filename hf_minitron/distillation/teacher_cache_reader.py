@@ -31,10 +31,8 @@ from .teacher_cache_format import (
     cache_directory,
     check_cache_files,
     check_teacher_cache,
-    dequantize_log_probs,
-    id_bits,
+    decode_topk_batch,
     read_cache_info,
-    unpack_ids,
     unpack_samples,
 )
 from .teachers import Teacher, TeacherOutput
@@ -64,6 +62,14 @@ def _collate_samples(features: list[dict], length: int) -> dict[str, torch.Tenso
     return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts}
 
 
+def _collate_compressed_topk(features: list[dict], length: int) -> dict[str, torch.Tensor]:
+    """`teacher_topk_ids` (int64) and `teacher_topk_logprobs` (fp32) `[batch, length, k]` of a compressed top-k cache's
+    `features`, decoded here (in the data loader's workers when it has some) rather than on the training device."""
+    samples = [(f[TOPK_PACKED_IDS], f[TOPK_QUANTIZED], len(f["input_ids"])) for f in features]
+    ids, log_probs = decode_topk_batch(samples, length)
+    return {TOPK_IDS: ids, TOPK_LOGPROBS: log_probs}
+
+
 def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torch.Tensor]:
     """The teacher columns of `features`, right-padded to `length` positions (with zeros; the padding's labels are
     -100): `teacher_hidden` `[batch, length, hidden]` (stored dtype), `teacher_topk_ids` `[batch, length, k]` (int64),
@@ -74,13 +80,8 @@ def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torc
     if SAMPLE_IDS in features[0]:
         batch.update(_collate_samples(features, length))
     if TOPK_PACKED_IDS in features[0]:
-        # Bit streams, one per sample: zero-padded to the longest; `CachedTeacher` unpacks them.
-        rows = [torch.from_numpy(np.asarray(f[TOPK_PACKED_IDS]).astype(np.uint8)) for f in features]
-        packed = torch.zeros(len(rows), max(r.numel() for r in rows), dtype=torch.uint8)
-        for i, r in enumerate(rows):
-            packed[i, : r.numel()] = r
-        batch[TOPK_PACKED_IDS] = packed
-    skip = (SAMPLE_IDS, SAMPLE_COUNTS, TOPK_PACKED_IDS)
+        batch.update(_collate_compressed_topk(features, length))
+    skip = (SAMPLE_IDS, SAMPLE_COUNTS, TOPK_PACKED_IDS, TOPK_QUANTIZED)
     names = [name for name in TEACHER_COLUMNS if name in features[0] and name not in skip]
     for name in names:
         rows = []
@@ -88,7 +89,7 @@ def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torc
             tokens = len(f["input_ids"])
             value = _as_array(f[name], bf16_bits=name in (HIDDEN, TOPK_LOGPROBS, ENTROPY))
             rows.append(value.reshape(tokens) if name in (TOPK_REST, ENTROPY) else value.reshape(tokens, -1))
-        if name in (TOPK_IDS, TOPK_QUANTIZED):
+        if name == TOPK_IDS:
             rows = [r.long() for r in rows]
         elif name in (TOPK_LOGPROBS, TOPK_REST, ENTROPY):
             rows = [r.float() for r in rows]
@@ -198,14 +199,7 @@ class CachedTeacher(Teacher):
         return hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
 
     def _topk(self, columns: dict) -> tuple:
-        if self.info.get("compress"):
-            codes = columns[TOPK_QUANTIZED]  # [batch, length, k]
-            batch, length, k = codes.shape
-            ids = unpack_ids(columns[TOPK_PACKED_IDS], id_bits(self.info["vocab_size"]), length * k)
-            ids = ids.reshape(batch, length, k).clamp_max_(self.info["vocab_size"] - 1)  # padding decodes to junk
-            log_probs = dequantize_log_probs(codes, self.info["dtype"])
-        else:
-            ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]
+        ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]  # a compressed cache's, decoded by the collator
         return (
             ids.reshape(-1, ids.shape[-1]),
             log_probs.reshape(-1, log_probs.shape[-1]),

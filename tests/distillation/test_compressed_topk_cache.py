@@ -1,23 +1,26 @@
-"""The compressed top-k teacher cache (`cache_teacher(mode="topk", compress=True)`): bit-packed ids and quantised
-log-probabilities, within the stated error bound of the uncompressed cache."""
+"""The compressed top-k teacher cache (`cache_teacher(mode="topk", compress=True)`): quantised log-probabilities within
+the stated error bound of the uncompressed cache, ids and codes compressed losslessly."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from conftest import VOCAB_SIZE, tiny_model
+from conftest import tiny_model
 from test_teacher_cache import _args, _cache, _dataset, _loss_and_grads, _snapshot, _student
 
 from hf_minitron import DistillationTrainer
 from hf_minitron.distillation.teacher_cache import (
+    COMPRESS_CODEC,
     QUANTIZED_LOG_PROB_MIN,
     CachedTeacher,
+    decode_topk,
     dequantize_log_probs,
+    encode_topk,
     id_bits,
-    pack_ids,
     quantize_log_probs,
-    unpack_ids,
 )
+from hf_minitron.distillation.teacher_cache_format import metadata_hash
 from hf_minitron.distillation.trainer import DataCollatorForDistillation
 
 
@@ -26,15 +29,43 @@ BOUND = {dtype: -QUANTIZED_LOG_PROB_MIN / (2 * (2**bits - 1)) for dtype, bits in
 FP32_ROUNDING = 4 * -QUANTIZED_LOG_PROB_MIN * 2**-24
 
 
-@pytest.mark.parametrize("vocab", [96, 49152, 2**16, 2**16 + 1])
-def test_ids_round_trip_through_the_bit_stream(vocab):
-    assert id_bits(vocab) == {96: 7, 49152: 16, 2**16: 16, 2**16 + 1: 17}[vocab]
-    ids = torch.randint(0, vocab, (13, 5), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("vocab", [96, 49152, 2**16, 2**16 + 1, 2**24 + 1])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_top_k_streams_round_trip(vocab, dtype):
+    assert id_bits(vocab) == {96: 7, 49152: 16, 2**16: 16, 2**16 + 1: 17, 2**24 + 1: 25}[vocab]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (13, 5), generator=generator)
     ids[0, 0] = vocab - 1
-    packed = pack_ids(ids, id_bits(vocab))
-    assert packed.nbytes == -(-ids.numel() * id_bits(vocab) // 8)
-    padded = torch.cat([torch.from_numpy(packed), torch.zeros(3, dtype=torch.uint8)])  # as the collator pads
-    assert torch.equal(unpack_ids(padded, id_bits(vocab), ids.numel()).reshape(13, 5), ids)
+    # Rank-ordered (descending) log-probabilities, as top-k gives them; one row out of order and one beyond the
+    # quantised range, which the modular differences must carry too.
+    log_p = torch.rand(13, 5, generator=generator).mul(-30).sort(-1, descending=True).values
+    log_p[3] = log_p[3].flip(0)
+    codes = quantize_log_probs(log_p, dtype)
+    packed_ids, packed_codes = encode_topk(ids, codes, vocab)
+    restored_ids, restored = decode_topk(packed_ids, packed_codes, 13)
+    assert torch.equal(restored_ids, ids)
+    assert torch.equal(restored, dequantize_log_probs(torch.from_numpy(codes.astype("int64")), dtype))
+
+
+def test_top_k_codes_compress_and_ids_do_not_grow():
+    # Log-probabilities falling with the rank: the differences between ranks are small, zstd codes them in a few
+    # bits. Ids drawn uniformly carry 16 bits each: the stream must not grow beyond its header and zstd's framing
+    # (what a real teacher's ids gain is measured in benchmarks/cache_modes.py).
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2**16, (256, 64), generator=generator)
+    log_p = torch.linspace(-0.5, -12, 64).expand(256, 64) + torch.rand(256, 64, generator=generator) * 0.1
+    log_p = log_p.sort(-1, descending=True).values
+    packed_ids, packed_codes = encode_topk(ids, quantize_log_probs(log_p, "uint8"), 2**16)
+    assert packed_codes.nbytes < 0.5 * ids.numel()
+    assert packed_ids.nbytes < 1.01 * ids.numel() * 2
+
+
+def test_a_damaged_stream_is_refused():
+    packed_ids, packed_codes = encode_topk(torch.arange(12).reshape(3, 4), np.zeros((3, 4), np.uint8), 96)
+    with pytest.raises(ValueError, match="damaged"):
+        decode_topk(packed_ids, packed_codes, 5)
+    with pytest.raises(ValueError, match="damaged"):
+        decode_topk(packed_ids[:1], packed_codes, 3)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])
@@ -61,11 +92,11 @@ def test_compressed_cache_is_the_top_k_cache_within_the_bound(tmp_path, dtype):
     assert torch.equal(packed_ids, ids) and torch.equal(packed_rest, rest)
     assert (quantised - log_p).abs().max() <= BOUND[dtype] + FP32_ROUNDING
     infos = {n: json.loads((tmp_path / n / "teacher_cache.json").read_text()) for n in ("exact", dtype)}
-    value_bytes = {"uint8": 1, "uint16": 2}[dtype]
-    # Exactly: K ids of ceil(log2(96)) = 7 bits, K quantised values, the rest's fp32 log-mass (a byte-aligned stream
-    # per sample adds under a byte per sample).
-    payload = k * (id_bits(VOCAB_SIZE) / 8 + value_bytes) + 4
-    assert payload <= infos[dtype]["teacher_bytes_per_token"] <= payload + 1 / 10
+    assert infos[dtype]["compress"] == COMPRESS_CODEC
+    # The rest's fp32 log-mass plus the streams, which cannot beat the information in a random tiny teacher's top-k
+    # by much: at least a few bits per entry, and less than the raw ids and values.
+    raw = k * (1 + {"uint8": 1, "uint16": 2}[dtype]) + 4
+    assert 4 + k / 2 < infos[dtype]["teacher_bytes_per_token"] < raw
     assert infos[dtype]["teacher_bytes_per_token"] < infos["exact"]["teacher_bytes_per_token"] == k * 6 + 4
 
 
@@ -99,3 +130,14 @@ def test_compress_arguments_are_checked(tmp_path):
     _cache(teacher, data, tmp_path / "cache", mode="topk", top_k=4)
     with pytest.raises(ValueError, match="other settings .*compress"):
         _cache(teacher, data, tmp_path / "cache", mode="topk", top_k=4, compress=True, dtype="uint8")
+
+
+def test_a_cache_in_the_earlier_bit_packed_format_is_refused(tmp_path):
+    teacher, data = tiny_model("llama"), _dataset()
+    cache = _cache(teacher, data, tmp_path / "cache", mode="topk", top_k=4, compress=True, dtype="uint8")
+    path = tmp_path / "cache" / "teacher_cache.json"
+    info = json.loads(path.read_text())
+    info["compress"] = True  # as the earlier version wrote it, with its hash
+    path.write_text(json.dumps(info | {"metadata_hash": metadata_hash(info)}))
+    with pytest.raises(ValueError, match="earlier format .*overwrite"):
+        CachedTeacher.from_dataset(cache)
