@@ -1,6 +1,7 @@
 """The compressed top-k teacher cache (`cache_teacher(mode="topk", compress=True)`): quantised log-probabilities within
 the stated error bound of the uncompressed cache, ids and codes compressed losslessly."""
 
+import copy
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 from conftest import tiny_model
 from test_teacher_cache import _args, _cache, _dataset, _loss_and_grads, _snapshot, _student
 
-from hf_minitron import DistillationTrainer
+import hf_minitron.distillation.teacher_cache_writer as teacher_cache_writer
+from hf_minitron import DistillationTrainer, load_teacher_cache
 from hf_minitron.distillation.teacher_cache import (
     COMPRESS_CODEC,
     QUANTIZED_LOG_PROB_MIN,
@@ -141,3 +143,33 @@ def test_a_cache_in_the_earlier_bit_packed_format_is_refused(tmp_path):
     path.write_text(json.dumps(info | {"metadata_hash": metadata_hash(info)}))
     with pytest.raises(ValueError, match="earlier format .*overwrite"):
         CachedTeacher.from_dataset(cache)
+
+
+def test_interrupted_compressed_write_resumes_to_the_same_cache_and_refuses_another_teacher(tmp_path, monkeypatch):
+    teacher, data = tiny_model("llama"), _dataset(n=10)
+    settings = dict(mode="topk", top_k=6, compress=True, dtype="uint8")
+    reference = _cache(teacher, data, tmp_path / "reference", **settings)
+    real, written = teacher_cache_writer._write_shard, []
+
+    def dies_at_the_third_shard(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(args[2].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", dies_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _cache(teacher, data, tmp_path / "cache", **settings)
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(teacher_cache_writer, "_write_shard", real)
+    cache = _cache(teacher, data, tmp_path / "cache", **settings)
+    for i in range(len(data)):
+        for column in cache.column_names:
+            np.testing.assert_array_equal(cache[i][column], reference[i][column])
+    corrected = copy.deepcopy(teacher)
+    with torch.no_grad():
+        corrected.model.layers[1].mlp.down_proj.weight.add_(1e-2)
+    with pytest.raises(ValueError, match="another teacher"):
+        load_teacher_cache(tmp_path / "cache", teacher=corrected)
+    with pytest.raises(ValueError, match="other data"):
+        load_teacher_cache(tmp_path / "cache", dataset=_dataset(seed=1))
