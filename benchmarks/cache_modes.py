@@ -52,11 +52,12 @@ CACHE_MODES = {
     "topk128": dict(mode="topk", top_k=128),
     "topk128_uint8": dict(mode="topk", top_k=128, compress=True, dtype="uint8"),
     "sampled12": dict(mode="sampled", num_samples=12),
+    "sampled24": dict(mode="sampled", num_samples=24),
     "sampled32": dict(mode="sampled", num_samples=32),
 }
-QUALITY_ARMS = ["live", "sampled12", "topk64_uint8", "sampled32", "topk128_uint8", "topk64", "ce"]
+QUALITY_ARMS = ["live", "sampled12", "topk64_uint8", "sampled32", "topk128_uint8", "topk64", "ce", "sampled24"]
 STUDENT = dict(hidden_size=288, intermediate_size=768, num_attention_heads=6, layers_to_drop=list(range(5, 25)))
-TARGETS = {"sampled12": 40, "topk64_uint8": 150}  # bytes per token
+TARGETS = {"sampled12": 40, "sampled24": 40, "topk64_uint8": 150}  # bytes per token
 
 
 # ---------------------------------------------------------------------------------------------- the teacher, once
@@ -120,14 +121,15 @@ def _args(output_dir, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- 1. bytes per token
-def write_caches(teacher, tokenizer, train, memo) -> dict:
+def write_caches(teacher, tokenizer, train, memo, modes) -> dict:
     from hf_minitron import cache_teacher
     from hf_minitron.distillation.teacher_cache import read_cache_info
 
     shutil.rmtree(CACHES, ignore_errors=True)
     result, caches = {}, {}
     with memo:
-        for name, settings in CACHE_MODES.items():
+        for name in modes:
+            settings = CACHE_MODES[name]
             cache = cache_teacher(teacher, train, CACHES / name, tokenizer=tokenizer, show_progress=False, **settings)
             info = read_cache_info(CACHES / name)
             result[name] = {
@@ -165,7 +167,7 @@ def read_time(cache, batch_size: int = 4) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- 2. step time
-def speed(teacher, student, train, batch_size: int, warmup: int, rounds: int) -> dict:
+def speed(teacher, student, train, batch_size: int, warmup: int, rounds: int, modes=tuple(CACHE_MODES)) -> dict:
     import torch
 
     from hf_minitron import DistillationTrainer, load_teacher_cache
@@ -199,7 +201,7 @@ def speed(teacher, student, train, batch_size: int, warmup: int, rounds: int) ->
 
         return step
 
-    methods = ["ce", "live", *CACHE_MODES]
+    methods = ["ce", "live", *modes]
     for name in methods:
         steps[name] = make(name)
     seconds = {m: [] for m in methods}
@@ -244,7 +246,19 @@ def kl_to_teacher(student, validation, teacher_hidden, head, batch_size: int = 4
     return total / count
 
 
-def quality(teacher, student, train, validation, memo, steps, batch_size, learning_rate, seeds, progress=None) -> dict:
+def quality(
+    teacher,
+    student,
+    train,
+    validation,
+    memo,
+    steps,
+    batch_size,
+    learning_rate,
+    seeds,
+    progress=None,
+    arms=QUALITY_ARMS,
+) -> dict:
     import torch
     from _common import held_out_loss
 
@@ -260,9 +274,9 @@ def quality(teacher, student, train, validation, memo, steps, batch_size, learni
         "arms": {},
     }  # fmt: skip
     tmp = tempfile.mkdtemp()
-    runs = {arm: {"heldout_loss": [], "kl_to_teacher": [], "train_seconds": []} for arm in QUALITY_ARMS}
+    runs = {arm: {"heldout_loss": [], "kl_to_teacher": [], "train_seconds": []} for arm in arms}
     for seed in seeds:  # seeds outermost: a run cut short still has every arm at the seeds it finished
-        for arm in QUALITY_ARMS:
+        for arm in arms:
             model = copy.deepcopy(student).train().requires_grad_(True)
             extra = dict(kd_loss_weight=0.0, ce_loss_weight=1.0) if arm == "ce" else {}
             args = _args(tmp, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
@@ -357,6 +371,8 @@ def verdicts(results: dict) -> list[str]:
     q = results.get("quality")
     if b:
         for name, limit in TARGETS.items():
+            if name not in b:
+                continue
             value = b[name]["bytes_per_token"]
             lines.append(
                 f"{name}: {value:.1f} bytes/token (teacher values {b[name]['teacher_bytes_per_token']:.1f}) "
@@ -364,7 +380,7 @@ def verdicts(results: dict) -> list[str]:
             )
     if q:
         exact = q["arms"]["live"]["heldout_loss"]
-        for arm in ("sampled12", "sampled32", "topk64", "topk64_uint8", "topk128_uint8"):
+        for arm in ("sampled12", "sampled24", "sampled32", "topk64", "topk64_uint8", "topk128_uint8"):
             if arm not in q["arms"]:
                 lines.append(f"{arm}: not finished on every seed of exact KD, left out")
                 continue
@@ -387,7 +403,7 @@ def print_tables(results: dict) -> None:
     if s:
         r = s["over_ce"]["live"]
         print(f"| live teacher | - | - | - | {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |")
-    for name in CACHE_MODES:
+    for name in b:
         ratio = "-"
         if s:
             r = s["over_ce"][name]
@@ -496,6 +512,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--modes", help=f"Comma-separated caches to write (default: all of {list(CACHE_MODES)}).")
+    parser.add_argument(
+        "--arms", help=f"Comma-separated quality arms (default: all of {QUALITY_ARMS}; 'live' always)."
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
         "--seed-list", help="Comma-separated seeds (instead of 0 .. --seeds - 1): one process per seed, then --merge."
@@ -507,6 +527,8 @@ def main():
     parser.add_argument("--output", default=str(RESULTS / "cache_modes.json"))
     args = parser.parse_args()
     args.seed_list = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    args.modes = args.modes.split(",") if args.modes else list(CACHE_MODES)
+    args.arms = ["live", *[a for a in args.arms.split(",") if a != "live"]] if args.arms else QUALITY_ARMS
     if args.merge:
         from hf_minitron.io import atomic_write_json
 
@@ -569,7 +591,8 @@ def main():
 
         CACHES = Path(args.caches)
         results["bytes"] = {}
-        for name, settings in CACHE_MODES.items():
+        for name in args.modes:
+            settings = CACHE_MODES[name]
             info = read_cache_info(CACHES / name)
             results["bytes"][name] = {"settings": settings, "read_from": str(CACHES / name)} | {
                 key: info[key] for key in ("bytes_per_token", "teacher_bytes_per_token", "bytes", "tokens")
@@ -577,9 +600,11 @@ def main():
     else:
         with memo:
             timed("teacher pass", memo.fill, [train[i] for i in range(len(train))])
-        results["bytes"] = timed("bytes", write_caches, teacher, tokenizer, train, memo)
+        results["bytes"] = timed("bytes", write_caches, teacher, tokenizer, train, memo, args.modes)
     if not args.skip_speed:
-        results["speed"] = timed("speed", speed, teacher, student, train, args.batch_size, args.warmup, args.rounds)
+        results["speed"] = timed(
+            "speed", speed, teacher, student, train, args.batch_size, args.warmup, args.rounds, args.modes
+        )
     if not args.skip_quality:
         seeds = args.seed_list
         from hf_minitron.io import atomic_write_json
@@ -591,7 +616,7 @@ def main():
 
         steps = args.max_steps or args.steps
         results["quality"] = timed("quality", quality, teacher, student, train, validation, memo, steps,
-                                   args.batch_size, args.learning_rate, seeds, progress)  # fmt: skip
+                                   args.batch_size, args.learning_rate, seeds, progress, args.arms)  # fmt: skip
     results["verdicts"] = verdicts(results)
     results["seconds"] = timings
     results["wall_seconds"] = time.time() - started
