@@ -155,14 +155,15 @@ def write_caches(teacher, tokenizer, train, memo, modes) -> dict:
 
 
 def read_time(cache, batch_size: int = 4) -> float:
-    """Seconds per batch to read a cache as the trainer does: rows from the Arrow shards, then the collator (which
-    decodes a compressed cache's streams), over the whole cache."""
+    """Seconds per batch to read a cache as the trainer does: a batch of rows from the Arrow shards (`__getitems__`, as
+    PyTorch's DataLoader fetches from a `datasets.Dataset`), then the collator (which decodes a compressed cache's
+    streams), over the whole cache."""
     from hf_minitron.distillation.trainer import DataCollatorForDistillation
 
     collator = DataCollatorForDistillation()
     start = time.perf_counter()
     for first in range(0, len(cache), batch_size):
-        collator([cache[i] for i in range(first, min(first + batch_size, len(cache)))])
+        collator(cache.__getitems__(list(range(first, min(first + batch_size, len(cache))))))
     return (time.perf_counter() - start) / -(-len(cache) // batch_size)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -439,17 +440,17 @@ def id_bits(vocab_size: int) -> int:
 # zstd through pyarrow (which `datasets` already needs): it decodes 4-6x faster than zlib at the same size on top-k
 # ids (measured on the embedded SmolLM2); level 9 is within 1% of level 19's size and writes several times faster.
 ZSTD_LEVEL = 9
-_HEADER = np.dtype([("width", "u1"), ("count", "<u4")])
+_HEADER = struct.Struct("<BI")  # the values' width in bytes, their number
+# Ends every stream: `datasets`' numpy formatting returns a binary value as `numpy.bytes_`, which drops trailing NUL
+# bytes, and a zstd frame may end in one.
+_END = b"\x01"
 
 
-def _compress(values: np.ndarray, width: int) -> np.ndarray:
+def _compress(values: np.ndarray, width: int) -> bytes:
     """`values` (non-negative, each `< 256**width`, `width` 1, 2 or 4) as little-endian `width`-byte integers,
-    zstd-compressed after a 5-byte header (`width`, the number of values): a uint8 array."""
-
+    zstd-compressed, after a 5-byte header (`width`, the number of values) and before a terminator byte."""
     raw = np.ascontiguousarray(values.reshape(-1), dtype=f"<u{width}")
-    header = np.array([(width, raw.size)], dtype=_HEADER).view(np.uint8)
-    body = _zstd().compress(raw.tobytes(), asbytes=True)
-    return np.concatenate([header, np.frombuffer(body, dtype=np.uint8)])
+    return _HEADER.pack(width, raw.size) + _zstd().compress(raw.tobytes(), asbytes=True) + _END
 
 
 def _decompress(blobs: list) -> tuple[np.ndarray, list[int]]:
@@ -458,13 +459,15 @@ def _decompress(blobs: list) -> tuple[np.ndarray, list[int]]:
     concatenation of their contents, and the call's overhead is most of the cost of a blob of a few thousand values."""
     import pyarrow as pa
 
-    raws = [np.asarray(blob, dtype=np.uint8) for blob in blobs]
-    widths = {int(raw[0]) if raw.size > _HEADER.itemsize else 0 for raw in raws}
+    blobs = [bytes(blob) for blob in blobs]
+    if any(len(blob) <= _HEADER.size + len(_END) or not blob.endswith(_END) for blob in blobs):
+        raise ValueError("A compressed top-k column holds no valid stream: the cache is damaged, rewrite it.")
+    headers = [_HEADER.unpack_from(blob) for blob in blobs]
+    widths = {width for width, _ in headers}
     if len(widths) != 1 or not widths <= {1, 2, 4}:
         raise ValueError("A compressed top-k column holds no valid stream: the cache is damaged, rewrite it.")
-    width = widths.pop()
-    counts = [int.from_bytes(raw[1 : _HEADER.itemsize].tobytes(), "little") for raw in raws]
-    body = np.concatenate([raw[_HEADER.itemsize :] for raw in raws])
+    width, counts = widths.pop(), [count for _, count in headers]
+    body = b"".join(blob[_HEADER.size : -len(_END)] for blob in blobs)
     try:
         values = _zstd().decompress(pa.py_buffer(body), sum(counts) * width)
     except (OSError, ValueError) as error:
@@ -518,16 +521,22 @@ def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, 
         raise ValueError(
             "A compressed top-k batch mixes samples of different top_k: the cache is damaged, rewrite it."
         )
-    ids = np.zeros((len(samples), length, k), dtype=np.int64)
-    steps = np.zeros((len(samples), length, k), dtype=all_steps.dtype)
-    start = 0
-    for i, t in enumerate(tokens):
-        ids[i, :t] = all_ids[start : start + t * k].reshape(t, k)
-        steps[i, :t] = all_steps[start : start + t * k].reshape(t, k)
-        start += t * k
-    # In the codes' own unsigned dtype the running sum wraps modulo 2**bits, as the differences were taken: the first
-    # rank's code less the differences after it.
-    codes = 2 * steps[..., :1] - np.cumsum(steps, axis=-1, dtype=steps.dtype)
+    if all(t == length for t in tokens):  # packed samples, the usual case: no padding to make
+        ids = all_ids.reshape(len(samples), length, k).astype(np.int64)
+        steps = all_steps.reshape(len(samples), length, k)
+    else:
+        ids = np.zeros((len(samples), length, k), dtype=np.int64)
+        steps = np.zeros((len(samples), length, k), dtype=all_steps.dtype)
+        start = 0
+        for i, t in enumerate(tokens):
+            ids[i, :t] = all_ids[start : start + t * k].reshape(t, k)
+            steps[i, :t] = all_steps[start : start + t * k].reshape(t, k)
+            start += t * k
+    # The first rank's code less the differences after it, modulo 2**bits as the differences were taken (int32 sums
+    # are faster than numpy's narrow ones; should they wrap, they wrap modulo 2**32, a multiple of 2**bits).
+    levels = np.iinfo(steps.dtype).max
+    sums = np.cumsum(steps, axis=-1, dtype=np.int32)
+    codes = (2 * sums[..., :1] - sums) & levels
     return torch.from_numpy(ids), torch.from_numpy(_dequantization_table(steps.dtype.name)[codes])
 
 
@@ -568,7 +577,7 @@ def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool, compress:
     if mode == "hidden":
         columns[HIDDEN] = List(Value(stored))
     elif compress:
-        columns.update({TOPK_PACKED_IDS: List(Value("uint8")), TOPK_QUANTIZED: List(Value("uint8")), TOPK_REST: List(Value("float32"))})  # fmt: skip
+        columns.update({TOPK_PACKED_IDS: Value("binary"), TOPK_QUANTIZED: Value("binary"), TOPK_REST: List(Value("float32"))})  # fmt: skip
     elif mode == "sampled":
         columns.update({SAMPLE_IDS: List(Value(id_dtype)), SAMPLE_COUNTS: List(Value("uint8")), ENTROPY: List(Value(stored))})  # fmt: skip
     else:

@@ -168,9 +168,11 @@ def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.to("cpu", getattr(torch, dtype)).numpy()
 
 
-def _list_array(parts: list[np.ndarray]):
+def _list_array(parts: list):
     import pyarrow as pa
 
+    if parts and isinstance(parts[0], bytes):  # a compressed stream per sample
+        return pa.array(parts, type=pa.binary())
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum([p.size for p in parts], out=offsets[1:])
     if offsets[-1] >= 2**31:
@@ -236,7 +238,11 @@ def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> 
                         columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
                         columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
                     columns[TOPK_REST] = np.split(rest.cpu().numpy().astype(np.float32), splits)
-                teacher_bytes += sum(part.nbytes for name in TEACHER_COLUMNS for part in columns.get(name, ()))
+                teacher_bytes += sum(
+                    len(part) if isinstance(part, bytes) else part.nbytes
+                    for name in TEACHER_COLUMNS
+                    for part in columns.get(name, ())
+                )
                 arrays = [_list_array(columns[name]) for name in features]
                 writer.write_table(pa.Table.from_arrays(arrays, names=list(features)))
             writer.finalize()

@@ -58,8 +58,8 @@ def test_top_k_codes_compress_and_ids_do_not_grow():
     log_p = torch.linspace(-0.5, -12, 64).expand(256, 64) + torch.rand(256, 64, generator=generator) * 0.1
     log_p = log_p.sort(-1, descending=True).values
     packed_ids, packed_codes = encode_topk(ids, quantize_log_probs(log_p, "uint8"), 2**16)
-    assert packed_codes.nbytes < 0.5 * ids.numel()
-    assert packed_ids.nbytes < 1.01 * ids.numel() * 2
+    assert len(packed_codes) < 0.5 * ids.numel()
+    assert len(packed_ids) < 1.01 * ids.numel() * 2
 
 
 def test_a_damaged_stream_is_refused():
@@ -68,6 +68,24 @@ def test_a_damaged_stream_is_refused():
         decode_topk(packed_ids, packed_codes, 5)
     with pytest.raises(ValueError, match="damaged"):
         decode_topk(packed_ids[:1], packed_codes, 3)
+    with pytest.raises(ValueError, match="damaged"):
+        decode_topk(packed_ids[:-1], packed_codes, 3)  # cut short: its terminator is gone
+    with pytest.raises(ValueError, match="damaged"):
+        decode_topk(packed_ids[:-5] + packed_ids[-1:], packed_codes, 3)
+
+
+def test_streams_survive_numpy_bytes_which_drop_trailing_nuls():
+    # `datasets` formats a binary value as numpy.bytes_, which loses trailing NUL bytes: the terminator protects the
+    # stream's own last bytes, whatever they are.
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    packed_ids, packed_codes = encode_topk(ids, np.zeros((4, 3), np.uint8), 96)
+
+    def as_formatted(blob):  # an element of a fixed-width bytes array, as `datasets` returns it
+        return np.array([blob, b""])[0]
+
+    assert as_formatted(b"ab\x00\x00") == b"ab"  # the loss it guards against
+    restored_ids, restored = decode_topk(as_formatted(packed_ids), as_formatted(packed_codes), 4)
+    assert torch.equal(restored_ids, ids) and restored.eq(QUANTIZED_LOG_PROB_MIN).all()
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])
