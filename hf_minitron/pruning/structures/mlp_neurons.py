@@ -217,7 +217,12 @@ def complete_target(config, model_config, target: dict) -> None:
 
 
 def allocate_widths(
-    scores: list[torch.Tensor], total: int, source: list[int], multiple: int = 8, floor: int = 0
+    scores: list[torch.Tensor],
+    total: int,
+    source: list[int],
+    multiple: int = 8,
+    floor: int = 0,
+    normalise: bool = True,
 ) -> list[int]:
     """Each layer's MLP width when `total` neurons are shared out by importance (`mlp_width_allocation="global"`).
 
@@ -239,11 +244,14 @@ def allocate_widths(
         source (`list[int]`): each layer's width (its most).
         multiple (`int`, *optional*, defaults to `8`): each width is a multiple of it (or the source width).
         floor (`int`, *optional*, defaults to `0`): the fewest neurons a layer keeps.
+        normalise (`bool`, *optional*, defaults to `True`): divide each layer's scores by their mean; `False` ranks
+            the raw scores (the ablation of `benchmarks/per_layer_widths.py`).
 
     Returns:
         `list[int]`: each layer's width.
     """
-    normalised = [s.float() / s.float().mean().clamp_min(torch.finfo(torch.float32).tiny) for s in scores]
+    tiny = torch.finfo(torch.float32).tiny
+    normalised = [s.float() / (s.float().mean().clamp_min(tiny) if normalise else 1) for s in scores]
     ranked = [torch.sort(s, descending=True).values for s in normalised]
     widths = [min(floor, width) for width in source]
     blocks = []  # (mean normalised score, layer, size), in ranking order within a layer
