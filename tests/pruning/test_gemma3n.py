@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from hf_minitron import PrunedConfig, count_parameters, prune_model
 from hf_minitron.architectures import get_decoder_layers
 from hf_minitron.pruning.candidates import searched_axes
+from hf_minitron.pruning.summary import shape_summary
 
 
 IDS = torch.arange(3, 19)[None]
@@ -196,3 +197,11 @@ def test_a_model_of_different_widths_is_not_pruned_again():
     model = _no_forward(tiny_model(FAMILY, intermediate_size=[64, 32, 64, 64]))
     with pytest.raises(ValueError, match=r"already differ by layer \(\[64, 32, 64, 64\]\)"):
         prune_model(model, PrunedConfig(num_attention_heads=2), random_samples(8))
+
+
+def test_summary_counts_the_per_layer_embeddings_as_embeddings_and_lists_the_widths():
+    model = tiny_model(FAMILY)
+    prune_model(model, PrunedConfig(intermediate_size_per_layer=[64, 32, 48, 16], **CALIBRATION), random_samples(8))
+    summary = shape_summary(model)
+    assert summary["intermediate_size"] == 64 and summary["intermediate_size_per_layer"] == [64, 32, 48, 16]
+    assert summary["parameters"]["non_embedding"] == count_parameters(model.config, count="non_embedding")

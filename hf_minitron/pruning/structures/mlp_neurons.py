@@ -79,7 +79,7 @@ FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "mlp"
 AXES = (SearchAxis("intermediate_size", "mlp", "MLP", multiple_default=64, cap=True),)
 CARD_ROWS = {"intermediate_size": "MLP intermediate size"}
-SUMMARY = FIELDS
+SUMMARY = (*FIELDS, PER_LAYER)  # the per-layer widths where they differ (see `shape`)
 RECORD = ("neurons",)
 _FIELD = FIELDS[0]
 
