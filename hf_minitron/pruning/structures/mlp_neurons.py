@@ -37,9 +37,9 @@ CONFIG_FIELDS = (
     ),
     ConfigField(
         PER_LAYER,
-        doc="""A target MLP width for each layer, one entry per layer (instead of `intermediate_size`), for the families
-whose stock modelling reads one width per layer (Gemma 3n's list-valued `intermediate_size`); refused for the
-others, whose pruned model would not reload.""",
+        doc="""A target MLP width for each layer, one entry per layer (instead of `intermediate_size`), for the
+families whose stock modelling reads one width per layer (Gemma 3n's list-valued `intermediate_size`); refused
+for the others, whose pruned model would not reload.""",
         help="Target MLP width of each layer (families with per-layer widths: Gemma 3n).",
         type=list[int] | None,
         target=False,
@@ -48,10 +48,10 @@ others, whose pruned model would not reload.""",
     ConfigField(
         "mlp_width_allocation",
         doc="""How `intermediate_size` is met: `"uniform"` (the papers: every layer keeps that many neurons) or
-`"global"` (beyond the papers: every layer's neurons are ranked together, each layer's scores divided by their mean,
-and the top `intermediate_size x layers` are kept, each layer's width a multiple of `mlp_width_multiple` and at least
-`mlp_width_floor x intermediate_size`: the same parameter budget, widths chosen by importance). `"global"` only for
-the families whose modelling reads per-layer widths.""",
+`"global"` (beyond the papers: every layer's neurons are ranked together, each layer's scores divided by
+their mean, and the top `intermediate_size x layers` are kept, each layer's width a multiple of
+`mlp_width_multiple` and at least `mlp_width_floor x intermediate_size`: the same parameter budget, widths
+chosen by importance). `"global"` only for the families whose modelling reads per-layer widths.""",
         help="MLP widths: 'uniform' (every layer alike) or 'global' (importance chooses each layer's, same budget).",
         type=str,
         default="uniform",
