@@ -204,6 +204,19 @@ class ArchitectureSpec:
         mlp_width_field (`str`):
             The config field of the dense MLP's width, which `PrunedConfig.intermediate_size` targets (Llama 4:
             `intermediate_size_mlp`, its `intermediate_size` being the experts' width).
+        mlp_width_per_layer (`bool`):
+            The stock modelling reads `mlp_width_field` as a list, one width per layer (Gemma 3n's `intermediate_size`,
+            read as `config.intermediate_size[layer_idx]`): only then may the MLP widths differ by layer
+            (`PrunedConfig.intermediate_size_per_layer`, `mlp_width_allocation="global"`), since a model of another
+            family with different widths would not reload.
+        token_tables (`tuple[str, ...]`):
+            Other token-indexed tables of the base model, counted as embeddings (out of `count_parameters`'s
+            `"non_embedding"`): Gemma 3n's per-layer input embeddings (`embed_tokens_per_layer`,
+            `vocab_size_per_layer_input x (num_hidden_layers x hidden_size_per_layer_input)`), which its "effective"
+            sizes (E2B, E4B) leave out.
+        refused_targets (`tuple[tuple[str, str], ...]`):
+            `(PrunedConfig field, reason)` pairs: targets the family's structures cannot prune (yet), refused with the
+            reason before any work, and left out of its search axes.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -269,6 +282,9 @@ class ArchitectureSpec:
     experts_scale_input: bool = False
     moe_layers_field: str | None = None
     mlp_width_field: str = "intermediate_size"
+    mlp_width_per_layer: bool = False
+    token_tables: tuple[str, ...] = ()
+    refused_targets: tuple[tuple[str, str], ...] = ()
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 
@@ -364,6 +380,25 @@ _GATED_DELTANET_LAYER = dict(
     block_type_attribute="block_type",
     block_types_field="layer_types",
     block_types=(("attention", "full_attention"), ("deltanet", "linear_attention")),
+)
+
+# Why Gemma 3n's hidden size, depth and KV heads are not pruned: each names what would have to be sliced with them.
+_GEMMA3N_HIDDEN = (
+    "Gemma 3n's hidden channels are read and written by AltUp (its router, scaled by 1 / hidden_size at load, and the "
+    "altup_projections that mix every channel and match magnitudes over all of them), LAuReL and the per-layer-input "
+    "projections, and the reload rescales the per-layer projection by hidden_size**-0.5: slicing them consistently is "
+    "not implemented"
+)
+_GEMMA3N_DEPTH = (
+    "Gemma 3n's per-layer input embeddings (embed_tokens_per_layer and per_layer_model_projection hold "
+    "num_hidden_layers x hidden_size_per_layer_input columns / rows) and its KV sharing (the last num_kv_shared_layers "
+    "layers read the keys and values of the last earlier layer of their type) would have to be sliced and renumbered "
+    "with the layers: not implemented"
+)
+_GEMMA3N_KV_HEADS = (
+    "Gemma 3n's last num_kv_shared_layers layers have no key/value projections and read an earlier layer's keys and "
+    "values, so a KV head would have to be chosen once for the layers that share it: not implemented (query heads "
+    "are pruned: num_attention_heads)"
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -672,6 +707,31 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         "w2) in every layer; q/k layernorms over head_dim; head_dim written to the config; the saved "
         "intermediate_size is the built width (block_auto_adjust_ff_dim written False); the conv operators' channels, "
         "hidden_size of them, are scored and pruned to the pruned hidden size",
+    ),
+    # Gemma 3n's text model: Gemma 3's sandwich norms and q/k norms, with AltUp (the residual stream carried as
+    # altup_num_inputs predictions), LAuReL (a low-rank residual beside attention), per-layer input embeddings, the last
+    # num_kv_shared_layers layers reusing earlier layers' keys and values, and one MLP width per layer.
+    "gemma3n_text": ArchitectureSpec(
+        mlp_input_norm="pre_feedforward_layernorm",
+        embedding_scale_sqrt_hidden=True,
+        residual_norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+        mlp_width_per_layer=True,
+        token_tables=("embed_tokens_per_layer",),
+        refused_targets=tuple(
+            (name, _GEMMA3N_DEPTH) for name in ("num_hidden_layers", "layers_to_drop", "num_layers_by_type")
+        )
+        + (
+            ("hidden_size", _GEMMA3N_HIDDEN),
+            ("num_key_value_heads", _GEMMA3N_KV_HEADS),
+        ),
+        notes="Gemma 3n text: MLP neurons per layer (intermediate_size is a list; activation_sparsity_pattern's layers "
+        "cut at mean + k x std of the gate over the kept neurons) and query heads; hidden size, depth and KV heads "
+        "refused (AltUp, per-layer inputs, KV sharing)",
     ),
 }
 

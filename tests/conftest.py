@@ -164,6 +164,23 @@ HYBRID_OVERRIDES |= {
     ),
 }
 
+# Families whose modelling reads one MLP width per layer. Gemma 3n: AltUp over 4 streams, LAuReL of rank 4, per-layer
+# inputs of 8 channels, its last 2 layers reusing the keys and values of the first 2 (one sliding, one full); the
+# first layer's MLP sparsifies its gate (activation_sparsity_pattern), as the real model's first 10 layers do.
+PER_LAYER_ARCHITECTURE_NAMES = ["gemma3n_text"]
+PER_LAYER_OVERRIDES = {
+    "gemma3n_text": dict(
+        vocab_size_per_layer_input=VOCAB_SIZE,
+        hidden_size_per_layer_input=8,
+        laurel_rank=4,
+        altup_num_inputs=4,
+        num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=8,
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+    ),
+}
+
 
 def tiny_config(model_type: str = "llama", **overrides):
     """A tiny random config of `model_type`: hidden 32, 4 layers, 4 heads / 2 KV heads of dim 8, MLP 64."""
@@ -191,6 +208,7 @@ def tiny_config(model_type: str = "llama", **overrides):
         del kwargs["intermediate_size"]  # its config has none: every feed-forward block is a MoE block
     kwargs.update(MOE_OVERRIDES.get(model_type, {}))
     kwargs.update(HYBRID_OVERRIDES.get(model_type, {}))
+    kwargs.update(PER_LAYER_OVERRIDES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

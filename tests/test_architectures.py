@@ -1,12 +1,19 @@
 import pytest
-from conftest import ARCHITECTURE_NAMES, HYBRID_ARCHITECTURE_NAMES, MOE_ARCHITECTURE_NAMES
+from conftest import (
+    ARCHITECTURE_NAMES,
+    HYBRID_ARCHITECTURE_NAMES,
+    MOE_ARCHITECTURE_NAMES,
+    PER_LAYER_ARCHITECTURE_NAMES,
+)
 
 from hf_minitron import ARCHITECTURES, PrunedConfig, get_architecture, prune_model
 from hf_minitron.architectures import get_decoder_layers
 
 
 def test_every_supported_architecture_has_a_tiny_model_test():
-    assert sorted(ARCHITECTURES) == sorted(ARCHITECTURE_NAMES + MOE_ARCHITECTURE_NAMES + HYBRID_ARCHITECTURE_NAMES)
+    assert sorted(ARCHITECTURES) == sorted(
+        ARCHITECTURE_NAMES + MOE_ARCHITECTURE_NAMES + HYBRID_ARCHITECTURE_NAMES + PER_LAYER_ARCHITECTURE_NAMES
+    )
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)

@@ -159,6 +159,14 @@ class _PrunedConfigMethods:
 
         shape = model_shape(model_config)
         spec = ARCHITECTURES.get(model_config.model_type)
+        for name, reason in spec.refused_targets if spec is not None else ():
+            value = getattr(self, name)
+            if value is not None:
+                source = f" (the source's {name}={shape[name]})" if name in shape else ""
+                raise ValueError(
+                    f"PrunedConfig.{name}={value!r} is not supported for model_type={model_config.model_type!r}: "
+                    f"{reason}. Leave it None{source}."
+                )
         # First whether each target applies to this model, then whether it is within the source's size, then what
         # each structure asks of its targets; each step walks the structures in order, and the first error is raised.
         for structure in STRUCTURES:
@@ -181,6 +189,10 @@ class _PrunedConfigMethods:
         shape = model_shape(model_config)
         names = [name for name in target_fields() if name in shape]
         target = {name: getattr(self, name) or shape[name] for name in names}
+        for structure in STRUCTURES:  # sizes a target gives beyond its fields' (per-layer MLP widths)
+            complete = getattr(structure, "complete_target", None)
+            if complete is not None:
+                complete(self, model_config, target)
         if self.layers_to_drop is not None:
             target["num_hidden_layers"] = model_config.num_hidden_layers - len(self.layers_to_drop)
         elif self.num_layers_by_type is not None:

@@ -37,6 +37,9 @@ class _Term:
     per_layer: bool
     embedding: bool  # input embeddings or an untied output projection (excluded from "non_embedding")
     block_type: str | None = None  # a hybrid's per-layer term: counted once per layer of this block type
+    # The source layers that hold this parameter, when they are not all the layers of `block_type` (Gemma 3n's KV
+    # sharing: its last layers have no key/value projections); such a term is counted over those layers.
+    layers: tuple[int, ...] | None = None
 
 
 def _sizes(shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
@@ -44,6 +47,18 @@ def _sizes(shape: dict, spec: ArchitectureSpec) -> dict[str, int]:
     for structure in structures_of(spec):
         sizes.update(structure.count_sizes(shape))
     return sizes
+
+
+def _layer_sizes(shape: dict, spec: ArchitectureSpec) -> list[dict[str, int]] | None:
+    """Each layer's sizes when a structure's width differs by layer (Gemma 3n's MLP widths), else `None`."""
+    per_layer = None
+    for structure in structures_of(spec):
+        counted = getattr(structure, "count_sizes_per_layer", None)
+        layers = counted(shape) if counted is not None else None
+        if layers is not None:
+            base = per_layer or [_sizes(shape, spec) for _ in layers]
+            per_layer = [sizes | extra for sizes, extra in zip(base, layers)]
+    return per_layer
 
 
 def _layer_roles(spec: ArchitectureSpec, layer) -> dict[str, tuple[str, ...]]:
@@ -90,49 +105,54 @@ def _terms_from_json(
     output = model.get_output_embeddings()
     if output is not None:
         embedding_modules.add(module_names[id(output)])
-    final_norm = module_names[id(getattr(get_base_model(model), spec.final_norm))]
-    # Layers are grouped by block type (one group when they are alike): each group is described by its first layer.
+    base = get_base_model(model)
+    final_norm = module_names[id(getattr(base, spec.final_norm))]
+    token_tables = {module_names[id(getattr(base, name))] for name in spec.token_tables}
+    # Layers are grouped by block type (one group when they are alike) and by the parameters they hold (Gemma 3n's
+    # KV-sharing layers hold no key/value projections): each group is described by its first layer.
     kinds = [spec.block_type_of(layer) for layer in layers]
+    groups = [(kind, tuple(n for n, _ in layer.named_parameters())) for kind, layer in zip(kinds, layers)]
     first = {}
-    for index, kind in enumerate(kinds):
-        first.setdefault(kind, index)
+    for index, group in enumerate(groups):
+        first.setdefault(group, index)
+    split = len(first) > len(set(kinds))  # some block type's layers hold different parameters
     layer_roles = {}
-    for kind, index in first.items():
-        layer_roles[kind] = _layer_roles(spec, layers[index]) | {name: ("vocab", "h") for name in embedding_modules}
-        layer_roles[kind][final_norm] = ("h",)
-    roles = layer_roles[kinds[0]]
+    for group, index in first.items():
+        layer_roles[group] = _layer_roles(spec, layers[index]) | {name: ("vocab", "h") for name in embedding_modules}
+        layer_roles[group][final_norm] = ("h",)
+    roles = layer_roles[groups[0]]
 
-    layer_shapes = [[(n, tuple(p.shape)) for n, p in layer.named_parameters()] for layer in layers]
-    if any(shapes != layer_shapes[first[kind]] for shapes, kind in zip(layer_shapes, kinds)):
-        raise ValueError(
-            f"{type(model).__name__} has decoder layers of different shapes: count_parameters (and the architecture "
-            "search) assume identical layers (of each block type, in a hybrid)."
-        )
     vocab = model.get_input_embeddings().weight.shape[0]
-    sizes = _sizes(model_shape(model_config), spec) | {"vocab": vocab}
+    shape = model_shape(model_config)
+    sizes = _sizes(shape, spec) | {"vocab": vocab}
+    # Every layer is checked with its own sizes (its MLP width, where widths differ by layer).
+    layer_sizes = [s | {"vocab": vocab} for s in _layer_sizes(shape, spec) or [sizes] * len(layers)]
     terms = []
     # remove_duplicate (the default) yields a tied lm_head weight once, as the embedding.
     for name, param in model.named_parameters():
-        kind = None
+        kind = group = None
+        check_sizes = sizes
         if name.startswith(layers_prefix):
             index, _, local = name[len(layers_prefix) :].partition(".")
-            kind = kinds[int(index)]
-            if int(index) != first[kind]:
-                continue
+            index = int(index)
+            kind, group, check_sizes = kinds[index], groups[index], layer_sizes[index]
             module_path, _, param_name = local.rpartition(".")
             per_layer = True
         else:
             module_path, _, param_name = name.rpartition(".")
             per_layer = False
-        dims = _dims_for(module_path, param_name, tuple(param.shape), layer_roles[kind] if per_layer else roles)
+        dims = _dims_for(module_path, param_name, tuple(param.shape), layer_roles[group] if per_layer else roles)
         dims = tuple(vocab if d == "vocab" else d for d in dims)
-        if _evaluate(dims, sizes) != tuple(param.shape):
+        if _evaluate(dims, check_sizes) != tuple(param.shape):
             raise ValueError(
                 f"count_parameters cannot describe {name} of shape {tuple(param.shape)} with the roles of "
                 f"model_type={model_config.model_type!r} (expected {dims}): update its ArchitectureSpec."
             )
-        is_embedding = module_path in embedding_modules and param_name == "weight"
-        terms.append(_Term(name, dims, per_layer, is_embedding, kind))
+        if per_layer and index != first[group]:
+            continue
+        is_embedding = module_path in embedding_modules | token_tables and param_name == "weight"
+        members = tuple(i for i, g in enumerate(groups) if g == group) if per_layer and split else None
+        terms.append(_Term(name, dims, per_layer, is_embedding, kind, members))
     return tuple(terms), len(layers)
 
 
@@ -154,7 +174,7 @@ def parameter_counter(model_config, spec: ArchitectureSpec | None = None):
         block_types = _block_types(
             model_config, spec, shape["num_hidden_layers"], None, shape.get("num_layers_by_type")
         )
-        return _count(terms, shape, spec, block_types)
+        return _count(terms, shape, spec, block_types, model_config.num_hidden_layers)
 
     return counter
 
@@ -187,29 +207,55 @@ def _block_types(
     return kinds
 
 
+def _product(dims: tuple, sizes: dict[str, int]) -> int:
+    n = 1
+    for d in _evaluate(dims, sizes):
+        n *= d
+    return n
+
+
 def _count(
-    terms: tuple[_Term, ...], shape: dict, spec: ArchitectureSpec, block_types: list[str] | None = None
+    terms: tuple[_Term, ...],
+    shape: dict,
+    spec: ArchitectureSpec,
+    block_types: list[str] | None = None,
+    source_layers: int | None = None,
 ) -> dict[str, int]:
     layer_counts = Counter(block_types or ())
     sizes = _sizes(shape, spec)
-    # Active parameters (what one token runs through): only num_experts_per_tok routed experts per layer; the router
-    # still scores every expert. Equal to the total for dense families.
-    active_sizes = sizes | ({"E": shape["num_experts_per_tok"]} if "E" in sizes else {})
-    total = embedding = active = 0
+    layer_sizes = _layer_sizes(shape, spec)
+    if (layer_sizes is not None or any(t.layers is not None for t in terms)) and (
+        shape["num_hidden_layers"] != source_layers
+    ):
+        raise ValueError(
+            f"count_parameters counts this model_type's layers one by one (their sizes or parameters differ by layer), "
+            f"so it cannot count num_hidden_layers={shape['num_hidden_layers']} of the source's {source_layers}: "
+            "depth pruning is not supported for this family. Leave num_hidden_layers None."
+        )
+
+    def active(sizes):
+        # Active parameters (what one token runs through): only num_experts_per_tok routed experts per layer; the
+        # router still scores every expert. Equal to the total for dense families.
+        return sizes | ({"E": shape["num_experts_per_tok"]} if "E" in sizes else {})
+
+    total = embedding = active_total = 0
     for term in terms:
-        n = a = 1
-        for d, d_active in zip(_evaluate(term.dims, sizes), _evaluate(term.dims, active_sizes)):
-            n *= d
-            a *= d_active
-        if term.per_layer:
-            layers = shape["num_hidden_layers"] if term.block_type is None else layer_counts[term.block_type]
-            n *= layers
-            a *= layers
+        if term.per_layer and (layer_sizes is not None or term.layers is not None):
+            indices = term.layers if term.layers is not None else range(shape["num_hidden_layers"])
+            per = [layer_sizes[i] if layer_sizes is not None else sizes for i in indices]
+            n = sum(_product(term.dims, s) for s in per)
+            a = sum(_product(term.dims, active(s)) for s in per)
+        else:
+            n, a = _product(term.dims, sizes), _product(term.dims, active(sizes))
+            if term.per_layer:
+                layers = shape["num_hidden_layers"] if term.block_type is None else layer_counts[term.block_type]
+                n *= layers
+                a *= layers
         total += n
-        active += a
+        active_total += a
         if term.embedding:
             embedding += n
-    return {"total": total, "non_embedding": total - embedding, "active": active}
+    return {"total": total, "non_embedding": total - embedding, "active": active_total}
 
 
 def dtype_size(dtype: str | torch.dtype) -> int:
@@ -258,7 +304,7 @@ def count_parameters(
     layers_to_drop = pruned_config.layers_to_drop if pruned_config is not None else None
     by_type = pruned_config.num_layers_by_type if pruned_config is not None else None
     block_types = _block_types(model_config, spec, shape["num_hidden_layers"], layers_to_drop, by_type)
-    counts = _count(_terms(model_config, spec), shape, spec, block_types)
+    counts = _count(_terms(model_config, spec), shape, spec, block_types, model_config.num_hidden_layers)
     if count == "memory":
         return counts["total"] * dtype_size(dtype)
     return counts[count]

@@ -272,7 +272,8 @@ def prune_model(
             f"depth_method={config.depth_method!r} scores layer removals by LM loss and needs calibration_data: pass "
             "it, pass depth_scorer=..., or use depth_method='block_influence' with precomputed scores."
         )
-    needs_width = any(target[name] < source[name] for name in target if name not in depth.FIELDS)
+    # `!=`: a per-layer target (a list) may keep the widest layer's width; every other target is at most the source's.
+    needs_width = any(target[name] != source.get(name) for name in target if name not in depth.FIELDS)
     needs_layer_scores = num_to_drop > 0 and (
         config.depth_method == "block_influence" or config.importance != "activation" or block_influence_ranks
     )

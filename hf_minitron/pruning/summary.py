@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from ..architectures import BLOCK_TYPES, get_architecture, get_decoder_layers, model_shape
+from ..architectures import BLOCK_TYPES, get_architecture, get_base_model, get_decoder_layers, model_shape
 from .structures import STRUCTURES
 from .structures.depth import layer_counts_by_type
 
@@ -23,6 +23,8 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
     add("embeddings", model.get_input_embeddings())
     if model.get_output_embeddings() is not None:
         add("embeddings", model.get_output_embeddings())
+    for name in spec.token_tables:  # Gemma 3n's per-layer input embeddings, as count_parameters counts them
+        add("embeddings", getattr(get_base_model(model), name))
     # MoE families have no dense `mlp` (their experts count as MLP), hybrids hold one block per layer (their sequence
     # mixers count as attention), JetMoE's attention experts sit inside its attention module.
     blocks = [

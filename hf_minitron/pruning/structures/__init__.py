@@ -4,7 +4,7 @@
 |---|---|---|
 | layers (depth) | `depth.py` | `num_hidden_layers` (or `layers_to_drop`, `num_layers_by_type`) |
 | hidden (embedding) channels | `hidden_channels.py` | `hidden_size` |
-| MLP neurons | `mlp_neurons.py` | `intermediate_size` |
+| MLP neurons | `mlp_neurons.py` | `intermediate_size` (per layer, Gemma 3n: `intermediate_size_per_layer`) |
 | attention heads and KV groups | `attention_heads.py` | `num_attention_heads`, `num_key_value_heads` |
 | attention experts and their KV heads (JetMoE's MoA) | `attention_experts.py` | those, and `num_experts` |
 | MLA heads and latent ranks | `latent_attention_heads.py` | `num_attention_heads`, `q_lora_rank`, `kv_lora_rank` |

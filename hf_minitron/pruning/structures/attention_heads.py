@@ -234,15 +234,21 @@ def magnitude(layer, spec, shape) -> torch.Tensor:
 def hidden_weights(layer, spec) -> tuple[list, list]:
     """The weights that read the hidden size (columns) and write it (rows): for magnitude hidden-channel scores."""
     attn = getattr(layer, spec.attention)
-    reads = [getattr(attn, n).weight for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj) if n]
+    reads = [getattr(attn, n).weight for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj) if _has(attn, n)]
     return reads, [getattr(attn, spec.o_proj).weight]
+
+
+def _has(attn, name: str | None) -> bool:
+    """Whether `attn` holds projection `name`: the layers that read an earlier layer's keys and values (Gemma 3n's last
+    `num_kv_shared_layers`) have no key/value projections."""
+    return name is not None and getattr(attn, name, None) is not None
 
 
 def slice_hidden(layer, spec, kept: torch.Tensor) -> None:
     """Keeps the hidden channels `kept`: input columns of q/k/v, output rows of `o_proj`."""
     attn = getattr(layer, spec.attention)
     for name in (spec.q_proj, spec.k_proj, spec.v_proj, spec.qkv_proj):
-        if name:
+        if _has(attn, name):
             slice_linear(getattr(attn, name), in_index=kept)
     slice_linear(getattr(attn, spec.o_proj), out_index=kept)
 
@@ -337,8 +343,9 @@ def slice_heads(attn, spec, shape: dict, kept_heads, kept_groups) -> None:
         slice_linear(getattr(attn, spec.qkv_proj), out_index=rows)
     else:
         slice_linear(getattr(attn, spec.q_proj), out_index=head_rows(kept_heads, _q_rows_per_head(spec, head_dim)))
-        slice_linear(getattr(attn, spec.k_proj), out_index=kv_rows)
-        slice_linear(getattr(attn, spec.v_proj), out_index=kv_rows)
+        for name in (spec.k_proj, spec.v_proj):
+            if _has(attn, name):
+                slice_linear(getattr(attn, name), out_index=kv_rows)
     slice_linear(getattr(attn, spec.o_proj), in_index=q_rows)
     for name in spec.attention_head_parameters:
         slice_parameter(attn, name, kept_heads, dim=0)

@@ -10,6 +10,7 @@ from conftest import ARCHITECTURE_NAMES, HYBRID_PATTERN, _static_scores, logits,
 from structure_helpers import collect as _collect
 from structure_helpers import prune_steps
 from structure_helpers import samples as _samples
+from transformers import AutoModelForCausalLM
 
 from hf_minitron import ImportanceScores, PrunedConfig, count_parameters
 from hf_minitron.architectures import ARCHITECTURES, get_architecture, get_decoder_layers, model_shape
@@ -210,3 +211,46 @@ def test_count_roles_of_each_mlp_layout():
         "feed_forward.up_proj": ("f", "h"),
         "feed_forward.down_proj": ("h", "f"),
     }
+
+
+# ---------------------------------------------------------------------------------------------- per-layer widths
+def test_global_allocation_is_uniform_for_alike_layers_and_blind_to_each_layers_scale():
+    """Layers whose scores have the same distribution get the same width, whatever the scale of their activations
+    (each layer's scores are divided by their mean); raw scores would give the budget to the loudest layer."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g, dtype=torch.float64)
+    alike = [base[torch.randperm(64, generator=g)] * scale for scale in (1.0, 10.0, 0.1, 3.0)]
+    assert mlp_neurons.allocate_widths(alike, 4 * 32, [64] * 4, 8, 8) == [32, 32, 32, 32]
+    raw = mlp_neurons.allocate_widths(alike, 4 * 32, [64] * 4, 8, 8, normalise=False)
+    assert raw[1] == 64 and sum(raw) == 128
+
+
+def test_global_allocation_keeps_the_budget_floor_and_multiples():
+    """A layer whose importance sits in a few neurons gives the rest up, down to the floor; the widths are multiples,
+    within the source's, and sum to the budget (or less by under one multiple when it is not a multiple)."""
+    g = torch.Generator().manual_seed(1)
+    flat = torch.rand(64, generator=g) + 1
+    peaked = torch.zeros(64)
+    peaked[:4] = 1
+    widths = mlp_neurons.allocate_widths([flat, peaked, flat], 3 * 32, [64] * 3, 8, 16)
+    assert widths[1] == 16 and sum(widths) == 96 and all(w % 8 == 0 and w <= 64 for w in widths)
+    assert sum(mlp_neurons.allocate_widths([flat, peaked, flat], 3 * 30, [64] * 3, 8, 16)) in range(83, 91)
+    assert mlp_neurons.allocate_widths([flat, peaked, flat], 3 * 64, [64] * 3, 8, 16) == [64, 64, 64]
+
+
+def test_per_layer_widths_in_the_shape_and_the_counts():
+    """A config of per-layer widths: `intermediate_size` is the widest layer's, `intermediate_size_per_layer` lists them
+    (only when they differ), and the count sums each layer at its own width."""
+    config = tiny_model("gemma3n_text", intermediate_size=[64, 32, 64, 16]).config
+    assert mlp_neurons.shape(config, ARCHITECTURES["gemma3n_text"]) == {
+        "intermediate_size": 64,
+        "intermediate_size_per_layer": [64, 32, 64, 16],
+    }
+    assert mlp_neurons.shape(tiny_model("gemma3n_text").config, ARCHITECTURES["gemma3n_text"]) == {
+        "intermediate_size": 64
+    }
+    assert mlp_neurons.count_sizes_per_layer({"intermediate_size_per_layer": [8, 16]}) == [
+        {"f": 8, "2f": 16},
+        {"f": 16, "2f": 32},
+    ]
+    assert count_parameters(config) == n_params(AutoModelForCausalLM.from_config(copy.deepcopy(config)))

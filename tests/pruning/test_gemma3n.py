@@ -1,0 +1,207 @@
+"""Gemma 3n's text model (`gemma3n_text`) and per-layer MLP widths.
+
+Gemma 3n's modelling reads `config.intermediate_size[layer_idx]`: its MLP widths may differ by layer, given
+(`intermediate_size_per_layer`) or chosen by importance under the uniform target's budget
+(`mlp_width_allocation="global"`), and the pruned model still reloads with stock `from_pretrained`. Its query heads are
+pruned too; its hidden size, depth and KV heads are refused with the reason (AltUp, per-layer inputs, KV sharing). The
+tiny config is `PER_LAYER_OVERRIDES` of `tests/conftest.py`: 4 layers, the last 2 reusing the first 2's keys and values,
+layer 0's MLP sparsifying its gate.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import random_samples, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_minitron import PrunedConfig, count_parameters, prune_model
+from hf_minitron.architectures import get_decoder_layers
+from hf_minitron.pruning.candidates import searched_axes
+from hf_minitron.pruning.summary import shape_summary
+
+
+IDS = torch.arange(3, 19)[None]
+CALIBRATION = dict(calibration_samples=8, calibration_batch_size=4)
+FAMILY = "gemma3n_text"
+
+AXES = {
+    "mlp": {"intermediate_size": 40},
+    "heads": {"num_attention_heads": 2},
+    "per_layer": {"intermediate_size_per_layer": [64, 32, 48, 16]},
+    "global": {"intermediate_size": 32, "mlp_width_allocation": "global"},
+    "all": {"intermediate_size": 24, "mlp_width_allocation": "global", "num_attention_heads": 2},
+}
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _widths(model) -> list[int]:
+    return [layer.mlp.down_proj.in_features for layer in get_decoder_layers(model)]
+
+
+@pytest.mark.parametrize("axis", list(AXES))
+def test_prune_axis_reloads_with_stock_transformers_and_generates(axis, tmp_path):
+    model = tiny_model(FAMILY)
+    source = copy.deepcopy(model.config)
+    fields = AXES[axis]
+    prune_model(model, PrunedConfig(**fields, **CALIBRATION), random_samples(8), show_progress=False)
+
+    widths = _widths(model)
+    assert list(model.config.intermediate_size) == widths
+    assert [layer.mlp.intermediate_size for layer in get_decoder_layers(model)] == widths
+    if "intermediate_size_per_layer" in fields:
+        assert widths == fields["intermediate_size_per_layer"]
+    elif fields.get("mlp_width_allocation") == "global":
+        # The uniform target's budget, shared out by importance (multiples of 8: exactly).
+        assert sum(widths) == 4 * fields["intermediate_size"]
+        assert model.pruning_record.target_shape["intermediate_size_per_layer"] == widths
+
+    n = _numel(model)
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    assert _numel(fresh) == n == count_parameters(model.config) < count_parameters(source)
+    # From the source and the target alone: a global allocation counts as its uniform target (the same budget).
+    assert count_parameters(source, PrunedConfig(**fields)) == n
+    assert count_parameters(model.config, count="active") == n
+
+    logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reloaded.eval()
+    assert _widths(reloaded) == widths
+    torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)
+    # The last two layers read the first two's keys and values, from the cache or not.
+    cached = reloaded.generate(IDS, max_new_tokens=4, do_sample=False, use_cache=True)
+    uncached = reloaded.generate(IDS, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"intermediate_size": 64, "num_attention_heads": 4},
+        {"intermediate_size_per_layer": [64, 64, 64, 64]},
+        {"intermediate_size": 64, "mlp_width_allocation": "global", "mlp_width_floor": 1.0},
+    ],
+    ids=["uniform", "per_layer", "global"],
+)
+def test_identity_pruning_keeps_logits_exactly(fields, tmp_path):
+    model = tiny_model(FAMILY)
+    before = model(IDS).logits
+    prune_model(model, PrunedConfig(**fields, **CALIBRATION), random_samples(8), show_progress=False)
+    torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    torch.testing.assert_close(reloaded(IDS).logits, before, rtol=0, atol=0)
+
+
+def _kill_neurons(mlp, neurons) -> None:
+    with torch.no_grad():
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[neurons] = 0
+        mlp.down_proj.weight[:, neurons] = 0
+
+
+def test_dead_units_are_the_ones_removed():
+    """A neuron zeroed on purpose in each layer is what pruning one neuron removes (activation importance). Layer 0
+    sparsifies its gate: most of its activations are zero, so its zeroed neuron ties with many others and is not
+    asserted there."""
+    model = tiny_model(FAMILY)
+    for layer in get_decoder_layers(model):
+        _kill_neurons(layer.mlp, [5])
+    prune_model(model, PrunedConfig(intermediate_size=63, **CALIBRATION), random_samples(8))
+    record = model.pruning_record
+    assert all(5 not in record.neurons[i] and len(record.neurons[i]) == 63 for i in (1, 2, 3))
+
+
+def test_a_zeroed_query_head_is_the_one_removed_in_every_layer():
+    """Query head 1 zeroed (its query rows and output columns) in every layer, the KV-sharing layers included, is the
+    head of its KV group that pruning to one head per group removes. A head's activation (its attention output) does
+    not vanish with its query, so the weight-magnitude scores are the ones that see it."""
+    model = tiny_model(FAMILY)
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):
+            layer.self_attn.q_proj.weight[8:16] = 0
+            layer.self_attn.o_proj.weight[:, 8:16] = 0
+    prune_model(model, PrunedConfig(num_attention_heads=2, importance="magnitude"))
+    heads = model.pruning_record.heads
+    assert sorted(heads) == [0, 1, 2, 3] and all(kept[0] == 0 and kept[1] in (2, 3) for kept in heads.values())
+
+
+def test_global_allocation_moves_the_budget_to_the_layers_whose_neurons_matter():
+    """Layer 1 keeps 16 live neurons of 64 (48 zeroed on purpose): a uniform target of 32 keeps 16 dead ones there, the
+    global allocation keeps its 16 live ones and gives the 16 freed neurons to the other layers, for the same total."""
+    live = torch.arange(0, 64, 4)
+    dead = [i for i in range(64) if i not in set(live.tolist())]
+    uniform, global_ = (tiny_model(FAMILY) for _ in range(2))
+    for model in (uniform, global_):
+        _kill_neurons(get_decoder_layers(model)[1].mlp, dead)
+    source = copy.deepcopy(uniform.config)
+    prune_model(uniform, PrunedConfig(intermediate_size=32, **CALIBRATION), random_samples(8))
+    target = PrunedConfig(intermediate_size=32, mlp_width_allocation="global", **CALIBRATION)
+    prune_model(global_, target, random_samples(8))
+
+    assert _widths(uniform) == [32, 32, 32, 32]
+    widths = _widths(global_)
+    assert widths[1] == 16 and global_.pruning_record.neurons[1] == live.tolist()
+    assert sum(widths) == 128 and max(widths) > 32 and all(w % 8 == 0 and w >= 8 for w in widths)
+    assert _numel(global_) == _numel(uniform) == count_parameters(source, target)
+
+
+def test_counts_and_search_axes():
+    """Exact counts of a heterogeneous config; the per-layer input embeddings are embeddings; the search varies the
+    MLP width and the query heads, never what the family refuses."""
+    config = tiny_config(FAMILY, intermediate_size=[64, 24, 48, 8])
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    assert count_parameters(config) == _numel(model)
+    base = model.model
+    tables = base.embed_tokens.weight.numel() + base.embed_tokens_per_layer.weight.numel()
+    assert count_parameters(config, count="non_embedding") == _numel(model) - tables
+    assert [axis.name for axis in searched_axes(tiny_config(FAMILY))] == ["intermediate_size", "num_attention_heads"]
+
+
+def _no_forward(model):
+    model.register_forward_pre_hook(lambda *args: pytest.fail("a forward pass ran before the target was refused"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "family,fields,message",
+    [
+        # Per-layer widths: only for a family whose modelling reads them; one entry per layer, each within its layer.
+        ("llama", {"intermediate_size_per_layer": [32] * 4}, "does not apply to model_type='llama'.*would not reload"),
+        ("llama", {"intermediate_size": 32, "mlp_width_allocation": "global"}, "mlp_width_allocation='global'"),
+        (FAMILY, {"intermediate_size_per_layer": [32] * 3}, r"has 3 entries.*4 layers.*e\.g\. \[32, 32, 32, 32\]"),
+        (FAMILY, {"intermediate_size_per_layer": [32, 80, 32, 32]}, r"intermediate_size_per_layer\[1\]=80.*<= 64"),
+        (FAMILY, {"intermediate_size_per_layer": [32] * 4, "intermediate_size": 32}, "set only one"),
+        (FAMILY, {"mlp_width_allocation": "global"}, "set intermediate_size"),
+        # What Gemma 3n's structures do not prune, with the reason and the valid value.
+        (FAMILY, {"hidden_size": 16}, "hidden_size=16 is not supported.*AltUp.*Leave it None.*hidden_size=32"),
+        (FAMILY, {"num_hidden_layers": 3}, "num_hidden_layers=3 is not supported.*KV sharing.*Leave it None"),
+        (FAMILY, {"layers_to_drop": [1]}, "layers_to_drop=\\[1\\] is not supported.*per-layer input"),
+        (FAMILY, {"num_key_value_heads": 1}, "num_key_value_heads=1 is not supported.*num_kv_shared_layers"),
+        (FAMILY, {"intermediate_size": 80}, "larger than the source model's intermediate_size=64"),
+    ],
+)
+def test_bad_targets_are_refused_before_any_work(family, fields, message):
+    with pytest.raises(ValueError, match=message):
+        prune_model(_no_forward(tiny_model(family)), PrunedConfig(**fields), random_samples(8))
+
+
+def test_a_model_of_different_widths_is_not_pruned_again():
+    model = _no_forward(tiny_model(FAMILY, intermediate_size=[64, 32, 64, 64]))
+    with pytest.raises(ValueError, match=r"already differ by layer \(\[64, 32, 64, 64\]\)"):
+        prune_model(model, PrunedConfig(num_attention_heads=2), random_samples(8))
+
+
+def test_summary_counts_the_per_layer_embeddings_as_embeddings_and_lists_the_widths():
+    model = tiny_model(FAMILY)
+    prune_model(model, PrunedConfig(intermediate_size_per_layer=[64, 32, 48, 16], **CALIBRATION), random_samples(8))
+    summary = shape_summary(model)
+    assert summary["intermediate_size"] == 64 and summary["intermediate_size_per_layer"] == [64, 32, 48, 16]
+    assert summary["parameters"]["non_embedding"] == count_parameters(model.config, count="non_embedding")
