@@ -3,7 +3,7 @@
 from torch import nn
 
 from ..architectures import BLOCK_TYPES, get_architecture, get_base_model, get_decoder_layers, model_shape
-from .structures import STRUCTURES
+from .structures import structures_in
 from .structures.depth import layer_counts_by_type
 
 
@@ -50,8 +50,10 @@ def shape_summary(model: nn.Module) -> dict:
     """Shape fields and parameter counts of `model`, as plain data (for tables, cards and JSON)."""
     config = model.config
     shape = model_shape(config)
-    # Each structure's `SUMMARY` sizes the model has (a hybrid's Mamba sizes), then a hybrid's layers of each block type.
-    summary = {name: shape[name] for structure in STRUCTURES for name in structure.SUMMARY if name in shape}
+    # Each `SUMMARY` size of the structures the model has, then a hybrid's layers of each block type. Only those: a
+    # family without a dense MLP may still have its field (Mixtral's `intermediate_size` is its experts' width).
+    structures = structures_in(config, get_architecture(config))
+    summary = {name: shape[name] for structure in structures for name in structure.SUMMARY if name in shape}
     if layer_counts_by_type(config) is not None:
         summary["num_layers_by_type"] = layer_counts_by_type(config)
     return summary | {"parameters": parameter_breakdown(model)}

@@ -97,6 +97,20 @@ def structures_of(spec) -> tuple:
     return tuple(s for s in WIDTH_STRUCTURES if s.present(spec))
 
 
+def structures_in(model_config, spec) -> tuple:
+    """The structures a model of `model_config` has, in the order of `STRUCTURES`: depth, hidden channels, and each
+    width structure of its family whose block some layer holds (a Nemotron-H without MoE layers has no experts,
+    though its config sizes them). Their `SUMMARY` and `CARD_ROWS` sizes are the ones the model has."""
+    blocks = depth.block_names(model_config)
+    typed = {block for block, _ in spec.block_types} | ({"mlp", "moe"} if spec.dense_layers_field else set())
+    present = structures_of(spec)
+    return tuple(
+        s
+        for s in STRUCTURES
+        if s is depth or (s in present and (blocks is None or s.BLOCK not in typed or s.BLOCK in blocks))
+    )
+
+
 def in_layer(spec, layer, structure) -> bool:
     """Whether decoder `layer` holds the block `structure` prunes: always in a family whose layers are alike; in a
     hybrid (or a family of dense then MoE layers), when the layer's block type is the structure's `BLOCK`."""
@@ -121,5 +135,6 @@ __all__ = [
     "routed_experts",
     "shared_expert_neurons",
     "short_conv_channels",
+    "structures_in",
     "structures_of",
 ]

@@ -43,7 +43,7 @@ FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
 AXES = (SearchAxis("moe_intermediate_size", "expertmlp", "expert MLP", multiple_default=64, cap=True),)
 CARD_ROWS = {"moe_intermediate_size": "Expert FFN width"}
-SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
+SUMMARY = FIELDS
 RECORD = ("expert_neurons",)
 _FIELD = FIELDS[0]
 

@@ -35,7 +35,7 @@ FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
 AXES = (SearchAxis("shared_expert_intermediate_size", "sharedmlp", "shared MLP", multiple_default=64),)
 CARD_ROWS = {"shared_expert_intermediate_size": "Shared-expert width"}
-SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows this one
+SUMMARY = FIELDS
 RECORD = ("shared_neurons",)
 _FIELD = FIELDS[0]
 

@@ -18,7 +18,7 @@ from hf_minitron.pruning.importance import ImportanceScores
 from hf_minitron.pruning.prune import _LAYER_KEYED, PruningRecord
 from hf_minitron.pruning.search_config import SearchConfig
 from hf_minitron.pruning.search_results import search_axes
-from hf_minitron.pruning.structures import STRUCTURES, WIDTH_STRUCTURES, depth, structures_of
+from hf_minitron.pruning.structures import STRUCTURES, WIDTH_STRUCTURES, depth, structures_in, structures_of
 from hf_minitron.pruning.structures.fields import ConfigField
 from hf_minitron.pruning.structures.search_axis import SearchAxis
 from hf_minitron.pruning.summary import shape_summary
@@ -255,6 +255,18 @@ def test_card_and_summary_rows_come_from_the_structures():
     for family in FAMILIES:
         model = tiny_model(family, **FAMILIES[family])
         shape = model_shape(model.config)
-        rows = [name for name in dict.fromkeys(n for s in STRUCTURES for n in s.SUMMARY) if name in shape]
+        has = {n for s in structures_in(model.config, get_architecture(model.config)) for n in s.SUMMARY}
+        rows = [
+            name for name in dict.fromkeys(n for s in STRUCTURES for n in s.SUMMARY) if name in shape and name in has
+        ]
         by_type = ["num_layers_by_type"] if family == "nemotron_h" else []
         assert list(shape_summary(model)) == [*rows, *by_type, "parameters"]
+        # Only the structures the model has: Qwen2-MoE's config holds an intermediate_size no layer uses.
+        assert ("intermediate_size" in rows) == (family in ("llama", "nemotron_h"))
+        assert ("moe_intermediate_size" in rows) == (family != "llama")
+
+
+def test_a_hybrid_without_moe_layers_has_no_expert_rows():
+    model = tiny_model("nemotron_h")  # mamba, attention and MLP layers: its config still sizes experts
+    assert "moe_intermediate_size" in model_shape(model.config)
+    assert not {"num_experts", "moe_intermediate_size"} & set(shape_summary(model))
