@@ -165,21 +165,28 @@ def _rows(settings: dict | None) -> list[tuple[str, str]]:
     return [(str(key), _fmt(value)) for key, value in (settings or {}).items() if value is not None]
 
 
-def _layers_by_type(config: dict) -> dict[str, int] | None:
-    """A hybrid's layers of each block type: the `num_layers_by_type` of a shape summary, or counted from the block-type
-    list of a full config (Nemotron-H's `layers_block_type`)."""
-    if config.get("num_layers_by_type"):
-        return config["num_layers_by_type"]
-    from .architectures import ARCHITECTURES
+def _sizes(config: dict) -> dict:
+    """The sizes the pruning table compares. A shape summary (`pruning.summary.shape_summary`, keyed by `PrunedConfig`'s
+    names) is taken as it is. A full config of a supported family is read as the pruner reads it: each structure the
+    model has (`structures_in`) gives its sizes under `PrunedConfig`'s names (Mixtral's `intermediate_size` is its experts' width,
+    `moe_intermediate_size`; Llama 4's `intermediate_size_mlp` is its dense MLPs' width, `intermediate_size`), a family
+    whose layers differ (hybrids, Llama 4's `moe_layers`, DeepSeek-V3's dense first layers) its layers of each block
+    type, and the vocabulary."""
+    from .architectures import ARCHITECTURES, model_shape
 
     spec = ARCHITECTURES.get(config.get("model_type"))
-    if spec is None or not config.get(spec.block_types_field):
-        return None
-    block_of = {kind: block for block, kind in spec.block_types}
-    counts = {}
-    for kind in config[spec.block_types_field]:
-        counts[block_of.get(kind, kind)] = counts.get(block_of.get(kind, kind), 0) + 1
-    return counts
+    if spec is None:
+        return config
+    from transformers import CONFIG_MAPPING
+
+    from .pruning.structures import depth, structures_in
+
+    model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    names = {key for structure in structures_in(model_config, spec) for key in structure.CARD_ROWS}
+    sizes = {key: config[key] for key in _OTHER_ROWS if key in config}
+    sizes |= {key: value for key, value in model_shape(model_config).items() if key in names}
+    by_type = depth.layer_counts_by_type(model_config)
+    return sizes | ({"num_layers_by_type": by_type} if by_type else {})
 
 
 def _pruning_rows(summary: PipelineSummary) -> list[tuple[str, str, str, str]]:
@@ -191,16 +198,13 @@ def _pruning_rows(summary: PipelineSummary) -> list[tuple[str, str, str, str]]:
     rows = []
     before, after = summary.teacher_config or {}, summary.student_config or {}
     if before and after:
-        by_type = _layers_by_type(before), _layers_by_type(after)
-        if all(by_type):
-            # Nemotron-H's config derives num_hidden_layers from layers_block_type: its dict does not hold it.
-            before = {"num_hidden_layers": sum(by_type[0].values()), **before}
-            after = {"num_hidden_layers": sum(by_type[1].values()), **after}
+        before, after = _sizes(before), _sizes(after)
+        by_type = before.get("num_layers_by_type"), after.get("num_layers_by_type")
         for key, label in labels.items():
             if before.get(key) is not None and after.get(key) is not None:
                 b, a = before[key], after[key]
                 rows.append((label, _fmt(b), _fmt(a), f"{a / b:.0%}" if b else "-"))
-            if key in depth.CARD_ROWS and all(by_type):  # a hybrid's layers of each type, under its depth
+            if key in depth.CARD_ROWS and all(by_type):  # the layers of each block type, under the depth
                 kept = by_type[1]
                 for block, b in by_type[0].items():
                     a, name = kept.get(block, 0), depth.CARD_BLOCK_ROWS.get(block, f"{block} layers")

@@ -293,3 +293,66 @@ def test_quick_start_names_no_local_path(tmp_path):
         dataclasses.replace(full_summary(), model_name="Tiny-Minitron-1M"), tmp_path / "f"
     ).read_text()
     assert 'model_id = "<namespace>/Tiny-Minitron-1M"' in text and str(tmp_path) not in text
+
+
+def _pruning_table(teacher, student) -> list[str]:
+    card = str(render_model_card(PipelineSummary(teacher_config=teacher, student_config=student)))
+    return [line for line in card.splitlines() if line.startswith("| ") and line.count("|") == 5]
+
+
+def test_card_names_the_experts_width_of_a_family_whose_intermediate_size_is_it():
+    """Mixtral's `intermediate_size` is each expert's width: it has no dense MLP to call it the MLP's."""
+    from hf_minitron.pruning.summary import shape_summary
+
+    teacher, student = tiny_model("mixtral"), tiny_model("mixtral", intermediate_size=16, num_local_experts=2)
+    table = _pruning_table(teacher.config, student.config)
+    assert "| Expert FFN width | 24 | 16 | 67% |" in table and "| Routed experts | 4 | 2 | 50% |" in table
+    assert not any("MLP intermediate size" in line for line in table)
+    # The pipeline's card is built from shape summaries (`hf-minitron run`): the same rows.
+    pipeline = [{k: v for k, v in shape_summary(m).items() if k != "parameters"} for m in (teacher, student)]
+    assert _pruning_table(*pipeline) == table[:-1]  # but the vocabulary, which a shape summary does not hold
+
+
+def test_card_of_a_dense_family_names_the_mlp_width():
+    import copy
+
+    teacher = tiny_model("llama").config
+    student = copy.deepcopy(teacher)
+    student.intermediate_size = 48
+    table = _pruning_table(teacher, student)
+    assert "| MLP intermediate size | 64 | 48 | 75% |" in table
+    assert not any("Expert" in line or "Routed" in line for line in table)
+
+
+def test_card_of_llama4_tells_its_dense_mlp_from_its_experts():
+    """Llama 4's `intermediate_size` is its experts' (and shared expert's) width, `intermediate_size_mlp` its dense
+    layers'; depth pruning of interleaved layers keeps some of each type."""
+    from hf_minitron import PrunedConfig, prune_model
+
+    teacher = tiny_model("llama4_text", interleave_moe_layer_step=2)  # layers 1 and 3 MoE, 0 and 2 dense
+    teacher_config = teacher.config.to_dict()
+    student = prune_model(teacher, PrunedConfig(layers_to_drop=[0]), show_progress=False)
+    table = _pruning_table(teacher_config, student.config)
+    assert table[1:5] == [
+        "| Layers (depth) | 4 | 3 | 75% |",
+        "| MLP layers | 2 | 1 | 50% |",
+        "| MoE layers | 2 | 2 | 100% |",
+        "| Hidden size (embedding) | 32 | 32 | 100% |",
+    ]
+    assert "| MLP intermediate size | 40 | 40 | 100% |" in table and "| Expert FFN width | 24 | 24 | 100% |" in table
+    assert "| Shared-expert width | 24 | 24 | 100% |" in table
+
+
+def test_card_counts_deepseek_v3_dense_and_moe_layers_after_depth_pruning():
+    from hf_minitron import PrunedConfig, prune_model
+
+    teacher = tiny_model("deepseek_v3")  # layer 0 dense (first_k_dense_replace=1), layers 1-3 MoE
+    teacher_config = teacher.config.to_dict()
+    student = prune_model(teacher, PrunedConfig(layers_to_drop=[2]), show_progress=False)
+    table = _pruning_table(teacher_config, student.config)
+    assert table[1:4] == [
+        "| Layers (depth) | 4 | 3 | 75% |",
+        "| MLP layers | 1 | 1 | 100% |",
+        "| MoE layers | 3 | 2 | 67% |",
+    ]
+    assert "| MLP intermediate size | 64 | 64 | 100% |" in table and "| Expert FFN width | 24 | 24 | 100% |" in table

@@ -78,13 +78,8 @@ FIELDS = target_names(CONFIG_FIELDS)
 BLOCK = "moe"
 # A token is routed to num_experts_per_tok experts: never fewer experts than that.
 AXES = (SearchAxis("num_experts", "experts", "experts", floor="num_experts_per_tok", cap=True),)
-# Keyed by the config's own names (Mixtral and GPT-OSS: num_local_experts), as the card reads full configs too.
-CARD_ROWS = {
-    "num_local_experts": "Routed experts",
-    "num_experts": "Routed experts",
-    "num_experts_per_tok": "Experts per token",
-}
-SUMMARY = ()  # the before/after table of `hf-minitron prune` shows the dense sizes; the card shows these
+CARD_ROWS = {"num_experts": "Routed experts", "num_experts_per_tok": "Experts per token"}
+SUMMARY = (*FIELDS, "num_experts_per_tok")
 RECORD = ("experts",)
 STATISTICS = ("output_norm", "reap", "count")
 _FIELD = FIELDS[0]
