@@ -63,7 +63,10 @@ def comparison_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]
     """`(quantity, before, after, ratio)` rows comparing two `shape_summary` results."""
     rows = []
     for name in (name for name in before if name not in ("num_layers_by_type", "parameters")):
-        rows.append((name, str(before[name]), str(after[name]), f"{after[name] / before[name]:.2f}"))
+        if name not in after:  # depth pruning removed every layer of its block (DeepSeek-V3's dense first layers)
+            rows.append((name, str(before[name]), "-", "-"))
+        else:
+            rows.append((name, str(before[name]), str(after[name]), f"{after[name] / before[name]:.2f}"))
     for block, count in (before.get("num_layers_by_type") or {}).items():
         new = after["num_layers_by_type"].get(block, 0)
         rows.append((f"layers: {block}", str(count), str(new), f"{new / count:.2f}"))

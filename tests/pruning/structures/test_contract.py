@@ -270,3 +270,15 @@ def test_a_hybrid_without_moe_layers_has_no_expert_rows():
     model = tiny_model("nemotron_h")  # mamba, attention and MLP layers: its config still sizes experts
     assert "moe_intermediate_size" in model_shape(model.config)
     assert not {"num_experts", "moe_intermediate_size"} & set(shape_summary(model))
+
+
+def test_summary_of_a_model_that_lost_every_layer_of_a_block():
+    from hf_minitron import prune_model
+    from hf_minitron.pruning.summary import comparison_rows
+
+    model = tiny_model("deepseek_v3")  # layer 0 dense, layers 1-3 MoE
+    before = shape_summary(model)
+    after = shape_summary(prune_model(model, PrunedConfig(layers_to_drop=[0]), show_progress=False))
+    assert "intermediate_size" in before and "intermediate_size" not in after
+    rows = comparison_rows(before, after)
+    assert ("intermediate_size", "64", "-", "-") in rows and ("layers: mlp", "1", "0", "0.00") in rows
