@@ -106,25 +106,40 @@ def encode_lines(tokenizer, pairs, context: int) -> list[dict]:
     return encoded
 
 
-def next_line_scores(model, tokenizer, lines: list[dict]) -> dict:
+def next_line_scores(model, tokenizer, lines: list[dict], batch_size: int = 8) -> dict:
+    """Exact match (greedy, left-padded batches) and token accuracy (teacher-forced, right-padded batches)."""
     import torch
 
     model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     exact, correct, total = 0, 0, 0
     with torch.no_grad():
-        for item in lines:
-            ids = torch.tensor([item["ids"]])
-            start = item["start"]
-            logits = model(input_ids=ids).logits[0]
-            predicted = logits[start - 1 : -1].argmax(-1)
-            correct += int((predicted == ids[0, start:]).sum())
-            total += ids.shape[1] - start
+        for first in range(0, len(lines), batch_size):
+            chunk = lines[first : first + batch_size]
+            width = max(len(item["ids"]) for item in chunk)
+            ids = torch.full((len(chunk), width), pad)
+            mask = torch.zeros_like(ids)
+            for row, item in enumerate(chunk):
+                ids[row, : len(item["ids"])] = torch.tensor(item["ids"])
+                mask[row, : len(item["ids"])] = 1
+            predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            for row, item in enumerate(chunk):
+                start, end = item["start"], len(item["ids"])
+                correct += int((predicted[row, start - 1 : end - 1] == ids[row, start:end]).sum())
+                total += end - start
+            prompt_width = max(item["start"] for item in chunk)
+            prompts = torch.full((len(chunk), prompt_width), pad)
+            prompt_mask = torch.zeros_like(prompts)
+            for row, item in enumerate(chunk):  # left-padded: every prompt ends where generation starts
+                prompts[row, prompt_width - item["start"] :] = torch.tensor(item["ids"][: item["start"]])
+                prompt_mask[row, prompt_width - item["start"] :] = 1
+            new_tokens = max(len(item["ids"]) - item["start"] for item in chunk) + 4
             generated = model.generate(
-                ids[:, :start], attention_mask=torch.ones_like(ids[:, :start]), do_sample=False,
-                max_new_tokens=ids.shape[1] - start + 4, pad_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
-            text = tokenizer.decode(generated[0, start:], skip_special_tokens=True)
-            exact += text.split("\n")[0].strip() == item["line"]
+                prompts, attention_mask=prompt_mask, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad
+            )
+            for row, item in enumerate(chunk):
+                text = tokenizer.decode(generated[row, prompt_width:], skip_special_tokens=True)
+                exact += text.split("\n")[0].strip() == item["line"]
     return {"exact_match": exact / len(lines), "token_accuracy": correct / total}
 
 
