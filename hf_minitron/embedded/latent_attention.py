@@ -26,11 +26,12 @@ heads, and its position-free part sees no position. The map:
    up-projection, a per-token scale that no linear map undoes. The attention's input is itself an RMSNorm's output,
    `x = w * h / rms(h)`, so `x / w` has an RMS of exactly 1 (up to the norm's eps), and so has any rotation of it: at
    `kv_lora_rank` = `q_lora_rank` = 576 the latents are `x / w` in the basis of the right singular vectors of the
-   map they feed (the 9 heads' position-free keys and values, 1152 rows of rank at most 384; the 9 heads' queries,
-   1152 rows of rank 576), in order of gain; the up-projections are the map in that basis; the latent norms' weights
-   are 1. The key/value latent's last 192 channels are the map's null space: they carry nothing but keep the RMS
-   exact. Below 576 (`RECIPE` overrides) the latent is the whitened top principal components of the map's output, its
-   up-projection scaled by the latent's mean RMS, then refit (step 4).
+   map they feed, in order of gain: the 9 heads' position-free keys and values (1152 rows of rank 320: the 3 KV
+   heads' key residuals of step 2 span two of three complex dims per frequency, 128 real dims, plus 192 of values),
+   and the 9 heads' queries (1152 rows of rank up to 576). The up-projections are the map in that basis; the latent
+   norms' weights are 1. The key/value latent's last 256 channels are the map's null space: they carry nothing but
+   keep the RMS exact. Below 576 (`RECIPE` overrides) the latent is the whitened top principal components of the
+   map's output, its up-projection scaled by the latent's mean RMS, then refit (step 4).
 4. **Layer-wise closed-form fits** in ONE forward pass of the MLA model (pre-hooks fit each projection on its actual
    input, layer by layer, as `embedded.hybrid` does): below full rank, each latent's up-projection towards the map's
    keys/values or queries on that layer's input (`latent_ridge`); then every `o_proj` and every MLP's `down_proj`, by
