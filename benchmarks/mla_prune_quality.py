@@ -1,6 +1,6 @@
 """Pruning real-weight multi-head latent attention: which estimator keeps it best, before and after a short KD.
 
-    OMP_NUM_THREADS=1 python benchmarks/mla_prune_quality.py --threads 1   # default budget (~15 min on one core)
+    OMP_NUM_THREADS=1 python benchmarks/mla_prune_quality.py --threads 1   # default budget: 41 min on one busy core
     python benchmarks/mla_prune_quality.py --kd-steps 0                    # pruning only
 
 The model is the embedded MLA model (`hf_minitron.embedded.latent_attention`: SmolLM2-135M-Instruct converted into a

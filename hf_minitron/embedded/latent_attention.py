@@ -45,8 +45,8 @@ SmolLM2: 2.926): full-rank key/value latent, queries straight from the hidden si
 without step 4); the same without the keys' residual as position-free key (`residual_in_nope=False`: the part of the
 keys off the rotary key dropped), 3.976 (4.289); both latents at rank 384 (whitened principal components, refit),
 3.273, and 9.572 without step 4: the latent RMSNorm's per-token scale is what a low-rank latent cannot absorb. The
-rotary key carries 83% of the query-weighted key energy (mean over layers and frequencies; `build_info.json` has it
-per layer and frequency). The built recipe (both latents at 576, 32 calibration samples) on 16 validation samples of
+rotary key carries 84% of the query-weighted key energy (mean over layers and frequencies, 78-89% per layer;
+`build_info.json` has it per layer and frequency). The built recipe (both latents at 576, 32 calibration samples) on 16 validation samples of
 256 tokens: SmolLM2 2.884, the MLA model 2.920, without step 4 3.012; the greedy continuations of a prompt by both
 are in `build_info.json`.
 
