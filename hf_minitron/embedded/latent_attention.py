@@ -46,9 +46,11 @@ without step 4); the same without the keys' residual as position-free key (`resi
 keys off the rotary key dropped), 3.976 (4.289); both latents at rank 384 (whitened principal components, refit),
 3.273, and 9.572 without step 4: the latent RMSNorm's per-token scale is what a low-rank latent cannot absorb. The
 rotary key carries 84% of the query-weighted key energy (mean over layers and frequencies, 78-89% per layer;
-`build_info.json` has it per layer and frequency). The built recipe (both latents at 576, 32 calibration samples) on 16 validation samples of
-256 tokens: SmolLM2 2.884, the MLA model 2.920, without step 4 3.012; the greedy continuations of a prompt by both
-are in `build_info.json`.
+`build_info.json` has it per layer and frequency). The built recipe (both latents at 576, 32 calibration samples)
+on 16 validation samples of 256 tokens: SmolLM2 2.884, the MLA model 2.920, without step 4 3.012; the greedy
+continuations of a prompt by both are in `build_info.json`. Pruning it: `benchmarks/mla_prune_quality.py`, whose
+results (`docs/moe.md`) show that halving `kv_lora_rank` of THIS model fails every estimator: 256 of the key/value
+latent's 576 channels are the null space of step 3, which the activation score cannot tell from the rest.
 
 What this model is not: a compression of SmolLM2. Its key/value cache is 576 + 64 = 640 values per token and layer
 against SmolLM2's 2 x 3 x 64 = 384, and its latents add 44M parameters (179M in all): full rank is what makes the
