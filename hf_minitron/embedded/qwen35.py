@@ -78,6 +78,9 @@ most of it the q/k norm steps.
 
 [`embedded_qwen35_path`] builds the model once into `$HF_MINITRON_CACHE` (see `embedded.cache_dir`), written
 atomically, and reuses it after; [`load_embedded_qwen35`] returns `(model, tokenizer)`.
+
+One module, past 500 lines: the conversion is one recipe (attention to gated attention and Gated DeltaNet, layer by
+layer), documented step by step above; its steps are only meaningful in this order.
 """
 
 import logging
