@@ -16,8 +16,9 @@ loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (a
   log-probabilities with `dtype="float16"` / `"bfloat16"`). With `compress=True` the log-probabilities are quantised
   to `dtype="uint8"` or `"uint16"` (within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]) and each sample's ids
   and codes are compressed losslessly with zstd ([`encode_topk`]: codes as differences between ranks;
-  `teacher_topk_packed_ids`, `teacher_topk_quantized_logprobs`): 137 bytes of teacher values per token at k = 64 on the embedded
-  SmolLM2 against `64 * 6 + 4` = 388 raw, at most `top_k * (2 or 4 + 1 or 2) + 4` (ids of up to 16 bits or more; uint8 or uint16 codes).
+  `teacher_topk_packed_ids`, `teacher_topk_quantized_logprobs`): 137 bytes of teacher values per token at k = 64 on
+  the embedded SmolLM2 against `64 * 6 + 4` = 388 raw; at most `top_k * (2 + 1) + 4` (uint16 ids, uint8 codes; ids
+  of a vocabulary over 65,536 take 4 bytes, uint16 codes 2).
 - `mode="sampled"` (Sparse Logit Sampling, [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)): per token
   `num_samples` = K tokens drawn with replacement from the teacher's distribution at the cache's `temperature`, kept
   as the distinct ids (`teacher_sample_ids`, uint16) and how often each came up (`teacher_sample_counts`, uint8), and
