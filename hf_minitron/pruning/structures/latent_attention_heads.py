@@ -165,16 +165,18 @@ def hooks(collector, index: int, layer) -> list:
 
     attn = _attn(layer, spec)
     handles = [getattr(attn, spec.o_proj).register_forward_pre_hook(heads_hook)]
-    norms = _norms(attn, spec)
+    norms, columns = _norms(attn, spec), {}
     for key, up in _ups(attn, spec).items():
         store_latent = collector.store(key, index)
 
-        def latent_hook(module, args, store_latent=store_latent):
+        def latent_hook(module, args, store_latent=store_latent, key=key):
             x = args[0]  # [B, S, rank]; the key/value latent arrives as one head, [B, 1, S, rank]
             x = x.flatten(0, -3) if x.dim() == 4 else x
-            # Channel c adds x_c * W[:, c] to the output: its share has norm |x_c| * ||W[:, c]||.
-            x = x.float() * module.weight.detach().float().norm(dim=0)
-            add_per_sample(store_latent, x, collector.sample_mask, collector.how)
+            # Channel c adds x_c * W[:, c] to the output: its share has norm |x_c| * ||W[:, c]||. The weights do not
+            # change during the pass: the column norms are computed once.
+            if key not in columns:
+                columns[key] = module.weight.detach().float().pow(2).sum(0).sqrt()
+            add_per_sample(store_latent, x.float() * columns[key], collector.sample_mask, collector.how)
 
         def prenorm_hook(module, args, store_latent=store_latent):
             square = args[0].float().pow(2)  # [B, S, rank], before the norm

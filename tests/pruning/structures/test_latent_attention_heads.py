@@ -11,7 +11,7 @@ import torch
 from conftest import logits, n_params, random_samples, tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_minitron import PrunedConfig, count_parameters, prune_model
+from hf_minitron import PrunedConfig, count_parameters, estimate_importance, prune_model
 from hf_minitron.architectures import get_architecture, get_decoder_layers, model_shape
 from hf_minitron.pruning.structures import attention_heads, latent_attention_heads, structures_of
 
@@ -154,6 +154,31 @@ def test_without_the_norm_rescale_removing_a_silenced_channel_is_not_exact(monke
     monkeypatch.setattr(latent_attention_heads, "latent_mean_square", lambda *args: None)
     prune_model(model, PrunedConfig(kv_lora_rank=11, **_calibration()), random_samples(4), show_progress=False)
     assert (logits(model) - before).abs().max() > 1e-3
+
+
+def test_the_mean_square_before_the_latent_norm_is_summed_over_unpadded_tokens():
+    model = tiny_model("deepseek_v3")
+    samples = random_samples(4)  # of 16, 14, 12 and 10 tokens: padded in one batch
+    scores = estimate_importance(model, samples, PrunedConfig(**_calibration()), depth=False, show_progress=False)
+    expected = {
+        "q_latent": torch.zeros(4, 16, dtype=torch.float64),
+        "kv_latent": torch.zeros(4, 12, dtype=torch.float64),
+    }
+    handles = []
+    for index, layer in enumerate(get_decoder_layers(model)):
+        for key, norm in (("q_latent", layer.self_attn.q_a_layernorm), ("kv_latent", layer.self_attn.kv_a_layernorm)):
+
+            def hook(module, args, key=key, index=index):
+                expected[key][index] += args[0][0].double().pow(2).sum(0)
+
+            handles.append(norm.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for sample in samples:  # one at a time: no padding
+            model(input_ids=sample["input_ids"][None])
+    for handle in handles:
+        handle.remove()
+    for key, sums in expected.items():
+        torch.testing.assert_close(getattr(scores, key)["prenorm_sq"], sums, rtol=1e-5, atol=1e-8)
 
 
 def _up_projection_inputs(model, ids=IDS) -> list[torch.Tensor]:
