@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/mla_prune_quality.py --threads 1   # default budget: 41 min on one busy core
     python benchmarks/mla_prune_quality.py --kd-steps 0                    # pruning only
+    OMP_NUM_THREADS=1 python benchmarks/mla_prune_quality.py --threads 1 --targets kv_rank_half,q_rank_half \
+        --timing-repeats 1 --output benchmarks/results/mla_prune_quality_ranks.json   # the latents' ranks only
 
 The model is the embedded MLA model (`hf_minitron.embedded.latent_attention`: SmolLM2-135M-Instruct converted into a
 stock `DeepseekV3ForCausalLM` with every layer dense: 9 MLA heads with 64 position-free + 64 rotary key dims and 64

@@ -19,12 +19,26 @@ count is the one target, and the config's `num_key_value_heads` follows it.
 * Selection: the top heads of each layer, each layer its own.
 * Hidden channels: the columns of the query (down-)projection and of `kv_a_proj_with_mqa`, the rows of `o_proj`.
 
-The latents' ranks (`q_lora_rank`, `kv_lora_rank`) are pruned too, each channel scored as the neurons of an MLP: by
-its activation at the input of the up-projection (`q_b_proj`, `kv_b_proj`: after the latent's RMS norm), reduced over
-the tokens of each sample and over samples. A kept channel keeps its row of the down-projection, its weight of the
-norm and its column of the up-projection; the rotary key, computed by the last rows of `kv_a_proj_with_mqa` next to
-the latent, is kept whole. The norm then averages over fewer channels: like the hidden size, a pruned rank is not
-exact even for channels that carry nothing, and is meant to be followed by distillation.
+The latents' ranks (`q_lora_rank`, `kv_lora_rank`) are pruned too. A kept channel keeps its row of the
+down-projection, its weight of the norm and its column of the up-projection; the rotary key, computed by the last rows
+of `kv_a_proj_with_mqa` next to the latent, is kept whole.
+
+* Score: what the up-projection (`q_b_proj`, `kv_b_proj`) does with the channel. Its output is
+  `sum_c x_c * W[:, c]` over the normalised latent `x`, so channel c adds a vector of norm `|x_c| * ||W[:, c]||` to
+  every token. The hook records the statistics of `x_c * ||W[:, c]||` (reduced over the tokens of each sample and over
+  samples, as the neurons of an MLP): the activation alone cannot see that a channel is read by nothing. The latent's
+  RMS norm holds every channel near the latent's RMS, so a channel the up-projection ignores (a null space of the
+  key/value map, e.g. the 256 of 576 channels of the embedded MLA model, which only keep its RMS) is as active as any
+  other; weighted by its column, it scores 0.
+* Norm compensation: the latent's RMS norm computes `weight * z / rms(z)` over the channels `z` of the
+  down-projection (transformers' `DeepseekV3RMSNorm`); over the kept channels K it divides by `rms_K(z)` instead, which
+  rescales every kept output by `rms(z) / rms_K(z)`. The kept norm weights are multiplied by
+  `sqrt(sum_K E[z_c^2] / |K| / (sum_c E[z_c^2] / rank))`, the ratio of the mean squared latent over the kept channels
+  to that over all of them, from `E[z_c^2]` measured at the norm's input during the importance pass (`prenorm_sq`, a
+  sum over tokens: the token count cancels). One factor serves every token: it is exact when the ratio
+  `rms_K(z) / rms(z)` is the same for every token (e.g. removing channels that are always zero), first-order
+  otherwise, and ignores the norm's epsilon. The static baselines (magnitude, random) run no forward pass: they take
+  `E[z_c^2]` proportional to the squared norm of the channel's down-projection row, as for an isotropic input.
 """
 
 import torch
@@ -33,7 +47,7 @@ from . import attention_heads
 from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import head_rows, slice_linear, slice_norm, topk_sorted
-from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample, static_scores
+from .statistics import PER_SAMPLE, add_per_sample, add_sums, reduce_per_sample, static_scores
 
 
 KEY = attention_heads.KEY  # a family has these heads or attention_heads', never both: one statistic
@@ -68,6 +82,8 @@ SUMMARY = FIELDS
 RECORD = ("heads", Q_KEY, KV_KEY)
 _FIELD = FIELDS[0]
 _RANKS = {Q_KEY: "q_lora_rank", KV_KEY: "kv_lora_rank"}  # score key -> its target
+# A latent's statistic besides the per-sample sums: the sum over tokens of each channel's square before the norm.
+PRENORM = "prenorm_sq"
 # The config's sizes of MLA (transformers' DeepSeek-V2/V3 names): the head dims are kept, the latents' ranks targets.
 DIMS = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "kv_lora_rank")
 
@@ -149,14 +165,27 @@ def hooks(collector, index: int, layer) -> list:
 
     attn = _attn(layer, spec)
     handles = [getattr(attn, spec.o_proj).register_forward_pre_hook(heads_hook)]
+    norms, columns = _norms(attn, spec), {}
     for key, up in _ups(attn, spec).items():
         store_latent = collector.store(key, index)
 
-        def latent_hook(module, args, store_latent=store_latent):
+        def latent_hook(module, args, store_latent=store_latent, key=key):
             x = args[0]  # [B, S, rank]; the key/value latent arrives as one head, [B, 1, S, rank]
-            add_per_sample(store_latent, x.flatten(0, -3) if x.dim() == 4 else x, collector.sample_mask, collector.how)
+            x = x.flatten(0, -3) if x.dim() == 4 else x
+            # Channel c adds x_c * W[:, c] to the output: its share has norm |x_c| * ||W[:, c]||. The weights do not
+            # change during the pass: the column norms are computed once.
+            if key not in columns:
+                columns[key] = module.weight.detach().float().pow(2).sum(0).sqrt()
+            add_per_sample(store_latent, x.float() * columns[key], collector.sample_mask, collector.how)
+
+        def prenorm_hook(module, args, store_latent=store_latent):
+            square = args[0].float().pow(2)  # [B, S, rank], before the norm
+            if collector.sample_mask is not None:
+                square = square * collector.sample_mask.to(square.device).unsqueeze(-1)
+            add_sums(store_latent, {PRENORM: square.sum(dim=(0, 1))})
 
         handles.append(up.register_forward_pre_hook(latent_hook))
+        handles.append(norms[key].register_forward_pre_hook(prenorm_hook))
     return handles
 
 
@@ -168,11 +197,16 @@ def _ups(attn, spec) -> dict:
     return ups
 
 
+def _norms(attn, spec) -> dict:
+    """The latents' RMS norms, by score key."""
+    return {key: norm for key, (_, norm) in _downs(attn, spec).items()}
+
+
 def sites(spec) -> list[tuple[int, str, int, str]]:
     """`(forward position, key, slot, description)` of the statistics, for error messages in forward order."""
     return [
-        (1, Q_KEY, 0, f"input of {spec.attention}.{spec.q_b_proj}"),
-        (1, KV_KEY, 0, f"input of {spec.attention}.{spec.kv_b_proj}"),
+        (1, Q_KEY, 0, f"input of {spec.attention}.q_a_layernorm or {spec.q_b_proj}"),
+        (1, KV_KEY, 0, f"input of {spec.attention}.kv_a_layernorm or {spec.kv_b_proj}"),
         (1, KEY, 0, f"input of {spec.attention}.{spec.o_proj}"),
     ]
 
@@ -190,7 +224,8 @@ def score_shapes(shape: dict) -> dict[str, tuple]:
 
 def collect(collector, shape: dict, device) -> dict[str, dict]:
     """`{score key: statistics}` of the importance pass, summed over processes."""
-    return {key: collector.stacked(key, size, 1, PER_SAMPLE, device) for key, size in _dims(shape).items()}
+    names = {KEY: PER_SAMPLE} | {key: (*PER_SAMPLE, PRENORM) for key in _RANKS}
+    return {key: collector.stacked(key, size, 1, names[key], device) for key, size in _dims(shape).items()}
 
 
 def random_scores(key: str, shape: dict, draw) -> dict:
@@ -268,14 +303,32 @@ def slice_heads(attn, spec, shape: dict, kept: torch.Tensor) -> None:
     slice_linear(getattr(attn, spec.o_proj), in_index=head_rows(kept, v_dim))
 
 
-def slice_latent(attn, spec, key: str, rank: int, kept: torch.Tensor) -> None:
+def slice_latent(attn, spec, key: str, rank: int, kept: torch.Tensor, mean_square: torch.Tensor | None = None) -> None:
     """Keeps the channels `kept` of the latent `key`: its rows of the down-projection (and the rotary key's rows after
-    the key/value latent), its norm weights, its columns of the up-projection."""
+    the key/value latent), its norm weights, its columns of the up-projection. With `mean_square` (`[rank]`, each
+    channel's mean square before the norm, up to a common factor), the kept norm weights are rescaled so that the norm
+    divides by the RMS it had over every channel (see the module docstring)."""
     down, norm = _downs(attn, spec)[key]
     rows = torch.cat([kept, torch.arange(rank, down.out_features, device=kept.device)])
     slice_linear(down, out_index=rows)
     slice_norm(norm, kept)
     slice_linear(_ups(attn, spec)[key], in_index=kept)
+    if mean_square is not None:
+        kept_mean = mean_square[kept.to(mean_square.device)].mean()
+        if kept_mean > 0:
+            factor = (kept_mean / mean_square.mean()).sqrt()
+            with torch.no_grad():
+                norm.weight.mul_(factor.to(norm.weight.dtype))
+
+
+def latent_mean_square(importance, key: str, attn, spec, layer: int, rank: int) -> torch.Tensor:
+    """`[rank]`: each channel's mean square at the input of the latent's norm in source layer `layer`, up to a common
+    factor: measured by the importance pass, or, for the static baselines, the squared norm of its down-projection
+    row (the mean square for an isotropic input)."""
+    stats = getattr(importance, key)
+    if PRENORM in stats:
+        return stats[PRENORM][layer].double()
+    return _downs(attn, spec)[key][0].weight[:rank].detach().double().pow(2).sum(1)
 
 
 def prune(model, layers, spec, importance, source: dict, target: dict, kept_layers, record, config) -> None:
@@ -290,8 +343,10 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
             continue
         channel_scores = latent_scores(importance, key, config.batch_aggregation)
         for new_idx, src_idx in enumerate(kept_layers):
+            attn = _attn(layers[new_idx], spec)
             kept = topk_sorted(channel_scores[src_idx], target[name])
-            slice_latent(_attn(layers[new_idx], spec), spec, key, source[name], kept)
+            mean_square = latent_mean_square(importance, key, attn, spec, src_idx, source[name])
+            slice_latent(attn, spec, key, source[name], kept, mean_square)
             getattr(record, key)[new_idx] = kept.tolist()
 
 

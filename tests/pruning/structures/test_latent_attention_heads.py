@@ -1,7 +1,8 @@
 """`structures/latent_attention_heads.py`: the heads and the latents' ranks of DeepSeek-V3's multi-head latent
 attention, pruned with activation, magnitude and random importance (with and without a query latent), reloaded with
-stock transformers and counted exactly; a silenced head or latent channel is the one removed; the targets MLA cannot
-take are refused before any work."""
+stock transformers and counted exactly; a silenced head or latent channel is the one removed, and so is a latent
+channel that the up-projection does not read; the latent norm's rescale makes removing a silent channel exact and
+keeps a pruned latent's scale; the targets MLA cannot take are refused before any work."""
 
 import copy
 
@@ -10,7 +11,7 @@ import torch
 from conftest import logits, n_params, random_samples, tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_minitron import PrunedConfig, count_parameters, prune_model
+from hf_minitron import PrunedConfig, count_parameters, estimate_importance, prune_model
 from hf_minitron.architectures import get_architecture, get_decoder_layers, model_shape
 from hf_minitron.pruning.structures import attention_heads, latent_attention_heads, structures_of
 
@@ -126,17 +127,120 @@ def test_latent_ranks_reload_with_stock_transformers_count_exactly_and_generate(
     assert torch.equal(cached, uncached)
 
 
-def test_a_silenced_latent_channel_is_the_one_removed():
-    model = tiny_model("deepseek_v3")
+def _silence_latent_channel(model, channel: int) -> None:
     with torch.no_grad():
-        for layer in get_decoder_layers(model):  # channel 3 of both latents is always zero
-            layer.self_attn.q_a_proj.weight[3] = 0
-            layer.self_attn.kv_a_proj_with_mqa.weight[3] = 0
+        for layer in get_decoder_layers(model):  # the channel of both latents is always zero
+            layer.self_attn.q_a_proj.weight[channel] = 0
+            layer.self_attn.kv_a_proj_with_mqa.weight[channel] = 0
+
+
+def test_a_silenced_latent_channel_is_the_one_removed_exactly():
+    model = tiny_model("deepseek_v3")
+    _silence_latent_channel(model, 3)
+    before = logits(model)
     config = PrunedConfig(q_lora_rank=15, kv_lora_rank=11, **_calibration())
     prune_model(model, config, random_samples(4), show_progress=False)
     record = model.pruning_record
     assert all(kept == [c for c in range(16) if c != 3] for kept in record.q_latent.values())
     assert all(kept == [c for c in range(12) if c != 3] for kept in record.kv_latent.values())
+    # The zero channel counted in the norm's mean square: the rescaled norm weights give every token its old scale.
+    torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-5)
+
+
+def test_without_the_norm_rescale_removing_a_silenced_channel_is_not_exact(monkeypatch):
+    model = tiny_model("deepseek_v3")
+    _silence_latent_channel(model, 3)
+    before = logits(model)
+    monkeypatch.setattr(latent_attention_heads, "latent_mean_square", lambda *args: None)
+    prune_model(model, PrunedConfig(kv_lora_rank=11, **_calibration()), random_samples(4), show_progress=False)
+    assert (logits(model) - before).abs().max() > 1e-3
+
+
+def test_the_mean_square_before_the_latent_norm_is_summed_over_unpadded_tokens():
+    model = tiny_model("deepseek_v3")
+    samples = random_samples(4)  # of 16, 14, 12 and 10 tokens: padded in one batch
+    scores = estimate_importance(model, samples, PrunedConfig(**_calibration()), depth=False, show_progress=False)
+    expected = {
+        "q_latent": torch.zeros(4, 16, dtype=torch.float64),
+        "kv_latent": torch.zeros(4, 12, dtype=torch.float64),
+    }
+    handles = []
+    for index, layer in enumerate(get_decoder_layers(model)):
+        for key, norm in (("q_latent", layer.self_attn.q_a_layernorm), ("kv_latent", layer.self_attn.kv_a_layernorm)):
+
+            def hook(module, args, key=key, index=index):
+                expected[key][index] += args[0][0].double().pow(2).sum(0)
+
+            handles.append(norm.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for sample in samples:  # one at a time: no padding
+            model(input_ids=sample["input_ids"][None])
+    for handle in handles:
+        handle.remove()
+    for key, sums in expected.items():
+        torch.testing.assert_close(getattr(scores, key)["prenorm_sq"], sums, rtol=1e-5, atol=1e-8)
+
+
+def _up_projection_inputs(model, ids=IDS) -> list[torch.Tensor]:
+    """Per layer, the input of `kv_b_proj`, `[tokens, kv_lora_rank]`."""
+    inputs, handles = [], []
+    for layer in get_decoder_layers(model):
+        hook = lambda module, args: inputs.append(args[0].reshape(-1, args[0].shape[-1]))  # noqa: E731
+        handles.append(layer.self_attn.kv_b_proj.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def test_a_latent_channel_read_by_nothing_is_removed_first():
+    model = tiny_model("deepseek_v3")
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # channel 5 of both latents: the most active, and read by nothing
+            attn = layer.self_attn
+            attn.q_a_proj.weight[5] *= 20
+            attn.kv_a_proj_with_mqa.weight[5] *= 20
+            attn.q_b_proj.weight[:, 5] = 0
+            attn.kv_b_proj.weight[:, 5] = 0
+    assert all(int(x.abs().mean(0).argmax()) == 5 for x in _up_projection_inputs(model))  # activation would keep it
+    config = PrunedConfig(q_lora_rank=15, kv_lora_rank=11, **_calibration())
+    prune_model(model, config, random_samples(4), show_progress=False)
+    record = model.pruning_record
+    assert all(kept == [c for c in range(16) if c != 5] for kept in record.q_latent.values())
+    assert all(kept == [c for c in range(12) if c != 5] for kept in record.kv_latent.values())
+
+
+@pytest.mark.parametrize("importance", ["activation", "magnitude", "random"])
+def test_the_norm_rescale_keeps_a_pruned_latents_scale(importance, monkeypatch):
+    model = tiny_model("deepseek_v3")
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # every other channel 3x louder: the kept channels' RMS is not the RMS
+            layer.self_attn.q_a_proj.weight[::2] *= 3
+            layer.self_attn.kv_a_proj_with_mqa.weight[::2] *= 3
+    ids = torch.stack([sample["input_ids"] for sample in random_samples(4, ragged=False, seed=1)])
+    before, inputs = logits(model, ids), _up_projection_inputs(model, ids)
+    config = PrunedConfig(q_lora_rank=8, kv_lora_rank=6, importance=importance, **_calibration())
+    rescaled, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(rescaled, config, random_samples(4), show_progress=False)
+    monkeypatch.setattr(latent_attention_heads, "latent_mean_square", lambda *args: None)
+    prune_model(plain, config, random_samples(4), show_progress=False)
+    kept = rescaled.pruning_record.kv_latent
+    assert kept == plain.pruning_record.kv_latent
+
+    def scale_errors(pruned) -> list[float]:
+        """Per layer, the relative error of the mean squared kept latent at the input of kv_b_proj."""
+        after = _up_projection_inputs(pruned, ids)
+        return [
+            abs(float(x.pow(2).sum(1).mean() / source[:, kept[layer]].pow(2).sum(1).mean()) - 1)
+            for layer, (source, x) in enumerate(zip(inputs, after))
+        ]
+
+    assert max(scale_errors(rescaled)) < 0.07 and max(scale_errors(rescaled)) < max(scale_errors(plain))
+    if importance != "random":  # the loud channels are kept: without the rescale, their RMS shrinks them by ~1.8x
+        assert min(scale_errors(plain)) > 0.4
+    # The dropped channels dominate the logits' error: the rescale's gain there is small, but a gain.
+    assert (logits(rescaled, ids) - before).norm() < (logits(plain, ids) - before).norm()
 
 
 @pytest.mark.parametrize(
