@@ -22,7 +22,8 @@ For each seed (which orders the training samples):
    completion that may stop early at EOS): the on-policy arm gets at most the teacher compute of the KD arm. It
    also pays the student's sampling, which is reported as wall time.
 
-Both arms train at the same constant learning rate `--learning-rate`. Measured for the pruned student, `kd_first` and
+Both arms train at the same constant learning rate `--learning-rate`, unless `--on-policy-learning-rate` gives the
+on-policy stage its own. Measured for the pruned student, `kd_first` and
 both arms:
 
 - the held-out loss (next-token cross-entropy on held-out modules, teacher-forced);
@@ -168,8 +169,9 @@ def on_policy(student, teacher, tokenizer, samples, steps, args, seed, output_di
 
     config = OnPolicyConfig(
         output_dir=str(output_dir), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
-        lr_scheduler_type="constant", learning_rate=args.learning_rate, per_device_train_batch_size=args.batch_size,
-        max_steps=steps, seed=seed, data_seed=seed, logging_steps=max(steps, 1), beta=args.beta,
+        lr_scheduler_type="constant", learning_rate=args.on_policy_learning_rate or args.learning_rate,
+        per_device_train_batch_size=args.batch_size, max_steps=steps, seed=seed, data_seed=seed,
+        logging_steps=max(steps, 1), beta=args.beta,
         prompt_length=args.prompt_length, max_completion_length=args.seq_length - args.prompt_length,
     )  # fmt: skip
     student.train().requires_grad_(True)
@@ -266,6 +268,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="Steps of the first KD stage, and of each arm after it.")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument(
+        "--on-policy-learning-rate", type=float, help="The on-policy stage's learning rate (default: --learning-rate)."
+    )
     parser.add_argument("--beta", type=float, default=1.0, help="The on-policy loss: 1 reverse KL, 0.5 JSD, 0 forward KL.")  # fmt: skip
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--lines", type=int, default=100)
