@@ -139,6 +139,50 @@ def merged_recipe(defaults: dict, overrides: dict, validation_samples: int | Non
     return recipe
 
 
+# The recipe keys every conversion shares; the others are its fit's keyword arguments.
+CONVERSION_KEYS = ("calibration_samples", "seq_length", "validation_samples", "seed")
+
+
+def conversion_inputs(defaults: dict, overrides: dict, validation_samples: int | None) -> dict:
+    """What a conversion of the embedded SmolLM2 starts from: the merged `recipe`, the time it `started`, the dense
+    teacher (`dense`, fp32, eval), its `tokenizer`, the embedded corpus packed to the recipe's length (`data`), the
+    `calibration` ids and the fit's keyword arguments (`fit`: the recipe less `CONVERSION_KEYS`)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import embedded_datasets
+
+    recipe = merged_recipe(defaults, overrides, validation_samples)
+    started = time.perf_counter()
+    torch.manual_seed(recipe["seed"])
+    path = default_teacher_path()
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    data = embedded_datasets(tokenizer, recipe["seq_length"])
+    return {
+        "recipe": recipe, "started": started, "dense": dense, "tokenizer": tokenizer, "data": data,
+        "calibration": torch.tensor(data["train"][: recipe["calibration_samples"]]["input_ids"]),
+        "fit": {k: v for k, v in recipe.items() if k not in CONVERSION_KEYS},
+    }  # fmt: skip
+
+
+def conversion_info(inputs: dict, model, build_seconds: float, stats, **details) -> dict:
+    """The `build_info.json` entries every conversion writes (recipe, source, sizes, build time, per-layer `stats`),
+    with its own `details` after the sizes."""
+    return {
+        "recipe": inputs["recipe"],
+        "teacher": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, de-quantized)",
+        "model_type": model.config.model_type,
+        **details,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "teacher_parameters": sum(p.numel() for p in inputs["dense"].parameters()),
+        "build_seconds": round(build_seconds, 1),
+        "layers": stats,
+    }
+
+
 def validation_rows(split, count: int) -> list[dict]:
     """The first `count` samples of a packed split as `{"input_ids", "attention_mask"}` tensors."""
     import torch

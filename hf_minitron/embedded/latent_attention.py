@@ -72,10 +72,10 @@ from pathlib import Path
 import torch
 
 from . import (
-    default_teacher_path,
+    conversion_info,
+    conversion_inputs,
     derived_path,
     load_checkpoint,
-    merged_recipe,
     read_build_info,
     save_derived,
     validation_rows,
@@ -460,37 +460,24 @@ def build_embedded_mla(output_dir: str | Path, validation_samples: int | None = 
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..data import embedded_datasets
     from ..evaluation import lm_loss
 
-    recipe = merged_recipe(RECIPE, recipe, validation_samples)
-    started = time.perf_counter()
-    torch.manual_seed(recipe["seed"])
-    path = default_teacher_path()
-    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    data = embedded_datasets(tokenizer, recipe["seq_length"])
-    calibration = torch.tensor(data["train"][: recipe["calibration_samples"]]["input_ids"])
-    fit_keys = set(RECIPE) - {"calibration_samples", "seq_length", "validation_samples", "seed"}
-    model, unfitted, stats = convert_to_mla(dense, calibration, **{k: recipe[k] for k in fit_keys})
+    inputs = conversion_inputs(RECIPE, recipe, validation_samples)
+    recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
+    model, unfitted, stats = convert_to_mla(dense, inputs["calibration"], **inputs["fit"])
     model.config.name_or_path = "hf-minitron/smollm2-135m-instruct-mla"
     build_seconds = time.perf_counter() - started
 
-    info = {
-        "recipe": recipe,
-        "teacher": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, de-quantized)",
-        "model_type": model.config.model_type,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "teacher_parameters": sum(p.numel() for p in dense.parameters()),
-        "kv_cache_per_token_per_layer": {
+    info = conversion_info(
+        inputs,
+        model,
+        build_seconds,
+        stats,
+        kv_cache_per_token_per_layer={
             "teacher": 2 * dense.config.num_key_value_heads * model.config.v_head_dim,
             "mla": model.config.kv_lora_rank + model.config.qk_rope_head_dim,
         },
-        "build_seconds": round(build_seconds, 1),
-        "layers": stats,
-    }
+    )
     if recipe["validation_samples"]:
         validation = validation_rows(data["validation"], recipe["validation_samples"])
         info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
@@ -505,7 +492,7 @@ def build_embedded_mla(output_dir: str | Path, validation_samples: int | None = 
             "mla": _greedy(model, tokenizer, SAMPLE_PROMPT),
         }
         info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
-    dense = None  # frees the dense teacher before the save
+    dense = inputs["dense"] = None  # frees the dense teacher before the save
     save_derived(output_dir, model, tokenizer, info)
     return info
 

@@ -91,10 +91,10 @@ from pathlib import Path
 import torch
 
 from . import (
-    default_teacher_path,
+    conversion_info,
+    conversion_inputs,
     derived_path,
     load_checkpoint,
-    merged_recipe,
     read_build_info,
     save_derived,
     validation_rows,
@@ -543,34 +543,21 @@ def build_embedded_qwen35(output_dir: str | Path, validation_samples: int | None
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..data import embedded_datasets
     from ..evaluation import lm_loss
 
-    recipe = merged_recipe(RECIPE, recipe, validation_samples)
-    started = time.perf_counter()
-    torch.manual_seed(recipe["seed"])
-    path = default_teacher_path()
-    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    data = embedded_datasets(tokenizer, recipe["seq_length"])
-    calibration = torch.tensor(data["train"][: recipe["calibration_samples"]]["input_ids"])
-    fit_keys = set(RECIPE) - {"calibration_samples", "seq_length", "validation_samples", "seed"}
-    model, copied, stats = convert_to_qwen35(dense, calibration, **{k: recipe[k] for k in fit_keys})
+    inputs = conversion_inputs(RECIPE, recipe, validation_samples)
+    recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
+    model, copied, stats = convert_to_qwen35(dense, inputs["calibration"], **inputs["fit"])
     model.config.name_or_path = "hf-minitron/smollm2-135m-instruct-qwen3_5"
     build_seconds = time.perf_counter() - started
 
-    info = {
-        "recipe": recipe,
-        "teacher": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, de-quantized)",
-        "model_type": model.config.model_type,
-        "attention_layers": [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "teacher_parameters": sum(p.numel() for p in dense.parameters()),
-        "build_seconds": round(build_seconds, 1),
-        "layers": stats,
-    }
+    info = conversion_info(
+        inputs,
+        model,
+        build_seconds,
+        stats,
+        attention_layers=[i for i, t in enumerate(model.config.layer_types) if t == "full_attention"],
+    )
     if recipe["validation_samples"]:
         validation = validation_rows(data["validation"], recipe["validation_samples"])
         info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
@@ -586,7 +573,7 @@ def build_embedded_qwen35(output_dir: str | Path, validation_samples: int | None
             "qwen35": _greedy(model, tokenizer, SAMPLE_PROMPT),
         }
         info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
-    dense = None  # frees the dense teacher before the save
+    dense = inputs["dense"] = None  # frees the dense teacher before the save
     save_derived(output_dir, model, tokenizer, info)
     return info
 
