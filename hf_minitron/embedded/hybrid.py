@@ -536,6 +536,32 @@ def _greedy(model, tokenizer, prompt: str, tokens: int = 24) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def evaluate_conversion(info: dict, inputs: dict, model, name: str, unfitted: dict, replaced: list | None = None):
+    """Adds to a conversion's build `info` (see `embedded.conversion_info`) its held-out losses on the recipe's
+    `validation_samples`: uniform, SmolLM2's, the converted model's (`<name>_loss`), the converted model's with the
+    `unfitted` weights (`{module name: weight}`) swapped in, and SmolLM2's without the attention of the `replaced`
+    layers when given; greedy continuations of `SAMPLE_PROMPT` by both, and the time it took."""
+    from ..evaluation import lm_loss
+
+    started = time.perf_counter()
+    dense, tokenizer = inputs["dense"], inputs["tokenizer"]
+    validation = validation_rows(inputs["data"]["validation"], inputs["recipe"]["validation_samples"])
+    info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
+    info["uniform_loss"] = math.log(model.config.vocab_size)
+    info["teacher_loss"] = lm_loss(dense, validation)
+    info[f"{name}_loss"] = lm_loss(model, validation)
+    with _swapped_weights(model, unfitted):
+        info["unfitted_loss"] = lm_loss(model, validation)
+    if replaced is not None:
+        info["attention_removed_loss"] = _loss_without_attention(dense, sorted(replaced), validation)
+    info["sample"] = {
+        "prompt": SAMPLE_PROMPT,
+        "teacher": _greedy(dense, tokenizer, SAMPLE_PROMPT),
+        name: _greedy(model, tokenizer, SAMPLE_PROMPT),
+    }
+    info["eval_seconds"] = round(time.perf_counter() - started, 1)
+
+
 def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None = None, **recipe) -> dict:
     """Builds the hybrid SmolLM2 (module docstring) into `output_dir` (written atomically) and returns its build
     info (recipe, timings, per-layer fit errors, held-out losses of SmolLM2, of the hybrid, of the hybrid without
@@ -547,7 +573,6 @@ def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-    from ..evaluation import lm_loss
 
     inputs = conversion_inputs(RECIPE, recipe, validation_samples)
     recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
@@ -563,20 +588,7 @@ def build_embedded_hybrid(output_dir: str | Path, validation_samples: int | None
         attention_layers=model.config.attn_layer_indices,
     )
     if recipe["validation_samples"]:
-        validation = validation_rows(data["validation"], recipe["validation_samples"])
-        info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
-        info["uniform_loss"] = math.log(model.config.vocab_size)
-        info["teacher_loss"] = lm_loss(dense, validation)
-        info["hybrid_loss"] = lm_loss(model, validation)
-        with _swapped_weights(model, _unfitted_weights(model, dense, copied)):
-            info["unfitted_loss"] = lm_loss(model, validation)
-        info["attention_removed_loss"] = _loss_without_attention(dense, sorted(copied), validation)
-        info["sample"] = {
-            "prompt": SAMPLE_PROMPT,
-            "teacher": _greedy(dense, tokenizer, SAMPLE_PROMPT),
-            "hybrid": _greedy(model, tokenizer, SAMPLE_PROMPT),
-        }
-        info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
+        evaluate_conversion(info, inputs, model, "hybrid", _unfitted_weights(model, dense, copied), replaced=copied)
     dense = inputs["dense"] = None  # frees the dense teacher before the save
     save_derived(output_dir, model, tokenizer, info)
     return info

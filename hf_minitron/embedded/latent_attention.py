@@ -78,9 +78,8 @@ from . import (
     load_checkpoint,
     read_build_info,
     save_derived,
-    validation_rows,
 )
-from .hybrid import fit_projection
+from .hybrid import evaluate_conversion, fit_projection
 
 
 logger = logging.getLogger(__name__)
@@ -99,7 +98,6 @@ RECIPE = dict(
     validation_samples=16,
     seed=0,
 )
-SAMPLE_PROMPT = "The for statement is used to iterate over"
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -425,30 +423,6 @@ def convert_to_mla(dense, calibration_ids: torch.Tensor, **recipe):
     return model, unfitted, stats
 
 
-class _swapped_weights:
-    """Context manager: the weights of some linear layers of `model` replaced by `weights` (`{module name:
-    weight}`), restored on exit."""
-
-    def __init__(self, model, weights: dict):
-        self.model, self.weights, self.saved = model, weights, {}
-
-    def __enter__(self):
-        for name, weight in self.weights.items():
-            linear = self.model.get_submodule(name)
-            self.saved[name] = linear.weight.detach().clone()
-            linear.weight.data.copy_(weight)
-
-    def __exit__(self, *exc):
-        for name, weight in self.saved.items():
-            self.model.get_submodule(name).weight.data.copy_(weight)
-
-
-def _greedy(model, tokenizer, prompt: str, tokens: int = 24) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
 def build_embedded_mla(output_dir: str | Path, validation_samples: int | None = None, **recipe) -> dict:
     """Builds the MLA SmolLM2 (module docstring) into `output_dir` (written atomically) and returns its build info
     (recipe, timings, per-layer fit statistics, held-out losses of SmolLM2, of the MLA model and of the MLA model
@@ -460,7 +434,6 @@ def build_embedded_mla(output_dir: str | Path, validation_samples: int | None = 
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-    from ..evaluation import lm_loss
 
     inputs = conversion_inputs(RECIPE, recipe, validation_samples)
     recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
@@ -479,19 +452,7 @@ def build_embedded_mla(output_dir: str | Path, validation_samples: int | None = 
         },
     )
     if recipe["validation_samples"]:
-        validation = validation_rows(data["validation"], recipe["validation_samples"])
-        info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
-        info["uniform_loss"] = math.log(model.config.vocab_size)
-        info["teacher_loss"] = lm_loss(dense, validation)
-        info["mla_loss"] = lm_loss(model, validation)
-        with _swapped_weights(model, unfitted):
-            info["unfitted_loss"] = lm_loss(model, validation)
-        info["sample"] = {
-            "prompt": SAMPLE_PROMPT,
-            "teacher": _greedy(dense, tokenizer, SAMPLE_PROMPT),
-            "mla": _greedy(model, tokenizer, SAMPLE_PROMPT),
-        }
-        info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
+        evaluate_conversion(info, inputs, model, "mla", unfitted)
     dense = inputs["dense"] = None  # frees the dense teacher before the save
     save_derived(output_dir, model, tokenizer, info)
     return info

@@ -97,14 +97,11 @@ from . import (
     load_checkpoint,
     read_build_info,
     save_derived,
-    validation_rows,
 )
 from .hybrid import (
     _first,
-    _greedy,
-    _loss_without_attention,
-    _swapped_weights,
     causal_attention_output,
+    evaluate_conversion,
     fit_out_proj,
     fit_projection,
     select_attention_layers,
@@ -140,7 +137,6 @@ RECIPE = dict(
     seed=0,
 )
 QK_NORMS = ("fit", "linear")
-SAMPLE_PROMPT = "The for statement is used to iterate over"
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -543,7 +539,6 @@ def build_embedded_qwen35(output_dir: str | Path, validation_samples: int | None
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-    from ..evaluation import lm_loss
 
     inputs = conversion_inputs(RECIPE, recipe, validation_samples)
     recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
@@ -559,20 +554,7 @@ def build_embedded_qwen35(output_dir: str | Path, validation_samples: int | None
         attention_layers=[i for i, t in enumerate(model.config.layer_types) if t == "full_attention"],
     )
     if recipe["validation_samples"]:
-        validation = validation_rows(data["validation"], recipe["validation_samples"])
-        info["validation_tokens"] = sum(len(v["input_ids"]) for v in validation)
-        info["uniform_loss"] = math.log(model.config.vocab_size)
-        info["teacher_loss"] = lm_loss(dense, validation)
-        info["qwen35_loss"] = lm_loss(model, validation)
-        with _swapped_weights(model, _unfitted_weights(model, dense, copied)):
-            info["unfitted_loss"] = lm_loss(model, validation)
-        info["attention_removed_loss"] = _loss_without_attention(dense, sorted(copied), validation)
-        info["sample"] = {
-            "prompt": SAMPLE_PROMPT,
-            "teacher": _greedy(dense, tokenizer, SAMPLE_PROMPT),
-            "qwen35": _greedy(model, tokenizer, SAMPLE_PROMPT),
-        }
-        info["eval_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
+        evaluate_conversion(info, inputs, model, "qwen35", _unfitted_weights(model, dense, copied), replaced=copied)
     dense = inputs["dense"] = None  # frees the dense teacher before the save
     save_derived(output_dir, model, tokenizer, info)
     return info
