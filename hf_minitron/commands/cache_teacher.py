@@ -64,7 +64,7 @@ def cache_teacher_checkpoint(args: CacheTeacherArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..embedded import resolve_model_path
-    from ..io import check_not_overlapping
+    from ..io import check_not_overlapping, check_output_dir
     from ..validation import check_checkpoint, check_sequence_length, load_model_config
 
     state = PartialState()  # joins the launched processes (each writes its own shards)
@@ -72,6 +72,9 @@ def cache_teacher_checkpoint(args: CacheTeacherArguments):
     check_checkpoint(path)
     # Everything the teacher's config and the paths can tell fails here, before the weights and the data are read.
     check_not_overlapping(args.output_dir, path, "the teacher")
+    # A file, a mount point or a folder hf-minitron did not write is refused now; our own output is left to
+    # cache_teacher, which reuses a cache of the same settings or replaces it with --overwrite.
+    check_output_dir(args.output_dir, overwrite=True)
     check_sequence_length(load_model_config(path), args.seq_length, "CacheTeacherArguments.seq_length")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     kwargs = {} if args.teacher_dtype is None else {"dtype": getattr(torch, args.teacher_dtype)}

@@ -54,6 +54,27 @@ def test_sequence_longer_than_the_teacher_is_refused_before_loading_weights(chec
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "foreign folder"])
+def test_output_that_is_a_file_or_a_foreign_folder_is_refused_before_loading_weights(
+    checkpoint, text_file, tmp_path, monkeypatch, capsys, kind
+):
+    from transformers import AutoModelForCausalLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the output was checked")
+
+    mine = tmp_path / "mine"  # a user's folder, holding the data the cache is made from
+    mine.mkdir()
+    data = mine / text_file.name
+    data.write_bytes(text_file.read_bytes())
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    before = _files(mine)
+    assert main(_argv(checkpoint, data, data if kind == "file" else mine, "--overwrite", "true")) == 2
+    err = capsys.readouterr().err
+    assert ("not a directory" if kind == "file" else "does not look like a model output") in err
+    assert "Traceback" not in err and _files(mine) == before
+
+
 def test_home_relative_output_is_written_under_home(checkpoint, text_file, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     home.mkdir()
