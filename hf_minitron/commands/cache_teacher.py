@@ -23,8 +23,8 @@ class CacheTeacherArguments(TextDataArguments):
         top_k (`int`, *optional*): tokens per position for `mode=topk`.
         num_samples (`int`, *optional*): tokens drawn per position for `mode=sampled` (1 to 255).
         seed (`int`, *optional*, defaults to `0`): seed of the draws of `mode=sampled`.
-        compress (`bool`, *optional*, defaults to `False`): `mode=topk` with bit-packed ids and quantised
-            log-probabilities (`dtype` `uint8` or `uint16`).
+        compress (`bool`, *optional*, defaults to `False`): `mode=topk` with log-probabilities quantised
+            to `dtype` `uint8` or `uint16`, ids and codes compressed losslessly (zstd).
         dtype (`str`, *optional*, defaults to `"float32"`): storage dtype (see [`cache_teacher`]).
         temperature (`float`, *optional*, defaults to `1.0`): temperature of the top-k log-probabilities or of the
             sampled distributions.
@@ -45,7 +45,9 @@ class CacheTeacherArguments(TextDataArguments):
     seed: int = field(default=0, metadata={"help": "Seed of the draws of mode=sampled."})
     compress: bool = field(
         default=False,
-        metadata={"help": "mode=topk: bit-packed ids, log-probabilities quantised to dtype uint8/uint16."},
+        metadata={
+            "help": "mode=topk: log-probabilities quantised to dtype uint8/uint16, ids and codes zstd-compressed."
+        },
     )
     dtype: str = field(
         default="float32",
