@@ -152,10 +152,11 @@ def measure_arm(
 ):
     """Prunes a copy of `teacher` with each `(config, scores)` of `configs` (one per seed; precomputed importance
     `scores` or `None`), measures its held-out loss, then again after `kd_steps` of `short_kd` (`frozen` parameters
-    not trained). Returns `(arm, student, records)`: the means and per-seed losses, the last student and every
-    student's `pruning_record`."""
+    not trained). Returns `(arm, student, records)`: the means and per-seed losses, the last student's parameters and
+    the arm's seconds; the last student and every student's `pruning_record`."""
     from hf_minitron import prune_model
 
+    started = time.perf_counter()
     pruned, after_kd, records, student = [], [], [], None
     for config, given in configs:
         student = prune_model(copy.deepcopy(teacher), config, calibration, scores=given, show_progress=False)
@@ -169,5 +170,17 @@ def measure_arm(
         "pruned_all": pruned,
         "after_kd": statistics.mean(after_kd) if after_kd else None,
         "after_kd_all": after_kd,
+        "parameters": num_parameters(student),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     return arm, student, records
+
+
+def report_arm(results: dict, target_name: str, estimator: str, arm: dict) -> None:
+    """Records `arm` under `target/estimator` in `results["arms"]` and prints its line."""
+    results["arms"][f"{target_name}/{estimator}"] = arm
+    after = "-" if arm["after_kd"] is None else f"{arm['after_kd']:.3f}"
+    print(
+        f"{target_name:>16} {estimator:<16} pruned {arm['pruned']:.3f}  after KD {after}  ({arm['seconds']:.0f} s)",
+        flush=True,
+    )

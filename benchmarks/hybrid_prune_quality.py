@@ -46,6 +46,7 @@ from _common import (
     measure_arm,
     num_parameters,
     plot_arms,
+    report_arm,
     split_calibration,
     time_importance,
     timing_rows,
@@ -190,7 +191,6 @@ def main():
         target = TARGETS[target_name]
         for estimator in estimators(target_name):
             seeds = range(args.random_seeds) if estimator == "random" else [0]
-            arm_started = time.perf_counter()
             configs = [_pruned_config(target, estimator, seed, len(calibration), args.depth_samples) for seed in seeds]
             # The activation scores serve every width arm; depth arms measure their own (Block Influence).
             configs = [
@@ -200,23 +200,12 @@ def main():
             arm, student, records = measure_arm(
                 teacher, configs, calibration, validation, train, args.kd_steps, args.kd_batch_size, KD_DIR, FROZEN
             )
-            arm = {
-                **arm,
-                "parameters": num_parameters(student),
-                "layer_types": list(student.config.layers_block_type),
-                "seconds": round(time.perf_counter() - arm_started, 1),
-            }
+            arm["layer_types"] = list(student.config.layers_block_type)
             if target_name == "mamba_heads9":
                 kept_heads = dict(records[0].mamba_heads)
                 arm["kept_heads"] = kept_heads
                 arm["groups_left_without_a_head"] = groups_left_without_a_head(kept_heads, teacher.config)
-            results["arms"][f"{target_name}/{estimator}"] = arm
-            after = "-" if arm["after_kd"] is None else f"{arm['after_kd']:.3f}"
-            print(
-                f"{target_name:>16} {estimator:<16} pruned {arm['pruned']:.3f}  after KD {after}  "
-                f"({arm['seconds']:.0f} s)",
-                flush=True,
-            )
+            report_arm(results, target_name, estimator, arm)
     results["wall_seconds"] = time.perf_counter() - started
 
     atomic_write_json(args.output, results, indent=1)

@@ -29,6 +29,7 @@ from _common import (
     measure_arm,
     num_parameters,
     plot_arms,
+    report_arm,
     split_calibration,
     time_importance,
     timing_rows,
@@ -121,14 +122,9 @@ def main():
                 teacher, configs, calibration, validation, train, args.kd_steps, args.kd_batch_size, KD_DIR
             )
             config = configs[0][0]
-            arm = {
-                **arm,
-                "parameters": count_parameters(teacher.config, config),
-                "active": count_parameters(teacher.config, config, "active"),
-            }
-            results["arms"][f"{target_name}/{estimator}"] = arm
-            after = "-" if arm["after_kd"] is None else f"{arm['after_kd']:.3f}"
-            print(f"{target_name:>9} {estimator:<12} pruned {arm['pruned']:.3f}  after KD {after}", flush=True)
+            arm["parameters"] = count_parameters(teacher.config, config)
+            arm["active"] = count_parameters(teacher.config, config, "active")
+            report_arm(results, target_name, estimator, arm)
     results["wall_seconds"] = time.perf_counter() - started
 
     from hf_minitron.io import atomic_write_json

@@ -42,6 +42,7 @@ from _common import (
     measure_arm,
     num_parameters,
     plot_arms,
+    report_arm,
     split_calibration,
     time_importance,
     timing_rows,
@@ -136,29 +137,17 @@ def main():
         target = TARGETS[target_name]
         for estimator in ("none",) if target_name == "unpruned" else ESTIMATORS:
             seeds = range(args.random_seeds) if estimator == "random" else [0]
-            arm_started = time.perf_counter()
             configs = [_pruned_config(target, estimator, seed, len(calibration)) for seed in seeds]
             configs = [(c, scores if c.importance == "activation" else None) for c in configs]
-            arm, student, records = measure_arm(
+            arm, _, records = measure_arm(
                 teacher, configs, calibration, validation, train, args.kd_steps, args.kd_batch_size, KD_DIR
             )
-            arm = {
-                **arm,
-                "parameters": num_parameters(student),
-                "seconds": round(time.perf_counter() - arm_started, 1),
-            }
             if target_name.startswith("deltanet"):
                 arm["kept_value_heads"] = dict(records[0].deltanet_value_heads)
                 arm["kept_key_heads"] = dict(records[0].deltanet_key_heads)
             elif target_name.startswith("attention"):
                 arm["kept_heads"] = dict(records[0].heads)
-            results["arms"][f"{target_name}/{estimator}"] = arm
-            after = "-" if arm["after_kd"] is None else f"{arm['after_kd']:.3f}"
-            print(
-                f"{target_name:>16} {estimator:<10} pruned {arm['pruned']:.3f}  after KD {after}  "
-                f"({arm['seconds']:.0f} s)",
-                flush=True,
-            )
+            report_arm(results, target_name, estimator, arm)
     results["wall_seconds"] = time.perf_counter() - started
 
     atomic_write_json(args.output, results, indent=1)
