@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: the embedded teacher, the offline corpus, the held-out loss, and the timed
 importance pass, short KD and per-target plot of the MoE and hybrid pruning benchmarks."""
 
+import argparse
 import copy
 import statistics
 import time
@@ -184,3 +185,50 @@ def report_arm(results: dict, target_name: str, estimator: str, arm: dict) -> No
         f"{target_name:>16} {estimator:<16} pruned {arm['pruned']:.3f}  after KD {after}  ({arm['seconds']:.0f} s)",
         flush=True,
     )
+
+
+ARM_DEFAULTS = dict(
+    calibration_samples=16, validation_samples=8, seq_length=128, kd_steps=10, kd_batch_size=2, random_seeds=2,
+    timing_repeats=2, threads=2,
+)  # fmt: skip
+
+
+def arm_arguments(doc: str, output: str, targets=None, **defaults) -> argparse.ArgumentParser:
+    """The options every pruning-quality benchmark takes (`ARM_DEFAULTS`, overridden by `defaults`), `--targets` when
+    the script has named `targets`, and `--output` (`output` under `RESULTS`); a script adds its own before parsing
+    with [`parse_arm_arguments`]."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in {**ARM_DEFAULTS, **defaults}.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    if targets is not None:
+        parser.add_argument("--targets", default=",".join(targets), help="comma-separated subset of the targets")
+    parser.add_argument("--output", default=str(RESULTS / output))
+    return parser
+
+
+def parse_arm_arguments(parser: argparse.ArgumentParser, targets=None):
+    """The parsed options, the targets checked against `targets`, the threads set."""
+    args = parser.parse_args()
+    if targets is not None:
+        unknown = set(args.targets.split(",")) - set(targets)
+        if unknown:
+            parser.error(f"unknown targets {sorted(unknown)}: choose from {', '.join(targets)}")
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def load_and_time(load, load_info, args, base_config):
+    """The embedded model of `load()` (eval mode) and its `load_info()`, the corpus split as `split_calibration` does,
+    and one importance pass timed against plain forwards (`time_importance`, `base_config(calibration samples)`).
+    Returns `(model, info, calibration, train, validation, timing, scores)`."""
+    from hf_minitron.data import embedded_datasets
+
+    model, tokenizer = load()
+    model.eval()
+    info = load_info()
+    data = embedded_datasets(tokenizer, args.seq_length)
+    calibration, train, validation = split_calibration(data, args.calibration_samples, args.validation_samples)
+    print("Timing the importance pass against plain forward passes ...", flush=True)
+    timing, scores = time_importance(model, calibration, base_config(len(calibration)), args.timing_repeats)
+    print(f"importance / base forward: {timing['importance_over_base_forward']:.3f}", flush=True)
+    return model, info, calibration, train, validation, timing, scores

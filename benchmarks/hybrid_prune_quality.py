@@ -36,19 +36,18 @@ the base model on the same batches (interleaved repeats, min), the target being 
 Writes `benchmarks/results/hybrid_prune_quality.{json,png}` and prints a Markdown table.
 """
 
-import argparse
 import time
 
-import torch
 from _common import (
     RESULTS,
+    arm_arguments,
     held_out_loss,
+    load_and_time,
     measure_arm,
     num_parameters,
+    parse_arm_arguments,
     plot_arms,
     report_arm,
-    split_calibration,
-    time_importance,
     timing_rows,
 )
 
@@ -141,39 +140,20 @@ def render_markdown(results: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser = arm_arguments(__doc__, "hybrid_prune_quality.json", TARGETS, random_seeds=1)
     parser.add_argument("--depth-samples", type=int, default=4, help="samples that score each depth candidate")
-    parser.add_argument("--validation-samples", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--kd-steps", type=int, default=10)
-    parser.add_argument("--kd-batch-size", type=int, default=2)
-    parser.add_argument("--random-seeds", type=int, default=1)
-    parser.add_argument("--timing-repeats", type=int, default=2)
-    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of the targets")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=str(RESULTS / "hybrid_prune_quality.json"))
-    args = parser.parse_args()
-    unknown = set(args.targets.split(",")) - set(TARGETS)
-    if unknown:
-        parser.error(f"unknown targets {sorted(unknown)}: choose from {', '.join(TARGETS)}")
-    torch.set_num_threads(args.threads)
+    args = parse_arm_arguments(parser, TARGETS)
     started = time.perf_counter()
 
-    from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded.hybrid import embedded_hybrid_info, load_embedded_hybrid
     from hf_minitron.io import atomic_write_json
 
-    teacher, tokenizer = load_embedded_hybrid()
-    teacher.eval()
-    info = embedded_hybrid_info()
-    data = embedded_datasets(tokenizer, args.seq_length)
-    calibration, train, validation = split_calibration(data, args.calibration_samples, args.validation_samples)
-
-    print("Timing the importance pass against plain forward passes ...", flush=True)
-    base_config = _pruned_config({}, "activation", 0, len(calibration), args.depth_samples)
-    timing, scores = time_importance(teacher, calibration, base_config, args.timing_repeats)
-    print(f"importance / base forward: {timing['importance_over_base_forward']:.3f}", flush=True)
+    teacher, info, calibration, train, validation, timing, scores = load_and_time(
+        load_embedded_hybrid,
+        embedded_hybrid_info,
+        args,
+        lambda n: _pruned_config({}, "activation", 0, n, args.depth_samples),
+    )
 
     results = {
         "setup": {

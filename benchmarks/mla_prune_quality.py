@@ -29,19 +29,18 @@ min), the target being <= 1.10x.
 Writes `benchmarks/results/mla_prune_quality.{json,png}` and prints a Markdown table.
 """
 
-import argparse
 import time
 
-import torch
 from _common import (
     RESULTS,
+    arm_arguments,
     held_out_loss,
+    load_and_time,
     measure_arm,
     num_parameters,
+    parse_arm_arguments,
     plot_arms,
     report_arm,
-    split_calibration,
-    time_importance,
     timing_rows,
 )
 
@@ -117,39 +116,24 @@ def render_markdown(results: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibration-samples", type=int, default=32)
-    parser.add_argument("--validation-samples", type=int, default=16)
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--kd-steps", type=int, default=10)
-    parser.add_argument("--kd-batch-size", type=int, default=2)
-    parser.add_argument("--random-seeds", type=int, default=2)
-    parser.add_argument("--timing-repeats", type=int, default=3)
-    parser.add_argument("--targets", default=",".join(TARGET_NAMES), help="comma-separated subset of the targets")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=str(RESULTS / "mla_prune_quality.json"))
-    args = parser.parse_args()
-    unknown = set(args.targets.split(",")) - set(TARGET_NAMES)
-    if unknown:
-        parser.error(f"unknown targets {sorted(unknown)}: choose from {', '.join(TARGET_NAMES)}")
-    torch.set_num_threads(args.threads)
+    parser = arm_arguments(
+        __doc__,
+        "mla_prune_quality.json",
+        TARGET_NAMES,
+        calibration_samples=32,
+        validation_samples=16,
+        timing_repeats=3,
+    )
+    args = parse_arm_arguments(parser, TARGET_NAMES)
     started = time.perf_counter()
 
-    from hf_minitron.data import embedded_datasets
     from hf_minitron.embedded.latent_attention import embedded_mla_info, load_embedded_mla
     from hf_minitron.io import atomic_write_json
 
-    teacher, tokenizer = load_embedded_mla()
-    teacher.eval()
-    info = embedded_mla_info()
-    data = embedded_datasets(tokenizer, args.seq_length)
-    calibration, train, validation = split_calibration(data, args.calibration_samples, args.validation_samples)
+    teacher, info, calibration, train, validation, timing, scores = load_and_time(
+        load_embedded_mla, embedded_mla_info, args, lambda n: _pruned_config({}, "activation", 0, n)
+    )
     available = targets(teacher.config)
-
-    print("Timing the importance pass against plain forward passes ...", flush=True)
-    base_config = _pruned_config({}, "activation", 0, len(calibration))
-    timing, scores = time_importance(teacher, calibration, base_config, args.timing_repeats)
-    print(f"importance / base forward: {timing['importance_over_base_forward']:.3f}", flush=True)
 
     results = {
         "setup": {
