@@ -434,9 +434,8 @@ def build_embedded_mla(output_dir: str | Path, validation_samples: int | None = 
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-
     inputs = conversion_inputs(RECIPE, recipe, validation_samples)
-    recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
+    recipe, started, dense, tokenizer = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer"))
     model, unfitted, stats = convert_to_mla(dense, inputs["calibration"], **inputs["fit"])
     model.config.name_or_path = "hf-minitron/smollm2-135m-instruct-mla"
     build_seconds = time.perf_counter() - started

@@ -530,8 +530,7 @@ def _unfitted_weights(model, dense, copied: dict) -> dict:
 def build_embedded_qwen35(output_dir: str | Path, validation_samples: int | None = None, **recipe) -> dict:
     """Builds the Qwen3.5 SmolLM2 (module docstring) into `output_dir` (written atomically) and returns its build
     info (recipe, timings, per-layer fit errors, held-out losses of SmolLM2, of the converted model, of it without
-    any least-squares fit, of SmolLM2 with only the gated attention converted, and of SmolLM2 without the replaced
-    attention; greedy continuations of a prompt).
+    any least-squares fit and of SmolLM2 without the replaced attention; greedy continuations of a prompt).
 
     Args:
         output_dir (`str` or `Path`): where to write the checkpoint, its tokenizer and `build_info.json`.
@@ -539,9 +538,8 @@ def build_embedded_qwen35(output_dir: str | Path, validation_samples: int | None
             0 skips the evaluation.
         recipe: overrides of `RECIPE`.
     """
-
     inputs = conversion_inputs(RECIPE, recipe, validation_samples)
-    recipe, started, dense, tokenizer, data = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data"))
+    recipe, started, dense, tokenizer = (inputs[k] for k in ("recipe", "started", "dense", "tokenizer"))
     model, copied, stats = convert_to_qwen35(dense, inputs["calibration"], **inputs["fit"])
     model.config.name_or_path = "hf-minitron/smollm2-135m-instruct-qwen3_5"
     build_seconds = time.perf_counter() - started
