@@ -5,9 +5,12 @@ heads and `linear_num_value_heads` value heads; value head j reads query/key hea
 the grouping Mamba2 heads have by B/C group and attention heads by KV head. Pruning keeps that grouping, as
 `mamba_heads.py` and `attention_heads.py` do:
 
-* Statistic: the input of `out_proj` (the gated, normalised output of every value head, `[value heads x dv]`) viewed
-  as `[value heads, dv]`, L2 over `dv` per token, then reduced over the tokens of each sample and over samples, as
-  attention heads are scored. The head dims (`linear_key_head_dim`, `linear_value_head_dim`) are kept.
+* Statistic: each value head's output through `out_proj`, i.e. the L2 per token of `out_proj`'s columns of the head
+  times the head's slice of `out_proj`'s input, then reduced over the tokens of each sample and over samples, as
+  attention heads are scored. Not the input of `out_proj` alone: that is the gated RMSNorm's output, whose L2 per
+  head is `|norm.weight * silu(z)| * sqrt(dv)` whatever the head computed, so it ranks heads by their gate (measured
+  on the embedded Qwen3.5, docs/hybrids.md). The head dims (`linear_key_head_dim`, `linear_value_head_dim`) are
+  kept.
 * Key heads (`linear_num_key_heads`): each scores the L2 of its value heads' scores; the top ones are kept whole,
   with their query and key rows and all their value heads' candidates.
 * Value heads (`linear_num_value_heads`): within each kept key head, its own top value heads, the same number in
@@ -141,14 +144,29 @@ def hooks(collector, index: int, layer) -> list:
 
     def heads_hook(module, args):
         x = args[0]
-        x = x.view(*x.shape[:-1], -1, head_dim).float().norm(dim=-1)  # [B, S, value heads]
-        add_per_sample(store, x, collector.sample_mask, collector.how)
+        add_per_sample(store, head_output_norms(x, module.weight, head_dim), collector.sample_mask, collector.how)
 
     return [getattr(layer, collector.spec.deltanet).out_proj.register_forward_pre_hook(heads_hook)]
 
 
 def sites(spec) -> list[tuple[int, str, int, str]]:
-    return [(1, KEY, 0, f"input of {spec.deltanet}.out_proj")]
+    return [(1, KEY, 0, f"each value head's output through {spec.deltanet}.out_proj")]
+
+
+def head_output_norms(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """`[B, S, heads]`: per token, the L2 of each head's contribution to `out_proj`'s output, `|W_h x_h|` for the
+    head's columns `W_h` (`[hidden, head_dim]`) and its slice `x_h` of the input `x` (`[B, S, heads * head_dim]`).
+
+    As `sqrt(x_h^T (W_h^T W_h) x_h)`: the heads' `[head_dim, head_dim]` Gram matrices are a `head_dim / hidden` fraction
+    of `out_proj`'s own cost per token, where the heads' outputs themselves would cost `out_proj` again and hold
+    `heads` copies of the hidden states."""
+    *lead, width = x.shape
+    heads = width // head_dim
+    w = weight.float().view(weight.shape[0], heads, head_dim).transpose(0, 1)  # [heads, hidden, head_dim]
+    gram = w.transpose(1, 2) @ w  # [heads, head_dim, head_dim]
+    xh = x.float().reshape(-1, heads, head_dim).transpose(0, 1)  # [heads, tokens, head_dim]
+    squares = ((xh @ gram) * xh).sum(dim=-1).clamp_min(0)  # [heads, tokens]; >= 0 but for rounding
+    return squares.sqrt().transpose(0, 1).reshape(*lead, heads)
 
 
 def score_shapes(shape: dict) -> dict[str, tuple]:

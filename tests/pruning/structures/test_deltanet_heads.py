@@ -1,5 +1,5 @@
 """`structures/deltanet_heads.py`: Gated DeltaNet value heads within their key heads, and whole key heads (Qwen3-Next,
-Qwen3.5): the `out_proj`-input statistic, the grouped selection, slicing of both projection layouts (Qwen3-Next's fused
+Qwen3.5): the statistic (each value head's output through `out_proj`), the grouped selection, slicing of both projection layouts (Qwen3-Next's fused
 per key head, Qwen3.5's separate), `conv1d`, `A_log` / `dt_bias` and `out_proj`, the config fields, the sizes a mixer
 caches, the parameter-count terms and the refused targets, each called directly on tiny hybrids."""
 
@@ -139,6 +139,33 @@ def test_a_dead_key_head_is_removed_whole_and_the_logits_stay(family):
     assert record.deltanet_value_heads == {i: [2, 3] for i in DELTANET_LAYERS}
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
     assert (model.config.linear_num_value_heads, model.config.linear_num_key_heads) == (2, 1)
+
+
+def test_the_statistic_is_each_value_heads_output_through_out_proj():
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 5, VALUES * DV, generator=g), torch.randn(16, VALUES * DV, generator=g)
+    expected = torch.stack(
+        [(x[..., j * DV : (j + 1) * DV] @ weight[:, j * DV : (j + 1) * DV].T).norm(dim=-1) for j in range(VALUES)], -1
+    )
+    torch.testing.assert_close(deltanet_heads.head_output_norms(x, weight, DV), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_out_proj_ignores_score_zero_though_their_gated_outputs_do_not(family):
+    # The gated norm's output (out_proj's input) of such a head is as large as any other's: a statistic of it alone
+    # would keep the head; its output through out_proj is exactly zero.
+    model = tiny_model(family)
+    with torch.no_grad():
+        for mixer in _mixers(model).values():
+            for dead in (1, 3):  # one in each key head
+                mixer.out_proj.weight[:, dead * DV : (dead + 1) * DV] = 0
+    before = logits(model)
+    stats = collect(model, deltanet_heads, _samples()).stacked(deltanet_heads.KEY, VALUES, 1, ("sum", "sumsq"), "cpu")
+    value_scores = deltanet_heads.scores(_importance(model, stats), "l2")[DELTANET_LAYERS]
+    assert (value_scores[:, [1, 3]] == 0).all() and (value_scores[:, [0, 2]] > 0).all()
+    record = _prune(model, _importance(model, stats), linear_num_value_heads=2)
+    assert record.deltanet_value_heads == {i: [0, 2] for i in DELTANET_LAYERS}
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
 
 
 def test_key_scores_are_the_l2_norm_of_their_value_heads():
