@@ -176,13 +176,15 @@ def hooks(collector, index: int, layer) -> list:
             # change during the pass: the column norms are computed once.
             if key not in columns:
                 columns[key] = module.weight.detach().float().pow(2).sum(0).sqrt()
-            add_per_sample(store_latent, x.float() * columns[key], collector.sample_mask, collector.how)
+            add_per_sample(store_latent, x, collector.sample_mask, collector.how, scale=columns[key])
 
         def prenorm_hook(module, args, store_latent=store_latent):
-            square = args[0].float().pow(2)  # [B, S, rank], before the norm
-            if collector.sample_mask is not None:
-                square = square * collector.sample_mask.to(square.device).unsqueeze(-1)
-            add_sums(store_latent, {PRENORM: square.sum(dim=(0, 1))})
+            x = args[0].float()  # [B, S, rank], before the norm
+            if collector.sample_mask is None:  # one fused reduction, no [B, S, rank] temporary
+                square = torch.linalg.vector_norm(x, dim=(0, 1)).square()
+            else:
+                square = (x.pow(2) * collector.sample_mask.to(x.device).unsqueeze(-1)).sum(dim=(0, 1))
+            add_sums(store_latent, {PRENORM: square})
 
         handles.append(up.register_forward_pre_hook(latent_hook))
         handles.append(norms[key].register_forward_pre_hook(prenorm_hook))

@@ -40,9 +40,16 @@ def sequence_reduce(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> tor
     return (sq / n - mean * mean).clamp_min(0)
 
 
-def add_per_sample(store: dict, x: torch.Tensor, mask: torch.Tensor | None, how: str) -> None:
-    """Adds the per-sample values of `x` (`[B, S, D]`) to the running `sum` / `sumsq` of `store`."""
-    values = sequence_reduce(x.float(), None if mask is None else mask.to(x.device), how).double()
+def add_per_sample(
+    store: dict, x: torch.Tensor, mask: torch.Tensor | None, how: str, scale: torch.Tensor | None = None
+) -> None:
+    """Adds the per-sample values of `x` (`[B, S, D]`) to the running `sum` / `sumsq` of `store`; with `scale`
+    (`[D]`, non-negative), those of `x * scale`, scaled after the reduction over tokens (`mean` and `l2` scale by
+    `scale`, `var` by its square), which spares a pass over the activations."""
+    values = sequence_reduce(x.float(), None if mask is None else mask.to(x.device), how)
+    if scale is not None:
+        values = values * (scale * scale if how == "var" else scale)
+    values = values.double()
     add_sums(store, {"sum": values.sum(dim=0), "sumsq": (values * values).sum(dim=0)})
 
 

@@ -153,3 +153,16 @@ def test_per_token_mean_divides_by_each_experts_count_and_leaves_unrouted_ones_a
     assert flat.tolist() == [[1.0, 0.0, 3.0]]
     static = torch.tensor([[0.1, 0.2]])
     assert torch.equal(per_token_mean({"score": static}, "sum"), static.double())
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_scale_gives_the_statistics_of_the_scaled_activations(how, masked):
+    x, mask = _batch(2)
+    mask = mask if masked else None
+    scale = torch.tensor([0.0, 0.5, 3.0])
+    scaled, direct = {}, {}
+    add_per_sample(scaled, x, mask, how, scale=scale)
+    add_per_sample(direct, x * scale, mask, how)
+    for name in ("sum", "sumsq"):
+        torch.testing.assert_close(scaled[name], direct[name], rtol=1e-5, atol=1e-6)
