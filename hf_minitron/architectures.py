@@ -214,6 +214,16 @@ class ArchitectureSpec:
             `"non_embedding"`): Gemma 3n's per-layer input embeddings (`embed_tokens_per_layer`,
             `vocab_size_per_layer_input x (num_hidden_layers x hidden_size_per_layer_input)`), which its "effective"
             sizes (E2B, E4B) leave out.
+        per_layer_tables (`tuple[tuple[str, int], ...]`):
+            `(base-model module, weight dim)` pairs whose weight holds one block of `per_layer_table_width` per layer
+            along that dim (Gemma 3n's `embed_tokens_per_layer`, dim 1, and `per_layer_model_projection`, dim 0, of
+            `num_hidden_layers x hidden_size_per_layer_input`): depth pruning keeps the kept layers' blocks.
+        per_layer_table_width (`str | None`):
+            The config field of one layer's block in `per_layer_tables` (`hidden_size_per_layer_input`).
+        kv_shared_layers_field (`str | None`):
+            The config field counting the last layers that compute no keys and values and read those of the last
+            earlier layer of their `layer_types` entry (Gemma 3n's `num_kv_shared_layers`): depth pruning keeps those
+            producer layers and counts the shared layers it keeps.
         refused_targets (`tuple[tuple[str, str], ...]`):
             `(PrunedConfig field, reason)` pairs: targets the family's structures cannot prune (yet), refused with the
             reason before any work, and left out of its search axes.
@@ -284,6 +294,9 @@ class ArchitectureSpec:
     mlp_width_field: str = "intermediate_size"
     mlp_width_per_layer: bool = False
     token_tables: tuple[str, ...] = ()
+    per_layer_tables: tuple[tuple[str, int], ...] = ()
+    per_layer_table_width: str | None = None
+    kv_shared_layers_field: str | None = None
     refused_targets: tuple[tuple[str, str], ...] = ()
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
@@ -388,12 +401,6 @@ _GEMMA3N_HIDDEN = (
     "altup_projections that mix every channel and match magnitudes over all of them), LAuReL and the per-layer-input "
     "projections, and the reload rescales the per-layer projection by hidden_size**-0.5: slicing them consistently is "
     "not implemented"
-)
-_GEMMA3N_DEPTH = (
-    "Gemma 3n's per-layer input embeddings (embed_tokens_per_layer and per_layer_model_projection hold "
-    "num_hidden_layers x hidden_size_per_layer_input columns / rows) and its KV sharing (the last num_kv_shared_layers "
-    "layers read the keys and values of the last earlier layer of their type) would have to be sliced and renumbered "
-    "with the layers: not implemented"
 )
 _GEMMA3N_KV_HEADS = (
     "Gemma 3n's last num_kv_shared_layers layers have no key/value projections and read an earlier layer's keys and "
@@ -722,16 +729,17 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ),
         mlp_width_per_layer=True,
         token_tables=("embed_tokens_per_layer",),
-        refused_targets=tuple(
-            (name, _GEMMA3N_DEPTH) for name in ("num_hidden_layers", "layers_to_drop", "num_layers_by_type")
-        )
-        + (
+        per_layer_tables=(("embed_tokens_per_layer", 1), ("per_layer_model_projection", 0)),
+        per_layer_table_width="hidden_size_per_layer_input",
+        kv_shared_layers_field="num_kv_shared_layers",
+        refused_targets=(
             ("hidden_size", _GEMMA3N_HIDDEN),
             ("num_key_value_heads", _GEMMA3N_KV_HEADS),
         ),
         notes="Gemma 3n text: MLP neurons per layer (intermediate_size is a list; activation_sparsity_pattern's layers "
-        "cut at mean + k x std of the gate over the kept neurons) and query heads; hidden size, depth and KV heads "
-        "refused (AltUp, per-layer inputs, KV sharing)",
+        "cut at mean + k x std of the gate over the kept neurons), query heads and depth (the per-layer input tables "
+        "sliced, the layers whose keys and values later layers read kept); hidden size and KV heads refused (AltUp, "
+        "KV sharing)",
     ),
 }
 

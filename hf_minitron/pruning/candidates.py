@@ -9,7 +9,7 @@ from itertools import product
 from ..architectures import get_architecture
 from .config import PrunedConfig
 from .importance import model_shape
-from .parameter_count import dtype_size, parameter_counter
+from .parameter_count import counts_layer_by_layer, dtype_size, parameter_counter
 from .search_config import SearchConfig
 from .search_results import axes_of
 from .structures import depth, structures_of
@@ -78,7 +78,9 @@ def searched_axes(model_config) -> tuple[SearchAxis, ...]:
     structures = [s for s in structures_of(spec) if blocks is None or s.BLOCK not in typed or s.BLOCK in blocks]
     names = {axis.name for structure in (depth, *structures) for axis in structure.AXES}
     names |= {axis.name for axis in depth.BLOCK_TYPE_AXES}
-    names -= {name for name, _ in spec.refused_targets}  # what the family cannot prune (Gemma 3n's depth, hidden size)
+    names -= {name for name, _ in spec.refused_targets}  # what the family cannot prune (Gemma 3n's hidden size)
+    if counts_layer_by_layer(model_config):  # a candidate's size would depend on which layers go: not searched
+        names -= {"num_hidden_layers", *(axis.name for axis in depth.BLOCK_TYPE_AXES)}
     return tuple(axis for axis in axes_of(search_shape(model_config)) if axis.name in names)
 
 

@@ -10,6 +10,7 @@ loudly instead of being miscounted.
 """
 
 import copy
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -229,8 +230,9 @@ def _count(
     ):
         raise ValueError(
             f"count_parameters counts this model_type's layers one by one (their sizes or parameters differ by layer), "
-            f"so it cannot count num_hidden_layers={shape['num_hidden_layers']} of the source's {source_layers}: "
-            "depth pruning is not supported for this family. Leave num_hidden_layers None."
+            f"so it cannot count num_hidden_layers={shape['num_hidden_layers']} of the source's {source_layers} from "
+            "the config alone: which layers depth pruning drops is chosen from the importance scores. Count with "
+            "PrunedConfig(layers_to_drop=[...]) (e.g. the pruning record's dropped_layers)."
         )
 
     def active(sizes):
@@ -268,6 +270,15 @@ def dtype_size(dtype: str | torch.dtype) -> int:
     return torch.empty((), dtype=resolved).element_size()
 
 
+def counts_layer_by_layer(model_config, spec: ArchitectureSpec | None = None) -> bool:
+    """Whether the family's layers differ in their parameters by index (Gemma 3n's shared-KV layers, its MLP widths):
+    then a depth target is counted only from the layers it drops, and depth is no search axis."""
+    terms = _terms(model_config, get_architecture(model_config, spec) if spec is None else spec)
+    return _layer_sizes(model_shape(model_config), get_architecture(model_config, spec)) is not None or any(
+        t.layers is not None for t in terms
+    )
+
+
 def count_parameters(
     model_config,
     pruned_config: PrunedConfig | None = None,
@@ -302,6 +313,20 @@ def count_parameters(
         shape = {**shape, **pruned_config.resolve(model_config)}
     spec = get_architecture(model_config, spec)
     layers_to_drop = pruned_config.layers_to_drop if pruned_config is not None else None
+    if layers_to_drop and counts_layer_by_layer(model_config, spec):
+        # Which layers remain decides the count (Gemma 3n's shared-KV layers hold no key/value projections): count the
+        # kept layers' config, with the rest of the target.
+        from .structures.depth import sliced_layer_lists
+
+        kept = [i for i in range(model_config.num_hidden_layers) if i not in set(layers_to_drop)]
+        kept_config = copy.deepcopy(model_config)
+        for key, value in sliced_layer_lists(model_config, vars(model_config), kept).items():
+            setattr(kept_config, key, value)
+        kept_config.num_hidden_layers = len(kept)
+        rest = dataclasses.replace(
+            pruned_config, layers_to_drop=None, num_hidden_layers=None, depth_method="contiguous"
+        )
+        return count_parameters(kept_config, rest, count, dtype, spec)
     by_type = pruned_config.num_layers_by_type if pruned_config is not None else None
     block_types = _block_types(model_config, spec, shape["num_hidden_layers"], layers_to_drop, by_type)
     counts = _count(_terms(model_config, spec), shape, spec, block_types, model_config.num_hidden_layers)

@@ -3,9 +3,10 @@
 Gemma 3n's modelling reads `config.intermediate_size[layer_idx]`: its MLP widths may differ by layer, given
 (`intermediate_size_per_layer`) or chosen by importance under the uniform target's budget
 (`mlp_width_allocation="global"`), and the pruned model still reloads with stock `from_pretrained`. Its query heads are
-pruned too; its hidden size, depth and KV heads are refused with the reason (AltUp, per-layer inputs, KV sharing). The
-tiny config is `PER_LAYER_OVERRIDES` of `tests/conftest.py`: 4 layers, the last 2 reusing the first 2's keys and values,
-layer 0's MLP sparsifying its gate.
+pruned too, and its depth (the per-layer input tables sliced with the layers, the layers whose keys and values later
+layers read kept); its hidden size and KV heads are refused with the reason (AltUp, KV sharing). The tiny config is
+`PER_LAYER_OVERRIDES` of `tests/conftest.py`: 4 layers, the last 2 reusing the first 2's keys and values, layer 0's
+MLP sparsifying its gate; the depth tests use 6 layers, the last 2 reading layers 2 and 3.
 """
 
 import copy
@@ -182,8 +183,9 @@ def _no_forward(model):
         (FAMILY, {"mlp_width_allocation": "global"}, "set intermediate_size"),
         # What Gemma 3n's structures do not prune, with the reason and the valid value.
         (FAMILY, {"hidden_size": 16}, "hidden_size=16 is not supported.*AltUp.*Leave it None.*hidden_size=32"),
-        (FAMILY, {"num_hidden_layers": 3}, "num_hidden_layers=3 is not supported.*KV sharing.*Leave it None"),
-        (FAMILY, {"layers_to_drop": [1]}, "layers_to_drop=\\[1\\] is not supported.*per-layer input"),
+        # Depth keeps the layers whose keys and values the last num_kv_shared_layers layers read (0 and 1 here).
+        (FAMILY, {"layers_to_drop": [1]}, r"removes layers \[1\], whose keys and values.*\(\[2, 3\]\).*read"),
+        (FAMILY, {"num_hidden_layers": 1}, r"num_hidden_layers=1 is too few.*layers \[0, 1\].*>= 2"),
         (FAMILY, {"num_key_value_heads": 1}, "num_key_value_heads=1 is not supported.*num_kv_shared_layers"),
         (FAMILY, {"intermediate_size": 80}, "larger than the source model's intermediate_size=64"),
     ],
@@ -205,3 +207,73 @@ def test_summary_counts_the_per_layer_embeddings_as_embeddings_and_lists_the_wid
     summary = shape_summary(model)
     assert summary["intermediate_size"] == 64 and summary["intermediate_size_per_layer"] == [64, 32, 48, 16]
     assert summary["parameters"]["non_embedding"] == count_parameters(model.config, count="non_embedding")
+
+
+# ---------------------------------------------------------------------------------------------- depth
+SIX = dict(
+    num_hidden_layers=6,
+    layer_types=["sliding_attention", "full_attention"] * 3,
+    intermediate_size=[64] * 6,
+    activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0, 0.0, 0.0],
+)
+
+
+def test_dropped_layers_give_the_logits_of_the_model_without_them_and_reload(tmp_path):
+    from hf_minitron.pruning.structures.depth import layers_skipped
+
+    model = tiny_model(FAMILY, **SIX).eval()
+    source = copy.deepcopy(model.config)
+    with torch.no_grad(), layers_skipped(model, [0, 5]):  # each kept layer still reads its own per-layer input
+        expected = model(IDS).logits
+    prune_model(model, PrunedConfig(layers_to_drop=[0, 5], **CALIBRATION), random_samples(8), show_progress=False)
+    config = model.config
+    assert (config.num_hidden_layers, config.num_kv_shared_layers) == (4, 1)
+    assert config.layer_types == ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert list(config.intermediate_size) == [64] * 4 == _widths(model)
+    assert config.activation_sparsity_pattern == [0.0] * 4
+    assert model.model.embed_tokens_per_layer.weight.shape[1] == 4 * config.hidden_size_per_layer_input
+    torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=0)
+
+    n = _numel(model)
+    assert n == _numel(AutoModelForCausalLM.from_config(copy.deepcopy(config))) == count_parameters(config)
+    assert count_parameters(source, PrunedConfig(layers_to_drop=[0, 5])) == n
+    with pytest.raises(ValueError, match=r"layers_to_drop=\[\.\.\.\]"):
+        count_parameters(source, PrunedConfig(num_hidden_layers=4))  # which layers go decides the count
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reloaded.eval()
+    torch.testing.assert_close(reloaded(IDS).logits, expected, rtol=0, atol=0)
+    cached = reloaded.generate(IDS, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(cached, reloaded.generate(IDS, max_new_tokens=4, do_sample=False, use_cache=False))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"depth_method": "block_influence"},
+        {"depth_method": "lm_loss"},
+        {"depth_method": "contiguous", "contiguous_score": "block_influence"},
+    ],
+    ids=["block_influence", "lm_loss", "contiguous"],
+)
+def test_every_depth_method_keeps_the_layers_later_layers_read(fields, tmp_path):
+    model = tiny_model(FAMILY, **SIX)
+    # Two layers from 6: the producers 2 and 3 are never candidates (contiguous: only block [4, 5] avoids them).
+    prune_model(
+        model, PrunedConfig(num_hidden_layers=4, **fields, **CALIBRATION), random_samples(8), show_progress=False
+    )
+    dropped = model.pruning_record.dropped_layers
+    assert len(dropped) == 2 and not {2, 3} & set(dropped)
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert _numel(reloaded) == _numel(model) == count_parameters(model.config)
+
+
+def test_a_contiguous_block_that_must_hold_a_kept_layer_is_refused_before_any_work():
+    model = _no_forward(tiny_model(FAMILY, **SIX))
+    with pytest.raises(ValueError, match=r"every such block holds one of layers \[2, 3\].*'block_influence'"):
+        prune_model(model, PrunedConfig(num_hidden_layers=3, depth_method="contiguous"), random_samples(8))

@@ -171,6 +171,8 @@ PER_LAYER_CONFIG_LISTS = (
     "no_rope_layers",
     "num_attention_heads_per_layer",
     "num_key_value_heads_per_layer",
+    "intermediate_size",  # Gemma 3n's widths, one per layer (an int elsewhere: left alone)
+    "activation_sparsity_pattern",
 )
 # Config lists of layer indices (Qwen-MoE's dense `mlp_only_layers`, Bamba's `attn_layer_indices`, LFM2's
 # `full_attn_idxs`, Llama 4's `moe_layers`): the indices of the kept layers are renumbered, those of dropped layers
@@ -244,6 +246,23 @@ def check_target(config, model_config=None, shape: dict | None = None) -> None:
                 f"PrunedConfig.num_hidden_layers={config.num_hidden_layers} contradicts layers_to_drop (removing "
                 f"{len(config.layers_to_drop)} of {layers} layers leaves {layers - len(config.layers_to_drop)}): set "
                 "only one of them."
+            )
+    producers = kv_producers(model_config)
+    if config.num_hidden_layers is not None and config.num_hidden_layers < len(producers):
+        spec = get_architecture(model_config)
+        raise ValueError(
+            f"PrunedConfig.num_hidden_layers={config.num_hidden_layers} is too few: layers {sorted(producers)} of this "
+            f"{model_config.model_type} model are kept, since the last {spec.kv_shared_layers_field} layers read their "
+            f"keys and values. Use num_hidden_layers >= {len(producers)}."
+        )
+    drop = layers - config.num_hidden_layers if config.num_hidden_layers is not None else 0
+    if producers and config.depth_method == "contiguous" and config.layers_to_drop is None and drop > 0:
+        if all(producers & set(range(start, start + drop)) for start in range(layers - drop + 1)):
+            raise ValueError(
+                f"PrunedConfig.num_hidden_layers={config.num_hidden_layers} with depth_method='contiguous' removes "
+                f"{drop} consecutive layers, but every such block holds one of layers {sorted(producers)}, which are "
+                "kept (later layers read their keys and values). Use depth_method='block_influence' or 'lm_loss', or "
+                "keep more layers."
             )
     if config.num_layers_by_type is not None:
         _check_layers_by_type(config, model_config)
@@ -378,6 +397,13 @@ def hooks(collector, index: int, layer) -> list:
     blocks = collector.blocks
     num_layers = len(collector.layers)
 
+    def token_weights(x):
+        """`[..., B, S]` mask weights of `x`'s tokens: a layer that carries the residual stream as several predictions
+        (Gemma 3n's AltUp, `[predictions, B, S, hidden]`) is compared prediction by prediction, averaged."""
+        mask = collector.mask.to(x.device)
+        copies = x[..., 0].numel() // mask.numel()
+        return mask.expand(x.shape[:-1]) / copies if copies > 1 else mask
+
     def layer_pre_hook(module, args, kwargs):
         x = inputs["x"] = args[0] if args else kwargs["hidden_states"]
         if blocks is None:
@@ -393,7 +419,7 @@ def hooks(collector, index: int, layer) -> list:
         out = output[0] if isinstance(output, tuple) else output
         out = out.float()
         cos = F.cosine_similarity(inputs.pop("x").float(), out, dim=-1)  # [B, S]
-        mask = collector.mask.to(cos.device)
+        mask = token_weights(out)
         total = (cos * mask).sum().double()
         _accumulate(collector.store(KEY, index), total)
         if blocks is None:
@@ -509,6 +535,9 @@ def score_layer_removals(
     desc = "Scoring layer removals" + (" (one evaluation each)" if scorer is not None else "")
     try:
         for layer_set in tqdm(candidates, desc=desc, disable=not show_progress or dist_info()[0]):
+            if not keeps_attention(model.config, layer_set):  # cannot run without these layers: never chosen
+                costs.append(float("inf"))
+                continue
             with layers_skipped(model, layer_set):
                 costs.append(-float(scorer(model)) if scorer is not None else lm_loss(model, samples, batch_size))
     finally:
@@ -759,13 +788,72 @@ def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
-    get_base_model(model).layers = new_layers
+    base = get_base_model(model)
+    base.layers = new_layers
     config = model.config
+    spec = get_architecture(config)
+    _slice_per_layer_tables(base, spec, config, kept)
     # Per-layer config lists (layer_types, layers_block_type, ...) must follow the layers they describe.
     for key, value in sliced_layer_lists(config, vars(config), kept).items():
         setattr(config, key, value)
     config.num_hidden_layers = len(kept)
+    _set_kv_sharing(new_layers, spec, config)
     return kept
+
+
+def _slice_per_layer_tables(base, spec, config, kept: list[int]) -> None:
+    """Keeps the kept layers' blocks of the base model's `spec.per_layer_tables` (Gemma 3n's per-layer inputs)."""
+    if not spec.per_layer_tables:
+        return
+    width = getattr(config, spec.per_layer_table_width)
+    rows = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept])
+    for name, dim in spec.per_layer_tables:
+        module = getattr(base, name)
+        weight = module.weight.data.index_select(dim, rows.to(module.weight.device)).clone()
+        module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+        for attribute in ("num_embeddings", "embedding_dim", "in_features", "out_features"):
+            if hasattr(module, attribute):  # the sizes nn.Embedding / nn.Linear report
+                setattr(module, attribute, weight.shape[{"num_embeddings": 0, "out_features": 0}.get(attribute, 1)])
+
+
+def kv_sharing(model_config) -> list[str | None]:
+    """Per layer, as the stock modelling of a family with `kv_shared_layers_field` decides it: `"reuse"` for the
+    last `n` layers (they compute no keys and values), `"store"` for the last earlier layer of each `layer_types` entry
+    (the shared layers of that type read its keys and values), `None` for the others."""
+    spec = ARCHITECTURES.get(model_config.model_type)
+    num_layers = model_config.num_hidden_layers
+    shared = getattr(model_config, spec.kv_shared_layers_field, 0) if spec and spec.kv_shared_layers_field else 0
+    modes = [None] * num_layers
+    if not shared:
+        return modes
+    first = num_layers - shared
+    types = list(model_config.layer_types)
+    for i in range(first, num_layers):
+        modes[i] = "reuse"
+    for kind in set(types):
+        producers = [i for i in range(first) if types[i] == kind]
+        if producers:
+            modes[producers[-1]] = "store"
+    return modes
+
+
+def kv_producers(model_config) -> set[int]:
+    """The layers whose keys and values later layers read (see `kv_sharing`): depth pruning keeps them."""
+    modes = kv_sharing(model_config)
+    read = {model_config.layer_types[i] for i, mode in enumerate(modes) if mode == "reuse"}
+    return {i for i, mode in enumerate(modes) if mode == "store" and model_config.layer_types[i] in read}
+
+
+def _set_kv_sharing(layers, spec, config) -> None:
+    """Sets the KV-sharing flags the stock attention took from the config at construction to the renumbered layers'.
+    Depth pruning keeps every producer and the shared layers stay last, so a layer that computed its keys and values
+    still does, and one that read another's still does (it has no projections to compute them)."""
+    if spec.kv_shared_layers_field is None:
+        return
+    for layer, mode in zip(layers, kv_sharing(config)):
+        attn = getattr(layer, spec.attention)
+        attn.is_kv_shared_layer = mode == "reuse"
+        attn.store_full_length_kv = mode == "store"
 
 
 def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
@@ -785,6 +873,10 @@ def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
         value = values.get(key)
         if isinstance(value, (list, tuple)):
             sliced[key] = type(value)(renumber[i] for i in value if i in renumber)
+    if spec is not None and spec.kv_shared_layers_field is not None:
+        # The shared layers are the last ones: count those kept.
+        shared = values.get(spec.kv_shared_layers_field) or 0
+        sliced[spec.kv_shared_layers_field] = sum(i >= num_layers - shared for i in kept)
     if spec is not None and spec.dense_layers_field is not None:
         # The dense layers stay the leading ones, whichever layers are dropped: the field counts those kept.
         dense = values.get(spec.dense_layers_field) or 0
@@ -793,10 +885,12 @@ def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
 
 
 def keeps_attention(model_config, dropped) -> bool:
-    """Whether dropping the layers `dropped` leaves a hybrid at least one attention layer (always true for a family
-    whose layers are alike): transformers' hybrid cache reads the sequence length from an attention layer, so a
-    Nemotron-H without one cannot run with `use_cache` (its default)."""
+    """Whether the layers `dropped` may be dropped together: not when they hold a layer whose keys and values later
+    layers read (`kv_producers`), nor when they leave a hybrid no attention layer (transformers' hybrid cache reads
+    the sequence length from an attention layer, so a Nemotron-H without one cannot run with `use_cache`)."""
     spec = ARCHITECTURES.get(model_config.model_type)  # hybrids are table entries; a spec passed in is dense
+    if kv_producers(model_config) & set(dropped):
+        return False
     if spec is None or spec.block_types_field is None:
         return True
     kinds = list(getattr(model_config, spec.block_types_field))
@@ -826,6 +920,15 @@ def check_hybrid_depth(model_config, kept: list[int]) -> None:
     """Refuses to drop every attention layer of a hybrid (see `keeps_attention`)."""
     num_layers = model_config.num_hidden_layers
     dropped = [i for i in range(num_layers) if i not in set(kept)]
+    producers = sorted(kv_producers(model_config) & set(dropped))
+    if producers:
+        spec = get_architecture(model_config)
+        readers = [i for i, mode in enumerate(kv_sharing(model_config)) if mode == "reuse"]
+        raise ValueError(
+            f"Dropping layers {dropped} removes layers {producers}, whose keys and values the last "
+            f"{spec.kv_shared_layers_field}={len(readers)} layers ({readers}) of this {model_config.model_type} model "
+            "read: they are kept. Drop other layers (layers_to_drop), or fewer."
+        )
     if not keeps_attention(model_config, dropped):
         spec = get_architecture(model_config)
         kinds = list(getattr(model_config, spec.block_types_field))
