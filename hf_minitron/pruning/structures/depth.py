@@ -791,7 +791,7 @@ def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
     base = get_base_model(model)
     base.layers = new_layers
     config = model.config
-    spec = get_architecture(config)
+    spec = ARCHITECTURES.get(config.model_type)  # a spec passed in is dense: no per-layer tables, no KV sharing
     _slice_per_layer_tables(base, spec, config, kept)
     # Per-layer config lists (layer_types, layers_block_type, ...) must follow the layers they describe.
     for key, value in sliced_layer_lists(config, vars(config), kept).items():
@@ -803,7 +803,7 @@ def drop_layers(model, layers_to_drop: list[int]) -> list[int]:
 
 def _slice_per_layer_tables(base, spec, config, kept: list[int]) -> None:
     """Keeps the kept layers' blocks of the base model's `spec.per_layer_tables` (Gemma 3n's per-layer inputs)."""
-    if not spec.per_layer_tables:
+    if spec is None or not spec.per_layer_tables:
         return
     width = getattr(config, spec.per_layer_table_width)
     rows = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept])
@@ -848,7 +848,7 @@ def _set_kv_sharing(layers, spec, config) -> None:
     """Sets the KV-sharing flags the stock attention took from the config at construction to the renumbered layers'.
     Depth pruning keeps every producer and the shared layers stay last, so a layer that computed its keys and values
     still does, and one that read another's still does (it has no projections to compute them)."""
-    if spec.kv_shared_layers_field is None:
+    if spec is None or spec.kv_shared_layers_field is None:
         return
     for layer, mode in zip(layers, kv_sharing(config)):
         attn = getattr(layer, spec.attention)
