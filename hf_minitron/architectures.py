@@ -395,17 +395,12 @@ _GATED_DELTANET_LAYER = dict(
     block_types=(("attention", "full_attention"), ("deltanet", "linear_attention")),
 )
 
-# Why Gemma 3n's hidden size, depth and KV heads are not pruned: each names what would have to be sliced with them.
+# Why Gemma 3n's hidden size is not pruned: what would have to be sliced with it.
 _GEMMA3N_HIDDEN = (
     "Gemma 3n's hidden channels are read and written by AltUp (its router, scaled by 1 / hidden_size at load, and the "
     "altup_projections that mix every channel and match magnitudes over all of them), LAuReL and the per-layer-input "
     "projections, and the reload rescales the per-layer projection by hidden_size**-0.5: slicing them consistently is "
     "not implemented"
-)
-_GEMMA3N_KV_HEADS = (
-    "Gemma 3n's last num_kv_shared_layers layers have no key/value projections and read an earlier layer's keys and "
-    "values, so a KV head would have to be chosen once for the layers that share it: not implemented (query heads "
-    "are pruned: num_attention_heads)"
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -732,14 +727,11 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         per_layer_tables=(("embed_tokens_per_layer", 1), ("per_layer_model_projection", 0)),
         per_layer_table_width="hidden_size_per_layer_input",
         kv_shared_layers_field="num_kv_shared_layers",
-        refused_targets=(
-            ("hidden_size", _GEMMA3N_HIDDEN),
-            ("num_key_value_heads", _GEMMA3N_KV_HEADS),
-        ),
+        refused_targets=(("hidden_size", _GEMMA3N_HIDDEN),),
         notes="Gemma 3n text: MLP neurons per layer (intermediate_size is a list; activation_sparsity_pattern's layers "
-        "cut at mean + k x std of the gate over the kept neurons), query heads and depth (the per-layer input tables "
-        "sliced, the layers whose keys and values later layers read kept); hidden size and KV heads refused (AltUp, "
-        "KV sharing)",
+        "cut at mean + k x std of the gate over the kept neurons), query and KV heads (a shared layer keeps the KV heads "
+        "of the layer it reads) and depth (the per-layer input tables sliced, the layers whose keys and values later "
+        "layers read kept); hidden size refused (AltUp)",
     ),
 }
 

@@ -3,8 +3,9 @@
 Gemma 3n's modelling reads `config.intermediate_size[layer_idx]`: its MLP widths may differ by layer, given
 (`intermediate_size_per_layer`) or chosen by importance under the uniform target's budget
 (`mlp_width_allocation="global"`), and the pruned model still reloads with stock `from_pretrained`. Its query heads are
-pruned too, and its depth (the per-layer input tables sliced with the layers, the layers whose keys and values later
-layers read kept); its hidden size and KV heads are refused with the reason (AltUp, KV sharing). The tiny config is
+pruned too, its KV heads (a layer reading another's keys and values keeps that layer's) and its depth (the per-layer
+input tables sliced with the layers, the layers whose keys and values later layers read kept); its hidden size is
+refused with the reason (AltUp). The tiny config is
 `PER_LAYER_OVERRIDES` of `tests/conftest.py`: 4 layers, the last 2 reusing the first 2's keys and values, layer 0's
 MLP sparsifying its gate; the depth tests use 6 layers, the last 2 reading layers 2 and 3.
 """
@@ -13,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_samples, tiny_config, tiny_model
+from conftest import _static_scores, random_samples, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_minitron import PrunedConfig, count_parameters, prune_model
@@ -32,6 +33,7 @@ AXES = {
     "per_layer": {"intermediate_size_per_layer": [64, 32, 48, 16]},
     "global": {"intermediate_size": 32, "mlp_width_allocation": "global"},
     "all": {"intermediate_size": 24, "mlp_width_allocation": "global", "num_attention_heads": 2},
+    "kv_heads": {"num_key_value_heads": 1, "num_attention_heads": 2},
 }
 
 
@@ -156,14 +158,16 @@ def test_global_allocation_moves_the_budget_to_the_layers_whose_neurons_matter()
 
 def test_counts_and_search_axes():
     """Exact counts of a heterogeneous config; the per-layer input embeddings are embeddings; the search varies the
-    MLP width and the query heads, never what the family refuses."""
+    MLP width and the query and KV heads."""
     config = tiny_config(FAMILY, intermediate_size=[64, 24, 48, 8])
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
     assert count_parameters(config) == _numel(model)
     base = model.model
     tables = base.embed_tokens.weight.numel() + base.embed_tokens_per_layer.weight.numel()
     assert count_parameters(config, count="non_embedding") == _numel(model) - tables
-    assert [axis.name for axis in searched_axes(tiny_config(FAMILY))] == ["intermediate_size", "num_attention_heads"]
+    # Not hidden (refused) nor depth (a candidate's size would depend on which layers go).
+    axes = [axis.name for axis in searched_axes(tiny_config(FAMILY))]
+    assert axes == ["intermediate_size", "num_attention_heads", "num_key_value_heads"]
 
 
 def _no_forward(model):
@@ -186,7 +190,6 @@ def _no_forward(model):
         # Depth keeps the layers whose keys and values the last num_kv_shared_layers layers read (0 and 1 here).
         (FAMILY, {"layers_to_drop": [1]}, r"removes layers \[1\], whose keys and values.*\(\[2, 3\]\).*read"),
         (FAMILY, {"num_hidden_layers": 1}, r"num_hidden_layers=1 is too few.*layers \[0, 1\].*>= 2"),
-        (FAMILY, {"num_key_value_heads": 1}, "num_key_value_heads=1 is not supported.*num_kv_shared_layers"),
         (FAMILY, {"intermediate_size": 80}, "larger than the source model's intermediate_size=64"),
     ],
 )
@@ -277,3 +280,32 @@ def test_a_contiguous_block_that_must_hold_a_kept_layer_is_refused_before_any_wo
     model = _no_forward(tiny_model(FAMILY, **SIX))
     with pytest.raises(ValueError, match=r"every such block holds one of layers \[2, 3\].*'block_influence'"):
         prune_model(model, PrunedConfig(num_hidden_layers=3, depth_method="contiguous"), random_samples(8))
+
+
+# ---------------------------------------------------------------------------------------------- KV heads
+def test_a_layer_reading_another_layers_keys_and_values_keeps_its_kv_heads():
+    model = tiny_model(FAMILY).eval()  # layers 2 and 3 read the keys and values of layers 0 and 1
+    # Query heads 0-1 read KV head 0, heads 2-3 KV head 1. Layer 0 prefers KV head 0 a little, the layer reading it
+    # (2) KV head 1 much more: they keep KV head 1 together. Layers 1 and 3 both prefer KV head 0.
+    heads = torch.tensor(
+        [[1.1, 1.1, 1.0, 1.0], [3.0, 3.0, 1.0, 1.0], [0.1, 0.1, 5.0, 5.0], [2.0, 2.0, 0.5, 0.5]], dtype=torch.float64
+    )
+    scores = _static_scores(model, heads=heads)
+    prune_model(model, PrunedConfig(num_key_value_heads=1, num_attention_heads=2), scores=scores, show_progress=False)
+    record = model.pruning_record
+    assert record.kv_heads == {0: [1], 1: [0], 2: [1], 3: [0]}
+    assert record.heads == {0: [2, 3], 1: [0, 1], 2: [2, 3], 3: [0, 1]}
+    cached = model.generate(IDS, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(cached, model.generate(IDS, max_new_tokens=4, do_sample=False, use_cache=False))
+
+
+def test_a_dead_kv_group_is_the_one_removed_and_the_logits_stay():
+    model = tiny_model(FAMILY).eval()
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # KV head 0's query heads (0, 1) write nothing
+            layer.self_attn.o_proj.weight[:, : 2 * model.config.head_dim] = 0
+    before = model(IDS).logits
+    target = PrunedConfig(num_key_value_heads=1, num_attention_heads=2, **CALIBRATION)
+    prune_model(model, target, random_samples(8), show_progress=False)
+    assert model.pruning_record.kv_heads == {i: [1] for i in range(4)}
+    torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,9 @@
 * Score (paper 1 §2.2): the input of `o_proj` viewed as `[heads, head_dim]`, L2 norm over `head_dim`, per token,
   then reduced over the tokens of each sample and over samples. A KV group scores the L2 norm of its query heads.
 * Selection: whole KV groups first, then the same number of query heads inside every kept group, ranked within the
-  group, so the grouped-query structure (query head j attends with KV head j // group_size) survives.
+  group, so the grouped-query structure (query head j attends with KV head j // group_size) survives. Layers that share
+  keys and values (Gemma 3n's last `num_kv_shared_layers`) keep the groups of the layer computing them, chosen by
+  all of them.
 * Slicing: the query rows (and the key/value rows of kept groups) of q/k/v or a fused qkv projection, the matching
   `o_proj` columns, and any per-head parameter (GPT-OSS attention sinks) or per-head norm (`qk_norm_over_heads`).
   With an output gate (`attention_output_gate`: Qwen3-Next, Qwen3.5), a head's query rows are followed by its gate
@@ -14,6 +16,7 @@ import math
 
 import torch
 
+from .depth import kv_sources
 from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
 from .slicing import head_rows, slice_linear, slice_norm, slice_parameter, topk_sorted
@@ -360,7 +363,7 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
     ):
         return
     head_scores = scores(importance, config.batch_aggregation)
-    kv_scores = group_scores(importance, config.batch_aggregation)
+    kv_scores = _shared_group_scores(model.config, group_scores(importance, config.batch_aggregation), kept_layers)
     for new_idx, src_idx in enumerate(kept_layers):
         if not spec.has(layers[new_idx], BLOCK):
             continue
@@ -377,6 +380,21 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
         slice_heads(attn, spec, source, kept_heads, kept_groups)
         record.heads[new_idx] = kept_heads.tolist()
         record.kv_heads[new_idx] = kept_groups.tolist()
+
+
+def _shared_group_scores(model_config, kv_scores: torch.Tensor, kept_layers) -> torch.Tensor:
+    """`kv_scores` (by source layer) where layers share keys and values (Gemma 3n's last `num_kv_shared_layers` read
+    an earlier layer's): a KV head serves the layer computing it and every layer reading it, so all of them score it
+    by the L2 of their group scores and keep the same groups. `model_config` is the depth-pruned model's: its layer
+    `i` is source layer `kept_layers[i]`."""
+    sources = kv_sources(model_config)
+    if not sources:
+        return kv_scores
+    kv_scores = kv_scores.clone()
+    for producer in set(sources.values()):
+        tied = [kept_layers[i] for i in (producer, *[r for r, p in sources.items() if p == producer])]
+        kv_scores[tied] = kv_scores[tied].norm(dim=0)
+    return kv_scores
 
 
 def update_config(model_config, spec, source: dict, target: dict) -> None:

@@ -837,6 +837,14 @@ def kv_sharing(model_config) -> list[str | None]:
     return modes
 
 
+def kv_sources(model_config) -> dict[int, int]:
+    """`{shared layer: the layer whose keys and values it reads}` (see `kv_sharing`); `{}` without KV sharing."""
+    modes = kv_sharing(model_config)
+    types = getattr(model_config, "layer_types", None) or []
+    producers = {types[i]: i for i, mode in enumerate(modes) if mode == "store"}
+    return {i: producers[types[i]] for i, mode in enumerate(modes) if mode == "reuse"}
+
+
 def kv_producers(model_config) -> set[int]:
     """The layers whose keys and values later layers read (see `kv_sharing`): depth pruning keeps them."""
     modes = kv_sharing(model_config)
