@@ -224,6 +224,17 @@ class ArchitectureSpec:
             The config field counting the last layers that compute no keys and values and read those of the last
             earlier layer of their `layer_types` entry (Gemma 3n's `num_kv_shared_layers`): depth pruning keeps those
             producer layers and counts the shared layers it keeps.
+        hidden_modules (`tuple[tuple[str, str], ...]`):
+            Further weights over the hidden size, besides the residual norms, the final norm, the embedding and what
+            each structure slices itself: `(path, role)`, the path from the base model with `*` for every entry of a
+            module list (`layers.*.laurel.linear_left`), the role `"in"` (a linear reading the hidden channels),
+            `"out"` (one writing them), `"both"`, `"norm"` (a norm over them) or `"vector"` (a parameter over them).
+            Hidden-size pruning slices them all with the same channels (Gemma 3n's AltUp, LAuReL, per-layer inputs).
+        hidden_scaled_inputs (`tuple[tuple[str, str, float], ...]`):
+            `(buffer path, linear path, power)`: the modelling multiplies the linear's input by the buffer,
+            `hidden_size ** power`, set from the config at construction (Gemma 3n's AltUp router, `hidden_size**-1`,
+            and per-layer projection, `hidden_size**-0.5`). Hidden-size pruning sets the buffer as a reload will
+            and rescales the linear's weight by `(old / new) ** power`, so each kept channel adds what it did.
         refused_targets (`tuple[tuple[str, str], ...]`):
             `(PrunedConfig field, reason)` pairs: targets the family's structures cannot prune (yet), refused with the
             reason before any work, and left out of its search axes.
@@ -297,6 +308,8 @@ class ArchitectureSpec:
     per_layer_tables: tuple[tuple[str, int], ...] = ()
     per_layer_table_width: str | None = None
     kv_shared_layers_field: str | None = None
+    hidden_modules: tuple[tuple[str, str], ...] = ()
+    hidden_scaled_inputs: tuple[tuple[str, str, float], ...] = ()
     refused_targets: tuple[tuple[str, str], ...] = ()
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
@@ -395,13 +408,6 @@ _GATED_DELTANET_LAYER = dict(
     block_types=(("attention", "full_attention"), ("deltanet", "linear_attention")),
 )
 
-# Why Gemma 3n's hidden size is not pruned: what would have to be sliced with it.
-_GEMMA3N_HIDDEN = (
-    "Gemma 3n's hidden channels are read and written by AltUp (its router, scaled by 1 / hidden_size at load, and the "
-    "altup_projections that mix every channel and match magnitudes over all of them), LAuReL and the per-layer-input "
-    "projections, and the reload rescales the per-layer projection by hidden_size**-0.5: slicing them consistently is "
-    "not implemented"
-)
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -727,11 +733,29 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         per_layer_tables=(("embed_tokens_per_layer", 1), ("per_layer_model_projection", 0)),
         per_layer_table_width="hidden_size_per_layer_input",
         kv_shared_layers_field="num_kv_shared_layers",
-        refused_targets=(("hidden_size", _GEMMA3N_HIDDEN),),
+        hidden_modules=(
+            ("layers.*.altup.modality_router", "in"),
+            ("layers.*.altup.router_norm", "norm"),
+            ("layers.*.altup.correct_output_scale", "vector"),
+            ("layers.*.laurel.linear_left", "in"),
+            ("layers.*.laurel.linear_right", "out"),
+            ("layers.*.laurel.post_laurel_norm", "norm"),
+            ("layers.*.per_layer_input_gate", "in"),
+            ("layers.*.per_layer_projection", "out"),
+            ("layers.*.post_per_layer_input_norm", "norm"),
+            ("altup_projections.*", "both"),
+            ("altup_unembed_projections.*", "both"),
+            ("per_layer_model_projection", "in"),
+        ),
+        hidden_scaled_inputs=(
+            ("layers.*.altup.router_input_scale", "layers.*.altup.modality_router", -1.0),
+            ("per_layer_projection_scale", "per_layer_model_projection", -0.5),
+        ),
         notes="Gemma 3n text: MLP neurons per layer (intermediate_size is a list; activation_sparsity_pattern's layers "
         "cut at mean + k x std of the gate over the kept neurons), query and KV heads (a shared layer keeps the KV heads "
-        "of the layer it reads) and depth (the per-layer input tables sliced, the layers whose keys and values later "
-        "layers read kept); hidden size refused (AltUp)",
+        "of the layer it reads), depth (the per-layer input tables sliced, the layers whose keys and values later "
+        "layers read kept) and hidden size (AltUp, LAuReL and the per-layer-input weights sliced alike, the AltUp "
+        "router and per-layer projection rescaled for their hidden_size-dependent input scales)",
     ),
 }
 

@@ -22,6 +22,7 @@ from ..architectures import ArchitectureSpec, get_architecture, get_base_model, 
 from .config import PrunedConfig
 from .importance import model_shape
 from .structures import in_layer, structures_of
+from .structures.hidden_channels import hidden_module_roles
 
 
 COUNT_KINDS = ("total", "non_embedding", "memory", "active")
@@ -121,7 +122,7 @@ def _terms_from_json(
     for group, index in first.items():
         layer_roles[group] = _layer_roles(spec, layers[index]) | {name: ("vocab", "h") for name in embedding_modules}
         layer_roles[group][final_norm] = ("h",)
-    roles = layer_roles[groups[0]]
+    roles = layer_roles[groups[0]] | hidden_module_roles(spec, base, module_names[id(base)] + ".")
 
     vocab = model.get_input_embeddings().weight.shape[0]
     shape = model_shape(model_config)

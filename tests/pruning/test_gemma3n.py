@@ -3,9 +3,9 @@
 Gemma 3n's modelling reads `config.intermediate_size[layer_idx]`: its MLP widths may differ by layer, given
 (`intermediate_size_per_layer`) or chosen by importance under the uniform target's budget
 (`mlp_width_allocation="global"`), and the pruned model still reloads with stock `from_pretrained`. Its query heads are
-pruned too, its KV heads (a layer reading another's keys and values keeps that layer's) and its depth (the per-layer
-input tables sliced with the layers, the layers whose keys and values later layers read kept); its hidden size is
-refused with the reason (AltUp). The tiny config is
+pruned too, its KV heads (a layer reading another's keys and values keeps that layer's), its depth (the per-layer
+input tables sliced with the layers, the layers whose keys and values later layers read kept) and its hidden size
+(AltUp, LAuReL and the per-layer-input weights sliced alike, the inputs scaled by a power of hidden_size rescaled). The tiny config is
 `PER_LAYER_OVERRIDES` of `tests/conftest.py`: 4 layers, the last 2 reusing the first 2's keys and values, layer 0's
 MLP sparsifying its gate; the depth tests use 6 layers, the last 2 reading layers 2 and 3.
 """
@@ -34,6 +34,7 @@ AXES = {
     "global": {"intermediate_size": 32, "mlp_width_allocation": "global"},
     "all": {"intermediate_size": 24, "mlp_width_allocation": "global", "num_attention_heads": 2},
     "kv_heads": {"num_key_value_heads": 1, "num_attention_heads": 2},
+    "hidden": {"hidden_size": 24},
 }
 
 
@@ -87,7 +88,7 @@ def test_prune_axis_reloads_with_stock_transformers_and_generates(axis, tmp_path
 @pytest.mark.parametrize(
     "fields",
     [
-        {"intermediate_size": 64, "num_attention_heads": 4},
+        {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32},
         {"intermediate_size_per_layer": [64, 64, 64, 64]},
         {"intermediate_size": 64, "mlp_width_allocation": "global", "mlp_width_floor": 1.0},
     ],
@@ -158,16 +159,16 @@ def test_global_allocation_moves_the_budget_to_the_layers_whose_neurons_matter()
 
 def test_counts_and_search_axes():
     """Exact counts of a heterogeneous config; the per-layer input embeddings are embeddings; the search varies the
-    MLP width and the query and KV heads."""
+    hidden size, the MLP width and the query and KV heads."""
     config = tiny_config(FAMILY, intermediate_size=[64, 24, 48, 8])
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
     assert count_parameters(config) == _numel(model)
     base = model.model
     tables = base.embed_tokens.weight.numel() + base.embed_tokens_per_layer.weight.numel()
     assert count_parameters(config, count="non_embedding") == _numel(model) - tables
-    # Not hidden (refused) nor depth (a candidate's size would depend on which layers go).
+    # Not depth: a candidate's size would depend on which layers go.
     axes = [axis.name for axis in searched_axes(tiny_config(FAMILY))]
-    assert axes == ["intermediate_size", "num_attention_heads", "num_key_value_heads"]
+    assert axes == ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
 
 
 def _no_forward(model):
@@ -186,7 +187,6 @@ def _no_forward(model):
         (FAMILY, {"intermediate_size_per_layer": [32] * 4, "intermediate_size": 32}, "set only one"),
         (FAMILY, {"mlp_width_allocation": "global"}, "set intermediate_size"),
         # What Gemma 3n's structures do not prune, with the reason and the valid value.
-        (FAMILY, {"hidden_size": 16}, "hidden_size=16 is not supported.*AltUp.*Leave it None.*hidden_size=32"),
         # Depth keeps the layers whose keys and values the last num_kv_shared_layers layers read (0 and 1 here).
         (FAMILY, {"layers_to_drop": [1]}, r"removes layers \[1\], whose keys and values.*\(\[2, 3\]\).*read"),
         (FAMILY, {"num_hidden_layers": 1}, r"num_hidden_layers=1 is too few.*layers \[0, 1\].*>= 2"),
@@ -309,3 +309,36 @@ def test_a_dead_kv_group_is_the_one_removed_and_the_logits_stay():
     prune_model(model, target, random_samples(8), show_progress=False)
     assert model.pruning_record.kv_heads == {i: [1] for i in range(4)}
     torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- hidden size
+def test_a_channel_no_block_reads_is_the_one_removed_with_every_weight_over_the_hidden_size():
+    model = tiny_model(FAMILY).eval()
+    dead = [3, 5, 10, 20]
+    with torch.no_grad():
+        for layer in get_decoder_layers(model):  # the norms feeding attention and the MLP zero these channels
+            layer.input_layernorm.weight[dead] = 0
+            layer.pre_feedforward_layernorm.weight[dead] = 0
+    # 28: a multiple of the 4 heads, which Gemma3nTextConfig checks.
+    prune_model(model, PrunedConfig(hidden_size=28, **CALIBRATION), random_samples(8), show_progress=False)
+    kept = model.pruning_record.hidden
+    assert kept == [c for c in range(32) if c not in dead]
+    base, layer = model.model, get_decoder_layers(model)[0]
+    assert base.altup_projections[0].weight.shape == base.altup_unembed_projections[0].weight.shape == (28, 28)
+    assert base.per_layer_model_projection.in_features == layer.altup.modality_router.in_features == 28
+    assert layer.laurel.linear_right.out_features == layer.per_layer_projection.out_features == 28
+    assert layer.altup.correct_output_scale.shape == layer.post_per_layer_input_norm.weight.shape == (28,)
+    # The inputs Gemma 3n scales by a power of hidden_size: the buffers are a reload's, the weights rescaled.
+    assert layer.altup.router_input_scale.item() == pytest.approx(1 / 28)
+    assert base.per_layer_projection_scale.item() == pytest.approx(28**-0.5)
+
+
+def test_hidden_pruning_keeps_what_each_kept_channel_adds_through_the_scaled_inputs():
+    model = tiny_model(FAMILY).eval()
+    router = get_decoder_layers(model)[0].altup.modality_router.weight.detach().clone()
+    projection = model.model.per_layer_model_projection.weight.detach().clone()
+    prune_model(model, PrunedConfig(hidden_size=16, **CALIBRATION), random_samples(8), show_progress=False)
+    kept = torch.tensor(model.pruning_record.hidden)
+    # router input x scaled by 1 / hidden: W' / 16 == W / 32 on the kept columns; the projection by hidden**-0.5.
+    torch.testing.assert_close(get_decoder_layers(model)[0].altup.modality_router.weight, router[:, kept] / 2)
+    torch.testing.assert_close(model.model.per_layer_model_projection.weight, projection[:, kept] * 0.5**0.5)

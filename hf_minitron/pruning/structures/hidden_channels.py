@@ -3,7 +3,9 @@
 * Score (paper 1 §2.2): the outputs of the norms that feed attention and the MLP, in every layer, each reduced over
   tokens and samples, then summed over the layers that remain: ONE ranking, since the residual stream is shared.
 * Slicing: every per-layer norm over the hidden size, every block's hidden-facing weights (each structure slices its
-  own through `slice_hidden`), the final norm, the embedding and an untied LM head.
+  own through `slice_hidden`), the final norm, the embedding and an untied LM head, and a family's further weights
+  over the hidden size (`ArchitectureSpec.hidden_modules`: Gemma 3n's AltUp, LAuReL and per-layer inputs), with the
+  inputs the modelling scales by a power of `hidden_size` rescaled (`hidden_scaled_inputs`).
 """
 
 import torch
@@ -12,7 +14,7 @@ from ...architectures import BLOCK_TYPES
 from ...runtime import release_freed_memory
 from .fields import ConfigField, target_names
 from .search_axis import SearchAxis
-from .slicing import replace_parameter, slice_linear, slice_norm, topk_sorted
+from .slicing import replace_parameter, slice_linear, slice_norm, slice_parameter, topk_sorted
 from .statistics import PER_SAMPLE, add_per_sample, reduce_per_sample
 
 
@@ -172,6 +174,7 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
 
     base = get_base_model(model)
     slice_norm(getattr(base, spec.final_norm), kept)
+    _slice_hidden_modules(base, spec, kept, source[_FIELD])
     release_freed_memory()
 
     embed = model.get_input_embeddings()
@@ -192,6 +195,68 @@ def prune(model, layers, spec, importance, source: dict, target: dict, kept_laye
     record.hidden = kept.tolist()
 
 
+def resolve(root, path: str) -> list[tuple]:
+    """`(parent, name, path)` of every object `path` names under `root`, `*` standing for every entry of a module list
+    (the path returned with the entry's index)."""
+    found = [(None, root, "")]
+    for part in path.split("."):
+        step = []
+        for _, obj, at in found:
+            names = [name for name, _ in obj.named_children()] if part == "*" else [part]
+            step += [(obj, name, f"{at}{name}") for name in names]
+        found = [(parent, getattr(parent, name), at + ".") for parent, name, at in step]
+    return [(parent, name, at) for (parent, name, at) in step]
+
+
+def _slice_hidden_modules(base, spec, kept: torch.Tensor, source_size: int) -> None:
+    """Slices `spec.hidden_modules` and rescales `spec.hidden_scaled_inputs` (see `ArchitectureSpec`)."""
+    for path, role in spec.hidden_modules:
+        for parent, name, _ in resolve(base, path):
+            target = getattr(parent, name)
+            if role == "norm":
+                slice_norm(target, kept)
+            elif role == "vector":
+                slice_parameter(parent, name, kept, dim=0)
+            else:
+                slice_linear(
+                    target,
+                    out_index=kept if role in ("out", "both") else None,
+                    in_index=kept if role in ("in", "both") else None,
+                )
+    for buffer_path, linear_path, power in spec.hidden_scaled_inputs:
+        factor = (source_size / kept.numel()) ** power
+        for parent, name, _ in resolve(base, buffer_path):
+            getattr(parent, name).fill_(kept.numel() ** power)  # what a reload computes from the pruned config
+        for parent, name, _ in resolve(base, linear_path):
+            linear = getattr(parent, name)
+            with torch.no_grad():
+                linear.weight.mul_(factor)
+
+
+def hidden_module_roles(spec, root, prefix: str = "") -> dict[str, tuple]:
+    """`count_roles` entries of `spec.hidden_modules` under `root` (a decoder layer: the `layers.*.` ones, without the
+    prefix; the base model: the others), their paths prefixed with `prefix`."""
+    roles = {}
+    for path, role in spec.hidden_modules:
+        if path.startswith("layers.*."):
+            if prefix:  # the base model's own entries only
+                continue
+            path = path[len("layers.*.") :]
+        elif not prefix:
+            continue
+        for parent, name, local in resolve(root, path):
+            target = getattr(parent, name)
+            if role in ("norm", "vector"):
+                roles[prefix + local] = ("h",)
+            else:
+                out, inp = target.weight.shape
+                roles[prefix + local] = (
+                    "h" if role in ("out", "both") else out,
+                    "h" if role in ("in", "both") else inp,
+                )
+    return roles
+
+
 def update_config(model_config, spec, source: dict, target: dict) -> None:
     model_config.hidden_size = target[_FIELD]
 
@@ -209,7 +274,7 @@ def sync_modules(model, model_config, spec) -> None:
 
 
 def count_roles(spec, layer) -> dict[str, tuple]:
-    return {norm: ("h",) for norm in spec.residual_norms}
+    return {norm: ("h",) for norm in spec.residual_norms} | hidden_module_roles(spec, layer)
 
 
 def count_sizes(shape: dict) -> dict[str, int]:
