@@ -453,28 +453,37 @@ def _compress(values: np.ndarray, width: int) -> bytes:
     return _HEADER.pack(width, raw.size) + _zstd().compress(raw.tobytes(), asbytes=True) + _END
 
 
-def _decompress(blobs: list) -> tuple[np.ndarray, list[int]]:
-    """The values of [`_compress`]'s `blobs` (which must share one width), concatenated in their stored unsigned dtype,
-    and how many each blob held. One zstd call for all of them: a stream of concatenated zstd frames decodes to the
-    concatenation of their contents, and the call's overhead is most of the cost of a blob of a few thousand values."""
+def _decompress(*columns: list) -> list[tuple[np.ndarray, list[int]]]:
+    """Per column of [`_compress`]'s blobs (the blobs of a column share one width): their values concatenated in their
+    stored unsigned dtype, and how many each blob held. One zstd call for all of them: a stream of concatenated zstd
+    frames decodes to the concatenation of their contents, and the call's overhead is most of the cost of a blob of a
+    few thousand values."""
     import pyarrow as pa
 
-    blobs = [bytes(blob) for blob in blobs]
-    if any(len(blob) <= _HEADER.size + len(_END) or not blob.endswith(_END) for blob in blobs):
-        raise ValueError("A compressed top-k column holds no valid stream: the cache is damaged, rewrite it.")
-    headers = [_HEADER.unpack_from(blob) for blob in blobs]
-    widths = {width for width, _ in headers}
-    if len(widths) != 1 or not widths <= {1, 2, 4}:
-        raise ValueError("A compressed top-k column holds no valid stream: the cache is damaged, rewrite it.")
-    width, counts = widths.pop(), [count for _, count in headers]
-    body = b"".join(blob[_HEADER.size : -len(_END)] for blob in blobs)
+    damaged = "A compressed top-k column holds no valid stream: the cache is damaged, rewrite it."
+    parts, layout = [], []
+    for blobs in columns:
+        blobs = [blob if isinstance(blob, bytes) else bytes(blob) for blob in blobs]  # numpy.bytes_ is bytes: no copy
+        if any(len(blob) <= _HEADER.size + len(_END) or not blob.endswith(_END) for blob in blobs):
+            raise ValueError(damaged)
+        headers = [_HEADER.unpack_from(blob) for blob in blobs]
+        widths = {width for width, _ in headers}
+        if len(widths) != 1 or not widths <= {1, 2, 4}:
+            raise ValueError(damaged)
+        layout.append((widths.pop(), [count for _, count in headers]))
+        parts += [memoryview(blob)[_HEADER.size : -len(_END)] for blob in blobs]
+    sizes = [width * sum(counts) for width, counts in layout]
     try:
-        values = _zstd().decompress(pa.py_buffer(body), sum(counts) * width)
+        values = _zstd().decompress(pa.py_buffer(b"".join(parts)), sum(sizes))
     except (OSError, ValueError) as error:
         raise ValueError(
             f"A compressed top-k stream does not decode ({error}): the cache is damaged, rewrite it."
         ) from error
-    return np.frombuffer(values, dtype=f"<u{width}"), counts
+    decoded, start = [], 0
+    for (width, counts), size in zip(layout, sizes):
+        decoded.append((np.frombuffer(values, dtype=f"<u{width}", count=size // width, offset=start), counts))
+        start += size
+    return decoded
 
 
 @functools.cache
@@ -505,11 +514,11 @@ def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, 
     """[`encode_topk`]'s streams of a batch of samples, `(packed_ids, packed_codes, tokens)` each, back to `(ids
     [batch, length, k] int64, log_probs [batch, length, k] fp32)`, right-padded with zeros.
 
-    The batch's id streams are decompressed in one call, its code streams in another, and the codes rebuilt and
-    dequantised once for the whole batch (a running sum and a table lookup): per-sample calls would cost more than
-    the decoding itself."""
-    all_ids, id_counts = _decompress([packed_ids for packed_ids, _, _ in samples])
-    all_steps, step_counts = _decompress([packed_codes for _, packed_codes, _ in samples])
+    The batch's id and code streams are decompressed in one call, and the codes rebuilt and dequantised once for the
+    whole batch (a running sum and a table lookup): per-sample calls would cost more than the decoding itself."""
+    (all_ids, id_counts), (all_steps, step_counts) = _decompress(
+        [packed_ids for packed_ids, _, _ in samples], [packed_codes for _, packed_codes, _ in samples]
+    )
     tokens = [t for _, _, t in samples]
     if id_counts != step_counts or any(t == 0 or c % t or t > length for c, t in zip(id_counts, tokens, strict=True)):
         raise ValueError(
@@ -535,9 +544,11 @@ def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, 
     # The first rank's code less the differences after it, modulo 2**bits as the differences were taken (int32 sums
     # are faster than numpy's narrow ones; should they wrap, they wrap modulo 2**32, a multiple of 2**bits).
     levels = np.iinfo(steps.dtype).max
-    sums = np.cumsum(steps, axis=-1, dtype=np.int32)
-    codes = (2 * sums[..., :1] - sums) & levels
-    return torch.from_numpy(ids), torch.from_numpy(_dequantization_table(steps.dtype.name)[codes])
+    codes = np.cumsum(steps, axis=-1, dtype=np.int32)
+    codes -= 2 * codes[..., :1]  # in place: -(first - the differences after it)
+    np.negative(codes, out=codes)
+    codes &= levels
+    return torch.from_numpy(ids), torch.from_numpy(np.take(_dequantization_table(steps.dtype.name), codes))
 
 
 def decode_topk(packed_ids, packed_codes, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
