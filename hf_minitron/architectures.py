@@ -795,6 +795,7 @@ def get_architecture(config, spec: ArchitectureSpec | None = None) -> Architectu
             'pass it: `prune_model(model, config, data, spec=ArchitectureSpec(...))` (README, "Custom families").'
         )
     spec = ARCHITECTURES[model_type]
+    check_no_per_layer_config(config)
     if spec.block_types_field is not None:
         check_block_types(spec, config)
     if spec.moe is not None and spec.mlp is None:
@@ -851,11 +852,27 @@ def check_block_types(spec: ArchitectureSpec, config) -> None:
         )
 
 
+def check_no_per_layer_config(config) -> None:
+    """Refuses transformers' per-layer overrides (`per_layer_config`): no supported family's stock modelling reads them
+    (transformers 5.25 reads them for none of our families), so such a config builds no model (its per-layer fields
+    raise when read) and a pruned one would not reload."""
+    if not getattr(config, "is_heterogeneous", False):
+        return
+    overrides = config.__dict__["_heterogeneity_spec"].per_layer_overrides
+    raise ValueError(
+        f"This {config.model_type} config sets per_layer_config (per-layer overrides {overrides}), which the stock "
+        f"{config.model_type} modelling does not read: transformers cannot build or reload such a model, so "
+        "hf-minitron does not prune or count it. Drop per_layer_config; per-layer MLP widths are supported where the "
+        "modelling reads them (Gemma 3n's list-valued intermediate_size: PrunedConfig.intermediate_size_per_layer)."
+    )
+
+
 def model_shape(config) -> dict:
     """The prunable sizes of `config`, under `PrunedConfig`'s names: each structure's `shape` (MoE sizes for MoE
     families, Mamba sizes for hybrids), read from the family's own config fields where its spec names them."""
     from .pruning.structures import STRUCTURES  # they import this module
 
+    check_no_per_layer_config(config)
     spec = ARCHITECTURES.get(config.model_type)
     shape = {"model_type": config.model_type}
     for structure in STRUCTURES:

@@ -342,3 +342,18 @@ def test_hidden_pruning_keeps_what_each_kept_channel_adds_through_the_scaled_inp
     # router input x scaled by 1 / hidden: W' / 16 == W / 32 on the kept columns; the projection by hidden**-0.5.
     torch.testing.assert_close(get_decoder_layers(model)[0].altup.modality_router.weight, router[:, kept] / 2)
     torch.testing.assert_close(model.model.per_layer_model_projection.weight, projection[:, kept] * 0.5**0.5)
+
+
+# ---------------------------------------------------------------------------------------------- per_layer_config
+def test_transformers_per_layer_config_is_refused_with_the_reason():
+    # transformers' heterogeneous configs: no supported family's stock modelling reads them (a Llama with per-layer
+    # overrides does not even build), so they are refused, not half-read.
+    config = tiny_config("llama", per_layer_config={0: {"intermediate_size": 32}})
+    assert config.is_heterogeneous
+    with pytest.raises(Exception, match="per-layer attribute"):
+        AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    message = r"sets per_layer_config.*\{0: \{'intermediate_size': 32\}\}.*does not read.*intermediate_size_per_layer"
+    with pytest.raises(ValueError, match=message):
+        count_parameters(config)
+    with pytest.raises(ValueError, match=message):
+        PrunedConfig(intermediate_size=32).resolve(config)
