@@ -235,9 +235,6 @@ class ArchitectureSpec:
             `hidden_size ** power`, set from the config at construction (Gemma 3n's AltUp router, `hidden_size**-1`,
             and per-layer projection, `hidden_size**-0.5`). Hidden-size pruning sets the buffer as a reload will
             and rescales the linear's weight by `(old / new) ** power`, so each kept channel adds what it did.
-        refused_targets (`tuple[tuple[str, str], ...]`):
-            `(PrunedConfig field, reason)` pairs: targets the family's structures cannot prune (yet), refused with the
-            reason before any work, and left out of its search axes.
 
     The structures a family has follow from the spec: `attention` (`None`: no attention) holds heads (or, with
     `attention_experts`, attention experts and their KV heads), `mlp` (`None`: no dense MLP, e.g. Mixtral whose
@@ -310,7 +307,6 @@ class ArchitectureSpec:
     kv_shared_layers_field: str | None = None
     hidden_modules: tuple[tuple[str, str], ...] = ()
     hidden_scaled_inputs: tuple[tuple[str, str, float], ...] = ()
-    refused_targets: tuple[tuple[str, str], ...] = ()
     # q_norm/k_norm (Qwen3) act over head_dim, which pruning never changes: they need no slicing.
     notes: str = field(default="", compare=False)
 

@@ -78,7 +78,6 @@ def searched_axes(model_config) -> tuple[SearchAxis, ...]:
     structures = [s for s in structures_of(spec) if blocks is None or s.BLOCK not in typed or s.BLOCK in blocks]
     names = {axis.name for structure in (depth, *structures) for axis in structure.AXES}
     names |= {axis.name for axis in depth.BLOCK_TYPE_AXES}
-    names -= {name for name, _ in spec.refused_targets}  # what the family cannot prune (Gemma 3n's hidden size)
     if counts_layer_by_layer(model_config):  # a candidate's size would depend on which layers go: not searched
         names -= {"num_hidden_layers", *(axis.name for axis in depth.BLOCK_TYPE_AXES)}
     return tuple(axis for axis in axes_of(search_shape(model_config)) if axis.name in names)

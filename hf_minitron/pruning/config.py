@@ -159,14 +159,6 @@ class _PrunedConfigMethods:
 
         shape = model_shape(model_config)
         spec = ARCHITECTURES.get(model_config.model_type)
-        for name, reason in spec.refused_targets if spec is not None else ():
-            value = getattr(self, name)
-            if value is not None:
-                source = f" (the source's {name}={shape[name]})" if name in shape else ""
-                raise ValueError(
-                    f"PrunedConfig.{name}={value!r} is not supported for model_type={model_config.model_type!r}: "
-                    f"{reason}. Leave it None{source}."
-                )
         # First whether each target applies to this model, then whether it is within the source's size, then what
         # each structure asks of its targets; each step walks the structures in order, and the first error is raised.
         for structure in STRUCTURES:
