@@ -512,10 +512,31 @@ def encode_topk(ids: torch.Tensor, codes: np.ndarray, vocab_size: int) -> tuple[
 
 def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[`encode_topk`]'s streams of a batch of samples, `(packed_ids, packed_codes, tokens)` each, back to `(ids
-    [batch, length, k] int64, log_probs [batch, length, k] fp32)`, right-padded with zeros.
+    [batch, length, k] int64, log_probs [batch, length, k] fp32)`, right-padded with zeros: [`read_topk_batch`], then
+    [`steps_to_log_probs`]."""
+    ids, steps = read_topk_batch(samples, length)
+    return ids.long(), steps_to_log_probs(steps, np.iinfo(np.uint8 if steps.dtype == torch.uint8 else np.uint16).max)
 
-    The batch's id and code streams are decompressed in one call, and the codes rebuilt and dequantised once for the
-    whole batch (a running sum and a table lookup): per-sample calls would cost more than the decoding itself."""
+
+def steps_to_log_probs(steps: torch.Tensor, levels: int) -> torch.Tensor:
+    """[`read_topk_batch`]'s rank differences `[..., k]` back to the fp32 log-probabilities, on their device: the first
+    rank's code less the running sum of the differences after it, modulo `levels + 1` as they were taken (int32 sums;
+    should they wrap, they wrap modulo 2**32, a multiple of it), then [`dequantize_log_probs`]."""
+    sums = torch.cumsum(steps.to(torch.int32), dim=-1)
+    codes = (2 * sums[..., :1] - sums) & levels
+    return dequantize_log_probs(codes, "uint8" if levels == 255 else "uint16")
+
+
+def read_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`encode_topk`]'s streams of a batch of samples, `(packed_ids, packed_codes, tokens)` each, as `(ids [batch,
+    length, k] int32, steps [batch, length, k])`, right-padded with zeros: the ids, and the codes still as the
+    differences between consecutive ranks (uint8, or int32 for uint16 codes), which [`steps_to_log_probs`] turns into
+    log-probabilities. The collator stops here: the trainer finishes the decoding on its device, where the running sum
+    and the ids' widening to int64 cost nothing next to the step, and the batch it moves there holds one byte per
+    uint8 value and four per id, not four and eight.
+
+    The batch's id and code streams are decompressed in one call: per-sample calls would cost more than the decoding
+    itself."""
     (all_ids, id_counts), (all_steps, step_counts) = _decompress(
         [packed_ids for packed_ids, _, _ in samples], [packed_codes for _, packed_codes, _ in samples]
     )
@@ -531,24 +552,19 @@ def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, 
             "A compressed top-k batch mixes samples of different top_k: the cache is damaged, rewrite it."
         )
     if all(t == length for t in tokens):  # packed samples, the usual case: no padding to make
-        ids = all_ids.reshape(len(samples), length, k).astype(np.int64)
+        ids = all_ids.reshape(len(samples), length, k).astype(np.int32)
         steps = all_steps.reshape(len(samples), length, k)
     else:
-        ids = np.zeros((len(samples), length, k), dtype=np.int64)
+        ids = np.zeros((len(samples), length, k), dtype=np.int32)
         steps = np.zeros((len(samples), length, k), dtype=all_steps.dtype)
         start = 0
         for i, t in enumerate(tokens):
             ids[i, :t] = all_ids[start : start + t * k].reshape(t, k)
             steps[i, :t] = all_steps[start : start + t * k].reshape(t, k)
             start += t * k
-    # The first rank's code less the differences after it, modulo 2**bits as the differences were taken (int32 sums
-    # are faster than numpy's narrow ones; should they wrap, they wrap modulo 2**32, a multiple of 2**bits).
-    levels = np.iinfo(steps.dtype).max
-    codes = np.cumsum(steps, axis=-1, dtype=np.int32)
-    codes -= 2 * codes[..., :1]  # in place: -(first - the differences after it)
-    np.negative(codes, out=codes)
-    codes &= levels
-    return torch.from_numpy(ids), torch.from_numpy(np.take(_dequantization_table(steps.dtype.name), codes))
+    # torch has no arithmetic for uint16: wider codes travel as int32.
+    steps = steps if steps.dtype == np.uint8 else steps.astype(np.int32)
+    return torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(steps))
 
 
 def decode_topk(packed_ids, packed_codes, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -556,11 +572,6 @@ def decode_topk(packed_ids, packed_codes, tokens: int) -> tuple[torch.Tensor, to
     log-probabilities dequantised (see [`dequantize_log_probs`])."""
     ids, log_probs = decode_topk_batch([(packed_ids, packed_codes, tokens)], tokens)
     return ids[0], log_probs[0]
-
-
-@functools.cache
-def _dequantization_table(dtype: str) -> np.ndarray:
-    return dequantize_log_probs(torch.arange(np.iinfo(dtype).max + 1), dtype).numpy()
 
 
 def quantize_log_probs(log_probs: torch.Tensor, dtype: str) -> np.ndarray:

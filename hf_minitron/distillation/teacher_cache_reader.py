@@ -31,8 +31,9 @@ from .teacher_cache_format import (
     cache_directory,
     check_cache_files,
     check_teacher_cache,
-    decode_topk_batch,
     read_cache_info,
+    read_topk_batch,
+    steps_to_log_probs,
     unpack_samples,
 )
 from .teachers import Teacher, TeacherOutput
@@ -63,11 +64,13 @@ def _collate_samples(features: list[dict], length: int) -> dict[str, torch.Tenso
 
 
 def _collate_compressed_topk(features: list[dict], length: int) -> dict[str, torch.Tensor]:
-    """`teacher_topk_ids` (int64) and `teacher_topk_logprobs` (fp32) `[batch, length, k]` of a compressed top-k cache's
-    `features`, decoded here (in the data loader's workers when it has some) rather than on the training device."""
+    """`teacher_topk_ids` (int32) and `teacher_topk_quantized_logprobs` (the codes' rank differences, see
+    [`read_topk_batch`]) `[batch, length, k]` of a compressed top-k cache's `features`, decompressed here (in the data
+    loader's workers when it has some); the teacher turns the differences into log-probabilities on the training
+    device ([`CachedTeacher`])."""
     samples = [(f[TOPK_PACKED_IDS], f[TOPK_QUANTIZED], len(f["input_ids"])) for f in features]
-    ids, log_probs = decode_topk_batch(samples, length)
-    return {TOPK_IDS: ids, TOPK_LOGPROBS: log_probs}
+    ids, steps = read_topk_batch(samples, length)
+    return {TOPK_IDS: ids, TOPK_QUANTIZED: steps}
 
 
 def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torch.Tensor]:
@@ -199,7 +202,11 @@ class CachedTeacher(Teacher):
         return hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
 
     def _topk(self, columns: dict) -> tuple:
-        ids, log_probs = columns[TOPK_IDS], columns[TOPK_LOGPROBS]  # a compressed cache's, decoded by the collator
+        ids = columns[TOPK_IDS].long()  # a compressed cache's arrive as int32
+        if TOPK_QUANTIZED in columns:  # a compressed cache's: the collator left the running sum to this device
+            log_probs = steps_to_log_probs(columns[TOPK_QUANTIZED], np.iinfo(self.info["dtype"]).max)
+        else:
+            log_probs = columns[TOPK_LOGPROBS]
         return (
             ids.reshape(-1, ids.shape[-1]),
             log_probs.reshape(-1, log_probs.shape[-1]),

@@ -120,6 +120,28 @@ def test_compressed_cache_is_the_top_k_cache_within_the_bound(tmp_path, dtype):
     assert infos[dtype]["teacher_bytes_per_token"] < infos["exact"]["teacher_bytes_per_token"] == k * 6 + 4
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_the_collator_ships_rank_differences_and_the_teacher_decodes_them_on_its_device(tmp_path, dtype):
+    from hf_minitron.distillation.teacher_cache_format import decode_topk_batch
+
+    teacher, data = tiny_model("llama"), _dataset()
+    cache = _cache(teacher, data, tmp_path / dtype, mode="topk", top_k=12, compress=True, dtype=dtype)
+    features = [cache[i] for i in range(len(cache))]
+    batch = DataCollatorForDistillation()(features)
+    steps = batch["teacher_topk_quantized_logprobs"]
+    # One byte per uint8 value crosses to the device, not an fp32 log-probability; no log-probabilities yet.
+    assert steps.dtype == (torch.uint8 if dtype == "uint8" else torch.int32) and "teacher_topk_logprobs" not in batch
+    assert batch["teacher_topk_ids"].dtype == torch.int32  # widened to int64 on the device
+    length = batch["input_ids"].shape[1]
+    samples = [
+        (f["teacher_topk_packed_ids"], f["teacher_topk_quantized_logprobs"], len(f["input_ids"])) for f in features
+    ]
+    ids, log_probs = decode_topk_batch(samples, length)
+    columns = CachedTeacher.pop_columns(batch)
+    got_ids, got_log_probs, _ = CachedTeacher.from_dataset(cache).forward(batch, columns, [], fused=True).topk
+    assert torch.equal(got_ids, ids.reshape(-1, 12)) and torch.equal(got_log_probs, log_probs.reshape(-1, 12))
+
+
 def test_training_from_a_compressed_cache(tmp_path):
     teacher, data = tiny_model("llama"), _dataset()
     exact = _cache(teacher, data, tmp_path / "exact", mode="topk", top_k=16)
