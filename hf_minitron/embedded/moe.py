@@ -43,10 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from . import (
-    default_teacher_path,
     derived_path,
     load_checkpoint,
-    merged_recipe,
     read_build_info,
     save_derived,
     validation_rows,
@@ -290,19 +288,15 @@ def build_embedded_moe(output_dir: str | Path, validation_samples: int | None = 
         recipe: overrides of `RECIPE` (`num_experts`, `num_experts_per_tok`, `shared_expert_intermediate_size`,
             `calibration_samples`, `seq_length`, `kmeans_iterations`, `ridge`, `seed`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
+    from transformers import Qwen2MoeForCausalLM
 
-    from ..data import embedded_datasets
     from ..evaluation import lm_loss
+    from . import conversion_inputs
 
-    recipe = merged_recipe(RECIPE, recipe, validation_samples)
-    started = time.perf_counter()
-    torch.manual_seed(recipe["seed"])
-    path = default_teacher_path()
-    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    data = embedded_datasets(tokenizer, recipe["seq_length"])
-    calibration = torch.tensor(data["train"][: recipe["calibration_samples"]]["input_ids"])
+    inputs = conversion_inputs(RECIPE, recipe, validation_samples)
+    recipe, started, dense, tokenizer, data, calibration = (
+        inputs[k] for k in ("recipe", "started", "dense", "tokenizer", "data", "calibration")
+    )
 
     config = moe_config(
         dense.config, recipe["num_experts"], recipe["num_experts_per_tok"], recipe["shared_expert_intermediate_size"]
