@@ -535,7 +535,7 @@ def score_layer_removals(
     desc = "Scoring layer removals" + (" (one evaluation each)" if scorer is not None else "")
     try:
         for layer_set in tqdm(candidates, desc=desc, disable=not show_progress or dist_info()[0]):
-            if not keeps_attention(model.config, layer_set):  # cannot run without these layers: never chosen
+            if not can_drop(model.config, layer_set):  # cannot run without these layers: never chosen
                 costs.append(float("inf"))
                 continue
             with layers_skipped(model, layer_set):
@@ -643,7 +643,7 @@ def select_layers_to_drop(
                 if scores is not None and scorer is None:
                     scores.block_losses[num_to_drop] = cached
         scored = [s for s in range(len(cached)) if cached[s] is not None]
-        allowed = [s for s in scored if keeps_attention(model.config, range(s, s + num_to_drop))] or scored
+        allowed = [s for s in scored if can_drop(model.config, range(s, s + num_to_drop))] or scored
         start = min(allowed, key=lambda s: cached[s])
         return list(range(start, start + num_to_drop))
     raise ValueError(f"Unknown depth_method {method!r}: use 'contiguous', 'block_influence', 'lm_loss' or 'explicit'.")
@@ -817,24 +817,14 @@ def _slice_per_layer_tables(base, spec, config, kept: list[int]) -> None:
 
 
 def kv_sharing(model_config) -> list[str | None]:
-    """Per layer, as the stock modelling of a family with `kv_shared_layers_field` decides it: `"reuse"` for the
-    last `n` layers (they compute no keys and values), `"store"` for the last earlier layer of each `layer_types` entry
-    (the shared layers of that type read its keys and values), `None` for the others."""
+    """Per layer, as the stock modelling decides it (the config's own `kv_sharing_modes`, for a family with
+    `kv_shared_layers_field`): `"reuse"` for the last `n` layers (they compute no keys and values), `"store"` for the
+    last earlier layer of each `layer_types` entry (the shared layers of that type read its keys and values), `None`
+    for the others and for every other family."""
     spec = ARCHITECTURES.get(model_config.model_type)
-    num_layers = model_config.num_hidden_layers
-    shared = getattr(model_config, spec.kv_shared_layers_field, 0) if spec and spec.kv_shared_layers_field else 0
-    modes = [None] * num_layers
-    if not shared:
-        return modes
-    first = num_layers - shared
-    types = list(model_config.layer_types)
-    for i in range(first, num_layers):
-        modes[i] = "reuse"
-    for kind in set(types):
-        producers = [i for i in range(first) if types[i] == kind]
-        if producers:
-            modes[producers[-1]] = "store"
-    return modes
+    if spec is None or spec.kv_shared_layers_field is None:
+        return [None] * model_config.num_hidden_layers
+    return list(model_config.kv_sharing_modes)
 
 
 def kv_sources(model_config) -> dict[int, int]:
@@ -892,7 +882,7 @@ def sliced_layer_lists(model_config, values: dict, kept: list[int]) -> dict:
     return sliced
 
 
-def keeps_attention(model_config, dropped) -> bool:
+def can_drop(model_config, dropped) -> bool:
     """Whether the layers `dropped` may be dropped together: not when they hold a layer whose keys and values later
     layers read (`kv_producers`), nor when they leave a hybrid no attention layer (transformers' hybrid cache reads
     the sequence length from an attention layer, so a Nemotron-H without one cannot run with `use_cache`)."""
@@ -917,7 +907,7 @@ def _lowest(model_config, order: list[int], num_to_drop: int, by_type: dict[str,
             break
         if names is not None and not left[names[i]]:
             continue
-        if keeps_attention(model_config, dropped + [i]):
+        if can_drop(model_config, dropped + [i]):
             dropped.append(i)
             if names is not None:
                 left[names[i]] -= 1
@@ -925,7 +915,8 @@ def _lowest(model_config, order: list[int], num_to_drop: int, by_type: dict[str,
 
 
 def check_hybrid_depth(model_config, kept: list[int]) -> None:
-    """Refuses to drop every attention layer of a hybrid (see `keeps_attention`)."""
+    """Refuses to drop a layer whose keys and values later layers read, or every attention layer of a hybrid (see
+    `can_drop`)."""
     num_layers = model_config.num_hidden_layers
     dropped = [i for i in range(num_layers) if i not in set(kept)]
     producers = sorted(kv_producers(model_config) & set(dropped))
@@ -937,7 +928,7 @@ def check_hybrid_depth(model_config, kept: list[int]) -> None:
             f"{spec.kv_shared_layers_field}={len(readers)} layers ({readers}) of this {model_config.model_type} model "
             "read: they are kept. Drop other layers (layers_to_drop), or fewer."
         )
-    if not keeps_attention(model_config, dropped):
+    if not can_drop(model_config, dropped):
         spec = get_architecture(model_config)
         kinds = list(getattr(model_config, spec.block_types_field))
         attention = [i for i, kind in enumerate(kinds) if kind == dict(spec.block_types).get("attention")]
