@@ -15,6 +15,8 @@ written once, then one `--skip-speed --max-steps 10 --seed-list S --caches DIR` 
    `bytes_per_token` (the whole cache on disk: token ids, mask, teacher columns and Arrow framing) and
    `teacher_bytes_per_token` (the teacher's values alone). Modes: `hidden` fp32 / bf16, `topk` raw (fp32
    log-probabilities) and compressed (`compress=True, dtype="uint8"`) at k = 64 and 128, `sampled` at K = 12 and 32.
+   And each cache's **read time** as the trainer reads it (the rows fetched as PyTorch's DataLoader fetches them, then
+   the collator), at the training batch and at 4x and 10x it, best of `READ_ROUNDS` interleaved rounds.
 2. **Step time**: one optimizer step (forward, backward, AdamW) of KD from each cache, of KD from the live teacher and
    of the student's plain CE step, interleaved in one process: an untimed warm-up, then `--rounds` rounds in which each
    method runs one step in a rotated order. Ratios to the CE step are taken within each round (median [min, max]);
@@ -58,6 +60,10 @@ CACHE_MODES = {
 QUALITY_ARMS = ["live", "sampled12", "topk64_uint8", "sampled32", "topk128_uint8", "topk64", "ce", "sampled24"]
 STUDENT = dict(hidden_size=288, intermediate_size=768, num_attention_heads=6, layers_to_drop=list(range(5, 25)))
 TARGETS = {"sampled12": 40, "sampled24": 40, "topk64_uint8": 150}  # bytes per token
+# Read times at these multiples of --batch-size (capped at the training samples): at the small training batch the
+# per-column cost of `datasets`' formatting dominates; at larger ones, the bytes themselves.
+READ_BATCHES = (1, 4, 10)
+READ_ROUNDS = 9
 
 
 # ---------------------------------------------------------------------------------------------- the teacher, once
@@ -121,7 +127,7 @@ def _args(output_dir, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- 1. bytes per token
-def write_caches(teacher, tokenizer, train, memo, modes) -> dict:
+def write_caches(teacher, tokenizer, train, memo, modes, batch_size: int) -> dict:
     from hf_minitron import cache_teacher
     from hf_minitron.distillation.teacher_cache import read_cache_info
 
@@ -142,15 +148,19 @@ def write_caches(teacher, tokenizer, train, memo, modes) -> dict:
             caches[name] = cache
             print(f"  {name}: {info['bytes_per_token']:.1f} bytes/token "
                   f"({info['teacher_bytes_per_token']:.1f} teacher values)", flush=True)  # fmt: skip
-    # Read times in interleaved rounds (each cache once per round, the best round kept), so that load from other jobs
-    # falls on every cache alike.
-    best = dict.fromkeys(caches, float("inf"))
-    for _ in range(5):
-        for name, cache in caches.items():
-            best[name] = min(best[name], read_time(cache))
-    for name, seconds in best.items():
-        result[name]["read_ms_per_batch"] = seconds * 1e3
-        print(f"  {name}: read {seconds * 1e3:.2f} ms per batch of 4", flush=True)
+    # Read times at the training batch and at larger ones (`READ_BATCHES`), in interleaved rounds whose order alternates
+    # (each cache once per round, the best round kept), so that load from other jobs and drift fall on every cache alike.
+    batch_sizes = sorted({min(m * batch_size, len(train)) for m in READ_BATCHES})
+    for size in batch_sizes:
+        best = dict.fromkeys(caches, float("inf"))
+        for round_ in range(READ_ROUNDS):
+            for name, cache in list(caches.items())[:: 1 if round_ % 2 else -1]:
+                best[name] = min(best[name], read_time(cache, size))
+        for name, seconds in best.items():
+            result[name].setdefault("read_ms_per_sample", {})[size] = seconds * 1e3 / size
+            if size == batch_size:
+                result[name]["read_ms_per_batch"] = seconds * 1e3
+            print(f"  {name}: read {seconds * 1e3:.2f} ms per batch of {size}", flush=True)
     return result
 
 
@@ -379,6 +389,19 @@ def verdicts(results: dict) -> list[str]:
                 f"{name}: {value:.1f} bytes/token (teacher values {b[name]['teacher_bytes_per_token']:.1f}) "
                 f"{'<=' if value <= limit else '>'} target {limit}: {'met' if value <= limit else 'missed'}"
             )
+        for raw, compressed in (("topk64", "topk64_uint8"), ("topk128", "topk128_uint8")):
+            if "read_ms_per_sample" not in b.get(raw, {}) or "read_ms_per_sample" not in b.get(compressed, {}):
+                continue
+            ratios = {
+                size: b[compressed]["read_ms_per_sample"][size] / ms
+                for size, ms in b[raw]["read_ms_per_sample"].items()
+            }
+            slower = [str(size) for size, ratio in ratios.items() if ratio > 1]
+            lines.append(
+                f"{compressed} read / {raw} read: "
+                + ", ".join(f"{ratio:.2f} at batch {size}" for size, ratio in ratios.items())
+                + (f" (slower at batch {', '.join(slower)})" if slower else " (at least as fast at every batch)")
+            )
     if q:
         exact = q["arms"]["live"]["heldout_loss"]
         for arm in ("sampled12", "sampled24", "sampled32", "topk64", "topk64_uint8", "topk128_uint8"):
@@ -601,7 +624,7 @@ def main():
     else:
         with memo:
             timed("teacher pass", memo.fill, [train[i] for i in range(len(train))])
-        results["bytes"] = timed("bytes", write_caches, teacher, tokenizer, train, memo, args.modes)
+        results["bytes"] = timed("bytes", write_caches, teacher, tokenizer, train, memo, args.modes, args.batch_size)
     if not args.skip_speed:
         results["speed"] = timed(
             "speed", speed, teacher, student, train, args.batch_size, args.warmup, args.rounds, args.modes

@@ -14,11 +14,12 @@ loss needs from the teacher, and [`DistillationTrainer`] given such a dataset (a
   of teacher and student ([`topk_kd_loss`]), which for forward KL is a lower bound of the full KL and equals it at
   `top_k` = vocabulary size. `top_k * (2 + 4) + 4` bytes per token (uint16 ids, fp32 log-probabilities; 2-byte
   log-probabilities with `dtype="float16"` / `"bfloat16"`). With `compress=True` the log-probabilities are quantised
-  to `dtype="uint8"` or `"uint16"` (within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]) and each sample's ids
-  and codes are compressed losslessly with zstd ([`encode_topk`]: codes as differences between ranks;
-  `teacher_topk_packed_ids`, `teacher_topk_quantized_logprobs`): 137 bytes of teacher values per token at k = 64 on
-  the embedded SmolLM2 against `64 * 6 + 4` = 388 raw; at most `top_k * (2 + 1) + 4` (uint16 ids, uint8 codes; ids
-  of a vocabulary over 65,536 take 4 bytes, uint16 codes 2).
+  to `dtype="uint8"` or `"uint16"` (within 0.049 or 1.9e-4 nats, see [`quantize_log_probs`]) and each sample's ids,
+  codes and rest are stored in one blob (`teacher_topk_packed`, [`encode_topk`]): the ids' low bytes and the rest as
+  they are, the ids' high parts and the codes (as differences between ranks) compressed losslessly with zstd: 135
+  bytes of teacher values per token at k = 64 on the embedded SmolLM2 against `64 * 6 + 4` = 388 raw, and it reads
+  faster than the raw cache; at most `top_k * (2 + 1) + 4` (uint8 codes; ids of a vocabulary over 65,536 take 3 or 5
+  bytes, uint16 codes 2).
 - `mode="sampled"` (Sparse Logit Sampling, [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)): per token
   `num_samples` = K tokens drawn with replacement from the teacher's distribution at the cache's `temperature`, kept
   as the distinct ids (`teacher_sample_ids`, uint16) and how often each came up (`teacher_sample_counts`, uint8), and
@@ -62,7 +63,7 @@ from .teacher_cache_format import (
     TEACHER_COLUMNS,
     TOPK_IDS,
     TOPK_LOGPROBS,
-    TOPK_PACKED_IDS,
+    TOPK_PACKED,
     TOPK_QUANTIZED,
     TOPK_REST,
     cache_directory,
@@ -88,7 +89,7 @@ from .teacher_cache_writer import draw_samples, estimated_cache_bytes, write_tea
 __all__ = [
     "CACHE_INFO_NAME", "COMPRESS_CODEC", "ENTROPY", "FORMAT_VERSION", "HIDDEN", "LM_HEAD_NAME", "MAX_NUM_SAMPLES", "MODES",
     "QUANTIZED_DTYPES", "QUANTIZED_LOG_PROB_MIN", "SAMPLE_COUNTS", "SAMPLE_IDS", "SETTINGS_NAME", "STORAGE_DTYPES",
-    "TEACHER_COLUMNS", "TOPK_IDS", "TOPK_LOGPROBS", "TOPK_PACKED_IDS", "TOPK_QUANTIZED", "TOPK_REST", "CachedTeacher",
+    "TEACHER_COLUMNS", "TOPK_IDS", "TOPK_LOGPROBS", "TOPK_PACKED", "TOPK_QUANTIZED", "TOPK_REST", "CachedTeacher",
     "cache_directory", "cache_teacher", "check_cache_files", "check_teacher_cache", "collate_teacher_columns",
     "data_fingerprint", "decode_topk", "dequantize_log_probs", "draw_samples", "encode_topk", "estimated_cache_bytes",
     "id_bits", "is_teacher_cache", "load_teacher_cache", "quantize_log_probs", "read_cache_info", "teacher_fingerprint",

@@ -39,14 +39,16 @@ TOPK_REST = "teacher_topk_rest"
 SAMPLE_IDS = "teacher_sample_ids"
 SAMPLE_COUNTS = "teacher_sample_counts"
 ENTROPY = "teacher_entropy"
-TOPK_PACKED_IDS = "teacher_topk_packed_ids"
+# A compressed top-k cache's one column (see `encode_topk`), and the batch column its collator makes of the codes.
+TOPK_PACKED = "teacher_topk_packed"
 TOPK_QUANTIZED = "teacher_topk_quantized_logprobs"
 TEACHER_COLUMNS = (
-    HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST, TOPK_PACKED_IDS, TOPK_QUANTIZED, SAMPLE_IDS, SAMPLE_COUNTS, ENTROPY
+    HIDDEN, TOPK_IDS, TOPK_LOGPROBS, TOPK_REST, TOPK_PACKED, TOPK_QUANTIZED, SAMPLE_IDS, SAMPLE_COUNTS, ENTROPY
 )  # fmt: skip
 QUANTIZED_DTYPES = ("uint8", "uint16")
-# The `compress` setting of a compressed top-k cache: its streams' codec (see `encode_topk`).
-COMPRESS_CODEC = "zstd"
+# The `compress` setting of a compressed top-k cache: its blobs' format (see `encode_topk`). Earlier ones: `true`
+# (bit-packed ids, uncompressed) and "zstd" (the ids and the codes in two columns, the whole ids through zstd).
+COMPRESS_CODEC = "zstd-blob"
 # Quantised log-probabilities cover [QUANTIZED_LOG_PROB_MIN, 0] in 2**bits - 1 equal steps (see `quantize_log_probs`).
 QUANTIZED_LOG_PROB_MIN = -25.0
 # Counts are stored as uint8.
@@ -374,7 +376,7 @@ def check_cache_files(directory: str | os.PathLike, info: dict | None = None) ->
 
     info = read_cache_info(directory) if info is None else info
     if info.get("compress") not in (None, COMPRESS_CODEC):
-        # Earlier versions bit-packed the ids uncompressed under the same column names (`compress: true`).
+        # Earlier versions stored the ids otherwise under the same column names (see COMPRESS_CODEC).
         raise ValueError(
             f"The teacher cache {str(directory)!r} is a compressed top-k cache in an earlier format (compress="
             f"{info['compress']!r}; this version reads {COMPRESS_CODEC!r}): {DAMAGED_FIX}."
@@ -440,50 +442,18 @@ def id_bits(vocab_size: int) -> int:
 # zstd through pyarrow (which `datasets` already needs): it decodes 4-6x faster than zlib at the same size on top-k
 # ids (measured on the embedded SmolLM2); level 9 is within 1% of level 19's size and writes several times faster.
 ZSTD_LEVEL = 9
-_HEADER = struct.Struct("<BI")  # the values' width in bytes, their number
-# Ends every stream: `datasets`' numpy formatting returns a binary value as `numpy.bytes_`, which drops trailing NUL
+# A blob's header: the bytes of an id's high part and of a code, the sample's tokens, top_k, the ids' frame's bytes.
+_HEADER = struct.Struct("<BBIII")
+# Ends every blob: `datasets`' numpy formatting returns a binary value as `numpy.bytes_`, which drops trailing NUL
 # bytes, and a zstd frame may end in one.
 _END = b"\x01"
+_DAMAGED = "the cache is damaged, rewrite it (cache_teacher(..., overwrite=True))"
 
 
-def _compress(values: np.ndarray, width: int) -> bytes:
-    """`values` (non-negative, each `< 256**width`, `width` 1, 2 or 4) as little-endian `width`-byte integers,
-    zstd-compressed, after a 5-byte header (`width`, the number of values) and before a terminator byte."""
-    raw = np.ascontiguousarray(values.reshape(-1), dtype=f"<u{width}")
-    return _HEADER.pack(width, raw.size) + _zstd().compress(raw.tobytes(), asbytes=True) + _END
-
-
-def _decompress(*columns: list) -> list[tuple[np.ndarray, list[int]]]:
-    """Per column of [`_compress`]'s blobs (the blobs of a column share one width): their values concatenated in their
-    stored unsigned dtype, and how many each blob held. One zstd call for all of them: a stream of concatenated zstd
-    frames decodes to the concatenation of their contents, and the call's overhead is most of the cost of a blob of a
-    few thousand values."""
-    import pyarrow as pa
-
-    damaged = "A compressed top-k column holds no valid stream: the cache is damaged, rewrite it."
-    parts, layout = [], []
-    for blobs in columns:
-        blobs = [blob if isinstance(blob, bytes) else bytes(blob) for blob in blobs]  # numpy.bytes_ is bytes: no copy
-        if any(len(blob) <= _HEADER.size + len(_END) or not blob.endswith(_END) for blob in blobs):
-            raise ValueError(damaged)
-        headers = [_HEADER.unpack_from(blob) for blob in blobs]
-        widths = {width for width, _ in headers}
-        if len(widths) != 1 or not widths <= {1, 2, 4}:
-            raise ValueError(damaged)
-        layout.append((widths.pop(), [count for _, count in headers]))
-        parts += [memoryview(blob)[_HEADER.size : -len(_END)] for blob in blobs]
-    sizes = [width * sum(counts) for width, counts in layout]
-    try:
-        values = _zstd().decompress(pa.py_buffer(b"".join(parts)), sum(sizes))
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"A compressed top-k stream does not decode ({error}): the cache is damaged, rewrite it."
-        ) from error
-    decoded, start = [], 0
-    for (width, counts), size in zip(layout, sizes):
-        decoded.append((np.frombuffer(values, dtype=f"<u{width}", count=size // width, offset=start), counts))
-        start += size
-    return decoded
+def high_id_width(vocab_size: int) -> int:
+    """Bytes of an id's high part, `id >> 8`, as [`encode_topk`] stores it: 1 up to 16-bit ids, 2 up to 24, else 4."""
+    bits = id_bits(vocab_size) - 8
+    return 1 if bits <= 8 else 2 if bits <= 16 else 4
 
 
 @functools.cache
@@ -493,29 +463,111 @@ def _zstd():
     return pa.Codec("zstd", compression_level=ZSTD_LEVEL)
 
 
-def encode_topk(ids: torch.Tensor, codes: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One sample's top-k `ids` `[tokens, k]` and quantised log-probabilities `codes` `[tokens, k]` (in rank order, as
-    [`quantize_log_probs`] gives them) as two zstd streams (see [`_compress`]), both lossless:
+def encode_topk(ids: torch.Tensor, codes: np.ndarray, rest: np.ndarray, vocab_size: int) -> bytes:
+    """One sample's top-k `ids` `[tokens, k]`, quantised log-probabilities `codes` `[tokens, k]` (in rank order, as
+    [`quantize_log_probs`] gives them) and log-mass of the rest `rest` `[tokens]` as one blob, lossless:
 
-    - the ids as uint16 (uint32 past 65,536 tokens): zstd finds what a fixed-width bit-packing cannot, that a teacher's
-      top-k are mostly frequent tokens;
-    - the codes as differences to the previous rank's code, modulo `2**bits`: a top-k list is sorted by probability,
-      so the differences are small and non-negative (the first rank keeps its code).
+    - the ids split in two: their low byte stored as is, and their high part (`id >> 8`, [`high_id_width`] bytes)
+      zstd-compressed. The high part is what zstd can shrink (a teacher's top-k are mostly frequent tokens, which BPE
+      numbers early); the low byte is close to uniform, and zstd would spend decoding time to copy it back;
+    - the codes as differences to the previous rank's code, modulo `2**bits`, zstd-compressed: a top-k list is sorted
+      by probability, so the differences are small and non-negative (the first rank keeps its code);
+    - the rest as fp32, as is.
 
-    Measured on the embedded SmolLM2 (k = 64, stdlib text): 111 bytes per token for the ids (16-bit raw: 128) and 19
-    for the codes (64 raw)."""
+    Measured on the embedded SmolLM2 (k = 64, stdlib text): 64 bytes per token for the low bytes, 46 for the high
+    parts (the whole 16-bit ids through zstd: 111 for both, decoding 1.5-2x slower), 19 for the codes (raw: 64).
+
+    Layout: a header (`_HEADER`), the low bytes, the rest, the ids' zstd frame, the codes' zstd frame, a terminator
+    byte. One blob, not a column each: `datasets` formats a batch column by column, at a cost per column that is a
+    tenth of a small batch's read."""
     codes = np.asarray(codes)
     steps = codes.copy()
     steps[:, 1:] = codes[:, :-1] - codes[:, 1:]  # unsigned: wraps modulo 2**bits where a list is out of order
-    return _compress(ids.cpu().numpy(), 2 if id_bits(vocab_size) <= 16 else 4), _compress(steps, codes.dtype.itemsize)
+    tokens, k = steps.shape
+    ids = ids.cpu().numpy().reshape(-1).astype(np.int64)
+    width = high_id_width(vocab_size)
+    high = _zstd().compress(np.ascontiguousarray(ids >> 8, dtype=f"<u{width}").tobytes(), asbytes=True)
+    return b"".join((
+        _HEADER.pack(width, codes.dtype.itemsize, tokens, k, len(high)),
+        (ids & 0xFF).astype(np.uint8).tobytes(),
+        np.ascontiguousarray(rest, dtype="<f4").reshape(tokens).tobytes(),
+        high,
+        _zstd().compress(np.ascontiguousarray(steps, dtype=f"<u{codes.dtype.itemsize}").tobytes(), asbytes=True),
+        _END,
+    ))  # fmt: skip
 
 
-def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[`encode_topk`]'s streams of a batch of samples, `(packed_ids, packed_codes, tokens)` each, back to `(ids
-    [batch, length, k] int64, log_probs [batch, length, k] fp32)`, right-padded with zeros: [`read_topk_batch`], then
-    [`steps_to_log_probs`]."""
-    ids, steps = read_topk_batch(samples, length)
-    return ids.long(), steps_to_log_probs(steps, np.iinfo(np.uint8 if steps.dtype == torch.uint8 else np.uint16).max)
+def _split_blob(blob, tokens: int) -> tuple[tuple[int, int, int], list[memoryview]]:
+    """[`encode_topk`]'s blob of a sample of `tokens` tokens: `(high width, code width, k)` and views of its low bytes,
+    rest, ids' frame and codes' frame."""
+    blob = blob if isinstance(blob, bytes) else bytes(blob)  # numpy.bytes_ is bytes: no copy
+    if len(blob) <= _HEADER.size + len(_END) or not blob.endswith(_END):
+        raise ValueError(f"A compressed top-k blob is cut short: {_DAMAGED}.")
+    width, code_width, stored_tokens, k, high_bytes = _HEADER.unpack_from(blob)
+    if stored_tokens != tokens or width not in (1, 2, 4) or code_width not in (1, 2):
+        raise ValueError(
+            f"A compressed top-k blob holds {stored_tokens} tokens (ids of {width} bytes, codes of {code_width}) for "
+            f"a sample of {tokens}: {_DAMAGED}."
+        )
+    # Plain ints: numpy's cumsum of four numbers costs more than the rest of this function.
+    low = _HEADER.size + tokens * k
+    rest = low + 4 * tokens
+    high = rest + high_bytes
+    if len(blob) <= high + len(_END):
+        raise ValueError(f"A compressed top-k blob is cut short: {_DAMAGED}.")
+    view = memoryview(blob)
+    return (width, code_width, k), [view[_HEADER.size : low], view[low:rest], view[rest:high], view[high : -len(_END)]]
+
+
+def read_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[`encode_topk`]'s blobs of a batch of samples, `(blob, tokens)` each, as `(ids [batch, length, k] int32, steps
+    [batch, length, k], rest [batch, length] fp32)`, right-padded with zeros: the ids, the codes still as the
+    differences between consecutive ranks (uint8, or int32 for uint16 codes), which [`steps_to_log_probs`] turns into
+    log-probabilities, and the rest. The collator stops here: the trainer finishes the decoding on its device, where
+    the running sum and the ids' widening to int64 cost nothing next to the step, and the batch it moves there holds
+    one byte per uint8 value and four per id, not four and eight.
+
+    The batch's frames are decompressed in one zstd call (a stream of concatenated frames decodes to the
+    concatenation of their contents): per-sample calls would cost more than the decoding itself."""
+    import pyarrow as pa
+
+    split = [_split_blob(blob, tokens) for blob, tokens in samples]
+    shapes = {shape for shape, _ in split}
+    if len(shapes) != 1:
+        raise ValueError(f"A compressed top-k batch mixes samples of different top_k or widths: {_DAMAGED}.")
+    (width, code_width, k), tokens = shapes.pop(), [t for _, t in samples]
+    if any(t == 0 or t > length for t in tokens):
+        raise ValueError(f"A compressed top-k batch holds samples of {tokens} tokens for {length} positions.")
+    entries = k * sum(tokens)
+    try:  # the ids' frames, then the codes' frames: the high parts and the differences each end up contiguous
+        values = _zstd().decompress(
+            pa.py_buffer(b"".join([parts[2] for _, parts in split] + [parts[3] for _, parts in split])),
+            entries * (width + code_width),
+        )
+    except (OSError, ValueError) as error:
+        raise ValueError(f"A compressed top-k blob does not decode ({error}): {_DAMAGED}.") from error
+    all_ids = np.frombuffer(values, f"<u{width}", count=entries).astype(np.int32)
+    all_ids <<= 8
+    all_ids |= np.frombuffer(b"".join(parts[0] for _, parts in split), np.uint8)
+    all_steps = np.frombuffer(values, f"<u{code_width}", count=entries, offset=entries * width)
+    all_rest = np.frombuffer(b"".join(parts[1] for _, parts in split), "<f4")
+    if all(t == length for t in tokens):  # packed samples, the usual case: no padding to make
+        ids = all_ids.reshape(len(samples), length, k)
+        steps = all_steps.reshape(len(samples), length, k)
+        rest = all_rest.reshape(len(samples), length)
+    else:
+        ids = np.zeros((len(samples), length, k), dtype=np.int32)
+        steps = np.zeros((len(samples), length, k), dtype=all_steps.dtype)
+        rest = np.zeros((len(samples), length), dtype=np.float32)
+        start = 0
+        for i, t in enumerate(tokens):
+            ids[i, :t] = all_ids[start * k : (start + t) * k].reshape(t, k)
+            steps[i, :t] = all_steps[start * k : (start + t) * k].reshape(t, k)
+            rest[i, :t] = all_rest[start : start + t]
+            start += t
+    # torch has no arithmetic for uint16: wider codes travel as int32.
+    steps = steps if steps.dtype == np.uint8 else steps.astype(np.int32)
+    return torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(steps)), torch.from_numpy(rest.copy())
 
 
 def steps_to_log_probs(steps: torch.Tensor, levels: int) -> torch.Tensor:
@@ -527,51 +579,20 @@ def steps_to_log_probs(steps: torch.Tensor, levels: int) -> torch.Tensor:
     return dequantize_log_probs(codes, "uint8" if levels == 255 else "uint16")
 
 
-def read_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[`encode_topk`]'s streams of a batch of samples, `(packed_ids, packed_codes, tokens)` each, as `(ids [batch,
-    length, k] int32, steps [batch, length, k])`, right-padded with zeros: the ids, and the codes still as the
-    differences between consecutive ranks (uint8, or int32 for uint16 codes), which [`steps_to_log_probs`] turns into
-    log-probabilities. The collator stops here: the trainer finishes the decoding on its device, where the running sum
-    and the ids' widening to int64 cost nothing next to the step, and the batch it moves there holds one byte per
-    uint8 value and four per id, not four and eight.
-
-    The batch's id and code streams are decompressed in one call: per-sample calls would cost more than the decoding
-    itself."""
-    (all_ids, id_counts), (all_steps, step_counts) = _decompress(
-        [packed_ids for packed_ids, _, _ in samples], [packed_codes for _, packed_codes, _ in samples]
-    )
-    tokens = [t for _, _, t in samples]
-    if id_counts != step_counts or any(t == 0 or c % t or t > length for c, t in zip(id_counts, tokens, strict=True)):
-        raise ValueError(
-            f"A compressed top-k batch holds {id_counts} ids and {step_counts} log-probabilities for samples of "
-            f"{tokens} tokens: the cache is damaged, rewrite it (cache_teacher(..., overwrite=True))."
-        )
-    k = id_counts[0] // tokens[0]
-    if any(c != t * k for c, t in zip(id_counts, tokens, strict=True)):
-        raise ValueError(
-            "A compressed top-k batch mixes samples of different top_k: the cache is damaged, rewrite it."
-        )
-    if all(t == length for t in tokens):  # packed samples, the usual case: no padding to make
-        ids = all_ids.reshape(len(samples), length, k).astype(np.int32)
-        steps = all_steps.reshape(len(samples), length, k)
-    else:
-        ids = np.zeros((len(samples), length, k), dtype=np.int32)
-        steps = np.zeros((len(samples), length, k), dtype=all_steps.dtype)
-        start = 0
-        for i, t in enumerate(tokens):
-            ids[i, :t] = all_ids[start : start + t * k].reshape(t, k)
-            steps[i, :t] = all_steps[start : start + t * k].reshape(t, k)
-            start += t * k
-    # torch has no arithmetic for uint16: wider codes travel as int32.
-    steps = steps if steps.dtype == np.uint8 else steps.astype(np.int32)
-    return torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(steps))
+def decode_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[`encode_topk`]'s blobs of a batch of samples, `(blob, tokens)` each, back to `(ids [batch, length, k] int64,
+    log_probs [batch, length, k] fp32, rest [batch, length] fp32)`, right-padded with zeros: [`read_topk_batch`], then
+    [`steps_to_log_probs`]."""
+    ids, steps, rest = read_topk_batch(samples, length)
+    levels = np.iinfo(np.uint8 if steps.dtype == torch.uint8 else np.uint16).max
+    return ids.long(), steps_to_log_probs(steps, levels), rest
 
 
-def decode_topk(packed_ids, packed_codes, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample's [`encode_topk`] streams back to `(ids [tokens, k] int64, log_probs [tokens, k] fp32)`, the
-    log-probabilities dequantised (see [`dequantize_log_probs`])."""
-    ids, log_probs = decode_topk_batch([(packed_ids, packed_codes, tokens)], tokens)
-    return ids[0], log_probs[0]
+def decode_topk(blob, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sample's [`encode_topk`] blob back to `(ids [tokens, k] int64, log_probs [tokens, k] fp32, rest [tokens]
+    fp32)`, the log-probabilities dequantised (see [`dequantize_log_probs`])."""
+    ids, log_probs, rest = decode_topk_batch([(blob, tokens)], tokens)
+    return ids[0], log_probs[0], rest[0]
 
 
 def quantize_log_probs(log_probs: torch.Tensor, dtype: str) -> np.ndarray:
@@ -599,7 +620,7 @@ def _features(mode: str, dtype: str, id_dtype: str, with_labels: bool, compress:
     if mode == "hidden":
         columns[HIDDEN] = List(Value(stored))
     elif compress:
-        columns.update({TOPK_PACKED_IDS: Value("binary"), TOPK_QUANTIZED: Value("binary"), TOPK_REST: List(Value("float32"))})  # fmt: skip
+        columns[TOPK_PACKED] = Value("binary")
     elif mode == "sampled":
         columns.update({SAMPLE_IDS: List(Value(id_dtype)), SAMPLE_COUNTS: List(Value("uint8")), ENTROPY: List(Value(stored))})  # fmt: skip
     else:

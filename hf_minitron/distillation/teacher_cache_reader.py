@@ -25,7 +25,7 @@ from .teacher_cache_format import (
     TEACHER_COLUMNS,
     TOPK_IDS,
     TOPK_LOGPROBS,
-    TOPK_PACKED_IDS,
+    TOPK_PACKED,
     TOPK_QUANTIZED,
     TOPK_REST,
     cache_directory,
@@ -64,13 +64,12 @@ def _collate_samples(features: list[dict], length: int) -> dict[str, torch.Tenso
 
 
 def _collate_compressed_topk(features: list[dict], length: int) -> dict[str, torch.Tensor]:
-    """`teacher_topk_ids` (int32) and `teacher_topk_quantized_logprobs` (the codes' rank differences, see
-    [`read_topk_batch`]) `[batch, length, k]` of a compressed top-k cache's `features`, decompressed here (in the data
-    loader's workers when it has some); the teacher turns the differences into log-probabilities on the training
-    device ([`CachedTeacher`])."""
-    samples = [(f[TOPK_PACKED_IDS], f[TOPK_QUANTIZED], len(f["input_ids"])) for f in features]
-    ids, steps = read_topk_batch(samples, length)
-    return {TOPK_IDS: ids, TOPK_QUANTIZED: steps}
+    """`teacher_topk_ids` (int32), `teacher_topk_quantized_logprobs` (the codes' rank differences, see
+    [`read_topk_batch`]) `[batch, length, k]` and `teacher_topk_rest` `[batch, length]` of a compressed top-k cache's
+    `features`, decompressed here (in the data loader's workers when it has some); the teacher turns the differences
+    into log-probabilities on the training device ([`CachedTeacher`])."""
+    ids, steps, rest = read_topk_batch([(f[TOPK_PACKED], len(f["input_ids"])) for f in features], length)
+    return {TOPK_IDS: ids, TOPK_QUANTIZED: steps, TOPK_REST: rest}
 
 
 def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torch.Tensor]:
@@ -82,9 +81,9 @@ def collate_teacher_columns(features: list[dict], length: int) -> dict[str, torc
     batch = {}
     if SAMPLE_IDS in features[0]:
         batch.update(_collate_samples(features, length))
-    if TOPK_PACKED_IDS in features[0]:
+    if TOPK_PACKED in features[0]:
         batch.update(_collate_compressed_topk(features, length))
-    skip = (SAMPLE_IDS, SAMPLE_COUNTS, TOPK_PACKED_IDS, TOPK_QUANTIZED)
+    skip = (SAMPLE_IDS, SAMPLE_COUNTS, TOPK_PACKED)
     names = [name for name in TEACHER_COLUMNS if name in features[0] and name not in skip]
     for name in names:
         rows = []

@@ -40,8 +40,7 @@ from .teacher_cache_format import (
     TEACHER_COLUMNS,
     TOPK_IDS,
     TOPK_LOGPROBS,
-    TOPK_PACKED_IDS,
-    TOPK_QUANTIZED,
+    TOPK_PACKED,
     TOPK_REST,
     _batched,
     _data_fingerprint,
@@ -51,7 +50,7 @@ from .teacher_cache_format import (
     check_cache_files,
     content_hash,
     encode_topk,
-    id_bits,
+    high_id_width,
     load_teacher_cache,
     metadata_hash,
     quantize_log_probs,
@@ -226,18 +225,17 @@ def _write_shard(teacher, rows, path: Path, settings: dict, batch_size: int) -> 
                         settings["temperature"],
                     )  # fmt: skip
                     splits = np.cumsum(lengths)[:-1]
+                    rests = np.split(rest.cpu().numpy().astype(np.float32), splits)
                     if settings["compress"]:
                         codes = np.split(quantize_log_probs(log_probs, dtype), splits)
-                        streams = [
-                            encode_topk(part, part_codes, settings["vocab_size"])
-                            for part, part_codes in zip(ids.split(lengths), codes, strict=True)
+                        columns[TOPK_PACKED] = [
+                            encode_topk(part, part_codes, part_rest, settings["vocab_size"])
+                            for part, part_codes, part_rest in zip(ids.split(lengths), codes, rests, strict=True)
                         ]
-                        columns[TOPK_PACKED_IDS] = [packed_ids for packed_ids, _ in streams]
-                        columns[TOPK_QUANTIZED] = [packed_codes for _, packed_codes in streams]
                     else:
                         columns[TOPK_IDS] = np.split(ids.cpu().numpy().astype(settings["id_dtype"]), splits)
                         columns[TOPK_LOGPROBS] = np.split(_to_storage(log_probs, dtype), splits)
-                    columns[TOPK_REST] = np.split(rest.cpu().numpy().astype(np.float32), splits)
+                        columns[TOPK_REST] = rests
                 teacher_bytes += sum(
                     len(part) if isinstance(part, bytes) else part.nbytes
                     for name in TEACHER_COLUMNS
@@ -277,7 +275,7 @@ def estimated_cache_bytes(settings: dict, samples: int, seq_length: int) -> int:
         head = 0
     elif settings.get("compress"):
         # At most the streams' raw size (zstd adds little more than its frame); 60-65% less on a real teacher.
-        per_token = settings["top_k"] * ((2 if id_bits(settings["vocab_size"]) <= 16 else 4) + value_bytes) + 4
+        per_token = settings["top_k"] * (1 + high_id_width(settings["vocab_size"]) + value_bytes) + 4
         head = 0
     else:
         per_token = settings["top_k"] * (id_bytes + value_bytes) + value_bytes  # ids, log-probs, the rest's mass

@@ -31,3 +31,23 @@ def test_verdicts_say_when_a_target_is_missed():
     lines = cache_modes.verdicts(results)
     assert lines[0].startswith("sampled12: 30.0") and lines[0].endswith("met")
     assert lines[1].startswith("topk64_uint8: 204.8") and lines[1].endswith("missed")
+
+
+def test_the_read_verdict_is_slower_when_any_batch_reads_slower():
+    def read_verdicts(compressed_ms):
+        reads = {"topk64": {4: 1.0, 16: 0.5}, "topk64_uint8": dict(zip((4, 16), compressed_ms))}
+        sizes = {"topk64": 393.9, "topk64_uint8": 140.2}
+        results = {
+            "bytes": {
+                k: {"bytes_per_token": sizes[k], "teacher_bytes_per_token": sizes[k] - 6, "read_ms_per_sample": v}
+                for k, v in reads.items()
+            }
+        }
+        return [line for line in cache_modes.verdicts(results) if " read " in line]
+
+    assert read_verdicts((0.9, 0.5)) == [
+        "topk64_uint8 read / topk64 read: 0.90 at batch 4, 1.00 at batch 16 (at least as fast at every batch)"
+    ]
+    assert read_verdicts((0.9, 0.55)) == [
+        "topk64_uint8 read / topk64 read: 0.90 at batch 4, 1.10 at batch 16 (slower at batch 16)"
+    ]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from datasets import Dataset
 from test_teacher_cache import _args, _cache, _dataset, _loss_and_grads, _snapshot, _student
 
 import hf_minitron.distillation.teacher_cache_writer as teacher_cache_writer
@@ -43,49 +44,54 @@ def test_top_k_streams_round_trip(vocab, dtype):
     log_p = torch.rand(13, 5, generator=generator).mul(-30).sort(-1, descending=True).values
     log_p[3] = log_p[3].flip(0)
     codes = quantize_log_probs(log_p, dtype)
-    packed_ids, packed_codes = encode_topk(ids, codes, vocab)
-    restored_ids, restored = decode_topk(packed_ids, packed_codes, 13)
-    assert torch.equal(restored_ids, ids)
+    rest = torch.rand(13, generator=generator).log().numpy()
+    restored_ids, restored, restored_rest = decode_topk(encode_topk(ids, codes, rest, vocab), 13)
+    assert torch.equal(restored_ids, ids) and torch.equal(restored_rest, torch.from_numpy(rest))
     assert torch.equal(restored, dequantize_log_probs(torch.from_numpy(codes.astype("int64")), dtype))
 
 
 def test_top_k_codes_compress_and_ids_do_not_grow():
     # Log-probabilities falling with the rank: the differences between ranks are small, zstd codes them in a few
-    # bits. Ids drawn uniformly carry 16 bits each: the stream must not grow beyond its header and zstd's framing
-    # (what a real teacher's ids gain is measured in benchmarks/cache_modes.py).
+    # bits. Ids drawn uniformly carry 16 bits each: the blob must not grow beyond its header, zstd's framing and the
+    # rest's 4 bytes per token (what a real teacher's ids gain is measured in benchmarks/cache_modes.py).
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 2**16, (256, 64), generator=generator)
     log_p = torch.linspace(-0.5, -12, 64).expand(256, 64) + torch.rand(256, 64, generator=generator) * 0.1
     log_p = log_p.sort(-1, descending=True).values
-    packed_ids, packed_codes = encode_topk(ids, quantize_log_probs(log_p, "uint8"), 2**16)
-    assert len(packed_codes) < 0.5 * ids.numel()
-    assert len(packed_ids) < 1.01 * ids.numel() * 2
+    rest = np.zeros(256, np.float32)
+    uniform_ids = encode_topk(ids, np.zeros((256, 64), np.uint8), rest, 2**16)
+    falling_codes = encode_topk(torch.zeros_like(ids), quantize_log_probs(log_p, "uint8"), rest, 2**16)
+    assert len(uniform_ids) < 1.01 * ids.numel() * 2 + 4 * 256
+    # Constant ids take next to nothing but their plain low bytes: what is left is the codes' stream.
+    assert len(falling_codes) - ids.numel() - 4 * 256 < 0.5 * ids.numel()
 
 
-def test_a_damaged_stream_is_refused():
-    packed_ids, packed_codes = encode_topk(torch.arange(12).reshape(3, 4), np.zeros((3, 4), np.uint8), 96)
+def test_a_damaged_blob_is_refused():
+    blob = encode_topk(torch.arange(12).reshape(3, 4), np.zeros((3, 4), np.uint8), np.zeros(3, np.float32), 96)
     with pytest.raises(ValueError, match="damaged"):
-        decode_topk(packed_ids, packed_codes, 5)
+        decode_topk(blob, 5)
     with pytest.raises(ValueError, match="damaged"):
-        decode_topk(packed_ids[:1], packed_codes, 3)
+        decode_topk(blob[:1], 3)
     with pytest.raises(ValueError, match="damaged"):
-        decode_topk(packed_ids[:-1], packed_codes, 3)  # cut short: its terminator is gone
+        decode_topk(blob[:-1], 3)  # cut short: its terminator is gone
     with pytest.raises(ValueError, match="damaged"):
-        decode_topk(packed_ids[:-5] + packed_ids[-1:], packed_codes, 3)
+        decode_topk(blob[:-5] + blob[-1:], 3)
+    with pytest.raises(ValueError, match="damaged"):
+        decode_topk(blob[:30] + blob[-1:], 3)  # the frames gone, the header intact
 
 
 def test_streams_survive_numpy_bytes_which_drop_trailing_nuls():
     # `datasets` formats a binary value as numpy.bytes_, which loses trailing NUL bytes: the terminator protects the
     # stream's own last bytes, whatever they are.
     ids = torch.zeros(4, 3, dtype=torch.long)
-    packed_ids, packed_codes = encode_topk(ids, np.zeros((4, 3), np.uint8), 96)
+    blob = encode_topk(ids, np.zeros((4, 3), np.uint8), np.zeros(4, np.float32), 96)
 
     def as_formatted(blob):  # an element of a fixed-width bytes array, as `datasets` returns it
         return np.array([blob, b""])[0]
 
     assert as_formatted(b"ab\x00\x00") == b"ab"  # the loss it guards against
-    restored_ids, restored = decode_topk(as_formatted(packed_ids), as_formatted(packed_codes), 4)
-    assert torch.equal(restored_ids, ids) and restored.eq(QUANTIZED_LOG_PROB_MIN).all()
+    restored_ids, restored, rest = decode_topk(as_formatted(blob), 4)
+    assert torch.equal(restored_ids, ids) and restored.eq(QUANTIZED_LOG_PROB_MIN).all() and rest.eq(0).all()
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])
@@ -120,6 +126,22 @@ def test_compressed_cache_is_the_top_k_cache_within_the_bound(tmp_path, dtype):
     assert infos[dtype]["teacher_bytes_per_token"] < infos["exact"]["teacher_bytes_per_token"] == k * 6 + 4
 
 
+def test_samples_of_different_lengths_are_padded_like_the_raw_cache(tmp_path):
+    # Unpacked text: a batch of samples of 16, 11 and 7 tokens, each blob decoded into its own rows.
+    rows = [{k: v[:n] for k, v in row.items()} for row, n in zip(_dataset(n=3).to_list(), (16, 11, 7))]
+    teacher, data = tiny_model("llama"), Dataset.from_list(rows)
+    exact = _cache(teacher, data, tmp_path / "exact", mode="topk", top_k=5)
+    compressed = _cache(teacher, data, tmp_path / "compressed", mode="topk", top_k=5, compress=True, dtype="uint16")
+    batches = [DataCollatorForDistillation()([cache[i] for i in range(3)]) for cache in (exact, compressed)]
+    assert torch.equal(batches[1]["teacher_topk_ids"].long(), batches[0]["teacher_topk_ids"])
+    assert torch.equal(batches[1]["teacher_topk_rest"], batches[0]["teacher_topk_rest"])
+    assert (
+        batches[1]["teacher_topk_ids"][2, 7:].eq(0).all()
+        and batches[1]["teacher_topk_quantized_logprobs"][2, 7:].eq(0).all()
+    )
+    assert batches[1]["teacher_topk_ids"][2, :7].ne(0).any()
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])
 def test_the_collator_ships_rank_differences_and_the_teacher_decodes_them_on_its_device(tmp_path, dtype):
     from hf_minitron.distillation.teacher_cache_format import decode_topk_batch
@@ -133,13 +155,13 @@ def test_the_collator_ships_rank_differences_and_the_teacher_decodes_them_on_its
     assert steps.dtype == (torch.uint8 if dtype == "uint8" else torch.int32) and "teacher_topk_logprobs" not in batch
     assert batch["teacher_topk_ids"].dtype == torch.int32  # widened to int64 on the device
     length = batch["input_ids"].shape[1]
-    samples = [
-        (f["teacher_topk_packed_ids"], f["teacher_topk_quantized_logprobs"], len(f["input_ids"])) for f in features
-    ]
-    ids, log_probs = decode_topk_batch(samples, length)
+    ids, log_probs, rest = decode_topk_batch(
+        [(f["teacher_topk_packed"], len(f["input_ids"])) for f in features], length
+    )
     columns = CachedTeacher.pop_columns(batch)
-    got_ids, got_log_probs, _ = CachedTeacher.from_dataset(cache).forward(batch, columns, [], fused=True).topk
+    got_ids, got_log_probs, got_rest = CachedTeacher.from_dataset(cache).forward(batch, columns, [], fused=True).topk
     assert torch.equal(got_ids, ids.reshape(-1, 12)) and torch.equal(got_log_probs, log_probs.reshape(-1, 12))
+    assert torch.equal(got_rest, rest.reshape(-1))
 
 
 def test_training_from_a_compressed_cache(tmp_path):
@@ -174,12 +196,14 @@ def test_compress_arguments_are_checked(tmp_path):
         _cache(teacher, data, tmp_path / "cache", mode="topk", top_k=4, compress=True, dtype="uint8")
 
 
-def test_a_cache_in_the_earlier_bit_packed_format_is_refused(tmp_path):
+# The earlier formats under the same columns: bit-packed ids, then the whole ids through zstd.
+@pytest.mark.parametrize("earlier", [True, "zstd"])
+def test_a_cache_in_an_earlier_format_is_refused(tmp_path, earlier):
     teacher, data = tiny_model("llama"), _dataset()
     cache = _cache(teacher, data, tmp_path / "cache", mode="topk", top_k=4, compress=True, dtype="uint8")
     path = tmp_path / "cache" / "teacher_cache.json"
     info = json.loads(path.read_text())
-    info["compress"] = True  # as the earlier version wrote it, with its hash
+    info["compress"] = earlier  # as the earlier version wrote it, with its hash
     path.write_text(json.dumps(info | {"metadata_hash": metadata_hash(info)}))
     with pytest.raises(ValueError, match="earlier format .*overwrite"):
         CachedTeacher.from_dataset(cache)
