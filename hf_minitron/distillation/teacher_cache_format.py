@@ -447,7 +447,7 @@ _HEADER = struct.Struct("<BBIII")
 # Ends every blob: `datasets`' numpy formatting returns a binary value as `numpy.bytes_`, which drops trailing NUL
 # bytes, and a zstd frame may end in one.
 _END = b"\x01"
-_DAMAGED = "the cache is damaged, rewrite it (cache_teacher(..., overwrite=True))"
+_DAMAGED = f"the cache is damaged: {DAMAGED_FIX}"
 
 
 def high_id_width(vocab_size: int) -> int:
@@ -554,7 +554,7 @@ def read_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, to
     if all(t == length for t in tokens):  # packed samples, the usual case: no padding to make
         ids = all_ids.reshape(len(samples), length, k)
         steps = all_steps.reshape(len(samples), length, k)
-        rest = all_rest.reshape(len(samples), length)
+        rest = all_rest.reshape(len(samples), length).copy()  # a view of the joined bytes, which are read-only
     else:
         ids = np.zeros((len(samples), length, k), dtype=np.int32)
         steps = np.zeros((len(samples), length, k), dtype=all_steps.dtype)
@@ -567,7 +567,7 @@ def read_topk_batch(samples: list[tuple], length: int) -> tuple[torch.Tensor, to
             start += t
     # torch has no arithmetic for uint16: wider codes travel as int32.
     steps = steps if steps.dtype == np.uint8 else steps.astype(np.int32)
-    return torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(steps)), torch.from_numpy(rest.copy())
+    return torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(steps)), torch.from_numpy(rest)
 
 
 def steps_to_log_probs(steps: torch.Tensor, levels: int) -> torch.Tensor:
